@@ -1,0 +1,110 @@
+//! The controller's HTTP surface: the check call, health and readiness.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use sluice_protocol::{CheckRequest, CheckResponse, CHECK_PATH};
+
+use crate::limiter::Limiter;
+
+/// Most checks one call may carry.
+pub const MAX_CHECKS_PER_CALL: usize = 1_024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub limiter: Arc<Limiter>,
+}
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route(CHECK_PATH, post(check))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// The one error shape of the API.
+#[derive(Debug, Serialize)]
+pub struct ApiError {
+    #[serde(skip)]
+    status: StatusCode,
+    error: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<String>,
+    message: String,
+}
+
+impl ApiError {
+    fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            error: "invalid_request",
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(&self)).into_response()
+    }
+}
+
+async fn check(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Json<CheckResponse>, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(&body);
+    let request: CheckRequest = serde_path_to_error::deserialize(&mut deserializer)
+        .map_err(|e| ApiError::invalid(e.path().to_string(), e.inner().to_string()))?;
+    if request.checks.len() > MAX_CHECKS_PER_CALL {
+        return Err(ApiError::invalid(
+            "checks",
+            format!(
+                "at most {MAX_CHECKS_PER_CALL} checks per call, got {}",
+                request.checks.len()
+            ),
+        ));
+    }
+    match state.limiter.check(&request).await {
+        Ok(response) => Ok(Json(response)),
+        Err(error) => {
+            tracing::warn!(%error, "check failed: store unavailable");
+            Err(ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                error: "store_unavailable",
+                field: None,
+                message: error.to_string(),
+            })
+        }
+    }
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+    let store = state.limiter.store();
+    match store.ping().await {
+        Ok(()) => (
+            StatusCode::OK,
+            Json(serde_json::json!({ "status": "ready", "store": store.describe() })),
+        ),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "status": "not_ready",
+                "store": store.describe(),
+                "error": error.to_string(),
+            })),
+        ),
+    }
+}

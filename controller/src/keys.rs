@@ -1,0 +1,119 @@
+//! The one place that builds Redis keys.
+//!
+//! Layout: `sluice:{<tag>}:<strategy>:<rule>:<client>`, where
+//! - `<tag>` is a hash of the client identity: every key of one client lands in one Redis
+//!   Cluster slot, and no client can choose its slot by choosing its name;
+//! - `<rule>` is a validated rule name (`[A-Za-z0-9_-]`, see `RuleSet::new`);
+//! - `<client>` is the identity in unpadded URL-safe base64, so no value can contain `:`,
+//!   `{` or `}` and two identities never share a key.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use sluice_protocol::{ClientId, Scope, Strategy};
+
+const PREFIX: &str = "sluice";
+
+/// The identity a rule counts against: the client for per-client rules, nobody for global ones.
+pub fn counted_identity<'a>(scope: Scope, client: &'a ClientId) -> Option<&'a ClientId> {
+    match scope {
+        Scope::Client => Some(client),
+        Scope::Global => None,
+    }
+}
+
+/// Key of the counter of `rule` for `identity` (`None`: the rule's global counter).
+pub fn limit_key(strategy: Strategy, rule: &str, identity: Option<&ClientId>) -> String {
+    let encoded = identity.map_or_else(
+        || "-".to_owned(),
+        |id| {
+            format!(
+                "{}.{}",
+                URL_SAFE_NO_PAD.encode(&id.kind),
+                URL_SAFE_NO_PAD.encode(&id.value)
+            )
+        },
+    );
+    format!(
+        "{PREFIX}:{{{}}}:{}:{rule}:{encoded}",
+        slot_tag(identity),
+        strategy.as_str()
+    )
+}
+
+fn slot_tag(identity: Option<&ClientId>) -> String {
+    let mut hasher = Sha256::new();
+    match identity {
+        Some(id) => {
+            hasher.update(id.kind.as_bytes());
+            hasher.update([0]);
+            hasher.update(id.value.as_bytes());
+        }
+        None => hasher.update(b"\x01global"),
+    }
+    let digest = hasher.finalize();
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(kind: &str, value: &str) -> ClientId {
+        ClientId {
+            kind: kind.into(),
+            value: value.into(),
+        }
+    }
+
+    fn tag_of(key: &str) -> &str {
+        let open = key.find('{').unwrap();
+        let close = key[open..].find('}').unwrap() + open;
+        &key[open + 1..close]
+    }
+
+    #[test]
+    fn one_clients_keys_share_a_slot_tag() {
+        let client = id("ip", "10.0.0.1");
+        let a = limit_key(Strategy::FixedWindow, "per-ip", Some(&client));
+        let b = limit_key(Strategy::FixedWindow, "login", Some(&client));
+        assert_ne!(a, b);
+        assert_eq!(tag_of(&a), tag_of(&b));
+    }
+
+    #[test]
+    fn hostile_identities_cannot_pick_a_slot_or_collide() {
+        let hostile = [
+            id("ip", "{evil}"),
+            id("ip", "a}:{b"),
+            id("ip", "x:fixed_window:per-ip:eA"),
+            id("ip.x", "y"),
+            id("ip", "x.y"),
+            id("ip", ""),
+            id("", "ip"),
+        ];
+        let keys: Vec<String> = hostile
+            .iter()
+            .map(|c| limit_key(Strategy::FixedWindow, "r", Some(c)))
+            .collect();
+        for key in &keys {
+            // Exactly one pair of braces, the hash tag we wrote.
+            assert_eq!(key.matches('{').count(), 1, "{key}");
+            assert_eq!(key.matches('}').count(), 1, "{key}");
+            assert_eq!(tag_of(key).len(), 16, "{key}");
+            assert!(tag_of(key).bytes().all(|b| b.is_ascii_hexdigit()), "{key}");
+        }
+        let mut unique = keys.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), keys.len(), "{keys:?}");
+    }
+
+    #[test]
+    fn global_counter_differs_from_every_client() {
+        let global = limit_key(Strategy::FixedWindow, "r", None);
+        let dash = limit_key(Strategy::FixedWindow, "r", Some(&id("ip", "-")));
+        assert_ne!(global, dash);
+        assert!(global.starts_with("sluice:{"));
+    }
+}

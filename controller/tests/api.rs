@@ -1,0 +1,141 @@
+//! The HTTP surface, in process, on the embedded store with a manual clock.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use sluice_controller::api::{app, AppState};
+use sluice_controller::config::parse_rules;
+use sluice_controller::limiter::Limiter;
+use sluice_controller::store::{ManualClock, MemoryStore};
+use tower::ServiceExt;
+
+fn router(rules: &str) -> (axum::Router, Arc<ManualClock>) {
+    let clock = ManualClock::starting_at(1_000_000);
+    let store = Arc::new(MemoryStore::new(clock.clone()));
+    let limiter = Arc::new(Limiter::new(parse_rules(rules).unwrap(), store));
+    (app(AppState { limiter }), clock)
+}
+
+async fn post(router: &axum::Router, path: &str, body: Value) -> (StatusCode, Value) {
+    let request = Request::post(path)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let response = router.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap())
+}
+
+const TWO_PER_SECOND: &str = r#"
+[[rules]]
+name = "two-per-second"
+limit = 2
+window = "1s"
+"#;
+
+fn one_check(client: &str) -> Value {
+    json!({ "checks": [{ "client": { "kind": "ip", "value": client }, "path": "/" }] })
+}
+
+#[tokio::test]
+async fn counts_down_then_denies_then_resets_with_the_window() {
+    let (router, clock) = router(TWO_PER_SECOND);
+    clock.advance(250);
+    let (status, body) = post(&router, "/v1/check", one_check("10.0.0.1")).await;
+    assert_eq!(status, StatusCode::OK);
+    let decision = &body["decisions"][0];
+    assert_eq!(decision["allowed"], true);
+    assert_eq!(decision["policy"]["rule"], "two-per-second");
+    assert_eq!(decision["policy"]["strategy"], "fixed_window");
+    assert_eq!(decision["policy"]["remaining"], 1);
+    assert_eq!(decision["policy"]["reset_ms"], 750);
+
+    let (_, body) = post(&router, "/v1/check", one_check("10.0.0.1")).await;
+    assert_eq!(body["decisions"][0]["policy"]["remaining"], 0);
+    let (_, body) = post(&router, "/v1/check", one_check("10.0.0.1")).await;
+    assert_eq!(body["decisions"][0]["allowed"], false);
+    assert_eq!(body["decisions"][0]["policy"]["retry_after_ms"], 750);
+
+    // Another client has its own counter.
+    let (_, body) = post(&router, "/v1/check", one_check("10.0.0.2")).await;
+    assert_eq!(body["decisions"][0]["allowed"], true);
+
+    clock.advance(750);
+    let (_, body) = post(&router, "/v1/check", one_check("10.0.0.1")).await;
+    assert_eq!(body["decisions"][0]["allowed"], true);
+    assert_eq!(body["decisions"][0]["policy"]["remaining"], 1);
+}
+
+#[tokio::test]
+async fn a_batch_is_decided_in_order() {
+    let (router, _clock) = router(TWO_PER_SECOND);
+    let check = json!({ "client": { "kind": "ip", "value": "10.0.0.9" } });
+    let (status, body) = post(
+        &router,
+        "/v1/check",
+        json!({ "checks": [check, check, check] }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let allowed: Vec<bool> = body["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["allowed"].as_bool().unwrap())
+        .collect();
+    assert_eq!(allowed, [true, true, false]);
+}
+
+#[tokio::test]
+async fn no_matching_rule_is_unlimited() {
+    let (router, _clock) = router("");
+    let (status, body) = post(&router, "/v1/check", one_check("10.0.0.1")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({ "decisions": [{ "allowed": true }] }));
+}
+
+#[tokio::test]
+async fn invalid_checks_are_refused_naming_the_field() {
+    let (router, _clock) = router(TWO_PER_SECOND);
+    let cases = [
+        (json!({}), "."),
+        (
+            json!({ "checks": [{ "client": { "kind": "ip" } }] }),
+            "checks[0].client",
+        ),
+        (
+            json!({ "checks": [{ "client": { "kind": "ip", "value": "x" }, "cost": -1 }] }),
+            "checks[0].cost",
+        ),
+        (json!({ "checks": [], "batch": 1 }), "batch"),
+    ];
+    for (body, field) in cases {
+        let (status, error) = post(&router, "/v1/check", body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(error["error"], "invalid_request");
+        assert_eq!(error["field"], field, "{body}: {error}");
+    }
+    let too_many: Vec<Value> = (0..1_025)
+        .map(|_| one_check("x")["checks"][0].clone())
+        .collect();
+    let (status, error) = post(&router, "/v1/check", json!({ "checks": too_many })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error["field"], "checks");
+}
+
+#[tokio::test]
+async fn health_and_readiness_answer() {
+    let (router, _clock) = router("");
+    for path in ["/healthz", "/readyz"] {
+        let response = router
+            .clone()
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+    }
+}

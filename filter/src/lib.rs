@@ -1,0 +1,12 @@
+//! Sluice's proxy-wasm filter.
+//!
+//! Everything that decides lives in plain Rust modules ([`config`], [`client`], [`decision`])
+//! and is tested natively; [`host`] is the only module that talks to Envoy, and it is only
+//! compiled for the wasm target.
+
+pub mod client;
+pub mod config;
+pub mod decision;
+
+#[cfg(target_arch = "wasm32")]
+mod host;

@@ -1,0 +1,126 @@
+//! The check call between filter and controller.
+//!
+//! It is batch-shaped: one `POST` carries a list of checks and the reply carries one decision
+//! per check, in the same order. The filter may send one check per call or many.
+
+use serde::{Deserialize, Serialize};
+
+/// Versioned path of the check call on the controller.
+pub const CHECK_PATH: &str = "/v1/check";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRequest {
+    pub checks: Vec<Check>,
+}
+
+/// One request's worth of question: who is asking, for what, at what cost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    pub client: ClientId,
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub method: String,
+    #[serde(default)]
+    pub path: String,
+    #[serde(default = "default_cost")]
+    pub cost: u64,
+}
+
+fn default_cost() -> u64 {
+    1
+}
+
+/// The identity a limit is counted against. `kind` says how it was established
+/// (`ip`, later `user`, `api_key`, `header`), `value` is the untrusted identity itself.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientId {
+    pub kind: String,
+    pub value: String,
+}
+
+impl ClientId {
+    pub fn ip(address: impl Into<String>) -> Self {
+        ClientId {
+            kind: "ip".to_owned(),
+            value: address.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckResponse {
+    pub decisions: Vec<Decision>,
+}
+
+/// The answer to one check. `policy` is absent when no rule applied to the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Decision {
+    pub allowed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyStatus>,
+}
+
+impl Decision {
+    /// No rule matched: the request goes on and carries no rate-limit headers.
+    pub fn unlimited() -> Self {
+        Decision {
+            allowed: true,
+            policy: None,
+        }
+    }
+}
+
+/// The state of the limit that speaks for the decision: the one that denied, or when
+/// every limit allowed, the most restrictive one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyStatus {
+    pub rule: String,
+    pub strategy: crate::rules::Strategy,
+    pub limit: u64,
+    pub remaining: u64,
+    /// Milliseconds until the quota is whole again.
+    pub reset_ms: u64,
+    /// Milliseconds until a request like this one could pass; zero when it was allowed.
+    #[serde(default)]
+    pub retry_after_ms: u64,
+    /// Length of the limit's window in milliseconds, for the `RateLimit-Policy` header.
+    pub window_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_request_round_trips_and_defaults_cost_to_one() {
+        let json = r#"{"checks":[{"client":{"kind":"ip","value":"10.0.0.1"},"path":"/a"}]}"#;
+        let parsed: CheckRequest = serde_json::from_str(json).unwrap();
+        assert_eq!(parsed.checks[0].cost, 1);
+        assert_eq!(parsed.checks[0].client, ClientId::ip("10.0.0.1"));
+        let again: CheckRequest =
+            serde_json::from_str(&serde_json::to_string(&parsed).unwrap()).unwrap();
+        assert_eq!(again, parsed);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let json = r#"{"checks":[],"extra":1}"#;
+        let err = serde_json::from_str::<CheckRequest>(json)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("extra"), "{err}");
+    }
+
+    #[test]
+    fn unlimited_decision_serialises_without_policy() {
+        let json = serde_json::to_string(&Decision::unlimited()).unwrap();
+        assert_eq!(json, r#"{"allowed":true}"#);
+    }
+}

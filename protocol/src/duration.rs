@@ -1,0 +1,75 @@
+//! Window lengths as people write them: `500ms`, `1s`, `10m`, `1h`, `1d`.
+
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DurationError(String);
+
+impl fmt::Display for DurationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DurationError {}
+
+/// Parses a positive duration into milliseconds.
+pub fn parse_millis(text: &str) -> Result<u64, DurationError> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let amount: u64 = digits.parse().map_err(|_| {
+        DurationError(format!(
+            "`{text}` is not a duration like 500ms, 1s, 10m, 1h or 1d"
+        ))
+    })?;
+    let scale: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => {
+            return Err(DurationError(format!(
+                "`{text}` has no known unit (ms, s, m, h or d)"
+            )))
+        }
+    };
+    match amount.checked_mul(scale) {
+        Some(0) => Err(DurationError(format!("`{text}` must be longer than zero"))),
+        Some(ms) => Ok(ms),
+        None => Err(DurationError(format!("`{text}` is too long"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_each_unit() {
+        assert_eq!(parse_millis("250ms"), Ok(250));
+        assert_eq!(parse_millis("1s"), Ok(1_000));
+        assert_eq!(parse_millis("10m"), Ok(600_000));
+        assert_eq!(parse_millis("2h"), Ok(7_200_000));
+        assert_eq!(parse_millis("1d"), Ok(86_400_000));
+    }
+
+    #[test]
+    fn refuses_zero_missing_unit_and_garbage() {
+        for bad in [
+            "0s",
+            "10",
+            "s",
+            "1w",
+            "-1s",
+            "",
+            "1.5s",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_millis(bad).is_err(), "{bad} should be refused");
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! What the Sluice filter and controller must agree on: the check call, the rule schema
+//! and how a decision is shown to a client. Plain serde types so that the crate builds for
+//! `wasm32-wasip1` (inside Envoy) and natively (controller, tests) alike.
+
+pub mod check;
+pub mod duration;
+pub mod headers;
+pub mod rules;
+
+pub use check::{Check, CheckRequest, CheckResponse, ClientId, Decision, PolicyStatus, CHECK_PATH};
+pub use rules::{Rule, RuleMatch, RuleSet, Scope, Strategy};
