@@ -74,7 +74,10 @@ async fn check(
         ));
     }
     match state.limiter.check(&request).await {
-        Ok(response) => Ok(Json(response)),
+        Ok(response) => {
+            tracing::debug!(checks = response.decisions.len(), "check call served");
+            Ok(Json(response))
+        }
         Err(error) => {
             tracing::warn!(%error, "check failed: store unavailable");
             Err(ApiError {

@@ -15,7 +15,7 @@ use sluice_protocol::{ClientId, Scope, Strategy};
 const PREFIX: &str = "sluice";
 
 /// The identity a rule counts against: the client for per-client rules, nobody for global ones.
-pub fn counted_identity<'a>(scope: Scope, client: &'a ClientId) -> Option<&'a ClientId> {
+pub fn counted_identity(scope: Scope, client: &ClientId) -> Option<&ClientId> {
     match scope {
         Scope::Client => Some(client),
         Scope::Global => None,

@@ -37,7 +37,7 @@ impl RootContext for SluiceRoot {
                 true
             }
             Err(error) => {
-                log(LogLevel::Error, &format!("sluice: {error}"));
+                log(LogLevel::Error, &error.to_string());
                 false
             }
         }
@@ -108,10 +108,7 @@ impl SluiceRequest {
             Verdict::Continue { .. } => "allowing the request (failure mode allow)",
             Verdict::Reply { .. } => "refusing the request (failure mode deny)",
         };
-        log(
-            LogLevel::Warn,
-            &format!("sluice: no decision, {mode}: {failure}"),
-        );
+        log(LogLevel::Warn, &format!("no decision, {mode}: {failure}"));
         self.apply(verdict)
     }
 }

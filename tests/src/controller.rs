@@ -1,0 +1,60 @@
+//! The controller binary, started on a free port with a rules file.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::{free_port, http, repo_root, required_file, wait_until, Process};
+
+pub struct Controller {
+    pub port: u16,
+    process: Process,
+    _dir: tempfile::TempDir,
+}
+
+pub fn controller_binary() -> PathBuf {
+    required_file(
+        "SLUICE_CONTROLLER_BIN",
+        &repo_root().join("target/debug/sluice-controller"),
+        "run `cargo build -p sluice-controller` first; `make test` does",
+    )
+}
+
+impl Controller {
+    /// Starts a controller with `rules` (TOML) on Redis at `redis_url`, or on its embedded
+    /// store when `None`, and waits until `/readyz` answers 200.
+    pub fn start(rules: &str, redis_url: Option<&str>) -> Controller {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let rules_path = dir.path().join("rules.toml");
+        std::fs::write(&rules_path, rules).expect("write rules");
+        let port = free_port();
+        let mut command = Command::new(controller_binary());
+        command
+            .arg("--config")
+            .arg(&rules_path)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "info,sluice_controller=debug");
+        if let Some(url) = redis_url {
+            command.args(["--redis-url", url]);
+        }
+        let mut process = Process::spawn("controller", command, &dir.path().join("controller.log"));
+        let ready = format!("http://127.0.0.1:{port}/readyz");
+        wait_until("controller", Duration::from_secs(20), || {
+            process.assert_running();
+            http::get(&ready).is_ok_and(|r| r.status == 200)
+        });
+        Controller {
+            port,
+            process,
+            _dir: dir,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+
+    pub fn stop(&mut self) {
+        self.process.stop();
+    }
+}

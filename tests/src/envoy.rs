@@ -1,0 +1,234 @@
+//! A real Envoy with the real `.wasm`, configured per test.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use crate::{free_port, http, repo_root, required_file, wait_until, Process};
+
+/// Envoy's binary from the project's virtualenv (`make envoy` installs it).
+pub fn envoy_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("ENVOY_BIN") {
+        return required_file("ENVOY_BIN", Path::new(&path), "");
+    }
+    let lib = repo_root().join(".venv/lib");
+    let found = std::fs::read_dir(&lib).ok().and_then(|entries| {
+        entries
+            .flatten()
+            .map(|python| python.path().join("site-packages/envoy/_bin/envoy"))
+            .find(|candidate| candidate.is_file())
+    });
+    required_file(
+        "ENVOY_BIN",
+        &found.unwrap_or_else(|| lib.join("python3/site-packages/envoy/_bin/envoy")),
+        "run `make envoy` first; `make test` does",
+    )
+}
+
+/// The filter built for Envoy (`make wasm` builds it).
+pub fn wasm_file() -> PathBuf {
+    required_file(
+        "SLUICE_WASM",
+        &repo_root().join("target/wasm32-wasip1/release/sluice_filter.wasm"),
+        "run `make wasm` first; `make test` does",
+    )
+}
+
+/// The HTTP filter in front of the router.
+#[derive(Debug, Clone)]
+pub enum Filter {
+    /// Nothing: Envoy proxies straight to the upstream.
+    None,
+    /// Envoy's own `local_ratelimit`, with a bucket so large it never denies.
+    LocalRateLimitNeverReached,
+    /// The Sluice filter with this plugin configuration (JSON).
+    Sluice { plugin_config: String },
+}
+
+impl Filter {
+    /// Sluice asking the `sluice_controller` cluster with the given failure mode and timeout.
+    pub fn sluice(failure_mode: &str, timeout_ms: u64) -> Filter {
+        Filter::Sluice {
+            plugin_config: format!(
+                r#"{{"controller":{{"cluster":"sluice_controller","authority":"sluice-controller","timeout_ms":{timeout_ms}}},"failure_mode":"{failure_mode}"}}"#
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EnvoyOptions {
+    pub filter: Filter,
+    pub upstream_port: u16,
+    /// Endpoints of the `sluice_controller` cluster (round robin).
+    pub controller_ports: Vec<u16>,
+    pub concurrency: u32,
+}
+
+fn http_filter_yaml(filter: &Filter) -> String {
+    match filter {
+        Filter::None => String::new(),
+        Filter::LocalRateLimitNeverReached => r#"
+          - name: envoy.filters.http.local_ratelimit
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+              stat_prefix: local_rate_limiter
+              token_bucket: { max_tokens: 1000000000, tokens_per_fill: 1000000000, fill_interval: 1s }
+              filter_enabled: { runtime_key: local_rate_limit_enabled, default_value: { numerator: 100, denominator: HUNDRED } }
+              filter_enforced: { runtime_key: local_rate_limit_enforced, default_value: { numerator: 100, denominator: HUNDRED } }"#
+            .to_owned(),
+        Filter::Sluice { plugin_config } => format!(
+            r#"
+          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: sluice
+                root_id: sluice
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: '{}'
+                vm_config:
+                  vm_id: sluice
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{ local: {{ filename: "{}" }} }}"#,
+            plugin_config.replace('\'', "''"),
+            wasm_file().display()
+        ),
+    }
+}
+
+fn endpoints_yaml(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(|port| {
+            format!(
+                "\n        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}"
+            )
+        })
+        .collect()
+}
+
+/// The whole bootstrap configuration for one test Envoy.
+pub fn config_yaml(options: &EnvoyOptions, listen_port: u16, admin_port: u16) -> String {
+    // A cluster needs at least one endpoint to be valid; port 9 (discard) refuses.
+    let controller_ports = if options.controller_ports.is_empty() {
+        vec![9]
+    } else {
+        options.controller_ports.clone()
+    };
+    format!(
+        r#"admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}
+static_resources:
+  listeners:
+  - name: ingress
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {listen_port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          use_remote_address: true
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: upstream }}
+          http_filters:{filters}
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+  clusters:
+  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:{upstream}
+  - name: sluice_controller
+    type: STATIC
+    connect_timeout: 0.25s
+    load_assignment:
+      cluster_name: sluice_controller
+      endpoints:
+      - lb_endpoints:{controllers}
+"#,
+        filters = http_filter_yaml(&options.filter),
+        upstream = endpoints_yaml(&[options.upstream_port]),
+        controllers = endpoints_yaml(&controller_ports),
+    )
+}
+
+pub struct Envoy {
+    pub port: u16,
+    pub admin_port: u16,
+    process: Process,
+    _dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    pub fn start(options: &EnvoyOptions) -> Envoy {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (port, admin_port) = (free_port(), free_port());
+        let config = dir.path().join("envoy.yaml");
+        std::fs::write(&config, config_yaml(options, port, admin_port)).expect("write config");
+        let mut command = Command::new(envoy_binary());
+        command
+            .arg("-c")
+            .arg(&config)
+            .args(["--concurrency", &options.concurrency.to_string()])
+            .args(["--disable-hot-restart", "--log-level", "info"]);
+        let mut process = Process::spawn("envoy", command, &dir.path().join("envoy.log"));
+        let ready = format!("http://127.0.0.1:{admin_port}/ready");
+        wait_until("envoy", Duration::from_secs(60), || {
+            process.assert_running();
+            http::get(&ready).is_ok_and(|r| r.status == 200)
+        });
+        Envoy {
+            port,
+            admin_port,
+            process,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Everything Envoy (and the filter's log lines) wrote so far.
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+
+    /// A counter or gauge from Envoy's admin `/stats`.
+    pub fn stat(&self, name: &str) -> Option<u64> {
+        let stats = http::get(&format!(
+            "http://127.0.0.1:{}/stats?filter=^{name}$",
+            self.admin_port
+        ))
+        .ok()?;
+        stats.body.lines().find_map(|line| {
+            let (stat, value) = line.split_once(": ")?;
+            (stat == name).then(|| value.trim().parse().ok()).flatten()
+        })
+    }
+}
+
+/// `envoy --mode validate` of a config file: loads the VM and runs the plugin's
+/// `on_configure` without binding ports.
+pub fn validate(config: &Path) -> Output {
+    Command::new(envoy_binary())
+        .arg("--mode")
+        .arg("validate")
+        .arg("-c")
+        .arg(config)
+        .args(["--disable-hot-restart", "--log-level", "info"])
+        .current_dir(repo_root())
+        .output()
+        .expect("run envoy --mode validate")
+}

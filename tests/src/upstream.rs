@@ -1,0 +1,43 @@
+//! A tiny upstream that answers 200 to everything, for tests, the demo and the benchmark.
+
+use std::net::SocketAddr;
+
+use axum::Router;
+
+/// The service itself: `200 hello from upstream` on every path and method.
+pub fn app() -> Router {
+    Router::new().fallback(|| async { "hello from upstream\n" })
+}
+
+/// Serves [`app`] on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    axum::serve(listener, app()).await
+}
+
+/// An upstream running on its own thread for as long as the test runs.
+pub struct Upstream {
+    pub addr: SocketAddr,
+}
+
+impl Upstream {
+    pub fn start() -> Upstream {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("upstream address");
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("upstream runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                serve(listener).await.expect("upstream serves");
+            });
+        });
+        Upstream { addr }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
