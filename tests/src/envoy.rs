@@ -172,16 +172,24 @@ pub struct Envoy {
 
 impl Envoy {
     pub fn start(options: &EnvoyOptions) -> Envoy {
-        let dir = tempfile::tempdir().expect("temp dir");
         let (port, admin_port) = (free_port(), free_port());
-        let config = dir.path().join("envoy.yaml");
-        std::fs::write(&config, config_yaml(options, port, admin_port)).expect("write config");
+        let config = config_yaml(options, port, admin_port);
+        Envoy::start_with_config(&config, port, admin_port, options.concurrency)
+    }
+
+    /// Starts Envoy on a ready-made configuration whose listener is `port` and admin
+    /// `admin_port`, from the repository root (shipped configs use paths relative to it).
+    pub fn start_with_config(config: &str, port: u16, admin_port: u16, concurrency: u32) -> Envoy {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config_path = dir.path().join("envoy.yaml");
+        std::fs::write(&config_path, config).expect("write config");
         let mut command = Command::new(envoy_binary());
         command
             .arg("-c")
-            .arg(&config)
-            .args(["--concurrency", &options.concurrency.to_string()])
-            .args(["--disable-hot-restart", "--log-level", "info"]);
+            .arg(&config_path)
+            .args(["--concurrency", &concurrency.to_string()])
+            .args(["--disable-hot-restart", "--log-level", "info"])
+            .current_dir(repo_root());
         let mut process = Process::spawn("envoy", command, &dir.path().join("envoy.log"));
         let ready = format!("http://127.0.0.1:{admin_port}/ready");
         wait_until("envoy", Duration::from_secs(60), || {

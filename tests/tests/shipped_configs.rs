@@ -1,0 +1,102 @@
+//! What ships in `envoy/` and `controller/` works as shipped.
+
+use std::path::{Path, PathBuf};
+
+use sluice_e2e::envoy::{self, wasm_file};
+use sluice_e2e::{free_port, http, repo_root, Controller, Envoy, Upstream};
+
+fn shipped_envoy_configs() -> Vec<PathBuf> {
+    let mut configs: Vec<PathBuf> = std::fs::read_dir(repo_root().join("envoy"))
+        .expect("envoy/ exists")
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .collect();
+    configs.sort();
+    assert!(
+        configs.len() >= 2,
+        "expected the demo and compose configs, found {configs:?}"
+    );
+    configs
+}
+
+/// `text` with `from` replaced by `to`, which must occur exactly `times` times: a config
+/// that drifted from what the test expects fails loudly instead of testing something else.
+fn replace_exactly(text: &str, from: &str, to: &str, times: usize) -> String {
+    assert_eq!(
+        text.matches(from).count(),
+        times,
+        "expected {times}× {from:?} in the config"
+    );
+    text.replace(from, to)
+}
+
+/// A shipped config with its `.wasm` path pointed at the freshly built filter.
+fn with_built_wasm(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).expect("read config");
+    let shipped_wasm = text
+        .lines()
+        .find_map(|line| {
+            line.split_once("filename: \"")?
+                .1
+                .split_once('"')
+                .map(|(file, _)| file)
+        })
+        .unwrap_or_else(|| panic!("{} loads no .wasm file", path.display()));
+    assert!(
+        shipped_wasm.ends_with("sluice_filter.wasm"),
+        "{shipped_wasm}"
+    );
+    let quoted = format!("\"{shipped_wasm}\"");
+    replace_exactly(&text, &quoted, &format!("\"{}\"", wasm_file().display()), 1)
+}
+
+#[test]
+fn every_shipped_envoy_config_validates() {
+    let dir = tempfile::tempdir().unwrap();
+    for config in shipped_envoy_configs() {
+        let checked = dir.path().join(config.file_name().unwrap());
+        std::fs::write(&checked, with_built_wasm(&config)).unwrap();
+        let output = envoy::validate(&checked);
+        assert!(
+            output.status.success(),
+            "{} does not validate:\n{}",
+            config.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// `envoy/demo.yaml` and `controller/demo-rules.toml`, as `make run` uses them, on free
+/// ports: five requests from one client pass with headers counting down, the sixth is limited.
+#[test]
+fn the_demo_configuration_limits_as_the_readme_says() {
+    let rules = std::fs::read_to_string(repo_root().join("controller/demo-rules.toml")).unwrap();
+    let controller = Controller::start(&rules, None);
+    let upstream = Upstream::start();
+    let (port, admin_port) = (free_port(), free_port());
+    let mut config = with_built_wasm(&repo_root().join("envoy/demo.yaml"));
+    for (shipped, ours) in [
+        (10000, port),
+        (9901, admin_port),
+        (8080, upstream.port()),
+        (8081, controller.port),
+    ] {
+        config = replace_exactly(
+            &config,
+            &format!("port_value: {shipped} "),
+            &format!("port_value: {ours} "),
+            1,
+        );
+    }
+    let envoy = Envoy::start_with_config(&config, port, admin_port, 1);
+
+    for remaining in (0..5).rev() {
+        let response = http::get(&envoy.url("/anything")).unwrap();
+        assert_eq!(response.status, 200, "{response:?}");
+        assert_eq!(response.number("x-ratelimit-remaining"), remaining);
+    }
+    let limited = http::get(&envoy.url("/anything")).unwrap();
+    assert_eq!(limited.status, 429, "{limited:?}");
+    assert_eq!(limited.json()["policy"], "per-client");
+}
