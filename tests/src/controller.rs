@@ -22,8 +22,13 @@ pub fn controller_binary() -> PathBuf {
 
 impl Controller {
     /// Starts a controller with `rules` (TOML) on Redis at `redis_url`, or on its embedded
-    /// store when `None`, and waits until `/readyz` answers 200.
+    /// store when `None`, and waits until `/readyz` answers 200. It logs every check call.
     pub fn start(rules: &str, redis_url: Option<&str>) -> Controller {
+        Controller::start_logging(rules, redis_url, "info,sluice_controller=debug")
+    }
+
+    /// [`Controller::start`] with another `RUST_LOG` filter (the benchmark logs little).
+    pub fn start_logging(rules: &str, redis_url: Option<&str>, log_filter: &str) -> Controller {
         let dir = tempfile::tempdir().expect("temp dir");
         let rules_path = dir.path().join("rules.toml");
         std::fs::write(&rules_path, rules).expect("write rules");
@@ -33,7 +38,7 @@ impl Controller {
             .arg("--config")
             .arg(&rules_path)
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .env("RUST_LOG", "info,sluice_controller=debug");
+            .env("RUST_LOG", log_filter);
         if let Some(url) = redis_url {
             command.args(["--redis-url", url]);
         }
