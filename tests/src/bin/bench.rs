@@ -14,7 +14,10 @@ use sluice_e2e::envoy::{EnvoyOptions, Filter};
 use sluice_e2e::{Controller, Envoy, RedisServer, Upstream};
 
 fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// One wrk run's figures.
@@ -39,7 +42,12 @@ fn millis(text: &str) -> Option<f64> {
 }
 
 fn parse_wrk(output: &str) -> Option<Run> {
-    let mut run = Run { rps: 0.0, p50_ms: 0.0, p99_ms: 0.0, non_2xx: 0 };
+    let mut run = Run {
+        rps: 0.0,
+        p50_ms: 0.0,
+        p99_ms: 0.0,
+        non_2xx: 0,
+    };
     for line in output.lines().map(str::trim) {
         let mut words = line.split_whitespace();
         match (words.next(), words.next()) {
@@ -57,7 +65,13 @@ fn parse_wrk(output: &str) -> Option<Run> {
 
 fn wrk(url: &str, seconds: u64, connections: u64) -> Run {
     let output = Command::new("wrk")
-        .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", url])
+        .args([
+            "-t1",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            url,
+        ])
         .output()
         .expect("run wrk (make bench installs it)");
     let text = String::from_utf8_lossy(&output.stdout);
@@ -90,9 +104,18 @@ fn main() {
     };
     let configurations = [
         ("(a) Envoy, no limiter", envoy(Filter::None, None)),
-        ("(b) Envoy local_ratelimit", envoy(Filter::LocalRateLimitNeverReached, None)),
-        ("(c) Sluice, embedded store", envoy(Filter::sluice("deny", 1_000), Some(&embedded))),
-        ("(d) Sluice, Redis", envoy(Filter::sluice("deny", 1_000), Some(&on_redis))),
+        (
+            "(b) Envoy local_ratelimit",
+            envoy(Filter::LocalRateLimitNeverReached, None),
+        ),
+        (
+            "(c) Sluice, embedded store",
+            envoy(Filter::sluice("deny", 1_000), Some(&embedded)),
+        ),
+        (
+            "(d) Sluice, Redis",
+            envoy(Filter::sluice("deny", 1_000), Some(&on_redis)),
+        ),
     ];
 
     eprintln!(
