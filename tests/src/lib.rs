@@ -30,7 +30,9 @@ pub fn repo_root() -> PathBuf {
 /// hint when the file is missing, because a test that cannot find its parts must fail,
 /// not pass by skipping.
 pub fn required_file(variable: &str, default: &Path, hint: &str) -> PathBuf {
-    let path = std::env::var_os(variable).map_or_else(|| default.to_path_buf(), PathBuf::from);
+    // Relative paths are the repository's: tests run with the package directory as cwd.
+    let path = std::env::var_os(variable)
+        .map_or_else(|| default.to_path_buf(), |value| repo_root().join(value));
     assert!(
         path.is_file(),
         "{} not found (set {variable} or {hint})",
