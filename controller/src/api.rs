@@ -9,9 +9,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
-use sluice_protocol::{CheckRequest, CheckResponse, CHECK_PATH};
+use sluice_protocol::{CheckRequest, CheckResponse, ReleaseRequest, CHECK_PATH, RELEASE_PATH};
 
-use crate::limiter::Limiter;
+use crate::limiter::{Limiter, ReleaseError};
 
 /// Most checks one call may carry.
 pub const MAX_CHECKS_PER_CALL: usize = 1_024;
@@ -24,6 +24,7 @@ pub struct AppState {
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route(CHECK_PATH, post(check))
+        .route(RELEASE_PATH, post(release))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
@@ -51,6 +52,25 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    fn store_unavailable(error: &crate::store::StoreError) -> Self {
+        tracing::warn!(%error, "check failed: store unavailable");
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            error: "store_unavailable",
+            field: None,
+            message: error.to_string(),
+        }
+    }
+}
+
+/// Parses a JSON body, naming the offending field on failure.
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut deserializer)
+        .map_err(|e| ApiError::invalid(e.path().to_string(), e.inner().to_string()))
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(&self)).into_response()
@@ -61,9 +81,7 @@ async fn check(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Json<CheckResponse>, ApiError> {
-    let mut deserializer = serde_json::Deserializer::from_slice(&body);
-    let request: CheckRequest = serde_path_to_error::deserialize(&mut deserializer)
-        .map_err(|e| ApiError::invalid(e.path().to_string(), e.inner().to_string()))?;
+    let request: CheckRequest = parse_body(&body)?;
     if request.checks.len() > MAX_CHECKS_PER_CALL {
         return Err(ApiError::invalid(
             "checks",
@@ -73,20 +91,47 @@ async fn check(
             ),
         ));
     }
-    match state.limiter.check(&request).await {
-        Ok(response) => {
-            tracing::debug!(checks = response.decisions.len(), "check call served");
-            Ok(Json(response))
-        }
-        Err(error) => {
-            tracing::warn!(%error, "check failed: store unavailable");
-            Err(ApiError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                error: "store_unavailable",
-                field: None,
-                message: error.to_string(),
-            })
-        }
+    let response = state
+        .limiter
+        .check(&request)
+        .await
+        .map_err(|e| ApiError::store_unavailable(&e))?;
+    tracing::debug!(checks = response.decisions.len(), "check call served");
+    // A leaky bucket admits a request at its slot: the answer is held until then (the
+    // filter keeps the request paused meanwhile).
+    let delay = response
+        .decisions
+        .iter()
+        .filter_map(|decision| decision.policy.as_ref().map(|p| p.delay_ms))
+        .max()
+        .unwrap_or(0);
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
+    Ok(Json(response))
+}
+
+async fn release(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let request: ReleaseRequest = parse_body(&body)?;
+    if request.leases.len() > MAX_CHECKS_PER_CALL {
+        return Err(ApiError::invalid(
+            "leases",
+            format!(
+                "at most {MAX_CHECKS_PER_CALL} leases per call, got {}",
+                request.leases.len()
+            ),
+        ));
+    }
+    match state.limiter.release(&request.leases).await {
+        Ok(freed) => Ok(Json(serde_json::json!({ "released": freed }))),
+        Err(ReleaseError::BadLease(bad)) => Err(ApiError::invalid(
+            format!("leases[{}]", bad.index),
+            bad.to_string(),
+        )),
+        Err(ReleaseError::Store(error)) => Err(ApiError::store_unavailable(&error)),
     }
 }
 

@@ -41,6 +41,40 @@ pub fn limit_key(strategy: Strategy, rule: &str, identity: Option<&ClientId>) ->
     )
 }
 
+/// Whether `key` is one [`limit_key`] builds for `strategy` (for keys that come back from
+/// outside, such as lease tokens).
+pub fn is_limit_key(strategy: Strategy, key: &str) -> bool {
+    let Some(rest) = key
+        .strip_prefix(PREFIX)
+        .and_then(|rest| rest.strip_prefix(":{"))
+    else {
+        return false;
+    };
+    let Some((tag, rest)) = rest.split_once('}') else {
+        return false;
+    };
+    let Some(rest) = rest
+        .strip_prefix(':')
+        .and_then(|rest| rest.strip_prefix(strategy.as_str()))
+    else {
+        return false;
+    };
+    let Some((rule, identity)) = rest.strip_prefix(':').and_then(|rest| rest.split_once(':'))
+    else {
+        return false;
+    };
+    tag.len() == 16
+        && tag.bytes().all(|b| b.is_ascii_hexdigit())
+        && !rule.is_empty()
+        && rule
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && !identity.is_empty()
+        && identity
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
 fn slot_tag(identity: Option<&ClientId>) -> String {
     let mut hasher = Sha256::new();
     match identity {
@@ -107,6 +141,26 @@ mod tests {
         unique.sort();
         unique.dedup();
         assert_eq!(unique.len(), keys.len(), "{keys:?}");
+    }
+
+    #[test]
+    fn keys_we_build_are_recognised_and_others_are_not() {
+        let client = id("ip", "10.0.0.1");
+        let key = limit_key(Strategy::Concurrency, "slots", Some(&client));
+        assert!(is_limit_key(Strategy::Concurrency, &key));
+        assert!(is_limit_key(
+            Strategy::Concurrency,
+            &limit_key(Strategy::Concurrency, "s", None)
+        ));
+        assert!(!is_limit_key(Strategy::FixedWindow, &key));
+        for bad in [
+            "",
+            "sluice:{zz}:concurrency:a:b",
+            "other:{0123456789abcdef}:concurrency:a:b",
+            "sluice:{0123456789abcdef}:concurrency:a:b c",
+        ] {
+            assert!(!is_limit_key(Strategy::Concurrency, bad), "{bad}");
+        }
     }
 
     #[test]

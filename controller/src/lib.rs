@@ -6,6 +6,7 @@ pub mod keys;
 pub mod limiter;
 pub mod settings;
 pub mod store;
+pub mod strategy;
 
 use std::sync::Arc;
 use std::time::Duration;

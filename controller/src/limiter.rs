@@ -4,15 +4,31 @@
 use std::sync::Arc;
 
 use sluice_protocol::{
-    Check, CheckRequest, CheckResponse, Decision, PolicyStatus, Rule, RuleSet, Strategy,
+    Check, CheckRequest, CheckResponse, Decision, DenyReason, PolicyStatus, Rule, RuleSet, Strategy,
 };
 
 use crate::keys;
 use crate::store::{LimitSpec, Outcome, Store, StoreError};
+use crate::strategy::{Params, Verdict};
 
 pub struct Limiter {
     rules: RuleSet,
     store: Arc<dyn Store>,
+}
+
+/// A lease token the filter sent back that this controller did not hand out.
+#[derive(Debug, thiserror::Error)]
+#[error("leases[{index}]: not a lease of this controller")]
+pub struct BadLease {
+    pub index: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    #[error(transparent)]
+    BadLease(#[from] BadLease),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl Limiter {
@@ -43,49 +59,178 @@ impl Limiter {
         if rules.is_empty() {
             return Ok(Decision::unlimited());
         }
-        // Every rule is fixed-window for now; when strategies differ per rule, each group
-        // goes to its own script and the results are merged here.
+        let costs: Vec<u64> = rules
+            .iter()
+            .map(|rule| rule.cost.unwrap_or(check.cost))
+            .collect();
+        if let Some(denial) = never_admitted(&rules, &costs) {
+            return Ok(denial);
+        }
         let specs: Vec<LimitSpec> = rules
             .iter()
-            .map(|rule| LimitSpec {
+            .zip(&costs)
+            .map(|(rule, &cost)| LimitSpec {
                 key: keys::limit_key(
                     rule.strategy,
                     &rule.name,
                     keys::counted_identity(rule.scope, &check.client),
                 ),
-                limit: rule.limit,
-                window_ms: rule.window.millis(),
+                params: Params::of(rule),
+                cost,
             })
             .collect();
-        let outcome = self.store.fixed_window(&specs, check.cost).await?;
-        Ok(decision(&rules, &outcome))
+        let takes_slots = rules
+            .iter()
+            .any(|rule| rule.strategy == Strategy::Concurrency);
+        let lease_id = if takes_slots {
+            new_lease_id()
+        } else {
+            String::new()
+        };
+        let outcome = self.store.check(&specs, &lease_id).await?;
+        let mut decision = decision(&rules, &outcome);
+        if decision.allowed && takes_slots {
+            decision.leases = rules
+                .iter()
+                .zip(&specs)
+                .filter(|(rule, spec)| rule.strategy == Strategy::Concurrency && spec.cost > 0)
+                .map(|(_, spec)| lease_token(&spec.key, &lease_id, spec.cost))
+                .collect();
+        }
+        Ok(decision)
+    }
+
+    /// Gives back the slots named by lease tokens; returns how many were still held.
+    pub async fn release(&self, tokens: &[String]) -> Result<u64, ReleaseError> {
+        let leases = tokens
+            .iter()
+            .enumerate()
+            .map(|(index, token)| parse_lease_token(token).ok_or(BadLease { index }))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut freed = 0;
+        for (key, lease_id, count) in leases {
+            freed += self.store.release(key, lease_id, count).await?;
+        }
+        Ok(freed)
+    }
+}
+
+fn new_lease_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+fn lease_token(key: &str, lease_id: &str, cost: u64) -> String {
+    format!("{key}|{lease_id}|{cost}")
+}
+
+fn parse_lease_token(token: &str) -> Option<(&str, &str, u64)> {
+    let mut parts = token.rsplitn(3, '|');
+    let count: u64 = parts.next()?.parse().ok()?;
+    let lease_id = parts.next()?;
+    let key = parts.next()?;
+    let id_ok = lease_id.len() == 32 && lease_id.bytes().all(|b| b.is_ascii_hexdigit());
+    (id_ok && (1..=1_000_000).contains(&count) && keys::is_limit_key(Strategy::Concurrency, key))
+        .then_some((key, lease_id, count))
+}
+
+/// A denial that needs no store: a rule with limit 0, or a cost above what a rule can
+/// ever hold. Such a request consumes from no rule.
+fn never_admitted(rules: &[&Rule], costs: &[u64]) -> Option<Decision> {
+    rules.iter().zip(costs).find_map(|(rule, &cost)| {
+        let reason = if rule.limit == 0 && cost > 0 {
+            DenyReason::LimitZero
+        } else if rule.capacity().is_some_and(|capacity| cost > capacity) {
+            DenyReason::CostExceedsCapacity
+        } else {
+            return None;
+        };
+        let period = Params::of(rule).period_ms;
+        let verdict = Verdict {
+            ok: false,
+            remaining: 0,
+            reset_ms: 0,
+            retry_after_ms: period,
+            delay_ms: 0,
+        };
+        let mut decision = Decision {
+            allowed: false,
+            policy: Some(policy(rule, &verdict)),
+            leases: Vec::new(),
+        };
+        if let Some(policy) = &mut decision.policy {
+            policy.reason = Some(reason);
+        }
+        Some(decision)
+    })
+}
+
+fn policy(rule: &Rule, verdict: &Verdict) -> PolicyStatus {
+    PolicyStatus {
+        rule: rule.name.clone(),
+        strategy: rule.strategy,
+        limit: rule.limit,
+        // A leaky bucket's queue can hold more than `limit`; headers never show more left
+        // than the limit.
+        remaining: verdict.remaining.min(rule.limit),
+        reset_ms: verdict.reset_ms,
+        retry_after_ms: if verdict.ok {
+            0
+        } else {
+            verdict.retry_after_ms
+        },
+        window_ms: Params::of(rule).period_ms,
+        delay_ms: verdict.delay_ms,
+        reason: None,
     }
 }
 
 /// The decision for an outcome: the limit that denied speaks for it, or when all allowed,
-/// the one with the fewest requests left.
+/// the one with the fewest requests left. The delay is the longest any limit asks for.
 fn decision(rules: &[&Rule], outcome: &Outcome) -> Decision {
-    let remaining = |index: usize| {
-        rules[index]
-            .limit
-            .saturating_sub(outcome.states[index].count)
-    };
-    let speaking = outcome
-        .denied_by
-        .unwrap_or_else(|| (0..rules.len()).min_by_key(|&i| remaining(i)).unwrap_or(0));
-    let rule = rules[speaking];
-    let state = outcome.states[speaking];
-    debug_assert_eq!(rule.strategy, Strategy::FixedWindow);
+    let speaking = outcome.denied_by.unwrap_or_else(|| {
+        (0..rules.len())
+            .min_by_key(|&i| outcome.verdicts[i].remaining.min(rules[i].limit))
+            .unwrap_or(0)
+    });
+    let mut policy = policy(rules[speaking], &outcome.verdicts[speaking]);
+    if outcome.allowed() {
+        policy.delay_ms = outcome
+            .verdicts
+            .iter()
+            .map(|v| v.delay_ms)
+            .max()
+            .unwrap_or(0);
+    }
     Decision {
         allowed: outcome.allowed(),
-        policy: Some(PolicyStatus {
-            rule: rule.name.clone(),
-            strategy: rule.strategy,
-            limit: rule.limit,
-            remaining: remaining(speaking),
-            reset_ms: state.reset_ms,
-            retry_after_ms: if outcome.allowed() { 0 } else { state.reset_ms },
-            window_ms: rule.window.millis(),
-        }),
+        policy: Some(policy),
+        leases: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_tokens_round_trip_and_foreign_ones_are_refused() {
+        let key = keys::limit_key(Strategy::Concurrency, "slots", None);
+        let id = new_lease_id();
+        let token = lease_token(&key, &id, 2);
+        assert_eq!(
+            parse_lease_token(&token),
+            Some((key.as_str(), id.as_str(), 2))
+        );
+        let other = keys::limit_key(Strategy::FixedWindow, "slots", None);
+        for bad in [
+            lease_token(&other, &id, 1),
+            lease_token(&key, "not-hex", 1),
+            lease_token(&key, &id, 0),
+            format!("{key}|{id}"),
+            "sluice:{x}:concurrency:a:b|0123|1".to_owned(),
+            String::new(),
+        ] {
+            assert_eq!(parse_lease_token(&bad), None, "{bad}");
+        }
     }
 }

@@ -152,7 +152,10 @@ mod tests {
                     reset_ms: 1_500,
                     retry_after_ms: if allowed { 0 } else { 1_500 },
                     window_ms: 2_000,
+                    delay_ms: 0,
+                    reason: None,
                 }),
+                leases: vec![],
             }],
         })
         .unwrap()

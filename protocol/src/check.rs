@@ -64,6 +64,10 @@ pub struct Decision {
     pub allowed: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyStatus>,
+    /// Concurrency slots held by this request: the filter hands them back with
+    /// [`ReleaseRequest`] when the request's stream ends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<String>,
 }
 
 impl Decision {
@@ -72,8 +76,29 @@ impl Decision {
         Decision {
             allowed: true,
             policy: None,
+            leases: Vec::new(),
         }
     }
+}
+
+/// Why a request was denied, when it is not simply "over the limit for now".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DenyReason {
+    /// The rule's limit is 0: it admits nothing (maintenance).
+    LimitZero,
+    /// The request costs more than the limit can ever hold: it will never pass.
+    CostExceedsCapacity,
+}
+
+/// Versioned path of the release call.
+pub const RELEASE_PATH: &str = "/v1/release";
+
+/// Hands back concurrency slots (the `leases` of decisions) when requests end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRequest {
+    pub leases: Vec<String>,
 }
 
 /// The state of the limit that speaks for the decision: the one that denied, or when
@@ -90,8 +115,18 @@ pub struct PolicyStatus {
     /// Milliseconds until a request like this one could pass; zero when it was allowed.
     #[serde(default)]
     pub retry_after_ms: u64,
-    /// Length of the limit's window in milliseconds, for the `RateLimit-Policy` header.
+    /// Length of the limit's window in milliseconds, for the `RateLimit-Policy` header
+    /// (the lease, for `concurrency`).
     pub window_ms: u64,
+    /// How long the controller held the request for its slot (`leaky_bucket`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub delay_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<DenyReason>,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 #[cfg(test)]

@@ -15,6 +15,17 @@ impl std::error::Error for DurationError {}
 
 /// Parses a positive duration into milliseconds.
 pub fn parse_millis(text: &str) -> Result<u64, DurationError> {
+    match parse_millis_or_zero(text)? {
+        0 => Err(DurationError(format!(
+            "`{}` must be longer than zero",
+            text.trim()
+        ))),
+        ms => Ok(ms),
+    }
+}
+
+/// Parses a duration that may be zero (`0s`) into milliseconds.
+pub fn parse_millis_or_zero(text: &str) -> Result<u64, DurationError> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -37,11 +48,9 @@ pub fn parse_millis(text: &str) -> Result<u64, DurationError> {
             )))
         }
     };
-    match amount.checked_mul(scale) {
-        Some(0) => Err(DurationError(format!("`{text}` must be longer than zero"))),
-        Some(ms) => Ok(ms),
-        None => Err(DurationError(format!("`{text}` is too long"))),
-    }
+    amount
+        .checked_mul(scale)
+        .ok_or_else(|| DurationError(format!("`{text}` is too long")))
 }
 
 #[cfg(test)]
@@ -55,6 +64,12 @@ mod tests {
         assert_eq!(parse_millis("10m"), Ok(600_000));
         assert_eq!(parse_millis("2h"), Ok(7_200_000));
         assert_eq!(parse_millis("1d"), Ok(86_400_000));
+    }
+
+    #[test]
+    fn zero_is_allowed_only_where_asked_for() {
+        assert_eq!(parse_millis_or_zero("0s"), Ok(0));
+        assert!(parse_millis("0ms").is_err());
     }
 
     #[test]

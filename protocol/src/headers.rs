@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::check::PolicyStatus;
+use crate::check::{DenyReason, PolicyStatus};
 
 pub const LIMIT: &str = "x-ratelimit-limit";
 pub const REMAINING: &str = "x-ratelimit-remaining";
@@ -47,10 +47,19 @@ pub fn denied_body(policy: &PolicyStatus) -> DeniedBody<'_> {
     let retry_after = retry_after_seconds(policy);
     DeniedBody {
         error: "rate_limited",
-        message: format!(
-            "Rate limit `{}` exceeded: {} requests allowed; retry in {retry_after} s.",
-            policy.rule, policy.limit
-        ),
+        message: match policy.reason {
+            None => format!(
+                "Rate limit `{}` exceeded: {} requests allowed; retry in {retry_after} s.",
+                policy.rule, policy.limit
+            ),
+            Some(DenyReason::LimitZero) => {
+                format!("Rate limit `{}` admits no requests at the moment.", policy.rule)
+            }
+            Some(DenyReason::CostExceedsCapacity) => format!(
+                "This request costs more than rate limit `{}` can ever admit ({}); it will not pass.",
+                policy.rule, policy.limit
+            ),
+        },
         policy: &policy.rule,
         limit: policy.limit,
         remaining: policy.remaining,
@@ -73,6 +82,8 @@ mod tests {
             reset_ms,
             retry_after_ms,
             window_ms: 60_000,
+            delay_ms: 0,
+            reason: None,
         }
     }
 

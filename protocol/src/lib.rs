@@ -7,5 +7,8 @@ pub mod duration;
 pub mod headers;
 pub mod rules;
 
-pub use check::{Check, CheckRequest, CheckResponse, ClientId, Decision, PolicyStatus, CHECK_PATH};
+pub use check::{
+    Check, CheckRequest, CheckResponse, ClientId, Decision, DenyReason, PolicyStatus,
+    ReleaseRequest, CHECK_PATH, RELEASE_PATH,
+};
 pub use rules::{Rule, RuleMatch, RuleSet, Scope, Strategy};

@@ -10,20 +10,51 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::check::Check;
 use crate::duration;
 
-/// Rate-limiting algorithm of a rule. More strategies come with later work; the protocol
-/// already carries which one answered.
+/// Rate-limiting algorithm of a rule; the check call carries which one answered.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
-    /// Counts requests in windows aligned to the epoch; the count starts afresh at each boundary.
+    /// Counts requests in windows aligned to the epoch; the count starts afresh at each
+    /// boundary (so up to twice the limit can pass across one).
     #[default]
     FixedWindow,
+    /// Exact: a request counts for one window after it was made.
+    SlidingWindowLog,
+    /// The current window's count plus the previous one's, weighted by their overlap.
+    SlidingWindowCounter,
+    /// `burst` tokens, refilled at `limit` per `window`; allows bursts.
+    TokenBucket,
+    /// Generic cell rate algorithm: requests evenly spaced at `limit` per `window`, up to
+    /// `burst` early.
+    Gcra,
+    /// A queue drained at `limit` per `window`: requests wait for their slot up to
+    /// `max_delay`, and are denied past it.
+    LeakyBucket,
+    /// At most `limit` requests in flight; a slot is held until the stream ends or its
+    /// `lease` expires.
+    Concurrency,
 }
 
 impl Strategy {
+    pub const ALL: [Strategy; 7] = [
+        Strategy::FixedWindow,
+        Strategy::SlidingWindowLog,
+        Strategy::SlidingWindowCounter,
+        Strategy::TokenBucket,
+        Strategy::Gcra,
+        Strategy::LeakyBucket,
+        Strategy::Concurrency,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Strategy::FixedWindow => "fixed_window",
+            Strategy::SlidingWindowLog => "sliding_window_log",
+            Strategy::SlidingWindowCounter => "sliding_window_counter",
+            Strategy::TokenBucket => "token_bucket",
+            Strategy::Gcra => "gcra",
+            Strategy::LeakyBucket => "leaky_bucket",
+            Strategy::Concurrency => "concurrency",
         }
     }
 }
@@ -69,34 +100,45 @@ impl RuleMatch {
     }
 }
 
-/// A window length, written `1s`, `10m`… in configuration and held as milliseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Window(u64);
+/// A length of time, written `500ms`, `1s`, `10m`… in configuration and held as
+/// milliseconds. `Window` is never zero; `Delay` may be.
+macro_rules! millis_type {
+    ($name:ident, $zero_ok:expr) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub struct $name(u64);
 
-impl Window {
-    pub fn from_millis(ms: u64) -> Option<Self> {
-        (ms > 0).then_some(Window(ms))
-    }
+        impl $name {
+            pub fn from_millis(ms: u64) -> Option<Self> {
+                ($zero_ok || ms > 0).then_some($name(ms))
+            }
 
-    pub fn millis(self) -> u64 {
-        self.0
-    }
+            pub fn millis(self) -> u64 {
+                self.0
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&format!("{}ms", self.0))
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(deserializer)?;
+                let parsed = if $zero_ok {
+                    duration::parse_millis_or_zero(&text)
+                } else {
+                    duration::parse_millis(&text)
+                };
+                parsed.map($name).map_err(serde::de::Error::custom)
+            }
+        }
+    };
 }
 
-impl Serialize for Window {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&format!("{}ms", self.0))
-    }
-}
-
-impl<'de> Deserialize<'de> for Window {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        duration::parse_millis(&text)
-            .map(Window)
-            .map_err(serde::de::Error::custom)
-    }
-}
+millis_type!(Window, false);
+millis_type!(Delay, true);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,11 +148,177 @@ pub struct Rule {
     pub strategy: Strategy,
     #[serde(default)]
     pub scope: Scope,
-    /// Requests admitted per window; 0 blocks every matching request.
+    /// Requests admitted per window (in flight, for `concurrency`); 0 blocks every matching
+    /// request.
     pub limit: u64,
-    pub window: Window,
+    /// Required by every strategy but `concurrency`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Window>,
+    /// `token_bucket` (default: `limit`) and `gcra` (default: 1): requests that may come at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
+    /// `leaky_bucket` only, required: the longest a request may wait for its slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delay: Option<Delay>,
+    /// `concurrency` only (default 60s): when a slot that was never released frees itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Window>,
+    /// What one request costs under this rule; default: the cost the filter sends (1 unless
+    /// the filter reads it from a request header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<u64>,
     #[serde(default, rename = "match")]
     pub matcher: RuleMatch,
+}
+
+/// Default lease of a `concurrency` slot.
+pub const DEFAULT_LEASE_MS: u64 = 60_000;
+
+/// Largest `limit` of a `sliding_window_log` rule: the log keeps one entry per request.
+pub const MAX_LOG_LIMIT: u64 = 100_000;
+
+/// Rate strategies compute in integers of `limit × window` (and `burst × window`,
+/// `max_delay × limit`); Redis's Lua numbers are exact below 2^53.
+pub const MAX_EXACT: u64 = 1 << 53;
+
+impl Rule {
+    pub fn window_ms(&self) -> u64 {
+        self.window.map_or(0, Window::millis)
+    }
+
+    /// The burst of `token_bucket` and `gcra`, with their defaults.
+    pub fn burst(&self) -> u64 {
+        match self.strategy {
+            Strategy::TokenBucket => self.burst.unwrap_or(self.limit),
+            Strategy::Gcra => self.burst.unwrap_or(1),
+            _ => 0,
+        }
+    }
+
+    pub fn lease_ms(&self) -> u64 {
+        self.lease.map_or(DEFAULT_LEASE_MS, Window::millis)
+    }
+
+    pub fn max_delay_ms(&self) -> u64 {
+        self.max_delay.map_or(0, Delay::millis)
+    }
+
+    /// Largest cost one request can ever be admitted with, if there is one.
+    pub fn capacity(&self) -> Option<u64> {
+        match self.strategy {
+            Strategy::TokenBucket | Strategy::Gcra => Some(self.burst()),
+            Strategy::LeakyBucket => None,
+            _ => Some(self.limit),
+        }
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= MAX_RULE_NAME
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !name_ok {
+            return Err((
+                "name",
+                format!(
+                    "`{}` must be 1 to {MAX_RULE_NAME} characters of A-Z, a-z, 0-9, `-` or `_`",
+                    self.name
+                ),
+            ));
+        }
+        if let Some(prefix) = &self.matcher.path_prefix {
+            if !prefix.starts_with('/') {
+                return Err((
+                    "match.path_prefix",
+                    format!("`{prefix}` must start with `/`"),
+                ));
+            }
+        }
+        let strategy = self.strategy.as_str();
+        let only_for = |field: &'static str, allowed: &[Strategy], set: bool| {
+            if set && !allowed.contains(&self.strategy) {
+                let names: Vec<&str> = allowed.iter().map(|s| s.as_str()).collect();
+                Err((
+                    field,
+                    format!("applies to {} only, not to {strategy}", names.join(" and ")),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        only_for(
+            "burst",
+            &[Strategy::TokenBucket, Strategy::Gcra],
+            self.burst.is_some(),
+        )?;
+        only_for(
+            "max_delay",
+            &[Strategy::LeakyBucket],
+            self.max_delay.is_some(),
+        )?;
+        only_for("lease", &[Strategy::Concurrency], self.lease.is_some())?;
+        match (self.strategy, self.window) {
+            (Strategy::Concurrency, Some(_)) => {
+                return Err((
+                    "window",
+                    "does not apply to concurrency; set `lease`".into(),
+                ))
+            }
+            (Strategy::Concurrency, None) => {}
+            (_, None) => return Err(("window", format!("is required by {strategy}"))),
+            (_, Some(_)) => {}
+        }
+        if self.strategy == Strategy::LeakyBucket && self.max_delay.is_none() {
+            return Err((
+                "max_delay",
+                "is required by leaky_bucket (0s for none)".into(),
+            ));
+        }
+        if self.limit > MAX_EXACT {
+            return Err(("limit", format!("must be at most 2^53 ({MAX_EXACT})")));
+        }
+        if self.burst == Some(0) {
+            return Err(("burst", "must be at least 1".into()));
+        }
+        if self.strategy == Strategy::SlidingWindowLog && self.limit > MAX_LOG_LIMIT {
+            return Err((
+                "limit",
+                format!("sliding_window_log keeps one entry per request: at most {MAX_LOG_LIMIT}"),
+            ));
+        }
+        let rate_based = matches!(
+            self.strategy,
+            Strategy::SlidingWindowCounter
+                | Strategy::TokenBucket
+                | Strategy::Gcra
+                | Strategy::LeakyBucket
+        );
+        if rate_based {
+            let window = u128::from(self.window_ms());
+            let products = [
+                ("limit", u128::from(self.limit) * window),
+                ("burst", u128::from(self.burst()) * window),
+                (
+                    "max_delay",
+                    u128::from(self.max_delay_ms()) * u128::from(self.limit),
+                ),
+            ];
+            for (field, product) in products {
+                if product >= u128::from(MAX_EXACT) {
+                    return Err((
+                        field,
+                        format!(
+                            "too large for exact arithmetic with this window: \
+                             {field} × the other factor must stay below 2^53"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A validation failure, naming the field it is about.
@@ -140,38 +348,20 @@ pub struct RuleSet {
 impl RuleSet {
     pub fn new(rules: Vec<Rule>) -> Result<Self, RuleError> {
         for (index, rule) in rules.iter().enumerate() {
-            let field = |name: &str| format!("rules[{index}].{name}");
-            let name_ok = !rule.name.is_empty()
-                && rule.name.len() <= MAX_RULE_NAME
-                && rule
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            if !name_ok {
-                return Err(RuleError {
-                    field: field("name"),
-                    message: format!(
-                        "`{}` must be 1 to {MAX_RULE_NAME} characters of A-Z, a-z, 0-9, `-` or `_`",
-                        rule.name
-                    ),
-                });
-            }
+            let error = |field: &str, message: String| RuleError {
+                field: format!("rules[{index}].{field}"),
+                message,
+            };
+            rule.validate()
+                .map_err(|(field, message)| error(field, message))?;
             if rules[..index]
                 .iter()
                 .any(|earlier| earlier.name == rule.name)
             {
-                return Err(RuleError {
-                    field: field("name"),
-                    message: format!("`{}` is used by an earlier rule", rule.name),
-                });
-            }
-            if let Some(prefix) = &rule.matcher.path_prefix {
-                if !prefix.starts_with('/') {
-                    return Err(RuleError {
-                        field: field("match.path_prefix"),
-                        message: format!("`{prefix}` must start with `/`"),
-                    });
-                }
+                return Err(error(
+                    "name",
+                    format!("`{}` is used by an earlier rule", rule.name),
+                ));
             }
         }
         Ok(RuleSet { rules })
@@ -200,7 +390,11 @@ mod tests {
             strategy: Strategy::FixedWindow,
             scope: Scope::Client,
             limit: 10,
-            window: Window(1_000),
+            window: Some(Window(1_000)),
+            burst: None,
+            max_delay: None,
+            lease: None,
+            cost: None,
             matcher,
         }
     }
@@ -219,7 +413,7 @@ mod tests {
     fn rule_parses_from_json_with_defaults() {
         let json = r#"{"name":"per-ip","limit":5,"window":"1m"}"#;
         let rule: Rule = serde_json::from_str(json).unwrap();
-        assert_eq!(rule.window.millis(), 60_000);
+        assert_eq!(rule.window_ms(), 60_000);
         assert_eq!(rule.strategy, Strategy::FixedWindow);
         assert_eq!(rule.scope, Scope::Client);
         assert_eq!(rule.matcher, RuleMatch::default());
@@ -292,5 +486,85 @@ mod tests {
         for (rules, field) in cases {
             assert_eq!(RuleSet::new(rules).unwrap_err().field, field);
         }
+    }
+
+    #[test]
+    fn each_strategy_parses_with_its_own_fields() {
+        let cases = [
+            r#"{"name":"a","strategy":"sliding_window_log","limit":5,"window":"1s"}"#,
+            r#"{"name":"a","strategy":"sliding_window_counter","limit":5,"window":"1s"}"#,
+            r#"{"name":"a","strategy":"token_bucket","limit":5,"window":"1s","burst":20}"#,
+            r#"{"name":"a","strategy":"gcra","limit":5,"window":"1s"}"#,
+            r#"{"name":"a","strategy":"leaky_bucket","limit":5,"window":"1s","max_delay":"0s"}"#,
+            r#"{"name":"a","strategy":"concurrency","limit":5,"lease":"30s"}"#,
+            r#"{"name":"a","strategy":"concurrency","limit":5}"#,
+        ];
+        for json in cases {
+            let rule: Rule = serde_json::from_str(json).unwrap();
+            RuleSet::new(vec![rule]).unwrap_or_else(|e| panic!("{json}: {e}"));
+        }
+        let gcra: Rule =
+            serde_json::from_str(r#"{"name":"a","strategy":"gcra","limit":5,"window":"1s"}"#)
+                .unwrap();
+        assert_eq!(gcra.burst(), 1);
+        let bucket: Rule = serde_json::from_str(
+            r#"{"name":"a","strategy":"token_bucket","limit":5,"window":"1s"}"#,
+        )
+        .unwrap();
+        assert_eq!(bucket.burst(), 5);
+    }
+
+    /// One bad rule per error, each with the field it is reported against.
+    #[test]
+    fn strategy_fields_are_checked() {
+        let cases = [
+            (r#"{"name":"a","limit":5}"#, "rules[0].window"),
+            (
+                r#"{"name":"a","strategy":"concurrency","limit":5,"window":"1s"}"#,
+                "rules[0].window",
+            ),
+            (
+                r#"{"name":"a","limit":5,"window":"1s","burst":3}"#,
+                "rules[0].burst",
+            ),
+            (
+                r#"{"name":"a","strategy":"gcra","limit":5,"window":"1s","burst":0}"#,
+                "rules[0].burst",
+            ),
+            (
+                r#"{"name":"a","strategy":"leaky_bucket","limit":5,"window":"1s"}"#,
+                "rules[0].max_delay",
+            ),
+            (
+                r#"{"name":"a","limit":5,"window":"1s","max_delay":"1s"}"#,
+                "rules[0].max_delay",
+            ),
+            (
+                r#"{"name":"a","limit":5,"window":"1s","lease":"1s"}"#,
+                "rules[0].lease",
+            ),
+            (
+                r#"{"name":"a","strategy":"sliding_window_log","limit":100001,"window":"1s"}"#,
+                "rules[0].limit",
+            ),
+            (
+                r#"{"name":"a","strategy":"token_bucket","limit":1000000000000,"window":"1d"}"#,
+                "rules[0].limit",
+            ),
+        ];
+        for (json, field) in cases {
+            let rule: Rule = serde_json::from_str(json).unwrap();
+            let err = RuleSet::new(vec![rule]).unwrap_err();
+            assert_eq!(err.field, field, "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn limits_up_to_two_to_the_53_are_accepted() {
+        let at = r#"{"name":"a","limit":9007199254740992,"window":"1d"}"#;
+        assert!(RuleSet::new(vec![serde_json::from_str(at).unwrap()]).is_ok());
+        let above = r#"{"name":"a","limit":9007199254740993,"window":"1d"}"#;
+        let err = RuleSet::new(vec![serde_json::from_str(above).unwrap()]).unwrap_err();
+        assert_eq!(err.field, "rules[0].limit");
     }
 }

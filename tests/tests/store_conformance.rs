@@ -1,163 +1,438 @@
-//! One behaviour suite, every store: each scenario runs against the embedded store (with a
-//! manual clock) and against a real `redis-server` (on Redis's own clock, waiting out short
-//! windows for real).
+//! One behaviour suite, every store: each scenario runs against the embedded store and
+//! against a real `redis-server`, both on one injected clock (the Redis scripts take the
+//! time as an argument instead of `TIME` when a test asks them to). A few Redis-only tests
+//! at the end run on Redis's own clock.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_controller::store::{LimitSpec, ManualClock, MemoryStore, Outcome, RedisStore, Store};
+use sluice_controller::strategy::{Params, Verdict};
 use sluice_e2e::{unique_name, RedisServer};
+use sluice_protocol::Strategy::{self, *};
 
-const HOUR_MS: u64 = 3_600_000;
+const HOUR: u64 = 3_600_000;
+/// Somewhere inside a minute, as real time would be: 1800000000000 is a whole minute.
+const START: u64 = 1_800_000_000_000 + 250;
 
 struct Subject {
     store: Arc<dyn Store>,
-    clock: Option<Arc<ManualClock>>,
-    redis: Option<RedisServer>,
+    clock: Arc<ManualClock>,
+    /// Keeps the server of a Redis subject running for as long as the scenario.
+    _redis: Option<RedisServer>,
 }
 
 impl Subject {
     fn memory() -> Subject {
-        // Somewhere inside a window, as real time would be.
-        let clock = ManualClock::starting_at(1_800_000_000_250);
+        let clock = ManualClock::starting_at(START);
         Subject {
             store: Arc::new(MemoryStore::new(clock.clone())),
-            clock: Some(clock),
-            redis: None,
+            clock,
+            _redis: None,
         }
     }
 
     fn redis() -> Subject {
         let redis = RedisServer::start();
-        let store = RedisStore::new(&redis.url(), Duration::from_secs(2)).expect("redis store");
+        let clock = ManualClock::starting_at(START);
+        let store = RedisStore::new(&redis.url(), Duration::from_secs(2))
+            .expect("redis store")
+            .with_clock(clock.clone());
         Subject {
             store: Arc::new(store),
-            clock: None,
-            redis: Some(redis),
+            clock,
+            _redis: Some(redis),
         }
     }
 
-    async fn advance(&self, ms: u64) {
-        match &self.clock {
-            Some(clock) => clock.advance(ms),
-            None => tokio::time::sleep(Duration::from_millis(ms)).await,
-        }
+    fn advance(&self, ms: u64) {
+        self.clock.advance(ms);
     }
 
-    async fn check(&self, limits: &[LimitSpec], cost: u64) -> Outcome {
+    async fn check(&self, limits: &[LimitSpec]) -> Outcome {
         let outcome = self
             .store
-            .fixed_window(limits, cost)
+            .check(limits, &lease_id())
             .await
             .expect("store answers");
-        assert_eq!(outcome.states.len(), limits.len(), "{outcome:?}");
+        assert_eq!(outcome.verdicts.len(), limits.len(), "{outcome:?}");
         outcome
     }
 
-    async fn check_one(&self, limit: &LimitSpec, cost: u64) -> Outcome {
-        self.check(std::slice::from_ref(limit), cost).await
+    async fn one(&self, limit: &LimitSpec) -> Verdict {
+        let outcome = self.check(std::slice::from_ref(limit)).await;
+        assert_eq!(outcome.allowed(), outcome.verdicts[0].ok);
+        outcome.verdicts[0]
+    }
+
+    /// Checks `limit` `times` times and returns whether each was admitted.
+    async fn admitted(&self, limit: &LimitSpec, times: usize) -> Vec<bool> {
+        let mut admitted = Vec::with_capacity(times);
+        for _ in 0..times {
+            admitted.push(self.one(limit).await.ok);
+        }
+        admitted
     }
 }
 
-fn limit(limit: u64, window_ms: u64) -> LimitSpec {
+fn lease_id() -> String {
+    format!("{:032x}", rand_u128())
+}
+
+fn rand_u128() -> u128 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    u128::from(NEXT.fetch_add(1, Ordering::Relaxed)) * 0x9e37_79b9_7f4a_7c15
+}
+
+fn limit(strategy: Strategy, limit: u64, period_ms: u64, extra: u64) -> LimitSpec {
     LimitSpec {
-        key: unique_name("sluice:{conformance}:fixed_window:r"),
-        limit,
-        window_ms,
+        key: unique_name(&format!("sluice:{{conformance}}:{}:r", strategy.as_str())),
+        params: Params {
+            strategy,
+            limit,
+            period_ms,
+            extra,
+        },
+        cost: 1,
     }
 }
 
-async fn admits_up_to_the_limit_then_denies(subject: Subject) {
-    let spec = limit(3, HOUR_MS);
-    for expected in 1..=3 {
-        let outcome = subject.check_one(&spec, 1).await;
-        assert!(outcome.allowed(), "{outcome:?}");
-        assert_eq!(outcome.states[0].count, expected);
-        assert!(
-            (1..=HOUR_MS).contains(&outcome.states[0].reset_ms),
-            "{outcome:?}"
+fn costing(mut spec: LimitSpec, cost: u64) -> LimitSpec {
+    spec.cost = cost;
+    spec
+}
+
+fn verdict(ok: bool, remaining: u64, reset_ms: u64, retry_after_ms: u64) -> Verdict {
+    Verdict {
+        ok,
+        remaining,
+        reset_ms,
+        retry_after_ms,
+        delay_ms: 0,
+    }
+}
+
+// ---- fixed window ----------------------------------------------------------------------
+
+async fn fixed_window_counts_down_and_denies_until_the_boundary(s: Subject) {
+    let spec = limit(FixedWindow, 3, 60_000, 0);
+    assert_eq!(s.one(&spec).await, verdict(true, 2, 59_750, 0));
+    assert_eq!(s.one(&spec).await, verdict(true, 1, 59_750, 0));
+    assert_eq!(s.one(&spec).await, verdict(true, 0, 59_750, 0));
+    assert_eq!(s.one(&spec).await, verdict(false, 0, 59_750, 59_750));
+    s.advance(59_749);
+    assert!(!s.one(&spec).await.ok);
+    s.advance(1);
+    assert_eq!(s.one(&spec).await, verdict(true, 2, 60_000, 0));
+}
+
+async fn fixed_window_lets_twice_the_limit_through_across_a_boundary(s: Subject) {
+    let spec = limit(FixedWindow, 3, 60_000, 0);
+    s.advance(59_000);
+    assert_eq!(s.admitted(&spec, 4).await, [true, true, true, false]);
+    s.advance(1_000);
+    assert_eq!(s.admitted(&spec, 4).await, [true, true, true, false]);
+}
+
+// ---- sliding window log ------------------------------------------------------------------
+
+async fn sliding_log_counts_each_request_for_one_window(s: Subject) {
+    let spec = limit(SlidingWindowLog, 3, 60_000, 0);
+    s.advance(59_000);
+    assert_eq!(s.admitted(&spec, 2).await, [true, true]);
+    s.advance(1_000);
+    // A fixed window would have reset here; the log still holds the two requests.
+    assert_eq!(s.one(&spec).await, verdict(true, 0, 60_000, 0));
+    let denied = s.one(&spec).await;
+    assert_eq!(denied, verdict(false, 0, 60_000, 59_000));
+    s.advance(58_999);
+    assert!(!s.one(&spec).await.ok);
+    s.advance(1);
+    // The two oldest left together: two places, the last one's request stays.
+    assert_eq!(s.one(&spec).await, verdict(true, 1, 60_000, 0));
+}
+
+async fn sliding_log_retry_waits_for_enough_requests_to_leave(s: Subject) {
+    let spec = limit(SlidingWindowLog, 3, 10_000, 0);
+    for _ in 0..3 {
+        assert!(s.one(&spec).await.ok);
+        s.advance(1_000);
+    }
+    // Entries at 0, 1000, 2000 (relative); now 3000. Cost 2 needs the two oldest gone.
+    let two = costing(spec.clone(), 2);
+    assert_eq!(s.one(&two).await, verdict(false, 0, 9_000, 8_000));
+    s.advance(8_000);
+    assert_eq!(s.one(&two).await, verdict(true, 0, 10_000, 0));
+}
+
+// ---- sliding window counter --------------------------------------------------------------
+
+async fn sliding_counter_weights_the_previous_window(s: Subject) {
+    let spec = limit(SlidingWindowCounter, 10, 10_000, 0);
+    s.advance(9_250); // 9500 ms into a window
+    assert_eq!(
+        s.admitted(&spec, 11).await.iter().filter(|ok| **ok).count(),
+        10
+    );
+    s.advance(500 + 5_000); // next window, half way: the previous counts for 5
+    assert_eq!(s.admitted(&spec, 5).await, [true; 5]);
+    let denied = s.one(&spec).await;
+    // 10 × (10000 − e) + 5 × 10000 + 10000 ≤ 100000 first holds at e = 6000.
+    assert_eq!(denied, verdict(false, 0, 15_000, 1_000));
+    s.advance(999);
+    assert!(!s.one(&spec).await.ok);
+    s.advance(1);
+    assert!(s.one(&spec).await.ok);
+}
+
+// ---- token bucket ------------------------------------------------------------------------
+
+async fn token_bucket_bursts_then_refills_at_the_rate(s: Subject) {
+    let spec = limit(TokenBucket, 10, 10_000, 5); // 1 token per second, 5 at once
+    assert_eq!(
+        s.admitted(&spec, 6).await,
+        [true, true, true, true, true, false]
+    );
+    assert_eq!(s.one(&spec).await, verdict(false, 0, 5_000, 1_000));
+    s.advance(500);
+    assert_eq!(s.one(&spec).await, verdict(false, 0, 4_500, 500));
+    s.advance(500);
+    assert_eq!(s.one(&spec).await, verdict(true, 0, 5_000, 0));
+    s.advance(60_000);
+    assert_eq!(s.one(&spec).await, verdict(true, 4, 1_000, 0));
+}
+
+async fn token_bucket_refills_fractions_exactly(s: Subject) {
+    let spec = limit(TokenBucket, 3, 10_000, 1); // one token every 3333⅓ ms
+    assert!(s.one(&spec).await.ok);
+    s.advance(3_333);
+    assert_eq!(s.one(&spec).await, verdict(false, 0, 1, 1));
+    s.advance(1);
+    assert!(s.one(&spec).await.ok);
+    // Three tokens take exactly 10 s, however the time is cut.
+    for _ in 0..9 {
+        s.advance(1_111);
+    }
+    s.advance(1);
+    assert!(s.one(&spec).await.ok);
+    for _ in 0..2 {
+        s.advance(3_333);
+        assert!(!s.one(&spec).await.ok);
+        s.advance(1);
+        assert!(s.one(&spec).await.ok);
+    }
+}
+
+// ---- GCRA ---------------------------------------------------------------------------------
+
+async fn gcra_spaces_requests_evenly(s: Subject) {
+    let spec = limit(Gcra, 10, 1_000, 1); // one every 100 ms
+    assert_eq!(s.one(&spec).await, verdict(true, 0, 100, 0));
+    assert_eq!(s.one(&spec).await, verdict(false, 0, 100, 100));
+    s.advance(99);
+    assert_eq!(s.one(&spec).await, verdict(false, 0, 1, 1));
+    s.advance(1);
+    assert!(s.one(&spec).await.ok);
+}
+
+async fn gcra_allows_its_burst_early(s: Subject) {
+    let spec = limit(Gcra, 10, 1_000, 3);
+    assert_eq!(s.admitted(&spec, 4).await, [true, true, true, false]);
+    s.advance(100);
+    assert_eq!(s.admitted(&spec, 2).await, [true, false]);
+}
+
+// ---- leaky bucket -------------------------------------------------------------------------
+
+async fn leaky_bucket_delays_until_the_slot_then_denies(s: Subject) {
+    let spec = limit(LeakyBucket, 2, 1_000, 1_000); // one every 500 ms, wait ≤ 1 s
+    let delays: Vec<(bool, u64)> = {
+        let mut out = Vec::new();
+        for _ in 0..4 {
+            let v = s.one(&spec).await;
+            out.push((v.ok, v.delay_ms));
+        }
+        out
+    };
+    assert_eq!(delays, [(true, 0), (true, 500), (true, 1_000), (false, 0)]);
+    let denied = s.one(&spec).await;
+    assert_eq!((denied.retry_after_ms, denied.reset_ms), (500, 1_500));
+    s.advance(500);
+    let v = s.one(&spec).await;
+    assert_eq!((v.ok, v.delay_ms), (true, 1_000));
+}
+
+async fn leaky_bucket_without_delay_is_a_plain_rate(s: Subject) {
+    let spec = limit(LeakyBucket, 2, 1_000, 0);
+    assert_eq!(s.admitted(&spec, 2).await, [true, false]);
+    s.advance(500);
+    assert_eq!(s.admitted(&spec, 2).await, [true, false]);
+}
+
+// ---- concurrency ---------------------------------------------------------------------------
+
+async fn concurrency_holds_slots_until_released_or_expired(s: Subject) {
+    let spec = limit(Concurrency, 2, 30_000, 0);
+    let first = lease_id();
+    let outcome = s
+        .store
+        .check(std::slice::from_ref(&spec), &first)
+        .await
+        .unwrap();
+    assert_eq!(outcome.verdicts[0], verdict(true, 1, 30_000, 0));
+    s.advance(1_000);
+    assert_eq!(s.one(&spec).await, verdict(true, 0, 29_000, 0));
+    assert_eq!(s.one(&spec).await, verdict(false, 0, 29_000, 1_000));
+    assert_eq!(s.store.release(&spec.key, &first, 1).await.unwrap(), 1);
+    assert_eq!(
+        s.store.release(&spec.key, &first, 1).await.unwrap(),
+        0,
+        "released twice"
+    );
+    assert_eq!(s.one(&spec).await, verdict(true, 0, 30_000, 0));
+    assert!(!s.one(&spec).await.ok);
+    // Leases that are never given back expire: both were taken 1 s after the start.
+    s.advance(29_999);
+    assert_eq!(s.one(&spec).await, verdict(false, 0, 1, 1));
+    s.advance(1);
+    assert_eq!(s.one(&spec).await, verdict(true, 1, 30_000, 0));
+}
+
+// ---- every strategy -------------------------------------------------------------------------
+
+/// One limit of each strategy, each admitting `limit_value` requests at once (with the
+/// leaky bucket's max delay chosen for that at the limits used here: 0, 1, 3 and 5).
+fn one_of_each(limit_value: u64) -> Vec<LimitSpec> {
+    vec![
+        limit(FixedWindow, limit_value, HOUR, 0),
+        limit(SlidingWindowLog, limit_value, HOUR, 0),
+        limit(SlidingWindowCounter, limit_value, HOUR, 0),
+        limit(TokenBucket, limit_value, HOUR, limit_value),
+        limit(Gcra, limit_value, HOUR, limit_value),
+        // A queue of `limit`: the last place waits (limit − 1) / limit of the window.
+        limit(LeakyBucket, limit_value, HOUR, HOUR / 5 * 4),
+        limit(Concurrency, limit_value, HOUR, 0),
+    ]
+}
+
+async fn several_limits_are_all_or_nothing(s: Subject) {
+    for roomy in one_of_each(5) {
+        let tight = limit(FixedWindow, 1, HOUR, 0);
+        let both = [roomy.clone(), tight];
+        assert!(s.check(&both).await.allowed());
+        let denied = s.check(&both).await;
+        assert_eq!(denied.denied_by, Some(1), "{:?}", roomy.params.strategy);
+        assert!(denied.verdicts[0].ok);
+        assert_eq!(
+            denied.verdicts[0].remaining, 4,
+            "{:?}: {denied:?}",
+            roomy.params.strategy
+        );
+        assert_eq!(
+            s.one(&roomy).await.remaining,
+            3,
+            "{:?}",
+            roomy.params.strategy
         );
     }
-    let outcome = subject.check_one(&spec, 1).await;
-    assert_eq!(outcome.denied_by, Some(0));
-    assert_eq!(
-        outcome.states[0].count, 3,
-        "a denied request is not counted"
-    );
 }
 
-async fn the_next_window_starts_afresh(subject: Subject) {
-    let spec = limit(2, 400);
-    let mut first = subject.check_one(&spec, 0).await;
-    if first.states[0].reset_ms < 150 {
-        // Too close to a boundary to use two requests' worth of this window: wait it out.
-        subject.advance(first.states[0].reset_ms + 10).await;
-        first = subject.check_one(&spec, 0).await;
-    }
-    assert!(first.states[0].reset_ms <= 400, "{first:?}");
-    assert!(subject.check_one(&spec, 1).await.allowed());
-    assert!(subject.check_one(&spec, 1).await.allowed());
-    let denied = subject.check_one(&spec, 1).await;
-    assert_eq!(denied.denied_by, Some(0));
-    subject.advance(denied.states[0].reset_ms + 10).await;
-    let reopened = subject.check_one(&spec, 1).await;
-    assert!(reopened.allowed(), "{reopened:?}");
-    assert_eq!(reopened.states[0].count, 1);
-}
-
-async fn a_denied_request_consumes_from_no_limit(subject: Subject) {
-    let (roomy, tight) = (limit(5, HOUR_MS), limit(1, HOUR_MS));
-    let both = [roomy.clone(), tight.clone()];
-    assert!(subject.check(&both, 1).await.allowed());
-    let denied = subject.check(&both, 1).await;
-    assert_eq!(denied.denied_by, Some(1), "{denied:?}");
-    assert_eq!(
-        denied.states[0].count, 1,
-        "the roomy limit must not count a denied request"
-    );
-    let roomy_alone = subject.check_one(&roomy, 1).await;
-    assert_eq!(roomy_alone.states[0].count, 2);
-}
-
-async fn cost_counts_and_zero_cost_only_reads(subject: Subject) {
-    let spec = limit(5, HOUR_MS);
-    assert_eq!(subject.check_one(&spec, 4).await.states[0].count, 4);
-    let read = subject.check_one(&spec, 0).await;
-    assert!(read.allowed());
-    assert_eq!(read.states[0].count, 4);
-    let too_costly = subject.check_one(&spec, 2).await;
-    assert_eq!(too_costly.denied_by, Some(0));
-    assert_eq!(too_costly.states[0].count, 4);
-    let fits = subject.check_one(&spec, 1).await;
-    assert!(fits.allowed());
-    assert_eq!(fits.states[0].count, 5);
-    let above_capacity = subject.check(&[limit(3, HOUR_MS)], 4).await;
-    assert_eq!(above_capacity.denied_by, Some(0));
-}
-
-async fn limit_zero_blocks_everything(subject: Subject) {
-    let spec = limit(0, HOUR_MS);
-    for _ in 0..3 {
-        let outcome = subject.check_one(&spec, 1).await;
-        assert_eq!(outcome.denied_by, Some(0));
-        assert_eq!(outcome.states[0].count, 0);
+async fn cost_counts_and_zero_cost_only_reads(s: Subject) {
+    for spec in one_of_each(5) {
+        let strategy = spec.params.strategy;
+        assert_eq!(
+            s.one(&costing(spec.clone(), 4)).await.remaining,
+            1,
+            "{strategy:?}"
+        );
+        for _ in 0..2 {
+            let read = s.one(&costing(spec.clone(), 0)).await;
+            assert!(read.ok, "{strategy:?}");
+            assert_eq!(read.remaining, 1, "{strategy:?}");
+        }
+        if strategy != LeakyBucket {
+            assert!(!s.one(&costing(spec.clone(), 2)).await.ok, "{strategy:?}");
+        }
+        assert_eq!(s.one(&spec).await.remaining, 0, "{strategy:?}");
     }
 }
 
-async fn huge_limits_count_without_overflow(subject: Subject) {
-    let spec = limit(1_000_000_000_000_000, HOUR_MS);
-    let outcome = subject.check_one(&spec, 1_000_000).await;
-    assert!(outcome.allowed());
-    assert_eq!(outcome.states[0].count, 1_000_000);
-    let outcome = subject.check_one(&spec, 1).await;
-    assert_eq!(outcome.states[0].count, 1_000_001);
+async fn cost_above_capacity_is_denied_and_consumes_nothing(s: Subject) {
+    for spec in one_of_each(3)
+        .into_iter()
+        .filter(|l| l.params.strategy != LeakyBucket)
+    {
+        let strategy = spec.params.strategy;
+        assert!(!s.one(&costing(spec.clone(), 4)).await.ok, "{strategy:?}");
+        assert_eq!(
+            s.admitted(&spec, 4).await,
+            [true, true, true, false],
+            "{strategy:?}"
+        );
+    }
 }
 
-async fn keys_count_independently(subject: Subject) {
-    let (a, b) = (limit(1, HOUR_MS), limit(1, HOUR_MS));
-    assert!(subject.check_one(&a, 1).await.allowed());
-    assert!(!subject.check_one(&a, 1).await.allowed());
-    assert!(subject.check_one(&b, 1).await.allowed());
+async fn limit_zero_blocks_everything(s: Subject) {
+    for spec in one_of_each(0) {
+        let strategy = spec.params.strategy;
+        for _ in 0..3 {
+            let v = s.one(&spec).await;
+            assert!(!v.ok, "{strategy:?}");
+            assert!(v.retry_after_ms > 0, "{strategy:?}");
+        }
+        assert!(s.one(&costing(spec, 0)).await.ok, "{strategy:?}");
+    }
+}
+
+async fn huge_limits_count_without_overflow(s: Subject) {
+    let huge = [
+        // Every limit is capped at 2^53, where Redis's Lua numbers stop being exact.
+        limit(FixedWindow, 1 << 53, HOUR, 0),
+        limit(Concurrency, 1_000_000_000_000_000, HOUR, 0),
+        // Rate strategies are capped at limit × window < 2^53 (checked in the rules).
+        limit(SlidingWindowCounter, 2_000_000_000, HOUR, 0),
+        limit(TokenBucket, 2_000_000_000, HOUR, 2_000_000_000),
+        limit(Gcra, 2_000_000_000, HOUR, 2_000_000_000),
+    ];
+    for spec in huge {
+        let strategy = spec.params.strategy;
+        let v = s.one(&costing(spec.clone(), 1_000)).await;
+        assert!(v.ok, "{strategy:?}");
+        assert_eq!(
+            v.remaining,
+            spec.params.limit - 1_000,
+            "{strategy:?}: {v:?}"
+        );
+    }
+}
+
+async fn a_clock_going_back_admits_nothing_extra(s: Subject) {
+    for spec in one_of_each(3)
+        .into_iter()
+        .filter(|l| l.params.strategy != LeakyBucket)
+    {
+        let strategy = spec.params.strategy;
+        assert_eq!(
+            s.admitted(&spec, 4).await,
+            [true, true, true, false],
+            "{strategy:?}"
+        );
+        s.clock.set(START - 2 * HOUR);
+        assert!(
+            !s.one(&spec).await.ok,
+            "{strategy:?} admitted after the clock went back"
+        );
+        s.clock.set(START);
+    }
+}
+
+async fn keys_count_independently(s: Subject) {
+    for (a, b) in one_of_each(1).into_iter().zip(one_of_each(1)) {
+        assert!(s.one(&a).await.ok);
+        assert!(!s.one(&a).await.ok);
+        assert!(s.one(&b).await.ok, "{:?}", b.params.strategy);
+    }
 }
 
 macro_rules! every_store {
@@ -178,39 +453,110 @@ macro_rules! every_store {
 }
 
 every_store!(
-    admits_up_to_the_limit_then_denies,
-    the_next_window_starts_afresh,
-    a_denied_request_consumes_from_no_limit,
+    fixed_window_counts_down_and_denies_until_the_boundary,
+    fixed_window_lets_twice_the_limit_through_across_a_boundary,
+    sliding_log_counts_each_request_for_one_window,
+    sliding_log_retry_waits_for_enough_requests_to_leave,
+    sliding_counter_weights_the_previous_window,
+    token_bucket_bursts_then_refills_at_the_rate,
+    token_bucket_refills_fractions_exactly,
+    gcra_spaces_requests_evenly,
+    gcra_allows_its_burst_early,
+    leaky_bucket_delays_until_the_slot_then_denies,
+    leaky_bucket_without_delay_is_a_plain_rate,
+    concurrency_holds_slots_until_released_or_expired,
+    several_limits_are_all_or_nothing,
     cost_counts_and_zero_cost_only_reads,
+    cost_above_capacity_is_denied_and_consumes_nothing,
     limit_zero_blocks_everything,
     huge_limits_count_without_overflow,
+    a_clock_going_back_admits_nothing_extra,
     keys_count_independently,
 );
 
-/// Redis-only: every key written carries a TTL no longer than its window.
-#[tokio::test]
-async fn redis_keys_expire_with_their_window() {
-    let subject = Subject::redis();
-    let spec = limit(10, 60_000);
-    subject.check_one(&spec, 1).await;
-    let mut connection = subject.redis.as_ref().expect("redis subject").connection();
-    let ttl: i64 = ::redis::cmd("PTTL")
-        .arg(&spec.key)
-        .query(&mut connection)
-        .expect("PTTL");
-    assert!(ttl > 0 && ttl <= 60_000, "PTTL {ttl}");
+// ---- Redis on its own clock ------------------------------------------------------------------
+
+fn redis_on_server_time() -> (RedisServer, RedisStore) {
+    let redis = RedisServer::start();
+    let store = RedisStore::new(&redis.url(), Duration::from_secs(2)).expect("redis store");
+    (redis, store)
 }
 
-/// Redis-only: a script flushed from the server's cache (restart, failover) is reloaded.
+/// Every key a strategy writes carries a TTL no longer than it needs (on `TIME`, without
+/// the extra minute that injected time adds).
+#[tokio::test]
+async fn redis_keys_expire_when_their_state_no_longer_matters() {
+    let (redis, store) = redis_on_server_time();
+    let cases = [
+        (limit(FixedWindow, 10, 60_000, 0), 60_000),
+        (limit(SlidingWindowLog, 10, 60_000, 0), 60_000),
+        (limit(SlidingWindowCounter, 10, 60_000, 0), 120_000),
+        (limit(TokenBucket, 10, 60_000, 10), 6_000),
+        (limit(Gcra, 10, 60_000, 1), 6_000),
+        (limit(LeakyBucket, 10, 60_000, 10_000), 6_000),
+        (limit(Concurrency, 10, 60_000, 0), 60_000),
+    ];
+    let mut connection = redis.connection();
+    for (spec, longest) in cases {
+        let outcome = store
+            .check(std::slice::from_ref(&spec), &lease_id())
+            .await
+            .unwrap();
+        assert!(outcome.allowed());
+        let ttl: i64 = ::redis::cmd("PTTL")
+            .arg(&spec.key)
+            .query(&mut connection)
+            .unwrap();
+        assert!(
+            ttl > 0 && ttl <= longest,
+            "{:?}: PTTL {ttl}",
+            spec.params.strategy
+        );
+    }
+}
+
+/// On `TIME`, a short window really ends.
+#[tokio::test]
+async fn redis_server_time_moves_windows() {
+    let (_redis, store) = redis_on_server_time();
+    let spec = limit(FixedWindow, 1, 300, 0);
+    let first = store.check(std::slice::from_ref(&spec), "").await.unwrap();
+    let wait = if first.allowed() {
+        let denied = store.check(std::slice::from_ref(&spec), "").await.unwrap();
+        if denied.allowed() {
+            // The first request was the last of its window; this one opened a new one.
+            store
+                .check(std::slice::from_ref(&spec), "")
+                .await
+                .unwrap()
+                .verdicts[0]
+                .retry_after_ms
+        } else {
+            denied.verdicts[0].retry_after_ms
+        }
+    } else {
+        first.verdicts[0].retry_after_ms
+    };
+    assert!((1..=300).contains(&wait), "{wait}");
+    tokio::time::sleep(Duration::from_millis(wait + 5)).await;
+    assert!(store
+        .check(std::slice::from_ref(&spec), "")
+        .await
+        .unwrap()
+        .allowed());
+}
+
+/// A script flushed from the server's cache (restart, failover) is loaded again.
 #[tokio::test]
 async fn redis_reloads_a_flushed_script() {
-    let subject = Subject::redis();
-    let spec = limit(10, HOUR_MS);
-    subject.check_one(&spec, 1).await;
-    let mut connection = subject.redis.as_ref().expect("redis subject").connection();
+    let (redis, store) = redis_on_server_time();
+    let spec = limit(FixedWindow, 10, HOUR, 0);
+    store.check(std::slice::from_ref(&spec), "").await.unwrap();
+    let mut connection = redis.connection();
     let _: () = ::redis::cmd("SCRIPT")
         .arg("FLUSH")
         .query(&mut connection)
-        .expect("SCRIPT FLUSH");
-    assert_eq!(subject.check_one(&spec, 1).await.states[0].count, 2);
+        .unwrap();
+    let v = store.check(std::slice::from_ref(&spec), "").await.unwrap();
+    assert_eq!(v.verdicts[0].remaining, 8);
 }

@@ -8,7 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
-use super::{LimitSpec, LimitState, Outcome, Store, StoreError};
+use super::{LimitSpec, Outcome, Store, StoreError};
+use crate::strategy::{self, State};
 
 /// Milliseconds since the Unix epoch.
 pub trait Clock: Send + Sync {
@@ -50,93 +51,110 @@ impl Clock for ManualClock {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Window {
-    start: u64,
-    count: u64,
-    /// When the entry may be forgotten (the end of its window): the twin of the Redis TTL.
+struct Entry {
+    state: Option<State>,
+    /// When the entry may be forgotten: the twin of the Redis key's TTL.
     expires_at: u64,
 }
 
-struct Counters {
-    windows: HashMap<String, Window>,
+struct Entries {
+    by_key: HashMap<String, Entry>,
     next_sweep_at: u64,
 }
 
-/// How often expired counters are swept, at most.
+impl Entries {
+    fn state(&self, key: &str, now: u64) -> Option<&State> {
+        self.by_key
+            .get(key)
+            .filter(|entry| entry.expires_at > now)
+            .and_then(|e| e.state.as_ref())
+    }
+}
+
+/// How often expired entries are swept, at most.
 const SWEEP_EVERY_MS: u64 = 1_000;
 
 pub struct MemoryStore {
     clock: Arc<dyn Clock>,
-    counters: Mutex<Counters>,
+    entries: Mutex<Entries>,
 }
 
 impl MemoryStore {
     pub fn new(clock: Arc<dyn Clock>) -> Self {
         MemoryStore {
             clock,
-            counters: Mutex::new(Counters {
-                windows: HashMap::new(),
+            entries: Mutex::new(Entries {
+                by_key: HashMap::new(),
                 next_sweep_at: 0,
             }),
         }
     }
 
-    /// Number of counters held; expired ones are dropped at most a second after they expire.
+    /// Number of entries held; expired ones are dropped at most a second after they expire.
     pub fn len(&self) -> usize {
-        self.counters
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .windows
-            .len()
+        self.lock().by_key.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn check(&self, limits: &[LimitSpec], cost: u64) -> Outcome {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn check_now(&self, limits: &[LimitSpec], lease_id: &str) -> Outcome {
         let now = self.clock.now_ms();
-        let mut counters = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
-        if now >= counters.next_sweep_at {
-            counters.windows.retain(|_, window| window.expires_at > now);
-            counters.next_sweep_at = now.saturating_add(SWEEP_EVERY_MS);
+        let mut entries = self.lock();
+        if now >= entries.next_sweep_at {
+            entries.by_key.retain(|_, entry| entry.expires_at > now);
+            entries.next_sweep_at = now.saturating_add(SWEEP_EVERY_MS);
         }
-
-        let mut current = Vec::with_capacity(limits.len());
-        let mut denied_by = None;
-        for (index, spec) in limits.iter().enumerate() {
-            let aligned_start = now - now % spec.window_ms;
-            let window = match counters.windows.get(&spec.key) {
-                // The current window, or (when the clock went back) a later one: keep counting
-                // in it rather than admit a fresh window's worth again.
-                Some(stored) if stored.start >= aligned_start => *stored,
-                _ => Window {
-                    start: aligned_start,
-                    count: 0,
-                    expires_at: aligned_start + spec.window_ms,
-                },
-            };
-            if denied_by.is_none() && window.count.saturating_add(cost) > spec.limit {
-                denied_by = Some(index);
-            }
-            current.push(window);
-        }
-
-        if denied_by.is_none() && cost > 0 {
-            for (spec, window) in limits.iter().zip(current.iter_mut()) {
-                window.count = window.count.saturating_add(cost);
-                counters.windows.insert(spec.key.clone(), *window);
-            }
-        }
-        let states = current
+        let peeked: Vec<_> = limits
             .iter()
-            .map(|w| LimitState {
-                count: w.count,
-                reset_ms: w.expires_at.saturating_sub(now),
+            .map(|limit| {
+                strategy::peek(
+                    &limit.params,
+                    entries.state(&limit.key, now),
+                    now,
+                    limit.cost,
+                )
             })
             .collect();
-        Outcome { denied_by, states }
+        let denied_by = peeked.iter().position(|p| !p.verdict.ok);
+        let mut verdicts: Vec<_> = peeked.iter().map(|p| p.verdict).collect();
+        match denied_by {
+            None => {
+                for (limit, peeked) in limits.iter().zip(peeked) {
+                    let Some((commit, ttl)) = peeked.commit else {
+                        continue;
+                    };
+                    if limit.cost == 0 || limit.params.limit == 0 {
+                        continue;
+                    }
+                    let expires_at = now.saturating_add(ttl.max(1));
+                    let entry = entries.by_key.entry(limit.key.clone()).or_insert(Entry {
+                        state: None,
+                        expires_at,
+                    });
+                    if entry.expires_at <= now {
+                        entry.state = None;
+                    }
+                    strategy::apply(commit, &mut entry.state, lease_id);
+                    entry.expires_at = expires_at;
+                }
+            }
+            Some(denier) => {
+                for (index, limit) in limits.iter().enumerate().filter(|(i, _)| *i != denier) {
+                    let state = entries.state(&limit.key, now);
+                    verdicts[index] = strategy::peek(&limit.params, state, now, 0).verdict;
+                }
+            }
+        }
+        Outcome {
+            denied_by,
+            verdicts,
+        }
     }
 }
 
@@ -146,8 +164,19 @@ impl Store for MemoryStore {
         "embedded in-memory store".to_owned()
     }
 
-    async fn fixed_window(&self, limits: &[LimitSpec], cost: u64) -> Result<Outcome, StoreError> {
-        Ok(self.check(limits, cost))
+    async fn check(&self, limits: &[LimitSpec], lease_id: &str) -> Result<Outcome, StoreError> {
+        Ok(self.check_now(limits, lease_id))
+    }
+
+    async fn release(&self, key: &str, lease_id: &str, count: u64) -> Result<u64, StoreError> {
+        let now = self.clock.now_ms();
+        let mut entries = self.lock();
+        Ok(match entries.by_key.get_mut(key) {
+            Some(entry) if entry.expires_at > now => {
+                strategy::release(&mut entry.state, lease_id, count)
+            }
+            _ => 0,
+        })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -158,25 +187,32 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::strategy::Params;
+    use sluice_protocol::Strategy;
 
-    fn spec(key: &str, limit: u64, window_ms: u64) -> LimitSpec {
+    fn fixed(key: &str, limit: u64, window_ms: u64) -> LimitSpec {
         LimitSpec {
             key: key.into(),
-            limit,
-            window_ms,
+            params: Params {
+                strategy: Strategy::FixedWindow,
+                limit,
+                period_ms: window_ms,
+                extra: 0,
+            },
+            cost: 1,
         }
     }
 
     #[test]
-    fn expired_counters_are_swept() {
+    fn expired_entries_are_swept() {
         let clock = ManualClock::starting_at(10_000);
         let store = MemoryStore::new(clock.clone());
         for n in 0..100 {
-            store.check(&[spec(&format!("k{n}"), 5, 1_000)], 1);
+            store.check_now(&[fixed(&format!("k{n}"), 5, 1_000)], "l");
         }
         assert_eq!(store.len(), 100);
         clock.advance(2_000);
-        store.check(&[spec("other", 5, 1_000)], 1);
+        store.check_now(&[fixed("other", 5, 1_000)], "l");
         assert_eq!(store.len(), 1);
     }
 
@@ -184,16 +220,16 @@ mod tests {
     fn clock_going_back_admits_nothing_extra() {
         let clock = ManualClock::starting_at(120_500);
         let store = MemoryStore::new(clock.clone());
-        let limits = [spec("k", 3, 1_000)];
+        let limits = [fixed("k", 3, 1_000)];
         for _ in 0..3 {
-            assert!(store.check(&limits, 1).allowed());
+            assert!(store.check_now(&limits, "l").allowed());
         }
-        assert!(!store.check(&limits, 1).allowed());
+        assert!(!store.check_now(&limits, "l").allowed());
         // Back into the previous window: that window was never used, but the requests
         // just admitted were, and must still count.
         clock.set(119_900);
-        assert!(!store.check(&limits, 1).allowed());
+        assert!(!store.check_now(&limits, "l").allowed());
         clock.set(121_000);
-        assert!(store.check(&limits, 1).allowed());
+        assert!(store.check_now(&limits, "l").allowed());
     }
 }

@@ -6,34 +6,29 @@ mod redis;
 
 use async_trait::async_trait;
 
+use crate::strategy::{Params, Verdict};
+
 pub use self::memory::{Clock, ManualClock, MemoryStore, SystemClock};
 pub use self::redis::RedisStore;
 
-/// One limit to check: a counter key, how many requests it admits, per how long.
+/// One limit to check for a request: where its state lives, what it is, what the request
+/// costs under it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitSpec {
     pub key: String,
-    pub limit: u64,
-    pub window_ms: u64,
-}
-
-/// A limit's state after the check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LimitState {
-    /// Requests counted in the current window, including this one when it was admitted.
-    pub count: u64,
-    /// Milliseconds until the current window ends.
-    pub reset_ms: u64,
+    pub params: Params,
+    pub cost: u64,
 }
 
 /// The result of checking several limits at once: all of them admit the request (and each
-/// counts it), or the first one that cannot admits it and none counts it.
+/// counts it), or the first one that cannot denies it and none counts it. The verdicts of
+/// the limits that did not deny then describe their state as it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
     /// Index (into the checked limits) of the first limit that denied, if any.
     pub denied_by: Option<usize>,
-    /// One state per checked limit, in order.
-    pub states: Vec<LimitState>,
+    /// One verdict per checked limit, in order.
+    pub verdicts: Vec<Verdict>,
 }
 
 impl Outcome {
@@ -55,8 +50,13 @@ pub trait Store: Send + Sync {
     /// A short name for logs and `/readyz`.
     fn describe(&self) -> String;
 
-    /// Fixed-window check of `limits` for one request costing `cost`, atomically.
-    async fn fixed_window(&self, limits: &[LimitSpec], cost: u64) -> Result<Outcome, StoreError>;
+    /// Checks `limits` for one request, atomically. `lease_id` names the slots the request
+    /// takes in `concurrency` limits.
+    async fn check(&self, limits: &[LimitSpec], lease_id: &str) -> Result<Outcome, StoreError>;
+
+    /// Gives back the `count` concurrency slots of `lease_id` in `key`; returns how many
+    /// were still held.
+    async fn release(&self, key: &str, lease_id: &str, count: u64) -> Result<u64, StoreError>;
 
     /// Whether the store answers.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -2,26 +2,43 @@
 //! `redis` crate reloads a script that the server does not know). Time comes from Redis
 //! `TIME` inside the scripts, so controllers with skewed clocks agree.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
-use super::{LimitSpec, LimitState, Outcome, Store, StoreError};
+use super::{Clock, LimitSpec, Outcome, Store, StoreError};
+use crate::strategy::Verdict;
 
-const FIXED_WINDOW: &str = include_str!("../../../lua/fixed_window.lua");
+/// `lua/check.lua` after the prelude and every strategy it dispatches to.
+const CHECK: &str = concat!(
+    include_str!("../../../lua/prelude.lua"),
+    include_str!("../../../lua/fixed_window.lua"),
+    include_str!("../../../lua/sliding_window_log.lua"),
+    include_str!("../../../lua/sliding_window_counter.lua"),
+    include_str!("../../../lua/token_bucket.lua"),
+    include_str!("../../../lua/gcra.lua"),
+    include_str!("../../../lua/leaky_bucket.lua"),
+    include_str!("../../../lua/concurrency.lua"),
+    include_str!("../../../lua/check.lua"),
+);
+const RELEASE: &str = include_str!("../../../lua/release.lua");
 
 pub struct RedisStore {
     /// A multiplexed connection that reconnects by itself; cloning shares it.
     connection: ConnectionManager,
     url_for_logs: String,
-    fixed_window: Script,
+    check: Script,
+    release: Script,
+    /// Tests only: a clock whose time replaces Redis `TIME`.
+    clock: Option<Arc<dyn Clock>>,
 }
 
 impl RedisStore {
-    /// Prepares a store for `url`. The connection is made on first use, so the controller
-    /// starts (and reports not ready) while Redis is still coming up.
+    /// Prepares a store for `url`, on the Redis server's clock. The connection is made on
+    /// first use, so the controller starts (and reports not ready) while Redis comes up.
     pub fn new(url: &str, response_timeout: Duration) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)?;
         let config = ConnectionManagerConfig::new()
@@ -32,8 +49,17 @@ impl RedisStore {
         Ok(RedisStore {
             connection,
             url_for_logs: redact_password(url),
-            fixed_window: Script::new(FIXED_WINDOW),
+            check: Script::new(CHECK),
+            release: Script::new(RELEASE),
+            clock: None,
         })
+    }
+
+    /// For tests: the scripts take the time from `clock` instead of Redis `TIME` (and keep
+    /// keys a minute longer, since Redis expires them on its own clock).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
     }
 }
 
@@ -43,19 +69,39 @@ impl Store for RedisStore {
         format!("redis at {}", self.url_for_logs)
     }
 
-    async fn fixed_window(&self, limits: &[LimitSpec], cost: u64) -> Result<Outcome, StoreError> {
-        let mut invocation = self.fixed_window.prepare_invoke();
-        invocation.arg(cost);
-        for spec in limits {
+    async fn check(&self, limits: &[LimitSpec], lease_id: &str) -> Result<Outcome, StoreError> {
+        let mut invocation = self.check.prepare_invoke();
+        invocation.arg(
+            self.clock
+                .as_ref()
+                .map_or_else(String::new, |c| c.now_ms().to_string()),
+        );
+        for limit in limits {
+            let params = &limit.params;
             invocation
-                .key(&spec.key)
-                .arg(spec.limit)
-                .arg(spec.window_ms);
+                .key(&limit.key)
+                .arg(params.strategy.as_str())
+                .arg(limit.cost)
+                .arg(params.limit)
+                .arg(params.period_ms)
+                .arg(params.extra)
+                .arg(lease_id);
         }
         let reply: Vec<i64> = invocation
             .invoke_async(&mut self.connection.clone())
             .await?;
-        decode_fixed_window(&reply, limits.len())
+        decode_check(&reply, limits.len())
+    }
+
+    async fn release(&self, key: &str, lease_id: &str, count: u64) -> Result<u64, StoreError> {
+        let freed: i64 = self
+            .release
+            .key(key)
+            .arg(lease_id)
+            .arg(count)
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        Ok(freed.max(0) as u64)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -70,28 +116,35 @@ impl Store for RedisStore {
     }
 }
 
-/// Decodes the reply of `lua/fixed_window.lua` for `limits` limits.
-fn decode_fixed_window(reply: &[i64], limits: usize) -> Result<Outcome, StoreError> {
-    let malformed = || StoreError::Reply(format!("fixed_window returned {reply:?}"));
-    let [allowed, denied_by, per_limit @ ..] = reply else {
+/// Decodes the reply of `lua/check.lua` for `limits` limits.
+fn decode_check(reply: &[i64], limits: usize) -> Result<Outcome, StoreError> {
+    let malformed = || StoreError::Reply(format!("check returned {reply:?}"));
+    let [denied_by, per_limit @ ..] = reply else {
         return Err(malformed());
     };
-    if per_limit.len() != limits * 2 {
+    if per_limit.len() != limits * 4 || per_limit.iter().any(|&n| n < 0) {
         return Err(malformed());
     }
-    let denied_by = match (*allowed, *denied_by) {
-        (1, 0) => None,
-        (0, index) if index >= 1 && (index as usize) <= limits => Some(index as usize - 1),
+    let denied_by = match usize::try_from(*denied_by) {
+        Ok(0) => None,
+        Ok(index) if index <= limits => Some(index - 1),
         _ => return Err(malformed()),
     };
-    let states = per_limit
-        .chunks_exact(2)
-        .map(|pair| LimitState {
-            count: pair[0].max(0) as u64,
-            reset_ms: pair[1].max(0) as u64,
+    let verdicts = per_limit
+        .chunks_exact(4)
+        .enumerate()
+        .map(|(index, n)| Verdict {
+            ok: denied_by.is_none_or(|denier| denier != index),
+            remaining: n[0] as u64,
+            reset_ms: n[1] as u64,
+            retry_after_ms: n[2] as u64,
+            delay_ms: n[3] as u64,
         })
         .collect();
-    Ok(Outcome { denied_by, states })
+    Ok(Outcome {
+        denied_by,
+        verdicts,
+    })
 }
 
 fn redact_password(url: &str) -> String {
@@ -108,31 +161,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn decodes_allowed_and_denied_replies() {
-        let allowed = decode_fixed_window(&[1, 0, 3, 900, 7, 50_000], 2).unwrap();
-        assert_eq!(allowed.denied_by, None);
+    fn decodes_admitted_and_denied_replies() {
+        let admitted = decode_check(&[0, 3, 900, 0, 0, 7, 50_000, 0, 250], 2).unwrap();
+        assert_eq!(admitted.denied_by, None);
         assert_eq!(
-            allowed.states[1],
-            LimitState {
-                count: 7,
-                reset_ms: 50_000
+            admitted.verdicts[1],
+            Verdict {
+                ok: true,
+                remaining: 7,
+                reset_ms: 50_000,
+                retry_after_ms: 0,
+                delay_ms: 250
             }
         );
-        let denied = decode_fixed_window(&[0, 2, 3, 900, 10, 50_000], 2).unwrap();
+        let denied = decode_check(&[2, 3, 900, 0, 0, 0, 50_000, 50_000, 0], 2).unwrap();
         assert_eq!(denied.denied_by, Some(1));
+        assert!(denied.verdicts[0].ok && !denied.verdicts[1].ok);
     }
 
     #[test]
     fn refuses_malformed_replies() {
-        for reply in [
-            &[][..],
-            &[1],
-            &[1, 0, 3],
-            &[0, 0, 3, 900],
-            &[0, 3, 3, 900],
-            &[2, 0, 1, 1],
-        ] {
-            assert!(decode_fixed_window(reply, 1).is_err(), "{reply:?}");
+        let replies: [&[i64]; 6] = [
+            &[],
+            &[0],
+            &[0, 1, 2, 3],
+            &[2, 1, 1, 1, 0],
+            &[-1, 1, 1, 1, 0],
+            &[0, -1, 1, 1, 0],
+        ];
+        for reply in replies {
+            assert!(decode_check(reply, 1).is_err(), "{reply:?}");
         }
     }
 

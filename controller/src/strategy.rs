@@ -1,0 +1,496 @@
+//! The strategies of `lua/`, in Rust, for the embedded store. Each function here is the twin
+//! of a Lua file: same state, same integer arithmetic, same answers (the conformance suite
+//! and the property test hold them to it). Pure: the time is passed in.
+
+use std::cmp::{max, min};
+
+use sluice_protocol::{Rule, Strategy};
+
+/// A limit as the stores see it. `period_ms` is the window (the lease, for concurrency);
+/// `extra` is the burst (token bucket, GCRA), the max delay in ms (leaky bucket), or 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Params {
+    pub strategy: Strategy,
+    pub limit: u64,
+    pub period_ms: u64,
+    pub extra: u64,
+}
+
+impl Params {
+    pub fn of(rule: &Rule) -> Params {
+        let (period_ms, extra) = match rule.strategy {
+            Strategy::TokenBucket | Strategy::Gcra => (rule.window_ms(), rule.burst()),
+            Strategy::LeakyBucket => (rule.window_ms(), rule.max_delay_ms()),
+            Strategy::Concurrency => (rule.lease_ms(), 0),
+            _ => (rule.window_ms(), 0),
+        };
+        Params {
+            strategy: rule.strategy,
+            limit: rule.limit,
+            period_ms,
+            extra,
+        }
+    }
+}
+
+/// What a limit says about one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub ok: bool,
+    pub remaining: u64,
+    pub reset_ms: u64,
+    pub retry_after_ms: u64,
+    pub delay_ms: u64,
+}
+
+/// A limit's state in the embedded store; the shape of its Redis key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    Window {
+        start: u64,
+        count: u64,
+    },
+    /// Sorted times of admitted requests, one per unit of cost.
+    Log {
+        entries: Vec<u64>,
+    },
+    Counter {
+        start: u64,
+        current: u64,
+        previous: u64,
+    },
+    Bucket {
+        units: u64,
+        last: u64,
+    },
+    /// GCRA's and the leaky bucket's lead over now, in units of 1/limit ms.
+    Debt {
+        debt: u64,
+        last: u64,
+    },
+    /// (lease member, expiry ms).
+    Leases {
+        leases: Vec<(String, u64)>,
+    },
+}
+
+/// How to change a limit's state when the request is admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Commit {
+    Replace(State),
+    AppendLog { at: u64, count: u64, window: u64 },
+    AddLeases { at: u64, lease_ms: u64, count: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peeked {
+    pub verdict: Verdict,
+    /// The change to make if every limit admits the request, and the TTL of the result.
+    pub commit: Option<(Commit, u64)>,
+}
+
+fn ceil_div(a: u128, b: u128) -> u64 {
+    u64::try_from(a.div_ceil(b)).unwrap_or(u64::MAX)
+}
+
+fn floor_div(a: u128, b: u128) -> u64 {
+    u64::try_from(a / b).unwrap_or(u64::MAX)
+}
+
+fn sat(value: u128) -> u64 {
+    u64::try_from(value).unwrap_or(u64::MAX)
+}
+
+/// Decides one request of `cost` against one limit whose stored state is `state`.
+pub fn peek(params: &Params, state: Option<&State>, now: u64, cost: u64) -> Peeked {
+    if params.limit == 0 {
+        let verdict = Verdict {
+            ok: cost == 0,
+            remaining: 0,
+            reset_ms: 0,
+            retry_after_ms: if cost == 0 { 0 } else { params.period_ms },
+            delay_ms: 0,
+        };
+        return Peeked {
+            verdict,
+            commit: None,
+        };
+    }
+    let Params {
+        limit,
+        period_ms: period,
+        extra,
+        ..
+    } = *params;
+    match params.strategy {
+        Strategy::FixedWindow => fixed_window(state, now, cost, limit, period),
+        Strategy::SlidingWindowLog => sliding_window_log(state, now, cost, limit, period),
+        Strategy::SlidingWindowCounter => sliding_window_counter(state, now, cost, limit, period),
+        Strategy::TokenBucket => token_bucket(state, now, cost, limit, period, extra),
+        Strategy::Gcra => gcra(state, now, cost, limit, period, extra),
+        Strategy::LeakyBucket => leaky_bucket(state, now, cost, limit, period, extra),
+        Strategy::Concurrency => concurrency(state, now, cost, limit, period),
+    }
+}
+
+fn verdict(ok: bool, remaining: u64, reset_ms: u64, retry_after_ms: u64) -> Verdict {
+    Verdict {
+        ok,
+        remaining,
+        reset_ms,
+        retry_after_ms: if ok { 0 } else { retry_after_ms },
+        delay_ms: 0,
+    }
+}
+
+fn fixed_window(state: Option<&State>, now: u64, cost: u64, limit: u64, window: u64) -> Peeked {
+    let mut start = now - now % window;
+    let mut count = 0;
+    if let Some(&State::Window {
+        start: stored,
+        count: stored_count,
+    }) = state
+    {
+        if stored >= start {
+            start = stored;
+            count = stored_count;
+        }
+    }
+    let ok = count.saturating_add(cost) <= limit;
+    let after = if ok { count + cost } else { count };
+    let reset = start + window - now;
+    Peeked {
+        verdict: verdict(ok, limit - after, reset, reset),
+        commit: Some((
+            Commit::Replace(State::Window {
+                start,
+                count: after,
+            }),
+            reset,
+        )),
+    }
+}
+
+fn sliding_window_log(
+    state: Option<&State>,
+    now: u64,
+    cost: u64,
+    limit: u64,
+    window: u64,
+) -> Peeked {
+    let empty = Vec::new();
+    let stored = match state {
+        Some(State::Log { entries }) => entries,
+        _ => &empty,
+    };
+    // Sorted, so the entries that left the window (at + window <= now) are a prefix, even
+    // when the clock went back and some entries are newer than now.
+    let live = &stored[stored.partition_point(|&at| at.saturating_add(window) <= now)..];
+    let count = live.len() as u64;
+    let ok = count.saturating_add(cost) <= limit;
+    let after = if ok { count + cost } else { count };
+    let newest = match live.last() {
+        Some(&at) if !(ok && cost > 0) || at > now => at,
+        _ => now,
+    };
+    let reset = if after > 0 { newest + window - now } else { 0 };
+    let retry = if ok {
+        0
+    } else {
+        let k = count + cost - limit;
+        match live.get((k - 1) as usize) {
+            Some(&at) if k <= count => at + window - now,
+            _ => window,
+        }
+    };
+    Peeked {
+        verdict: verdict(ok, limit - after, reset, retry),
+        commit: Some((
+            Commit::AppendLog {
+                at: now,
+                count: cost,
+                window,
+            },
+            reset,
+        )),
+    }
+}
+
+fn sliding_window_counter(
+    state: Option<&State>,
+    now: u64,
+    cost: u64,
+    limit: u64,
+    window: u64,
+) -> Peeked {
+    let mut start = now - now % window;
+    let (mut current, mut previous) = (0u64, 0u64);
+    if let Some(&State::Counter {
+        start: stored,
+        current: c,
+        previous: p,
+    }) = state
+    {
+        if stored >= start {
+            start = stored;
+            current = c;
+            previous = p;
+        } else if stored + window == start {
+            previous = c;
+        }
+    }
+    let w = u128::from(window);
+    let elapsed = now.saturating_sub(start);
+    let mut weighted =
+        u128::from(previous) * u128::from(window - elapsed) + u128::from(current) * w;
+    let ok = weighted + u128::from(cost) * w <= u128::from(limit) * w;
+    let mut after_current = current;
+    if ok {
+        after_current = current + cost;
+        weighted += u128::from(cost) * w;
+    }
+    let to_window_end = start + window - now;
+    let reset = if after_current > 0 {
+        to_window_end + window
+    } else if previous > 0 {
+        to_window_end
+    } else {
+        0
+    };
+    let retry = if ok {
+        0
+    } else {
+        let room = i128::from(limit) - i128::from(current) - i128::from(cost);
+        if room >= 0 {
+            let fits_at = window - floor_div(room as u128 * w, u128::from(previous)).min(window);
+            fits_at - elapsed
+        } else if current > 0 {
+            let spare = i128::from(limit) - i128::from(cost);
+            let floor = (spare * w as i128).div_euclid(i128::from(current));
+            sat((i128::from(to_window_end + window) - floor).max(0) as u128)
+        } else {
+            to_window_end + window
+        }
+    };
+    let remaining = floor_div((u128::from(limit) * w).saturating_sub(weighted), w);
+    Peeked {
+        verdict: verdict(ok, remaining, reset, retry),
+        commit: Some((
+            Commit::Replace(State::Counter {
+                start,
+                current: after_current,
+                previous,
+            }),
+            start + 2 * window - now,
+        )),
+    }
+}
+
+/// Time since `last`, and the later of the two (the clock may have gone back).
+fn elapsed_since(state_last: Option<u64>, now: u64) -> (u64, u64) {
+    match state_last {
+        Some(last) => (now.saturating_sub(last), max(last, now)),
+        None => (0, now),
+    }
+}
+
+fn token_bucket(
+    state: Option<&State>,
+    now: u64,
+    cost: u64,
+    limit: u64,
+    window: u64,
+    burst: u64,
+) -> Peeked {
+    let (w, rate) = (u128::from(window), u128::from(limit));
+    let capacity = u128::from(burst) * w;
+    let (stored, stored_last) = match state {
+        Some(&State::Bucket { units, last }) => (Some(u128::from(units)), Some(last)),
+        _ => (None, None),
+    };
+    let (elapsed, last) = elapsed_since(stored_last, now);
+    let units = stored.map_or(capacity, |units| {
+        min(capacity, units + u128::from(elapsed) * rate)
+    });
+    let need = u128::from(cost) * w;
+    let ok = units >= need;
+    let after = if ok { units - need } else { units };
+    let reset = ceil_div(capacity - after, rate);
+    let retry = if ok { 0 } else { ceil_div(need - units, rate) };
+    Peeked {
+        verdict: verdict(ok, floor_div(after, w), reset, retry),
+        commit: Some((
+            Commit::Replace(State::Bucket {
+                units: sat(after),
+                last,
+            }),
+            reset,
+        )),
+    }
+}
+
+/// Debt left of `state` at `now`, paid at `rate` units per ms.
+fn debt_now(state: Option<&State>, now: u64, rate: u128) -> (u128, u64) {
+    match state {
+        Some(&State::Debt { debt, last }) => {
+            let (elapsed, last) = elapsed_since(Some(last), now);
+            (
+                u128::from(debt).saturating_sub(u128::from(elapsed) * rate),
+                last,
+            )
+        }
+        _ => (0, now),
+    }
+}
+
+fn gcra(state: Option<&State>, now: u64, cost: u64, limit: u64, window: u64, burst: u64) -> Peeked {
+    let (w, rate) = (u128::from(window), u128::from(limit));
+    let tolerance = u128::from(burst) * w;
+    let (debt, last) = debt_now(state, now, rate);
+    let wanted = debt + u128::from(cost) * w;
+    let ok = wanted <= tolerance;
+    let after = if ok { wanted } else { debt };
+    let reset = ceil_div(after, rate);
+    let retry = if ok {
+        0
+    } else {
+        ceil_div(wanted - tolerance, rate)
+    };
+    Peeked {
+        verdict: verdict(
+            ok,
+            floor_div(tolerance.saturating_sub(after), w),
+            reset,
+            retry,
+        ),
+        commit: Some((
+            Commit::Replace(State::Debt {
+                debt: sat(after),
+                last,
+            }),
+            reset,
+        )),
+    }
+}
+
+fn leaky_bucket(
+    state: Option<&State>,
+    now: u64,
+    cost: u64,
+    limit: u64,
+    window: u64,
+    max_delay: u64,
+) -> Peeked {
+    let (w, rate) = (u128::from(window), u128::from(limit));
+    let (queued, last) = debt_now(state, now, rate);
+    let delay = ceil_div(queued, rate);
+    let ok = delay <= max_delay;
+    let after = if ok {
+        queued + u128::from(cost) * w
+    } else {
+        queued
+    };
+    let bound = u128::from(max_delay) * rate;
+    let remaining = if after <= bound {
+        floor_div(bound - after, w) + 1
+    } else {
+        0
+    };
+    let reset = ceil_div(after, rate);
+    let retry = if ok {
+        0
+    } else {
+        ceil_div(queued - bound, rate)
+    };
+    let mut verdict = verdict(ok, remaining, reset, retry);
+    verdict.delay_ms = if ok { delay } else { 0 };
+    Peeked {
+        verdict,
+        commit: Some((
+            Commit::Replace(State::Debt {
+                debt: sat(after),
+                last,
+            }),
+            reset,
+        )),
+    }
+}
+
+fn concurrency(state: Option<&State>, now: u64, cost: u64, limit: u64, lease: u64) -> Peeked {
+    let live: Vec<u64> = match state {
+        Some(State::Leases { leases }) => leases
+            .iter()
+            .map(|(_, expiry)| *expiry)
+            .filter(|&expiry| expiry > now)
+            .collect(),
+        _ => Vec::new(),
+    };
+    let count = live.len() as u64;
+    let ok = count.saturating_add(cost) <= limit;
+    let after = if ok { count + cost } else { count };
+    let mut earliest = live.iter().copied().min();
+    if ok && cost > 0 && earliest.is_none_or(|e| now + lease < e) {
+        earliest = Some(now + lease);
+    }
+    let reset = match earliest {
+        Some(expiry) if after > 0 => expiry - now,
+        _ => 0,
+    };
+    let latest = live
+        .iter()
+        .copied()
+        .max()
+        .map_or(now + lease, |l| max(l, now + lease));
+    Peeked {
+        verdict: verdict(ok, limit - after, reset, min(reset, 1_000)),
+        commit: Some((
+            Commit::AddLeases {
+                at: now,
+                lease_ms: lease,
+                count: cost,
+            },
+            latest - now,
+        )),
+    }
+}
+
+/// Applies an admitted request's change to the stored state.
+pub fn apply(commit: Commit, state: &mut Option<State>, lease_id: &str) {
+    match commit {
+        Commit::Replace(new) => *state = Some(new),
+        Commit::AppendLog { at, count, window } => {
+            let mut entries = match state.take() {
+                Some(State::Log { entries }) => entries,
+                _ => Vec::new(),
+            };
+            entries.retain(|&entry| entry.saturating_add(window) > at);
+            let position = entries.partition_point(|&entry| entry <= at);
+            entries.splice(position..position, std::iter::repeat_n(at, count as usize));
+            *state = Some(State::Log { entries });
+        }
+        Commit::AddLeases {
+            at,
+            lease_ms,
+            count,
+        } => {
+            let mut leases = match state.take() {
+                Some(State::Leases { leases }) => leases,
+                _ => Vec::new(),
+            };
+            leases.retain(|(_, expiry)| *expiry > at);
+            leases.extend((1..=count).map(|n| (format!("{lease_id}:{n}"), at + lease_ms)));
+            *state = Some(State::Leases { leases });
+        }
+    }
+}
+
+/// Gives back a lease; returns how many slots it freed.
+pub fn release(state: &mut Option<State>, lease_id: &str, count: u64) -> u64 {
+    let Some(State::Leases { leases }) = state else {
+        return 0;
+    };
+    let members: Vec<String> = (1..=count).map(|n| format!("{lease_id}:{n}")).collect();
+    let before = leases.len();
+    leases.retain(|(member, _)| !members.contains(member));
+    (before - leases.len()) as u64
+}

@@ -1,0 +1,32 @@
+-- Strategy gcra: generic cell rate algorithm. Requests are due one every window/limit ms;
+-- up to `burst` may come early. Kept as the theoretical arrival time's lead over now
+-- ("debt"), in units of 1/limit ms so that the emission interval is exactly `window` units.
+-- Key: hash { d = debt units, t = time of last update ms }; no key = no debt.
+-- TTL = until the debt is paid.
+-- Params: limit, period = window ms, extra = burst (requests that may come at once).
+-- Verdict: remaining = requests that could come now; reset = ms until no debt;
+-- retry = ms until this request conforms.
+S.gcra = {}
+
+function S.gcra.peek(key, now, cost, limit, window, burst)
+  local tolerance = burst * window
+  local stored = redis.call('HMGET', key, 'd', 't')
+  local debt, last = 0, now
+  if stored[1] then
+    local stored_last = tonumber(stored[2])
+    debt = math.max(0, tonumber(stored[1]) - math.max(0, now - stored_last) * limit)
+    last = math.max(stored_last, now)
+  end
+  local wanted = debt + cost * window
+  local ok = wanted <= tolerance
+  local after = ok and wanted or debt
+  return { ok = ok, remaining = U.floor_div(tolerance - after, window),
+           reset = U.ceil_div(after, limit),
+           retry = ok and 0 or U.ceil_div(wanted - tolerance, limit), delay = 0,
+           debt = after, last = last }
+end
+
+function S.gcra.commit(key, now, cost, limit, window, burst, v)
+  redis.call('HSET', key, 'd', v.debt, 't', v.last)
+  U.expire(key, v.reset)
+end

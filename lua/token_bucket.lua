@@ -1,0 +1,32 @@
+-- Strategy token_bucket: a bucket of `burst` tokens refilled at `limit` tokens per window.
+-- Tokens are counted in units of 1/window of a token, so that refill is exact integer
+-- arithmetic: a token is `window` units and `limit` units flow in per ms.
+-- Key: hash { u = units in the bucket, t = time of last update ms }; no key = a full bucket.
+-- TTL = until the bucket is full again.
+-- Params: limit, period = window ms, extra = burst (capacity in tokens).
+-- Verdict: remaining = whole tokens left; reset = ms until full; retry = ms until this
+-- request's tokens are there.
+S.token_bucket = {}
+
+function S.token_bucket.peek(key, now, cost, limit, window, burst)
+  local capacity = burst * window
+  local stored = redis.call('HMGET', key, 'u', 't')
+  local units, last = capacity, now
+  if stored[1] then
+    local stored_last = tonumber(stored[2])
+    units = math.min(capacity, tonumber(stored[1]) + math.max(0, now - stored_last) * limit)
+    last = math.max(stored_last, now)
+  end
+  local need = cost * window
+  local ok = units >= need
+  local after = ok and units - need or units
+  return { ok = ok, remaining = U.floor_div(after, window),
+           reset = U.ceil_div(capacity - after, limit),
+           retry = ok and 0 or U.ceil_div(need - units, limit), delay = 0,
+           units = after, last = last }
+end
+
+function S.token_bucket.commit(key, now, cost, limit, window, burst, v)
+  redis.call('HSET', key, 'u', v.units, 't', v.last)
+  U.expire(key, v.reset)
+end
