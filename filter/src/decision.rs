@@ -3,7 +3,7 @@
 //! [`Verdict`].
 
 use sluice_protocol::headers::{self, RETRY_AFTER};
-use sluice_protocol::{Check, CheckRequest, CheckResponse, ClientId, Decision};
+use sluice_protocol::{Check, CheckRequest, CheckResponse, ClientId, Decision, ReleaseRequest};
 
 use crate::config::{FailureMode, FilterConfig};
 
@@ -12,8 +12,12 @@ pub type Headers = Vec<(&'static str, String)>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// Let the request go upstream; add these headers to its response.
-    Continue { response_headers: Headers },
+    /// Let the request go upstream; add these headers to its response, and give these
+    /// concurrency leases back when its stream ends.
+    Continue {
+        response_headers: Headers,
+        leases: Vec<String>,
+    },
     /// Answer the client directly.
     Reply {
         status: u32,
@@ -59,6 +63,11 @@ pub fn check_request(client: ClientId, host: &str, method: &str, path: &str) -> 
     }
 }
 
+/// The body of the release call for `leases`.
+pub fn release_request(leases: Vec<String>) -> Vec<u8> {
+    serde_json::to_vec(&ReleaseRequest { leases }).unwrap_or_default()
+}
+
 /// The verdict for a callout that came back with `status` and `body`.
 pub fn verdict_for_reply(
     config: &FilterConfig,
@@ -84,12 +93,14 @@ pub fn verdict_for_decision(decision: &Decision) -> Verdict {
     let Some(policy) = &decision.policy else {
         return Verdict::Continue {
             response_headers: Vec::new(),
+            leases: decision.leases.clone(),
         };
     };
     let mut rate_headers: Headers = headers::rate_limit_headers(policy).into();
     if decision.allowed {
         return Verdict::Continue {
             response_headers: rate_headers,
+            leases: decision.leases.clone(),
         };
     }
     rate_headers.push((
@@ -111,6 +122,7 @@ pub fn verdict_for_failure(config: &FilterConfig) -> Verdict {
     match config.failure_mode {
         FailureMode::Allow => Verdict::Continue {
             response_headers: Vec::new(),
+            leases: Vec::new(),
         },
         FailureMode::Deny => Verdict::Reply {
             status: 503,
@@ -172,12 +184,17 @@ mod tests {
     #[test]
     fn allowed_decision_continues_with_rate_headers() {
         let verdict = verdict_for_reply(&config(FailureMode::Deny), Some("200"), &reply(true, 4));
-        let Ok(Verdict::Continue { response_headers }) = verdict else {
+        let Ok(Verdict::Continue {
+            response_headers,
+            leases,
+        }) = verdict
+        else {
             panic!("{verdict:?}")
         };
         assert_eq!(header(&response_headers, "x-ratelimit-limit"), "5");
         assert_eq!(header(&response_headers, "x-ratelimit-remaining"), "4");
         assert_eq!(header(&response_headers, "x-ratelimit-reset"), "2");
+        assert!(leases.is_empty());
     }
 
     #[test]
@@ -209,7 +226,8 @@ mod tests {
         assert_eq!(
             verdict,
             Ok(Verdict::Continue {
-                response_headers: vec![]
+                response_headers: vec![],
+                leases: vec![],
             })
         );
     }
@@ -233,7 +251,8 @@ mod tests {
             assert_eq!(
                 verdict,
                 Verdict::Continue {
-                    response_headers: vec![]
+                    response_headers: vec![],
+                    leases: vec![],
                 },
                 "{failure}"
             );
@@ -251,5 +270,19 @@ mod tests {
         let request = check_request(ClientId::ip("10.0.0.1"), "h", "GET", "/a/b?token=secret");
         assert_eq!(request.checks[0].path, "/a/b");
         assert_eq!(request.checks[0].cost, 1);
+    }
+
+    #[test]
+    fn leases_of_an_admitted_request_are_kept_for_its_release() {
+        let mut response: CheckResponse = serde_json::from_slice(&reply(true, 3)).unwrap();
+        response.decisions[0].leases = vec!["lease-a".into()];
+        let body = serde_json::to_vec(&response).unwrap();
+        let verdict = verdict_for_reply(&config(FailureMode::Allow), Some("200"), &body);
+        let Ok(Verdict::Continue { leases, .. }) = verdict else {
+            panic!("{verdict:?}")
+        };
+        assert_eq!(leases, ["lease-a"]);
+        let release: ReleaseRequest = serde_json::from_slice(&release_request(leases)).unwrap();
+        assert_eq!(release.leases, ["lease-a"]);
     }
 }

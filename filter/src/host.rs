@@ -5,7 +5,7 @@ use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
-use sluice_protocol::CHECK_PATH;
+use sluice_protocol::{CHECK_PATH, RELEASE_PATH};
 
 use crate::client;
 use crate::config::FilterConfig;
@@ -59,8 +59,11 @@ impl RootContext for SluiceRoot {
 enum State {
     New,
     AwaitingDecision,
-    /// Going upstream; these headers go on the response.
-    Admitted(decision::Headers),
+    /// Going upstream; these headers go on the response, these leases go back at the end.
+    Admitted {
+        headers: decision::Headers,
+        leases: Vec<String>,
+    },
     /// Answered locally; the local reply already carries its headers.
     Answered,
 }
@@ -83,8 +86,14 @@ impl SluiceRequest {
     /// Carries out a verdict. Returns the action for a callback that is still running.
     fn apply(&mut self, verdict: Verdict) -> Action {
         match verdict {
-            Verdict::Continue { response_headers } => {
-                self.state = State::Admitted(response_headers);
+            Verdict::Continue {
+                response_headers,
+                leases,
+            } => {
+                self.state = State::Admitted {
+                    headers: response_headers,
+                    leases,
+                };
                 Action::Continue
             }
             Verdict::Reply {
@@ -182,11 +191,41 @@ impl HttpContext for SluiceRequest {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        if let State::Admitted(headers) = &self.state {
+        if let State::Admitted { headers, .. } = &self.state {
             for (name, value) in headers {
                 self.set_http_response_header(name, Some(value));
             }
         }
         Action::Continue
+    }
+
+    /// The stream is over (completed, reset or refused upstream): concurrency slots go back.
+    /// Nobody waits for the answer; a lost release frees itself when its lease expires.
+    fn on_log(&mut self) {
+        let State::Admitted { leases, .. } = &mut self.state else {
+            return;
+        };
+        if leases.is_empty() {
+            return;
+        }
+        let body = decision::release_request(std::mem::take(leases));
+        let dispatched = self.dispatch_http_call(
+            &self.config.controller_cluster,
+            vec![
+                (":method", "POST"),
+                (":path", RELEASE_PATH),
+                (":authority", &self.config.controller_authority),
+                ("content-type", "application/json"),
+            ],
+            Some(&body),
+            vec![],
+            self.config.timeout,
+        );
+        if let Err(status) = dispatched {
+            log(
+                LogLevel::Warn,
+                &format!("could not release concurrency slots ({status:?}); they free themselves when their lease expires"),
+            );
+        }
     }
 }

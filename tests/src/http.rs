@@ -75,3 +75,13 @@ pub fn get_with(url: &str, headers: &[(&str, &str)]) -> Result<Response, ureq::E
     }
     finish(request.call()?)
 }
+
+/// `POST url` with a JSON body, on a fresh connection.
+pub fn post_json(url: &str, body: &serde_json::Value) -> Result<Response, ureq::Error> {
+    finish(
+        agent()
+            .post(url)
+            .header("content-type", "application/json")
+            .send(body.to_string())?,
+    )
+}

@@ -2,11 +2,25 @@
 
 use std::net::SocketAddr;
 
+use std::time::Duration;
+
+use axum::extract::Path;
+use axum::routing::get;
 use axum::Router;
 
-/// The service itself: `200 hello from upstream` on every path and method.
+/// The service itself: `200 hello from upstream` on every path and method; `/slow/{ms}`
+/// answers the same after `ms` milliseconds (at most 10 s).
 pub fn app() -> Router {
-    Router::new().fallback(|| async { "hello from upstream\n" })
+    Router::new()
+        .route("/slow/{ms}", get(slow))
+        .fallback(|| async { HELLO })
+}
+
+const HELLO: &str = "hello from upstream\n";
+
+async fn slow(Path(ms): Path<u64>) -> &'static str {
+    tokio::time::sleep(Duration::from_millis(ms.min(10_000))).await;
+    HELLO
 }
 
 /// Serves [`app`] on `listener` until the process ends.
