@@ -168,10 +168,8 @@ fn policy(rule: &Rule, verdict: &Verdict) -> PolicyStatus {
     PolicyStatus {
         rule: rule.name.clone(),
         strategy: rule.strategy,
-        limit: rule.limit,
-        // A leaky bucket's queue can hold more than `limit`; headers never show more left
-        // than the limit.
-        remaining: verdict.remaining.min(rule.limit),
+        limit: rule.quota(),
+        remaining: verdict.remaining,
         reset_ms: verdict.reset_ms,
         retry_after_ms: if verdict.ok {
             0
@@ -189,7 +187,7 @@ fn policy(rule: &Rule, verdict: &Verdict) -> PolicyStatus {
 fn decision(rules: &[&Rule], outcome: &Outcome) -> Decision {
     let speaking = outcome.denied_by.unwrap_or_else(|| {
         (0..rules.len())
-            .min_by_key(|&i| outcome.verdicts[i].remaining.min(rules[i].limit))
+            .min_by_key(|&i| outcome.verdicts[i].remaining)
             .unwrap_or(0)
     });
     let mut policy = policy(rules[speaking], &outcome.verdicts[speaking]);

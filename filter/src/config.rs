@@ -24,6 +24,8 @@ struct RawConfig {
     controller: RawController,
     #[serde(default = "default_failure_mode")]
     failure_mode: FailureMode,
+    #[serde(default)]
+    cost_header: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -54,6 +56,8 @@ pub struct FilterConfig {
     pub controller_authority: String,
     pub timeout: Duration,
     pub failure_mode: FailureMode,
+    /// Request header whose number is the request's cost (lower-case), if any.
+    pub cost_header: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,11 +114,21 @@ impl FilterConfig {
                 format!("`{authority}` is not a host name"),
             ));
         }
+        if let Some(name) = &raw.cost_header {
+            let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            if name.is_empty() || !name.bytes().all(token) {
+                return Err(invalid(
+                    "cost_header",
+                    format!("`{name}` is not a header name"),
+                ));
+            }
+        }
         Ok(FilterConfig {
             controller_cluster: controller.cluster,
             controller_authority: authority,
             timeout: Duration::from_millis(controller.timeout_ms),
             failure_mode: raw.failure_mode,
+            cost_header: raw.cost_header.map(|name| name.to_ascii_lowercase()),
         })
     }
 }
@@ -144,7 +158,7 @@ mod tests {
     /// One bad document per error, paired with the field the operator is told about.
     #[test]
     fn each_bad_config_names_its_field() {
-        let cases: [(&[u8], &str); 9] = [
+        let cases: [(&[u8], &str); 10] = [
             (b"", "."),
             (b"not json", "."),
             (br#"{}"#, "."),
@@ -165,6 +179,10 @@ mod tests {
                 "controller.timeout_ms",
             ),
             (br#"{"controller":{"cluster":" "}}"#, "controller.cluster"),
+            (
+                br#"{"controller":{"cluster":"c"},"cost_header":"x cost"}"#,
+                "cost_header",
+            ),
             (
                 br#"{"controller":{"cluster":"c","authority":"a b"}}"#,
                 "controller.authority",

@@ -48,8 +48,26 @@ impl std::fmt::Display for Failure {
     }
 }
 
+/// Highest cost a request header can claim.
+pub const MAX_HEADER_COST: u64 = 1_000_000;
+
+/// The cost a request claims in the configured cost header: a whole number from 1 to
+/// [`MAX_HEADER_COST`]; anything else counts as 1, so that a header can never make a
+/// request free.
+pub fn cost_from_header(value: Option<&str>) -> u64 {
+    value
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(1, |cost| cost.clamp(1, MAX_HEADER_COST))
+}
+
 /// The check to send for a request.
-pub fn check_request(client: ClientId, host: &str, method: &str, path: &str) -> CheckRequest {
+pub fn check_request(
+    client: ClientId,
+    host: &str,
+    method: &str,
+    path: &str,
+    cost: u64,
+) -> CheckRequest {
     // The query string does not choose a rule; leaving it out keeps it out of the controller.
     let path = path.split_once('?').map_or(path, |(path, _query)| path);
     CheckRequest {
@@ -58,7 +76,7 @@ pub fn check_request(client: ClientId, host: &str, method: &str, path: &str) -> 
             host: host.to_owned(),
             method: method.to_owned(),
             path: path.to_owned(),
-            cost: 1,
+            cost,
         }],
     }
 }
@@ -149,6 +167,7 @@ mod tests {
             controller_authority: "c".into(),
             timeout: Duration::from_millis(100),
             failure_mode,
+            cost_header: None,
         }
     }
 
@@ -267,7 +286,7 @@ mod tests {
 
     #[test]
     fn check_request_drops_the_query_string() {
-        let request = check_request(ClientId::ip("10.0.0.1"), "h", "GET", "/a/b?token=secret");
+        let request = check_request(ClientId::ip("10.0.0.1"), "h", "GET", "/a/b?token=secret", 1);
         assert_eq!(request.checks[0].path, "/a/b");
         assert_eq!(request.checks[0].cost, 1);
     }
@@ -284,5 +303,21 @@ mod tests {
         assert_eq!(leases, ["lease-a"]);
         let release: ReleaseRequest = serde_json::from_slice(&release_request(leases)).unwrap();
         assert_eq!(release.leases, ["lease-a"]);
+    }
+
+    #[test]
+    fn header_cost_is_a_bounded_positive_number() {
+        assert_eq!(cost_from_header(None), 1);
+        assert_eq!(cost_from_header(Some("5")), 5);
+        assert_eq!(cost_from_header(Some(" 7 ")), 7);
+        assert_eq!(
+            cost_from_header(Some("0")),
+            1,
+            "a header cannot make a request free"
+        );
+        assert_eq!(cost_from_header(Some("-3")), 1);
+        assert_eq!(cost_from_header(Some("lots")), 1);
+        assert_eq!(cost_from_header(Some("99999999999999999999999")), 1);
+        assert_eq!(cost_from_header(Some("5000000")), MAX_HEADER_COST);
     }
 }

@@ -153,11 +153,16 @@ impl HttpContext for SluiceRequest {
             return Action::Continue;
         }
         let client = client::identify(self.source_address().as_deref());
+        let cost = match &self.config.cost_header {
+            Some(name) => decision::cost_from_header(self.get_http_request_header(name).as_deref()),
+            None => 1,
+        };
         let request = decision::check_request(
             client,
             &self.header(":authority"),
             &self.header(":method"),
             &self.header(":path"),
+            cost,
         );
         let body = match serde_json::to_vec(&request) {
             Ok(body) => body,

@@ -203,6 +203,23 @@ impl Rule {
         self.max_delay.map_or(0, Delay::millis)
     }
 
+    /// The quota shown to clients as `X-RateLimit-Limit`: the requests the rule admits at
+    /// once when nothing has been used. That is `limit` for window and concurrency
+    /// strategies, the burst for `token_bucket` and `gcra`, and for `leaky_bucket` the
+    /// queue it can hold (the first request passes at once, then one per slot until the
+    /// wait would pass `max_delay`).
+    pub fn quota(&self) -> u64 {
+        match self.strategy {
+            Strategy::TokenBucket | Strategy::Gcra => self.burst(),
+            Strategy::LeakyBucket if self.limit > 0 => {
+                let queued = u128::from(self.max_delay_ms()) * u128::from(self.limit)
+                    / u128::from(self.window_ms().max(1));
+                u64::try_from(queued).unwrap_or(u64::MAX).saturating_add(1)
+            }
+            _ => self.limit,
+        }
+    }
+
     /// Largest cost one request can ever be admitted with, if there is one.
     pub fn capacity(&self) -> Option<u64> {
         match self.strategy {
@@ -566,5 +583,32 @@ mod tests {
         let above = r#"{"name":"a","limit":9007199254740993,"window":"1d"}"#;
         let err = RuleSet::new(vec![serde_json::from_str(above).unwrap()]).unwrap_err();
         assert_eq!(err.field, "rules[0].limit");
+    }
+
+    #[test]
+    fn quota_is_what_can_pass_at_once() {
+        let quota = |json: &str| serde_json::from_str::<Rule>(json).unwrap().quota();
+        assert_eq!(quota(r#"{"name":"a","limit":5,"window":"1s"}"#), 5);
+        assert_eq!(
+            quota(r#"{"name":"a","strategy":"token_bucket","limit":1,"window":"1s","burst":20}"#),
+            20
+        );
+        assert_eq!(
+            quota(r#"{"name":"a","strategy":"gcra","limit":10,"window":"1s"}"#),
+            1
+        );
+        // One every 500 ms, waiting at most 1 s: now, +500 ms, +1000 ms.
+        assert_eq!(
+            quota(
+                r#"{"name":"a","strategy":"leaky_bucket","limit":2,"window":"1s","max_delay":"1s"}"#
+            ),
+            3
+        );
+        assert_eq!(
+            quota(
+                r#"{"name":"a","strategy":"leaky_bucket","limit":2,"window":"1s","max_delay":"0s"}"#
+            ),
+            1
+        );
     }
 }

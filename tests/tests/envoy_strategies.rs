@@ -140,3 +140,33 @@ fn a_concurrency_slot_is_released_when_the_stream_ends() {
         || held() == 0,
     );
 }
+
+/// The filter reads a request's cost from the configured header; a rule without a cost of
+/// its own counts that many.
+#[test]
+fn the_cost_header_makes_a_request_count_more() {
+    let rules = "[[rules]]\nname = \"bucket\"\nstrategy = \"token_bucket\"\nlimit = 1\nwindow = \"1h\"\nburst = 5\n";
+    let controller = Controller::start(rules, None);
+    let upstream = Upstream::start();
+    let envoy = Envoy::start(&EnvoyOptions {
+        filter: Filter::Sluice {
+            plugin_config:
+                r#"{"controller":{"cluster":"sluice_controller"},"cost_header":"X-Cost"}"#
+                    .to_owned(),
+        },
+        upstream_port: upstream.port(),
+        controller_ports: vec![controller.port],
+        concurrency: 1,
+    });
+    let url = envoy.url("/api");
+    let costly = http::get_with(&url, &[("x-cost", "3")]).unwrap();
+    assert_eq!(costly.status, 200, "{costly:?}");
+    assert_eq!(costly.number("x-ratelimit-remaining"), 2);
+    let too_costly = http::get_with(&url, &[("x-cost", "3")]).unwrap();
+    assert_eq!(too_costly.status, 429, "{too_costly:?}");
+    // Zero or garbage counts as 1: a header can never make a request free.
+    let zero = http::get_with(&url, &[("x-cost", "0")]).unwrap();
+    assert_eq!(zero.number("x-ratelimit-remaining"), 1, "{zero:?}");
+    let plain = http::get(&url).unwrap();
+    assert_eq!(plain.number("x-ratelimit-remaining"), 0, "{plain:?}");
+}

@@ -1,17 +1,27 @@
-//! `make bench`: Envoy (`--concurrency 1`) under load from wrk, configurations interleaved
-//! round by round so that they share the machine's noise:
-//!   (a) no limiter, (b) Envoy's `local_ratelimit` (never reached),
-//!   (c) Sluice with the embedded store, (d) Sluice with Redis.
-//! Prints RPS, p50 and p99 per configuration and each one's RPS ratio to (a).
+//! `make bench`, in two parts (`sluice-bench envoy`, `sluice-bench strategies`; both by
+//! default):
+//!
+//! envoy: Envoy (`--concurrency 1`) under load from wrk, configurations interleaved round
+//! by round so that they share the machine's noise: (a) no limiter, (b) Envoy's
+//! `local_ratelimit` (never reached), (c) Sluice with the embedded store, (d) Sluice with
+//! Redis. Prints RPS, p50 and p99 per configuration and each one's RPS ratio to (a).
+//!
+//! strategies: per strategy, the embedded store's cost per decision (in process) and the
+//! controller's check calls per second on Redis (wrk straight at the controller), each as a
+//! ratio to a baseline measured in the same run.
 //!
 //! Settings (environment): BENCH_SECONDS (per run, default 5), BENCH_ROUNDS (default 3),
 //! BENCH_CONNECTIONS (default 50).
 
 use std::process::Command;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use sluice_controller::store::{LimitSpec, MemoryStore, Store, SystemClock};
+use sluice_controller::strategy::Params;
 use sluice_e2e::envoy::{EnvoyOptions, Filter};
 use sluice_e2e::{Controller, Envoy, RedisServer, Upstream};
+use sluice_protocol::Strategy;
 
 fn setting(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -64,14 +74,23 @@ fn parse_wrk(output: &str) -> Option<Run> {
 }
 
 fn wrk(url: &str, seconds: u64, connections: u64) -> Run {
-    let output = Command::new("wrk")
-        .args([
-            "-t1",
-            &format!("-c{connections}"),
-            &format!("-d{seconds}s"),
-            "--latency",
-            url,
-        ])
+    wrk_with(url, seconds, connections, None)
+}
+
+/// wrk, with a Lua script that shapes the requests when one is given.
+fn wrk_with(url: &str, seconds: u64, connections: u64, script: Option<&std::path::Path>) -> Run {
+    let mut command = Command::new("wrk");
+    command.args([
+        "-t1",
+        &format!("-c{connections}"),
+        &format!("-d{seconds}s"),
+        "--latency",
+    ]);
+    if let Some(script) = script {
+        command.arg("-s").arg(script);
+    }
+    let output = command
+        .arg(url)
         .output()
         .expect("run wrk (make bench installs it)");
     let text = String::from_utf8_lossy(&output.stdout);
@@ -83,11 +102,84 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-fn main() {
-    let seconds = setting("BENCH_SECONDS", 5);
-    let rounds = setting("BENCH_ROUNDS", 3);
-    let connections = setting("BENCH_CONNECTIONS", 50);
+struct Settings {
+    seconds: u64,
+    rounds: u64,
+    connections: u64,
+}
 
+fn main() {
+    let settings = Settings {
+        seconds: setting("BENCH_SECONDS", 5),
+        rounds: setting("BENCH_ROUNDS", 3),
+        connections: setting("BENCH_CONNECTIONS", 50),
+    };
+    let part = std::env::args().nth(1).unwrap_or_else(|| "all".to_owned());
+    let mut report = String::new();
+    if matches!(part.as_str(), "all" | "envoy") {
+        report.push_str(&envoy_scenarios(&settings));
+    }
+    if matches!(part.as_str(), "all" | "strategies") {
+        report.push_str(&strategy_scenarios(&settings));
+    }
+    assert!(
+        !report.is_empty(),
+        "unknown part {part:?}: use envoy, strategies or all"
+    );
+    println!("{report}");
+    let out = sluice_e2e::repo_root().join("target/bench");
+    if std::fs::create_dir_all(&out).is_ok() {
+        let _ = std::fs::write(out.join("latest.md"), &report);
+    }
+}
+
+/// Runs `measure` for each configuration, round after round, and returns every run.
+fn interleaved<C>(
+    settings: &Settings,
+    configurations: &[(&str, C)],
+    measure: impl Fn(&C) -> Run,
+) -> Vec<Vec<Run>> {
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); configurations.len()];
+    for round in 1..=settings.rounds {
+        for (index, (name, configuration)) in configurations.iter().enumerate() {
+            let run = measure(configuration);
+            eprintln!(
+                "round {round} {name}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, non-2xx {}",
+                run.rps, run.p50_ms, run.p99_ms, run.non_2xx
+            );
+            runs[index].push(run);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    runs
+}
+
+/// A markdown table of medians, RPS as a ratio to the first configuration.
+fn table<C>(title: &str, configurations: &[(&str, C)], runs: &[Vec<Run>]) -> String {
+    let summary = |runs: &[Run]| {
+        (
+            median(runs.iter().map(|r| r.rps).collect()),
+            median(runs.iter().map(|r| r.p50_ms).collect()),
+            median(runs.iter().map(|r| r.p99_ms).collect()),
+            runs.iter().map(|r| r.non_2xx).sum::<u64>(),
+        )
+    };
+    let (baseline_rps, _, _, _) = summary(&runs[0]);
+    let mut table = format!(
+        "### {title}\n\n| configuration | req/s (median) | ratio to first | p50 ms | p99 ms | non-2xx |\n|---|---:|---:|---:|---:|---:|\n"
+    );
+    for ((name, _), runs) in configurations.iter().zip(runs) {
+        let (rps, p50, p99, non_2xx) = summary(runs);
+        table.push_str(&format!(
+            "| {name} | {rps:.0} | {:.2} | {p50:.2} | {p99:.2} | {non_2xx} |\n",
+            rps / baseline_rps
+        ));
+    }
+    table.push('\n');
+    table
+}
+
+fn envoy_scenarios(settings: &Settings) -> String {
     // Limits so large they are never reached: the benchmark measures the cost of asking.
     let rules = "[[rules]]\nname = \"bench\"\nlimit = 1000000000000\nwindow = \"1h\"\n";
     let upstream = Upstream::start();
@@ -117,50 +209,168 @@ fn main() {
             envoy(Filter::sluice("deny", 1_000), Some(&on_redis)),
         ),
     ];
-
     eprintln!(
-        "{} configurations × {rounds} rounds × {seconds} s, wrk -t1 -c{connections}, Envoy --concurrency 1",
-        configurations.len()
+        "envoy: {} configurations × {} rounds × {} s, wrk -t1 -c{}, Envoy --concurrency 1",
+        configurations.len(),
+        settings.rounds,
+        settings.seconds,
+        settings.connections
     );
-    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); configurations.len()];
-    for round in 1..=rounds {
-        for (index, (name, envoy)) in configurations.iter().enumerate() {
-            let url = envoy.url("/bench");
-            wrk(&url, 1, connections); // warm-up: connections, caches, JIT
-            let run = wrk(&url, seconds, connections);
-            eprintln!(
-                "round {round} {name}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, non-2xx {}",
-                run.rps, run.p50_ms, run.p99_ms, run.non_2xx
-            );
-            runs[index].push(run);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let runs = interleaved(settings, &configurations, |envoy| {
+        let url = envoy.url("/bench");
+        wrk(&url, 1, settings.connections); // warm-up: connections, caches, JIT
+        wrk(&url, settings.seconds, settings.connections)
+    });
+    table("Envoy, one worker (ratio to (a))", &configurations, &runs)
+}
 
-    let summary = |runs: &[Run]| {
+/// Rules for the strategy benchmark: one per strategy, on its own path, never reached by
+/// the 10000 clients the load spreads over.
+fn strategy_rules() -> String {
+    let fields = [
+        ("fixed_window", "limit = 1000000000000\nwindow = \"1h\""),
+        ("sliding_window_log", "limit = 100000\nwindow = \"1h\""),
         (
-            median(runs.iter().map(|r| r.rps).collect()),
-            median(runs.iter().map(|r| r.p50_ms).collect()),
-            median(runs.iter().map(|r| r.p99_ms).collect()),
-            runs.iter().map(|r| r.non_2xx).sum::<u64>(),
-        )
-    };
-    let (baseline_rps, _, _, _) = summary(&runs[0]);
-    let mut table = String::from(
-        "| configuration | req/s (median) | ratio to (a) | p50 ms | p99 ms | non-2xx |\n|---|---:|---:|---:|---:|---:|\n",
+            "sliding_window_counter",
+            "limit = 1000000000\nwindow = \"1h\"",
+        ),
+        (
+            "token_bucket",
+            "limit = 1000000000\nwindow = \"1h\"\nburst = 1000000000",
+        ),
+        (
+            "gcra",
+            "limit = 1000000000\nwindow = \"1h\"\nburst = 1000000000",
+        ),
+        (
+            "leaky_bucket",
+            "limit = 1000000000\nwindow = \"1h\"\nmax_delay = \"0s\"",
+        ),
+        ("concurrency", "limit = 1000000000000\nlease = \"1s\""),
+    ];
+    fields
+        .iter()
+        .map(|(strategy, fields)| {
+            format!("[[rules]]\nname = \"{strategy}\"\nstrategy = \"{strategy}\"\n{fields}\nmatch = {{ path_prefix = \"/{strategy}\" }}\n\n")
+        })
+        .collect()
+}
+
+/// A wrk script that posts one check for `path`, from one of 10000 clients at random.
+fn check_script(dir: &std::path::Path, path: &str) -> std::path::PathBuf {
+    let script = format!(
+        r#"wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  local body = '{{"checks":[{{"client":{{"kind":"ip","value":"10.0.' .. math.random(0, 9999) .. '"}},"path":"{path}"}}]}}'
+  return wrk.format(nil, "/v1/check", nil, body)
+end
+"#
     );
-    for ((name, _), runs) in configurations.iter().zip(&runs) {
-        let (rps, p50, p99, non_2xx) = summary(runs);
-        table.push_str(&format!(
-            "| {name} | {rps:.0} | {:.2} | {p50:.2} | {p99:.2} | {non_2xx} |\n",
-            rps / baseline_rps
+    let file = dir.join(format!("check{}.lua", path.replace('/', "_")));
+    std::fs::write(&file, script).expect("write wrk script");
+    file
+}
+
+fn strategy_scenarios(settings: &Settings) -> String {
+    let mut report = String::from("### Embedded store, cost per decision (in process, one thread)\n\n| strategy | ns per decision | ratio to fixed_window |\n|---|---:|---:|\n");
+    let decisions = 200_000u64;
+    let mut baseline_ns = 0.0;
+    for strategy in Strategy::ALL {
+        let store = MemoryStore::new(Arc::new(SystemClock));
+        let params = match strategy {
+            Strategy::SlidingWindowLog => Params {
+                strategy,
+                limit: 100_000,
+                period_ms: 3_600_000,
+                extra: 0,
+            },
+            Strategy::Concurrency => Params {
+                strategy,
+                limit: u64::MAX / 2,
+                period_ms: 1_000,
+                extra: 0,
+            },
+            Strategy::LeakyBucket => Params {
+                strategy,
+                limit: 1_000_000_000,
+                period_ms: 3_600_000,
+                extra: 0,
+            },
+            _ => Params {
+                strategy,
+                limit: 1_000_000_000,
+                period_ms: 3_600_000,
+                extra: 1_000_000_000,
+            },
+        };
+        let keys: Vec<String> = (0..10_000)
+            .map(|n| format!("sluice:{{bench}}:{}:r:{n}", strategy.as_str()))
+            .collect();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let began = Instant::now();
+        runtime.block_on(async {
+            for n in 0..decisions {
+                let limit = LimitSpec {
+                    key: keys[(n % 10_000) as usize].clone(),
+                    params,
+                    cost: 1,
+                };
+                let outcome = store
+                    .check(
+                        std::slice::from_ref(&limit),
+                        "0123456789abcdef0123456789abcdef",
+                    )
+                    .await;
+                assert!(
+                    outcome.is_ok_and(|o| o.allowed()),
+                    "{strategy:?} denied in the benchmark"
+                );
+            }
+        });
+        let ns = began.elapsed().as_nanos() as f64 / decisions as f64;
+        if strategy == Strategy::FixedWindow {
+            baseline_ns = ns;
+        }
+        eprintln!("embedded {}: {ns:.0} ns per decision", strategy.as_str());
+        report.push_str(&format!(
+            "| {} | {ns:.0} | {:.2} |\n",
+            strategy.as_str(),
+            ns / baseline_ns
         ));
     }
-    println!("{table}");
-    let out = sluice_e2e::repo_root().join("target/bench");
-    if std::fs::create_dir_all(&out).is_ok() {
-        let _ = std::fs::write(out.join("latest.md"), &table);
+    report.push('\n');
+
+    let redis = RedisServer::start();
+    let controller = Controller::start_logging(&strategy_rules(), Some(&redis.url()), "warn");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("http://127.0.0.1:{}", controller.port);
+    let mut configurations = vec![(
+        "no rule matches (no Redis call)",
+        check_script(dir.path(), "/none"),
+    )];
+    for strategy in Strategy::ALL {
+        configurations.push((
+            strategy.as_str(),
+            check_script(dir.path(), &format!("/{}", strategy.as_str())),
+        ));
     }
+    eprintln!(
+        "strategies: controller on Redis, wrk -t1 -c{} straight at /v1/check",
+        settings.connections
+    );
+    let seconds = settings.seconds.div_ceil(2).max(2);
+    let runs = interleaved(settings, &configurations, |script| {
+        wrk_with(&url, seconds, settings.connections, Some(script))
+    });
+    report.push_str(&table(
+        "Controller check calls per second on Redis, per strategy (ratio to no rule)",
+        &configurations,
+        &runs,
+    ));
+    report
 }
 
 #[cfg(test)]
