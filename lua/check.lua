@@ -1,20 +1,23 @@
--- check: decides one request against several limits at once, all or nothing.
+-- check: decides a batch of requests, in order; each against several limits, all or nothing.
 --
--- The controller sends this file after every strategy file of lua/ (each adds its entry to
--- the table S) as one script, run with EVALSHA.
+-- The controller sends this file after prelude.lua and every strategy file of lua/ (each
+-- adds its entry to the table S) as one script, run with EVALSHA.
 --
--- KEYS[i]      state of limit i (layout: see the strategy's file)
+-- KEYS         the state of every limit of every request, request after request
+--              (layout: see the strategy's file)
 -- ARGV[1]      now in ms since the epoch, or "" to use the Redis server's TIME (production).
 --              With an injected time, TTLs get 60 s more: Redis expires keys on its own clock.
--- ARGV[2+6(i-1) .. 7+6(i-1)], for limit i:
---              strategy name, cost (0 only reads), limit, period ms, extra, lease id
+-- ARGV[2]      number of requests in the batch
+-- then per request: number of its limits n, lease id (names concurrency slots; may be ""),
+--              then per limit: strategy name, cost (0 only reads), limit, period ms, extra
 --              period: the window, or the lease for concurrency. extra: burst (token_bucket,
---              gcra), max delay ms (leaky_bucket), 0 otherwise. lease id: concurrency only.
+--              gcra), max delay ms (leaky_bucket), 0 otherwise.
 --
--- Reply: { index of the first limit that denied (1-based; 0 when the request is admitted),
+-- Reply, per request: { index of its first limit that denied (1-based; 0 when admitted),
 --          then per limit: remaining, reset_ms, retry_after_ms, delay_ms }
--- A request is admitted only if every limit admits it; then every limit counts it. When one
--- denies, none counts it, and the others report their state as it is (cost 0).
+-- A request is admitted only if every one of its limits admits it; then every limit counts
+-- it. When one denies, none counts it, and the others report their state as it is (cost 0).
+-- Requests are decided in order: a later one sees what an earlier one consumed.
 
 local now
 local ttl_extra = 0
@@ -31,24 +34,6 @@ local function expire(key, ttl)
 end
 U.expire = expire
 
-local limits = {}
-for i = 1, #KEYS do
-  local base = 2 + 6 * (i - 1)
-  local strategy = S[ARGV[base]]
-  if not strategy then
-    return redis.error_reply('unknown strategy ' .. tostring(ARGV[base]))
-  end
-  limits[i] = {
-    strategy = strategy,
-    key = KEYS[i],
-    cost = tonumber(ARGV[base + 1]),
-    limit = tonumber(ARGV[base + 2]),
-    period = tonumber(ARGV[base + 3]),
-    extra = tonumber(ARGV[base + 4]),
-    lease = ARGV[base + 5],
-  }
-end
-
 local function peek(l, cost)
   if l.limit == 0 then
     -- Limit 0 admits nothing (and keeps no state): every rate below divides by the limit.
@@ -57,34 +42,60 @@ local function peek(l, cost)
   return l.strategy.peek(l.key, now, cost, l.limit, l.period, l.extra)
 end
 
-local verdicts = {}
-local denied_by = 0
-for i, l in ipairs(limits) do
-  verdicts[i] = peek(l, l.cost)
-  if denied_by == 0 and not verdicts[i].ok then
-    denied_by = i
+local reply = {}
+local arg = 3
+local key = 1
+for _ = 1, tonumber(ARGV[2]) do
+  local count = tonumber(ARGV[arg])
+  local lease = ARGV[arg + 1]
+  arg = arg + 2
+  local limits = {}
+  for i = 1, count do
+    local strategy = S[ARGV[arg]]
+    if not strategy then
+      return redis.error_reply('unknown strategy ' .. tostring(ARGV[arg]))
+    end
+    limits[i] = {
+      strategy = strategy,
+      key = KEYS[key],
+      cost = tonumber(ARGV[arg + 1]),
+      limit = tonumber(ARGV[arg + 2]),
+      period = tonumber(ARGV[arg + 3]),
+      extra = tonumber(ARGV[arg + 4]),
+    }
+    arg = arg + 5
+    key = key + 1
   end
-end
 
-if denied_by == 0 then
+  local verdicts = {}
+  local denied_by = 0
   for i, l in ipairs(limits) do
-    if l.cost > 0 and l.limit > 0 then
-      l.strategy.commit(l.key, now, l.cost, l.limit, l.period, l.extra, verdicts[i], l.lease)
+    verdicts[i] = peek(l, l.cost)
+    if denied_by == 0 and not verdicts[i].ok then
+      denied_by = i
     end
   end
-else
-  for i, l in ipairs(limits) do
-    if i ~= denied_by then
-      verdicts[i] = peek(l, 0)
+
+  if denied_by == 0 then
+    for i, l in ipairs(limits) do
+      if l.cost > 0 and l.limit > 0 then
+        l.strategy.commit(l.key, now, l.cost, l.limit, l.period, l.extra, verdicts[i], lease)
+      end
+    end
+  else
+    for i, l in ipairs(limits) do
+      if i ~= denied_by then
+        verdicts[i] = peek(l, 0)
+      end
     end
   end
-end
 
-local reply = { denied_by }
-for _, v in ipairs(verdicts) do
-  reply[#reply + 1] = v.remaining
-  reply[#reply + 1] = v.reset
-  reply[#reply + 1] = v.retry
-  reply[#reply + 1] = v.delay
+  reply[#reply + 1] = denied_by
+  for _, v in ipairs(verdicts) do
+    reply[#reply + 1] = v.remaining
+    reply[#reply + 1] = v.reset
+    reply[#reply + 1] = v.retry
+    reply[#reply + 1] = v.delay
+  end
 end
 return reply

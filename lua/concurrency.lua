@@ -23,12 +23,11 @@ function S.concurrency.peek(key, now, cost, limit, lease)
 end
 
 function S.concurrency.commit(key, now, cost, limit, lease, extra, v, lease_id)
-  local args = {}
+  local names = {}
   for n = 1, cost do
-    args[#args + 1] = now + lease
-    args[#args + 1] = lease_id .. ':' .. n
+    names[#names + 1] = lease_id .. ':' .. n
   end
-  redis.call('ZADD', key, unpack(args))
+  U.zadd_many(key, now + lease, names)
   local latest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
   U.expire(key, tonumber(latest[2]) - now)
 end

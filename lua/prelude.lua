@@ -21,3 +21,16 @@ function U.ceil_div(a, b)
   end
   return q
 end
+
+-- ZADD of many members, in chunks: unpack() of a long list overflows Lua's C stack.
+function U.zadd_many(key, score, names)
+  local args = {}
+  for i = 1, #names do
+    args[#args + 1] = score
+    args[#args + 1] = names[i]
+    if #args >= 1000 or i == #names then
+      redis.call('ZADD', key, unpack(args))
+      args = {}
+    end
+  end
+end

@@ -32,11 +32,10 @@ end
 
 function S.sliding_window_log.commit(key, now, cost, limit, window, extra, v)
   local top = -tonumber(redis.call('ZINCRBY', key, -cost, '#seq'))
-  local args = {}
+  local names = {}
   for n = top - cost + 1, top do
-    args[#args + 1] = now
-    args[#args + 1] = 'e' .. n
+    names[#names + 1] = 'e' .. n
   end
-  redis.call('ZADD', key, unpack(args))
+  U.zadd_many(key, now, names)
   U.expire(key, v.reset)
 end

@@ -8,12 +8,21 @@ use sluice_protocol::{
 };
 
 use crate::keys;
-use crate::store::{LimitSpec, Outcome, Store, StoreError};
+use crate::store::{CheckSpec, LimitSpec, Outcome, Store, StoreError};
 use crate::strategy::{Params, Verdict};
 
 pub struct Limiter {
     rules: RuleSet,
     store: Arc<dyn Store>,
+}
+
+enum Plan<'r> {
+    Decided(Decision),
+    Ask {
+        rules: Vec<&'r Rule>,
+        specs: Vec<LimitSpec>,
+        lease_id: String,
+    },
 }
 
 /// A lease token the filter sent back that this controller did not hand out.
@@ -44,29 +53,81 @@ impl Limiter {
         &self.rules
     }
 
-    /// Decides every check of a call, in order: a later check for the same counter sees the
-    /// earlier one's effect, exactly as if they had arrived one by one.
+    /// Decides every check of a call, in order, with one store call for the whole batch:
+    /// a later check for the same counter sees the earlier one's effect, exactly as if they
+    /// had arrived one by one.
     pub async fn check(&self, request: &CheckRequest) -> Result<CheckResponse, StoreError> {
-        let mut decisions = Vec::with_capacity(request.checks.len());
-        for check in &request.checks {
-            decisions.push(self.decide(check).await?);
+        let plans: Vec<Plan<'_>> = request
+            .checks
+            .iter()
+            .map(|check| self.plan(check))
+            .collect();
+        let batch: Vec<CheckSpec<'_>> = plans
+            .iter()
+            .filter_map(|plan| match plan {
+                Plan::Ask {
+                    specs, lease_id, ..
+                } => Some(CheckSpec {
+                    limits: specs,
+                    lease_id,
+                }),
+                Plan::Decided(_) => None,
+            })
+            .collect();
+        let outcomes = if batch.is_empty() {
+            Vec::new()
+        } else {
+            self.store.check_batch(&batch).await?
+        };
+        let well_formed = outcomes.len() == batch.len()
+            && outcomes
+                .iter()
+                .zip(&batch)
+                .all(|(o, c)| o.verdicts.len() == c.limits.len());
+        if !well_formed {
+            return Err(StoreError::Reply(format!(
+                "{} outcomes for {} checks, or verdicts missing",
+                outcomes.len(),
+                batch.len()
+            )));
         }
+        let mut outcomes = outcomes.into_iter();
+        let decisions = plans
+            .into_iter()
+            .map(|plan| match plan {
+                Plan::Decided(decision) => decision,
+                Plan::Ask {
+                    rules,
+                    specs,
+                    lease_id,
+                } => {
+                    // Counted above: one outcome per asking check, one verdict per limit.
+                    let outcome = outcomes.next().unwrap_or(Outcome {
+                        denied_by: None,
+                        verdicts: Vec::new(),
+                    });
+                    decide(&rules, &specs, &lease_id, &outcome)
+                }
+            })
+            .collect();
         Ok(CheckResponse { decisions })
     }
 
-    async fn decide(&self, check: &Check) -> Result<Decision, StoreError> {
+    /// What a check needs: a decision already (no rule, or one that can never admit it),
+    /// or the store's answer for these limits.
+    fn plan<'r>(&'r self, check: &'r Check) -> Plan<'r> {
         let rules: Vec<&Rule> = self.rules.matching(check).collect();
         if rules.is_empty() {
-            return Ok(Decision::unlimited());
+            return Plan::Decided(Decision::unlimited());
         }
         let costs: Vec<u64> = rules
             .iter()
             .map(|rule| rule.cost.unwrap_or(check.cost))
             .collect();
         if let Some(denial) = never_admitted(&rules, &costs) {
-            return Ok(denial);
+            return Plan::Decided(denial);
         }
-        let specs: Vec<LimitSpec> = rules
+        let specs = rules
             .iter()
             .zip(&costs)
             .map(|(rule, &cost)| LimitSpec {
@@ -87,17 +148,11 @@ impl Limiter {
         } else {
             String::new()
         };
-        let outcome = self.store.check(&specs, &lease_id).await?;
-        let mut decision = decision(&rules, &outcome);
-        if decision.allowed && takes_slots {
-            decision.leases = rules
-                .iter()
-                .zip(&specs)
-                .filter(|(rule, spec)| rule.strategy == Strategy::Concurrency && spec.cost > 0)
-                .map(|(_, spec)| lease_token(&spec.key, &lease_id, spec.cost))
-                .collect();
+        Plan::Ask {
+            rules,
+            specs,
+            lease_id,
         }
-        Ok(decision)
     }
 
     /// Gives back the slots named by lease tokens; returns how many were still held.
@@ -180,6 +235,20 @@ fn policy(rule: &Rule, verdict: &Verdict) -> PolicyStatus {
         delay_ms: verdict.delay_ms,
         reason: None,
     }
+}
+
+/// The decision for a store's outcome, with the leases of the concurrency slots it took.
+fn decide(rules: &[&Rule], specs: &[LimitSpec], lease_id: &str, outcome: &Outcome) -> Decision {
+    let mut decision = decision(rules, outcome);
+    if decision.allowed {
+        decision.leases = rules
+            .iter()
+            .zip(specs)
+            .filter(|(rule, spec)| rule.strategy == Strategy::Concurrency && spec.cost > 0)
+            .map(|(_, spec)| lease_token(&spec.key, lease_id, spec.cost))
+            .collect();
+    }
+    decision
 }
 
 /// The decision for an outcome: the limit that denied speaks for it, or when all allowed,

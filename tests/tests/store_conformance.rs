@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_controller::store::{LimitSpec, ManualClock, MemoryStore, Outcome, RedisStore, Store};
+use sluice_controller::store::{
+    CheckSpec, LimitSpec, ManualClock, MemoryStore, Outcome, RedisStore, Store,
+};
 use sluice_controller::strategy::{Params, Verdict};
 use sluice_e2e::{unique_name, RedisServer};
 use sluice_protocol::Strategy::{self, *};
@@ -435,6 +437,56 @@ async fn keys_count_independently(s: Subject) {
     }
 }
 
+async fn a_batch_is_decided_in_order(s: Subject) {
+    let shared = [limit(FixedWindow, 2, HOUR, 0)];
+    let bucket = [limit(TokenBucket, 1, HOUR, 3)];
+    let both = [shared[0].clone(), bucket[0].clone()];
+    let leases: Vec<String> = (0..5).map(|_| lease_id()).collect();
+    let checks = [
+        CheckSpec {
+            limits: &shared,
+            lease_id: &leases[0],
+        },
+        CheckSpec {
+            limits: &bucket,
+            lease_id: &leases[1],
+        },
+        CheckSpec {
+            limits: &shared,
+            lease_id: &leases[2],
+        },
+        // Denied by the fixed window, so the bucket must not count it either.
+        CheckSpec {
+            limits: &both,
+            lease_id: &leases[3],
+        },
+        CheckSpec {
+            limits: &bucket,
+            lease_id: &leases[4],
+        },
+    ];
+    let outcomes = s.store.check_batch(&checks).await.expect("store answers");
+    let summary: Vec<(Option<usize>, Vec<u64>)> = outcomes
+        .iter()
+        .map(|o| {
+            (
+                o.denied_by,
+                o.verdicts.iter().map(|v| v.remaining).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (None, vec![1]),
+            (None, vec![2]),
+            (None, vec![0]),
+            (Some(0), vec![0, 2]),
+            (None, vec![1]),
+        ]
+    );
+}
+
 macro_rules! every_store {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
@@ -472,6 +524,7 @@ every_store!(
     huge_limits_count_without_overflow,
     a_clock_going_back_admits_nothing_extra,
     keys_count_independently,
+    a_batch_is_decided_in_order,
 );
 
 // ---- Redis on its own clock ------------------------------------------------------------------

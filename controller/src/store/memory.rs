@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
-use super::{LimitSpec, Outcome, Store, StoreError};
+use super::{CheckSpec, LimitSpec, Outcome, Store, StoreError};
 use crate::strategy::{self, State};
 
 /// Milliseconds since the Unix epoch.
@@ -164,8 +164,11 @@ impl Store for MemoryStore {
         "embedded in-memory store".to_owned()
     }
 
-    async fn check(&self, limits: &[LimitSpec], lease_id: &str) -> Result<Outcome, StoreError> {
-        Ok(self.check_now(limits, lease_id))
+    async fn check_batch(&self, checks: &[CheckSpec<'_>]) -> Result<Vec<Outcome>, StoreError> {
+        Ok(checks
+            .iter()
+            .map(|check| self.check_now(check.limits, check.lease_id))
+            .collect())
     }
 
     async fn release(&self, key: &str, lease_id: &str, count: u64) -> Result<u64, StoreError> {

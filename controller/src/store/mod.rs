@@ -20,6 +20,14 @@ pub struct LimitSpec {
     pub cost: u64,
 }
 
+/// One request's limits, as a store checks them within a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckSpec<'a> {
+    pub limits: &'a [LimitSpec],
+    /// Names the slots the request takes in `concurrency` limits.
+    pub lease_id: &'a str,
+}
+
 /// The result of checking several limits at once: all of them admit the request (and each
 /// counts it), or the first one that cannot denies it and none counts it. The verdicts of
 /// the limits that did not deny then describe their state as it is.
@@ -50,9 +58,21 @@ pub trait Store: Send + Sync {
     /// A short name for logs and `/readyz`.
     fn describe(&self) -> String;
 
+    /// Checks a batch of requests in order, each atomically: a later request sees what an
+    /// earlier one consumed, exactly as if they had come one by one. One outcome per request.
+    async fn check_batch(&self, checks: &[CheckSpec<'_>]) -> Result<Vec<Outcome>, StoreError>;
+
     /// Checks `limits` for one request, atomically. `lease_id` names the slots the request
     /// takes in `concurrency` limits.
-    async fn check(&self, limits: &[LimitSpec], lease_id: &str) -> Result<Outcome, StoreError>;
+    async fn check(&self, limits: &[LimitSpec], lease_id: &str) -> Result<Outcome, StoreError> {
+        let mut outcomes = self.check_batch(&[CheckSpec { limits, lease_id }]).await?;
+        match (outcomes.pop(), outcomes.is_empty()) {
+            (Some(outcome), true) => Ok(outcome),
+            _ => Err(StoreError::Reply(
+                "expected one outcome for one check".into(),
+            )),
+        }
+    }
 
     /// Gives back the `count` concurrency slots of `lease_id` in `key`; returns how many
     /// were still held.

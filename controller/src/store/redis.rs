@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
-use super::{Clock, LimitSpec, Outcome, Store, StoreError};
+use super::{CheckSpec, Clock, Outcome, Store, StoreError};
 use crate::strategy::Verdict;
 
 /// `lua/check.lua` after the prelude and every strategy it dispatches to.
@@ -69,28 +69,32 @@ impl Store for RedisStore {
         format!("redis at {}", self.url_for_logs)
     }
 
-    async fn check(&self, limits: &[LimitSpec], lease_id: &str) -> Result<Outcome, StoreError> {
+    async fn check_batch(&self, checks: &[CheckSpec<'_>]) -> Result<Vec<Outcome>, StoreError> {
         let mut invocation = self.check.prepare_invoke();
-        invocation.arg(
-            self.clock
-                .as_ref()
-                .map_or_else(String::new, |c| c.now_ms().to_string()),
-        );
-        for limit in limits {
-            let params = &limit.params;
-            invocation
-                .key(&limit.key)
-                .arg(params.strategy.as_str())
-                .arg(limit.cost)
-                .arg(params.limit)
-                .arg(params.period_ms)
-                .arg(params.extra)
-                .arg(lease_id);
+        invocation
+            .arg(
+                self.clock
+                    .as_ref()
+                    .map_or_else(String::new, |c| c.now_ms().to_string()),
+            )
+            .arg(checks.len());
+        for check in checks {
+            invocation.arg(check.limits.len()).arg(check.lease_id);
+            for limit in check.limits {
+                let params = &limit.params;
+                invocation
+                    .key(&limit.key)
+                    .arg(params.strategy.as_str())
+                    .arg(limit.cost)
+                    .arg(params.limit)
+                    .arg(params.period_ms)
+                    .arg(params.extra);
+            }
         }
         let reply: Vec<i64> = invocation
             .invoke_async(&mut self.connection.clone())
             .await?;
-        decode_check(&reply, limits.len())
+        decode_check(&reply, checks)
     }
 
     async fn release(&self, key: &str, lease_id: &str, count: u64) -> Result<u64, StoreError> {
@@ -116,35 +120,41 @@ impl Store for RedisStore {
     }
 }
 
-/// Decodes the reply of `lua/check.lua` for `limits` limits.
-fn decode_check(reply: &[i64], limits: usize) -> Result<Outcome, StoreError> {
+/// Decodes the reply of `lua/check.lua` for `checks`.
+fn decode_check(reply: &[i64], checks: &[CheckSpec<'_>]) -> Result<Vec<Outcome>, StoreError> {
     let malformed = || StoreError::Reply(format!("check returned {reply:?}"));
-    let [denied_by, per_limit @ ..] = reply else {
-        return Err(malformed());
-    };
-    if per_limit.len() != limits * 4 || per_limit.iter().any(|&n| n < 0) {
+    let expected: usize = checks.iter().map(|check| 1 + 4 * check.limits.len()).sum();
+    if reply.len() != expected || reply.iter().any(|&n| n < 0) {
         return Err(malformed());
     }
-    let denied_by = match usize::try_from(*denied_by) {
-        Ok(0) => None,
-        Ok(index) if index <= limits => Some(index - 1),
-        _ => return Err(malformed()),
-    };
-    let verdicts = per_limit
-        .chunks_exact(4)
-        .enumerate()
-        .map(|(index, n)| Verdict {
-            ok: denied_by.is_none_or(|denier| denier != index),
-            remaining: n[0] as u64,
-            reset_ms: n[1] as u64,
-            retry_after_ms: n[2] as u64,
-            delay_ms: n[3] as u64,
-        })
-        .collect();
-    Ok(Outcome {
-        denied_by,
-        verdicts,
-    })
+    let mut rest = reply;
+    let mut outcomes = Vec::with_capacity(checks.len());
+    for check in checks {
+        let limits = check.limits.len();
+        let (head, tail) = rest.split_at(1 + 4 * limits);
+        rest = tail;
+        let denied_by = match usize::try_from(head[0]) {
+            Ok(0) => None,
+            Ok(index) if index <= limits => Some(index - 1),
+            _ => return Err(malformed()),
+        };
+        let verdicts = head[1..]
+            .chunks_exact(4)
+            .enumerate()
+            .map(|(index, n)| Verdict {
+                ok: denied_by.is_none_or(|denier| denier != index),
+                remaining: n[0] as u64,
+                reset_ms: n[1] as u64,
+                retry_after_ms: n[2] as u64,
+                delay_ms: n[3] as u64,
+            })
+            .collect();
+        outcomes.push(Outcome {
+            denied_by,
+            verdicts,
+        });
+    }
+    Ok(outcomes)
 }
 
 fn redact_password(url: &str) -> String {
@@ -160,12 +170,41 @@ fn redact_password(url: &str) -> String {
 mod tests {
     use super::*;
 
+    fn spec(strategy: sluice_protocol::Strategy) -> super::super::LimitSpec {
+        super::super::LimitSpec {
+            key: "k".into(),
+            params: crate::strategy::Params {
+                strategy,
+                limit: 1,
+                period_ms: 1,
+                extra: 0,
+            },
+            cost: 1,
+        }
+    }
+
     #[test]
     fn decodes_admitted_and_denied_replies() {
-        let admitted = decode_check(&[0, 3, 900, 0, 0, 7, 50_000, 0, 250], 2).unwrap();
-        assert_eq!(admitted.denied_by, None);
+        let two = [
+            spec(sluice_protocol::Strategy::FixedWindow),
+            spec(sluice_protocol::Strategy::Gcra),
+        ];
+        let one = [spec(sluice_protocol::Strategy::FixedWindow)];
+        let checks = [
+            CheckSpec {
+                limits: &two,
+                lease_id: "",
+            },
+            CheckSpec {
+                limits: &one,
+                lease_id: "",
+            },
+        ];
+        let reply = [0, 3, 900, 0, 0, 7, 50_000, 0, 250, 1, 0, 10, 10, 0];
+        let outcomes = decode_check(&reply, &checks).unwrap();
+        assert_eq!(outcomes[0].denied_by, None);
         assert_eq!(
-            admitted.verdicts[1],
+            outcomes[0].verdicts[1],
             Verdict {
                 ok: true,
                 remaining: 7,
@@ -174,13 +213,17 @@ mod tests {
                 delay_ms: 250
             }
         );
-        let denied = decode_check(&[2, 3, 900, 0, 0, 0, 50_000, 50_000, 0], 2).unwrap();
-        assert_eq!(denied.denied_by, Some(1));
-        assert!(denied.verdicts[0].ok && !denied.verdicts[1].ok);
+        assert_eq!(outcomes[1].denied_by, Some(0));
+        assert!(!outcomes[1].verdicts[0].ok);
     }
 
     #[test]
     fn refuses_malformed_replies() {
+        let one = [spec(sluice_protocol::Strategy::FixedWindow)];
+        let checks = [CheckSpec {
+            limits: &one,
+            lease_id: "",
+        }];
         let replies: [&[i64]; 6] = [
             &[],
             &[0],
@@ -190,7 +233,7 @@ mod tests {
             &[0, -1, 1, 1, 0],
         ];
         for reply in replies {
-            assert!(decode_check(reply, 1).is_err(), "{reply:?}");
+            assert!(decode_check(reply, &checks).is_err(), "{reply:?}");
         }
     }
 
