@@ -105,7 +105,7 @@ async fn check(
         .filter_map(|decision| decision.policy.as_ref().map(|p| p.delay_ms))
         .max()
         .unwrap_or(0);
-    if delay > 0 {
+    if delay > 0 && request.hold_delays {
         tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
     }
     Ok(Json(response))

@@ -26,7 +26,22 @@ struct RawConfig {
     failure_mode: FailureMode,
     #[serde(default)]
     cost_header: Option<String>,
+    #[serde(default = "default_batching")]
+    batching: bool,
+    #[serde(default = "default_max_batch_size")]
+    max_batch_size: usize,
 }
+
+fn default_batching() -> bool {
+    true
+}
+
+fn default_max_batch_size() -> usize {
+    128
+}
+
+/// Most checks one batch may carry (the controller takes at most 1024 per call).
+pub const MAX_BATCH_SIZE: usize = 1_024;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,6 +73,9 @@ pub struct FilterConfig {
     pub failure_mode: FailureMode,
     /// Request header whose number is the request's cost (lower-case), if any.
     pub cost_header: Option<String>,
+    /// Whether the checks of concurrent requests share callouts (see `batch`).
+    pub batching: bool,
+    pub max_batch_size: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,12 +141,23 @@ impl FilterConfig {
                 ));
             }
         }
+        if raw.max_batch_size == 0 || raw.max_batch_size > MAX_BATCH_SIZE {
+            return Err(invalid(
+                "max_batch_size",
+                format!(
+                    "must be between 1 and {MAX_BATCH_SIZE}, got {}",
+                    raw.max_batch_size
+                ),
+            ));
+        }
         Ok(FilterConfig {
             controller_cluster: controller.cluster,
             controller_authority: authority,
             timeout: Duration::from_millis(controller.timeout_ms),
             failure_mode: raw.failure_mode,
             cost_header: raw.cost_header.map(|name| name.to_ascii_lowercase()),
+            batching: raw.batching,
+            max_batch_size: raw.max_batch_size,
         })
     }
 }
@@ -143,6 +172,8 @@ mod tests {
         assert_eq!(config.controller_authority, "sluice");
         assert_eq!(config.timeout, Duration::from_millis(200));
         assert_eq!(config.failure_mode, FailureMode::Allow);
+        assert!(config.batching);
+        assert_eq!(config.max_batch_size, 128);
     }
 
     #[test]
@@ -158,7 +189,7 @@ mod tests {
     /// One bad document per error, paired with the field the operator is told about.
     #[test]
     fn each_bad_config_names_its_field() {
-        let cases: [(&[u8], &str); 10] = [
+        let cases: [(&[u8], &str); 12] = [
             (b"", "."),
             (b"not json", "."),
             (br#"{}"#, "."),
@@ -182,6 +213,14 @@ mod tests {
             (
                 br#"{"controller":{"cluster":"c"},"cost_header":"x cost"}"#,
                 "cost_header",
+            ),
+            (
+                br#"{"controller":{"cluster":"c"},"max_batch_size":0}"#,
+                "max_batch_size",
+            ),
+            (
+                br#"{"controller":{"cluster":"c"},"batching":"yes"}"#,
+                "batching",
             ),
             (
                 br#"{"controller":{"cluster":"c","authority":"a b"}}"#,

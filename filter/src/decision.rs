@@ -12,11 +12,13 @@ pub type Headers = Vec<(&'static str, String)>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// Let the request go upstream; add these headers to its response, and give these
+    /// Let the request go upstream (after `delay_ms`, when a leaky bucket gave it a later
+    /// slot and the filter holds it); add these headers to its response, and give these
     /// concurrency leases back when its stream ends.
     Continue {
         response_headers: Headers,
         leases: Vec<String>,
+        delay_ms: u64,
     },
     /// Answer the client directly.
     Reply {
@@ -78,6 +80,7 @@ pub fn check_request(
             path: path.to_owned(),
             cost,
         }],
+        hold_delays: true,
     }
 }
 
@@ -86,24 +89,41 @@ pub fn release_request(leases: Vec<String>) -> Vec<u8> {
     serde_json::to_vec(&ReleaseRequest { leases }).unwrap_or_default()
 }
 
-/// The verdict for a callout that came back with `status` and `body`.
+/// The decisions in a reply to a check call of `expected` checks, one per check.
+pub fn decisions_from_reply(
+    status: Option<&str>,
+    body: &[u8],
+    expected: usize,
+) -> Result<Vec<Decision>, Failure> {
+    if status != Some("200") {
+        return Err(Failure::Status(status.unwrap_or("(none)").to_owned()));
+    }
+    let response: CheckResponse =
+        serde_json::from_slice(body).map_err(|e| Failure::MalformedReply(e.to_string()))?;
+    if response.decisions.len() != expected {
+        return Err(Failure::MalformedReply(format!(
+            "expected {expected} decisions, got {}",
+            response.decisions.len()
+        )));
+    }
+    Ok(response.decisions)
+}
+
+/// The verdict for a callout of one check that came back with `status` and `body`.
 pub fn verdict_for_reply(
     config: &FilterConfig,
     status: Option<&str>,
     body: &[u8],
 ) -> Result<Verdict, (Failure, Verdict)> {
-    let fail = |failure: Failure| (failure, verdict_for_failure(config));
-    if status != Some("200") {
-        return Err(fail(Failure::Status(status.unwrap_or("(none)").to_owned())));
-    }
-    let response: CheckResponse =
-        serde_json::from_slice(body).map_err(|e| fail(Failure::MalformedReply(e.to_string())))?;
-    match response.decisions.as_slice() {
-        [decision] => Ok(verdict_for_decision(decision)),
-        other => Err(fail(Failure::MalformedReply(format!(
-            "expected 1 decision, got {}",
-            other.len()
-        )))),
+    match decisions_from_reply(status, body, 1) {
+        Ok(decisions) => match decisions.first() {
+            Some(decision) => Ok(verdict_for_decision(decision)),
+            None => Err((
+                Failure::MalformedReply("no decision".into()),
+                verdict_for_failure(config),
+            )),
+        },
+        Err(failure) => Err((failure, verdict_for_failure(config))),
     }
 }
 
@@ -112,6 +132,7 @@ pub fn verdict_for_decision(decision: &Decision) -> Verdict {
         return Verdict::Continue {
             response_headers: Vec::new(),
             leases: decision.leases.clone(),
+            delay_ms: 0,
         };
     };
     let mut rate_headers: Headers = headers::rate_limit_headers(policy).into();
@@ -119,6 +140,7 @@ pub fn verdict_for_decision(decision: &Decision) -> Verdict {
         return Verdict::Continue {
             response_headers: rate_headers,
             leases: decision.leases.clone(),
+            delay_ms: policy.delay_ms,
         };
     }
     rate_headers.push((
@@ -141,6 +163,7 @@ pub fn verdict_for_failure(config: &FilterConfig) -> Verdict {
         FailureMode::Allow => Verdict::Continue {
             response_headers: Vec::new(),
             leases: Vec::new(),
+            delay_ms: 0,
         },
         FailureMode::Deny => Verdict::Reply {
             status: 503,
@@ -168,6 +191,8 @@ mod tests {
             timeout: Duration::from_millis(100),
             failure_mode,
             cost_header: None,
+            batching: false,
+            max_batch_size: 1,
         }
     }
 
@@ -206,6 +231,7 @@ mod tests {
         let Ok(Verdict::Continue {
             response_headers,
             leases,
+            ..
         }) = verdict
         else {
             panic!("{verdict:?}")
@@ -247,6 +273,7 @@ mod tests {
             Ok(Verdict::Continue {
                 response_headers: vec![],
                 leases: vec![],
+                delay_ms: 0,
             })
         );
     }
@@ -272,6 +299,7 @@ mod tests {
                 Verdict::Continue {
                     response_headers: vec![],
                     leases: vec![],
+                    delay_ms: 0,
                 },
                 "{failure}"
             );

@@ -1,52 +1,325 @@
-//! The only module that talks to Envoy: reads what the request looks like, dispatches the
-//! check callout and carries out the [`Verdict`]. Decisions are made in [`crate::decision`].
+//! The only module that talks to Envoy: reads what the request looks like, sends the check
+//! callouts and carries out the [`Verdict`]s. Decisions are made in [`crate::decision`],
+//! batches formed in [`crate::batch`].
 
+use std::cell::RefCell;
 use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
 
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
-use sluice_protocol::{CHECK_PATH, RELEASE_PATH};
+use sluice_protocol::{CheckRequest, CHECK_PATH, RELEASE_PATH};
 
+use crate::batch::{Batcher, Member, Registered, Slot};
 use crate::client;
 use crate::config::FilterConfig;
 use crate::decision::{self, Failure, Verdict};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(SluiceRoot::default()) });
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(SluiceRoot { context_id, worker: None, delayed: Vec::new() })
+    });
 }}
+
+/// Most requests that may wait for a batch on one worker; past it they get the failure mode.
+const MAX_WAITING: usize = 10_000;
+/// How often the root looks for a lost batch (and, while requests are held for a leaky
+/// bucket's slot, how often it looks for the ones that are due).
+const WATCHDOG_TICK: Duration = Duration::from_secs(1);
+const DELAY_TICK: Duration = Duration::from_millis(5);
 
 fn log(level: LogLevel, message: &str) {
     // Logging is best effort: there is nobody to tell if the host refuses a log line.
-    let _ = proxy_wasm::hostcalls::log(level, message);
+    let _ = hostcalls::log(level, message);
 }
 
-#[derive(Default)]
+fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|time| time.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |since| since.as_millis() as u64)
+}
+
+/// What the root context of a worker shares with the requests on that worker. Each Envoy
+/// worker runs its own VM, so this is single-threaded.
+struct Worker {
+    config: FilterConfig,
+    batcher: RefCell<Batcher>,
+    /// The shared queue a request pokes to wake the root (batching only).
+    wake_queue: Option<u32>,
+}
+
+impl Worker {
+    /// Sends a check or release call to the controller from the current context.
+    fn call_controller(&self, path: &str, body: &[u8]) -> Result<u32, String> {
+        let config = &self.config;
+        hostcalls::dispatch_http_call(
+            &config.controller_cluster,
+            vec![
+                (":method", "POST"),
+                (":path", path),
+                (":authority", &config.controller_authority),
+                ("content-type", "application/json"),
+            ],
+            Some(body),
+            vec![],
+            config.timeout,
+        )
+        .map_err(|status| format!("{status:?}"))
+    }
+
+    fn release(&self, leases: Vec<String>) {
+        if leases.is_empty() {
+            return;
+        }
+        if let Err(status) = self.call_controller(RELEASE_PATH, &decision::release_request(leases))
+        {
+            log(
+                LogLevel::Warn,
+                &format!("could not release concurrency slots ({status}); they free themselves when their lease expires"),
+            );
+        }
+    }
+}
+
+fn log_failure(failure: &Failure, verdict: &Verdict, requests: usize) {
+    let what = if requests == 1 {
+        "the request".to_owned()
+    } else {
+        format!("{requests} requests")
+    };
+    let outcome = match verdict {
+        Verdict::Continue { .. } => format!("allowing {what} (failure mode allow)"),
+        Verdict::Reply { .. } => format!("refusing {what} (failure mode deny)"),
+    };
+    log(
+        LogLevel::Warn,
+        &format!("no decision, {outcome}: {failure}"),
+    );
+}
+
 struct SluiceRoot {
-    config: Option<Rc<FilterConfig>>,
+    context_id: u32,
+    worker: Option<Rc<Worker>>,
+    /// Requests admitted for a later slot (leaky bucket), as (due ms, context id).
+    delayed: Vec<(u64, u32)>,
 }
 
-impl Context for SluiceRoot {}
-
-impl RootContext for SluiceRoot {
-    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let bytes = self.get_plugin_configuration().unwrap_or_default();
-        match FilterConfig::parse(&bytes) {
-            Ok(config) => {
-                self.config = Some(Rc::new(config));
-                true
+impl Context for SluiceRoot {
+    /// The reply to a batch (or to a release, which needs nothing).
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let Some(worker) = self.worker.clone() else {
+            return;
+        };
+        let Some(members) = worker.batcher.borrow_mut().complete(token) else {
+            return;
+        };
+        let status = hostcalls::get_map_value(
+            proxy_wasm::types::MapType::HttpCallResponseHeaders,
+            ":status",
+        )
+        .ok()
+        .flatten();
+        let body = hostcalls::get_buffer(
+            proxy_wasm::types::BufferType::HttpCallResponseBody,
+            0,
+            body_size,
+        )
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+        match decision::decisions_from_reply(status.as_deref(), &body, members.len()) {
+            Ok(decisions) => {
+                let verdicts = decisions
+                    .iter()
+                    .map(decision::verdict_for_decision)
+                    .collect();
+                self.deliver(&worker, members, verdicts);
             }
-            Err(error) => {
-                log(LogLevel::Error, &error.to_string());
-                false
+            Err(failure) => self.fail(&worker, members, &failure),
+        }
+        self.send_next_batch(&worker);
+    }
+}
+
+impl SluiceRoot {
+    /// Sends the next batch, if nothing is out and requests wait. The callout is made with
+    /// the root as Envoy's current context, so that it belongs to the root and outlives any
+    /// one request.
+    fn send_next_batch(&mut self, worker: &Worker) {
+        loop {
+            let next = worker.batcher.borrow_mut().next_batch();
+            let Some((members, request)) = next else {
+                return;
+            };
+            let sent = serde_json::to_vec(&request)
+                .map_err(|e| format!("cannot encode the batch: {e}"))
+                .and_then(|body| {
+                    hostcalls::set_effective_context(self.context_id)
+                        .map_err(|status| format!("{status:?}"))?;
+                    worker.call_controller(CHECK_PATH, &body)
+                });
+            match sent {
+                Ok(token) => {
+                    worker.batcher.borrow_mut().sent(token, members, now_ms());
+                    return;
+                }
+                Err(why) => {
+                    worker.batcher.borrow_mut().not_sent();
+                    self.fail(worker, members, &Failure::Dispatch(why));
+                }
             }
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let config = self.config.clone()?;
-        Some(Box::new(SluiceRequest {
+    fn fail(&mut self, worker: &Worker, members: Vec<Member>, failure: &Failure) {
+        let verdict = decision::verdict_for_failure(&worker.config);
+        log_failure(failure, &verdict, members.len());
+        let verdicts = vec![verdict; members.len()];
+        self.deliver(worker, members, verdicts);
+    }
+
+    /// Hands each request its verdict and resumes or answers it. A request whose client is
+    /// gone is skipped; the concurrency slots it was given go back at once.
+    fn deliver(&mut self, worker: &Worker, members: Vec<Member>, verdicts: Vec<Verdict>) {
+        let mut orphaned_leases = Vec::new();
+        for (member, verdict) in members.into_iter().zip(verdicts) {
+            if hostcalls::set_effective_context(member.context_id).is_err() {
+                if let Verdict::Continue { leases, .. } = verdict {
+                    orphaned_leases.extend(leases);
+                }
+                continue;
+            }
+            match &verdict {
+                Verdict::Continue { delay_ms, .. } if *delay_ms > 0 => {
+                    self.delayed
+                        .push((now_ms().saturating_add(*delay_ms), member.context_id));
+                    *member.slot.borrow_mut() = Some(verdict);
+                }
+                Verdict::Continue { .. } => {
+                    *member.slot.borrow_mut() = Some(verdict);
+                    let _ = hostcalls::resume_http_request();
+                }
+                Verdict::Reply {
+                    status,
+                    headers,
+                    body,
+                } => {
+                    let headers: Vec<(&str, &str)> = headers
+                        .iter()
+                        .map(|(name, value)| (*name, value.as_str()))
+                        .collect();
+                    let _ = hostcalls::send_http_response(*status, headers, Some(body.as_bytes()));
+                    *member.slot.borrow_mut() = Some(verdict);
+                }
+            }
+        }
+        if !orphaned_leases.is_empty() && hostcalls::set_effective_context(self.context_id).is_ok()
+        {
+            worker.release(orphaned_leases);
+        }
+        if !self.delayed.is_empty() {
+            let _ = hostcalls::set_tick_period(DELAY_TICK);
+        }
+    }
+
+    fn resume_due(&mut self) {
+        let now = now_ms();
+        self.delayed.retain(|&(due, context_id)| {
+            if due > now {
+                return true;
+            }
+            if hostcalls::set_effective_context(context_id).is_ok() {
+                let _ = hostcalls::resume_http_request();
+            }
+            false
+        });
+        if self.delayed.is_empty() {
+            let _ = hostcalls::set_tick_period(WATCHDOG_TICK);
+        }
+    }
+}
+
+impl RootContext for SluiceRoot {
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        let config = match FilterConfig::parse(&bytes) {
+            Ok(config) => config,
+            Err(error) => {
+                log(LogLevel::Error, &error.to_string());
+                return false;
+            }
+        };
+        let wake_queue = if config.batching {
+            // One queue per worker VM: a queue wakes the root that registered it.
+            let name = format!(
+                "sluice-wake-{}-{}",
+                self.context_id,
+                hostcalls::get_current_time()
+                    .ok()
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos())
+            );
+            match hostcalls::register_shared_queue(&name) {
+                Ok(queue) => Some(queue),
+                Err(status) => {
+                    log(
+                        LogLevel::Error,
+                        &format!("cannot register the batching queue: {status:?}"),
+                    );
+                    return false;
+                }
+            }
+        } else {
+            None
+        };
+        let batcher = Batcher::new(config.max_batch_size, MAX_WAITING);
+        self.worker = Some(Rc::new(Worker {
             config,
+            batcher: RefCell::new(batcher),
+            wake_queue,
+        }));
+        let _ = hostcalls::set_tick_period(WATCHDOG_TICK);
+        true
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+        if let Some(worker) = self.worker.clone() {
+            self.send_next_batch(&worker);
+        }
+    }
+
+    fn on_tick(&mut self) {
+        self.resume_due();
+        let Some(worker) = self.worker.clone() else {
+            return;
+        };
+        let limit = worker.config.timeout.as_millis() as u64 + 1_000;
+        let overdue = worker.batcher.borrow_mut().overdue(now_ms(), limit);
+        if let Some(members) = overdue {
+            self.fail(
+                &worker,
+                members,
+                &Failure::Status("(none: the batch was lost)".into()),
+            );
+            self.send_next_batch(&worker);
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let worker = self.worker.clone()?;
+        Some(Box::new(SluiceRequest {
+            context_id,
+            worker,
             state: State::New,
         }))
     }
@@ -58,7 +331,10 @@ impl RootContext for SluiceRoot {
 
 enum State {
     New,
+    /// One callout of its own is out (batching off).
     AwaitingDecision,
+    /// In a batch; the root leaves the verdict in the slot.
+    Batched(Slot),
     /// Going upstream; these headers go on the response, these leases go back at the end.
     Admitted {
         headers: decision::Headers,
@@ -69,7 +345,8 @@ enum State {
 }
 
 struct SluiceRequest {
-    config: Rc<FilterConfig>,
+    context_id: u32,
+    worker: Rc<Worker>,
     state: State,
 }
 
@@ -83,12 +360,28 @@ impl SluiceRequest {
         String::from_utf8(bytes).ok()
     }
 
+    fn check_request(&self) -> CheckRequest {
+        let client = client::identify(self.source_address().as_deref());
+        let cost = match &self.worker.config.cost_header {
+            Some(name) => decision::cost_from_header(self.get_http_request_header(name).as_deref()),
+            None => 1,
+        };
+        decision::check_request(
+            client,
+            &self.header(":authority"),
+            &self.header(":method"),
+            &self.header(":path"),
+            cost,
+        )
+    }
+
     /// Carries out a verdict. Returns the action for a callback that is still running.
     fn apply(&mut self, verdict: Verdict) -> Action {
         match verdict {
             Verdict::Continue {
                 response_headers,
                 leases,
+                ..
             } => {
                 self.state = State::Admitted {
                     headers: response_headers,
@@ -112,13 +405,68 @@ impl SluiceRequest {
         }
     }
 
-    fn fail(&mut self, failure: &Failure, verdict: Verdict) -> Action {
-        let mode = match verdict {
-            Verdict::Continue { .. } => "allowing the request (failure mode allow)",
-            Verdict::Reply { .. } => "refusing the request (failure mode deny)",
-        };
-        log(LogLevel::Warn, &format!("no decision, {mode}: {failure}"));
+    fn fail(&mut self, failure: &Failure) -> Action {
+        let verdict = decision::verdict_for_failure(&self.worker.config);
+        log_failure(failure, &verdict, 1);
         self.apply(verdict)
+    }
+
+    /// Batching: join the next batch and wait for the root to deliver the verdict.
+    fn join_batch(&mut self, request: CheckRequest) -> Action {
+        let Some(check) = request.checks.into_iter().next() else {
+            return self.fail(&Failure::Dispatch("no check to send".into()));
+        };
+        let slot: Slot = Rc::new(RefCell::new(None));
+        let registered =
+            self.worker
+                .batcher
+                .borrow_mut()
+                .register(self.context_id, check, Rc::clone(&slot));
+        match registered {
+            Registered::Wait => {}
+            Registered::WakeRoot => {
+                let woken = self
+                    .worker
+                    .wake_queue
+                    .ok_or_else(|| "no batching queue".to_owned())
+                    .and_then(|queue| {
+                        hostcalls::enqueue_shared_queue(queue, None).map_err(|s| format!("{s:?}"))
+                    });
+                if let Err(why) = woken {
+                    self.worker.batcher.borrow_mut().cancel(self.context_id);
+                    return self.fail(&Failure::Dispatch(format!(
+                        "cannot wake the batcher: {why}"
+                    )));
+                }
+            }
+            Registered::Overloaded => {
+                return self.fail(&Failure::Dispatch(format!(
+                    "{MAX_WAITING} requests already wait for a decision on this worker"
+                )));
+            }
+        }
+        self.state = State::Batched(slot);
+        Action::Pause
+    }
+
+    /// Batching: what the root decided, once it has (the slot is read once).
+    fn settle_batched(&mut self) {
+        let State::Batched(slot) = &self.state else {
+            return;
+        };
+        let verdict = slot.borrow_mut().take();
+        self.state = match verdict {
+            Some(Verdict::Continue {
+                response_headers,
+                leases,
+                ..
+            }) => State::Admitted {
+                headers: response_headers,
+                leases,
+            },
+            Some(Verdict::Reply { .. }) => State::Answered,
+            None => return,
+        };
     }
 }
 
@@ -137,10 +485,12 @@ impl Context for SluiceRequest {
         let body = self
             .get_http_call_response_body(0, body_size)
             .unwrap_or_default();
-        let action = match decision::verdict_for_reply(&self.config, status.as_deref(), &body) {
-            Ok(verdict) => self.apply(verdict),
-            Err((failure, verdict)) => self.fail(&failure, verdict),
-        };
+        let action =
+            match decision::verdict_for_reply(&self.worker.config, status.as_deref(), &body) {
+                // Without batching the controller has already held a leaky bucket's delay.
+                Ok(verdict) => self.apply(verdict),
+                Err((failure, _)) => self.fail(&failure),
+            };
         if action == Action::Continue {
             self.resume_http_request();
         }
@@ -152,50 +502,29 @@ impl HttpContext for SluiceRequest {
         if !matches!(self.state, State::New) {
             return Action::Continue;
         }
-        let client = client::identify(self.source_address().as_deref());
-        let cost = match &self.config.cost_header {
-            Some(name) => decision::cost_from_header(self.get_http_request_header(name).as_deref()),
-            None => 1,
-        };
-        let request = decision::check_request(
-            client,
-            &self.header(":authority"),
-            &self.header(":method"),
-            &self.header(":path"),
-            cost,
-        );
+        let request = self.check_request();
+        if self.worker.config.batching {
+            return self.join_batch(request);
+        }
         let body = match serde_json::to_vec(&request) {
             Ok(body) => body,
             Err(error) => {
-                let failure = Failure::Dispatch(format!("cannot encode the check: {error}"));
-                return self.fail(&failure, decision::verdict_for_failure(&self.config));
+                return self.fail(&Failure::Dispatch(format!(
+                    "cannot encode the check: {error}"
+                )))
             }
         };
-        let dispatched = self.dispatch_http_call(
-            &self.config.controller_cluster,
-            vec![
-                (":method", "POST"),
-                (":path", CHECK_PATH),
-                (":authority", &self.config.controller_authority),
-                ("content-type", "application/json"),
-            ],
-            Some(&body),
-            vec![],
-            self.config.timeout,
-        );
-        match dispatched {
+        match self.worker.call_controller(CHECK_PATH, &body) {
             Ok(_token) => {
                 self.state = State::AwaitingDecision;
                 Action::Pause
             }
-            Err(status) => {
-                let failure = Failure::Dispatch(format!("{status:?}"));
-                self.fail(&failure, decision::verdict_for_failure(&self.config))
-            }
+            Err(status) => self.fail(&Failure::Dispatch(status)),
         }
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        self.settle_batched();
         if let State::Admitted { headers, .. } = &self.state {
             for (name, value) in headers {
                 self.set_http_response_header(name, Some(value));
@@ -204,33 +533,15 @@ impl HttpContext for SluiceRequest {
         Action::Continue
     }
 
-    /// The stream is over (completed, reset or refused upstream): concurrency slots go back.
-    /// Nobody waits for the answer; a lost release frees itself when its lease expires.
+    /// The stream is over (completed, reset or refused upstream). A request still waiting
+    /// for its batch leaves it; concurrency slots go back. Nobody waits for the release's
+    /// answer; a lost release frees itself when its lease expires.
     fn on_log(&mut self) {
-        let State::Admitted { leases, .. } = &mut self.state else {
-            return;
-        };
-        if leases.is_empty() {
-            return;
-        }
-        let body = decision::release_request(std::mem::take(leases));
-        let dispatched = self.dispatch_http_call(
-            &self.config.controller_cluster,
-            vec![
-                (":method", "POST"),
-                (":path", RELEASE_PATH),
-                (":authority", &self.config.controller_authority),
-                ("content-type", "application/json"),
-            ],
-            Some(&body),
-            vec![],
-            self.config.timeout,
-        );
-        if let Err(status) = dispatched {
-            log(
-                LogLevel::Warn,
-                &format!("could not release concurrency slots ({status:?}); they free themselves when their lease expires"),
-            );
+        self.settle_batched();
+        match &mut self.state {
+            State::Batched(_) => self.worker.batcher.borrow_mut().cancel(self.context_id),
+            State::Admitted { leases, .. } => self.worker.release(std::mem::take(leases)),
+            _ => {}
         }
     }
 }

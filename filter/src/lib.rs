@@ -1,9 +1,11 @@
 //! Sluice's proxy-wasm filter.
 //!
-//! Everything that decides lives in plain Rust modules ([`config`], [`client`], [`decision`])
+//! Everything that decides lives in plain Rust modules ([`config`], [`client`], [`decision`],
+//! [`batch`])
 //! and is tested natively; [`host`] is the only module that talks to Envoy, and it is only
 //! compiled for the wasm target.
 
+pub mod batch;
 pub mod client;
 pub mod config;
 pub mod decision;

@@ -12,6 +12,20 @@ pub const CHECK_PATH: &str = "/v1/check";
 #[serde(deny_unknown_fields)]
 pub struct CheckRequest {
     pub checks: Vec<Check>,
+    /// Whether the controller holds its answer until a leaky bucket's slot (the default).
+    /// A filter that batches asks for `false`: the answer then comes at once with
+    /// `delay_ms`, and the filter holds the request itself, so that one delayed check does
+    /// not hold a whole batch.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub hold_delays: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 /// One request's worth of question: who is asking, for what, at what cost.

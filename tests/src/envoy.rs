@@ -43,11 +43,17 @@ pub enum Filter {
 }
 
 impl Filter {
-    /// Sluice asking the `sluice_controller` cluster with the given failure mode and timeout.
+    /// Sluice asking the `sluice_controller` cluster with the given failure mode and
+    /// timeout, batching checks across requests (the default).
     pub fn sluice(failure_mode: &str, timeout_ms: u64) -> Filter {
+        Filter::sluice_batching(failure_mode, timeout_ms, true)
+    }
+
+    /// [`Filter::sluice`], with batching on or off (one callout per request).
+    pub fn sluice_batching(failure_mode: &str, timeout_ms: u64, batching: bool) -> Filter {
         Filter::Sluice {
             plugin_config: format!(
-                r#"{{"controller":{{"cluster":"sluice_controller","authority":"sluice-controller","timeout_ms":{timeout_ms}}},"failure_mode":"{failure_mode}"}}"#
+                r#"{{"controller":{{"cluster":"sluice_controller","authority":"sluice-controller","timeout_ms":{timeout_ms}}},"failure_mode":"{failure_mode}","batching":{batching}}}"#
             ),
         }
     }

@@ -3,7 +3,9 @@
 //! waited for by polling and killed when dropped.
 
 pub mod controller;
+pub mod delay_proxy;
 pub mod envoy;
+pub mod fixtures;
 pub mod http;
 pub mod process;
 pub mod redis_server;

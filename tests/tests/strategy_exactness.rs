@@ -4,46 +4,20 @@
 use std::sync::{Arc, Barrier};
 
 use serde_json::json;
+use sluice_e2e::fixtures::{strategy_rules, STRATEGY_CASES};
 use sluice_e2e::{http, Controller, RedisServer};
 
-/// (strategy, its rule's fields, requests it must admit out of a concurrent burst).
-/// Windows are long enough that nothing refills or resets while the burst runs.
-const CASES: [(&str, &str, usize); 7] = [
-    ("fixed_window", "limit = 10\nwindow = \"1d\"", 10),
-    ("sliding_window_log", "limit = 10\nwindow = \"1d\"", 10),
-    ("sliding_window_counter", "limit = 10\nwindow = \"1d\"", 10),
-    ("token_bucket", "limit = 1\nwindow = \"1d\"\nburst = 10", 10),
-    ("gcra", "limit = 1\nwindow = \"1d\"\nburst = 10", 10),
-    (
-        "leaky_bucket",
-        "limit = 10\nwindow = \"1d\"\nmax_delay = \"0s\"",
-        1,
-    ),
-    ("concurrency", "limit = 10\nlease = \"1h\"", 10),
-];
-
 const BURST: usize = 40;
-
-fn rules() -> String {
-    CASES
-        .iter()
-        .map(|(strategy, fields, _)| {
-            format!(
-                "[[rules]]\nname = \"{strategy}\"\nstrategy = \"{strategy}\"\n{fields}\nmatch = {{ path_prefix = \"/{strategy}\" }}\n\n"
-            )
-        })
-        .collect()
-}
 
 #[test]
 fn every_strategy_admits_exactly_its_limit_across_two_controllers() {
     let redis = RedisServer::start();
-    let rules = rules();
+    let rules = strategy_rules();
     let controllers = [
         Controller::start(&rules, Some(&redis.url())),
         Controller::start(&rules, Some(&redis.url())),
     ];
-    for (strategy, _, expected) in CASES {
+    for (strategy, _, path, expected) in STRATEGY_CASES {
         let start = Arc::new(Barrier::new(BURST));
         let clients: Vec<_> = (0..BURST)
             .map(|n| {
@@ -52,7 +26,7 @@ fn every_strategy_admits_exactly_its_limit_across_two_controllers() {
                 std::thread::spawn(move || {
                     let body = json!({ "checks": [{
                         "client": { "kind": "ip", "value": "198.51.100.7" },
-                        "path": format!("/{strategy}"),
+                        "path": path,
                     }] });
                     start.wait();
                     let response = http::post_json(&url, &body).expect("check call");

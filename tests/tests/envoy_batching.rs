@@ -1,0 +1,222 @@
+//! Batching checks across requests, through a real Envoy: exactness is unchanged, every
+//! answer lands on its own request, a failed batch fails every request in it by the
+//! failure mode, and a client that leaves mid-batch stalls nobody.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use sluice_e2e::delay_proxy::DelayProxy;
+use sluice_e2e::envoy::{EnvoyOptions, Filter};
+use sluice_e2e::fixtures::{strategy_rules, STRATEGY_CASES};
+use sluice_e2e::http::{self, Response};
+use sluice_e2e::{Controller, Envoy, RedisServer, Upstream};
+
+fn envoy(filter: Filter, controllers: &[u16], upstream: &Upstream, concurrency: u32) -> Envoy {
+    Envoy::start(&EnvoyOptions {
+        filter,
+        upstream_port: upstream.port(),
+        controller_ports: controllers.to_vec(),
+        concurrency,
+    })
+}
+
+/// Sends `paths` all at once, one client thread each; returns (path, response, elapsed).
+fn burst(envoy: &Envoy, paths: Vec<String>) -> Vec<(String, Response, Duration)> {
+    let start = Arc::new(Barrier::new(paths.len()));
+    let clients: Vec<_> = paths
+        .into_iter()
+        .map(|path| {
+            let url = envoy.url(&path);
+            let start = Arc::clone(&start);
+            std::thread::spawn(move || {
+                start.wait();
+                let began = Instant::now();
+                let response = http::get(&url).expect("request through envoy");
+                (path, response, began.elapsed())
+            })
+        })
+        .collect();
+    clients.into_iter().map(|c| c.join().unwrap()).collect()
+}
+
+/// The strategies' exactness tests, through Envoy with batching on: two workers, two
+/// controllers, one Redis.
+#[test]
+fn every_strategy_admits_exactly_its_limit_through_batching_envoy() {
+    let redis = RedisServer::start();
+    let rules = strategy_rules();
+    let controllers = [
+        Controller::start(&rules, Some(&redis.url())),
+        Controller::start(&rules, Some(&redis.url())),
+    ];
+    let upstream = Upstream::start();
+    let envoy = envoy(
+        Filter::sluice("deny", 2_000),
+        &[controllers[0].port, controllers[1].port],
+        &upstream,
+        2,
+    );
+    for (strategy, _, path, expected) in STRATEGY_CASES {
+        // Concurrency slots are held for as long as the upstream takes: 1.5 s.
+        let path = if strategy == "concurrency" {
+            "/slow/1500".to_owned()
+        } else {
+            path.to_owned()
+        };
+        let results = burst(&envoy, vec![path; 40]);
+        let admitted = results.iter().filter(|(_, r, _)| r.status == 200).count();
+        let denied = results.iter().filter(|(_, r, _)| r.status == 429).count();
+        assert_eq!((admitted, denied), (expected, 40 - expected), "{strategy}");
+    }
+    let batched = controllers.iter().any(|c| {
+        c.log()
+            .lines()
+            .any(|l| l.contains("check call served") && !l.contains("checks=1"))
+    });
+    assert!(batched, "no check call carried more than one check");
+}
+
+/// Lanes with distinct limits, all in one burst: each lane admits exactly its limit, and
+/// every response carries its own lane's policy and a distinct remaining count.
+#[test]
+fn answers_land_on_their_own_requests() {
+    const LANES: u64 = 8;
+    let rules: String = (1..=LANES)
+        .map(|k| {
+            format!("[[rules]]\nname = \"lane-{k}\"\nlimit = {k}\nwindow = \"1d\"\nmatch = {{ path_prefix = \"/lane-{k}/\" }}\n\n")
+        })
+        .collect();
+    let controller = Controller::start(&rules, None);
+    let upstream = Upstream::start();
+    let envoy = envoy(
+        Filter::sluice("deny", 2_000),
+        &[controller.port],
+        &upstream,
+        1,
+    );
+    let mut paths = Vec::new();
+    for k in 1..=LANES {
+        for n in 0..k + 2 {
+            paths.push(format!("/lane-{k}/{n}"));
+        }
+    }
+    let results = burst(&envoy, paths);
+    for k in 1..=LANES {
+        let lane: Vec<&Response> = results
+            .iter()
+            .filter(|(path, _, _)| path.starts_with(&format!("/lane-{k}/")))
+            .map(|(_, response, _)| response)
+            .collect();
+        for response in &lane {
+            assert_eq!(
+                response.number("x-ratelimit-limit"),
+                k,
+                "lane {k}: {response:?}"
+            );
+        }
+        let mut remaining: Vec<u64> = lane
+            .iter()
+            .filter(|r| r.status == 200)
+            .map(|r| r.number("x-ratelimit-remaining"))
+            .collect();
+        remaining.sort();
+        assert_eq!(remaining, (0..k).collect::<Vec<_>>(), "lane {k}");
+        let denied: Vec<&&Response> = lane.iter().filter(|r| r.status == 429).collect();
+        assert_eq!(denied.len(), 2, "lane {k}");
+        for response in denied {
+            assert_eq!(response.json()["policy"], format!("lane-{k}"));
+        }
+    }
+    let log = controller.log();
+    let calls = log
+        .lines()
+        .filter(|l| l.contains("check call served"))
+        .count();
+    assert!(
+        calls < results.len(),
+        "every request had its own call ({calls})"
+    );
+}
+
+/// A controller that never answers: every request of a batch gets the failure mode once
+/// the callout times out (or once the batch before it has), and none waits longer.
+#[test]
+fn a_failed_batch_gives_every_request_the_failure_mode() {
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let upstream = Upstream::start();
+    const TIMEOUT_MS: u64 = 300;
+    for (mode, status) in [("allow", 200), ("deny", 503)] {
+        let envoy = envoy(Filter::sluice(mode, TIMEOUT_MS), &[port], &upstream, 1);
+        let results = burst(&envoy, vec!["/any".to_owned(); 30]);
+        for (_, response, elapsed) in &results {
+            assert_eq!(response.status, status, "{mode}: {response:?}");
+            // One batch out, the rest behind it: at most two timeouts, plus a margin.
+            assert!(
+                *elapsed < Duration::from_millis(2 * TIMEOUT_MS + 1_000),
+                "{mode}: {elapsed:?}"
+            );
+        }
+        let log = envoy.log();
+        assert!(
+            log.contains(&format!(
+                "(failure mode {mode}): controller answered with status 504"
+            )),
+            "{mode}:\n{log}"
+        );
+    }
+    drop(silent);
+}
+
+/// A client that sends a request and leaves while its check is in a batch that is out (the
+/// first request, which woke the batcher) stalls nothing: the requests after it on the same
+/// worker are answered normally.
+#[test]
+fn a_client_leaving_mid_batch_does_not_stall_the_worker() {
+    let controller = Controller::start(
+        "[[rules]]\nname = \"r\"\nlimit = 1000\nwindow = \"1h\"\n",
+        None,
+    );
+    let slow = DelayProxy::start(controller.port, Duration::from_millis(400));
+    let upstream = Upstream::start();
+    let envoy = envoy(Filter::sluice("deny", 3_000), &[slow.port], &upstream, 1);
+    for round in 0..3 {
+        let mut leaver = TcpStream::connect(("127.0.0.1", envoy.port)).unwrap();
+        leaver
+            .write_all(b"GET /leaving HTTP/1.1\r\nhost: sluice\r\n\r\n")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100)); // its batch is out by now
+        drop(leaver);
+        let began = Instant::now();
+        let after = http::get(&envoy.url("/after")).unwrap();
+        assert_eq!(after.status, 200, "round {round}: {after:?}");
+        assert!(
+            began.elapsed() < Duration::from_secs(3),
+            "round {round}: {:?}",
+            began.elapsed()
+        );
+    }
+}
+
+/// With batching off, each request makes its own callout: same answers.
+#[test]
+fn batching_off_still_limits() {
+    let controller = Controller::start(
+        "[[rules]]\nname = \"r\"\nlimit = 3\nwindow = \"1h\"\n",
+        None,
+    );
+    let upstream = Upstream::start();
+    let envoy = envoy(
+        Filter::sluice_batching("deny", 1_000, false),
+        &[controller.port],
+        &upstream,
+        1,
+    );
+    let statuses: Vec<u16> = (0..4)
+        .map(|_| http::get(&envoy.url("/x")).unwrap().status)
+        .collect();
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    assert_eq!(controller.log().matches("check call served").count(), 4);
+}
