@@ -211,6 +211,10 @@ impl Envoy {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// Everything Envoy (and the filter's log lines) wrote so far.
     pub fn log(&self) -> String {
         self.process.log()

@@ -3,8 +3,10 @@
 //!
 //! envoy: Envoy (`--concurrency 1`) under load from wrk, configurations interleaved round
 //! by round so that they share the machine's noise: (a) no limiter, (b) Envoy's
-//! `local_ratelimit` (never reached), (c) Sluice with the embedded store, (d) Sluice with
-//! Redis. Prints RPS, p50 and p99 per configuration and each one's RPS ratio to (a).
+//! `local_ratelimit` (never reached), (c) Sluice with one callout per request and (d)
+//! Sluice batching checks across requests, each on the embedded store and on Redis. Prints
+//! RPS, p50 and p99 per configuration and each one's RPS ratio to (a); then, at a fixed
+//! light load (200 req/s, open loop), the latency Sluice adds to (a).
 //!
 //! strategies: per strategy, the embedded store's cost per decision (in process) and the
 //! controller's check calls per second on Redis (wrk straight at the controller), each as a
@@ -194,6 +196,7 @@ fn envoy_scenarios(settings: &Settings) -> String {
             concurrency: 1,
         })
     };
+    let per_request = |failure_mode| Filter::sluice_batching(failure_mode, 1_000, false);
     let configurations = [
         ("(a) Envoy, no limiter", envoy(Filter::None, None)),
         (
@@ -201,11 +204,19 @@ fn envoy_scenarios(settings: &Settings) -> String {
             envoy(Filter::LocalRateLimitNeverReached, None),
         ),
         (
-            "(c) Sluice, embedded store",
+            "(c) Sluice per request, embedded",
+            envoy(per_request("deny"), Some(&embedded)),
+        ),
+        (
+            "(c) Sluice per request, Redis",
+            envoy(per_request("deny"), Some(&on_redis)),
+        ),
+        (
+            "(d) Sluice batched, embedded",
             envoy(Filter::sluice("deny", 1_000), Some(&embedded)),
         ),
         (
-            "(d) Sluice, Redis",
+            "(d) Sluice batched, Redis",
             envoy(Filter::sluice("deny", 1_000), Some(&on_redis)),
         ),
     ];
@@ -221,7 +232,84 @@ fn envoy_scenarios(settings: &Settings) -> String {
         wrk(&url, 1, settings.connections); // warm-up: connections, caches, JIT
         wrk(&url, settings.seconds, settings.connections)
     });
-    table("Envoy, one worker (ratio to (a))", &configurations, &runs)
+    let mut report = table(
+        "Envoy, one worker, saturated (ratio to (a))",
+        &configurations,
+        &runs,
+    );
+
+    // Light load, open loop: what a request pays when nothing queues.
+    let light = [&configurations[0], &configurations[3], &configurations[5]];
+    let mut latencies: Vec<Vec<(f64, f64)>> = vec![Vec::new(); light.len()];
+    for round in 1..=settings.rounds {
+        for (index, (name, envoy)) in light.iter().enumerate() {
+            let (p50, p99) = fixed_rate(&envoy.url("/bench"), 200, settings.seconds);
+            eprintln!("round {round} {name} at 200 req/s: p50 {p50:.3} ms, p99 {p99:.3} ms");
+            latencies[index].push((p50, p99));
+        }
+    }
+    report.push_str("### Envoy, one worker, 200 req/s fixed rate (latency from the scheduled send)\n\n| configuration | p50 ms | p99 ms | p50 above (a) ms | p99 above (a) ms |\n|---|---:|---:|---:|---:|\n");
+    let medians: Vec<(f64, f64)> = latencies
+        .iter()
+        .map(|runs| {
+            (
+                median(runs.iter().map(|r| r.0).collect()),
+                median(runs.iter().map(|r| r.1).collect()),
+            )
+        })
+        .collect();
+    for ((name, _), (p50, p99)) in light.iter().zip(&medians) {
+        report.push_str(&format!(
+            "| {name} | {p50:.3} | {p99:.3} | {:.3} | {:.3} |\n",
+            p50 - medians[0].0,
+            p99 - medians[0].1
+        ));
+    }
+    report.push('\n');
+    report
+}
+
+/// Open-loop load at `rps` requests per second for `seconds`: each request is due at a
+/// fixed time and its latency counts from then, so a slow answer cannot hide the ones that
+/// should have been sent meanwhile (no coordinated omission). Returns (p50, p99) in ms.
+fn fixed_rate(url: &str, rps: u64, seconds: u64) -> (f64, f64) {
+    let total = rps * seconds;
+    let interval = Duration::from_nanos(1_000_000_000 / rps);
+    let start = Instant::now() + Duration::from_millis(50);
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let workers: Vec<_> = (0..16)
+        .map(|_| {
+            let (next, url) = (Arc::clone(&next), url.to_owned());
+            std::thread::spawn(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(5)))
+                    .build()
+                    .into();
+                let mut latencies = Vec::new();
+                loop {
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if n >= total {
+                        return latencies;
+                    }
+                    let due = start + interval * n as u32;
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let ok = agent.get(&url).call().is_ok_and(|r| r.status() == 200);
+                    assert!(ok, "a request failed under light load");
+                    latencies.push(due.elapsed().as_secs_f64() * 1_000.0);
+                }
+            })
+        })
+        .collect();
+    let mut all: Vec<f64> = workers
+        .into_iter()
+        .flat_map(|w| w.join().expect("worker"))
+        .collect();
+    all.sort_by(f64::total_cmp);
+    let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
+    (at(0.50), at(0.99))
 }
 
 /// Rules for the strategy benchmark: one per strategy, on its own path, never reached by
