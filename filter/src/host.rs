@@ -35,6 +35,13 @@ fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
 }
 
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
 fn now_ms() -> u64 {
     hostcalls::get_current_time()
         .ok()
@@ -259,15 +266,10 @@ impl RootContext for SluiceRoot {
             }
         };
         let wake_queue = if config.batching {
-            // One queue per worker VM: a queue wakes the root that registered it.
-            let name = format!(
-                "sluice-wake-{}-{}",
-                self.context_id,
-                hostcalls::get_current_time()
-                    .ok()
-                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_nanos())
-            );
+            // One queue per worker VM: a queue wakes the root that registered it, so the
+            // name must differ between VMs. Workers start at the same moment and may read
+            // the same clock; std's hasher keys are random per VM (WASI random_get).
+            let name = format!("sluice-wake-{}-{:016x}", self.context_id, random_u64());
             match hostcalls::register_shared_queue(&name) {
                 Ok(queue) => Some(queue),
                 Err(status) => {

@@ -76,6 +76,8 @@ fn every_strategy_admits_exactly_its_limit_through_batching_envoy() {
             .any(|l| l.contains("check call served") && !l.contains("checks=1"))
     });
     assert!(batched, "no check call carried more than one check");
+    // Every worker's wake-ups reached its own batcher (the watchdog never had to step in).
+    assert!(!envoy.log().contains("no batch out"), "{}", envoy.log());
 }
 
 /// Lanes with distinct limits, all in one burst: each lane admits exactly its limit, and

@@ -221,8 +221,9 @@ fn silent_controller_is_cut_off_at_the_timeout() {
         let (envoy, _upstream) = envoy_with_controller_port(port, mode, TIMEOUT_MS);
         let (response, elapsed) = timed_get(&envoy);
         assert_eq!(response.status, status, "{mode}: {response:?}");
+        // Envoy's timers run on its cached clock and may fire a few ms early.
         assert!(
-            elapsed >= Duration::from_millis(TIMEOUT_MS),
+            elapsed >= Duration::from_millis(TIMEOUT_MS - 50),
             "{mode}: answered before the timeout: {elapsed:?}"
         );
         assert!(
