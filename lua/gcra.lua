@@ -10,13 +10,7 @@ S.gcra = {}
 
 function S.gcra.peek(key, now, cost, limit, window, burst)
   local tolerance = burst * window
-  local stored = redis.call('HMGET', key, 'd', 't')
-  local debt, last = 0, now
-  if stored[1] then
-    local stored_last = tonumber(stored[2])
-    debt = math.max(0, tonumber(stored[1]) - math.max(0, now - stored_last) * limit)
-    last = math.max(stored_last, now)
-  end
+  local debt, last = U.debt_now(key, now, limit)
   local wanted = debt + cost * window
   local ok = wanted <= tolerance
   local after = ok and wanted or debt

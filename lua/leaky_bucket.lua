@@ -10,13 +10,7 @@
 S.leaky_bucket = {}
 
 function S.leaky_bucket.peek(key, now, cost, limit, window, max_delay)
-  local stored = redis.call('HMGET', key, 'd', 't')
-  local queued, last = 0, now
-  if stored[1] then
-    local stored_last = tonumber(stored[2])
-    queued = math.max(0, tonumber(stored[1]) - math.max(0, now - stored_last) * limit)
-    last = math.max(stored_last, now)
-  end
+  local queued, last = U.debt_now(key, now, limit)
   local delay = U.ceil_div(queued, limit)
   local ok = delay <= max_delay
   local after = ok and queued + cost * window or queued

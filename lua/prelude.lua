@@ -34,3 +34,16 @@ function U.zadd_many(key, score, names)
     end
   end
 end
+
+-- GCRA's and the leaky bucket's state: a lead over now ("debt", in units of 1/limit ms)
+-- that is paid at `limit` units per ms. Returns the debt left at `now` and the later of
+-- the stored time and now (the clock may have gone back). No key: no debt.
+function U.debt_now(key, now, limit)
+  local stored = redis.call('HMGET', key, 'd', 't')
+  if not stored[1] then
+    return 0, now
+  end
+  local stored_last = tonumber(stored[2])
+  local debt = math.max(0, tonumber(stored[1]) - math.max(0, now - stored_last) * limit)
+  return debt, math.max(stored_last, now)
+end
