@@ -96,7 +96,15 @@ pub fn decisions_from_reply(
     expected: usize,
 ) -> Result<Vec<Decision>, Failure> {
     if status != Some("200") {
-        return Err(Failure::Status(status.unwrap_or("(none)").to_owned()));
+        // The body says whose answer it is: Envoy's ("upstream connect error … reset
+        // reason: …") or the controller's JSON error. Kept short for the log line.
+        let said: String = String::from_utf8_lossy(body).chars().take(160).collect();
+        let status = status.unwrap_or("(none)");
+        return Err(Failure::Status(if said.is_empty() {
+            status.to_owned()
+        } else {
+            format!("{status} ({})", said.trim())
+        }));
     }
     let response: CheckResponse =
         serde_json::from_slice(body).map_err(|e| Failure::MalformedReply(e.to_string()))?;

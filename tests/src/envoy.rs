@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use crate::{free_port, http, repo_root, required_file, wait_until, Process};
+use crate::{free_port, http, repo_root, required_file, Process};
 
 /// Envoy's binary from the project's virtualenv (`make envoy` installs it).
 pub fn envoy_binary() -> PathBuf {
@@ -194,11 +194,10 @@ impl Envoy {
             .args(["--disable-hot-restart", "--log-level", "info"])
             .current_dir(repo_root());
         let mut process = Process::spawn("envoy", command, &dir.path().join("envoy.log"));
-        let ready = format!("http://127.0.0.1:{admin_port}/ready");
-        wait_until("envoy", Duration::from_secs(60), || {
-            process.assert_running();
-            http::get(&ready).is_ok_and(|r| r.status == 200)
-        });
+        process.wait_until_ready(
+            &format!("http://127.0.0.1:{admin_port}/ready"),
+            Duration::from_secs(60),
+        );
         Envoy {
             port,
             admin_port,

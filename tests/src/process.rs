@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 pub struct Process {
     name: String,
@@ -42,6 +43,16 @@ impl Process {
         if let Ok(Some(status)) = self.child.try_wait() {
             panic!("{} exited with {status}:\n{}", self.name, self.log());
         }
+    }
+
+    /// Polls `url` until it answers 200, failing (with the log) if the process exits or
+    /// `timeout` passes first.
+    pub fn wait_until_ready(&mut self, url: &str, timeout: Duration) {
+        let name = self.name.clone();
+        crate::wait_until(&name, timeout, || {
+            self.assert_running();
+            crate::http::get(url).is_ok_and(|r| r.status == 200)
+        });
     }
 
     pub fn stop(&mut self) {

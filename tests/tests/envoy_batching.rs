@@ -68,7 +68,22 @@ fn every_strategy_admits_exactly_its_limit_through_batching_envoy() {
         let results = burst(&envoy, vec![path; 40]);
         let admitted = results.iter().filter(|(_, r, _)| r.status == 200).count();
         let denied = results.iter().filter(|(_, r, _)| r.status == 429).count();
-        assert_eq!((admitted, denied), (expected, 40 - expected), "{strategy}");
+        let odd: Vec<&Response> = results
+            .iter()
+            .map(|(_, r, _)| r)
+            .filter(|r| r.status != 200 && r.status != 429)
+            .collect();
+        assert_eq!(
+            (admitted, denied),
+            (expected, 40 - expected),
+            "{strategy}: other answers {odd:?}\n{}",
+            envoy
+                .log()
+                .lines()
+                .filter(|l| l.contains("wasm"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
     }
     let batched = controllers.iter().any(|c| {
         c.log()
