@@ -6,8 +6,14 @@
 //! limit = 100
 //! window = "1m"
 //! match = { path_prefix = "/api/" }
+//!
+//! [[api_keys]]
+//! sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+//! user = "acme"
+//! tier = "gold"
 //! ```
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde::Deserialize;
@@ -18,6 +24,37 @@ use sluice_protocol::{Rule, RuleSet};
 struct RulesFile {
     #[serde(default)]
     rules: Vec<Rule>,
+    #[serde(default)]
+    api_keys: Vec<ApiKeyEntry>,
+}
+
+/// An API key the controller knows, by the SHA-256 of the key (the filter never sends the
+/// key itself, and the file need not hold it either).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiKeyEntry {
+    sha256: String,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    tier: Option<String>,
+}
+
+/// Whom an API key stands for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyGrant {
+    pub user: Option<String>,
+    pub tier: Option<String>,
+}
+
+/// Known API keys by the hex SHA-256 of the key.
+pub type ApiKeys = HashMap<String, KeyGrant>;
+
+/// Everything the rules file says.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub rules: RuleSet,
+    pub api_keys: ApiKeys,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,23 +68,47 @@ pub enum ConfigError {
     Invalid { path: String, message: String },
 }
 
-pub fn load_rules(path: &Path) -> Result<RuleSet, ConfigError> {
+pub fn load(path: &Path) -> Result<Policy, ConfigError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: shown.clone(),
         source,
     })?;
-    parse_rules(&text).map_err(|message| ConfigError::Invalid {
+    parse(&text).map_err(|message| ConfigError::Invalid {
         path: shown,
         message,
     })
 }
 
-pub fn parse_rules(text: &str) -> Result<RuleSet, String> {
+pub fn parse(text: &str) -> Result<Policy, String> {
     let deserializer = toml::Deserializer::parse(text).map_err(|e| e.to_string())?;
     let file: RulesFile = serde_path_to_error::deserialize(deserializer)
         .map_err(|e| format!("{}: {}", e.path(), e.inner().message()))?;
-    RuleSet::new(file.rules).map_err(|e| e.to_string())
+    let rules = RuleSet::new(file.rules).map_err(|e| e.to_string())?;
+    let mut api_keys = ApiKeys::new();
+    for (index, entry) in file.api_keys.into_iter().enumerate() {
+        let digest = entry.sha256.to_ascii_lowercase();
+        if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "api_keys[{index}].sha256: must be the 64 hex digits of the key's SHA-256"
+            ));
+        }
+        let grant = KeyGrant {
+            user: entry.user,
+            tier: entry.tier,
+        };
+        if api_keys.insert(digest, grant).is_some() {
+            return Err(format!(
+                "api_keys[{index}].sha256: the same key is listed twice"
+            ));
+        }
+    }
+    Ok(Policy { rules, api_keys })
+}
+
+/// Just the rules of a rules file.
+pub fn parse_rules(text: &str) -> Result<RuleSet, String> {
+    parse(text).map(|policy| policy.rules)
 }
 
 #[cfg(test)]
@@ -76,6 +137,18 @@ mod tests {
         assert_eq!(rules.rules()[1].matcher.methods, ["POST"]);
     }
 
+    #[test]
+    fn api_keys_are_known_by_their_digest() {
+        let digest = "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08";
+        let policy = parse(&format!(
+            "[[api_keys]]\nsha256 = \"{digest}\"\nuser = \"acme\"\ntier = \"gold\""
+        ))
+        .unwrap();
+        let grant = &policy.api_keys[&digest.to_ascii_lowercase()];
+        assert_eq!(grant.user.as_deref(), Some("acme"));
+        assert_eq!(grant.tier.as_deref(), Some("gold"));
+    }
+
     /// One bad file per error, each with the field the operator is told about.
     #[test]
     fn bad_files_name_the_field() {
@@ -98,6 +171,7 @@ mod tests {
                 "rules[0].name",
             ),
             ("[[rule]]\nname = \"a\"", "rule"),
+            ("[[api_keys]]\nsha256 = \"abc\"", "api_keys[0].sha256"),
         ];
         for (text, field) in cases {
             let message = parse_rules(text).unwrap_err();

@@ -10,15 +10,40 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use sha2::{Digest, Sha256};
-use sluice_protocol::{ClientId, Scope, Strategy};
+use sluice_protocol::{Check, ClientId, ClientKind, Scope, Strategy};
 
 const PREFIX: &str = "sluice";
 
-/// The identity a rule counts against: the client for per-client rules, nobody for global ones.
-pub fn counted_identity(scope: Scope, client: &ClientId) -> Option<&ClientId> {
+/// Whom a rule with `scope` counts `check` against: `Some(None)` for one counter shared by
+/// everyone, `None` when the check lacks the identity the scope needs (the rule then does
+/// not apply to it).
+pub fn counted_identity(scope: Scope, check: &Check) -> Option<Option<ClientId>> {
+    let named = |kind: ClientKind, value: &Option<String>| {
+        value
+            .as_ref()
+            .map(|value| Some(ClientId::new(kind, value.clone())))
+    };
     match scope {
-        Scope::Client => Some(client),
-        Scope::Global => None,
+        Scope::Client => Some(Some(check.client.clone())),
+        Scope::Global => Some(None),
+        Scope::Route => Some(Some(ClientId {
+            kind: "route".to_owned(),
+            value: format!("{}{}", check.host.to_ascii_lowercase(), check.path),
+        })),
+        Scope::Ip => named(ClientKind::Ip, &check.ip).or_else(|| {
+            check
+                .client
+                .is(ClientKind::Ip)
+                .then(|| Some(check.client.clone()))
+        }),
+        Scope::User => named(ClientKind::User, &check.user),
+        Scope::ApiKey => named(ClientKind::ApiKey, &check.api_key),
+        Scope::Tier => check.tier.as_ref().map(|tier| {
+            Some(ClientId {
+                kind: "tier".to_owned(),
+                value: tier.clone(),
+            })
+        }),
     }
 }
 
@@ -161,6 +186,33 @@ mod tests {
         ] {
             assert!(!is_limit_key(Strategy::Concurrency, bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn scopes_count_by_their_own_identity_or_do_not_apply() {
+        let mut check = Check::new(id("user", "ann"), "API.example.com", "GET", "/a", 1);
+        check.ip = Some("10.0.0.1".into());
+        check.user = Some("ann".into());
+        let counted = |scope| counted_identity(scope, &check);
+        assert_eq!(counted(Scope::Client), Some(Some(id("user", "ann"))));
+        assert_eq!(counted(Scope::Global), Some(None));
+        assert_eq!(counted(Scope::Ip), Some(Some(id("ip", "10.0.0.1"))));
+        assert_eq!(counted(Scope::User), Some(Some(id("user", "ann"))));
+        assert_eq!(
+            counted(Scope::Route),
+            Some(Some(id("route", "api.example.com/a")))
+        );
+        assert_eq!(
+            counted(Scope::ApiKey),
+            None,
+            "no API key: rule does not apply"
+        );
+        assert_eq!(counted(Scope::Tier), None, "no tier: rule does not apply");
+        check.tier = Some("gold".into());
+        assert_eq!(
+            counted_identity(Scope::Tier, &check),
+            Some(Some(id("tier", "gold")))
+        );
     }
 
     #[test]

@@ -11,7 +11,6 @@ pub mod strategy;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_protocol::RuleSet;
 use tokio::net::TcpListener;
 
 use crate::limiter::Limiter;
@@ -49,11 +48,11 @@ pub async fn serve(
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let rules = match &settings.config {
-        Some(path) => config::load_rules(path)?,
+    let policy = match &settings.config {
+        Some(path) => config::load(path)?,
         None => {
             tracing::warn!("no --config given: no rule applies, every check is allowed");
-            RuleSet::default()
+            config::Policy::default()
         }
     };
     let store = build_store(&settings)?;
@@ -62,8 +61,13 @@ pub async fn serve(
             "no --redis-url given: using the embedded in-memory store; counters are local to this process"
         );
     }
-    tracing::info!(rules = rules.rules().len(), store = %store.describe(), "starting");
-    let limiter = Arc::new(Limiter::new(rules, store));
+    tracing::info!(
+        rules = policy.rules.rules().len(),
+        api_keys = policy.api_keys.len(),
+        store = %store.describe(),
+        "starting"
+    );
+    let limiter = Arc::new(Limiter::new(policy.rules, store).with_api_keys(policy.api_keys));
     let listener =
         TcpListener::bind(settings.listen)
             .await

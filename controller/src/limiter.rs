@@ -3,26 +3,52 @@
 
 use std::sync::Arc;
 
+use std::borrow::Cow;
+
 use sluice_protocol::{
-    Check, CheckRequest, CheckResponse, Decision, DenyReason, PolicyStatus, Rule, RuleSet, Strategy,
+    Check, CheckRequest, CheckResponse, ClientId, ClientKind, Decision, DenyReason, PolicyStatus,
+    Rule, RuleSet, Strategy,
 };
 
+use crate::config::ApiKeys;
 use crate::keys;
 use crate::store::{CheckSpec, LimitSpec, Outcome, Store, StoreError};
 use crate::strategy::{Params, Verdict};
 
 pub struct Limiter {
     rules: RuleSet,
+    api_keys: ApiKeys,
     store: Arc<dyn Store>,
+}
+
+/// A check's limits as the store is asked about them: the enforced rules together (all or
+/// nothing), then each shadow rule on its own, so that a shadow rule never blocks and
+/// counts only what it would have admitted.
+struct Asked<'r> {
+    enforced: Vec<&'r Rule>,
+    enforced_specs: Vec<LimitSpec>,
+    shadow: Vec<(&'r Rule, Vec<LimitSpec>)>,
+    lease_id: String,
 }
 
 enum Plan<'r> {
     Decided(Decision),
-    Ask {
-        rules: Vec<&'r Rule>,
-        specs: Vec<LimitSpec>,
-        lease_id: String,
-    },
+    Ask(Asked<'r>),
+}
+
+impl Asked<'_> {
+    fn specs(&self) -> impl Iterator<Item = CheckSpec<'_>> {
+        let enforced = (!self.enforced_specs.is_empty()).then_some(CheckSpec {
+            limits: &self.enforced_specs,
+            lease_id: &self.lease_id,
+        });
+        enforced
+            .into_iter()
+            .chain(self.shadow.iter().map(|(_, specs)| CheckSpec {
+                limits: specs,
+                lease_id: &self.lease_id,
+            }))
+    }
 }
 
 /// A lease token the filter sent back that this controller did not hand out.
@@ -42,7 +68,17 @@ pub enum ReleaseError {
 
 impl Limiter {
     pub fn new(rules: RuleSet, store: Arc<dyn Store>) -> Self {
-        Limiter { rules, store }
+        Limiter {
+            rules,
+            api_keys: ApiKeys::new(),
+            store,
+        }
+    }
+
+    /// API keys the controller maps to users and tiers.
+    pub fn with_api_keys(mut self, api_keys: ApiKeys) -> Self {
+        self.api_keys = api_keys;
+        self
     }
 
     pub fn store(&self) -> &dyn Store {
@@ -57,22 +93,19 @@ impl Limiter {
     /// a later check for the same counter sees the earlier one's effect, exactly as if they
     /// had arrived one by one.
     pub async fn check(&self, request: &CheckRequest) -> Result<CheckResponse, StoreError> {
-        let plans: Vec<Plan<'_>> = request
+        let checks: Vec<Cow<'_, Check>> = request
             .checks
             .iter()
-            .map(|check| self.plan(check))
+            .map(|check| self.resolve_api_key(check))
             .collect();
+        let plans: Vec<Plan<'_>> = checks.iter().map(|check| self.plan(check)).collect();
         let batch: Vec<CheckSpec<'_>> = plans
             .iter()
-            .filter_map(|plan| match plan {
-                Plan::Ask {
-                    specs, lease_id, ..
-                } => Some(CheckSpec {
-                    limits: specs,
-                    lease_id,
-                }),
+            .flat_map(|plan| match plan {
+                Plan::Ask(asked) => Some(asked.specs()),
                 Plan::Decided(_) => None,
             })
+            .flatten()
             .collect();
         let outcomes = if batch.is_empty() {
             Vec::new()
@@ -96,51 +129,89 @@ impl Limiter {
             .into_iter()
             .map(|plan| match plan {
                 Plan::Decided(decision) => decision,
-                Plan::Ask {
-                    rules,
-                    specs,
-                    lease_id,
-                } => {
-                    // Counted above: one outcome per asking check, one verdict per limit.
-                    let outcome = outcomes.next().unwrap_or(Outcome {
-                        denied_by: None,
-                        verdicts: Vec::new(),
-                    });
-                    decide(&rules, &specs, &lease_id, &outcome)
+                Plan::Ask(asked) => {
+                    // Counted above: one outcome per spec, one verdict per limit.
+                    let enforced = if asked.enforced_specs.is_empty() {
+                        Outcome {
+                            denied_by: None,
+                            verdicts: Vec::new(),
+                        }
+                    } else {
+                        outcomes.next().unwrap_or(Outcome {
+                            denied_by: None,
+                            verdicts: Vec::new(),
+                        })
+                    };
+                    let shadow: Vec<Outcome> = outcomes.by_ref().take(asked.shadow.len()).collect();
+                    decide(&asked, &enforced, &shadow)
                 }
             })
             .collect();
         Ok(CheckResponse { decisions })
     }
 
+    /// The check as the rules see it: an API key the controller knows stands for its user
+    /// (who then is the client) and tier; a JWT's own user and tier win over the key's.
+    fn resolve_api_key<'c>(&self, check: &'c Check) -> Cow<'c, Check> {
+        let Some(grant) = check
+            .api_key
+            .as_ref()
+            .and_then(|key| self.api_keys.get(key))
+        else {
+            return Cow::Borrowed(check);
+        };
+        let mut resolved = check.clone();
+        if resolved.user.is_none() {
+            resolved.user.clone_from(&grant.user);
+        }
+        if resolved.tier.is_none() {
+            resolved.tier.clone_from(&grant.tier);
+        }
+        if let (true, Some(user)) = (resolved.client.is(ClientKind::ApiKey), &resolved.user) {
+            resolved.client = ClientId::new(ClientKind::User, user.clone());
+        }
+        Cow::Owned(resolved)
+    }
+
     /// What a check needs: a decision already (no rule, or one that can never admit it),
     /// or the store's answer for these limits.
-    fn plan<'r>(&'r self, check: &'r Check) -> Plan<'r> {
-        let rules: Vec<&Rule> = self.rules.matching(check).collect();
-        if rules.is_empty() {
+    fn plan<'r>(&'r self, check: &Check) -> Plan<'r> {
+        let counted: Vec<(&Rule, Option<ClientId>)> = self
+            .rules
+            .rules()
+            .iter()
+            .filter(|rule| rule.applies_to(check))
+            .filter_map(|rule| Some((rule, keys::counted_identity(rule.scope, check)?)))
+            .collect();
+        if counted.is_empty() {
             return Plan::Decided(Decision::unlimited());
         }
-        let costs: Vec<u64> = rules
+        let spec = |rule: &Rule, identity: &Option<ClientId>| {
+            let cost = rule.cost.unwrap_or(check.cost);
+            LimitSpec {
+                key: keys::limit_key(rule.strategy, &rule.name, identity.as_ref()),
+                params: Params::of(rule),
+                // A concurrency rule in shadow reports the slots in use but takes none: a
+                // slot it took would have to be given back by a request that was refused.
+                cost: if rule.shadow && rule.strategy == Strategy::Concurrency {
+                    0
+                } else {
+                    cost
+                },
+            }
+        };
+        let (enforced, shadow): (Vec<_>, Vec<_>) =
+            counted.into_iter().partition(|(rule, _)| !rule.shadow);
+        let enforced_rules: Vec<&Rule> = enforced.iter().map(|(rule, _)| *rule).collect();
+        let enforced_specs: Vec<LimitSpec> = enforced
             .iter()
-            .map(|rule| rule.cost.unwrap_or(check.cost))
+            .map(|(rule, identity)| spec(rule, identity))
             .collect();
-        if let Some(denial) = never_admitted(&rules, &costs) {
+        let costs: Vec<u64> = enforced_specs.iter().map(|spec| spec.cost).collect();
+        if let Some(denial) = never_admitted(&enforced_rules, &costs) {
             return Plan::Decided(denial);
         }
-        let specs = rules
-            .iter()
-            .zip(&costs)
-            .map(|(rule, &cost)| LimitSpec {
-                key: keys::limit_key(
-                    rule.strategy,
-                    &rule.name,
-                    keys::counted_identity(rule.scope, &check.client),
-                ),
-                params: Params::of(rule),
-                cost,
-            })
-            .collect();
-        let takes_slots = rules
+        let takes_slots = enforced_rules
             .iter()
             .any(|rule| rule.strategy == Strategy::Concurrency);
         let lease_id = if takes_slots {
@@ -148,11 +219,15 @@ impl Limiter {
         } else {
             String::new()
         };
-        Plan::Ask {
-            rules,
-            specs,
+        Plan::Ask(Asked {
+            enforced: enforced_rules,
+            enforced_specs,
+            shadow: shadow
+                .iter()
+                .map(|(rule, identity)| (*rule, vec![spec(rule, identity)]))
+                .collect(),
             lease_id,
-        }
+        })
     }
 
     /// Gives back the slots named by lease tokens; returns how many were still held.
@@ -210,7 +285,7 @@ fn never_admitted(rules: &[&Rule], costs: &[u64]) -> Option<Decision> {
         let mut decision = Decision {
             allowed: false,
             policy: Some(policy(rule, &verdict)),
-            leases: Vec::new(),
+            ..Decision::unlimited()
         };
         if let Some(policy) = &mut decision.policy {
             policy.reason = Some(reason);
@@ -237,41 +312,65 @@ fn policy(rule: &Rule, verdict: &Verdict) -> PolicyStatus {
     }
 }
 
-/// The decision for a store's outcome, with the leases of the concurrency slots it took.
-fn decide(rules: &[&Rule], specs: &[LimitSpec], lease_id: &str, outcome: &Outcome) -> Decision {
-    let mut decision = decision(rules, outcome);
-    if decision.allowed {
-        decision.leases = rules
+/// The decision for the store's outcomes of a check: the enforced limit that denied speaks
+/// for it; when none did, a shadow limit that would have denied (`shadow_denied`); else the
+/// limit with the fewest requests left. The delay is the longest an enforced limit asks for;
+/// an admitted request holds the concurrency slots its enforced limits gave it.
+fn decide(asked: &Asked<'_>, enforced: &Outcome, shadow: &[Outcome]) -> Decision {
+    let enforced_statuses = asked
+        .enforced
+        .iter()
+        .zip(&enforced.verdicts)
+        .map(|(rule, verdict)| policy(rule, verdict));
+    let shadow_statuses = asked
+        .shadow
+        .iter()
+        .zip(shadow)
+        .filter_map(|((rule, _), outcome)| Some(policy(rule, outcome.verdicts.first()?)));
+    let mut statuses: Vec<PolicyStatus> = enforced_statuses.chain(shadow_statuses).collect();
+    let shadow_denier = shadow
+        .iter()
+        .position(|outcome| !outcome.allowed())
+        .map(|i| asked.enforced.len() + i);
+    let speaking = enforced
+        .denied_by
+        .or(shadow_denier)
+        .or_else(|| {
+            (0..statuses.len()).min_by_key(|&i| statuses.get(i).map_or(u64::MAX, |s| s.remaining))
+        })
+        .unwrap_or(0);
+    let allowed = enforced.allowed();
+    let leases = if allowed {
+        asked
+            .enforced
             .iter()
-            .zip(specs)
+            .zip(&asked.enforced_specs)
             .filter(|(rule, spec)| rule.strategy == Strategy::Concurrency && spec.cost > 0)
-            .map(|(_, spec)| lease_token(&spec.key, lease_id, spec.cost))
-            .collect();
-    }
-    decision
-}
-
-/// The decision for an outcome: the limit that denied speaks for it, or when all allowed,
-/// the one with the fewest requests left. The delay is the longest any limit asks for.
-fn decision(rules: &[&Rule], outcome: &Outcome) -> Decision {
-    let speaking = outcome.denied_by.unwrap_or_else(|| {
-        (0..rules.len())
-            .min_by_key(|&i| outcome.verdicts[i].remaining)
-            .unwrap_or(0)
-    });
-    let mut policy = policy(rules[speaking], &outcome.verdicts[speaking]);
-    if outcome.allowed() {
-        policy.delay_ms = outcome
+            .map(|(_, spec)| lease_token(&spec.key, &asked.lease_id, spec.cost))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let delay_ms = if allowed {
+        enforced
             .verdicts
             .iter()
             .map(|v| v.delay_ms)
             .max()
-            .unwrap_or(0);
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    let mut speaking_policy = (speaking < statuses.len()).then(|| statuses.remove(speaking));
+    if let Some(policy) = &mut speaking_policy {
+        policy.delay_ms = delay_ms;
     }
     Decision {
-        allowed: outcome.allowed(),
-        policy: Some(policy),
-        leases: Vec::new(),
+        allowed,
+        policy: speaking_policy,
+        others: statuses,
+        shadow_denied: allowed && enforced.denied_by.is_none() && shadow_denier.is_some(),
+        leases,
     }
 }
 

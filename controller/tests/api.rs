@@ -7,7 +7,7 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use sluice_controller::api::{app, AppState};
-use sluice_controller::config::parse_rules;
+use sluice_controller::config::{parse, parse_rules};
 use sluice_controller::limiter::Limiter;
 use sluice_controller::store::{ManualClock, MemoryStore};
 use tower::ServiceExt;
@@ -17,6 +17,14 @@ fn router(rules: &str) -> (axum::Router, Arc<ManualClock>) {
     let store = Arc::new(MemoryStore::new(clock.clone()));
     let limiter = Arc::new(Limiter::new(parse_rules(rules).unwrap(), store));
     (app(AppState { limiter }), clock)
+}
+
+fn router_with_keys(file: &str) -> axum::Router {
+    let clock = ManualClock::starting_at(1_000_000);
+    let store = Arc::new(MemoryStore::new(clock));
+    let policy = parse(file).unwrap();
+    let limiter = Arc::new(Limiter::new(policy.rules, store).with_api_keys(policy.api_keys));
+    app(AppState { limiter })
 }
 
 async fn post(router: &axum::Router, path: &str, body: Value) -> (StatusCode, Value) {
@@ -138,4 +146,97 @@ async fn health_and_readiness_answer() {
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK, "{path}");
     }
+}
+
+/// A shadow rule never blocks and never stops the enforced rules from counting; the
+/// decision says it would have denied, and every applied limit is reported.
+#[tokio::test]
+async fn shadow_rules_report_but_never_block() {
+    let (router, _clock) = router(
+        r#"
+        [[rules]]
+        name = "enforced"
+        limit = 3
+        window = "1s"
+
+        [[rules]]
+        name = "trial"
+        limit = 1
+        window = "1s"
+        shadow = true
+        "#,
+    );
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let (_, body) = post(&router, "/v1/check", one_check("10.0.0.1")).await;
+        let decision = body["decisions"][0].clone();
+        seen.push((
+            decision["allowed"].as_bool().unwrap(),
+            decision["shadow_denied"].as_bool().unwrap_or(false),
+            decision["policy"]["rule"].as_str().unwrap().to_owned(),
+        ));
+        assert_eq!(
+            decision["others"].as_array().unwrap().len(),
+            1,
+            "both limits are reported: {decision}"
+        );
+    }
+    assert_eq!(
+        seen,
+        [
+            (true, false, "trial".to_owned()),
+            (true, true, "trial".to_owned()),
+            (true, true, "trial".to_owned()),
+            (false, false, "enforced".to_owned()),
+        ]
+    );
+}
+
+/// The controller knows API keys by digest: a known key counts as its user and carries
+/// its tier into matching; an unknown key counts as itself.
+#[tokio::test]
+async fn api_keys_map_to_user_and_tier() {
+    let digest = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    let router = router_with_keys(&format!(
+        r#"
+        [[rules]]
+        name = "gold"
+        limit = 2
+        window = "1m"
+        match = {{ tiers = ["gold"] }}
+
+        [[rules]]
+        name = "per-key"
+        scope = "api_key"
+        limit = 5
+        window = "1m"
+
+        [[api_keys]]
+        sha256 = "{digest}"
+        user = "acme"
+        tier = "gold"
+        "#
+    ));
+    let with_key = |key: &str| {
+        json!({ "checks": [{ "client": { "kind": "api_key", "value": key },
+                              "api_key": key, "ip": "10.0.0.1", "path": "/" }] })
+    };
+    let (_, body) = post(&router, "/v1/check", with_key(digest)).await;
+    let decision = &body["decisions"][0];
+    assert_eq!(decision["policy"]["rule"], "gold", "{decision}");
+    assert_eq!(decision["policy"]["remaining"], 1);
+    let (_, body) = post(&router, "/v1/check", with_key(digest)).await;
+    assert_eq!(body["decisions"][0]["policy"]["remaining"], 0);
+    let (_, body) = post(&router, "/v1/check", with_key(digest)).await;
+    assert_eq!(body["decisions"][0]["allowed"], false);
+
+    let unknown = "00".repeat(32);
+    let (_, body) = post(&router, "/v1/check", with_key(&unknown)).await;
+    let decision = &body["decisions"][0];
+    assert_eq!(decision["allowed"], true);
+    assert_eq!(
+        decision["policy"]["rule"], "per-key",
+        "no tier: gold does not apply"
+    );
+    assert!(decision["others"].as_array().is_none());
 }

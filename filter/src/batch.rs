@@ -21,11 +21,16 @@ use crate::decision::Verdict;
 /// Where the root leaves a request's verdict for the request's own context to read.
 pub type Slot = Rc<RefCell<Option<Verdict>>>;
 
-/// A request in a batch: its Envoy context and where its verdict goes.
+/// A request in a batch: its Envoy context, where its verdict goes, and what its verdict
+/// needs besides the decision.
 #[derive(Debug, Clone)]
 pub struct Member {
     pub context_id: u32,
     pub slot: Slot,
+    /// Envoy's `x-request-id`, for the body of a local reply.
+    pub request_id: Option<String>,
+    /// The check's fingerprint, under which a denial is cached.
+    pub fingerprint: u64,
 }
 
 #[derive(Debug)]
@@ -75,14 +80,11 @@ impl Batcher {
         }
     }
 
-    pub fn register(&mut self, context_id: u32, check: Check, slot: Slot) -> Registered {
+    pub fn register(&mut self, member: Member, check: Check) -> Registered {
         if self.waiting.len() >= self.max_waiting {
             return Registered::Overloaded;
         }
-        self.waiting.push_back(Waiting {
-            member: Member { context_id, slot },
-            check,
-        });
+        self.waiting.push_back(Waiting { member, check });
         if self.in_flight.is_none() && !self.wake_requested {
             self.wake_requested = true;
             Registered::WakeRoot
@@ -169,17 +171,16 @@ mod tests {
     use sluice_protocol::ClientId;
 
     fn check(n: u32) -> Check {
-        Check {
-            client: ClientId::ip(format!("10.0.0.{n}")),
-            host: String::new(),
-            method: "GET".into(),
-            path: "/".into(),
-            cost: 1,
-        }
+        Check::new(ClientId::ip(format!("10.0.0.{n}")), "", "GET", "/", 1)
     }
 
-    fn slot() -> Slot {
-        Rc::new(RefCell::new(None))
+    fn member(context_id: u32) -> Member {
+        Member {
+            context_id,
+            slot: Rc::new(RefCell::new(None)),
+            request_id: None,
+            fingerprint: 0,
+        }
     }
 
     fn ids(members: &[Member]) -> Vec<u32> {
@@ -189,7 +190,7 @@ mod tests {
     #[test]
     fn a_lone_request_wakes_the_root_and_goes_alone() {
         let mut batcher = Batcher::new(10, 100);
-        assert_eq!(batcher.register(1, check(1), slot()), Registered::WakeRoot);
+        assert_eq!(batcher.register(member(1), check(1)), Registered::WakeRoot);
         let (members, request) = batcher.next_batch().unwrap();
         assert_eq!(ids(&members), [1]);
         assert_eq!(request.checks, [check(1)]);
@@ -202,11 +203,11 @@ mod tests {
     #[test]
     fn requests_gather_while_a_batch_is_out_and_leave_together_in_order() {
         let mut batcher = Batcher::new(10, 100);
-        batcher.register(1, check(1), slot());
+        batcher.register(member(1), check(1));
         let (members, _) = batcher.next_batch().unwrap();
         batcher.sent(77, members, 0);
         for n in 2..=4 {
-            assert_eq!(batcher.register(n, check(n), slot()), Registered::Wait);
+            assert_eq!(batcher.register(member(n), check(n)), Registered::Wait);
         }
         assert!(
             batcher.next_batch().is_none(),
@@ -222,7 +223,7 @@ mod tests {
     fn batches_are_capped_and_the_rest_waits() {
         let mut batcher = Batcher::new(2, 100);
         for n in 1..=5 {
-            batcher.register(n, check(n), slot());
+            batcher.register(member(n), check(n));
         }
         let (first, _) = batcher.next_batch().unwrap();
         assert_eq!(ids(&first), [1, 2]);
@@ -236,21 +237,21 @@ mod tests {
     #[test]
     fn only_one_wake_up_is_asked_for_until_the_root_runs() {
         let mut batcher = Batcher::new(10, 100);
-        assert_eq!(batcher.register(1, check(1), slot()), Registered::WakeRoot);
-        assert_eq!(batcher.register(2, check(2), slot()), Registered::Wait);
+        assert_eq!(batcher.register(member(1), check(1)), Registered::WakeRoot);
+        assert_eq!(batcher.register(member(2), check(2)), Registered::Wait);
         let (members, _) = batcher.next_batch().unwrap();
         assert_eq!(ids(&members), [1, 2]);
         batcher.sent(5, members, 0);
         batcher.complete(5);
         assert!(batcher.next_batch().is_none());
-        assert_eq!(batcher.register(3, check(3), slot()), Registered::WakeRoot);
+        assert_eq!(batcher.register(member(3), check(3)), Registered::WakeRoot);
     }
 
     #[test]
     fn a_request_that_leaves_is_not_sent() {
         let mut batcher = Batcher::new(10, 100);
-        batcher.register(1, check(1), slot());
-        batcher.register(2, check(2), slot());
+        batcher.register(member(1), check(1));
+        batcher.register(member(2), check(2));
         batcher.cancel(1);
         let (members, request) = batcher.next_batch().unwrap();
         assert_eq!(ids(&members), [2]);
@@ -260,7 +261,7 @@ mod tests {
     #[test]
     fn replies_for_other_tokens_are_not_the_batch() {
         let mut batcher = Batcher::new(10, 100);
-        batcher.register(1, check(1), slot());
+        batcher.register(member(1), check(1));
         let (members, _) = batcher.next_batch().unwrap();
         batcher.sent(9, members, 0);
         assert!(batcher.complete(8).is_none());
@@ -271,25 +272,25 @@ mod tests {
     #[test]
     fn a_batch_that_was_not_sent_frees_the_way() {
         let mut batcher = Batcher::new(10, 100);
-        batcher.register(1, check(1), slot());
+        batcher.register(member(1), check(1));
         let _ = batcher.next_batch().unwrap();
         batcher.not_sent();
-        assert_eq!(batcher.register(2, check(2), slot()), Registered::WakeRoot);
+        assert_eq!(batcher.register(member(2), check(2)), Registered::WakeRoot);
     }
 
     #[test]
     fn overdue_batches_are_given_up_and_the_queue_is_bounded() {
         let mut batcher = Batcher::new(10, 2);
-        batcher.register(1, check(1), slot());
+        batcher.register(member(1), check(1));
         let (members, _) = batcher.next_batch().unwrap();
         batcher.sent(3, members, 1_000);
         assert!(batcher.overdue(1_500, 1_000).is_none());
         assert_eq!(ids(&batcher.overdue(2_001, 1_000).unwrap()), [1]);
         assert!(!batcher.in_flight());
-        batcher.register(2, check(2), slot());
-        batcher.register(3, check(3), slot());
+        batcher.register(member(2), check(2));
+        batcher.register(member(3), check(3));
         assert_eq!(
-            batcher.register(4, check(4), slot()),
+            batcher.register(member(4), check(4)),
             Registered::Overloaded
         );
     }

@@ -3,10 +3,20 @@
 //! A configuration that does not parse or does not make sense is refused as a whole, with a
 //! message naming the field; the filter never runs half-configured.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::time::Duration;
 
+use ipnet::IpNet;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
+use sluice_protocol::headers::HeaderStyle;
+
+use crate::client::{IpPolicy, ProxyTrust};
+use crate::identity::{self, IdentityConfig, JwtMetadata, JwtSettings, OnInvalidToken, Source};
+use crate::jwt::{Expectations, JwtVerifier, VerifyingKey};
+use crate::lists::List;
 
 /// What happens to a request when the controller cannot give a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -30,7 +40,195 @@ struct RawConfig {
     batching: bool,
     #[serde(default = "default_max_batch_size")]
     max_batch_size: usize,
+    #[serde(default)]
+    identity: RawIdentity,
+    #[serde(default)]
+    headers: HeaderStyle,
+    #[serde(default)]
+    shadow: bool,
+    #[serde(default)]
+    safelist: RawList,
+    #[serde(default)]
+    denylist: RawList,
+    #[serde(default = "default_exempt_paths")]
+    exempt_paths: Vec<String>,
+    #[serde(default)]
+    denial_cache: RawDenialCache,
 }
+
+fn default_exempt_paths() -> Vec<String> {
+    [
+        "/healthz",
+        "/readyz",
+        "/livez",
+        "/metrics",
+        "/stats",
+        "/stats/**",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    #[serde(default)]
+    order: Option<Vec<Source>>,
+    #[serde(default)]
+    jwt: Option<RawJwt>,
+    #[serde(default)]
+    api_key_header: Option<String>,
+    #[serde(default)]
+    client_header: Option<String>,
+    #[serde(default)]
+    ip: RawIp,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    #[serde(default = "default_jwt_header")]
+    header: String,
+    #[serde(default)]
+    keys: Vec<RawJwtKey>,
+    #[serde(default)]
+    jwks: Option<serde_json::Value>,
+    #[serde(default)]
+    issuers: Vec<String>,
+    #[serde(default)]
+    audiences: Vec<String>,
+    #[serde(default = "default_leeway_s")]
+    leeway_s: u64,
+    #[serde(default = "default_subject_claim")]
+    subject_claim: String,
+    #[serde(default)]
+    tier_claim: Option<String>,
+    #[serde(default = "default_on_invalid")]
+    on_invalid: OnInvalidToken,
+    #[serde(default)]
+    from_metadata: Option<RawJwtMetadata>,
+    #[serde(default = "default_token_cache_size")]
+    cache_size: usize,
+}
+
+fn default_jwt_header() -> String {
+    "authorization".into()
+}
+
+fn default_leeway_s() -> u64 {
+    60
+}
+
+fn default_subject_claim() -> String {
+    "sub".into()
+}
+
+fn default_on_invalid() -> OnInvalidToken {
+    OnInvalidToken::Reject
+}
+
+fn default_token_cache_size() -> usize {
+    10_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwtKey {
+    #[serde(default)]
+    kid: Option<String>,
+    alg: String,
+    /// HS256/384/512: the shared secret.
+    #[serde(default)]
+    secret: Option<String>,
+    /// RS*, PS*, ES*, EdDSA: the public key in PEM.
+    #[serde(default)]
+    pem: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwtMetadata {
+    #[serde(default = "default_jwt_authn")]
+    filter: String,
+    key: String,
+}
+
+fn default_jwt_authn() -> String {
+    "envoy.filters.http.jwt_authn".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIp {
+    #[serde(default)]
+    trusted_hops: usize,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+    #[serde(default = "default_ipv6_prefix")]
+    ipv6_prefix: u8,
+    #[serde(default = "default_true")]
+    envoy_appends_forwarded_for: bool,
+}
+
+impl Default for RawIp {
+    fn default() -> Self {
+        RawIp {
+            trusted_hops: 0,
+            trusted_proxies: Vec::new(),
+            ipv6_prefix: default_ipv6_prefix(),
+            envoy_appends_forwarded_for: true,
+        }
+    }
+}
+
+fn default_ipv6_prefix() -> u8 {
+    64
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawList {
+    #[serde(default)]
+    ips: Vec<String>,
+    #[serde(default)]
+    users: Vec<String>,
+    /// Keys in clear or as `sha256:<hex>`.
+    #[serde(default)]
+    api_keys: Vec<String>,
+    #[serde(default)]
+    paths: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDenialCache {
+    #[serde(default = "default_true")]
+    enabled: bool,
+    #[serde(default = "default_denial_slots")]
+    slots: u32,
+}
+
+impl Default for RawDenialCache {
+    fn default() -> Self {
+        RawDenialCache {
+            enabled: true,
+            slots: default_denial_slots(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_denial_slots() -> u32 {
+    4_096
+}
+
+/// Most slots of the denial cache (each a shared-data entry of about 200 bytes).
+pub const MAX_DENIAL_SLOTS: u32 = 1 << 20;
+/// Most trusted proxy hops.
+pub const MAX_TRUSTED_HOPS: usize = crate::client::MAX_FORWARDED_HOPS;
 
 fn default_batching() -> bool {
     true
@@ -65,7 +263,7 @@ fn default_timeout_ms() -> u64 {
 pub const MAX_TIMEOUT_MS: u64 = 60_000;
 
 /// Checked configuration, ready for every request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct FilterConfig {
     pub controller_cluster: String,
     pub controller_authority: String,
@@ -76,6 +274,16 @@ pub struct FilterConfig {
     /// Whether the checks of concurrent requests share callouts (see `batch`).
     pub batching: bool,
     pub max_batch_size: usize,
+    pub identity: IdentityConfig,
+    pub headers: HeaderStyle,
+    /// Everything is evaluated and reported; nothing is blocked.
+    pub shadow: bool,
+    pub safelist: List,
+    pub denylist: List,
+    /// Paths never limited (health, metrics), as globs.
+    pub exempt: List,
+    /// Slots of the denial cache; `None` when it is off.
+    pub denial_cache_slots: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,16 +311,9 @@ impl FilterConfig {
                 field: e.path().to_string(),
                 message: e.inner().to_string(),
             })?;
-        let invalid = |field: &str, message: String| ConfigError {
-            field: field.to_owned(),
-            message,
-        };
         let controller = raw.controller;
         if controller.cluster.trim().is_empty() {
-            return Err(invalid(
-                "controller.cluster",
-                "must name an Envoy cluster".into(),
-            ));
+            return Err(invalid("controller.cluster", "must name an Envoy cluster"));
         }
         if controller.timeout_ms == 0 || controller.timeout_ms > MAX_TIMEOUT_MS {
             return Err(invalid(
@@ -133,13 +334,7 @@ impl FilterConfig {
             ));
         }
         if let Some(name) = &raw.cost_header {
-            let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-            if name.is_empty() || !name.bytes().all(token) {
-                return Err(invalid(
-                    "cost_header",
-                    format!("`{name}` is not a header name"),
-                ));
-            }
+            header_name("cost_header", name)?;
         }
         if raw.max_batch_size == 0 || raw.max_batch_size > MAX_BATCH_SIZE {
             return Err(invalid(
@@ -150,6 +345,25 @@ impl FilterConfig {
                 ),
             ));
         }
+        if raw.denial_cache.slots == 0 || raw.denial_cache.slots > MAX_DENIAL_SLOTS {
+            return Err(invalid(
+                "denial_cache.slots",
+                format!(
+                    "must be between 1 and {MAX_DENIAL_SLOTS}, got {}",
+                    raw.denial_cache.slots
+                ),
+            ));
+        }
+        let identity = identity_config(raw.identity)?;
+        let safelist = list("safelist", raw.safelist)?;
+        let denylist = list("denylist", raw.denylist)?;
+        let exempt = list(
+            "exempt_paths",
+            RawList {
+                paths: raw.exempt_paths,
+                ..RawList::default()
+            },
+        )?;
         Ok(FilterConfig {
             controller_cluster: controller.cluster,
             controller_authority: authority,
@@ -158,8 +372,275 @@ impl FilterConfig {
             cost_header: raw.cost_header.map(|name| name.to_ascii_lowercase()),
             batching: raw.batching,
             max_batch_size: raw.max_batch_size,
+            identity,
+            headers: raw.headers,
+            shadow: raw.shadow,
+            safelist,
+            denylist,
+            exempt,
+            denial_cache_slots: raw.denial_cache.enabled.then_some(raw.denial_cache.slots),
         })
     }
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// A header name (RFC 9110 token), lower-cased.
+fn header_name(field: &str, name: &str) -> Result<String, ConfigError> {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if name.is_empty() || !name.bytes().all(token) {
+        return Err(invalid(field, format!("`{name}` is not a header name")));
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+fn identity_config(raw: RawIdentity) -> Result<IdentityConfig, ConfigError> {
+    let order = raw.order.unwrap_or_else(|| IdentityConfig::default().order);
+    if order.is_empty() {
+        return Err(invalid("identity.order", "must name at least one source"));
+    }
+    for (index, source) in order.iter().enumerate() {
+        if order
+            .get(..index)
+            .is_some_and(|before| before.contains(source))
+        {
+            return Err(invalid(
+                format!("identity.order[{index}]"),
+                format!("{source:?} is listed twice"),
+            ));
+        }
+    }
+    let api_key_header = raw
+        .api_key_header
+        .map(|name| header_name("identity.api_key_header", &name))
+        .transpose()?;
+    let client_header = raw
+        .client_header
+        .map(|name| header_name("identity.client_header", &name))
+        .transpose()?;
+    let jwt = raw.jwt.map(jwt_settings).transpose()?;
+    let trust = match (raw.ip.trusted_hops, raw.ip.trusted_proxies.is_empty()) {
+        (0, true) => ProxyTrust::Nobody,
+        (hops, true) if hops <= MAX_TRUSTED_HOPS => ProxyTrust::Hops(hops),
+        (hops, true) => {
+            return Err(invalid(
+                "identity.ip.trusted_hops",
+                format!("must be at most {MAX_TRUSTED_HOPS}, got {hops}"),
+            ))
+        }
+        (0, false) => ProxyTrust::Networks(networks(
+            "identity.ip.trusted_proxies",
+            &raw.ip.trusted_proxies,
+        )?),
+        (_, false) => {
+            return Err(invalid(
+                "identity.ip.trusted_proxies",
+                "set either trusted_hops or trusted_proxies, not both",
+            ))
+        }
+    };
+    if raw.ip.ipv6_prefix > 128 {
+        return Err(invalid(
+            "identity.ip.ipv6_prefix",
+            format!("must be at most 128, got {}", raw.ip.ipv6_prefix),
+        ));
+    }
+    Ok(IdentityConfig {
+        order,
+        jwt,
+        api_key_header,
+        client_header,
+        ip: IpPolicy {
+            trust,
+            ipv6_prefix: raw.ip.ipv6_prefix,
+            envoy_appends: raw.ip.envoy_appends_forwarded_for,
+        },
+    })
+}
+
+fn networks(field: &str, entries: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+    entries
+        .iter()
+        .enumerate()
+        .map(|(index, entry)| {
+            let entry = entry.trim();
+            entry
+                .parse::<IpNet>()
+                .or_else(|_| entry.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| {
+                    invalid(
+                        format!("{field}[{index}]"),
+                        format!("`{entry}` is not an address or CIDR network"),
+                    )
+                })
+        })
+        .collect()
+}
+
+fn list(name: &str, raw: RawList) -> Result<List, ConfigError> {
+    let api_keys = raw
+        .api_keys
+        .iter()
+        .enumerate()
+        .map(|(index, key)| match key.strip_prefix("sha256:") {
+            Some(digest) if digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                Ok(digest.to_ascii_lowercase())
+            }
+            Some(_) => Err(invalid(
+                format!("{name}.api_keys[{index}]"),
+                "`sha256:` must be followed by 64 hex digits",
+            )),
+            None if key.is_empty() => Err(invalid(
+                format!("{name}.api_keys[{index}]"),
+                "must not be empty",
+            )),
+            None => Ok(identity::api_key_digest(key)),
+        })
+        .collect::<Result<_, _>>()?;
+    for (index, path) in raw.paths.iter().enumerate() {
+        if !path.starts_with('/') {
+            return Err(invalid(
+                if name == "exempt_paths" {
+                    format!("exempt_paths[{index}]")
+                } else {
+                    format!("{name}.paths[{index}]")
+                },
+                format!("`{path}` must start with `/`"),
+            ));
+        }
+    }
+    Ok(List {
+        networks: networks(&format!("{name}.ips"), &raw.ips)?,
+        users: raw.users,
+        api_keys,
+        paths: raw.paths,
+    })
+}
+
+fn algorithm(field: &str, name: &str) -> Result<Algorithm, ConfigError> {
+    name.parse::<Algorithm>().map_err(|_| {
+        invalid(
+            field,
+            format!(
+                "`{name}` is not one of HS256, HS384, HS512, RS256, RS384, RS512, \
+                 PS256, PS384, PS512, ES256, ES384, EdDSA"
+            ),
+        )
+    })
+}
+
+fn jwt_settings(raw: RawJwt) -> Result<JwtSettings, ConfigError> {
+    let header = header_name("identity.jwt.header", &raw.header)?;
+    let mut keys = Vec::new();
+    for (index, key) in raw.keys.iter().enumerate() {
+        let field = |name: &str| format!("identity.jwt.keys[{index}].{name}");
+        let alg = algorithm(&field("alg"), &key.alg)?;
+        let hmac = matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
+        let decoding = match (hmac, &key.secret, &key.pem) {
+            (true, Some(secret), None) if !secret.is_empty() => {
+                DecodingKey::from_secret(secret.as_bytes())
+            }
+            (true, _, _) => {
+                return Err(invalid(
+                    field("secret"),
+                    format!("{} keys need a non-empty `secret` and no `pem`", key.alg),
+                ))
+            }
+            (false, None, Some(pem)) => {
+                let parsed = match alg {
+                    Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(pem.as_bytes()),
+                    Algorithm::EdDSA => DecodingKey::from_ed_pem(pem.as_bytes()),
+                    _ => DecodingKey::from_rsa_pem(pem.as_bytes()),
+                };
+                parsed.map_err(|e| {
+                    invalid(field("pem"), format!("not a {} public key: {e}", key.alg))
+                })?
+            }
+            (false, _, _) => {
+                return Err(invalid(
+                    field("pem"),
+                    format!(
+                        "{} keys need the public key as `pem` (a secret would let anyone \
+                         holding the public key sign)",
+                        key.alg
+                    ),
+                ))
+            }
+        };
+        keys.push(VerifyingKey {
+            kid: key.kid.clone(),
+            algorithm: alg,
+            key: decoding,
+        });
+    }
+    if let Some(jwks) = raw.jwks {
+        let set: JwkSet = serde_json::from_value(jwks)
+            .map_err(|e| invalid("identity.jwt.jwks", format!("not a JWK set: {e}")))?;
+        for (index, jwk) in set.keys.iter().enumerate() {
+            let field = |name: &str| format!("identity.jwt.jwks.keys[{index}]{name}");
+            let alg = jwk
+                .common
+                .key_algorithm
+                .ok_or_else(|| {
+                    invalid(
+                        field(".alg"),
+                        "is required: each key verifies one algorithm",
+                    )
+                })?
+                .to_string();
+            let alg = algorithm(&field(".alg"), &alg)?;
+            let key = DecodingKey::from_jwk(jwk)
+                .map_err(|e| invalid(field(""), format!("unusable key: {e}")))?;
+            if key.family() != alg.family() {
+                return Err(invalid(field(".alg"), "does not fit the key's type"));
+            }
+            keys.push(VerifyingKey {
+                kid: jwk.common.key_id.clone(),
+                algorithm: alg,
+                key,
+            });
+        }
+    }
+    let metadata = raw.from_metadata.map(|m| JwtMetadata {
+        filter: m.filter,
+        key: m.key,
+    });
+    if keys.is_empty() && metadata.is_none() {
+        return Err(invalid(
+            "identity.jwt.keys",
+            "give keys (or `jwks`) to verify tokens with, or `from_metadata` to read jwt_authn's",
+        ));
+    }
+    if raw.subject_claim.is_empty() {
+        return Err(invalid("identity.jwt.subject_claim", "must not be empty"));
+    }
+    let verifier = (!keys.is_empty()).then(|| {
+        RefCell::new(JwtVerifier::new(
+            keys,
+            Expectations {
+                issuers: raw.issuers,
+                audiences: raw.audiences,
+                leeway_s: raw.leeway_s,
+                subject_claim: raw.subject_claim.clone(),
+                tier_claim: raw.tier_claim.clone(),
+            },
+            raw.cache_size,
+        ))
+    });
+    Ok(JwtSettings {
+        header,
+        on_invalid: raw.on_invalid,
+        metadata,
+        subject_claim: raw.subject_claim,
+        tier_claim: raw.tier_claim,
+        verifier,
+    })
 }
 
 #[cfg(test)]

@@ -2,10 +2,12 @@
 //! No host calls here: the host glue feeds in what Envoy reported and carries out the
 //! [`Verdict`].
 
-use sluice_protocol::headers::{self, RETRY_AFTER};
-use sluice_protocol::{Check, CheckRequest, CheckResponse, ClientId, Decision, ReleaseRequest};
+use sluice_protocol::headers::{self, HeaderStyle, RETRY_AFTER};
+use sluice_protocol::{Check, CheckResponse, Decision, PolicyStatus, ReleaseRequest};
 
 use crate::config::{FailureMode, FilterConfig};
+use crate::identity::Identity;
+use crate::jwt::TokenError;
 
 /// Headers as (lower-case name, value) pairs.
 pub type Headers = Vec<(&'static str, String)>;
@@ -26,6 +28,25 @@ pub enum Verdict {
         headers: Headers,
         body: String,
     },
+}
+
+impl Verdict {
+    fn pass() -> Self {
+        Verdict::Continue {
+            response_headers: Vec::new(),
+            leases: Vec::new(),
+            delay_ms: 0,
+        }
+    }
+}
+
+/// How a decided request is counted in the filter's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    Allowed,
+    Limited,
+    /// Allowed, but only because the rule (or the whole filter) is in shadow mode.
+    ShadowLimited,
 }
 
 /// Why no decision came from the controller. Each is logged and handled by the failure mode.
@@ -62,26 +83,21 @@ pub fn cost_from_header(value: Option<&str>) -> u64 {
         .map_or(1, |cost| cost.clamp(1, MAX_HEADER_COST))
 }
 
-/// The check to send for a request.
-pub fn check_request(
-    client: ClientId,
-    host: &str,
-    method: &str,
-    path: &str,
-    cost: u64,
-) -> CheckRequest {
-    // The query string does not choose a rule; leaving it out keeps it out of the controller.
-    let path = path.split_once('?').map_or(path, |(path, _query)| path);
-    CheckRequest {
-        checks: vec![Check {
-            client,
-            host: host.to_owned(),
-            method: method.to_owned(),
-            path: path.to_owned(),
-            cost,
-        }],
-        hold_delays: true,
+/// The check to send for a request of `identity`.
+pub fn check_for(identity: &Identity, host: &str, method: &str, path: &str, cost: u64) -> Check {
+    Check {
+        ip: Some(identity.counted_ip.clone()),
+        user: identity.user.clone(),
+        api_key: identity.api_key.clone(),
+        tier: identity.tier.clone(),
+        ..Check::new(identity.client.clone(), host, method, path_only(path), cost)
     }
+}
+
+/// The path without its query string: the query does not choose a rule, and leaving it
+/// out keeps it out of the controller.
+pub fn path_only(path: &str) -> &str {
+    path.split_once('?').map_or(path, |(path, _query)| path)
 }
 
 /// The body of the release call for `leases`.
@@ -122,41 +138,74 @@ pub fn verdict_for_reply(
     config: &FilterConfig,
     status: Option<&str>,
     body: &[u8],
-) -> Result<Verdict, (Failure, Verdict)> {
-    match decisions_from_reply(status, body, 1) {
-        Ok(decisions) => match decisions.first() {
-            Some(decision) => Ok(verdict_for_decision(decision)),
-            None => Err((
-                Failure::MalformedReply("no decision".into()),
-                verdict_for_failure(config),
-            )),
-        },
-        Err(failure) => Err((failure, verdict_for_failure(config))),
-    }
+    request_id: Option<&str>,
+) -> Result<(Verdict, Counted, Decision), Failure> {
+    let decisions = decisions_from_reply(status, body, 1)?;
+    let decision = decisions
+        .into_iter()
+        .next()
+        .ok_or_else(|| Failure::MalformedReply("no decision".into()))?;
+    let (verdict, counted) = verdict_for_decision(config, &decision, request_id);
+    Ok((verdict, counted, decision))
 }
 
-pub fn verdict_for_decision(decision: &Decision) -> Verdict {
+/// What the controller's decision means for the request: through with rate-limit headers,
+/// or 429 with `Retry-After` and a JSON body. In shadow mode (the filter's, or the rule's
+/// as the controller reports it) a denial only shows in headers and metrics.
+pub fn verdict_for_decision(
+    config: &FilterConfig,
+    decision: &Decision,
+    request_id: Option<&str>,
+) -> (Verdict, Counted) {
     let Some(policy) = &decision.policy else {
-        return Verdict::Continue {
+        let verdict = Verdict::Continue {
             response_headers: Vec::new(),
             leases: decision.leases.clone(),
             delay_ms: 0,
         };
+        return (verdict, Counted::Allowed);
     };
-    let mut rate_headers: Headers = headers::rate_limit_headers(policy).into();
-    if decision.allowed {
-        return Verdict::Continue {
+    let rate_headers = headers::for_policies(config.headers, policy, decision.policies());
+    if decision.allowed || config.shadow {
+        let counted = if decision.allowed && !decision.shadow_denied {
+            Counted::Allowed
+        } else {
+            Counted::ShadowLimited
+        };
+        let verdict = Verdict::Continue {
             response_headers: rate_headers,
             leases: decision.leases.clone(),
-            delay_ms: policy.delay_ms,
+            delay_ms: if decision.allowed { policy.delay_ms } else { 0 },
         };
+        return (verdict, counted);
     }
+    (
+        too_many_requests(rate_headers, policy, request_id),
+        Counted::Limited,
+    )
+}
+
+/// A 429 for a denial the filter remembers (see `denial`), with the time left.
+pub fn cached_denial(
+    style: HeaderStyle,
+    policy: &PolicyStatus,
+    request_id: Option<&str>,
+) -> Verdict {
+    let rate_headers = headers::for_policies(style, policy, std::iter::once(policy));
+    too_many_requests(rate_headers, policy, request_id)
+}
+
+fn too_many_requests(
+    mut rate_headers: Headers,
+    policy: &PolicyStatus,
+    request_id: Option<&str>,
+) -> Verdict {
     rate_headers.push((
         RETRY_AFTER,
         headers::retry_after_seconds(policy).to_string(),
     ));
     rate_headers.push(("content-type", "application/json".to_owned()));
-    let body = serde_json::to_string(&headers::denied_body(policy))
+    let body = serde_json::to_string(&headers::denied_body(policy, request_id))
         .unwrap_or_else(|_| String::from(r#"{"error":"rate_limited"}"#));
     Verdict::Reply {
         status: 429,
@@ -165,14 +214,53 @@ pub fn verdict_for_decision(decision: &Decision) -> Verdict {
     }
 }
 
+fn json_reply(status: u32, mut extra: Headers, body: serde_json::Value) -> Verdict {
+    extra.push(("content-type", "application/json".to_owned()));
+    Verdict::Reply {
+        status,
+        headers: extra,
+        body: body.to_string(),
+    }
+}
+
+/// A 401 for a token that is present and invalid (when the configuration rejects those).
+pub fn token_rejected(error: &TokenError, request_id: Option<&str>) -> Verdict {
+    json_reply(
+        401,
+        vec![(
+            "www-authenticate",
+            r#"Bearer error="invalid_token""#.to_owned(),
+        )],
+        serde_json::json!({
+            "error": "invalid_token",
+            "message": error.to_string(),
+            "request_id": request_id,
+        }),
+    )
+}
+
+/// A 403 for a denylisted request.
+pub fn denylisted(request_id: Option<&str>) -> Verdict {
+    json_reply(
+        403,
+        Vec::new(),
+        serde_json::json!({
+            "error": "forbidden",
+            "message": "This client or path is denied by the rate limiter's denylist.",
+            "request_id": request_id,
+        }),
+    )
+}
+
+/// A request that is not limited at all (safelisted, exempt).
+pub fn unlimited() -> Verdict {
+    Verdict::pass()
+}
+
 /// What the failure mode says to do when there is no decision.
 pub fn verdict_for_failure(config: &FilterConfig) -> Verdict {
     match config.failure_mode {
-        FailureMode::Allow => Verdict::Continue {
-            response_headers: Vec::new(),
-            leases: Vec::new(),
-            delay_ms: 0,
-        },
+        FailureMode::Allow => Verdict::pass(),
         FailureMode::Deny => Verdict::Reply {
             status: 503,
             headers: vec![
@@ -189,38 +277,38 @@ pub fn verdict_for_failure(config: &FilterConfig) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_protocol::{PolicyStatus, Strategy};
-    use std::time::Duration;
+    use sluice_protocol::{ClientId, Strategy};
 
-    fn config(failure_mode: FailureMode) -> FilterConfig {
-        FilterConfig {
-            controller_cluster: "c".into(),
-            controller_authority: "c".into(),
-            timeout: Duration::from_millis(100),
-            failure_mode,
-            cost_header: None,
-            batching: false,
-            max_batch_size: 1,
+    fn config(extra: &str) -> FilterConfig {
+        FilterConfig::parse(format!(r#"{{"controller":{{"cluster":"c"}}{extra}}}"#).as_bytes())
+            .unwrap()
+    }
+
+    fn status(rule: &str, remaining: u64, allowed: bool) -> PolicyStatus {
+        PolicyStatus {
+            rule: rule.into(),
+            strategy: Strategy::FixedWindow,
+            limit: 5,
+            remaining,
+            reset_ms: 1_500,
+            retry_after_ms: if allowed { 0 } else { 1_500 },
+            window_ms: 2_000,
+            delay_ms: 0,
+            reason: None,
+        }
+    }
+
+    fn decision(allowed: bool, remaining: u64) -> Decision {
+        Decision {
+            allowed,
+            policy: Some(status("per-ip", remaining, allowed)),
+            ..Decision::unlimited()
         }
     }
 
     fn reply(allowed: bool, remaining: u64) -> Vec<u8> {
         serde_json::to_vec(&CheckResponse {
-            decisions: vec![Decision {
-                allowed,
-                policy: Some(PolicyStatus {
-                    rule: "per-ip".into(),
-                    strategy: Strategy::FixedWindow,
-                    limit: 5,
-                    remaining,
-                    reset_ms: 1_500,
-                    retry_after_ms: if allowed { 0 } else { 1_500 },
-                    window_ms: 2_000,
-                    delay_ms: 0,
-                    reason: None,
-                }),
-                leases: vec![],
-            }],
+            decisions: vec![decision(allowed, remaining)],
         })
         .unwrap()
     }
@@ -230,43 +318,126 @@ mod tests {
             .iter()
             .find(|(n, _)| *n == name)
             .map(|(_, v)| v.as_str())
-            .unwrap()
+            .unwrap_or_else(|| panic!("no {name} in {headers:?}"))
     }
 
     #[test]
     fn allowed_decision_continues_with_rate_headers() {
-        let verdict = verdict_for_reply(&config(FailureMode::Deny), Some("200"), &reply(true, 4));
-        let Ok(Verdict::Continue {
+        let (verdict, counted, _) =
+            verdict_for_reply(&config(""), Some("200"), &reply(true, 4), None).unwrap();
+        let Verdict::Continue {
             response_headers,
             leases,
             ..
-        }) = verdict
+        } = verdict
         else {
             panic!("{verdict:?}")
         };
+        assert_eq!(counted, Counted::Allowed);
         assert_eq!(header(&response_headers, "x-ratelimit-limit"), "5");
         assert_eq!(header(&response_headers, "x-ratelimit-remaining"), "4");
         assert_eq!(header(&response_headers, "x-ratelimit-reset"), "2");
+        assert_eq!(
+            header(&response_headers, "ratelimit-policy"),
+            r#""per-ip";q=5;w=2"#
+        );
+        assert_eq!(
+            header(&response_headers, "ratelimit"),
+            r#""per-ip";r=4;t=2"#
+        );
         assert!(leases.is_empty());
     }
 
     #[test]
-    fn denied_decision_replies_429_with_retry_after_and_json() {
-        let verdict = verdict_for_reply(&config(FailureMode::Allow), Some("200"), &reply(false, 0));
-        let Ok(Verdict::Reply {
-            status,
-            headers,
-            body,
-        }) = verdict
+    fn header_style_is_configurable() {
+        for (style, legacy, ietf) in [
+            ("legacy", true, false),
+            ("ietf", false, true),
+            ("both", true, true),
+        ] {
+            let config = config(&format!(r#","headers":"{style}""#));
+            let (verdict, _) = verdict_for_decision(&config, &decision(true, 3), None);
+            let Verdict::Continue {
+                response_headers, ..
+            } = verdict
+            else {
+                panic!("{verdict:?}")
+            };
+            let has = |name: &str| response_headers.iter().any(|(n, _)| *n == name);
+            assert_eq!(has("x-ratelimit-limit"), legacy, "{style}");
+            assert_eq!(has("ratelimit"), ietf, "{style}");
+            assert_eq!(has("ratelimit-policy"), ietf, "{style}");
+        }
+    }
+
+    #[test]
+    fn every_applied_policy_is_listed_in_the_ietf_fields() {
+        let mut both = decision(true, 1);
+        both.others = vec![PolicyStatus {
+            limit: 100,
+            window_ms: 60_000,
+            ..status("daily", 90, true)
+        }];
+        let (verdict, _) = verdict_for_decision(&config(""), &both, None);
+        let Verdict::Continue {
+            response_headers, ..
+        } = verdict
         else {
             panic!("{verdict:?}")
         };
+        assert_eq!(
+            header(&response_headers, "ratelimit-policy"),
+            r#""per-ip";q=5;w=2, "daily";q=100;w=60"#
+        );
+        assert_eq!(
+            header(&response_headers, "ratelimit"),
+            r#""per-ip";r=1;t=2, "daily";r=90;t=2"#
+        );
+        assert_eq!(header(&response_headers, "x-ratelimit-remaining"), "1");
+    }
+
+    #[test]
+    fn denied_decision_replies_429_with_retry_after_json_and_request_id() {
+        let (verdict, counted, _) =
+            verdict_for_reply(&config(""), Some("200"), &reply(false, 0), Some("req-7")).unwrap();
+        let Verdict::Reply {
+            status,
+            headers,
+            body,
+        } = verdict
+        else {
+            panic!("{verdict:?}")
+        };
+        assert_eq!(counted, Counted::Limited);
         assert_eq!(status, 429);
         assert_eq!(header(&headers, "retry-after"), "2");
         assert_eq!(header(&headers, "x-ratelimit-remaining"), "0");
+        assert_eq!(header(&headers, "ratelimit"), r#""per-ip";r=0;t=2"#);
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(body["error"], "rate_limited");
+        assert_eq!(body["policy"], "per-ip");
         assert_eq!(body["retry_after"], 2);
+        assert_eq!(body["request_id"], "req-7");
+    }
+
+    #[test]
+    fn shadow_mode_lets_denials_through_with_headers() {
+        let (verdict, counted) =
+            verdict_for_decision(&config(r#","shadow":true"#), &decision(false, 0), None);
+        assert_eq!(counted, Counted::ShadowLimited);
+        let Verdict::Continue {
+            response_headers, ..
+        } = verdict
+        else {
+            panic!("{verdict:?}")
+        };
+        assert_eq!(header(&response_headers, "x-ratelimit-remaining"), "0");
+        // A rule in shadow: the controller allowed, and says the rule would have denied.
+        let mut shadow_rule = decision(true, 0);
+        shadow_rule.shadow_denied = true;
+        let (verdict, counted) = verdict_for_decision(&config(""), &shadow_rule, None);
+        assert_eq!(counted, Counted::ShadowLimited);
+        assert!(matches!(verdict, Verdict::Continue { .. }));
     }
 
     #[test]
@@ -275,56 +446,58 @@ mod tests {
             decisions: vec![Decision::unlimited()],
         })
         .unwrap();
-        let verdict = verdict_for_reply(&config(FailureMode::Deny), Some("200"), &body);
-        assert_eq!(
-            verdict,
-            Ok(Verdict::Continue {
-                response_headers: vec![],
-                leases: vec![],
-                delay_ms: 0,
-            })
-        );
+        let (verdict, counted, _) =
+            verdict_for_reply(&config(""), Some("200"), &body, None).unwrap();
+        assert_eq!(verdict, Verdict::pass());
+        assert_eq!(counted, Counted::Allowed);
     }
 
     #[test]
-    fn every_kind_of_bad_reply_takes_the_failure_mode() {
+    fn every_kind_of_bad_reply_is_a_failure_and_takes_the_failure_mode() {
         let two = serde_json::to_vec(&CheckResponse {
             decisions: vec![Decision::unlimited(), Decision::unlimited()],
         })
         .unwrap();
-        let cases: [(Option<&str>, &[u8]); 5] = [
+        let cases: [(Option<&str>, &[u8]); 6] = [
             (Some("503"), b""),
             (Some("504"), b"upstream request timeout"),
+            (Some("500"), br#"{"error":"store_unavailable"}"#),
             (None, b""),
             (Some("200"), b"{not json"),
             (Some("200"), &two),
         ];
         for (status, body) in cases {
-            let (failure, verdict) =
-                verdict_for_reply(&config(FailureMode::Allow), status, body).unwrap_err();
+            let failure = verdict_for_reply(&config(""), status, body, None).unwrap_err();
             assert_eq!(
-                verdict,
-                Verdict::Continue {
-                    response_headers: vec![],
-                    leases: vec![],
-                    delay_ms: 0,
-                },
+                verdict_for_failure(&config("")),
+                Verdict::pass(),
                 "{failure}"
             );
-            let (_, verdict) =
-                verdict_for_reply(&config(FailureMode::Deny), status, body).unwrap_err();
-            assert!(
-                matches!(verdict, Verdict::Reply { status: 503, .. }),
-                "{failure}"
-            );
+            let deny = config(r#","failure_mode":"deny""#);
+            assert!(matches!(
+                verdict_for_failure(&deny),
+                Verdict::Reply { status: 503, .. }
+            ));
         }
     }
 
     #[test]
-    fn check_request_drops_the_query_string() {
-        let request = check_request(ClientId::ip("10.0.0.1"), "h", "GET", "/a/b?token=secret", 1);
-        assert_eq!(request.checks[0].path, "/a/b");
-        assert_eq!(request.checks[0].cost, 1);
+    fn the_check_carries_every_identity_and_drops_the_query_string() {
+        let identity = Identity {
+            client: ClientId::ip("10.0.0.1"),
+            ip: Some("10.0.0.1".parse().unwrap()),
+            counted_ip: "10.0.0.1".into(),
+            user: Some("ann".into()),
+            tier: Some("gold".into()),
+            api_key: Some("ab".into()),
+        };
+        let check = check_for(&identity, "h", "GET", "/a/b?token=secret", 3);
+        assert_eq!(check.path, "/a/b");
+        assert_eq!(check.cost, 3);
+        assert_eq!(check.ip.as_deref(), Some("10.0.0.1"));
+        assert_eq!(check.user.as_deref(), Some("ann"));
+        assert_eq!(check.tier.as_deref(), Some("gold"));
+        assert_eq!(check.api_key.as_deref(), Some("ab"));
     }
 
     #[test]
@@ -332,13 +505,57 @@ mod tests {
         let mut response: CheckResponse = serde_json::from_slice(&reply(true, 3)).unwrap();
         response.decisions[0].leases = vec!["lease-a".into()];
         let body = serde_json::to_vec(&response).unwrap();
-        let verdict = verdict_for_reply(&config(FailureMode::Allow), Some("200"), &body);
-        let Ok(Verdict::Continue { leases, .. }) = verdict else {
+        let (verdict, _, _) = verdict_for_reply(&config(""), Some("200"), &body, None).unwrap();
+        let Verdict::Continue { leases, .. } = verdict else {
             panic!("{verdict:?}")
         };
         assert_eq!(leases, ["lease-a"]);
         let release: ReleaseRequest = serde_json::from_slice(&release_request(leases)).unwrap();
         assert_eq!(release.leases, ["lease-a"]);
+    }
+
+    #[test]
+    fn local_replies_are_json_with_their_status() {
+        let Verdict::Reply {
+            status,
+            headers,
+            body,
+        } = token_rejected(&TokenError::Expired, Some("r1"))
+        else {
+            panic!()
+        };
+        assert_eq!(status, 401);
+        assert_eq!(
+            header(&headers, "www-authenticate"),
+            r#"Bearer error="invalid_token""#
+        );
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["error"], "invalid_token");
+        assert_eq!(body["request_id"], "r1");
+        let Verdict::Reply { status, body, .. } = denylisted(None) else {
+            panic!()
+        };
+        assert_eq!(status, 403);
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"],
+            "forbidden"
+        );
+        let cached = cached_denial(HeaderStyle::Both, &status_with_retry(700), None);
+        let Verdict::Reply {
+            status, headers, ..
+        } = cached
+        else {
+            panic!()
+        };
+        assert_eq!(status, 429);
+        assert_eq!(header(&headers, "retry-after"), "1");
+    }
+
+    fn status_with_retry(retry_after_ms: u64) -> PolicyStatus {
+        PolicyStatus {
+            retry_after_ms,
+            ..status("per-ip", 0, false)
+        }
     }
 
     #[test]

@@ -8,13 +8,16 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
-use sluice_protocol::{CheckRequest, CHECK_PATH, RELEASE_PATH};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
+use sluice_protocol::{Check, CheckRequest, Decision, CHECK_PATH, RELEASE_PATH};
 
 use crate::batch::{Batcher, Member, Registered, Slot};
-use crate::client;
-use crate::config::FilterConfig;
-use crate::decision::{self, Failure, Verdict};
+use crate::config::{FailureMode, FilterConfig};
+use crate::decision::{self, Counted, Failure, Verdict};
+use crate::denial;
+use crate::identity::{self, Facts, Identity};
+use crate::jwt::Claims;
+use crate::lists::{self, Listing};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -49,6 +52,73 @@ fn now_ms() -> u64 {
         .map_or(0, |since| since.as_millis() as u64)
 }
 
+/// The filter's counters in Envoy's stats (`wasmcustom.sluice_*`, summed over workers).
+#[derive(Debug, Clone, Copy)]
+enum Metric {
+    /// Requests decided by the controller or the denial cache.
+    Checks,
+    Allowed,
+    Limited,
+    ShadowLimited,
+    FailureAllowed,
+    FailureDenied,
+    DenialCacheHits,
+    CalloutErrors,
+    Safelisted,
+    Denylisted,
+    TokenRejected,
+}
+
+impl Metric {
+    const ALL: [Metric; 11] = [
+        Metric::Checks,
+        Metric::Allowed,
+        Metric::Limited,
+        Metric::ShadowLimited,
+        Metric::FailureAllowed,
+        Metric::FailureDenied,
+        Metric::DenialCacheHits,
+        Metric::CalloutErrors,
+        Metric::Safelisted,
+        Metric::Denylisted,
+        Metric::TokenRejected,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Metric::Checks => "sluice_checks",
+            Metric::Allowed => "sluice_allowed",
+            Metric::Limited => "sluice_limited",
+            Metric::ShadowLimited => "sluice_shadow_limited",
+            Metric::FailureAllowed => "sluice_failure_allowed",
+            Metric::FailureDenied => "sluice_failure_denied",
+            Metric::DenialCacheHits => "sluice_denial_cache_hits",
+            Metric::CalloutErrors => "sluice_callout_errors",
+            Metric::Safelisted => "sluice_safelisted",
+            Metric::Denylisted => "sluice_denylisted",
+            Metric::TokenRejected => "sluice_token_rejected",
+        }
+    }
+}
+
+/// Metric ids as Envoy gave them; a metric Envoy would not define is not counted.
+struct Metrics([Option<u32>; Metric::ALL.len()]);
+
+impl Metrics {
+    fn define() -> Self {
+        Metrics(
+            Metric::ALL
+                .map(|metric| hostcalls::define_metric(MetricType::Counter, metric.name()).ok()),
+        )
+    }
+
+    fn add(&self, metric: Metric, by: u64) {
+        if let Some(Some(id)) = self.0.get(metric as usize) {
+            let _ = hostcalls::increment_metric(*id, by as i64);
+        }
+    }
+}
+
 /// What the root context of a worker shares with the requests on that worker. Each Envoy
 /// worker runs its own VM, so this is single-threaded.
 struct Worker {
@@ -56,9 +126,65 @@ struct Worker {
     batcher: RefCell<Batcher>,
     /// The shared queue a request pokes to wake the root (batching only).
     wake_queue: Option<u32>,
+    metrics: Metrics,
 }
 
 impl Worker {
+    /// The verdict for the controller's decision on a request; counts it, and remembers a
+    /// denial for the denial cache.
+    fn settle(&self, decision: &Decision, fingerprint: u64, request_id: Option<&str>) -> Verdict {
+        let (verdict, counted) = decision::verdict_for_decision(&self.config, decision, request_id);
+        self.metrics.add(
+            match counted {
+                Counted::Allowed => Metric::Allowed,
+                Counted::Limited => Metric::Limited,
+                Counted::ShadowLimited => Metric::ShadowLimited,
+            },
+            1,
+        );
+        if let (Counted::Limited, Some(slots)) = (counted, self.config.denial_cache_slots) {
+            if let Some(entry) = denial::entry_for(fingerprint, decision, now_ms()) {
+                let key = denial::slot_key(fingerprint, slots);
+                // Last writer wins; a lost write only costs a later callout.
+                let _ = hostcalls::set_shared_data(&key, Some(&denial::encode(&entry)), None);
+            }
+        }
+        verdict
+    }
+
+    /// A denial the cache still holds for this check, as the 429 to send.
+    fn cached_denial(&self, fingerprint: u64, request_id: Option<&str>) -> Option<Verdict> {
+        let slots = self.config.denial_cache_slots?;
+        if self.config.shadow {
+            return None;
+        }
+        let (bytes, _cas) =
+            hostcalls::get_shared_data(&denial::slot_key(fingerprint, slots)).ok()?;
+        let policy = denial::lookup(&bytes?, fingerprint, now_ms())?;
+        self.metrics.add(Metric::DenialCacheHits, 1);
+        self.metrics.add(Metric::Limited, 1);
+        Some(decision::cached_denial(
+            self.config.headers,
+            &policy,
+            request_id,
+        ))
+    }
+
+    /// The failure mode's verdict for `requests` requests that got no decision, counted.
+    fn failure_verdict(&self, failure: &Failure, requests: usize) -> Verdict {
+        let verdict = decision::verdict_for_failure(&self.config);
+        log_failure(failure, &verdict, requests);
+        self.metrics.add(Metric::CalloutErrors, 1);
+        self.metrics.add(
+            match self.config.failure_mode {
+                FailureMode::Allow => Metric::FailureAllowed,
+                FailureMode::Deny => Metric::FailureDenied,
+            },
+            requests as u64,
+        );
+        verdict
+    }
+
     /// Sends a check or release call to the controller from the current context.
     fn call_controller(&self, path: &str, body: &[u8]) -> Result<u32, String> {
         let config = &self.config;
@@ -145,9 +271,12 @@ impl Context for SluiceRoot {
         .unwrap_or_default();
         match decision::decisions_from_reply(status.as_deref(), &body, members.len()) {
             Ok(decisions) => {
-                let verdicts = decisions
+                let verdicts = members
                     .iter()
-                    .map(decision::verdict_for_decision)
+                    .zip(&decisions)
+                    .map(|(member, decision)| {
+                        worker.settle(decision, member.fingerprint, member.request_id.as_deref())
+                    })
                     .collect();
                 self.deliver(&worker, members, verdicts);
             }
@@ -188,8 +317,7 @@ impl SluiceRoot {
     }
 
     fn fail(&mut self, worker: &Worker, members: Vec<Member>, failure: &Failure) {
-        let verdict = decision::verdict_for_failure(&worker.config);
-        log_failure(failure, &verdict, members.len());
+        let verdict = worker.failure_verdict(failure, members.len());
         let verdicts = vec![verdict; members.len()];
         self.deliver(worker, members, verdicts);
     }
@@ -288,6 +416,7 @@ impl RootContext for SluiceRoot {
             config,
             batcher: RefCell::new(batcher),
             wake_queue,
+            metrics: Metrics::define(),
         }));
         let _ = hostcalls::set_tick_period(WATCHDOG_TICK);
         true
@@ -334,7 +463,10 @@ impl RootContext for SluiceRoot {
 enum State {
     New,
     /// One callout of its own is out (batching off).
-    AwaitingDecision,
+    AwaitingDecision {
+        fingerprint: u64,
+        request_id: Option<String>,
+    },
     /// In a batch; the root leaves the verdict in the slot.
     Batched(Slot),
     /// Going upstream; these headers go on the response, these leases go back at the end.
@@ -352,29 +484,126 @@ struct SluiceRequest {
     state: State,
 }
 
+/// What the filter decided about a request before asking anyone.
+enum Triage {
+    /// Not limited: exempt path or safelisted.
+    Pass,
+    /// Answered here: invalid token, denylisted, or a denial the cache holds.
+    Answer(Verdict),
+    /// The controller decides this check.
+    Ask {
+        check: Check,
+        fingerprint: u64,
+        request_id: Option<String>,
+    },
+}
+
 impl SluiceRequest {
-    fn header(&self, name: &str) -> String {
-        self.get_http_request_header(name).unwrap_or_default()
+    fn header(&self, name: &str) -> Option<String> {
+        self.get_http_request_header(name)
     }
 
-    fn source_address(&self) -> Option<String> {
-        let bytes = self.get_property(vec!["source", "address"])?;
-        String::from_utf8(bytes).ok()
+    fn property_text(&self, path: Vec<&str>) -> Option<String> {
+        String::from_utf8(self.get_property(path)?).ok()
     }
 
-    fn check_request(&self) -> CheckRequest {
-        let client = client::identify(self.source_address().as_deref());
-        let cost = match &self.worker.config.cost_header {
-            Some(name) => decision::cost_from_header(self.get_http_request_header(name).as_deref()),
+    /// Subject and tier that Envoy's `jwt_authn` verified and left in the metadata.
+    fn verified_claims(&self) -> Option<Claims> {
+        let jwt = self.worker.config.identity.jwt.as_ref()?;
+        let metadata = jwt.metadata.as_ref()?;
+        let claim = |name: &str| {
+            self.property_text(vec![
+                "metadata",
+                "filter_metadata",
+                &metadata.filter,
+                &metadata.key,
+                name,
+            ])
+            .filter(|text| !text.is_empty() && text.len() <= crate::jwt::MAX_CLAIM_BYTES)
+        };
+        Some(Claims {
+            subject: claim(&jwt.subject_claim)?,
+            tier: jwt.tier_claim.as_deref().and_then(claim),
+        })
+    }
+
+    fn identify(&self) -> Result<Identity, crate::jwt::TokenError> {
+        let config = &self.worker.config.identity;
+        let peer = self.property_text(vec!["source", "address"]);
+        let forwarded_for = if config.wants_forwarded_for() {
+            self.header("x-forwarded-for")
+        } else {
+            None
+        };
+        let token_header = config.jwt.as_ref().and_then(|jwt| self.header(&jwt.header));
+        let api_key = config.api_key_header.as_ref().and_then(|h| self.header(h));
+        let client_header = config.client_header.as_ref().and_then(|h| self.header(h));
+        let facts = Facts {
+            peer: peer.as_deref(),
+            forwarded_for: forwarded_for.as_deref(),
+            token_header: token_header.as_deref(),
+            verified_claims: self.verified_claims(),
+            api_key: api_key.as_deref(),
+            client_header: client_header.as_deref(),
+        };
+        identity::identify(config, &facts, now_ms() / 1_000)
+    }
+
+    fn triage(&self) -> Triage {
+        let config = &self.worker.config;
+        let metrics = &self.worker.metrics;
+        let full_path = self.header(":path").unwrap_or_default();
+        let path = decision::path_only(&full_path);
+        if config.exempt.contains_path(path) {
+            return Triage::Pass;
+        }
+        let request_id = self.header("x-request-id");
+        let identity = match self.identify() {
+            Ok(identity) => identity,
+            Err(error) => {
+                metrics.add(Metric::TokenRejected, 1);
+                log(
+                    LogLevel::Info,
+                    &format!("refusing a request with an invalid token: {error}"),
+                );
+                return Triage::Answer(decision::token_rejected(&error, request_id.as_deref()));
+            }
+        };
+        match lists::listing(&config.safelist, &config.denylist, &identity, path) {
+            Listing::Denylisted => {
+                metrics.add(Metric::Denylisted, 1);
+                return Triage::Answer(decision::denylisted(request_id.as_deref()));
+            }
+            Listing::Safelisted => {
+                metrics.add(Metric::Safelisted, 1);
+                return Triage::Pass;
+            }
+            Listing::Neither => {}
+        }
+        let cost = match &config.cost_header {
+            Some(name) => decision::cost_from_header(self.header(name).as_deref()),
             None => 1,
         };
-        decision::check_request(
-            client,
-            &self.header(":authority"),
-            &self.header(":method"),
-            &self.header(":path"),
+        let check = decision::check_for(
+            &identity,
+            &self.header(":authority").unwrap_or_default(),
+            &self.header(":method").unwrap_or_default(),
+            path,
             cost,
-        )
+        );
+        metrics.add(Metric::Checks, 1);
+        let fingerprint = denial::fingerprint(&check);
+        if let Some(verdict) = self
+            .worker
+            .cached_denial(fingerprint, request_id.as_deref())
+        {
+            return Triage::Answer(verdict);
+        }
+        Triage::Ask {
+            check,
+            fingerprint,
+            request_id,
+        }
     }
 
     /// Carries out a verdict. Returns the action for a callback that is still running.
@@ -408,22 +637,20 @@ impl SluiceRequest {
     }
 
     fn fail(&mut self, failure: &Failure) -> Action {
-        let verdict = decision::verdict_for_failure(&self.worker.config);
-        log_failure(failure, &verdict, 1);
+        let verdict = self.worker.failure_verdict(failure, 1);
         self.apply(verdict)
     }
 
     /// Batching: join the next batch and wait for the root to deliver the verdict.
-    fn join_batch(&mut self, request: CheckRequest) -> Action {
-        let Some(check) = request.checks.into_iter().next() else {
-            return self.fail(&Failure::Dispatch("no check to send".into()));
-        };
+    fn join_batch(&mut self, check: Check, fingerprint: u64, request_id: Option<String>) -> Action {
         let slot: Slot = Rc::new(RefCell::new(None));
-        let registered =
-            self.worker
-                .batcher
-                .borrow_mut()
-                .register(self.context_id, check, Rc::clone(&slot));
+        let member = Member {
+            context_id: self.context_id,
+            slot: Rc::clone(&slot),
+            request_id,
+            fingerprint,
+        };
+        let registered = self.worker.batcher.borrow_mut().register(member, check);
         match registered {
             Registered::Wait => {}
             Registered::WakeRoot => {
@@ -449,6 +676,32 @@ impl SluiceRequest {
         }
         self.state = State::Batched(slot);
         Action::Pause
+    }
+
+    /// Without batching: a callout of its own.
+    fn ask_alone(&mut self, check: Check, fingerprint: u64, request_id: Option<String>) -> Action {
+        let request = CheckRequest {
+            checks: vec![check],
+            hold_delays: true,
+        };
+        let body = match serde_json::to_vec(&request) {
+            Ok(body) => body,
+            Err(error) => {
+                return self.fail(&Failure::Dispatch(format!(
+                    "cannot encode the check: {error}"
+                )))
+            }
+        };
+        match self.worker.call_controller(CHECK_PATH, &body) {
+            Ok(_token) => {
+                self.state = State::AwaitingDecision {
+                    fingerprint,
+                    request_id,
+                };
+                Action::Pause
+            }
+            Err(status) => self.fail(&Failure::Dispatch(status)),
+        }
     }
 
     /// Batching: what the root decided, once it has (the slot is read once).
@@ -480,19 +733,34 @@ impl Context for SluiceRequest {
         body_size: usize,
         _trailers: usize,
     ) {
-        if !matches!(self.state, State::AwaitingDecision) {
+        let State::AwaitingDecision {
+            fingerprint,
+            request_id,
+        } = std::mem::replace(&mut self.state, State::New)
+        else {
             return;
-        }
+        };
         let status = self.get_http_call_response_header(":status");
         let body = self
             .get_http_call_response_body(0, body_size)
             .unwrap_or_default();
-        let action =
-            match decision::verdict_for_reply(&self.worker.config, status.as_deref(), &body) {
-                // Without batching the controller has already held a leaky bucket's delay.
-                Ok(verdict) => self.apply(verdict),
-                Err((failure, _)) => self.fail(&failure),
-            };
+        let decided =
+            decision::decisions_from_reply(status.as_deref(), &body, 1).and_then(|decisions| {
+                decisions
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| Failure::MalformedReply("no decision".into()))
+            });
+        let action = match decided {
+            // Without batching the controller has already held a leaky bucket's delay.
+            Ok(decision) => {
+                let verdict = self
+                    .worker
+                    .settle(&decision, fingerprint, request_id.as_deref());
+                self.apply(verdict)
+            }
+            Err(failure) => self.fail(&failure),
+        };
         if action == Action::Continue {
             self.resume_http_request();
         }
@@ -504,24 +772,20 @@ impl HttpContext for SluiceRequest {
         if !matches!(self.state, State::New) {
             return Action::Continue;
         }
-        let request = self.check_request();
-        if self.worker.config.batching {
-            return self.join_batch(request);
-        }
-        let body = match serde_json::to_vec(&request) {
-            Ok(body) => body,
-            Err(error) => {
-                return self.fail(&Failure::Dispatch(format!(
-                    "cannot encode the check: {error}"
-                )))
+        match self.triage() {
+            Triage::Pass => Action::Continue,
+            Triage::Answer(verdict) => self.apply(verdict),
+            Triage::Ask {
+                check,
+                fingerprint,
+                request_id,
+            } => {
+                if self.worker.config.batching {
+                    self.join_batch(check, fingerprint, request_id)
+                } else {
+                    self.ask_alone(check, fingerprint, request_id)
+                }
             }
-        };
-        match self.worker.call_controller(CHECK_PATH, &body) {
-            Ok(_token) => {
-                self.state = State::AwaitingDecision;
-                Action::Pause
-            }
-            Err(status) => self.fail(&Failure::Dispatch(status)),
         }
     }
 

@@ -41,6 +41,37 @@ pub struct Check {
     pub path: String,
     #[serde(default = "default_cost")]
     pub cost: u64,
+    /// The client's address as the filter established it (grouped by prefix for IPv6), for
+    /// rules scoped per IP whatever identity counts the client otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// The user a verified JWT names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// SHA-256 (hex) of the API key the request carries; the key itself never leaves the
+    /// filter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    /// The tier a verified JWT names (the controller may also know it from the API key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+}
+
+impl Check {
+    /// A check with nothing but a client and the request line; the other identities unset.
+    pub fn new(client: ClientId, host: &str, method: &str, path: &str, cost: u64) -> Self {
+        Check {
+            client,
+            host: host.to_owned(),
+            method: method.to_owned(),
+            path: path.to_owned(),
+            cost,
+            ip: None,
+            user: None,
+            api_key: None,
+            tier: None,
+        }
+    }
 }
 
 fn default_cost() -> u64 {
@@ -48,7 +79,7 @@ fn default_cost() -> u64 {
 }
 
 /// The identity a limit is counted against. `kind` says how it was established
-/// (`ip`, later `user`, `api_key`, `header`), `value` is the untrusted identity itself.
+/// (`user`, `api_key`, `header` or `ip`, see [`ClientKind`]), `value` is the identity itself.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientId {
@@ -56,12 +87,40 @@ pub struct ClientId {
     pub value: String,
 }
 
-impl ClientId {
-    pub fn ip(address: impl Into<String>) -> Self {
-        ClientId {
-            kind: "ip".to_owned(),
-            value: address.into(),
+/// How the filter established who the client is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientKind {
+    User,
+    ApiKey,
+    Header,
+    Ip,
+}
+
+impl ClientKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientKind::User => "user",
+            ClientKind::ApiKey => "api_key",
+            ClientKind::Header => "header",
+            ClientKind::Ip => "ip",
         }
+    }
+}
+
+impl ClientId {
+    pub fn new(kind: ClientKind, value: impl Into<String>) -> Self {
+        ClientId {
+            kind: kind.as_str().to_owned(),
+            value: value.into(),
+        }
+    }
+
+    pub fn ip(address: impl Into<String>) -> Self {
+        ClientId::new(ClientKind::Ip, address)
+    }
+
+    pub fn is(&self, kind: ClientKind) -> bool {
+        self.kind == kind.as_str()
     }
 }
 
@@ -76,8 +135,16 @@ pub struct CheckResponse {
 #[serde(deny_unknown_fields)]
 pub struct Decision {
     pub allowed: bool,
+    /// The limit that speaks for the decision (see [`PolicyStatus`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyStatus>,
+    /// Every other limit that applied, for clients told about each (`RateLimit` fields).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub others: Vec<PolicyStatus>,
+    /// Allowed only because the rule that denied is in shadow mode: `policy` is that
+    /// rule, and says what would have happened.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub shadow_denied: bool,
     /// Concurrency slots held by this request: the filter hands them back with
     /// [`ReleaseRequest`] when the request's stream ends.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -90,9 +157,20 @@ impl Decision {
         Decision {
             allowed: true,
             policy: None,
+            others: Vec::new(),
+            shadow_denied: false,
             leases: Vec::new(),
         }
     }
+
+    /// Every limit that applied, the speaking one first.
+    pub fn policies(&self) -> impl Iterator<Item = &PolicyStatus> + Clone {
+        self.policy.iter().chain(&self.others)
+    }
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// Why a request was denied, when it is not simply "over the limit for now".

@@ -1,15 +1,113 @@
-//! How a decision is shown to the client: `X-RateLimit-*` headers, `Retry-After` and the
-//! JSON body of a 429. Both the filter (which writes them) and tests (which read them) use
-//! these functions, so the format is defined once.
+//! How a decision is shown to the client: the legacy `X-RateLimit-*` headers, the IETF
+//! `RateLimit-Policy` and `RateLimit` fields (draft-ietf-httpapi-ratelimit-headers-11),
+//! `Retry-After` and the JSON body of a 429. Both the filter (which writes them) and tests
+//! (which read them) use these functions, so the format is defined once.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::check::{DenyReason, PolicyStatus};
+use crate::rules::Strategy;
 
 pub const LIMIT: &str = "x-ratelimit-limit";
 pub const REMAINING: &str = "x-ratelimit-remaining";
 pub const RESET: &str = "x-ratelimit-reset";
 pub const RETRY_AFTER: &str = "retry-after";
+pub const RATELIMIT_POLICY: &str = "ratelimit-policy";
+pub const RATELIMIT: &str = "ratelimit";
+
+/// Which rate-limit headers clients are sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeaderStyle {
+    /// `X-RateLimit-Limit`, `-Remaining`, `-Reset`, for the most restrictive limit.
+    Legacy,
+    /// `RateLimit-Policy` and `RateLimit`, one entry per limit that applied.
+    Ietf,
+    /// Both.
+    #[default]
+    Both,
+}
+
+impl HeaderStyle {
+    pub fn legacy(self) -> bool {
+        matches!(self, HeaderStyle::Legacy | HeaderStyle::Both)
+    }
+
+    pub fn ietf(self) -> bool {
+        matches!(self, HeaderStyle::Ietf | HeaderStyle::Both)
+    }
+}
+
+/// A Structured Field string (RFC 9651 §3.3.3): quoted, with `"` and `\` escaped and
+/// anything outside printable ASCII dropped.
+fn sf_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars().filter(|c| (' '..='~').contains(c)) {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+/// `RateLimit-Policy`: each limit's quota `q` and window `w` in seconds (at least 1), with
+/// the quota unit `qu` where it is not requests: `"per-ip";q=100;w=60`.
+pub fn ratelimit_policy<'a>(policies: impl IntoIterator<Item = &'a PolicyStatus>) -> String {
+    let items: Vec<String> = policies
+        .into_iter()
+        .map(|policy| {
+            let mut item = format!(
+                "{};q={};w={}",
+                sf_string(&policy.rule),
+                policy.limit,
+                ceil_seconds(policy.window_ms).max(1)
+            );
+            if policy.strategy == Strategy::Concurrency {
+                item.push_str(";qu=\"concurrent-requests\"");
+            }
+            item
+        })
+        .collect();
+    items.join(", ")
+}
+
+/// `RateLimit`: each limit's remaining quota `r` and seconds `t` until it is whole again:
+/// `"per-ip";r=42;t=17`.
+pub fn ratelimit<'a>(policies: impl IntoIterator<Item = &'a PolicyStatus>) -> String {
+    let items: Vec<String> = policies
+        .into_iter()
+        .map(|policy| {
+            format!(
+                "{};r={};t={}",
+                sf_string(&policy.rule),
+                policy.remaining,
+                ceil_seconds(policy.reset_ms)
+            )
+        })
+        .collect();
+    items.join(", ")
+}
+
+/// The rate-limit headers of a decision in `style`: `speaking` is the limit the legacy
+/// headers describe, `all` every limit that applied (the speaking one included).
+pub fn for_policies<'a>(
+    style: HeaderStyle,
+    speaking: &PolicyStatus,
+    all: impl Iterator<Item = &'a PolicyStatus> + Clone,
+) -> Vec<(&'static str, String)> {
+    let mut headers = Vec::with_capacity(5);
+    if style.legacy() {
+        headers.extend(rate_limit_headers(speaking));
+    }
+    if style.ietf() {
+        headers.push((RATELIMIT_POLICY, ratelimit_policy(all.clone())));
+        headers.push((RATELIMIT, ratelimit(all)));
+    }
+    headers
+}
 
 /// Whole seconds, rounded up: a client told to come back after 0 seconds when 300 ms remain
 /// would only be denied again.
@@ -41,9 +139,12 @@ pub struct DeniedBody<'a> {
     pub remaining: u64,
     pub reset: u64,
     pub retry_after: u64,
+    /// Envoy's `x-request-id`, when the request has one: the key to find it in the logs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<&'a str>,
 }
 
-pub fn denied_body(policy: &PolicyStatus) -> DeniedBody<'_> {
+pub fn denied_body<'a>(policy: &'a PolicyStatus, request_id: Option<&'a str>) -> DeniedBody<'a> {
     let retry_after = retry_after_seconds(policy);
     DeniedBody {
         error: "rate_limited",
@@ -65,6 +166,7 @@ pub fn denied_body(policy: &PolicyStatus) -> DeniedBody<'_> {
         remaining: policy.remaining,
         reset: ceil_seconds(policy.reset_ms),
         retry_after,
+        request_id,
     }
 }
 
@@ -108,7 +210,9 @@ mod tests {
 
     #[test]
     fn denied_body_carries_every_field() {
-        let body = serde_json::to_value(denied_body(&policy(0, 2_500, 2_500))).unwrap();
+        let body =
+            serde_json::to_value(denied_body(&policy(0, 2_500, 2_500), Some("req-1"))).unwrap();
+        assert_eq!(body["request_id"], "req-1");
         assert_eq!(body["error"], "rate_limited");
         assert_eq!(body["policy"], "per-ip");
         assert_eq!(body["limit"], 10);
@@ -116,5 +220,78 @@ mod tests {
         assert_eq!(body["reset"], 3);
         assert_eq!(body["retry_after"], 3);
         assert!(body["message"].as_str().unwrap().contains("per-ip"));
+        let body = serde_json::to_value(denied_body(&policy(0, 1, 1), None)).unwrap();
+        assert!(body.get("request_id").is_none());
+    }
+
+    fn named(
+        rule: &str,
+        limit: u64,
+        window_ms: u64,
+        remaining: u64,
+        reset_ms: u64,
+    ) -> PolicyStatus {
+        PolicyStatus {
+            rule: rule.into(),
+            limit,
+            remaining,
+            reset_ms,
+            window_ms,
+            ..policy(0, 0, 0)
+        }
+    }
+
+    /// The draft's own examples (draft-ietf-httpapi-ratelimit-headers-11, §3 and §4):
+    /// `RateLimit-Policy: "default";q=100;w=10` with `RateLimit: "default";r=50;t=30`, and a
+    /// list of two policies.
+    #[test]
+    fn ietf_fields_match_the_drafts_examples() {
+        let default = named("default", 100, 10_000, 50, 30_000);
+        assert_eq!(ratelimit_policy([&default]), r#""default";q=100;w=10"#);
+        assert_eq!(ratelimit([&default]), r#""default";r=50;t=30"#);
+        let burst = named("burst", 100, 60_000, 0, 0);
+        let daily = named("daily", 1_000, 86_400_000, 0, 0);
+        assert_eq!(
+            ratelimit_policy([&burst, &daily]),
+            r#""burst";q=100;w=60, "daily";q=1000;w=86400"#
+        );
+    }
+
+    #[test]
+    fn ietf_fields_round_windows_up_and_name_concurrency_units() {
+        let short = named("short", 5, 500, 4, 1);
+        assert_eq!(ratelimit_policy([&short]), r#""short";q=5;w=1"#);
+        assert_eq!(ratelimit([&short]), r#""short";r=4;t=1"#);
+        let slots = PolicyStatus {
+            strategy: Strategy::Concurrency,
+            ..named("slots", 3, 60_000, 2, 0)
+        };
+        assert_eq!(
+            ratelimit_policy([&slots]),
+            r#""slots";q=3;w=60;qu="concurrent-requests""#
+        );
+    }
+
+    #[test]
+    fn structured_strings_are_escaped() {
+        assert_eq!(sf_string(r#"a"b\c"#), r#""a\"b\\c""#);
+        assert_eq!(sf_string("tab\there"), r#""tabhere""#);
+    }
+
+    #[test]
+    fn header_style_picks_the_fields() {
+        let one = named("one", 10, 1_000, 3, 500);
+        let two = named("two", 20, 1_000, 9, 500);
+        let names = |style| {
+            for_policies(style, &one, [&one, &two].into_iter())
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(HeaderStyle::Legacy), [LIMIT, REMAINING, RESET]);
+        assert_eq!(names(HeaderStyle::Ietf), [RATELIMIT_POLICY, RATELIMIT]);
+        assert_eq!(names(HeaderStyle::Both).len(), 5);
+        let ietf = for_policies(HeaderStyle::Ietf, &one, [&one, &two].into_iter());
+        assert_eq!(ietf[1].1, r#""one";r=3;t=1, "two";r=9;t=1"#);
     }
 }

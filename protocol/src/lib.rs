@@ -8,7 +8,7 @@ pub mod headers;
 pub mod rules;
 
 pub use check::{
-    Check, CheckRequest, CheckResponse, ClientId, Decision, DenyReason, PolicyStatus,
+    Check, CheckRequest, CheckResponse, ClientId, ClientKind, Decision, DenyReason, PolicyStatus,
     ReleaseRequest, CHECK_PATH, RELEASE_PATH,
 };
 pub use rules::{Rule, RuleMatch, RuleSet, Scope, Strategy};

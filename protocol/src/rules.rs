@@ -59,15 +59,27 @@ impl Strategy {
     }
 }
 
-/// Whom a rule counts separately.
+/// Whom a rule counts separately. A rule scoped to an identity the request does not have
+/// (`user` for an anonymous request, say) does not apply to it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Scope {
-    /// One counter per client identity.
+    /// One counter per client, by the first identity the filter established (user from a
+    /// JWT, API key, configured header, IP: see the filter's `identity.order`).
     #[default]
     Client,
     /// One counter shared by every client.
     Global,
+    /// One counter per route (host and path) the rule matches, shared by every client.
+    Route,
+    /// One counter per client address (IPv6 grouped by the filter's prefix).
+    Ip,
+    /// One counter per user named by a verified JWT (or an API key the controller knows).
+    User,
+    /// One counter per API key.
+    ApiKey,
+    /// One counter per tier, shared by every client of the tier.
+    Tier,
 }
 
 /// Which requests a rule applies to. Every field that is set must match; an empty match
@@ -77,10 +89,21 @@ pub enum Scope {
 pub struct RuleMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// The path, exactly (without the query string).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,
+    /// `*` stands for any characters but `/`, `**` for any characters at all:
+    /// `/users/*/orders`, `/static/**`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_glob: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
+    /// The client's tier must be one of these; a client without a tier is in
+    /// [`DEFAULT_TIER`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tiers: Vec<String>,
 }
 
 impl RuleMatch {
@@ -88,16 +111,67 @@ impl RuleMatch {
         self.host
             .as_deref()
             .is_none_or(|host| host.eq_ignore_ascii_case(&check.host))
+            && self.path.as_deref().is_none_or(|path| check.path == path)
             && self
                 .path_prefix
                 .as_deref()
                 .is_none_or(|prefix| check.path.starts_with(prefix))
+            && self
+                .path_glob
+                .as_deref()
+                .is_none_or(|glob| glob_matches(glob.as_bytes(), check.path.as_bytes()))
             && (self.methods.is_empty()
                 || self
                     .methods
                     .iter()
                     .any(|m| m.eq_ignore_ascii_case(&check.method)))
+            && (self.tiers.is_empty() || {
+                let tier = check.tier.as_deref().unwrap_or(DEFAULT_TIER);
+                self.tiers.iter().any(|t| t == tier)
+            })
     }
+}
+
+/// The tier of a client that has none, for `match.tiers`: rules for clients without a tier
+/// say `tiers = ["default"]`.
+pub const DEFAULT_TIER: &str = "default";
+
+/// Whether `path` matches `glob` (`*`: any run of characters but `/`; `**`: any run).
+/// Walks the glob once, keeping every position of the path it can have reached: time is
+/// the glob's length times the path's, whatever the stars.
+pub fn glob_matches(glob: &[u8], path: &[u8]) -> bool {
+    let mut reached = vec![false; path.len() + 1];
+    let mut next = vec![false; path.len() + 1];
+    if let Some(start) = reached.first_mut() {
+        *start = true;
+    }
+    let mut rest = glob;
+    while let Some((&token, after)) = rest.split_first() {
+        next.iter_mut().for_each(|n| *n = false);
+        if token == b'*' {
+            let crosses_slash = after.first() == Some(&b'*');
+            rest = if crosses_slash { &after[1..] } else { after };
+            let mut carrying = false;
+            for (i, slot) in next.iter_mut().enumerate() {
+                carrying |= reached[i];
+                *slot = carrying;
+                // A single star stops at a slash: the slash itself is for the glob to match.
+                if !crosses_slash && path.get(i) == Some(&b'/') {
+                    carrying = false;
+                }
+            }
+        } else {
+            rest = after;
+            for (i, &byte) in path.iter().enumerate() {
+                next[i + 1] = reached[i] && byte == token;
+            }
+        }
+        std::mem::swap(&mut reached, &mut next);
+        if !reached.contains(&true) {
+            return false;
+        }
+    }
+    reached.last().copied().unwrap_or(false)
 }
 
 /// A length of time, written `500ms`, `1s`, `10m`… in configuration and held as
@@ -169,6 +243,9 @@ pub struct Rule {
     pub cost: Option<u64>,
     #[serde(default, rename = "match")]
     pub matcher: RuleMatch,
+    /// Evaluated and reported (headers, metrics) but never blocks: for trying a rule out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
 }
 
 /// Default lease of a `concurrency` slot.
@@ -182,6 +259,11 @@ pub const MAX_LOG_LIMIT: u64 = 100_000;
 pub const MAX_EXACT: u64 = 1 << 53;
 
 impl Rule {
+    /// Whether the rule's `match` selects the check.
+    pub fn applies_to(&self, check: &Check) -> bool {
+        self.matcher.matches(check)
+    }
+
     pub fn window_ms(&self) -> u64 {
         self.window.map_or(0, Window::millis)
     }
@@ -245,14 +327,24 @@ impl Rule {
                 ),
             ));
         }
-        if let Some(prefix) = &self.matcher.path_prefix {
-            if !prefix.starts_with('/') {
-                return Err((
-                    "match.path_prefix",
-                    format!("`{prefix}` must start with `/`"),
-                ));
+        let paths = [
+            ("match.path", &self.matcher.path),
+            ("match.path_prefix", &self.matcher.path_prefix),
+            ("match.path_glob", &self.matcher.path_glob),
+        ];
+        for (field, path) in paths {
+            if let Some(path) = path {
+                if !path.starts_with('/') || path.len() > MAX_MATCH_PATH {
+                    return Err((
+                        field,
+                        format!(
+                            "`{path}` must start with `/` and be at most {MAX_MATCH_PATH} bytes"
+                        ),
+                    ));
+                }
             }
         }
+
         let strategy = self.strategy.as_str();
         let only_for = |field: &'static str, allowed: &[Strategy], set: bool| {
             if set && !allowed.contains(&self.strategy) {
@@ -353,6 +445,9 @@ impl fmt::Display for RuleError {
 
 impl std::error::Error for RuleError {}
 
+/// Longest path a rule may match on.
+pub const MAX_MATCH_PATH: usize = 1_024;
+
 /// Longest rule name; names end up in Redis keys and response headers.
 pub const MAX_RULE_NAME: usize = 64;
 
@@ -413,17 +508,12 @@ mod tests {
             lease: None,
             cost: None,
             matcher,
+            shadow: false,
         }
     }
 
     fn check(method: &str, path: &str) -> Check {
-        Check {
-            client: ClientId::ip("10.0.0.1"),
-            host: "api.example.com".into(),
-            method: method.into(),
-            path: path.into(),
-            cost: 1,
-        }
+        Check::new(ClientId::ip("10.0.0.1"), "api.example.com", method, path, 1)
     }
 
     #[test]
@@ -452,7 +542,7 @@ mod tests {
                 RuleMatch {
                     path_prefix: Some("/api".into()),
                     methods: vec!["POST".into()],
-                    host: None,
+                    ..RuleMatch::default()
                 },
             ),
             rule(
@@ -473,6 +563,62 @@ mod tests {
         assert_eq!(names(&check("post", "/api/items")), ["all", "posts-to-api"]);
         assert_eq!(names(&check("GET", "/api/items")), ["all"]);
         assert_eq!(names(&check("POST", "/apx")), ["all"]);
+    }
+
+    #[test]
+    fn paths_match_exactly_by_prefix_or_by_glob_and_tiers_must_be_known() {
+        let with = |matcher: RuleMatch| RuleSet::new(vec![rule("r", matcher)]).unwrap();
+        let applies = |rules: &RuleSet, check: &Check| rules.matching(check).count() == 1;
+        let exact = with(RuleMatch {
+            path: Some("/login".into()),
+            ..RuleMatch::default()
+        });
+        assert!(applies(&exact, &check("POST", "/login")));
+        assert!(!applies(&exact, &check("POST", "/login/x")));
+        let glob = with(RuleMatch {
+            path_glob: Some("/users/*/orders".into()),
+            ..RuleMatch::default()
+        });
+        assert!(applies(&glob, &check("GET", "/users/42/orders")));
+        assert!(!applies(&glob, &check("GET", "/users/42/x/orders")));
+        let gold = with(RuleMatch {
+            tiers: vec!["gold".into()],
+            ..RuleMatch::default()
+        });
+        let mut gold_check = check("GET", "/");
+        assert!(!applies(&gold, &gold_check), "no tier: not a gold client");
+        let untiered = with(RuleMatch {
+            tiers: vec![DEFAULT_TIER.into()],
+            ..RuleMatch::default()
+        });
+        assert!(applies(&untiered, &gold_check));
+        gold_check.tier = Some("gold".into());
+        assert!(applies(&gold, &gold_check));
+        gold_check.tier = Some("silver".into());
+        assert!(!applies(&gold, &gold_check));
+    }
+
+    #[test]
+    fn globs_take_single_and_double_stars() {
+        let cases: [(&str, &str, bool); 10] = [
+            ("/a/*", "/a/b", true),
+            ("/a/*", "/a/", true),
+            ("/a/*", "/a/b/c", false),
+            ("/a/**", "/a/b/c", true),
+            ("/a/**/z", "/a/b/c/z", true),
+            ("/a/**/z", "/a/b/c/y", false),
+            ("/*.png", "/x.png", true),
+            ("/*.png", "/x/y.png", false),
+            ("/exact", "/exact", true),
+            ("/exact", "/exactly", false),
+        ];
+        for (glob, path, expected) in cases {
+            assert_eq!(
+                glob_matches(glob.as_bytes(), path.as_bytes()),
+                expected,
+                "{glob} vs {path}"
+            );
+        }
     }
 
     #[test]

@@ -40,6 +40,26 @@ pub enum Filter {
     LocalRateLimitNeverReached,
     /// The Sluice filter with this plugin configuration (JSON).
     Sluice { plugin_config: String },
+    /// Envoy's `jwt_authn` with one provider (`issuer`, inline JWKS), which verifies tokens
+    /// in `Authorization`, lets requests without one through, and leaves the payload in
+    /// its metadata under `jwt_payload`; then `then`.
+    JwtAuthnThen {
+        issuer: String,
+        jwks: String,
+        then: Box<Filter>,
+    },
+}
+
+/// [`Filter::sluice`]'s plugin configuration as JSON, for tests that add to it.
+pub fn sluice_plugin_config(failure_mode: &str, timeout_ms: u64) -> serde_json::Value {
+    serde_json::json!({
+        "controller": {
+            "cluster": "sluice_controller",
+            "authority": "sluice-controller",
+            "timeout_ms": timeout_ms
+        },
+        "failure_mode": failure_mode
+    })
 }
 
 impl Filter {
@@ -97,6 +117,27 @@ fn http_filter_yaml(filter: &Filter) -> String {
                   code: {{ local: {{ filename: "{}" }} }}"#,
             plugin_config.replace('\'', "''"),
             wasm_file().display()
+        ),
+        Filter::JwtAuthnThen { issuer, jwks, then } => format!(
+            r#"
+          - name: envoy.filters.http.jwt_authn
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
+              providers:
+                test:
+                  issuer: "{issuer}"
+                  forward: true
+                  payload_in_metadata: jwt_payload
+                  local_jwks: {{ inline_string: '{jwks}' }}
+              rules:
+              - match: {{ prefix: "/" }}
+                requires:
+                  requires_any:
+                    requirements:
+                    - provider_name: test
+                    - allow_missing: {{}}{then}"#,
+            jwks = jwks.replace('\'', "''"),
+            then = http_filter_yaml(then),
         ),
     }
 }

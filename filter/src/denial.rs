@@ -1,0 +1,180 @@
+//! The denial cache: once the controller has denied a request until time T, the same
+//! request (same client, route, cost and identities) is denied locally until T, without a
+//! callout. Shared by every worker of an Envoy through proxy-wasm shared data, in a fixed
+//! number of slots so that it stays bounded whatever the clients do.
+//!
+//! It only repeats what the controller said: an entry is written from a denial and read
+//! back for the very same check until the moment the controller named. Concurrency limits
+//! are not cached (a slot can free up at any time), nor are shadow decisions.
+
+use std::hash::{Hash, Hasher};
+
+use serde::{Deserialize, Serialize};
+use sluice_protocol::{Check, Decision, PolicyStatus, Strategy};
+
+/// Shared-data key of a slot.
+pub fn slot_key(fingerprint: u64, slots: u32) -> String {
+    format!("sluice.denied.{}", fingerprint % u64::from(slots.max(1)))
+}
+
+/// A 64-bit fingerprint of everything the controller's decision depended on.
+pub fn fingerprint(check: &Check) -> u64 {
+    // SipHash with fixed keys: the same in every worker's VM, and a client would need a
+    // second preimage to make someone else's request look like its own.
+    let mut hasher = std::hash::DefaultHasher::new();
+    check.client.kind.hash(&mut hasher);
+    check.client.value.hash(&mut hasher);
+    check.host.to_ascii_lowercase().hash(&mut hasher);
+    check.method.hash(&mut hasher);
+    check.path.hash(&mut hasher);
+    check.cost.hash(&mut hasher);
+    check.ip.hash(&mut hasher);
+    check.user.hash(&mut hasher);
+    check.api_key.hash(&mut hasher);
+    check.tier.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// What a slot holds: whose denial it is, until when, and the policy to show.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub fingerprint: u64,
+    pub until_ms: u64,
+    pub policy: PolicyStatus,
+}
+
+/// The entry to cache for a decision made at `now_ms`, if it may be cached.
+pub fn entry_for(fingerprint: u64, decision: &Decision, now_ms: u64) -> Option<Entry> {
+    if decision.allowed || decision.shadow_denied {
+        return None;
+    }
+    let policy = decision.policy.as_ref()?;
+    let cacheable = policy.strategy != Strategy::Concurrency && policy.retry_after_ms > 0;
+    cacheable.then(|| Entry {
+        fingerprint,
+        until_ms: now_ms.saturating_add(policy.retry_after_ms),
+        policy: policy.clone(),
+    })
+}
+
+pub fn encode(entry: &Entry) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(160);
+    bytes.extend_from_slice(&entry.fingerprint.to_le_bytes());
+    bytes.extend_from_slice(&entry.until_ms.to_le_bytes());
+    // The policy is read only on a hit; it goes after the fixed part.
+    if serde_json::to_writer(&mut bytes, &entry.policy).is_err() {
+        return Vec::new();
+    }
+    bytes
+}
+
+/// The policy of a slot's entry if it is this fingerprint's and still holds at `now_ms`,
+/// with the time left shown to the client.
+pub fn lookup(bytes: &[u8], fingerprint: u64, now_ms: u64) -> Option<PolicyStatus> {
+    let stored = u64::from_le_bytes(bytes.get(0..8)?.try_into().ok()?);
+    let until_ms = u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
+    if stored != fingerprint || until_ms <= now_ms {
+        return None;
+    }
+    let mut policy: PolicyStatus = serde_json::from_slice(bytes.get(16..)?).ok()?;
+    let left = until_ms - now_ms;
+    policy.retry_after_ms = left;
+    policy.reset_ms = left;
+    policy.remaining = 0;
+    Some(policy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_protocol::ClientId;
+
+    fn check(client: &str) -> Check {
+        Check::new(ClientId::ip(client), "h", "GET", "/a", 1)
+    }
+
+    fn denial(strategy: Strategy, retry_after_ms: u64) -> Decision {
+        Decision {
+            allowed: false,
+            policy: Some(PolicyStatus {
+                rule: "r".into(),
+                strategy,
+                limit: 5,
+                remaining: 0,
+                reset_ms: retry_after_ms,
+                retry_after_ms,
+                window_ms: 1_000,
+                delay_ms: 0,
+                reason: None,
+            }),
+            ..Decision::unlimited()
+        }
+    }
+
+    #[test]
+    fn a_denial_is_repeated_until_its_time_and_only_for_its_request() {
+        let fp = fingerprint(&check("10.0.0.1"));
+        let entry = entry_for(fp, &denial(Strategy::FixedWindow, 800), 10_000).unwrap();
+        let bytes = encode(&entry);
+        let hit = lookup(&bytes, fp, 10_300).unwrap();
+        assert_eq!(hit.retry_after_ms, 500);
+        assert_eq!(hit.rule, "r");
+        assert_eq!(
+            lookup(&bytes, fp, 10_800),
+            None,
+            "expired at the controller's time"
+        );
+        assert_eq!(
+            lookup(&bytes, fingerprint(&check("10.0.0.2")), 10_300),
+            None
+        );
+    }
+
+    #[test]
+    fn fingerprints_cover_every_field_the_decision_used() {
+        let base = check("10.0.0.1");
+        let mut variants = vec![base.clone()];
+        let mut other = base.clone();
+        other.cost = 2;
+        variants.push(other);
+        let mut other = base.clone();
+        other.path = "/b".into();
+        variants.push(other);
+        let mut other = base.clone();
+        other.tier = Some("gold".into());
+        variants.push(other);
+        let mut other = base.clone();
+        other.method = "POST".into();
+        variants.push(other);
+        let mut prints: Vec<u64> = variants.iter().map(fingerprint).collect();
+        prints.sort_unstable();
+        prints.dedup();
+        assert_eq!(prints.len(), variants.len());
+    }
+
+    #[test]
+    fn allowed_shadow_and_concurrency_decisions_are_not_cached() {
+        let mut allowed = denial(Strategy::FixedWindow, 500);
+        allowed.allowed = true;
+        assert_eq!(entry_for(1, &allowed, 0), None);
+        let mut shadow = denial(Strategy::FixedWindow, 500);
+        shadow.allowed = true;
+        shadow.shadow_denied = true;
+        assert_eq!(entry_for(1, &shadow, 0), None);
+        assert_eq!(entry_for(1, &denial(Strategy::Concurrency, 500), 0), None);
+        assert!(entry_for(1, &denial(Strategy::Gcra, 500), 0).is_some());
+    }
+
+    #[test]
+    fn garbage_in_a_slot_is_a_miss() {
+        for bytes in [&b""[..], b"short", &[0u8; 16], &[0xff; 40]] {
+            assert_eq!(lookup(bytes, 0, 0), None);
+        }
+    }
+
+    #[test]
+    fn slots_are_bounded() {
+        assert_eq!(slot_key(4097, 4096), "sluice.denied.1");
+        assert_eq!(slot_key(7, 0), "sluice.denied.0");
+    }
+}

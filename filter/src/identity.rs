@@ -1,0 +1,397 @@
+//! Who the client is: the first identity found in the configured order (by default the
+//! user of a verified JWT, then an API key, then a configured header, then the client's
+//! address). The address is always established too, for rules and lists that use it.
+
+use std::cell::RefCell;
+use std::net::IpAddr;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use sluice_protocol::{ClientId, ClientKind};
+
+use crate::client::{self, IpPolicy, UNKNOWN_CLIENT};
+use crate::jwt::{self, Claims, JwtVerifier, TokenError};
+
+/// Longest API key or identity header value taken; longer values are ignored.
+pub const MAX_IDENTITY_BYTES: usize = 1_024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Jwt,
+    ApiKey,
+    Header,
+    Ip,
+}
+
+/// What happens to a request whose token is present but not valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnInvalidToken {
+    /// 401 with a JSON body.
+    Reject,
+    /// Identify the client by the next source, as if it had sent no token.
+    Next,
+}
+
+/// Where Envoy's `jwt_authn` filter left the payload it verified (`payload_in_metadata`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtMetadata {
+    pub filter: String,
+    pub key: String,
+}
+
+#[derive(Debug)]
+pub struct JwtSettings {
+    /// Lower-case header the token comes in; `authorization` expects `Bearer <token>`.
+    pub header: String,
+    pub on_invalid: OnInvalidToken,
+    /// Claims already verified by `jwt_authn`, read instead of verifying again.
+    pub metadata: Option<JwtMetadata>,
+    pub subject_claim: String,
+    pub tier_claim: Option<String>,
+    /// Verifies tokens in the filter; `None` when only `jwt_authn`'s metadata is used.
+    pub verifier: Option<RefCell<JwtVerifier>>,
+}
+
+#[derive(Debug)]
+pub struct IdentityConfig {
+    pub order: Vec<Source>,
+    pub jwt: Option<JwtSettings>,
+    /// Lower-case header carrying an API key.
+    pub api_key_header: Option<String>,
+    /// Lower-case header naming the client (set by a trusted component in front).
+    pub client_header: Option<String>,
+    pub ip: IpPolicy,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            order: vec![Source::Jwt, Source::ApiKey, Source::Header, Source::Ip],
+            jwt: None,
+            api_key_header: None,
+            client_header: None,
+            ip: IpPolicy::default(),
+        }
+    }
+}
+
+/// What the host read from the request, only what the configuration needs.
+#[derive(Debug, Default)]
+pub struct Facts<'a> {
+    /// Envoy's `source.address`.
+    pub peer: Option<&'a str>,
+    pub forwarded_for: Option<&'a str>,
+    /// The value of the JWT header.
+    pub token_header: Option<&'a str>,
+    /// Subject and tier from `jwt_authn`'s metadata.
+    pub verified_claims: Option<Claims>,
+    pub api_key: Option<&'a str>,
+    pub client_header: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Whom per-client limits count.
+    pub client: ClientId,
+    pub ip: Option<IpAddr>,
+    /// The address as limits count it (IPv6 by prefix).
+    pub counted_ip: String,
+    pub user: Option<String>,
+    pub tier: Option<String>,
+    /// SHA-256 (hex) of the API key.
+    pub api_key: Option<String>,
+}
+
+/// SHA-256 of an API key, in hex: how keys are sent, listed and logged.
+pub fn api_key_digest(key: &str) -> String {
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn bounded(value: Option<&str>) -> Option<&str> {
+    value
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.len() <= MAX_IDENTITY_BYTES)
+}
+
+impl IdentityConfig {
+    /// Which request headers [`identify`] needs, besides `X-Forwarded-For`.
+    pub fn wants_forwarded_for(&self) -> bool {
+        self.ip.trust != client::ProxyTrust::Nobody
+    }
+}
+
+/// Identifies the client at `now_s`. Fails only for a token that is present and invalid
+/// while the configuration says to reject such requests.
+pub fn identify(
+    config: &IdentityConfig,
+    facts: &Facts<'_>,
+    now_s: u64,
+) -> Result<Identity, TokenError> {
+    let ip = client::client_ip(facts.peer, facts.forwarded_for, &config.ip);
+    let counted_ip = ip.map_or_else(
+        || UNKNOWN_CLIENT.to_owned(),
+        |ip| client::counted_ip(ip, config.ip.ipv6_prefix),
+    );
+    let claims = match &config.jwt {
+        Some(settings) => jwt_claims(settings, facts, now_s)?,
+        None => None,
+    };
+    let api_key = config
+        .api_key_header
+        .as_ref()
+        .and_then(|_| bounded(facts.api_key))
+        .map(api_key_digest);
+    let header_identity = config
+        .client_header
+        .as_ref()
+        .and_then(|_| bounded(facts.client_header));
+    let client = config
+        .order
+        .iter()
+        .find_map(|source| match source {
+            Source::Jwt => claims
+                .as_ref()
+                .map(|c| ClientId::new(ClientKind::User, c.subject.clone())),
+            Source::ApiKey => api_key
+                .as_ref()
+                .map(|digest| ClientId::new(ClientKind::ApiKey, digest.clone())),
+            Source::Header => header_identity.map(|value| ClientId::new(ClientKind::Header, value)),
+            Source::Ip => Some(ClientId::ip(counted_ip.clone())),
+        })
+        // Nobody identified by the sources in the order: the address still counts.
+        .unwrap_or_else(|| ClientId::ip(counted_ip.clone()));
+    let (user, tier) = match claims {
+        Some(Claims { subject, tier }) => (Some(subject), tier),
+        None => (None, None),
+    };
+    Ok(Identity {
+        client,
+        ip,
+        counted_ip,
+        user,
+        tier,
+        api_key,
+    })
+}
+
+/// The claims of the request's JWT: from `jwt_authn`'s metadata when configured and
+/// present, else from the token, verified here. `Ok(None)`: no token (or an invalid one
+/// the configuration says to pass over).
+fn jwt_claims(
+    settings: &JwtSettings,
+    facts: &Facts<'_>,
+    now_s: u64,
+) -> Result<Option<Claims>, TokenError> {
+    if let Some(claims) = &facts.verified_claims {
+        return Ok(Some(claims.clone()));
+    }
+    let Some(verifier) = &settings.verifier else {
+        return Ok(None);
+    };
+    let token = facts
+        .token_header
+        .and_then(|value| jwt::bearer_token(value, settings.header == "authorization"));
+    let Some(token) = token else {
+        return Ok(None);
+    };
+    match verifier.borrow_mut().verify(token, now_s) {
+        Ok(claims) => Ok(Some(claims)),
+        Err(error) => match settings.on_invalid {
+            OnInvalidToken::Reject => Err(error),
+            OnInvalidToken::Next => Ok(None),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::ProxyTrust;
+    use crate::jwt::{Expectations, VerifyingKey};
+    use jsonwebtoken::{encode, Algorithm, DecodingKey, EncodingKey, Header};
+    use serde_json::json;
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn settings(on_invalid: OnInvalidToken) -> JwtSettings {
+        let verifier = JwtVerifier::new(
+            vec![VerifyingKey {
+                kid: None,
+                algorithm: Algorithm::HS256,
+                key: DecodingKey::from_secret(b"k"),
+            }],
+            Expectations {
+                subject_claim: "sub".into(),
+                tier_claim: Some("tier".into()),
+                leeway_s: 0,
+                ..Expectations::default()
+            },
+            8,
+        );
+        JwtSettings {
+            header: "authorization".into(),
+            on_invalid,
+            metadata: None,
+            subject_claim: "sub".into(),
+            tier_claim: Some("tier".into()),
+            verifier: Some(RefCell::new(verifier)),
+        }
+    }
+
+    fn config(on_invalid: OnInvalidToken) -> IdentityConfig {
+        IdentityConfig {
+            jwt: Some(settings(on_invalid)),
+            api_key_header: Some("x-api-key".into()),
+            client_header: Some("x-client-id".into()),
+            ..IdentityConfig::default()
+        }
+    }
+
+    fn bearer(secret: &str) -> String {
+        let token = encode(
+            &Header::new(Algorithm::HS256),
+            &json!({"sub": "ann", "tier": "gold", "exp": NOW + 60}),
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
+        format!("Bearer {token}")
+    }
+
+    #[test]
+    fn the_default_order_is_user_then_key_then_header_then_ip() {
+        let config = config(OnInvalidToken::Reject);
+        let token = bearer("k");
+        let mut facts = Facts {
+            peer: Some("192.0.2.1:5000"),
+            token_header: Some(&token),
+            api_key: Some("key-1"),
+            client_header: Some("tenant-7"),
+            ..Facts::default()
+        };
+        let who = |facts: &Facts<'_>| identify(&config, facts, NOW).unwrap();
+        let identity = who(&facts);
+        assert_eq!(identity.client, ClientId::new(ClientKind::User, "ann"));
+        assert_eq!(identity.tier.as_deref(), Some("gold"));
+        assert_eq!(identity.api_key, Some(api_key_digest("key-1")));
+        assert_eq!(identity.counted_ip, "192.0.2.1");
+        facts.token_header = None;
+        assert_eq!(
+            who(&facts).client,
+            ClientId::new(ClientKind::ApiKey, api_key_digest("key-1"))
+        );
+        facts.api_key = None;
+        assert_eq!(
+            who(&facts).client,
+            ClientId::new(ClientKind::Header, "tenant-7")
+        );
+        facts.client_header = None;
+        assert_eq!(who(&facts).client, ClientId::ip("192.0.2.1"));
+        facts.peer = None;
+        assert_eq!(who(&facts).client, ClientId::ip(UNKNOWN_CLIENT));
+    }
+
+    #[test]
+    fn the_order_is_configurable() {
+        let config = IdentityConfig {
+            order: vec![Source::Header, Source::Jwt],
+            ..config(OnInvalidToken::Reject)
+        };
+        let token = bearer("k");
+        let facts = Facts {
+            peer: Some("192.0.2.1:5000"),
+            token_header: Some(&token),
+            client_header: Some("tenant-7"),
+            ..Facts::default()
+        };
+        let identity = identify(&config, &facts, NOW).unwrap();
+        assert_eq!(
+            identity.client,
+            ClientId::new(ClientKind::Header, "tenant-7")
+        );
+        assert_eq!(
+            identity.user.as_deref(),
+            Some("ann"),
+            "the user is still known"
+        );
+    }
+
+    #[test]
+    fn an_invalid_token_rejects_or_falls_through_as_configured() {
+        let forged = bearer("wrong");
+        let facts = Facts {
+            peer: Some("192.0.2.1:5000"),
+            token_header: Some(&forged),
+            ..Facts::default()
+        };
+        assert!(identify(&config(OnInvalidToken::Reject), &facts, NOW).is_err());
+        let identity = identify(&config(OnInvalidToken::Next), &facts, NOW).unwrap();
+        assert_eq!(identity.client, ClientId::ip("192.0.2.1"));
+        assert_eq!(identity.user, None, "a refused token names nobody");
+    }
+
+    #[test]
+    fn jwt_authn_claims_are_taken_without_verifying() {
+        let config = config(OnInvalidToken::Reject);
+        let facts = Facts {
+            peer: Some("192.0.2.1:5000"),
+            token_header: Some("Bearer not-even-a-token"),
+            verified_claims: Some(Claims {
+                subject: "bob".into(),
+                tier: Some("silver".into()),
+            }),
+            ..Facts::default()
+        };
+        let identity = identify(&config, &facts, NOW).unwrap();
+        assert_eq!(identity.client, ClientId::new(ClientKind::User, "bob"));
+        assert_eq!(identity.tier.as_deref(), Some("silver"));
+    }
+
+    #[test]
+    fn oversized_keys_and_headers_are_ignored() {
+        let config = config(OnInvalidToken::Reject);
+        let huge = "k".repeat(MAX_IDENTITY_BYTES + 1);
+        let facts = Facts {
+            peer: Some("192.0.2.1:5000"),
+            api_key: Some(&huge),
+            client_header: Some(&huge),
+            ..Facts::default()
+        };
+        assert_eq!(
+            identify(&config, &facts, NOW).unwrap().client,
+            ClientId::ip("192.0.2.1")
+        );
+    }
+
+    #[test]
+    fn forwarded_for_counts_only_behind_trusted_proxies() {
+        let mut config = config(OnInvalidToken::Reject);
+        let facts = Facts {
+            peer: Some("10.0.0.2:5000"),
+            forwarded_for: Some("6.6.6.6, 198.51.100.4"),
+            ..Facts::default()
+        };
+        assert_eq!(
+            identify(&config, &facts, NOW).unwrap().counted_ip,
+            "10.0.0.2"
+        );
+        config.ip.trust = ProxyTrust::Hops(1);
+        config.ip.envoy_appends = false;
+        assert_eq!(
+            identify(&config, &facts, NOW).unwrap().counted_ip,
+            "198.51.100.4"
+        );
+    }
+
+    #[test]
+    fn api_key_digest_is_sha256_hex() {
+        assert_eq!(
+            api_key_digest("test"),
+            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+        );
+    }
+}

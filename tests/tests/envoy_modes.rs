@@ -1,0 +1,384 @@
+//! What clients are told and what happens when things fail, through a real Envoy running
+//! the real `.wasm`: header styles, shadow mode, the denial cache, and the failure mode
+//! when the controller dies or has no healthy endpoint.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sluice_e2e::envoy::{config_yaml, sluice_plugin_config, EnvoyOptions, Filter};
+use sluice_e2e::http::{self, Response};
+use sluice_e2e::{free_port, Controller, Envoy, Upstream};
+
+fn per_client(limit: u64) -> String {
+    format!("[[rules]]\nname = \"per-client\"\nlimit = {limit}\nwindow = \"1h\"\n")
+}
+
+fn plugin(extra: Value) -> Value {
+    let mut plugin = sluice_plugin_config("deny", 1_000);
+    if let (Some(target), Some(extra)) = (plugin.as_object_mut(), extra.as_object()) {
+        for (key, value) in extra {
+            target.insert(key.clone(), value.clone());
+        }
+    }
+    plugin
+}
+
+fn envoy_with(
+    plugin: &Value,
+    controller_ports: Vec<u16>,
+    upstream: &Upstream,
+    concurrency: u32,
+) -> Envoy {
+    Envoy::start(&EnvoyOptions {
+        filter: Filter::Sluice {
+            plugin_config: plugin.to_string(),
+        },
+        upstream_port: upstream.port(),
+        controller_ports,
+        concurrency,
+    })
+}
+
+fn get(envoy: &Envoy) -> Response {
+    http::get(&envoy.url("/items")).expect("request through envoy")
+}
+
+fn checks_served(controller: &Controller) -> usize {
+    controller
+        .log()
+        .lines()
+        .filter(|line| line.contains("check call served"))
+        .map(|line| {
+            line.split("checks=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or(1)
+        })
+        .sum()
+}
+
+#[test]
+fn each_header_style_is_written_on_allowed_and_denied_responses() {
+    let upstream = Upstream::start();
+    for (style, legacy, ietf) in [
+        ("legacy", true, false),
+        ("ietf", false, true),
+        ("both", true, true),
+    ] {
+        // A controller per style, so that each sees the client's first request allowed.
+        let controller = Controller::start(&per_client(1), None);
+        let envoy = envoy_with(
+            &plugin(json!({ "headers": style })),
+            vec![controller.port],
+            &upstream,
+            1,
+        );
+        let responses: Vec<Response> = (0..2).map(|_| get(&envoy)).collect();
+        assert_eq!(responses[0].status, 200, "{style}: {:?}", responses[0]);
+        let denied = responses.last().expect("two responses");
+        assert_eq!(denied.status, 429, "{style}: {denied:?}");
+        for response in &responses {
+            assert_eq!(
+                response.header("x-ratelimit-limit").is_some(),
+                legacy,
+                "{style}: {response:?}"
+            );
+            assert_eq!(
+                response.header("ratelimit").is_some(),
+                ietf,
+                "{style}: {response:?}"
+            );
+            assert_eq!(
+                response.header("ratelimit-policy").is_some(),
+                ietf,
+                "{style}: {response:?}"
+            );
+        }
+        if ietf {
+            assert_eq!(
+                denied.header("ratelimit-policy"),
+                Some(r#""per-client";q=1;w=3600"#)
+            );
+            let ratelimit = denied.header("ratelimit").unwrap_or_default();
+            assert!(
+                ratelimit.starts_with(r#""per-client";r=0;t="#),
+                "{ratelimit}"
+            );
+        }
+        assert!(denied.number("retry-after") >= 1);
+        let body = denied.json();
+        assert_eq!(body["policy"], "per-client");
+        assert!(
+            body["request_id"].as_str().is_some_and(|id| !id.is_empty()),
+            "Envoy's x-request-id is in the body: {body}"
+        );
+    }
+}
+
+#[test]
+fn shadow_mode_never_blocks_but_reports_what_would_have_happened() {
+    let controller = Controller::start(&per_client(2), None);
+    let upstream = Upstream::start();
+    let envoy = envoy_with(
+        &plugin(json!({ "shadow": true })),
+        vec![controller.port],
+        &upstream,
+        1,
+    );
+    let responses: Vec<Response> = (0..5).map(|_| get(&envoy)).collect();
+    let remaining: Vec<u64> = responses
+        .iter()
+        .map(|r| r.number("x-ratelimit-remaining"))
+        .collect();
+    assert!(responses.iter().all(|r| r.status == 200), "{responses:?}");
+    assert_eq!(remaining, [1, 0, 0, 0, 0]);
+    assert_eq!(envoy.stat("wasmcustom.sluice_shadow_limited"), Some(3));
+    assert_eq!(envoy.stat("wasmcustom.sluice_limited"), Some(0));
+    assert_eq!(envoy.stat("wasmcustom.sluice_allowed"), Some(2));
+}
+
+#[test]
+fn a_rule_in_shadow_reports_while_enforced_rules_still_bite() {
+    let rules = r#"
+        [[rules]]
+        name = "enforced"
+        limit = 4
+        window = "1h"
+
+        [[rules]]
+        name = "trial"
+        limit = 1
+        window = "1h"
+        shadow = true
+    "#;
+    let controller = Controller::start(rules, None);
+    let upstream = Upstream::start();
+    let envoy = envoy_with(&plugin(json!({})), vec![controller.port], &upstream, 1);
+    let responses: Vec<Response> = (0..5).map(|_| get(&envoy)).collect();
+    let statuses: Vec<u16> = responses.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 200, 200, 200, 429], "{responses:?}");
+    let second = &responses[1];
+    assert_eq!(
+        second.number("x-ratelimit-limit"),
+        1,
+        "the trial rule speaks: {second:?}"
+    );
+    assert!(
+        second
+            .header("ratelimit-policy")
+            .is_some_and(|p| p.contains(r#""enforced";q=4"#) && p.contains(r#""trial";q=1"#)),
+        "{second:?}"
+    );
+    assert_eq!(envoy.stat("wasmcustom.sluice_shadow_limited"), Some(3));
+    assert_eq!(responses[4].json()["policy"], "enforced");
+}
+
+#[test]
+fn the_denial_cache_answers_repeat_offenders_without_callouts() {
+    let upstream = Upstream::start();
+
+    let cached = Controller::start(&per_client(2), None);
+    let envoy = envoy_with(&plugin(json!({})), vec![cached.port], &upstream, 1);
+    let statuses: Vec<u16> = (0..30).map(|_| get(&envoy).status).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        2,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        28,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        checks_served(&cached),
+        3,
+        "two admitted, one denial, then the cache"
+    );
+    assert_eq!(envoy.stat("wasmcustom.sluice_denial_cache_hits"), Some(27));
+    let cached_reply = get(&envoy);
+    assert_eq!(cached_reply.status, 429);
+    assert!(cached_reply.number("retry-after") >= 1, "{cached_reply:?}");
+    assert_eq!(cached_reply.json()["policy"], "per-client");
+
+    // The same flood without the cache: every request is a callout.
+    let uncached = Controller::start(&per_client(2), None);
+    let envoy = envoy_with(
+        &plugin(json!({ "denial_cache": { "enabled": false } })),
+        vec![uncached.port],
+        &upstream,
+        1,
+    );
+    let statuses: Vec<u16> = (0..30).map(|_| get(&envoy).status).collect();
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 28);
+    assert_eq!(checks_served(&uncached), 30);
+
+    // Two workers share the cache: a denial learned on one is known on the other.
+    let shared = Controller::start(&per_client(2), None);
+    let envoy = envoy_with(&plugin(json!({})), vec![shared.port], &upstream, 2);
+    let statuses: Vec<u16> = (0..40).map(|_| get(&envoy).status).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        2,
+        "{statuses:?}"
+    );
+    let served = checks_served(&shared);
+    assert!(
+        served <= 4,
+        "at most one denial per worker reaches the controller: {served}"
+    );
+}
+
+/// One request of the load: when it was sent and answered, and how.
+struct Sample {
+    sent: Instant,
+    done: Instant,
+    status: u16,
+}
+
+/// Requests from 4 threads for `run` in total; the controller is killed after `kill_at`.
+/// Returns every request, and when the kill began and when the controller was gone.
+fn load_through_a_dying_controller(
+    envoy: &Envoy,
+    controller: &mut Controller,
+    kill_at: Duration,
+    run: Duration,
+) -> (Vec<Sample>, Instant, Instant) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let url = envoy.url("/items");
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, url) = (Arc::clone(&stop), url.clone());
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let sent = Instant::now();
+                    let status = http::get(&url).map_or(0, |r| r.status);
+                    seen.push(Sample {
+                        sent,
+                        done: Instant::now(),
+                        status,
+                    });
+                }
+                seen
+            })
+        })
+        .collect();
+    std::thread::sleep(kill_at);
+    let kill_began = Instant::now();
+    controller.stop();
+    let gone = Instant::now();
+    std::thread::sleep(run.saturating_sub(kill_at));
+    stop.store(true, Ordering::SeqCst);
+    let samples = workers
+        .into_iter()
+        .flat_map(|worker| worker.join().expect("load thread"))
+        .collect();
+    (samples, kill_began, gone)
+}
+
+#[test]
+fn a_controller_killed_mid_run_leaves_every_request_to_the_failure_mode_and_none_hangs() {
+    let upstream = Upstream::start();
+    for (mode, status_after) in [("deny", 503), ("allow", 200)] {
+        let mut controller = Controller::start(&per_client(1_000_000), None);
+        let mut config = sluice_plugin_config(mode, 300);
+        config["denial_cache"] = json!({ "enabled": false });
+        let envoy = envoy_with(&config, vec![controller.port], &upstream, 2);
+        let (samples, kill_began, gone) = load_through_a_dying_controller(
+            &envoy,
+            &mut controller,
+            Duration::from_millis(1_500),
+            Duration::from_secs(4),
+        );
+        let before: Vec<u16> = samples
+            .iter()
+            .filter(|s| s.done < kill_began)
+            .map(|s| s.status)
+            .collect();
+        let after: Vec<u16> = samples
+            .iter()
+            .filter(|s| s.sent > gone)
+            .map(|s| s.status)
+            .collect();
+        let spanning: Vec<u16> = samples
+            .iter()
+            .filter(|s| s.done >= kill_began && s.sent <= gone)
+            .map(|s| s.status)
+            .collect();
+        assert!(
+            before.len() > 10 && after.len() > 10,
+            "{mode}: {} before, {} after",
+            before.len(),
+            after.len()
+        );
+        assert!(before.iter().all(|s| *s == 200), "{mode}: {before:?}");
+        assert!(
+            after.iter().all(|s| *s == status_after),
+            "{mode}: {after:?}"
+        );
+        assert!(
+            spanning.iter().all(|s| *s == 200 || *s == status_after),
+            "{mode}: in flight at the kill: {spanning:?}"
+        );
+        let slowest = samples
+            .iter()
+            .map(|s| s.done - s.sent)
+            .max()
+            .unwrap_or_default();
+        assert!(
+            slowest < Duration::from_millis(300 * 2 + 1_500),
+            "{mode}: a request took {slowest:?}"
+        );
+        let failure_stat = if mode == "deny" {
+            "wasmcustom.sluice_failure_denied"
+        } else {
+            "wasmcustom.sluice_failure_allowed"
+        };
+        assert!(
+            envoy.stat(failure_stat).unwrap_or(0) >= after.len() as u64,
+            "{mode}: {failure_stat} counts every request after the kill"
+        );
+        assert!(envoy.stat("wasmcustom.sluice_callout_errors").unwrap_or(0) > 0);
+        assert!(
+            envoy.log().contains("no decision"),
+            "{mode}: the failures are logged"
+        );
+    }
+}
+
+#[test]
+fn a_controller_cluster_with_no_healthy_endpoint_fails_at_once() {
+    let upstream = Upstream::start();
+    let options = EnvoyOptions {
+        filter: Filter::Sluice {
+            plugin_config: sluice_plugin_config("deny", 2_000).to_string(),
+        },
+        upstream_port: upstream.port(),
+        controller_ports: vec![],
+        concurrency: 1,
+    };
+    let (port, admin_port) = (free_port(), free_port());
+    let discard = "\n        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 9 } } }";
+    let config = config_yaml(&options, port, admin_port);
+    assert!(
+        config.contains(discard),
+        "the harness's placeholder endpoint"
+    );
+    let config = config.replace(&format!("lb_endpoints:{discard}"), "lb_endpoints: []");
+    let envoy = Envoy::start_with_config(&config, port, admin_port, 1);
+    for _ in 0..5 {
+        let started = Instant::now();
+        let response = get(&envoy);
+        assert_eq!(response.status, 503, "{response:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(1_000),
+            "waited {:?} with no endpoint to wait for",
+            started.elapsed()
+        );
+    }
+    assert!(envoy.log().contains("no decision"), "{}", envoy.log());
+}
