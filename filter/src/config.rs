@@ -714,6 +714,137 @@ mod tests {
         }
     }
 
+    fn with(extra: &str) -> Vec<u8> {
+        format!(r#"{{"controller":{{"cluster":"c"}},{extra}}}"#).into_bytes()
+    }
+
+    /// The new sections, one bad value each, with the field the operator is told about.
+    #[test]
+    fn each_bad_identity_list_or_cache_setting_names_its_field() {
+        let rsa_public = include_str!("../tests/keys/rsa_public.pem").replace('\n', "\\n");
+        let cases = [
+            (
+                r#""identity":{"jwt":{"keys":[{"alg":"none","secret":"s"}]}}"#.to_owned(),
+                "identity.jwt.keys[0].alg",
+            ),
+            (
+                r#""identity":{"jwt":{"keys":[{"alg":"RS256","secret":"s"}]}}"#.to_owned(),
+                "identity.jwt.keys[0].pem",
+            ),
+            (
+                format!(
+                    r#""identity":{{"jwt":{{"keys":[{{"alg":"HS256","pem":"{rsa_public}"}}]}}}}"#
+                ),
+                "identity.jwt.keys[0].secret",
+            ),
+            (
+                r#""identity":{"jwt":{"keys":[{"alg":"ES256","pem":"not a key"}]}}"#.to_owned(),
+                "identity.jwt.keys[0].pem",
+            ),
+            (r#""identity":{"jwt":{}}"#.to_owned(), "identity.jwt.keys"),
+            (
+                r#""identity":{"jwt":{"jwks":{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}}}"#.to_owned(),
+                "identity.jwt.jwks.keys[0].alg",
+            ),
+            (
+                r#""identity":{"jwt":{"jwks":"nope"}}"#.to_owned(),
+                "identity.jwt.jwks",
+            ),
+            (
+                r#""identity":{"jwt":{"from_metadata":{"key":"p"},"on_invalid":"shrug"}}"#
+                    .to_owned(),
+                "identity.jwt.on_invalid",
+            ),
+            (r#""identity":{"order":[]}"#.to_owned(), "identity.order"),
+            (
+                r#""identity":{"order":["ip","jwt","ip"]}"#.to_owned(),
+                "identity.order[2]",
+            ),
+            (
+                r#""identity":{"api_key_header":"x key"}"#.to_owned(),
+                "identity.api_key_header",
+            ),
+            (
+                r#""identity":{"ip":{"trusted_proxies":["10.0.0.0/8","nope"]}}"#.to_owned(),
+                "identity.ip.trusted_proxies[1]",
+            ),
+            (
+                r#""identity":{"ip":{"trusted_hops":1,"trusted_proxies":["10.0.0.0/8"]}}"#
+                    .to_owned(),
+                "identity.ip.trusted_proxies",
+            ),
+            (
+                r#""identity":{"ip":{"trusted_hops":99}}"#.to_owned(),
+                "identity.ip.trusted_hops",
+            ),
+            (
+                r#""identity":{"ip":{"ipv6_prefix":129}}"#.to_owned(),
+                "identity.ip.ipv6_prefix",
+            ),
+            (
+                r#""safelist":{"api_keys":["sha256:zz"]}"#.to_owned(),
+                "safelist.api_keys[0]",
+            ),
+            (
+                r#""denylist":{"ips":["1.2.3.4/40"]}"#.to_owned(),
+                "denylist.ips[0]",
+            ),
+            (
+                r#""denylist":{"paths":["admin"]}"#.to_owned(),
+                "denylist.paths[0]",
+            ),
+            (
+                r#""exempt_paths":["/ok","healthz"]"#.to_owned(),
+                "exempt_paths[1]",
+            ),
+            (
+                r#""denial_cache":{"slots":0}"#.to_owned(),
+                "denial_cache.slots",
+            ),
+            (r#""headers":"fancy""#.to_owned(), "headers"),
+            (r#""shadow":"yes""#.to_owned(), "shadow"),
+        ];
+        for (extra, field) in cases {
+            let err = FilterConfig::parse(&with(&extra)).unwrap_err();
+            assert_eq!(err.field, field, "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn every_kind_of_key_is_accepted_with_its_algorithm() {
+        let pem = |name: &str| {
+            match name {
+                "rsa" => include_str!("../tests/keys/rsa_public.pem"),
+                _ => include_str!("../tests/keys/ec_public.pem"),
+            }
+            .replace('\n', "\\n")
+        };
+        let json = format!(
+            r#""identity":{{"jwt":{{"keys":[
+                {{"alg":"HS512","secret":"s"}},
+                {{"kid":"r","alg":"PS256","pem":"{}"}},
+                {{"kid":"e","alg":"ES256","pem":"{}"}}],
+              "jwks":{{"keys":[{{"kty":"oct","k":"c2VjcmV0","alg":"HS256","kid":"j"}}]}},
+              "issuers":["i"],"audiences":["a"],"tier_claim":"plan","on_invalid":"next"}},
+              "api_key_header":"X-Api-Key","order":["api_key","jwt","ip"],
+              "ip":{{"trusted_proxies":["10.0.0.0/8","fd00::1"],"ipv6_prefix":56}}}},
+              "headers":"ietf","shadow":true,"denial_cache":{{"enabled":false}},
+              "safelist":{{"ips":["192.0.2.0/24"],"api_keys":["k","sha256:{}"]}}"#,
+            pem("rsa"),
+            pem("ec"),
+            "ab".repeat(32)
+        );
+        let config = FilterConfig::parse(&with(&json)).unwrap();
+        assert_eq!(config.identity.api_key_header.as_deref(), Some("x-api-key"));
+        assert!(config.shadow);
+        assert_eq!(config.denial_cache_slots, None);
+        assert_eq!(config.safelist.api_keys.len(), 2);
+        assert_eq!(config.identity.ip.ipv6_prefix, 56);
+        let jwt = config.identity.jwt.as_ref().unwrap();
+        assert!(jwt.verifier.is_some());
+        assert_eq!(jwt.tier_claim.as_deref(), Some("plan"));
+    }
+
     #[test]
     fn missing_and_unknown_fields_are_named_in_the_message() {
         let err = FilterConfig::parse(br#"{}"#).unwrap_err();

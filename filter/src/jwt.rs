@@ -387,6 +387,30 @@ mod tests {
     }
 
     #[test]
+    fn ec_keys_verify_es256_and_nothing_else() {
+        let ec = VerifyingKey {
+            kid: None,
+            algorithm: Algorithm::ES256,
+            key: DecodingKey::from_ec_pem(include_bytes!("../tests/keys/ec_public.pem")).unwrap(),
+        };
+        let mut verifier = verifier(vec![ec], expectations());
+        let private =
+            EncodingKey::from_ec_pem(include_bytes!("../tests/keys/ec_private.pem")).unwrap();
+        let good = encode(
+            &Header::new(Algorithm::ES256),
+            &json!({"sub": "eve", "exp": NOW + 60}),
+            &private,
+        )
+        .unwrap();
+        assert_eq!(verifier.verify(&good, NOW).unwrap().subject, "eve");
+        let hs = hs_token("whatever", json!({"sub": "eve", "exp": NOW + 60}));
+        assert_eq!(
+            verifier.verify(&hs, NOW),
+            Err(TokenError::NoKey("HS256".into()))
+        );
+    }
+
+    #[test]
     fn issuer_and_audience_are_checked_when_set() {
         let strict = Expectations {
             issuers: vec!["https://issuer.example".into()],
