@@ -9,7 +9,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
-use sluice_protocol::{CheckRequest, CheckResponse, ReleaseRequest, CHECK_PATH, RELEASE_PATH};
+use sluice_protocol::{
+    CheckRequest, CheckResponse, ReleaseRequest, RulesSnapshot, CHECK_PATH, RELEASE_PATH,
+    RULES_PATH,
+};
 
 use crate::limiter::{Limiter, ReleaseError};
 
@@ -25,6 +28,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route(CHECK_PATH, post(check))
         .route(RELEASE_PATH, post(release))
+        .route(RULES_PATH, get(rules))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
@@ -133,6 +137,13 @@ async fn release(
         )),
         Err(ReleaseError::Store(error)) => Err(ApiError::store_unavailable(&error)),
     }
+}
+
+/// The rules, for the filter: it needs each rule's failure mode when it cannot ask.
+async fn rules(State(state): State<AppState>) -> Json<RulesSnapshot> {
+    Json(RulesSnapshot {
+        rules: state.limiter.rules().rules().to_vec(),
+    })
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -240,3 +240,27 @@ async fn api_keys_map_to_user_and_tier() {
     );
     assert!(decision["others"].as_array().is_none());
 }
+
+/// The filter reads the rules (for their failure modes); what it reads parses back to the
+/// same rules.
+#[tokio::test]
+async fn rules_are_served_for_the_filter_and_round_trip() {
+    let text = r#"
+        [[rules]]
+        name = "payments"
+        strategy = "token_bucket"
+        limit = 10
+        window = "1m"
+        burst = 20
+        failure_mode = "deny"
+        shadow = true
+        match = { path_glob = "/pay/**", methods = ["POST"], tiers = ["gold"] }
+    "#;
+    let (router, _clock) = router(text);
+    let request = Request::get("/v1/rules").body(Body::empty()).unwrap();
+    let response = router.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let snapshot: sluice_protocol::RulesSnapshot = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(snapshot.rules, parse_rules(text).unwrap().rules());
+}

@@ -16,6 +16,7 @@ use std::rc::Rc;
 
 use sluice_protocol::{Check, CheckRequest};
 
+use crate::config::FailureMode;
 use crate::decision::Verdict;
 
 /// Where the root leaves a request's verdict for the request's own context to read.
@@ -31,6 +32,8 @@ pub struct Member {
     pub request_id: Option<String>,
     /// The check's fingerprint, under which a denial is cached.
     pub fingerprint: u64,
+    /// What happens to the request if its batch gets no answer.
+    pub failure_mode: FailureMode,
 }
 
 #[derive(Debug)]
@@ -180,6 +183,7 @@ mod tests {
             slot: Rc::new(RefCell::new(None)),
             request_id: None,
             fingerprint: 0,
+            failure_mode: FailureMode::Allow,
         }
     }
 

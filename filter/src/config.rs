@@ -18,15 +18,7 @@ use crate::identity::{self, IdentityConfig, JwtMetadata, JwtSettings, OnInvalidT
 use crate::jwt::{Expectations, JwtVerifier, VerifyingKey};
 use crate::lists::List;
 
-/// What happens to a request when the controller cannot give a decision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailureMode {
-    /// Let the request through without a limit (logged and counted).
-    Allow,
-    /// Refuse the request with 503.
-    Deny,
-}
+pub use sluice_protocol::FailureMode;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -249,6 +241,12 @@ struct RawController {
     authority: Option<String>,
     #[serde(default = "default_timeout_ms")]
     timeout_ms: u64,
+    #[serde(default = "default_rules_poll_ms")]
+    rules_poll_ms: u64,
+}
+
+fn default_rules_poll_ms() -> u64 {
+    5_000
 }
 
 fn default_failure_mode() -> FailureMode {
@@ -259,6 +257,9 @@ fn default_timeout_ms() -> u64 {
     200
 }
 
+/// Shortest interval between two reads of the controller's rules.
+pub const MIN_RULES_POLL_MS: u64 = 1_000;
+
 /// Longest callout timeout accepted; a request waits at most this long for a decision.
 pub const MAX_TIMEOUT_MS: u64 = 60_000;
 
@@ -268,6 +269,9 @@ pub struct FilterConfig {
     pub controller_cluster: String,
     pub controller_authority: String,
     pub timeout: Duration,
+    /// How often each worker reads the controller's rules (for their failure modes);
+    /// `None`: never, the filter's `failure_mode` holds for every request.
+    pub rules_poll: Option<Duration>,
     pub failure_mode: FailureMode,
     /// Request header whose number is the request's cost (lower-case), if any.
     pub cost_header: Option<String>,
@@ -368,6 +372,8 @@ impl FilterConfig {
             controller_cluster: controller.cluster,
             controller_authority: authority,
             timeout: Duration::from_millis(controller.timeout_ms),
+            rules_poll: (controller.rules_poll_ms > 0)
+                .then(|| Duration::from_millis(controller.rules_poll_ms.max(MIN_RULES_POLL_MS))),
             failure_mode: raw.failure_mode,
             cost_header: raw.cost_header.map(|name| name.to_ascii_lowercase()),
             batching: raw.batching,

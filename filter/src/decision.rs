@@ -258,8 +258,8 @@ pub fn unlimited() -> Verdict {
 }
 
 /// What the failure mode says to do when there is no decision.
-pub fn verdict_for_failure(config: &FilterConfig) -> Verdict {
-    match config.failure_mode {
+pub fn verdict_for_failure(mode: FailureMode) -> Verdict {
+    match mode {
         FailureMode::Allow => Verdict::pass(),
         FailureMode::Deny => Verdict::Reply {
             status: 503,
@@ -467,18 +467,15 @@ mod tests {
             (Some("200"), &two),
         ];
         for (status, body) in cases {
-            let failure = verdict_for_reply(&config(""), status, body, None).unwrap_err();
-            assert_eq!(
-                verdict_for_failure(&config("")),
-                Verdict::pass(),
-                "{failure}"
-            );
-            let deny = config(r#","failure_mode":"deny""#);
-            assert!(matches!(
-                verdict_for_failure(&deny),
-                Verdict::Reply { status: 503, .. }
-            ));
+            let outcome = verdict_for_reply(&config(""), status, body, None);
+            assert!(outcome.is_err(), "{status:?} {body:?}: {outcome:?}");
         }
+        assert_eq!(verdict_for_failure(FailureMode::Allow), Verdict::pass());
+        let Verdict::Reply { status, body, .. } = verdict_for_failure(FailureMode::Deny) else {
+            panic!("deny mode refuses")
+        };
+        assert_eq!(status, 503);
+        assert!(body.contains("rate_limiter_unavailable"), "{body}");
     }
 
     #[test]

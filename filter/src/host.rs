@@ -9,7 +9,10 @@ use std::time::{Duration, UNIX_EPOCH};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
-use sluice_protocol::{Check, CheckRequest, Decision, CHECK_PATH, RELEASE_PATH};
+use sluice_protocol::rules::failure_mode_for;
+use sluice_protocol::{
+    Check, CheckRequest, Decision, Rule, RulesSnapshot, CHECK_PATH, RELEASE_PATH, RULES_PATH,
+};
 
 use crate::batch::{Batcher, Member, Registered, Slot};
 use crate::config::{FailureMode, FilterConfig};
@@ -22,7 +25,13 @@ use crate::lists::{self, Listing};
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
-        Box::new(SluiceRoot { context_id, worker: None, delayed: Vec::new() })
+        Box::new(SluiceRoot {
+            context_id,
+            worker: None,
+            delayed: Vec::new(),
+            rules_call: None,
+            rules_read_at_ms: 0,
+        })
     });
 }}
 
@@ -67,10 +76,11 @@ enum Metric {
     Safelisted,
     Denylisted,
     TokenRejected,
+    RulesFetched,
 }
 
 impl Metric {
-    const ALL: [Metric; 11] = [
+    const ALL: [Metric; 12] = [
         Metric::Checks,
         Metric::Allowed,
         Metric::Limited,
@@ -82,6 +92,7 @@ impl Metric {
         Metric::Safelisted,
         Metric::Denylisted,
         Metric::TokenRejected,
+        Metric::RulesFetched,
     ];
 
     fn name(self) -> &'static str {
@@ -97,6 +108,7 @@ impl Metric {
             Metric::Safelisted => "sluice_safelisted",
             Metric::Denylisted => "sluice_denylisted",
             Metric::TokenRejected => "sluice_token_rejected",
+            Metric::RulesFetched => "sluice_rules_fetched",
         }
     }
 }
@@ -127,6 +139,8 @@ struct Worker {
     /// The shared queue a request pokes to wake the root (batching only).
     wake_queue: Option<u32>,
     metrics: Metrics,
+    /// The controller's rules as last read, for their failure modes.
+    rules: RefCell<Vec<Rule>>,
 }
 
 impl Worker {
@@ -170,19 +184,60 @@ impl Worker {
         ))
     }
 
-    /// The failure mode's verdict for `requests` requests that got no decision, counted.
-    fn failure_verdict(&self, failure: &Failure, requests: usize) -> Verdict {
-        let verdict = decision::verdict_for_failure(&self.config);
-        log_failure(failure, &verdict, requests);
+    /// What happens to this check if the controller cannot answer: the failure mode of
+    /// the rules that apply to it, else the filter's.
+    fn failure_mode_for(&self, check: &Check) -> FailureMode {
+        failure_mode_for(self.rules.borrow().iter(), check, self.config.failure_mode)
+    }
+
+    /// The verdicts of requests (by their failure modes) whose callout failed; counted and
+    /// logged once.
+    fn failure_verdicts(&self, failure: &Failure, modes: &[FailureMode]) -> Vec<Verdict> {
+        let denied = modes.iter().filter(|m| **m == FailureMode::Deny).count();
+        let allowed = modes.len() - denied;
+        log_failure(failure, allowed, denied);
         self.metrics.add(Metric::CalloutErrors, 1);
-        self.metrics.add(
-            match self.config.failure_mode {
-                FailureMode::Allow => Metric::FailureAllowed,
-                FailureMode::Deny => Metric::FailureDenied,
-            },
-            requests as u64,
-        );
-        verdict
+        self.metrics.add(Metric::FailureAllowed, allowed as u64);
+        self.metrics.add(Metric::FailureDenied, denied as u64);
+        modes
+            .iter()
+            .map(|mode| decision::verdict_for_failure(*mode))
+            .collect()
+    }
+
+    /// Takes the controller's answer to `GET /v1/rules`.
+    fn take_rules(&self, status: Option<&str>, body: &[u8]) {
+        let snapshot = match status {
+            Some("200") => serde_json::from_slice::<RulesSnapshot>(body)
+                .map_err(|e| format!("malformed ({e})")),
+            other => Err(format!("status {}", other.unwrap_or("(none)"))),
+        };
+        match snapshot {
+            Ok(snapshot) => {
+                self.metrics.add(Metric::RulesFetched, 1);
+                let mut rules = self.rules.borrow_mut();
+                if *rules != snapshot.rules {
+                    let own = snapshot
+                        .rules
+                        .iter()
+                        .filter(|rule| rule.failure_mode.is_some())
+                        .count();
+                    log(
+                        LogLevel::Info,
+                        &format!(
+                            "read {} rules from the controller, {own} with a failure mode of their own",
+                            snapshot.rules.len()
+                        ),
+                    );
+                    *rules = snapshot.rules;
+                }
+            }
+            // The rules last read stay; the next tick tries again.
+            Err(why) => log(
+                LogLevel::Debug,
+                &format!("could not read the controller's rules: {why}"),
+            ),
+        }
     }
 
     /// Sends a check or release call to the controller from the current context.
@@ -217,15 +272,22 @@ impl Worker {
     }
 }
 
-fn log_failure(failure: &Failure, verdict: &Verdict, requests: usize) {
-    let what = if requests == 1 {
-        "the request".to_owned()
-    } else {
-        format!("{requests} requests")
+fn log_failure(failure: &Failure, allowed: usize, denied: usize) {
+    let what = |n: usize| {
+        if n == 1 {
+            "1 request".to_owned()
+        } else {
+            format!("{n} requests")
+        }
     };
-    let outcome = match verdict {
-        Verdict::Continue { .. } => format!("allowing {what} (failure mode allow)"),
-        Verdict::Reply { .. } => format!("refusing {what} (failure mode deny)"),
+    let outcome = match (allowed, denied) {
+        (allowed, 0) => format!("allowing {} (failure mode allow)", what(allowed)),
+        (0, denied) => format!("refusing {} (failure mode deny)", what(denied)),
+        (allowed, denied) => format!(
+            "allowing {} and refusing {} (by their rules' failure modes)",
+            what(allowed),
+            what(denied)
+        ),
     };
     log(
         LogLevel::Warn,
@@ -238,6 +300,9 @@ struct SluiceRoot {
     worker: Option<Rc<Worker>>,
     /// Requests admitted for a later slot (leaky bucket), as (due ms, context id).
     delayed: Vec<(u64, u32)>,
+    /// The read of the controller's rules that is out, and when the last one left.
+    rules_call: Option<u32>,
+    rules_read_at_ms: u64,
 }
 
 impl Context for SluiceRoot {
@@ -252,7 +317,26 @@ impl Context for SluiceRoot {
         let Some(worker) = self.worker.clone() else {
             return;
         };
-        let Some(members) = worker.batcher.borrow_mut().complete(token) else {
+        let members = worker.batcher.borrow_mut().complete(token);
+        let Some(members) = members else {
+            if self.rules_call == Some(token) {
+                self.rules_call = None;
+                let status = hostcalls::get_map_value(
+                    proxy_wasm::types::MapType::HttpCallResponseHeaders,
+                    ":status",
+                )
+                .ok()
+                .flatten();
+                let body = hostcalls::get_buffer(
+                    proxy_wasm::types::BufferType::HttpCallResponseBody,
+                    0,
+                    body_size,
+                )
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+                worker.take_rules(status.as_deref(), &body);
+            }
             return;
         };
         let status = hostcalls::get_map_value(
@@ -317,8 +401,8 @@ impl SluiceRoot {
     }
 
     fn fail(&mut self, worker: &Worker, members: Vec<Member>, failure: &Failure) {
-        let verdict = worker.failure_verdict(failure, members.len());
-        let verdicts = vec![verdict; members.len()];
+        let modes: Vec<FailureMode> = members.iter().map(|m| m.failure_mode).collect();
+        let verdicts = worker.failure_verdicts(failure, &modes);
         self.deliver(worker, members, verdicts);
     }
 
@@ -364,6 +448,34 @@ impl SluiceRoot {
         if !self.delayed.is_empty() {
             let _ = hostcalls::set_tick_period(DELAY_TICK);
         }
+    }
+
+    /// Reads the controller's rules every `rules_poll_ms`, one read at a time.
+    fn read_rules_when_due(&mut self, worker: &Worker) {
+        let Some(interval) = worker.config.rules_poll else {
+            return;
+        };
+        let now = now_ms();
+        let due = now.saturating_sub(self.rules_read_at_ms) >= interval.as_millis() as u64;
+        // A read whose answer never came is given up after a few intervals.
+        let stuck = now.saturating_sub(self.rules_read_at_ms) >= 4 * interval.as_millis() as u64;
+        if !due || (self.rules_call.is_some() && !stuck) {
+            return;
+        }
+        self.rules_read_at_ms = now;
+        let config = &worker.config;
+        let call = hostcalls::dispatch_http_call(
+            &config.controller_cluster,
+            vec![
+                (":method", "GET"),
+                (":path", RULES_PATH),
+                (":authority", &config.controller_authority),
+            ],
+            None,
+            vec![],
+            config.timeout,
+        );
+        self.rules_call = call.ok();
     }
 
     fn resume_due(&mut self) {
@@ -417,6 +529,7 @@ impl RootContext for SluiceRoot {
             batcher: RefCell::new(batcher),
             wake_queue,
             metrics: Metrics::define(),
+            rules: RefCell::new(Vec::new()),
         }));
         let _ = hostcalls::set_tick_period(WATCHDOG_TICK);
         true
@@ -434,6 +547,7 @@ impl RootContext for SluiceRoot {
         let Some(worker) = self.worker.clone() else {
             return;
         };
+        self.read_rules_when_due(&worker);
         let limit = worker.config.timeout.as_millis() as u64 + 1_000;
         let overdue = worker.batcher.borrow_mut().overdue(now_ms(), limit);
         if let Some(members) = overdue {
@@ -448,10 +562,12 @@ impl RootContext for SluiceRoot {
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let worker = self.worker.clone()?;
+        let failure_mode = worker.config.failure_mode;
         Some(Box::new(SluiceRequest {
             context_id,
             worker,
             state: State::New,
+            failure_mode,
         }))
     }
 
@@ -482,6 +598,8 @@ struct SluiceRequest {
     context_id: u32,
     worker: Rc<Worker>,
     state: State,
+    /// What happens if the controller cannot answer (the filter's, or its rules').
+    failure_mode: FailureMode,
 }
 
 /// What the filter decided about a request before asking anyone.
@@ -549,7 +667,7 @@ impl SluiceRequest {
         identity::identify(config, &facts, now_ms() / 1_000)
     }
 
-    fn triage(&self) -> Triage {
+    fn triage(&mut self) -> Triage {
         let config = &self.worker.config;
         let metrics = &self.worker.metrics;
         let full_path = self.header(":path").unwrap_or_default();
@@ -592,6 +710,7 @@ impl SluiceRequest {
             cost,
         );
         metrics.add(Metric::Checks, 1);
+        self.failure_mode = self.worker.failure_mode_for(&check);
         let fingerprint = denial::fingerprint(&check);
         if let Some(verdict) = self
             .worker
@@ -637,8 +756,11 @@ impl SluiceRequest {
     }
 
     fn fail(&mut self, failure: &Failure) -> Action {
-        let verdict = self.worker.failure_verdict(failure, 1);
-        self.apply(verdict)
+        let verdicts = self.worker.failure_verdicts(failure, &[self.failure_mode]);
+        match verdicts.into_iter().next() {
+            Some(verdict) => self.apply(verdict),
+            None => Action::Continue,
+        }
     }
 
     /// Batching: join the next batch and wait for the root to deliver the verdict.
@@ -649,6 +771,7 @@ impl SluiceRequest {
             slot: Rc::clone(&slot),
             request_id,
             fingerprint,
+            failure_mode: self.failure_mode,
         };
         let registered = self.worker.batcher.borrow_mut().register(member, check);
         match registered {

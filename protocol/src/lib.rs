@@ -11,4 +11,6 @@ pub use check::{
     Check, CheckRequest, CheckResponse, ClientId, ClientKind, Decision, DenyReason, PolicyStatus,
     ReleaseRequest, CHECK_PATH, RELEASE_PATH,
 };
-pub use rules::{Rule, RuleMatch, RuleSet, Scope, Strategy};
+pub use rules::{
+    FailureMode, Rule, RuleMatch, RuleSet, RulesSnapshot, Scope, Strategy, RULES_PATH,
+};

@@ -59,6 +59,16 @@ impl Strategy {
     }
 }
 
+/// What the filter does with a request when the controller cannot give a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Let the request through without a limit (logged and counted).
+    Allow,
+    /// Refuse the request with 503.
+    Deny,
+}
+
 /// Whom a rule counts separately. A rule scoped to an identity the request does not have
 /// (`user` for an anonymous request, say) does not apply to it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -246,6 +256,42 @@ pub struct Rule {
     /// Evaluated and reported (headers, metrics) but never blocks: for trying a rule out.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shadow: bool,
+    /// What the filter does with requests this rule applies to when the controller cannot
+    /// answer; default: the filter's own `failure_mode`. When rules disagree, deny wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_mode: Option<FailureMode>,
+}
+
+/// Versioned path where the filter reads the rules (for what it decides alone: the failure
+/// mode of each rule).
+pub const RULES_PATH: &str = "/v1/rules";
+
+/// The answer to `GET` [`RULES_PATH`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RulesSnapshot {
+    pub rules: Vec<Rule>,
+}
+
+/// The failure mode for a request the controller could not decide: deny if any rule that
+/// applies says deny, else allow if any says allow, else `default`.
+pub fn failure_mode_for<'r>(
+    rules: impl IntoIterator<Item = &'r Rule>,
+    check: &Check,
+    default: FailureMode,
+) -> FailureMode {
+    let mut chosen = None;
+    for rule in rules {
+        match rule.failure_mode {
+            Some(mode) if rule.applies_to(check) => {
+                if mode == FailureMode::Deny {
+                    return FailureMode::Deny;
+                }
+                chosen = Some(mode);
+            }
+            _ => {}
+        }
+    }
+    chosen.unwrap_or(default)
 }
 
 /// Default lease of a `concurrency` slot.
@@ -509,6 +555,7 @@ mod tests {
             cost: None,
             matcher,
             shadow: false,
+            failure_mode: None,
         }
     }
 
@@ -596,6 +643,28 @@ mod tests {
         assert!(applies(&gold, &gold_check));
         gold_check.tier = Some("silver".into());
         assert!(!applies(&gold, &gold_check));
+    }
+
+    #[test]
+    fn a_rules_failure_mode_overrides_the_default_and_deny_wins() {
+        let mut payments = rule(
+            "payments",
+            RuleMatch {
+                path_prefix: Some("/pay".into()),
+                ..RuleMatch::default()
+            },
+        );
+        payments.failure_mode = Some(FailureMode::Deny);
+        let mut open = rule("open", RuleMatch::default());
+        open.failure_mode = Some(FailureMode::Allow);
+        let rules = [payments, open];
+        let mode = |path: &str, default| failure_mode_for(&rules, &check("GET", path), default);
+        assert_eq!(mode("/pay/1", FailureMode::Allow), FailureMode::Deny);
+        assert_eq!(mode("/items", FailureMode::Deny), FailureMode::Allow);
+        assert_eq!(
+            failure_mode_for(&rules[..0], &check("GET", "/pay"), FailureMode::Allow),
+            FailureMode::Allow
+        );
     }
 
     #[test]

@@ -382,3 +382,39 @@ fn a_controller_cluster_with_no_healthy_endpoint_fails_at_once() {
     }
     assert!(envoy.log().contains("no decision"), "{}", envoy.log());
 }
+
+#[test]
+fn a_rules_own_failure_mode_holds_for_its_requests_when_the_controller_is_gone() {
+    let rules = r#"
+        [[rules]]
+        name = "payments"
+        limit = 1000
+        window = "1h"
+        failure_mode = "deny"
+        match = { path_prefix = "/pay" }
+
+        [[rules]]
+        name = "everything"
+        limit = 1000
+        window = "1h"
+    "#;
+    let mut controller = Controller::start(rules, None);
+    let upstream = Upstream::start();
+    let mut config = sluice_plugin_config("allow", 300);
+    config["controller"]["rules_poll_ms"] = json!(1_000);
+    let envoy = envoy_with(&config, vec![controller.port], &upstream, 2);
+    sluice_e2e::wait_until("the filter read the rules", Duration::from_secs(15), || {
+        envoy.stat("wasmcustom.sluice_rules_fetched").unwrap_or(0) >= 3
+    });
+    // Each worker and the main thread read them on their first 1 s tick: one more tick and
+    // every one of them has.
+    std::thread::sleep(Duration::from_millis(1_200));
+    let status = |path: &str| http::get(&envoy.url(path)).expect("request").status;
+    assert_eq!((status("/pay/1"), status("/items")), (200, 200));
+    controller.stop();
+    for _ in 0..5 {
+        assert_eq!(status("/pay/1"), 503, "the payments rule says deny");
+        assert_eq!(status("/items"), 200, "the filter's own mode says allow");
+    }
+    assert!(envoy.log().contains("with a failure mode of their own"));
+}
