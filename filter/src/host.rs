@@ -272,6 +272,15 @@ impl Worker {
     }
 }
 
+/// Whether the request that waits on `slot` is still there. Envoy may run a batch's reply
+/// in the same event-loop turn in which it finished a request whose client left: the
+/// request's context then still exists for `set_effective_context`, but the SDK has dropped
+/// it, and a local reply to it would reach the SDK as a callback for an unknown context (a
+/// panic). The request drops its end of the slot when it finishes, so the count tells.
+fn still_here(slot: &Slot) -> bool {
+    Rc::strong_count(slot) > 1
+}
+
 fn log_failure(failure: &Failure, allowed: usize, denied: usize) {
     let what = |n: usize| {
         if n == 1 {
@@ -298,8 +307,8 @@ fn log_failure(failure: &Failure, allowed: usize, denied: usize) {
 struct SluiceRoot {
     context_id: u32,
     worker: Option<Rc<Worker>>,
-    /// Requests admitted for a later slot (leaky bucket), as (due ms, context id).
-    delayed: Vec<(u64, u32)>,
+    /// Requests admitted for a later slot (leaky bucket), as (due ms, context id, slot).
+    delayed: Vec<(u64, u32, Slot)>,
     /// The read of the controller's rules that is out, and when the last one left.
     rules_call: Option<u32>,
     rules_read_at_ms: u64,
@@ -411,7 +420,9 @@ impl SluiceRoot {
     fn deliver(&mut self, worker: &Worker, members: Vec<Member>, verdicts: Vec<Verdict>) {
         let mut orphaned_leases = Vec::new();
         for (member, verdict) in members.into_iter().zip(verdicts) {
-            if hostcalls::set_effective_context(member.context_id).is_err() {
+            if !still_here(&member.slot)
+                || hostcalls::set_effective_context(member.context_id).is_err()
+            {
                 if let Verdict::Continue { leases, .. } = verdict {
                     orphaned_leases.extend(leases);
                 }
@@ -419,8 +430,11 @@ impl SluiceRoot {
             }
             match &verdict {
                 Verdict::Continue { delay_ms, .. } if *delay_ms > 0 => {
-                    self.delayed
-                        .push((now_ms().saturating_add(*delay_ms), member.context_id));
+                    self.delayed.push((
+                        now_ms().saturating_add(*delay_ms),
+                        member.context_id,
+                        Rc::clone(&member.slot),
+                    ));
                     *member.slot.borrow_mut() = Some(verdict);
                 }
                 Verdict::Continue { .. } => {
@@ -480,11 +494,11 @@ impl SluiceRoot {
 
     fn resume_due(&mut self) {
         let now = now_ms();
-        self.delayed.retain(|&(due, context_id)| {
-            if due > now {
+        self.delayed.retain(|(due, context_id, slot)| {
+            if *due > now {
                 return true;
             }
-            if hostcalls::set_effective_context(context_id).is_ok() {
+            if still_here(slot) && hostcalls::set_effective_context(*context_id).is_ok() {
                 let _ = hostcalls::resume_http_request();
             }
             false
@@ -928,7 +942,11 @@ impl HttpContext for SluiceRequest {
     fn on_log(&mut self) {
         self.settle_batched();
         match &mut self.state {
-            State::Batched(_) => self.worker.batcher.borrow_mut().cancel(self.context_id),
+            State::Batched(_) => {
+                self.worker.batcher.borrow_mut().cancel(self.context_id);
+                // Let go of the slot: the root must not answer this request any more.
+                self.state = State::Answered;
+            }
             State::Admitted { leases, .. } => self.worker.release(std::mem::take(leases)),
             _ => {}
         }

@@ -217,6 +217,86 @@ fn a_client_leaving_mid_batch_does_not_stall_the_worker() {
     }
 }
 
+/// The same with a denial: the answer for the client that left is a local reply, and a
+/// reply to a request Envoy has already finished must not reach the filter (the SDK would
+/// panic on the unknown context, and the worker's VM would fail every later request).
+#[test]
+fn a_client_leaving_before_its_denial_arrives_does_not_break_the_worker() {
+    let controller = Controller::start(
+        "[[rules]]\nname = \"r\"\nlimit = 1\nwindow = \"1h\"\n",
+        None,
+    );
+    let slow = DelayProxy::start(controller.port, Duration::from_millis(400));
+    let upstream = Upstream::start();
+    let envoy = envoy(Filter::sluice("deny", 3_000), &[slow.port], &upstream, 1);
+    // The only request the limit admits; later ones are denied.
+    assert_eq!(http::get(&envoy.url("/first")).unwrap().status, 200);
+    for round in 0..3 {
+        let mut leaver = TcpStream::connect(("127.0.0.1", envoy.port)).unwrap();
+        leaver
+            .write_all(format!("GET /leaving-{round} HTTP/1.1\r\nhost: sluice\r\n\r\n").as_bytes())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100)); // its batch is out by now
+        drop(leaver);
+        std::thread::sleep(Duration::from_millis(600)); // its denial has come back
+        let after = http::get(&envoy.url(&format!("/after-{round}"))).unwrap();
+        assert_eq!(after.status, 429, "round {round}: {after:?}");
+    }
+    assert!(!envoy.log().contains("panicked"), "{}", envoy.log());
+}
+
+/// Many clients that send a request and hang up at once, while batches of denials come
+/// back: whatever Envoy has finished by then must not be answered (see the test above).
+/// Afterwards the worker still answers properly.
+#[test]
+fn clients_hanging_up_under_load_do_not_break_the_worker() {
+    let controller = Controller::start(
+        "[[rules]]\nname = \"r\"\nlimit = 1\nwindow = \"1h\"\n",
+        None,
+    );
+    let upstream = Upstream::start();
+    let mut plugin = sluice_e2e::envoy::sluice_plugin_config("deny", 2_000);
+    // Every denial goes to the controller (the cache would answer most of them here).
+    plugin["denial_cache"] = serde_json::json!({ "enabled": false });
+    let envoy = envoy(
+        Filter::Sluice {
+            plugin_config: plugin.to_string(),
+        },
+        &[controller.port],
+        &upstream,
+        1,
+    );
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let port = envoy.port;
+    let hangers: Vec<_> = (0..24)
+        .map(|n| {
+            std::thread::spawn(move || {
+                let mut sent = 0u32;
+                while Instant::now() < deadline {
+                    if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) {
+                        let request = format!("GET /hang-{n} HTTP/1.1\r\nhost: sluice\r\n\r\n");
+                        let _ = stream.write_all(request.as_bytes());
+                        // Sometimes at once, sometimes a moment later: mid-batch either way.
+                        if sent % 2 == 1 {
+                            std::thread::sleep(Duration::from_micros(300));
+                        }
+                        sent += 1;
+                    }
+                }
+                sent
+            })
+        })
+        .collect();
+    let sent: u32 = hangers.into_iter().map(|h| h.join().unwrap()).sum();
+    assert!(sent > 100, "only {sent} requests sent");
+    for _ in 0..3 {
+        let after = http::get(&envoy.url("/after")).unwrap();
+        assert!(matches!(after.status, 200 | 429), "{after:?}");
+        assert!(after.header("x-ratelimit-limit").is_some(), "{after:?}");
+    }
+    assert!(!envoy.log().contains("panicked"), "{}", envoy.log());
+}
+
 /// With batching off, each request makes its own callout: same answers.
 #[test]
 fn batching_off_still_limits() {

@@ -1,5 +1,5 @@
-//! `make bench`, in two parts (`sluice-bench envoy`, `sluice-bench strategies`; both by
-//! default):
+//! `make bench`, in three parts (`sluice-bench envoy`, `sluice-bench attack`,
+//! `sluice-bench strategies`; all by default):
 //!
 //! envoy: Envoy (`--concurrency 1`) under load from wrk, configurations interleaved round
 //! by round so that they share the machine's noise: (a) no limiter, (b) Envoy's
@@ -7,6 +7,11 @@
 //! Sluice batching checks across requests, each on the embedded store and on Redis. Prints
 //! RPS, p50 and p99 per configuration and each one's RPS ratio to (a); then, at a fixed
 //! light load (200 req/s, open loop), the latency Sluice adds to (a).
+//!
+//! attack: 90% of requests from one client far over its limit, 10% from many clients
+//! under theirs, through Envoy with Sluice on Redis with and without the denial cache, next
+//! to bare Envoy and Envoy's `local_ratelimit`: RPS, and how many checks and callouts
+//! reached the controller (from Envoy's own stats).
 //!
 //! strategies: per strategy, the embedded store's cost per decision (in process) and the
 //! controller's check calls per second on Redis (wrk straight at the controller), each as a
@@ -121,12 +126,15 @@ fn main() {
     if matches!(part.as_str(), "all" | "envoy") {
         report.push_str(&envoy_scenarios(&settings));
     }
+    if matches!(part.as_str(), "all" | "attack") {
+        report.push_str(&attack_scenario(&settings));
+    }
     if matches!(part.as_str(), "all" | "strategies") {
         report.push_str(&strategy_scenarios(&settings));
     }
     assert!(
         !report.is_empty(),
-        "unknown part {part:?}: use envoy, strategies or all"
+        "unknown part {part:?}: use envoy, attack, strategies or all"
     );
     println!("{report}");
     let out = sluice_e2e::repo_root().join("target/bench");
@@ -263,6 +271,133 @@ fn envoy_scenarios(settings: &Settings) -> String {
             "| {name} | {p50:.3} | {p99:.3} | {:.3} | {:.3} |\n",
             p50 - medians[0].0,
             p99 - medians[0].1
+        ));
+    }
+    report.push('\n');
+    report
+}
+
+/// A wrk script: 9 requests in 10 from the client `abuser`, the others each from one of
+/// 100000 clients (by the `x-client` header the filter identifies clients by here).
+fn attack_script(dir: &std::path::Path) -> std::path::PathBuf {
+    let script = r#"request = function()
+  local headers = {}
+  if math.random(1, 10) <= 9 then
+    headers["x-client"] = "abuser"
+  else
+    headers["x-client"] = "user-" .. math.random(1, 100000)
+  end
+  return wrk.format(nil, "/bench", headers)
+end
+"#;
+    let file = dir.join("attack.lua");
+    std::fs::write(&file, script).expect("write wrk script");
+    file
+}
+
+/// Envoy counters read before and after a run.
+fn counters(envoy: &Envoy) -> [u64; 3] {
+    [
+        "cluster.sluice_controller.upstream_rq_total",
+        "wasmcustom.sluice_checks",
+        "wasmcustom.sluice_denial_cache_hits",
+    ]
+    .map(|name| envoy.stat(name).unwrap_or(0))
+}
+
+fn attack_scenario(settings: &Settings) -> String {
+    // Each client: 100 requests per second. The abuser sends thousands.
+    let rules = "[[rules]]\nname = \"per-client\"\nlimit = 100\nwindow = \"1s\"\n";
+    let upstream = Upstream::start();
+    let redis = RedisServer::start();
+    let controller = Controller::start_logging(rules, Some(&redis.url()), "warn");
+    let sluice = |denial_cache: bool| {
+        Filter::Sluice {
+        plugin_config: serde_json::json!({
+            "controller": { "cluster": "sluice_controller", "authority": "sluice-controller", "timeout_ms": 1000 },
+            "failure_mode": "deny",
+            "identity": { "client_header": "x-client", "order": ["header", "ip"] },
+            "denial_cache": { "enabled": denial_cache }
+        })
+        .to_string(),
+    }
+    };
+    let envoy = |filter: Filter, controller: Option<&Controller>| {
+        Envoy::start(&EnvoyOptions {
+            filter,
+            upstream_port: upstream.port(),
+            controller_ports: controller.map(|c| vec![c.port]).unwrap_or_default(),
+            concurrency: 1,
+        })
+    };
+    let configurations = [
+        ("(a) Envoy, no limiter", envoy(Filter::None, None)),
+        (
+            "(b) Envoy local_ratelimit (one bucket, never reached)",
+            envoy(Filter::LocalRateLimitNeverReached, None),
+        ),
+        (
+            "(c) Sluice batched, Redis, denial cache",
+            envoy(sluice(true), Some(&controller)),
+        ),
+        (
+            "(d) Sluice batched, Redis, no denial cache",
+            envoy(sluice(false), Some(&controller)),
+        ),
+    ];
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = attack_script(dir.path());
+    eprintln!(
+        "attack: {} configurations × {} rounds × {} s, wrk -t1 -c{}, 90% from one client",
+        configurations.len(),
+        settings.rounds,
+        settings.seconds,
+        settings.connections
+    );
+    let mut runs: Vec<Vec<(Run, [u64; 3])>> = vec![Vec::new(); configurations.len()];
+    for round in 1..=settings.rounds {
+        for (index, (name, envoy)) in configurations.iter().enumerate() {
+            let url = envoy.url("/bench");
+            wrk_with(&url, 1, settings.connections, Some(&script));
+            let before = counters(envoy);
+            let run = wrk_with(&url, settings.seconds, settings.connections, Some(&script));
+            let after = counters(envoy);
+            let delta = [0, 1, 2].map(|i| after[i].saturating_sub(before[i]));
+            eprintln!(
+                "round {round} {name}: {:.0} req/s, non-2xx {}, callouts {}, checks {}, cache hits {}",
+                run.rps, run.non_2xx, delta[0], delta[1], delta[2]
+            );
+            runs[index].push((run, delta));
+        }
+    }
+    for (name, envoy) in &configurations {
+        let log = envoy.log();
+        let tail: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("wasm") || l.contains("panic"))
+            .rev()
+            .take(8)
+            .collect();
+        eprintln!("DEBUG {name}:\n{}", tail.join("\n"));
+    }
+    let baseline = median(runs[0].iter().map(|(r, _)| r.rps).collect());
+    let mut report = String::from(
+        "### Attack: 90% of requests from one client over its limit (100/s), 10% from 100000 others\n\n| configuration | req/s (median) | ratio to (a) | p99 ms | refused (429) per s | callouts to the controller per s | checks decided by the controller per s |\n|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for ((name, _), runs) in configurations.iter().zip(&runs) {
+        let rps = median(runs.iter().map(|(r, _)| r.rps).collect());
+        let p99 = median(runs.iter().map(|(r, _)| r.p99_ms).collect());
+        let per_second = |value: u64| value as f64 / settings.seconds as f64;
+        let refused = median(runs.iter().map(|(r, _)| per_second(r.non_2xx)).collect());
+        let callouts = median(runs.iter().map(|(_, d)| per_second(d[0])).collect());
+        let decided = median(
+            runs.iter()
+                .map(|(_, d)| per_second(d[1].saturating_sub(d[2])))
+                .collect(),
+        );
+        report.push_str(&format!(
+            "| {name} | {rps:.0} | {:.2} | {p99:.2} | {refused:.0} | {callouts:.0} | {decided:.0} |\n",
+            rps / baseline
         ));
     }
     report.push('\n');
