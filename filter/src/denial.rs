@@ -32,6 +32,7 @@ pub fn fingerprint(check: &Check) -> u64 {
     check.user.hash(&mut hasher);
     check.api_key.hash(&mut hasher);
     check.tier.hash(&mut hasher);
+    check.headers.hash(&mut hasher);
     hasher.finish()
 }
 
@@ -145,6 +146,9 @@ mod tests {
         variants.push(other);
         let mut other = base.clone();
         other.method = "POST".into();
+        variants.push(other);
+        let mut other = base.clone();
+        other.headers.insert("x-plan".into(), "pro".into());
         variants.push(other);
         let mut prints: Vec<u64> = variants.iter().map(fingerprint).collect();
         prints.sort_unstable();

@@ -9,7 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
-use sluice_protocol::rules::failure_mode_for;
+use sluice_protocol::rules::{failure_mode_for, matched_headers};
 use sluice_protocol::{
     Check, CheckRequest, Decision, Rule, RulesSnapshot, CHECK_PATH, RELEASE_PATH, RULES_PATH,
 };
@@ -141,6 +141,8 @@ struct Worker {
     metrics: Metrics,
     /// The controller's rules as last read, for their failure modes.
     rules: RefCell<Vec<Rule>>,
+    /// The request headers those rules match on, sent with each check.
+    matched_headers: RefCell<Vec<String>>,
 }
 
 impl Worker {
@@ -229,6 +231,7 @@ impl Worker {
                             snapshot.rules.len()
                         ),
                     );
+                    *self.matched_headers.borrow_mut() = matched_headers(&snapshot.rules);
                     *rules = snapshot.rules;
                 }
             }
@@ -544,6 +547,7 @@ impl RootContext for SluiceRoot {
             wake_queue,
             metrics: Metrics::define(),
             rules: RefCell::new(Vec::new()),
+            matched_headers: RefCell::new(Vec::new()),
         }));
         let _ = hostcalls::set_tick_period(WATCHDOG_TICK);
         true
@@ -716,13 +720,18 @@ impl SluiceRequest {
             Some(name) => decision::cost_from_header(self.header(name).as_deref()),
             None => 1,
         };
-        let check = decision::check_for(
+        let mut check = decision::check_for(
             &identity,
             &self.header(":authority").unwrap_or_default(),
             &self.header(":method").unwrap_or_default(),
             path,
             cost,
         );
+        for name in self.worker.matched_headers.borrow().iter() {
+            if let Some(value) = self.header(name) {
+                check.headers.insert(name.clone(), value);
+            }
+        }
         metrics.add(Metric::Checks, 1);
         self.failure_mode = self.worker.failure_mode_for(&check);
         let fingerprint = denial::fingerprint(&check);

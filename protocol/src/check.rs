@@ -3,6 +3,8 @@
 //! It is batch-shaped: one `POST` carries a list of checks and the reply carries one decision
 //! per check, in the same order. The filter may send one check per call or many.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// Versioned path of the check call on the controller.
@@ -55,6 +57,10 @@ pub struct Check {
     /// The tier a verified JWT names (the controller may also know it from the API key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<String>,
+    /// The request headers rules match on (lower-case names), as the filter learnt them
+    /// from the controller's rules.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
 }
 
 impl Check {
@@ -70,6 +76,7 @@ impl Check {
             user: None,
             api_key: None,
             tier: None,
+            headers: BTreeMap::new(),
         }
     }
 }

@@ -12,5 +12,5 @@ pub use check::{
     ReleaseRequest, CHECK_PATH, RELEASE_PATH,
 };
 pub use rules::{
-    FailureMode, Rule, RuleMatch, RuleSet, RulesSnapshot, Scope, Strategy, RULES_PATH,
+    FailureMode, HeaderMatch, Rule, RuleMatch, RuleSet, RulesSnapshot, Scope, Strategy, RULES_PATH,
 };

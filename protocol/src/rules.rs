@@ -114,6 +114,17 @@ pub struct RuleMatch {
     /// [`DEFAULT_TIER`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tiers: Vec<String>,
+    /// Request headers: each must be present, with this exact value when one is given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatch {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
 }
 
 impl RuleMatch {
@@ -138,6 +149,14 @@ impl RuleMatch {
             && (self.tiers.is_empty() || {
                 let tier = check.tier.as_deref().unwrap_or(DEFAULT_TIER);
                 self.tiers.iter().any(|t| t == tier)
+            })
+            && self.headers.iter().all(|wanted| {
+                let sent = check.headers.get(&wanted.name.to_ascii_lowercase());
+                match (&wanted.value, sent) {
+                    (_, None) => false,
+                    (None, Some(_)) => true,
+                    (Some(value), Some(sent)) => value == sent,
+                }
             })
     }
 }
@@ -272,6 +291,18 @@ pub struct RulesSnapshot {
     pub rules: Vec<Rule>,
 }
 
+/// The request headers the rules match on (lower-case, each once): what the filter sends.
+pub fn matched_headers(rules: &[Rule]) -> Vec<String> {
+    let mut names: Vec<String> = rules
+        .iter()
+        .flat_map(|rule| &rule.matcher.headers)
+        .map(|header| header.name.to_ascii_lowercase())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 /// The failure mode for a request the controller could not decide: deny if any rule that
 /// applies says deny, else allow if any says allow, else `default`.
 pub fn failure_mode_for<'r>(
@@ -372,6 +403,18 @@ impl Rule {
                     self.name
                 ),
             ));
+        }
+        for (index, header) in self.matcher.headers.iter().enumerate() {
+            let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            if header.name.is_empty()
+                || !header.name.bytes().all(token)
+                || header.name.starts_with(':')
+            {
+                return Err((
+                    "match.headers",
+                    format!("[{index}].name `{}` is not a header name", header.name),
+                ));
+            }
         }
         let paths = [
             ("match.path", &self.matcher.path),
@@ -664,6 +707,51 @@ mod tests {
         assert_eq!(
             failure_mode_for(&rules[..0], &check("GET", "/pay"), FailureMode::Allow),
             FailureMode::Allow
+        );
+    }
+
+    #[test]
+    fn headers_match_by_presence_or_exact_value() {
+        let rules = RuleSet::new(vec![rule(
+            "pro",
+            RuleMatch {
+                headers: vec![
+                    HeaderMatch {
+                        name: "X-Plan".into(),
+                        value: Some("pro".into()),
+                    },
+                    HeaderMatch {
+                        name: "x-tenant".into(),
+                        value: None,
+                    },
+                ],
+                ..RuleMatch::default()
+            },
+        )])
+        .unwrap();
+        assert_eq!(matched_headers(rules.rules()), ["x-plan", "x-tenant"]);
+        let mut check = check("GET", "/");
+        let applies = |check: &Check| rules.matching(check).count() == 1;
+        assert!(!applies(&check));
+        check.headers.insert("x-plan".into(), "pro".into());
+        assert!(!applies(&check), "x-tenant missing");
+        check.headers.insert("x-tenant".into(), "anything".into());
+        assert!(applies(&check));
+        check.headers.insert("x-plan".into(), "free".into());
+        assert!(!applies(&check));
+        let bad = rule(
+            "bad",
+            RuleMatch {
+                headers: vec![HeaderMatch {
+                    name: ":path".into(),
+                    value: None,
+                }],
+                ..RuleMatch::default()
+            },
+        );
+        assert_eq!(
+            RuleSet::new(vec![bad]).unwrap_err().field,
+            "rules[0].match.headers"
         );
     }
 

@@ -382,3 +382,34 @@ fn safelisted_requests_skip_the_limiter_and_denylisted_ones_get_403() {
     assert_eq!(envoy.stat("wasmcustom.sluice_safelisted"), Some(8));
     assert_eq!(envoy.stat("wasmcustom.sluice_denylisted"), Some(2));
 }
+
+#[test]
+fn rules_select_requests_by_header_once_the_filter_has_read_them() {
+    let rules = r#"
+        [[rules]]
+        name = "pro-plan"
+        limit = 1
+        window = "1h"
+        match = { headers = [{ name = "X-Plan", value = "pro" }] }
+    "#;
+    let controller = Controller::start(rules, None);
+    let upstream = Upstream::start();
+    let mut plugin = sluice_plugin_config("deny", 1_000);
+    plugin["controller"]["rules_poll_ms"] = json!(1_000);
+    let envoy = envoy(sluice(plugin), &controller, &upstream);
+    sluice_e2e::wait_until(
+        "the filter read the rules",
+        std::time::Duration::from_secs(15),
+        || envoy.stat("wasmcustom.sluice_rules_fetched").unwrap_or(0) >= 2,
+    );
+    let pro = [("x-plan", "pro")];
+    assert_eq!(statuses(&envoy, 2, &pro), [200, 429]);
+    let free = get(&envoy, "/items", &[("x-plan", "free")]);
+    assert_eq!(free.status, 200, "{free:?}");
+    assert_eq!(
+        free.header("x-ratelimit-limit"),
+        None,
+        "no rule applies: {free:?}"
+    );
+    assert_eq!(get(&envoy, "/items", &[]).status, 200);
+}
