@@ -411,6 +411,25 @@ mod tests {
     }
 
     #[test]
+    fn ed25519_keys_verify_eddsa() {
+        let ed = VerifyingKey {
+            kid: None,
+            algorithm: Algorithm::EdDSA,
+            key: DecodingKey::from_ed_pem(include_bytes!("../tests/keys/ed25519_public.pem"))
+                .unwrap(),
+        };
+        let mut verifier = verifier(vec![ed], expectations());
+        let private =
+            EncodingKey::from_ed_pem(include_bytes!("../tests/keys/ed25519_private.pem")).unwrap();
+        let claims = json!({"sub": "ed", "exp": NOW + 60});
+        let good = encode(&Header::new(Algorithm::EdDSA), &claims, &private).unwrap();
+        assert_eq!(verifier.verify(&good, NOW).unwrap().subject, "ed");
+        let mut tampered = good.clone();
+        tampered.push('A');
+        assert!(verifier.verify(&tampered, NOW).is_err());
+    }
+
+    #[test]
     fn issuer_and_audience_are_checked_when_set() {
         let strict = Expectations {
             issuers: vec!["https://issuer.example".into()],
