@@ -28,8 +28,6 @@ pub type Slot = Rc<RefCell<Option<Verdict>>>;
 pub struct Member {
     pub context_id: u32,
     pub slot: Slot,
-    /// Envoy's `x-request-id`, for the body of a local reply.
-    pub request_id: Option<String>,
     /// The check's fingerprint, under which a denial is cached.
     pub fingerprint: u64,
     /// What happens to the request if its batch gets no answer.
@@ -181,7 +179,6 @@ mod tests {
         Member {
             context_id,
             slot: Rc::new(RefCell::new(None)),
-            request_id: None,
             fingerprint: 0,
             failure_mode: FailureMode::Allow,
         }

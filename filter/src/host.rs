@@ -148,8 +148,17 @@ struct Worker {
 impl Worker {
     /// The verdict for the controller's decision on a request; counts it, and remembers a
     /// denial for the denial cache.
-    fn settle(&self, decision: &Decision, fingerprint: u64, request_id: Option<&str>) -> Verdict {
-        let (verdict, counted) = decision::verdict_for_decision(&self.config, decision, request_id);
+    /// `request_id` is asked for only when the verdict is a local reply (it goes in the body).
+    fn settle(
+        &self,
+        decision: &Decision,
+        fingerprint: u64,
+        request_id: impl FnOnce() -> Option<String>,
+    ) -> Verdict {
+        let replies = !decision.allowed && !self.config.shadow;
+        let request_id = if replies { request_id() } else { None };
+        let (verdict, counted) =
+            decision::verdict_for_decision(&self.config, decision, request_id.as_deref());
         self.metrics.add(
             match counted {
                 Counted::Allowed => Metric::Allowed,
@@ -169,7 +178,11 @@ impl Worker {
     }
 
     /// A denial the cache still holds for this check, as the 429 to send.
-    fn cached_denial(&self, fingerprint: u64, request_id: Option<&str>) -> Option<Verdict> {
+    fn cached_denial(
+        &self,
+        fingerprint: u64,
+        request_id: impl FnOnce() -> Option<String>,
+    ) -> Option<Verdict> {
         let slots = self.config.denial_cache_slots?;
         if self.config.shadow {
             return None;
@@ -182,7 +195,7 @@ impl Worker {
         Some(decision::cached_denial(
             self.config.headers,
             &policy,
-            request_id,
+            request_id().as_deref(),
         ))
     }
 
@@ -284,10 +297,25 @@ fn still_here(slot: &Slot) -> bool {
     Rc::strong_count(slot) > 1
 }
 
+/// Envoy's `x-request-id` of a request in a batch, read from the root (only for the body of
+/// a local reply, so that allowed requests do not pay for it).
+fn request_id_of(member: &Member) -> Option<String> {
+    if !still_here(&member.slot) {
+        return None;
+    }
+    hostcalls::set_effective_context(member.context_id).ok()?;
+    hostcalls::get_map_value(
+        proxy_wasm::types::MapType::HttpRequestHeaders,
+        "x-request-id",
+    )
+    .ok()
+    .flatten()
+}
+
 fn log_failure(failure: &Failure, allowed: usize, denied: usize) {
     let what = |n: usize| {
         if n == 1 {
-            "1 request".to_owned()
+            "the request".to_owned()
         } else {
             format!("{n} requests")
         }
@@ -296,9 +324,8 @@ fn log_failure(failure: &Failure, allowed: usize, denied: usize) {
         (allowed, 0) => format!("allowing {} (failure mode allow)", what(allowed)),
         (0, denied) => format!("refusing {} (failure mode deny)", what(denied)),
         (allowed, denied) => format!(
-            "allowing {} and refusing {} (by their rules' failure modes)",
-            what(allowed),
-            what(denied)
+            "allowing {allowed} and refusing {denied} of {} requests (by their rules' failure modes)",
+            allowed + denied
         ),
     };
     log(
@@ -371,7 +398,7 @@ impl Context for SluiceRoot {
                     .iter()
                     .zip(&decisions)
                     .map(|(member, decision)| {
-                        worker.settle(decision, member.fingerprint, member.request_id.as_deref())
+                        worker.settle(decision, member.fingerprint, || request_id_of(member))
                     })
                     .collect();
                 self.deliver(&worker, members, verdicts);
@@ -599,7 +626,6 @@ enum State {
     /// One callout of its own is out (batching off).
     AwaitingDecision {
         fingerprint: u64,
-        request_id: Option<String>,
     },
     /// In a batch; the root leaves the verdict in the slot.
     Batched(Slot),
@@ -627,16 +653,17 @@ enum Triage {
     /// Answered here: invalid token, denylisted, or a denial the cache holds.
     Answer(Verdict),
     /// The controller decides this check.
-    Ask {
-        check: Check,
-        fingerprint: u64,
-        request_id: Option<String>,
-    },
+    Ask { check: Check, fingerprint: u64 },
 }
 
 impl SluiceRequest {
     fn header(&self, name: &str) -> Option<String> {
         self.get_http_request_header(name)
+    }
+
+    /// Envoy's `x-request-id`, for the body of a local reply.
+    fn request_id(&self) -> Option<String> {
+        self.header("x-request-id")
     }
 
     fn property_text(&self, path: Vec<&str>) -> Option<String> {
@@ -693,7 +720,6 @@ impl SluiceRequest {
         if config.exempt.contains_path(path) {
             return Triage::Pass;
         }
-        let request_id = self.header("x-request-id");
         let identity = match self.identify() {
             Ok(identity) => identity,
             Err(error) => {
@@ -702,13 +728,16 @@ impl SluiceRequest {
                     LogLevel::Info,
                     &format!("refusing a request with an invalid token: {error}"),
                 );
-                return Triage::Answer(decision::token_rejected(&error, request_id.as_deref()));
+                return Triage::Answer(decision::token_rejected(
+                    &error,
+                    self.request_id().as_deref(),
+                ));
             }
         };
         match lists::listing(&config.safelist, &config.denylist, &identity, path) {
             Listing::Denylisted => {
                 metrics.add(Metric::Denylisted, 1);
-                return Triage::Answer(decision::denylisted(request_id.as_deref()));
+                return Triage::Answer(decision::denylisted(self.request_id().as_deref()));
             }
             Listing::Safelisted => {
                 metrics.add(Metric::Safelisted, 1);
@@ -735,17 +764,10 @@ impl SluiceRequest {
         metrics.add(Metric::Checks, 1);
         self.failure_mode = self.worker.failure_mode_for(&check);
         let fingerprint = denial::fingerprint(&check);
-        if let Some(verdict) = self
-            .worker
-            .cached_denial(fingerprint, request_id.as_deref())
-        {
+        if let Some(verdict) = self.worker.cached_denial(fingerprint, || self.request_id()) {
             return Triage::Answer(verdict);
         }
-        Triage::Ask {
-            check,
-            fingerprint,
-            request_id,
-        }
+        Triage::Ask { check, fingerprint }
     }
 
     /// Carries out a verdict. Returns the action for a callback that is still running.
@@ -787,12 +809,11 @@ impl SluiceRequest {
     }
 
     /// Batching: join the next batch and wait for the root to deliver the verdict.
-    fn join_batch(&mut self, check: Check, fingerprint: u64, request_id: Option<String>) -> Action {
+    fn join_batch(&mut self, check: Check, fingerprint: u64) -> Action {
         let slot: Slot = Rc::new(RefCell::new(None));
         let member = Member {
             context_id: self.context_id,
             slot: Rc::clone(&slot),
-            request_id,
             fingerprint,
             failure_mode: self.failure_mode,
         };
@@ -825,7 +846,7 @@ impl SluiceRequest {
     }
 
     /// Without batching: a callout of its own.
-    fn ask_alone(&mut self, check: Check, fingerprint: u64, request_id: Option<String>) -> Action {
+    fn ask_alone(&mut self, check: Check, fingerprint: u64) -> Action {
         let request = CheckRequest {
             checks: vec![check],
             hold_delays: true,
@@ -840,10 +861,7 @@ impl SluiceRequest {
         };
         match self.worker.call_controller(CHECK_PATH, &body) {
             Ok(_token) => {
-                self.state = State::AwaitingDecision {
-                    fingerprint,
-                    request_id,
-                };
+                self.state = State::AwaitingDecision { fingerprint };
                 Action::Pause
             }
             Err(status) => self.fail(&Failure::Dispatch(status)),
@@ -879,10 +897,8 @@ impl Context for SluiceRequest {
         body_size: usize,
         _trailers: usize,
     ) {
-        let State::AwaitingDecision {
-            fingerprint,
-            request_id,
-        } = std::mem::replace(&mut self.state, State::New)
+        let State::AwaitingDecision { fingerprint } =
+            std::mem::replace(&mut self.state, State::New)
         else {
             return;
         };
@@ -902,7 +918,7 @@ impl Context for SluiceRequest {
             Ok(decision) => {
                 let verdict = self
                     .worker
-                    .settle(&decision, fingerprint, request_id.as_deref());
+                    .settle(&decision, fingerprint, || self.request_id());
                 self.apply(verdict)
             }
             Err(failure) => self.fail(&failure),
@@ -921,15 +937,11 @@ impl HttpContext for SluiceRequest {
         match self.triage() {
             Triage::Pass => Action::Continue,
             Triage::Answer(verdict) => self.apply(verdict),
-            Triage::Ask {
-                check,
-                fingerprint,
-                request_id,
-            } => {
+            Triage::Ask { check, fingerprint } => {
                 if self.worker.config.batching {
-                    self.join_batch(check, fingerprint, request_id)
+                    self.join_batch(check, fingerprint)
                 } else {
-                    self.ask_alone(check, fingerprint, request_id)
+                    self.ask_alone(check, fingerprint)
                 }
             }
         }
