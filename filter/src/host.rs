@@ -147,8 +147,8 @@ struct Worker {
 
 impl Worker {
     /// The verdict for the controller's decision on a request; counts it, and remembers a
-    /// denial for the denial cache.
-    /// `request_id` is asked for only when the verdict is a local reply (it goes in the body).
+    /// denial for the denial cache. `request_id` is asked for only when the verdict is a
+    /// local reply (it goes in the body).
     fn settle(
         &self,
         decision: &Decision,

@@ -56,6 +56,10 @@ impl Controller {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     pub fn log(&self) -> String {
         self.process.log()
     }

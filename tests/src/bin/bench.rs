@@ -104,6 +104,35 @@ fn wrk_with(url: &str, seconds: u64, connections: u64, script: Option<&std::path
     parse_wrk(&text).unwrap_or_else(|| panic!("cannot read wrk's output:\n{text}"))
 }
 
+/// CPU time (user + system) a process has used so far, in seconds, from `/proc`: what it
+/// cost, whatever else the machine was doing meanwhile.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at `state`, field 3;
+    // utime and stime are fields 14 and 15.
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / clock_ticks_per_second()
+}
+
+fn clock_ticks_per_second() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -164,7 +193,9 @@ fn interleaved<C>(
     runs
 }
 
-/// A markdown table of medians, RPS as a ratio to the first configuration.
+/// A markdown table of medians, RPS as a ratio to the first configuration: the ratio of
+/// the medians, and the median (and range) of each round's own ratio, which cancels the
+/// machine's drift between rounds better.
 fn table<C>(title: &str, configurations: &[(&str, C)], runs: &[Vec<Run>]) -> String {
     let summary = |runs: &[Run]| {
         (
@@ -176,13 +207,21 @@ fn table<C>(title: &str, configurations: &[(&str, C)], runs: &[Vec<Run>]) -> Str
     };
     let (baseline_rps, _, _, _) = summary(&runs[0]);
     let mut table = format!(
-        "### {title}\n\n| configuration | req/s (median) | ratio to first | p50 ms | p99 ms | non-2xx |\n|---|---:|---:|---:|---:|---:|\n"
+        "### {title}\n\n| configuration | req/s (median) | ratio to first | ratio per round: median (min–max) | p50 ms | p99 ms | non-2xx |\n|---|---:|---:|---:|---:|---:|---:|\n"
     );
-    for ((name, _), runs) in configurations.iter().zip(runs) {
-        let (rps, p50, p99, non_2xx) = summary(runs);
+    for ((name, _), config_runs) in configurations.iter().zip(runs) {
+        let (rps, p50, p99, non_2xx) = summary(config_runs);
+        let per_round: Vec<f64> = config_runs
+            .iter()
+            .zip(&runs[0])
+            .map(|(run, base)| run.rps / base.rps)
+            .collect();
+        let low = per_round.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = per_round.iter().copied().fold(0.0, f64::max);
         table.push_str(&format!(
-            "| {name} | {rps:.0} | {:.2} | {p50:.2} | {p99:.2} | {non_2xx} |\n",
-            rps / baseline_rps
+            "| {name} | {rps:.0} | {:.2} | {:.2} ({low:.2}–{high:.2}) | {p50:.2} | {p99:.2} | {non_2xx} |\n",
+            rps / baseline_rps,
+            median(per_round.clone())
         ));
     }
     table.push('\n');
@@ -235,16 +274,44 @@ fn envoy_scenarios(settings: &Settings) -> String {
         settings.seconds,
         settings.connections
     );
+    // The processes that work for each configuration besides Envoy: (controller, Redis).
+    let helpers: Vec<(Option<u32>, Option<u32>)> = vec![
+        (None, None),
+        (None, None),
+        (Some(embedded.pid()), None),
+        (Some(on_redis.pid()), Some(redis.pid())),
+        (Some(embedded.pid()), None),
+        (Some(on_redis.pid()), Some(redis.pid())),
+    ];
+    // Per configuration and round: CPU µs per request of Envoy, the controller and Redis.
+    let costs = std::cell::RefCell::new(vec![Vec::<[f64; 3]>::new(); configurations.len()]);
     let runs = interleaved(settings, &configurations, |envoy| {
         let url = envoy.url("/bench");
         wrk(&url, 1, settings.connections); // warm-up: connections, caches, JIT
-        wrk(&url, settings.seconds, settings.connections)
+        let index = configurations
+            .iter()
+            .position(|(_, e)| e.port == envoy.port)
+            .unwrap_or(0);
+        let (controller, redis_pid) = helpers[index];
+        let pids = [Some(envoy.pid()), controller, redis_pid];
+        let before = pids.map(|pid| pid.map_or(0.0, cpu_seconds));
+        let run = wrk(&url, settings.seconds, settings.connections);
+        let after = pids.map(|pid| pid.map_or(0.0, cpu_seconds));
+        let requests = (run.rps * settings.seconds as f64).max(1.0);
+        let per_request = [0, 1, 2].map(|i| (after[i] - before[i]) * 1e6 / requests);
+        eprintln!(
+            "    CPU µs per request: Envoy {:.1}, controller {:.1}, Redis {:.1}",
+            per_request[0], per_request[1], per_request[2]
+        );
+        costs.borrow_mut()[index].push(per_request);
+        run
     });
     let mut report = table(
         "Envoy, one worker, saturated (ratio to (a))",
         &configurations,
         &runs,
     );
+    report.push_str(&cost_table(&configurations, &costs.borrow()));
 
     // Light load, open loop: what a request pays when nothing queues.
     let light = [&configurations[0], &configurations[3], &configurations[5]];
@@ -402,6 +469,36 @@ fn attack_scenario(settings: &Settings) -> String {
     }
     report.push('\n');
     report
+}
+
+/// CPU per request of each process, medians over rounds: a measure of cost that the
+/// machine's noise (other tenants, steal time) moves far less than requests per second.
+fn cost_table<C>(configurations: &[(&str, C)], costs: &[Vec<[f64; 3]>]) -> String {
+    let medians: Vec<[f64; 4]> = costs
+        .iter()
+        .map(|rounds| {
+            let part = |i: usize| median(rounds.iter().map(|c| c[i]).collect());
+            let all = median(rounds.iter().map(|c| c[0] + c[1] + c[2]).collect());
+            [part(0), part(1), part(2), all]
+        })
+        .collect();
+    let base = medians.first().copied().unwrap_or([1.0; 4]);
+    let mut table = String::from(
+        "### CPU per request (µs, from /proc, median over rounds)\n\n| configuration | Envoy | controller | Redis | all | Envoy ratio to (a) | all ratio to (a) |\n|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for ((name, _), m) in configurations.iter().zip(&medians) {
+        table.push_str(&format!(
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} |\n",
+            m[0],
+            m[1],
+            m[2],
+            m[3],
+            m[0] / base[0],
+            m[3] / base[3]
+        ));
+    }
+    table.push('\n');
+    table
 }
 
 /// Open-loop load at `rps` requests per second for `seconds`: each request is due at a
