@@ -12,6 +12,7 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 use sluice_protocol::headers::HeaderStyle;
+use sluice_protocol::rules::PathPattern;
 
 use crate::client::{IpPolicy, ProxyTrust};
 use crate::identity::{self, IdentityConfig, JwtMetadata, JwtSettings, OnInvalidToken, Source};
@@ -525,7 +526,7 @@ fn list(name: &str, raw: RawList) -> Result<List, ConfigError> {
         networks: networks(&format!("{name}.ips"), &raw.ips)?,
         users: raw.users,
         api_keys,
-        paths: raw.paths,
+        paths: raw.paths.iter().map(|p| PathPattern::new(p)).collect(),
     })
 }
 

@@ -3,7 +3,7 @@
 //! default (health, metrics) behave as safelisted.
 
 use ipnet::IpNet;
-use sluice_protocol::rules::glob_matches;
+use sluice_protocol::rules::PathPattern;
 
 use crate::identity::Identity;
 
@@ -13,8 +13,8 @@ pub struct List {
     pub users: Vec<String>,
     /// SHA-256 (hex) of each listed key.
     pub api_keys: Vec<String>,
-    /// Path globs (`*` within a segment, `**` across).
-    pub paths: Vec<String>,
+    /// Path globs (`*` within a segment, `**` across), compiled.
+    pub paths: Vec<PathPattern>,
 }
 
 impl List {
@@ -42,9 +42,7 @@ impl List {
     }
 
     pub fn contains_path(&self, path: &str) -> bool {
-        self.paths
-            .iter()
-            .any(|glob| glob_matches(glob.as_bytes(), path.as_bytes()))
+        self.paths.iter().any(|pattern| pattern.matches(path))
     }
 }
 
@@ -93,7 +91,7 @@ mod tests {
             ],
             users: vec!["root".into()],
             api_keys: vec![api_key_digest("k-1")],
-            paths: vec!["/internal/**".into()],
+            paths: vec![PathPattern::new("/internal/**")],
         };
         assert!(list.contains(&identity("10.2.3.4", None, None), "/"));
         assert!(list.contains(&identity("2001:db8::7", None, None), "/"));

@@ -10,7 +10,7 @@ use sluice_filter::config::FilterConfig;
 use sluice_filter::decision::{self, cost_from_header};
 use sluice_filter::denial;
 use sluice_filter::jwt::{bearer_token, Expectations, JwtVerifier, VerifyingKey};
-use sluice_protocol::rules::glob_matches;
+use sluice_protocol::rules::{glob_matches, PathPattern};
 
 fn config() -> ProptestConfig {
     // PROPTEST_CASES in the environment overrides this (proptest reads it itself).
@@ -143,7 +143,8 @@ proptest! {
     }
 
     #[test]
-    fn glob_matching_never_panics(glob in "[a-z/*]{0,12}", path in "[a-z/]{0,24}") {
-        let _ = glob_matches(glob.as_bytes(), path.as_bytes());
+    fn glob_matching_never_panics_and_compiled_patterns_agree(glob in "[a-z/*]{0,12}", path in "[a-z/]{0,24}") {
+        let matched = glob_matches(glob.as_bytes(), path.as_bytes());
+        prop_assert_eq!(PathPattern::new(&glob).matches(&path), matched);
     }
 }

@@ -165,6 +165,35 @@ impl RuleMatch {
 /// say `tiers = ["default"]`.
 pub const DEFAULT_TIER: &str = "default";
 
+/// A path glob compiled once: most are an exact path or a prefix (`/static/**`), which need
+/// no matching machinery (and no allocation) per request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathPattern {
+    Exact(String),
+    Prefix(String),
+    Glob(String),
+}
+
+impl PathPattern {
+    pub fn new(glob: &str) -> Self {
+        match glob.find('*') {
+            None => PathPattern::Exact(glob.to_owned()),
+            Some(star) if glob.get(star..) == Some("**") => {
+                PathPattern::Prefix(glob.get(..star).unwrap_or("").to_owned())
+            }
+            Some(_) => PathPattern::Glob(glob.to_owned()),
+        }
+    }
+
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathPattern::Exact(exact) => path == exact,
+            PathPattern::Prefix(prefix) => path.starts_with(prefix.as_str()),
+            PathPattern::Glob(glob) => glob_matches(glob.as_bytes(), path.as_bytes()),
+        }
+    }
+}
+
 /// Whether `path` matches `glob` (`*`: any run of characters but `/`; `**`: any run).
 /// Walks the glob once, keeping every position of the path it can have reached: time is
 /// the glob's length times the path's, whatever the stars.
@@ -752,6 +781,52 @@ mod tests {
         assert_eq!(
             RuleSet::new(vec![bad]).unwrap_err().field,
             "rules[0].match.headers"
+        );
+    }
+
+    #[test]
+    fn compiled_patterns_agree_with_the_glob_matcher() {
+        let globs = [
+            "/healthz",
+            "/stats/**",
+            "/a/*/b",
+            "/**",
+            "/x**",
+            "/a/**/z",
+            "/*.png",
+        ];
+        let paths = [
+            "/healthz",
+            "/healthz/x",
+            "/stats/",
+            "/stats/a/b",
+            "/stats",
+            "/a/1/b",
+            "/a/1/2/b",
+            "/x",
+            "/xyz/w",
+            "/a/q/z",
+            "/p.png",
+            "/d/p.png",
+            "",
+        ];
+        for glob in globs {
+            let pattern = PathPattern::new(glob);
+            for path in paths {
+                assert_eq!(
+                    pattern.matches(path),
+                    glob_matches(glob.as_bytes(), path.as_bytes()),
+                    "{glob} vs {path} ({pattern:?})"
+                );
+            }
+        }
+        assert_eq!(
+            PathPattern::new("/stats/**"),
+            PathPattern::Prefix("/stats/".into())
+        );
+        assert_eq!(
+            PathPattern::new("/healthz"),
+            PathPattern::Exact("/healthz".into())
         );
     }
 
