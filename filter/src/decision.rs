@@ -40,13 +40,14 @@ impl Verdict {
     }
 }
 
-/// How a decided request is counted in the filter's metrics.
+/// How a decided request is counted in the filter's metrics (the order is the host's
+/// tally order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counted {
-    Allowed,
-    Limited,
+    Allowed = 0,
+    Limited = 1,
     /// Allowed, but only because the rule (or the whole filter) is in shadow mode.
-    ShadowLimited,
+    ShadowLimited = 2,
 }
 
 /// Why no decision came from the controller. Each is logged and handled by the failure mode.

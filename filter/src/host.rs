@@ -125,6 +125,9 @@ impl Metrics {
     }
 
     fn add(&self, metric: Metric, by: u64) {
+        if by == 0 {
+            return;
+        }
         if let Some(Some(id)) = self.0.get(metric as usize) {
             let _ = hostcalls::increment_metric(*id, by as i64);
         }
@@ -146,27 +149,19 @@ struct Worker {
 }
 
 impl Worker {
-    /// The verdict for the controller's decision on a request; counts it, and remembers a
-    /// denial for the denial cache. `request_id` is asked for only when the verdict is a
-    /// local reply (it goes in the body).
+    /// The verdict for the controller's decision on a request, and how it counts (the caller
+    /// adds it to the metrics, a batch at a time); remembers a denial for the denial cache.
+    /// `request_id` is asked for only when the verdict is a local reply (it goes in the body).
     fn settle(
         &self,
         decision: &Decision,
         fingerprint: u64,
         request_id: impl FnOnce() -> Option<String>,
-    ) -> Verdict {
+    ) -> (Verdict, Counted) {
         let replies = !decision.allowed && !self.config.shadow;
         let request_id = if replies { request_id() } else { None };
         let (verdict, counted) =
             decision::verdict_for_decision(&self.config, decision, request_id.as_deref());
-        self.metrics.add(
-            match counted {
-                Counted::Allowed => Metric::Allowed,
-                Counted::Limited => Metric::Limited,
-                Counted::ShadowLimited => Metric::ShadowLimited,
-            },
-            1,
-        );
         if let (Counted::Limited, Some(slots)) = (counted, self.config.denial_cache_slots) {
             if let Some(entry) = denial::entry_for(fingerprint, decision, now_ms()) {
                 let key = denial::slot_key(fingerprint, slots);
@@ -174,7 +169,22 @@ impl Worker {
                 let _ = hostcalls::set_shared_data(&key, Some(&denial::encode(&entry)), None);
             }
         }
-        verdict
+        (verdict, counted)
+    }
+
+    /// Counts decided requests: one host call per kind, however many requests.
+    fn count(&self, counted: impl IntoIterator<Item = Counted>) {
+        let mut tally = [0u64; 3];
+        for outcome in counted {
+            if let Some(n) = tally.get_mut(outcome as usize) {
+                *n += 1;
+            }
+        }
+        let [allowed, limited, shadow] = tally;
+        self.metrics.add(Metric::Checks, allowed + limited + shadow);
+        self.metrics.add(Metric::Allowed, allowed);
+        self.metrics.add(Metric::Limited, limited);
+        self.metrics.add(Metric::ShadowLimited, shadow);
     }
 
     /// A denial the cache still holds for this check, as the 429 to send.
@@ -191,7 +201,7 @@ impl Worker {
             hostcalls::get_shared_data(&denial::slot_key(fingerprint, slots)).ok()?;
         let policy = denial::lookup(&bytes?, fingerprint, now_ms())?;
         self.metrics.add(Metric::DenialCacheHits, 1);
-        self.metrics.add(Metric::Limited, 1);
+        self.count([Counted::Limited]);
         Some(decision::cached_denial(
             self.config.headers,
             &policy,
@@ -394,13 +404,14 @@ impl Context for SluiceRoot {
         .unwrap_or_default();
         match decision::decisions_from_reply(status.as_deref(), &body, members.len()) {
             Ok(decisions) => {
-                let verdicts = members
+                let (verdicts, counted): (Vec<Verdict>, Vec<Counted>) = members
                     .iter()
                     .zip(&decisions)
                     .map(|(member, decision)| {
                         worker.settle(decision, member.fingerprint, || request_id_of(member))
                     })
-                    .collect();
+                    .unzip();
+                worker.count(counted);
                 self.deliver(&worker, members, verdicts);
             }
             Err(failure) => self.fail(&worker, members, &failure),
@@ -761,7 +772,6 @@ impl SluiceRequest {
                 check.headers.insert(name.clone(), value);
             }
         }
-        metrics.add(Metric::Checks, 1);
         self.failure_mode = self.worker.failure_mode_for(&check);
         let fingerprint = denial::fingerprint(&check);
         if let Some(verdict) = self.worker.cached_denial(fingerprint, || self.request_id()) {
@@ -916,9 +926,10 @@ impl Context for SluiceRequest {
         let action = match decided {
             // Without batching the controller has already held a leaky bucket's delay.
             Ok(decision) => {
-                let verdict = self
+                let (verdict, counted) = self
                     .worker
                     .settle(&decision, fingerprint, || self.request_id());
+                self.worker.count([counted]);
                 self.apply(verdict)
             }
             Err(failure) => self.fail(&failure),

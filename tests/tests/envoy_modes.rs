@@ -138,6 +138,7 @@ fn shadow_mode_never_blocks_but_reports_what_would_have_happened() {
     assert_eq!(envoy.stat("wasmcustom.sluice_shadow_limited"), Some(3));
     assert_eq!(envoy.stat("wasmcustom.sluice_limited"), Some(0));
     assert_eq!(envoy.stat("wasmcustom.sluice_allowed"), Some(2));
+    assert_eq!(envoy.stat("wasmcustom.sluice_checks"), Some(5));
 }
 
 #[test]
