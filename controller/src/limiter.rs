@@ -131,17 +131,16 @@ impl Limiter {
                 Plan::Decided(decision) => decision,
                 Plan::Ask(asked) => {
                     // Counted above: one outcome per spec, one verdict per limit.
+                    // No enforced rule: nothing was asked, nothing denies.
                     let enforced = if asked.enforced_specs.is_empty() {
-                        Outcome {
-                            denied_by: None,
-                            verdicts: Vec::new(),
-                        }
+                        None
                     } else {
-                        outcomes.next().unwrap_or(Outcome {
-                            denied_by: None,
-                            verdicts: Vec::new(),
-                        })
-                    };
+                        outcomes.next()
+                    }
+                    .unwrap_or(Outcome {
+                        denied_by: None,
+                        verdicts: Vec::new(),
+                    });
                     let shadow: Vec<Outcome> = outcomes.by_ref().take(asked.shadow.len()).collect();
                     decide(&asked, &enforced, &shadow)
                 }

@@ -253,11 +253,6 @@ pub fn denylisted(request_id: Option<&str>) -> Verdict {
     )
 }
 
-/// A request that is not limited at all (safelisted, exempt).
-pub fn unlimited() -> Verdict {
-    Verdict::pass()
-}
-
 /// What the failure mode says to do when there is no decision.
 pub fn verdict_for_failure(mode: FailureMode) -> Verdict {
     match mode {

@@ -266,18 +266,22 @@ impl Worker {
         }
     }
 
-    /// Sends a check or release call to the controller from the current context.
-    fn call_controller(&self, path: &str, body: &[u8]) -> Result<u32, String> {
+    /// Calls the controller from the current context: `POST` with a JSON body (check,
+    /// release), `GET` without one (rules).
+    fn call_controller(&self, path: &str, body: Option<&[u8]>) -> Result<u32, String> {
         let config = &self.config;
+        let mut headers = vec![
+            (":method", if body.is_some() { "POST" } else { "GET" }),
+            (":path", path),
+            (":authority", config.controller_authority.as_str()),
+        ];
+        if body.is_some() {
+            headers.push(("content-type", "application/json"));
+        }
         hostcalls::dispatch_http_call(
             &config.controller_cluster,
-            vec![
-                (":method", "POST"),
-                (":path", path),
-                (":authority", &config.controller_authority),
-                ("content-type", "application/json"),
-            ],
-            Some(body),
+            headers,
+            body,
             vec![],
             config.timeout,
         )
@@ -288,7 +292,8 @@ impl Worker {
         if leases.is_empty() {
             return;
         }
-        if let Err(status) = self.call_controller(RELEASE_PATH, &decision::release_request(leases))
+        if let Err(status) =
+            self.call_controller(RELEASE_PATH, Some(&decision::release_request(leases)))
         {
             log(
                 LogLevel::Warn,
@@ -305,6 +310,25 @@ impl Worker {
 /// panic). The request drops its end of the slot when it finishes, so the count tells.
 fn still_here(slot: &Slot) -> bool {
     Rc::strong_count(slot) > 1
+}
+
+/// The `:status` and body of the callout response being delivered.
+fn call_response(body_size: usize) -> (Option<String>, Vec<u8>) {
+    let status = hostcalls::get_map_value(
+        proxy_wasm::types::MapType::HttpCallResponseHeaders,
+        ":status",
+    )
+    .ok()
+    .flatten();
+    let body = hostcalls::get_buffer(
+        proxy_wasm::types::BufferType::HttpCallResponseBody,
+        0,
+        body_size,
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_default();
+    (status, body)
 }
 
 /// Envoy's `x-request-id` of a request in a batch, read from the root (only for the body of
@@ -370,38 +394,12 @@ impl Context for SluiceRoot {
         let Some(members) = members else {
             if self.rules_call == Some(token) {
                 self.rules_call = None;
-                let status = hostcalls::get_map_value(
-                    proxy_wasm::types::MapType::HttpCallResponseHeaders,
-                    ":status",
-                )
-                .ok()
-                .flatten();
-                let body = hostcalls::get_buffer(
-                    proxy_wasm::types::BufferType::HttpCallResponseBody,
-                    0,
-                    body_size,
-                )
-                .ok()
-                .flatten()
-                .unwrap_or_default();
+                let (status, body) = call_response(body_size);
                 worker.take_rules(status.as_deref(), &body);
             }
             return;
         };
-        let status = hostcalls::get_map_value(
-            proxy_wasm::types::MapType::HttpCallResponseHeaders,
-            ":status",
-        )
-        .ok()
-        .flatten();
-        let body = hostcalls::get_buffer(
-            proxy_wasm::types::BufferType::HttpCallResponseBody,
-            0,
-            body_size,
-        )
-        .ok()
-        .flatten()
-        .unwrap_or_default();
+        let (status, body) = call_response(body_size);
         match decision::decisions_from_reply(status.as_deref(), &body, members.len()) {
             Ok(decisions) => {
                 let (verdicts, counted): (Vec<Verdict>, Vec<Counted>) = members
@@ -435,7 +433,7 @@ impl SluiceRoot {
                 .and_then(|body| {
                     hostcalls::set_effective_context(self.context_id)
                         .map_err(|status| format!("{status:?}"))?;
-                    worker.call_controller(CHECK_PATH, &body)
+                    worker.call_controller(CHECK_PATH, Some(&body))
                 });
             match sent {
                 Ok(token) => {
@@ -518,19 +516,7 @@ impl SluiceRoot {
             return;
         }
         self.rules_read_at_ms = now;
-        let config = &worker.config;
-        let call = hostcalls::dispatch_http_call(
-            &config.controller_cluster,
-            vec![
-                (":method", "GET"),
-                (":path", RULES_PATH),
-                (":authority", &config.controller_authority),
-            ],
-            None,
-            vec![],
-            config.timeout,
-        );
-        self.rules_call = call.ok();
+        self.rules_call = worker.call_controller(RULES_PATH, None).ok();
     }
 
     fn resume_due(&mut self) {
@@ -869,7 +855,7 @@ impl SluiceRequest {
                 )))
             }
         };
-        match self.worker.call_controller(CHECK_PATH, &body) {
+        match self.worker.call_controller(CHECK_PATH, Some(&body)) {
             Ok(_token) => {
                 self.state = State::AwaitingDecision { fingerprint };
                 Action::Pause
@@ -912,10 +898,7 @@ impl Context for SluiceRequest {
         else {
             return;
         };
-        let status = self.get_http_call_response_header(":status");
-        let body = self
-            .get_http_call_response_body(0, body_size)
-            .unwrap_or_default();
+        let (status, body) = call_response(body_size);
         let decided =
             decision::decisions_from_reply(status.as_deref(), &body, 1).and_then(|decisions| {
                 decisions

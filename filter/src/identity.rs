@@ -119,7 +119,7 @@ fn bounded(value: Option<&str>) -> Option<&str> {
 }
 
 impl IdentityConfig {
-    /// Which request headers [`identify`] needs, besides `X-Forwarded-For`.
+    /// Whether [`identify`] reads `X-Forwarded-For` (only behind trusted proxies).
     pub fn wants_forwarded_for(&self) -> bool {
         self.ip.trust != client::ProxyTrust::Nobody
     }

@@ -69,13 +69,21 @@ pub enum TokenError {
 
 #[derive(Debug)]
 pub struct JwtVerifier {
-    keys: Vec<VerifyingKey>,
+    /// Each key with the validation of its algorithm, built once.
+    keys: Vec<(VerifyingKey, Validation)>,
     expectations: Expectations,
     cache: TokenCache,
 }
 
 impl JwtVerifier {
     pub fn new(keys: Vec<VerifyingKey>, expectations: Expectations, cache_size: usize) -> Self {
+        let keys = keys
+            .into_iter()
+            .map(|key| {
+                let validation = validation(key.algorithm, &expectations);
+                (key, validation)
+            })
+            .collect();
         JwtVerifier {
             keys,
             expectations,
@@ -103,7 +111,7 @@ impl JwtVerifier {
             jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
         // The algorithm is the key's, never the token's: a token can only pick among keys
         // configured for the algorithm it names (no `none`, no HMAC with a public key).
-        let candidates = self.keys.iter().filter(|key| {
+        let candidates = self.keys.iter().filter(|(key, _)| {
             key.algorithm == header.alg
                 && match (&header.kid, &key.kid) {
                     (Some(wanted), Some(kid)) => wanted == kid,
@@ -111,37 +119,13 @@ impl JwtVerifier {
                 }
         });
         let mut last_error = None;
-        for key in candidates {
-            match jsonwebtoken::decode::<Map<String, Value>>(
-                token,
-                &key.key,
-                &self.validation(key.algorithm),
-            ) {
+        for (key, validation) in candidates {
+            match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, validation) {
                 Ok(data) => return self.check_claims(&data.claims, now_s),
                 Err(error) => last_error = Some(TokenError::Invalid(error.to_string())),
             }
         }
         Err(last_error.unwrap_or_else(|| TokenError::NoKey(format!("{:?}", header.alg))))
-    }
-
-    fn validation(&self, algorithm: Algorithm) -> Validation {
-        let mut validation = Validation::new(algorithm);
-        // Time is checked below against the host's clock, with the leeway.
-        validation.validate_exp = false;
-        validation.validate_nbf = false;
-        validation.required_spec_claims.clear();
-        validation.validate_aud = !self.expectations.audiences.is_empty();
-        if validation.validate_aud {
-            validation.set_audience(&self.expectations.audiences);
-            validation.set_required_spec_claims(&["aud"]);
-        }
-        if !self.expectations.issuers.is_empty() {
-            validation.set_issuer(&self.expectations.issuers);
-            let mut required = validation.required_spec_claims.clone();
-            required.insert("iss".to_owned());
-            validation.required_spec_claims = required;
-        }
-        validation
     }
 
     fn check_claims(
@@ -173,6 +157,25 @@ impl JwtVerifier {
             .and_then(|name| claim_text(claims.get(name)));
         Ok((Claims { subject, tier }, valid_until))
     }
+}
+
+/// What `jsonwebtoken` checks for a key of `algorithm`: the signature, and `iss`/`aud`
+/// when set. Time is checked in [`JwtVerifier`] against the host's clock, with the leeway.
+fn validation(algorithm: Algorithm, expectations: &Expectations) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
+    validation.required_spec_claims.clear();
+    validation.validate_aud = !expectations.audiences.is_empty();
+    if validation.validate_aud {
+        validation.set_audience(&expectations.audiences);
+        validation.set_required_spec_claims(&["aud"]);
+    }
+    if !expectations.issuers.is_empty() {
+        validation.set_issuer(&expectations.issuers);
+        validation.required_spec_claims.insert("iss".to_owned());
+    }
+    validation
 }
 
 /// A claim as an identity: strings as they are, integers written out; nothing else.
