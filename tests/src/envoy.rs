@@ -50,6 +50,14 @@ pub enum Filter {
     },
 }
 
+/// `plugin` with the top-level fields of `extra` set (replacing any of the same name).
+pub fn with_fields(mut plugin: serde_json::Value, extra: serde_json::Value) -> serde_json::Value {
+    if let (Some(target), serde_json::Value::Object(extra)) = (plugin.as_object_mut(), extra) {
+        target.extend(extra);
+    }
+    plugin
+}
+
 /// [`Filter::sluice`]'s plugin configuration as JSON, for tests that add to it.
 pub fn sluice_plugin_config(failure_mode: &str, timeout_ms: u64) -> serde_json::Value {
     serde_json::json!({
@@ -71,10 +79,16 @@ impl Filter {
 
     /// [`Filter::sluice`], with batching on or off (one callout per request).
     pub fn sluice_batching(failure_mode: &str, timeout_ms: u64, batching: bool) -> Filter {
+        Filter::sluice_with(&with_fields(
+            sluice_plugin_config(failure_mode, timeout_ms),
+            serde_json::json!({ "batching": batching }),
+        ))
+    }
+
+    /// The Sluice filter with this plugin configuration.
+    pub fn sluice_with(plugin: &serde_json::Value) -> Filter {
         Filter::Sluice {
-            plugin_config: format!(
-                r#"{{"controller":{{"cluster":"sluice_controller","authority":"sluice-controller","timeout_ms":{timeout_ms}}},"failure_mode":"{failure_mode}","batching":{batching}}}"#
-            ),
+            plugin_config: plugin.to_string(),
         }
     }
 }

@@ -259,9 +259,7 @@ fn clients_hanging_up_under_load_do_not_break_the_worker() {
     // Every denial goes to the controller (the cache would answer most of them here).
     plugin["denial_cache"] = serde_json::json!({ "enabled": false });
     let envoy = envoy(
-        Filter::Sluice {
-            plugin_config: plugin.to_string(),
-        },
+        Filter::sluice_with(&plugin),
         &[controller.port],
         &upstream,
         1,

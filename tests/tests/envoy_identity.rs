@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use sluice_e2e::envoy::{sluice_plugin_config, EnvoyOptions, Filter};
+use sluice_e2e::envoy::{sluice_plugin_config, with_fields as with, EnvoyOptions, Filter};
 use sluice_e2e::http::{self, Response};
 use sluice_e2e::{repo_root, Controller, Envoy, Upstream};
 
@@ -75,19 +75,7 @@ fn envoy(filter: Filter, controller: &Controller, upstream: &Upstream) -> Envoy 
 }
 
 fn sluice(plugin: Value) -> Filter {
-    Filter::Sluice {
-        plugin_config: plugin.to_string(),
-    }
-}
-
-fn with(plugin: Value, extra: Value) -> Value {
-    let mut plugin = plugin;
-    if let (Some(target), Some(extra)) = (plugin.as_object_mut(), extra.as_object()) {
-        for (key, value) in extra {
-            target.insert(key.clone(), value.clone());
-        }
-    }
-    plugin
+    Filter::sluice_with(&plugin)
 }
 
 fn get(envoy: &Envoy, path: &str, headers: &[(&str, &str)]) -> Response {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use sluice_e2e::envoy::{config_yaml, sluice_plugin_config, EnvoyOptions, Filter};
+use sluice_e2e::envoy::{config_yaml, sluice_plugin_config, with_fields, EnvoyOptions, Filter};
 use sluice_e2e::http::{self, Response};
 use sluice_e2e::{free_port, Controller, Envoy, Upstream};
 
@@ -16,13 +16,7 @@ fn per_client(limit: u64) -> String {
 }
 
 fn plugin(extra: Value) -> Value {
-    let mut plugin = sluice_plugin_config("deny", 1_000);
-    if let (Some(target), Some(extra)) = (plugin.as_object_mut(), extra.as_object()) {
-        for (key, value) in extra {
-            target.insert(key.clone(), value.clone());
-        }
-    }
-    plugin
+    with_fields(sluice_plugin_config("deny", 1_000), extra)
 }
 
 fn envoy_with(
@@ -32,9 +26,7 @@ fn envoy_with(
     concurrency: u32,
 ) -> Envoy {
     Envoy::start(&EnvoyOptions {
-        filter: Filter::Sluice {
-            plugin_config: plugin.to_string(),
-        },
+        filter: Filter::sluice_with(plugin),
         upstream_port: upstream.port(),
         controller_ports,
         concurrency,
@@ -355,9 +347,7 @@ fn a_controller_killed_mid_run_leaves_every_request_to_the_failure_mode_and_none
 fn a_controller_cluster_with_no_healthy_endpoint_fails_at_once() {
     let upstream = Upstream::start();
     let options = EnvoyOptions {
-        filter: Filter::Sluice {
-            plugin_config: sluice_plugin_config("deny", 2_000).to_string(),
-        },
+        filter: Filter::sluice_with(&sluice_plugin_config("deny", 2_000)),
         upstream_port: upstream.port(),
         controller_ports: vec![],
         concurrency: 1,

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use sluice_controller::store::{LimitSpec, MemoryStore, Store, SystemClock};
 use sluice_controller::strategy::Params;
-use sluice_e2e::envoy::{EnvoyOptions, Filter};
+use sluice_e2e::envoy::{sluice_plugin_config, with_fields, EnvoyOptions, Filter};
 use sluice_e2e::{Controller, Envoy, RedisServer, Upstream};
 use sluice_protocol::Strategy;
 
@@ -228,6 +228,16 @@ fn table<C>(title: &str, configurations: &[(&str, C)], runs: &[Vec<Run>]) -> Str
     table
 }
 
+/// An Envoy with one worker in front of `upstream`, asking `controller` if any.
+fn one_worker_envoy(filter: Filter, upstream: &Upstream, controller: Option<&Controller>) -> Envoy {
+    Envoy::start(&EnvoyOptions {
+        filter,
+        upstream_port: upstream.port(),
+        controller_ports: controller.map(|c| vec![c.port]).unwrap_or_default(),
+        concurrency: 1,
+    })
+}
+
 fn envoy_scenarios(settings: &Settings) -> String {
     // Limits so large they are never reached: the benchmark measures the cost of asking.
     let rules = "[[rules]]\nname = \"bench\"\nlimit = 1000000000000\nwindow = \"1h\"\n";
@@ -235,14 +245,7 @@ fn envoy_scenarios(settings: &Settings) -> String {
     let redis = RedisServer::start();
     let embedded = Controller::start_logging(rules, None, "warn");
     let on_redis = Controller::start_logging(rules, Some(&redis.url()), "warn");
-    let envoy = |filter: Filter, controller: Option<&Controller>| {
-        Envoy::start(&EnvoyOptions {
-            filter,
-            upstream_port: upstream.port(),
-            controller_ports: controller.map(|c| vec![c.port]).unwrap_or_default(),
-            concurrency: 1,
-        })
-    };
+    let envoy = |filter, controller| one_worker_envoy(filter, &upstream, controller);
     let per_request = |failure_mode| Filter::sluice_batching(failure_mode, 1_000, false);
     let configurations = [
         ("(a) Envoy, no limiter", envoy(Filter::None, None)),
@@ -379,24 +382,15 @@ fn attack_scenario(settings: &Settings) -> String {
     let redis = RedisServer::start();
     let controller = Controller::start_logging(rules, Some(&redis.url()), "warn");
     let sluice = |denial_cache: bool| {
-        Filter::Sluice {
-        plugin_config: serde_json::json!({
-            "controller": { "cluster": "sluice_controller", "authority": "sluice-controller", "timeout_ms": 1000 },
-            "failure_mode": "deny",
-            "identity": { "client_header": "x-client", "order": ["header", "ip"] },
-            "denial_cache": { "enabled": denial_cache }
-        })
-        .to_string(),
-    }
+        Filter::sluice_with(&with_fields(
+            sluice_plugin_config("deny", 1_000),
+            serde_json::json!({
+                "identity": { "client_header": "x-client", "order": ["header", "ip"] },
+                "denial_cache": { "enabled": denial_cache }
+            }),
+        ))
     };
-    let envoy = |filter: Filter, controller: Option<&Controller>| {
-        Envoy::start(&EnvoyOptions {
-            filter,
-            upstream_port: upstream.port(),
-            controller_ports: controller.map(|c| vec![c.port]).unwrap_or_default(),
-            concurrency: 1,
-        })
-    };
+    let envoy = |filter, controller| one_worker_envoy(filter, &upstream, controller);
     let configurations = [
         ("(a) Envoy, no limiter", envoy(Filter::None, None)),
         (
