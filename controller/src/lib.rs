@@ -11,6 +11,7 @@ pub mod strategy;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::limiter::Limiter;
@@ -76,6 +77,13 @@ pub async fn serve(
                 source,
             })?;
     tracing::info!(addr = %settings.listen, "listening");
+    // Replies go out at once: Envoy waits on each one (Nagle would hold a reply written in
+    // parts until the previous part is acknowledged).
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {error}");
+        }
+    });
     axum::serve(listener, api::app(api::AppState { limiter }))
         .with_graceful_shutdown(shutdown)
         .await

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::Script;
+use redis::io::tcp::TcpSettings;
+use redis::{IntoConnectionInfo, Script};
 
 use super::{CheckSpec, Clock, Outcome, Store, StoreError};
 use crate::strategy::Verdict;
@@ -40,7 +41,12 @@ impl RedisStore {
     /// Prepares a store for `url`, on the Redis server's clock. The connection is made on
     /// first use, so the controller starts (and reports not ready) while Redis comes up.
     pub fn new(url: &str, response_timeout: Duration) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)?;
+        // Without TCP_NODELAY a small command written while the previous one is unacked
+        // waits for the ACK (Nagle), and pipelined checks queue behind it.
+        let info = url
+            .into_connection_info()?
+            .set_tcp_settings(TcpSettings::default().set_nodelay(true));
+        let client = redis::Client::open(info)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(response_timeout))
             .set_response_timeout(Some(response_timeout))
