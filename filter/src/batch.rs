@@ -2,8 +2,10 @@
 //!
 //! A request that needs a decision registers here and waits (paused in Envoy). While no
 //! batch is out, the next one leaves at once; while one is out, requests gather for the
-//! next, which leaves the moment the reply to the previous one is in. There is no timer:
-//! at low load every request goes alone, under load batches form by themselves.
+//! next, which leaves the moment a reply is in. There is no timer: at low load every
+//! request goes alone, under load batches form by themselves. A full batch does not wait
+//! for a reply: it leaves at once, up to a number of batches out together, so one slow
+//! reply does not hold back every request that arrives meanwhile.
 //!
 //! The root context owns every batch callout (a callout owned by a request's context is
 //! cancelled with it, and the requests behind it would wait forever). The host glue wakes
@@ -59,34 +61,48 @@ pub enum Registered {
     Overloaded,
 }
 
+/// How many checks a batch carries and how many batches may be out at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most checks one callout carries.
+    pub max_batch: usize,
+    /// Most batches out at once; past the first, only full ones leave early.
+    pub max_in_flight: usize,
+    /// Most requests that may wait for a batch at once; past it requests are not queued.
+    pub max_waiting: usize,
+}
+
 #[derive(Debug)]
 pub struct Batcher {
-    max_batch: usize,
-    max_waiting: usize,
+    limits: Limits,
     waiting: VecDeque<Waiting>,
-    in_flight: Option<InFlight>,
+    in_flight: Vec<InFlight>,
     wake_requested: bool,
+    /// A reply came in since the last batch left: the next may leave though not full.
+    reply_in: bool,
 }
 
 impl Batcher {
-    /// `max_batch`: most checks one callout carries. `max_waiting`: most requests that may
-    /// wait for a batch at once; past it requests are not queued.
-    pub fn new(max_batch: usize, max_waiting: usize) -> Self {
+    pub fn new(limits: Limits) -> Self {
         Batcher {
-            max_batch: max_batch.max(1),
-            max_waiting,
+            limits: Limits {
+                max_batch: limits.max_batch.max(1),
+                max_in_flight: limits.max_in_flight.max(1),
+                max_waiting: limits.max_waiting,
+            },
             waiting: VecDeque::new(),
-            in_flight: None,
+            in_flight: Vec::new(),
             wake_requested: false,
+            reply_in: false,
         }
     }
 
     pub fn register(&mut self, member: Member, check: Check) -> Registered {
-        if self.waiting.len() >= self.max_waiting {
+        if self.waiting.len() >= self.limits.max_waiting {
             return Registered::Overloaded;
         }
         self.waiting.push_back(Waiting { member, check });
-        if self.in_flight.is_none() && !self.wake_requested {
+        if self.may_send() && !self.wake_requested {
             self.wake_requested = true;
             Registered::WakeRoot
         } else {
@@ -94,15 +110,29 @@ impl Batcher {
         }
     }
 
-    /// The root was woken (or a reply came in): the next batch to send, if nothing is out
-    /// and someone waits. The caller sends it and reports with [`Batcher::sent`] or
-    /// [`Batcher::not_sent`].
+    /// Whether a batch may leave now: any that waits when nothing is out or a reply has
+    /// just come in; while others are out, a full one if fewer than the most are out.
+    fn may_send(&self) -> bool {
+        match self.in_flight.len() {
+            _ if self.waiting.is_empty() => false,
+            0 => true,
+            out if out >= self.limits.max_in_flight => false,
+            _ => self.reply_in || self.waiting.len() >= self.limits.max_batch,
+        }
+    }
+
+    /// The root was woken (or a reply came in): the next batch to send, if one may leave
+    /// (see [`Batcher::may_send`]). The caller sends it and reports with [`Batcher::sent`]
+    /// (or, if it could not, gives its members the failure mode), and asks again until
+    /// there is none.
     pub fn next_batch(&mut self) -> Option<(Vec<Member>, CheckRequest)> {
         self.wake_requested = false;
-        if self.in_flight.is_some() || self.waiting.is_empty() {
+        let may_send = self.may_send();
+        self.reply_in = false;
+        if !may_send {
             return None;
         }
-        let size = self.waiting.len().min(self.max_batch);
+        let size = self.waiting.len().min(self.limits.max_batch);
         let (members, checks) = self
             .waiting
             .drain(..size)
@@ -118,51 +148,44 @@ impl Batcher {
     }
 
     pub fn sent(&mut self, token: u32, members: Vec<Member>, now_ms: u64) {
-        self.in_flight = Some(InFlight {
+        self.in_flight.push(InFlight {
             token,
             sent_at_ms: now_ms,
             members,
         });
     }
 
-    /// The callout for a batch could not be dispatched: its members get the failure mode.
-    pub fn not_sent(&mut self) {
-        self.in_flight = None;
-    }
-
     /// The reply for `token` arrived: the batch's members, in the order of their checks;
-    /// `None` for a token that is not the batch in flight (a release call's reply).
+    /// `None` for a token that is no batch in flight (a release call's reply).
     pub fn complete(&mut self, token: u32) -> Option<Vec<Member>> {
-        match &self.in_flight {
-            Some(batch) if batch.token == token => self.in_flight.take().map(|b| b.members),
-            _ => None,
-        }
+        let index = self.in_flight.iter().position(|b| b.token == token)?;
+        self.reply_in = true;
+        Some(self.in_flight.swap_remove(index).members)
     }
 
-    /// A request went away before its decision: it leaves the queue. (If it is in the
-    /// batch that is out, its verdict is simply not delivered.)
+    /// A request went away before its decision: it leaves the queue. (If it is in a batch
+    /// that is out, its verdict is simply not delivered.)
     pub fn cancel(&mut self, context_id: u32) {
         self.waiting
             .retain(|waiting| waiting.member.context_id != context_id);
     }
 
-    /// A watchdog for the impossible: a batch out for longer than `limit_ms` (Envoy answers
-    /// every callout by its timeout) is given up; its members get the failure mode.
-    pub fn overdue(&mut self, now_ms: u64, limit_ms: u64) -> Option<Vec<Member>> {
-        match &self.in_flight {
-            Some(batch) if now_ms.saturating_sub(batch.sent_at_ms) > limit_ms => {
-                self.in_flight.take().map(|b| b.members)
-            }
-            _ => None,
-        }
+    /// A watchdog for the impossible: batches out for longer than `limit_ms` (Envoy answers
+    /// every callout by its timeout) are given up; their members get the failure mode.
+    pub fn overdue(&mut self, now_ms: u64, limit_ms: u64) -> Vec<Member> {
+        let (lost, kept) = std::mem::take(&mut self.in_flight)
+            .into_iter()
+            .partition(|batch| now_ms.saturating_sub(batch.sent_at_ms) > limit_ms);
+        self.in_flight = kept;
+        lost.into_iter().flat_map(|batch| batch.members).collect()
     }
 
     pub fn waiting(&self) -> usize {
         self.waiting.len()
     }
 
-    pub fn in_flight(&self) -> bool {
-        self.in_flight.is_some()
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
     }
 }
 
@@ -184,13 +207,22 @@ mod tests {
         }
     }
 
+    /// One batch out at a time.
+    fn one_at_a_time(max_batch: usize, max_waiting: usize) -> Batcher {
+        Batcher::new(Limits {
+            max_batch,
+            max_in_flight: 1,
+            max_waiting,
+        })
+    }
+
     fn ids(members: &[Member]) -> Vec<u32> {
         members.iter().map(|m| m.context_id).collect()
     }
 
     #[test]
     fn a_lone_request_wakes_the_root_and_goes_alone() {
-        let mut batcher = Batcher::new(10, 100);
+        let mut batcher = one_at_a_time(10, 100);
         assert_eq!(batcher.register(member(1), check(1)), Registered::WakeRoot);
         let (members, request) = batcher.next_batch().unwrap();
         assert_eq!(ids(&members), [1]);
@@ -203,7 +235,7 @@ mod tests {
 
     #[test]
     fn requests_gather_while_a_batch_is_out_and_leave_together_in_order() {
-        let mut batcher = Batcher::new(10, 100);
+        let mut batcher = one_at_a_time(10, 100);
         batcher.register(member(1), check(1));
         let (members, _) = batcher.next_batch().unwrap();
         batcher.sent(77, members, 0);
@@ -222,7 +254,7 @@ mod tests {
 
     #[test]
     fn batches_are_capped_and_the_rest_waits() {
-        let mut batcher = Batcher::new(2, 100);
+        let mut batcher = one_at_a_time(2, 100);
         for n in 1..=5 {
             batcher.register(member(n), check(n));
         }
@@ -237,7 +269,7 @@ mod tests {
 
     #[test]
     fn only_one_wake_up_is_asked_for_until_the_root_runs() {
-        let mut batcher = Batcher::new(10, 100);
+        let mut batcher = one_at_a_time(10, 100);
         assert_eq!(batcher.register(member(1), check(1)), Registered::WakeRoot);
         assert_eq!(batcher.register(member(2), check(2)), Registered::Wait);
         let (members, _) = batcher.next_batch().unwrap();
@@ -250,7 +282,7 @@ mod tests {
 
     #[test]
     fn a_request_that_leaves_is_not_sent() {
-        let mut batcher = Batcher::new(10, 100);
+        let mut batcher = one_at_a_time(10, 100);
         batcher.register(member(1), check(1));
         batcher.register(member(2), check(2));
         batcher.cancel(1);
@@ -261,33 +293,116 @@ mod tests {
 
     #[test]
     fn replies_for_other_tokens_are_not_the_batch() {
-        let mut batcher = Batcher::new(10, 100);
+        let mut batcher = one_at_a_time(10, 100);
         batcher.register(member(1), check(1));
         let (members, _) = batcher.next_batch().unwrap();
         batcher.sent(9, members, 0);
         assert!(batcher.complete(8).is_none());
-        assert!(batcher.in_flight());
+        assert_eq!(batcher.in_flight(), 1);
         assert!(batcher.complete(9).is_some());
     }
 
     #[test]
     fn a_batch_that_was_not_sent_frees_the_way() {
-        let mut batcher = Batcher::new(10, 100);
+        let mut batcher = one_at_a_time(10, 100);
         batcher.register(member(1), check(1));
         let _ = batcher.next_batch().unwrap();
-        batcher.not_sent();
         assert_eq!(batcher.register(member(2), check(2)), Registered::WakeRoot);
     }
 
     #[test]
+    fn while_a_batch_is_out_only_a_full_one_leaves_early_up_to_the_most_in_flight() {
+        let mut batcher = Batcher::new(Limits {
+            max_batch: 2,
+            max_in_flight: 2,
+            max_waiting: 100,
+        });
+        batcher.register(member(1), check(1));
+        let (first, _) = batcher.next_batch().unwrap();
+        batcher.sent(1, first, 0);
+        assert_eq!(batcher.register(member(2), check(2)), Registered::Wait);
+        assert!(
+            batcher.next_batch().is_none(),
+            "half a batch waits for a reply"
+        );
+        assert_eq!(
+            batcher.register(member(3), check(3)),
+            Registered::WakeRoot,
+            "a full batch wakes the root"
+        );
+        let (second, _) = batcher.next_batch().unwrap();
+        assert_eq!(ids(&second), [2, 3]);
+        batcher.sent(2, second, 0);
+        batcher.register(member(4), check(4));
+        assert_eq!(batcher.register(member(5), check(5)), Registered::Wait);
+        assert!(batcher.next_batch().is_none(), "two are out already");
+        assert_eq!(batcher.in_flight(), 2);
+        assert_eq!(ids(&batcher.complete(2).unwrap()), [2, 3]);
+        let (third, _) = batcher.next_batch().unwrap();
+        assert_eq!(ids(&third), [4, 5]);
+        batcher.sent(3, third, 0);
+        assert_eq!(ids(&batcher.complete(1).unwrap()), [1]);
+        assert_eq!(ids(&batcher.complete(3).unwrap()), [4, 5]);
+        assert_eq!(batcher.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_reply_lets_the_next_batch_leave_unfilled_though_another_is_out() {
+        let mut batcher = Batcher::new(Limits {
+            max_batch: 10,
+            max_in_flight: 2,
+            max_waiting: 100,
+        });
+        batcher.register(member(1), check(1));
+        let (first, _) = batcher.next_batch().unwrap();
+        batcher.sent(1, first, 0);
+        batcher.register(member(2), check(2));
+        // A full batch of 10 leaves early and stays out.
+        for n in 3..=12 {
+            batcher.register(member(n), check(n));
+        }
+        let (full, _) = batcher.next_batch().unwrap();
+        assert_eq!(ids(&full), (2..=11).collect::<Vec<_>>());
+        batcher.sent(2, full, 0);
+        batcher.register(member(13), check(13));
+        assert!(batcher.next_batch().is_none());
+        batcher.complete(1);
+        let (next, _) = batcher.next_batch().unwrap();
+        assert_eq!(ids(&next), [12, 13], "the reply lets them go");
+        batcher.sent(3, next, 0);
+        batcher.register(member(14), check(14));
+        assert!(
+            batcher.next_batch().is_none(),
+            "one unfilled batch per reply, and two are out"
+        );
+    }
+
+    #[test]
+    fn every_overdue_batch_is_given_up_and_the_others_stay() {
+        let mut batcher = Batcher::new(Limits {
+            max_batch: 1,
+            max_in_flight: 3,
+            max_waiting: 100,
+        });
+        for (n, sent_at) in [(1, 0), (2, 500), (3, 2_000)] {
+            batcher.register(member(n), check(n));
+            let (members, _) = batcher.next_batch().unwrap();
+            batcher.sent(n, members, sent_at);
+        }
+        assert_eq!(ids(&batcher.overdue(2_001, 1_000)), [1, 2]);
+        assert_eq!(batcher.in_flight(), 1);
+        assert!(batcher.complete(3).is_some());
+    }
+
+    #[test]
     fn overdue_batches_are_given_up_and_the_queue_is_bounded() {
-        let mut batcher = Batcher::new(10, 2);
+        let mut batcher = one_at_a_time(10, 2);
         batcher.register(member(1), check(1));
         let (members, _) = batcher.next_batch().unwrap();
         batcher.sent(3, members, 1_000);
-        assert!(batcher.overdue(1_500, 1_000).is_none());
-        assert_eq!(ids(&batcher.overdue(2_001, 1_000).unwrap()), [1]);
-        assert!(!batcher.in_flight());
+        assert!(batcher.overdue(1_500, 1_000).is_empty());
+        assert_eq!(ids(&batcher.overdue(2_001, 1_000)), [1]);
+        assert_eq!(batcher.in_flight(), 0);
         batcher.register(member(2), check(2));
         batcher.register(member(3), check(3));
         assert_eq!(

@@ -33,6 +33,8 @@ struct RawConfig {
     batching: bool,
     #[serde(default = "default_max_batch_size")]
     max_batch_size: usize,
+    #[serde(default = "default_max_batches_in_flight")]
+    max_batches_in_flight: usize,
     #[serde(default)]
     identity: RawIdentity,
     #[serde(default)]
@@ -234,6 +236,13 @@ fn default_max_batch_size() -> usize {
 /// Most checks one batch may carry (the controller takes at most 1024 per call).
 pub const MAX_BATCH_SIZE: usize = 1_024;
 
+fn default_max_batches_in_flight() -> usize {
+    4
+}
+
+/// Most batches one worker may have out at once.
+pub const MAX_BATCHES_IN_FLIGHT: usize = 64;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawController {
@@ -279,6 +288,8 @@ pub struct FilterConfig {
     /// Whether the checks of concurrent requests share callouts (see `batch`).
     pub batching: bool,
     pub max_batch_size: usize,
+    /// Most batches out at once per worker; past the first, only full ones leave early.
+    pub max_batches_in_flight: usize,
     pub identity: IdentityConfig,
     pub headers: HeaderStyle,
     /// Everything is evaluated and reported; nothing is blocked.
@@ -350,6 +361,15 @@ impl FilterConfig {
                 ),
             ));
         }
+        if raw.max_batches_in_flight == 0 || raw.max_batches_in_flight > MAX_BATCHES_IN_FLIGHT {
+            return Err(invalid(
+                "max_batches_in_flight",
+                format!(
+                    "must be between 1 and {MAX_BATCHES_IN_FLIGHT}, got {}",
+                    raw.max_batches_in_flight
+                ),
+            ));
+        }
         if raw.denial_cache.slots == 0 || raw.denial_cache.slots > MAX_DENIAL_SLOTS {
             return Err(invalid(
                 "denial_cache.slots",
@@ -379,6 +399,7 @@ impl FilterConfig {
             cost_header: raw.cost_header.map(|name| name.to_ascii_lowercase()),
             batching: raw.batching,
             max_batch_size: raw.max_batch_size,
+            max_batches_in_flight: raw.max_batches_in_flight,
             identity,
             headers: raw.headers,
             shadow: raw.shadow,
@@ -662,6 +683,7 @@ mod tests {
         assert_eq!(config.failure_mode, FailureMode::Allow);
         assert!(config.batching);
         assert_eq!(config.max_batch_size, 128);
+        assert_eq!(config.max_batches_in_flight, 4);
     }
 
     #[test]
@@ -677,7 +699,7 @@ mod tests {
     /// One bad document per error, paired with the field the operator is told about.
     #[test]
     fn each_bad_config_names_its_field() {
-        let cases: [(&[u8], &str); 12] = [
+        let cases: [(&[u8], &str); 13] = [
             (b"", "."),
             (b"not json", "."),
             (br#"{}"#, "."),
@@ -705,6 +727,10 @@ mod tests {
             (
                 br#"{"controller":{"cluster":"c"},"max_batch_size":0}"#,
                 "max_batch_size",
+            ),
+            (
+                br#"{"controller":{"cluster":"c"},"max_batches_in_flight":65}"#,
+                "max_batches_in_flight",
             ),
             (
                 br#"{"controller":{"cluster":"c"},"batching":"yes"}"#,

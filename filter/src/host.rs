@@ -14,7 +14,7 @@ use sluice_protocol::{
     Check, CheckRequest, Decision, Rule, RulesSnapshot, CHECK_PATH, RELEASE_PATH, RULES_PATH,
 };
 
-use crate::batch::{Batcher, Member, Registered, Slot};
+use crate::batch::{self, Batcher, Member, Registered, Slot};
 use crate::config::{FailureMode, FilterConfig};
 use crate::decision::{self, Counted, Failure, Verdict};
 use crate::denial;
@@ -419,9 +419,9 @@ impl Context for SluiceRoot {
 }
 
 impl SluiceRoot {
-    /// Sends the next batch, if nothing is out and requests wait. The callout is made with
-    /// the root as Envoy's current context, so that it belongs to the root and outlives any
-    /// one request.
+    /// Sends the batches that may leave now (see [`Batcher::next_batch`]). The callout is
+    /// made with the root as Envoy's current context, so that it belongs to the root and
+    /// outlives any one request.
     fn send_next_batch(&mut self, worker: &Worker) {
         loop {
             let next = worker.batcher.borrow_mut().next_batch();
@@ -436,14 +436,8 @@ impl SluiceRoot {
                     worker.call_controller(CHECK_PATH, Some(&body))
                 });
             match sent {
-                Ok(token) => {
-                    worker.batcher.borrow_mut().sent(token, members, now_ms());
-                    return;
-                }
-                Err(why) => {
-                    worker.batcher.borrow_mut().not_sent();
-                    self.fail(worker, members, &Failure::Dispatch(why));
-                }
+                Ok(token) => worker.batcher.borrow_mut().sent(token, members, now_ms()),
+                Err(why) => self.fail(worker, members, &Failure::Dispatch(why)),
             }
         }
     }
@@ -564,7 +558,11 @@ impl RootContext for SluiceRoot {
         } else {
             None
         };
-        let batcher = Batcher::new(config.max_batch_size, MAX_WAITING);
+        let batcher = Batcher::new(batch::Limits {
+            max_batch: config.max_batch_size,
+            max_in_flight: config.max_batches_in_flight,
+            max_waiting: MAX_WAITING,
+        });
         self.worker = Some(Rc::new(Worker {
             config,
             batcher: RefCell::new(batcher),
@@ -592,10 +590,10 @@ impl RootContext for SluiceRoot {
         self.read_rules_when_due(&worker);
         let limit = worker.config.timeout.as_millis() as u64 + 1_000;
         let overdue = worker.batcher.borrow_mut().overdue(now_ms(), limit);
-        if let Some(members) = overdue {
+        if !overdue.is_empty() {
             self.fail(
                 &worker,
-                members,
+                overdue,
                 &Failure::Status("(none: the batch was lost)".into()),
             );
             self.send_next_batch(&worker);

@@ -26,6 +26,7 @@ fn main() {
         upstream_port: upstream.port(),
         controller_ports: vec![controller.port],
         concurrency: 1,
+        controller_http2: false,
     });
     let pid = envoy.pid().to_string();
     let wrk = Command::new("wrk")

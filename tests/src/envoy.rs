@@ -100,6 +100,8 @@ pub struct EnvoyOptions {
     /// Endpoints of the `sluice_controller` cluster (round robin).
     pub controller_ports: Vec<u16>,
     pub concurrency: u32,
+    /// Whether callouts to the controller speak HTTP/2 (prior knowledge) instead of HTTP/1.1.
+    pub controller_http2: bool,
 }
 
 fn http_filter_yaml(filter: &Filter) -> String {
@@ -209,7 +211,7 @@ static_resources:
       - lb_endpoints:{upstream}
   - name: sluice_controller
     type: STATIC
-    connect_timeout: 0.25s
+    connect_timeout: 0.25s{controller_protocol}
     load_assignment:
       cluster_name: sluice_controller
       endpoints:
@@ -218,6 +220,15 @@ static_resources:
         filters = http_filter_yaml(&options.filter),
         upstream = endpoints_yaml(&[options.upstream_port]),
         controllers = endpoints_yaml(&controller_ports),
+        controller_protocol = if options.controller_http2 {
+            r#"
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: { http2_protocol_options: {} }"#
+        } else {
+            ""
+        },
     )
 }
 

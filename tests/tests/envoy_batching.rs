@@ -19,6 +19,7 @@ fn envoy(filter: Filter, controllers: &[u16], upstream: &Upstream, concurrency: 
         upstream_port: upstream.port(),
         controller_ports: controllers.to_vec(),
         concurrency,
+        controller_http2: false,
     })
 }
 
@@ -95,32 +96,26 @@ fn every_strategy_admits_exactly_its_limit_through_batching_envoy() {
     assert!(!envoy.log().contains("no batch out"), "{}", envoy.log());
 }
 
-/// Lanes with distinct limits, all in one burst: each lane admits exactly its limit, and
-/// every response carries its own lane's policy and a distinct remaining count.
-#[test]
-fn answers_land_on_their_own_requests() {
-    const LANES: u64 = 8;
-    let rules: String = (1..=LANES)
+/// Rules for `lanes` lanes: lane `k` is the path prefix `/lane-k/`, limited to `k`.
+fn lane_rules(lanes: u64) -> String {
+    (1..=lanes)
         .map(|k| {
             format!("[[rules]]\nname = \"lane-{k}\"\nlimit = {k}\nwindow = \"1d\"\nmatch = {{ path_prefix = \"/lane-{k}/\" }}\n\n")
         })
-        .collect();
-    let controller = Controller::start(&rules, None);
-    let upstream = Upstream::start();
-    let envoy = envoy(
-        Filter::sluice("deny", 2_000),
-        &[controller.port],
-        &upstream,
-        1,
-    );
-    let mut paths = Vec::new();
-    for k in 1..=LANES {
-        for n in 0..k + 2 {
-            paths.push(format!("/lane-{k}/{n}"));
-        }
-    }
-    let results = burst(&envoy, paths);
-    for k in 1..=LANES {
+        .collect()
+}
+
+/// `k + extra` requests for each lane `k`.
+fn lane_paths(lanes: u64, extra: u64) -> Vec<String> {
+    (1..=lanes)
+        .flat_map(|k| (0..k + extra).map(move |n| format!("/lane-{k}/{n}")))
+        .collect()
+}
+
+/// Each lane admitted exactly its limit, and every response carries its own lane's policy
+/// and a distinct remaining count.
+fn assert_answers_landed(results: &[(String, Response, Duration)], lanes: u64, extra: u64) {
+    for k in 1..=lanes {
         let lane: Vec<&Response> = results
             .iter()
             .filter(|(path, _, _)| path.starts_with(&format!("/lane-{k}/")))
@@ -141,11 +136,27 @@ fn answers_land_on_their_own_requests() {
         remaining.sort();
         assert_eq!(remaining, (0..k).collect::<Vec<_>>(), "lane {k}");
         let denied: Vec<&&Response> = lane.iter().filter(|r| r.status == 429).collect();
-        assert_eq!(denied.len(), 2, "lane {k}");
+        assert_eq!(denied.len() as u64, extra, "lane {k}");
         for response in denied {
             assert_eq!(response.json()["policy"], format!("lane-{k}"));
         }
     }
+}
+
+/// Lanes with distinct limits, all in one burst: the answers land on their own requests.
+#[test]
+fn answers_land_on_their_own_requests() {
+    const LANES: u64 = 8;
+    let controller = Controller::start(&lane_rules(LANES), None);
+    let upstream = Upstream::start();
+    let envoy = envoy(
+        Filter::sluice("deny", 2_000),
+        &[controller.port],
+        &upstream,
+        1,
+    );
+    let results = burst(&envoy, lane_paths(LANES, 2));
+    assert_answers_landed(&results, LANES, 2);
     let log = controller.log();
     let calls = log
         .lines()
@@ -154,6 +165,39 @@ fn answers_land_on_their_own_requests() {
     assert!(
         calls < results.len(),
         "every request had its own call ({calls})"
+    );
+}
+
+/// With a slow controller, full batches do not wait for the reply to the batch that is out:
+/// they leave at once, side by side, and their answers land on their own requests too.
+#[test]
+fn full_batches_leave_while_another_is_out() {
+    const LANES: u64 = 3;
+    const DELAY: Duration = Duration::from_millis(500);
+    let controller = Controller::start(&lane_rules(LANES), None);
+    let slow = DelayProxy::start(controller.port, DELAY);
+    let upstream = Upstream::start();
+    let plugin = sluice_e2e::envoy::with_fields(
+        sluice_e2e::envoy::sluice_plugin_config("deny", 5_000),
+        serde_json::json!({ "max_batch_size": 3, "max_batches_in_flight": 4 }),
+    );
+    let envoy = envoy(Filter::sluice_with(&plugin), &[slow.port], &upstream, 1);
+    let opener = {
+        let url = envoy.url("/opener");
+        std::thread::spawn(move || http::get(&url).expect("request through envoy"))
+    };
+    std::thread::sleep(Duration::from_millis(100)); // the opener's batch is out
+                                                    // Nine requests: three full batches.
+    let results = burst(&envoy, lane_paths(LANES, 1));
+    assert_eq!(opener.join().unwrap().status, 200);
+    assert_answers_landed(&results, LANES, 1);
+    // One batch at a time, the first would wait for the opener's reply and each of the
+    // three for the one before: well over three delays. Side by side: about one.
+    let slowest = results.iter().map(|(_, _, took)| *took).max().unwrap();
+    assert!(
+        slowest < DELAY * 5 / 2,
+        "the slowest request took {slowest:?}: the batches went one after another\n{}",
+        controller.log()
     );
 }
 

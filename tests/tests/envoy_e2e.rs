@@ -20,6 +20,7 @@ fn envoy_for(controllers: &[&Controller], upstream: &Upstream, concurrency: u32)
         upstream_port: upstream.port(),
         controller_ports: controllers.iter().map(|c| c.port).collect(),
         concurrency,
+        controller_http2: false,
     })
 }
 
@@ -173,6 +174,7 @@ fn envoy_with_controller_port(port: u16, failure_mode: &str, timeout_ms: u64) ->
         upstream_port: upstream.port(),
         controller_ports: vec![port],
         concurrency: 1,
+        controller_http2: false,
     });
     (envoy, upstream)
 }
@@ -265,6 +267,7 @@ fn bad_plugin_configuration_stops_envoy_naming_the_field() {
             upstream_port: upstream.port(),
             controller_ports: vec![],
             concurrency: 1,
+            controller_http2: false,
         };
         let path = dir.path().join("bad.yaml");
         std::fs::write(&path, envoy::config_yaml(&options, 1, 2)).unwrap();
@@ -292,6 +295,7 @@ fn a_good_plugin_configuration_validates() {
         upstream_port: 1,
         controller_ports: vec![2],
         concurrency: 1,
+        controller_http2: false,
     };
     let path = dir.path().join("good.yaml");
     std::fs::write(&path, envoy::config_yaml(&options, 3, 4)).unwrap();

@@ -71,6 +71,7 @@ fn envoy(filter: Filter, controller: &Controller, upstream: &Upstream) -> Envoy 
         upstream_port: upstream.port(),
         controller_ports: vec![controller.port],
         concurrency: 1,
+        controller_http2: false,
     })
 }
 

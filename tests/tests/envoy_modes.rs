@@ -30,6 +30,7 @@ fn envoy_with(
         upstream_port: upstream.port(),
         controller_ports,
         concurrency,
+        controller_http2: false,
     })
 }
 
@@ -351,6 +352,7 @@ fn a_controller_cluster_with_no_healthy_endpoint_fails_at_once() {
         upstream_port: upstream.port(),
         controller_ports: vec![],
         concurrency: 1,
+        controller_http2: false,
     };
     let (port, admin_port) = (free_port(), free_port());
     let discard = "\n        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 9 } } }";

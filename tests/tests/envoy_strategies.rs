@@ -42,6 +42,7 @@ fn world() -> World {
         upstream_port: upstream.port(),
         controller_ports: vec![controller.port],
         concurrency: 2,
+        controller_http2: false,
     });
     World {
         redis,
@@ -157,6 +158,7 @@ fn the_cost_header_makes_a_request_count_more() {
         upstream_port: upstream.port(),
         controller_ports: vec![controller.port],
         concurrency: 1,
+        controller_http2: false,
     });
     let url = envoy.url("/api");
     let costly = http::get_with(&url, &[("x-cost", "3")]).unwrap();

@@ -235,6 +235,7 @@ fn one_worker_envoy(filter: Filter, upstream: &Upstream, controller: Option<&Con
         upstream_port: upstream.port(),
         controller_ports: controller.map(|c| vec![c.port]).unwrap_or_default(),
         concurrency: 1,
+        controller_http2: false,
     })
 }
 
