@@ -21,6 +21,7 @@ use crate::denial;
 use crate::identity::{self, Facts, Identity};
 use crate::jwt::Claims;
 use crate::lists::{self, Listing};
+use crate::request::RequestHeaders;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -652,13 +653,9 @@ enum Triage {
 }
 
 impl SluiceRequest {
-    fn header(&self, name: &str) -> Option<String> {
-        self.get_http_request_header(name)
-    }
-
-    /// Envoy's `x-request-id`, for the body of a local reply.
+    /// Envoy's `x-request-id`, for the body of a local reply (read only for one).
     fn request_id(&self) -> Option<String> {
-        self.header("x-request-id")
+        self.get_http_request_header("x-request-id")
     }
 
     fn property_text(&self, path: Vec<&str>) -> Option<String> {
@@ -685,17 +682,17 @@ impl SluiceRequest {
         })
     }
 
-    fn identify(&self) -> Result<Identity, crate::jwt::TokenError> {
+    fn identify(&self, headers: &RequestHeaders) -> Result<Identity, crate::jwt::TokenError> {
         let config = &self.worker.config.identity;
         let peer = self.property_text(vec!["source", "address"]);
         let forwarded_for = if config.wants_forwarded_for() {
-            self.header("x-forwarded-for")
+            headers.get("x-forwarded-for")
         } else {
             None
         };
-        let token_header = config.jwt.as_ref().and_then(|jwt| self.header(&jwt.header));
-        let api_key = config.api_key_header.as_ref().and_then(|h| self.header(h));
-        let client_header = config.client_header.as_ref().and_then(|h| self.header(h));
+        let token_header = config.jwt.as_ref().and_then(|jwt| headers.get(&jwt.header));
+        let api_key = config.api_key_header.as_ref().and_then(|h| headers.get(h));
+        let client_header = config.client_header.as_ref().and_then(|h| headers.get(h));
         let facts = Facts {
             peer: peer.as_deref(),
             forwarded_for: forwarded_for.as_deref(),
@@ -704,18 +701,25 @@ impl SluiceRequest {
             api_key: api_key.as_deref(),
             client_header: client_header.as_deref(),
         };
-        identity::identify(config, &facts, now_ms() / 1_000)
+        // Only tokens need the time.
+        let now_s = if config.jwt.is_some() {
+            now_ms() / 1_000
+        } else {
+            0
+        };
+        identity::identify(config, &facts, now_s)
     }
 
     fn triage(&mut self) -> Triage {
         let config = &self.worker.config;
         let metrics = &self.worker.metrics;
-        let full_path = self.header(":path").unwrap_or_default();
+        let headers = RequestHeaders::new(self.get_http_request_headers());
+        let full_path = headers.get(":path").unwrap_or_default();
         let path = decision::path_only(&full_path);
         if config.exempt.contains_path(path) {
             return Triage::Pass;
         }
-        let identity = match self.identify() {
+        let identity = match self.identify(&headers) {
             Ok(identity) => identity,
             Err(error) => {
                 metrics.add(Metric::TokenRejected, 1);
@@ -741,19 +745,19 @@ impl SluiceRequest {
             Listing::Neither => {}
         }
         let cost = match &config.cost_header {
-            Some(name) => decision::cost_from_header(self.header(name).as_deref()),
+            Some(name) => decision::cost_from_header(headers.get(name).as_deref()),
             None => 1,
         };
         let mut check = decision::check_for(
             &identity,
-            &self.header(":authority").unwrap_or_default(),
-            &self.header(":method").unwrap_or_default(),
+            &headers.get(":authority").unwrap_or_default(),
+            &headers.get(":method").unwrap_or_default(),
             path,
             cost,
         );
         for name in self.worker.matched_headers.borrow().iter() {
-            if let Some(value) = self.header(name) {
-                check.headers.insert(name.clone(), value);
+            if let Some(value) = headers.get(name) {
+                check.headers.insert(name.clone(), value.into_owned());
             }
         }
         self.failure_mode = self.worker.failure_mode_for(&check);

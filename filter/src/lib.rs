@@ -1,7 +1,7 @@
 //! Sluice's proxy-wasm filter.
 //!
 //! Everything that decides lives in plain Rust modules ([`config`], [`identity`] with
-//! [`client`] and [`jwt`], [`lists`], [`decision`], [`denial`], [`batch`]) and is tested
+//! [`client`] and [`jwt`], [`lists`], [`decision`], [`denial`], [`batch`], [`request`]) and is tested
 //! natively; [`host`] is the only module that talks to Envoy, and it is only
 //! compiled for the wasm target.
 
@@ -13,6 +13,7 @@ pub mod denial;
 pub mod identity;
 pub mod jwt;
 pub mod lists;
+pub mod request;
 
 #[cfg(target_arch = "wasm32")]
 mod host;
