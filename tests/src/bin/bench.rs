@@ -158,12 +158,15 @@ fn main() {
     if matches!(part.as_str(), "all" | "attack") {
         report.push_str(&attack_scenario(&settings));
     }
+    if matches!(part.as_str(), "all" | "filter") {
+        report.push_str(&filter_cost_scenario(&settings));
+    }
     if matches!(part.as_str(), "all" | "strategies") {
         report.push_str(&strategy_scenarios(&settings));
     }
     assert!(
         !report.is_empty(),
-        "unknown part {part:?}: use envoy, attack, strategies or all"
+        "unknown part {part:?}: use envoy, attack, filter, strategies or all"
     );
     println!("{report}");
     let out = sluice_e2e::repo_root().join("target/bench");
@@ -228,14 +231,20 @@ fn table<C>(title: &str, configurations: &[(&str, C)], runs: &[Vec<Run>]) -> Str
     table
 }
 
-/// An Envoy with one worker in front of `upstream`, asking `controller` if any.
-fn one_worker_envoy(filter: Filter, upstream: &Upstream, controller: Option<&Controller>) -> Envoy {
+/// An Envoy with one worker in front of `upstream`, asking `controller` if any, over
+/// HTTP/2 if `http2`.
+fn one_worker_envoy(
+    filter: Filter,
+    upstream: &Upstream,
+    controller: Option<&Controller>,
+    http2: bool,
+) -> Envoy {
     Envoy::start(&EnvoyOptions {
         filter,
         upstream_port: upstream.port(),
         controller_ports: controller.map(|c| vec![c.port]).unwrap_or_default(),
         concurrency: 1,
-        controller_http2: false,
+        controller_http2: http2,
     })
 }
 
@@ -246,31 +255,70 @@ fn envoy_scenarios(settings: &Settings) -> String {
     let redis = RedisServer::start();
     let embedded = Controller::start_logging(rules, None, "warn");
     let on_redis = Controller::start_logging(rules, Some(&redis.url()), "warn");
-    let envoy = |filter, controller| one_worker_envoy(filter, &upstream, controller);
-    let per_request = |failure_mode| Filter::sluice_batching(failure_mode, 1_000, false);
-    let configurations = [
-        ("(a) Envoy, no limiter", envoy(Filter::None, None)),
+    let per_request = || Filter::sluice_batching("deny", 1_000, false);
+    let batched = || Filter::sluice("deny", 1_000);
+    // (name, filter, controller, HTTP/2 callouts)
+    let specs = [
+        ("(a) Envoy, no limiter", Filter::None, None, false),
         (
             "(b) Envoy local_ratelimit",
-            envoy(Filter::LocalRateLimitNeverReached, None),
+            Filter::LocalRateLimitNeverReached,
+            None,
+            false,
         ),
         (
             "(c) Sluice per request, embedded",
-            envoy(per_request("deny"), Some(&embedded)),
+            per_request(),
+            Some(&embedded),
+            false,
         ),
         (
             "(c) Sluice per request, Redis",
-            envoy(per_request("deny"), Some(&on_redis)),
+            per_request(),
+            Some(&on_redis),
+            false,
+        ),
+        (
+            "(c) Sluice per request, Redis, HTTP/2",
+            per_request(),
+            Some(&on_redis),
+            true,
         ),
         (
             "(d) Sluice batched, embedded",
-            envoy(Filter::sluice("deny", 1_000), Some(&embedded)),
+            batched(),
+            Some(&embedded),
+            false,
         ),
         (
             "(d) Sluice batched, Redis",
-            envoy(Filter::sluice("deny", 1_000), Some(&on_redis)),
+            batched(),
+            Some(&on_redis),
+            false,
+        ),
+        (
+            "(d) Sluice batched, Redis, HTTP/2",
+            batched(),
+            Some(&on_redis),
+            true,
         ),
     ];
+    // The processes that work for each configuration besides Envoy: (controller, Redis).
+    let helpers: Vec<(Option<u32>, Option<u32>)> = specs
+        .iter()
+        .map(|(_, _, controller, _)| {
+            let redis_pid = controller
+                .filter(|c| std::ptr::eq(*c, &on_redis))
+                .map(|_| redis.pid());
+            (controller.map(Controller::pid), redis_pid)
+        })
+        .collect();
+    let configurations: Vec<(&str, Envoy)> = specs
+        .into_iter()
+        .map(|(name, filter, controller, http2)| {
+            (name, one_worker_envoy(filter, &upstream, controller, http2))
+        })
+        .collect();
     eprintln!(
         "envoy: {} configurations × {} rounds × {} s, wrk -t1 -c{}, Envoy --concurrency 1",
         configurations.len(),
@@ -278,36 +326,16 @@ fn envoy_scenarios(settings: &Settings) -> String {
         settings.seconds,
         settings.connections
     );
-    // The processes that work for each configuration besides Envoy: (controller, Redis).
-    let helpers: Vec<(Option<u32>, Option<u32>)> = vec![
-        (None, None),
-        (None, None),
-        (Some(embedded.pid()), None),
-        (Some(on_redis.pid()), Some(redis.pid())),
-        (Some(embedded.pid()), None),
-        (Some(on_redis.pid()), Some(redis.pid())),
-    ];
     // Per configuration and round: CPU µs per request of Envoy, the controller and Redis.
-    let costs = std::cell::RefCell::new(vec![Vec::<[f64; 3]>::new(); configurations.len()]);
+    let costs = std::cell::RefCell::new(vec![Vec::<[f64; 4]>::new(); configurations.len()]);
     let runs = interleaved(settings, &configurations, |envoy| {
-        let url = envoy.url("/bench");
-        wrk(&url, 1, settings.connections); // warm-up: connections, caches, JIT
         let index = configurations
             .iter()
             .position(|(_, e)| e.port == envoy.port)
             .unwrap_or(0);
         let (controller, redis_pid) = helpers[index];
-        let pids = [Some(envoy.pid()), controller, redis_pid];
-        let before = pids.map(|pid| pid.map_or(0.0, cpu_seconds));
-        let run = wrk(&url, settings.seconds, settings.connections);
-        let after = pids.map(|pid| pid.map_or(0.0, cpu_seconds));
-        let requests = (run.rps * settings.seconds as f64).max(1.0);
-        let per_request = [0, 1, 2].map(|i| (after[i] - before[i]) * 1e6 / requests);
-        eprintln!(
-            "    CPU µs per request: Envoy {:.1}, controller {:.1}, Redis {:.1}",
-            per_request[0], per_request[1], per_request[2]
-        );
-        costs.borrow_mut()[index].push(per_request);
+        let (run, cost) = costed_run(settings, envoy, [controller, redis_pid]);
+        costs.borrow_mut()[index].push(cost);
         run
     });
     let mut report = table(
@@ -317,17 +345,28 @@ fn envoy_scenarios(settings: &Settings) -> String {
     );
     report.push_str(&cost_table(&configurations, &costs.borrow()));
 
-    // Light load, open loop: what a request pays when nothing queues.
-    let light = [&configurations[0], &configurations[3], &configurations[5]];
-    let mut latencies: Vec<Vec<(f64, f64)>> = vec![Vec::new(); light.len()];
+    // Open loop at fixed rates: what a request pays when nothing queues (200 req/s), and
+    // under a steady load every configuration can carry, the added latency with queueing.
+    let fixed: Vec<&(&str, Envoy)> = configurations
+        .iter()
+        .filter(|(name, _)| name.starts_with("(a)") || name.contains("Redis"))
+        .collect();
+    for rate in [200, setting("BENCH_FIXED_RPS", 2_000)] {
+        report.push_str(&fixed_rate_table(settings, &fixed, rate));
+    }
+    report
+}
+
+fn fixed_rate_table(settings: &Settings, configurations: &[&(&str, Envoy)], rate: u64) -> String {
+    let mut latencies: Vec<Vec<(f64, f64)>> = vec![Vec::new(); configurations.len()];
     for round in 1..=settings.rounds {
-        for (index, (name, envoy)) in light.iter().enumerate() {
-            let (p50, p99) = fixed_rate(&envoy.url("/bench"), 200, settings.seconds);
-            eprintln!("round {round} {name} at 200 req/s: p50 {p50:.3} ms, p99 {p99:.3} ms");
+        for (index, (name, envoy)) in configurations.iter().enumerate() {
+            let (p50, p99) = fixed_rate(&envoy.url("/bench"), rate, settings.seconds);
+            eprintln!("round {round} {name} at {rate} req/s: p50 {p50:.3} ms, p99 {p99:.3} ms");
             latencies[index].push((p50, p99));
         }
     }
-    report.push_str("### Envoy, one worker, 200 req/s fixed rate (latency from the scheduled send)\n\n| configuration | p50 ms | p99 ms | p50 above (a) ms | p99 above (a) ms |\n|---|---:|---:|---:|---:|\n");
+    let mut report = format!("### Envoy, one worker, {rate} req/s fixed rate (latency from the scheduled send)\n\n| configuration | p50 ms | p99 ms | p50 above (a) ms | p99 above (a) ms |\n|---|---:|---:|---:|---:|\n");
     let medians: Vec<(f64, f64)> = latencies
         .iter()
         .map(|runs| {
@@ -337,7 +376,7 @@ fn envoy_scenarios(settings: &Settings) -> String {
             )
         })
         .collect();
-    for ((name, _), (p50, p99)) in light.iter().zip(&medians) {
+    for ((name, _), (p50, p99)) in configurations.iter().zip(&medians) {
         report.push_str(&format!(
             "| {name} | {p50:.3} | {p99:.3} | {:.3} | {:.3} |\n",
             p50 - medians[0].0,
@@ -376,6 +415,93 @@ fn counters(envoy: &Envoy) -> [u64; 3] {
     .map(|name| envoy.stat(name).unwrap_or(0))
 }
 
+/// A saturated wrk run (after a 1 s warm-up: connections, caches, JIT) with what it cost:
+/// CPU µs per request of Envoy and of `helpers` (controller, Redis), and the checks each
+/// callout to the controller carried.
+fn costed_run(settings: &Settings, envoy: &Envoy, helpers: [Option<u32>; 2]) -> (Run, [f64; 4]) {
+    let url = envoy.url("/bench");
+    wrk(&url, 1, settings.connections);
+    let pids = [Some(envoy.pid()), helpers[0], helpers[1]];
+    let before = pids.map(|pid| pid.map_or(0.0, cpu_seconds));
+    let [callouts_before, checks_before, _] = counters(envoy);
+    let run = wrk(&url, settings.seconds, settings.connections);
+    let after = pids.map(|pid| pid.map_or(0.0, cpu_seconds));
+    let [callouts_after, checks_after, _] = counters(envoy);
+    let requests = (run.rps * settings.seconds as f64).max(1.0);
+    let [envoy_us, controller_us, redis_us] =
+        [0, 1, 2].map(|i| (after[i] - before[i]) * 1e6 / requests);
+    let per_callout =
+        (checks_after - checks_before) as f64 / (callouts_after - callouts_before).max(1) as f64;
+    eprintln!(
+        "    CPU µs per request: Envoy {envoy_us:.1}, controller {controller_us:.1}, Redis {redis_us:.1}; {per_callout:.1} checks per callout"
+    );
+    (run, [envoy_us, controller_us, redis_us, per_callout])
+}
+
+/// Where Envoy's time goes with the filter, by taking parts away: the Envoy build is
+/// stripped, so a profile splits its time by binary only; this splits it by feature.
+fn filter_cost_scenario(settings: &Settings) -> String {
+    let rules = "[[rules]]\nname = \"bench\"\nlimit = 1000000000000\nwindow = \"1h\"\n";
+    let upstream = Upstream::start();
+    let redis = RedisServer::start();
+    let controller = Controller::start_logging(rules, Some(&redis.url()), "warn");
+    let batched = |extra: serde_json::Value| {
+        Filter::sluice_with(&with_fields(sluice_plugin_config("deny", 1_000), extra))
+    };
+    let specs = [
+        ("(a) Envoy, no limiter", Filter::None),
+        (
+            "Sluice, every path exempt (the filter runs, asks nobody)",
+            batched(serde_json::json!({ "exempt_paths": ["/**"] })),
+        ),
+        (
+            "Sluice batched, headers ietf (2 response headers)",
+            batched(serde_json::json!({ "headers": "ietf" })),
+        ),
+        (
+            "Sluice batched, no denial cache",
+            batched(serde_json::json!({ "denial_cache": { "enabled": false } })),
+        ),
+        (
+            "Sluice batched, max_batches_in_flight 1",
+            batched(serde_json::json!({ "max_batches_in_flight": 1 })),
+        ),
+        ("Sluice batched (defaults)", batched(serde_json::json!({}))),
+    ];
+    let configurations: Vec<(&str, Envoy)> = specs
+        .into_iter()
+        .map(|(name, filter)| {
+            let asks = !matches!(filter, Filter::None);
+            let envoy = one_worker_envoy(filter, &upstream, asks.then_some(&controller), false);
+            (name, envoy)
+        })
+        .collect();
+    eprintln!(
+        "filter: {} configurations × {} rounds × {} s, wrk -t1 -c{}, Envoy --concurrency 1, Redis",
+        configurations.len(),
+        settings.rounds,
+        settings.seconds,
+        settings.connections
+    );
+    let costs = std::cell::RefCell::new(vec![Vec::<[f64; 4]>::new(); configurations.len()]);
+    let runs = interleaved(settings, &configurations, |envoy| {
+        let index = configurations
+            .iter()
+            .position(|(_, e)| e.port == envoy.port)
+            .unwrap_or(0);
+        let (run, cost) = costed_run(settings, envoy, [Some(controller.pid()), Some(redis.pid())]);
+        costs.borrow_mut()[index].push(cost);
+        run
+    });
+    let mut report = table(
+        "The filter's parts, one worker, saturated (ratio to (a))",
+        &configurations,
+        &runs,
+    );
+    report.push_str(&cost_table(&configurations, &costs.borrow()));
+    report
+}
+
 fn attack_scenario(settings: &Settings) -> String {
     // Each client: 100 requests per second. The abuser sends thousands.
     let rules = "[[rules]]\nname = \"per-client\"\nlimit = 100\nwindow = \"1s\"\n";
@@ -391,7 +517,7 @@ fn attack_scenario(settings: &Settings) -> String {
             }),
         ))
     };
-    let envoy = |filter, controller| one_worker_envoy(filter, &upstream, controller);
+    let envoy = |filter, controller| one_worker_envoy(filter, &upstream, controller, false);
     let configurations = [
         ("(a) Envoy, no limiter", envoy(Filter::None, None)),
         (
@@ -468,28 +594,31 @@ fn attack_scenario(settings: &Settings) -> String {
 
 /// CPU per request of each process, medians over rounds: a measure of cost that the
 /// machine's noise (other tenants, steal time) moves far less than requests per second.
-fn cost_table<C>(configurations: &[(&str, C)], costs: &[Vec<[f64; 3]>]) -> String {
-    let medians: Vec<[f64; 4]> = costs
+/// Per configuration and round: CPU µs per request of Envoy, the controller and Redis, and
+/// the checks each callout to the controller carried (0 without callouts).
+fn cost_table<C>(configurations: &[(&str, C)], costs: &[Vec<[f64; 4]>]) -> String {
+    let medians: Vec<[f64; 5]> = costs
         .iter()
         .map(|rounds| {
             let part = |i: usize| median(rounds.iter().map(|c| c[i]).collect());
             let all = median(rounds.iter().map(|c| c[0] + c[1] + c[2]).collect());
-            [part(0), part(1), part(2), all]
+            [part(0), part(1), part(2), all, part(3)]
         })
         .collect();
-    let base = medians.first().copied().unwrap_or([1.0; 4]);
+    let base = medians.first().copied().unwrap_or([1.0; 5]);
     let mut table = String::from(
-        "### CPU per request (µs, from /proc, median over rounds)\n\n| configuration | Envoy | controller | Redis | all | Envoy ratio to (a) | all ratio to (a) |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        "### CPU per request (µs, from /proc, median over rounds)\n\n| configuration | Envoy | controller | Redis | all | Envoy ratio to (a) | all ratio to (a) | checks per callout |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for ((name, _), m) in configurations.iter().zip(&medians) {
         table.push_str(&format!(
-            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} |\n",
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} |\n",
             m[0],
             m[1],
             m[2],
             m[3],
             m[0] / base[0],
-            m[3] / base[3]
+            m[3] / base[3],
+            m[4]
         ));
     }
     table.push('\n');
