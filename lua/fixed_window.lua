@@ -1,5 +1,6 @@
 -- Strategy fixed_window: counts requests in windows aligned to the epoch.
--- Key: hash { s = window start ms, c = count in that window }, TTL = end of the window.
+-- Key: hash { s = window start ms, c = count in that window }, TTL = end of the window,
+-- set by the commit that opens the window (later commits in it leave the TTL alone).
 -- Params: limit = requests per window, period = window ms.
 -- Verdict: remaining in this window; reset = ms until the window ends; retry = reset.
 -- A stored window later than now (the clock went back) keeps counting.
@@ -18,10 +19,12 @@ function S.fixed_window.peek(key, now, cost, limit, window)
   local after = ok and count + cost or count
   local reset = start + window - now
   return { ok = ok, remaining = limit - after, reset = reset, retry = ok and 0 or reset, delay = 0,
-           start = start, after = after }
+           start = start, after = after, opens = start ~= stored_start }
 end
 
 function S.fixed_window.commit(key, now, cost, limit, window, extra, v)
   redis.call('HSET', key, 's', v.start, 'c', v.after)
-  U.expire(key, v.reset)
+  if v.opens then
+    U.expire(key, v.reset)
+  end
 end
