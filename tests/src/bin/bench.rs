@@ -499,7 +499,84 @@ fn filter_cost_scenario(settings: &Settings) -> String {
         &runs,
     );
     report.push_str(&cost_table(&configurations, &costs.borrow()));
+    report.push_str(&filter_core_native());
     report
+}
+
+/// The filter's own work per request, natively (the same code and optimisation level as the
+/// `.wasm`, without V8): what of Envoy's time the filter's Rust could at most win back.
+fn filter_core_native() -> String {
+    use sluice_filter::{decision, denial, identity};
+    const BATCH: usize = 17;
+    const ROUNDS: usize = 20_000;
+    let config = sluice_filter::config::FilterConfig::parse(br#"{"controller":{"cluster":"c"}}"#)
+        .expect("plugin config");
+    let decision_json = r#"{"allowed":true,"policy":{"rule":"bench","strategy":"fixed_window","limit":1000000000000,"remaining":999999999000,"reset_ms":41000,"retry_after_ms":0,"window_ms":3600000}}"#;
+    let reply = format!(
+        r#"{{"decisions":[{}]}}"#,
+        vec![decision_json; BATCH].join(",")
+    );
+    let facts = identity::Facts {
+        peer: Some("127.0.0.1:50123"),
+        forwarded_for: None,
+        token_header: None,
+        verified_claims: None,
+        api_key: None,
+        client_header: None,
+    };
+    let mut spent = [Duration::ZERO; 4];
+    for _ in 0..ROUNDS {
+        let began = Instant::now();
+        let checks: Vec<_> = (0..BATCH)
+            .map(|_| {
+                let identity = identity::identify(&config.identity, &facts, 0).expect("identity");
+                let check = decision::check_for(&identity, "127.0.0.1:10000", "GET", "/bench", 1);
+                std::hint::black_box(denial::slot_key(denial::fingerprint(&check), 4096));
+                check
+            })
+            .collect();
+        let built = Instant::now();
+        let body = serde_json::to_vec(&sluice_protocol::CheckRequest {
+            checks,
+            hold_delays: false,
+        })
+        .expect("encode");
+        std::hint::black_box(&body);
+        let encoded = Instant::now();
+        let decisions =
+            decision::decisions_from_reply(Some("200"), reply.as_bytes(), BATCH).expect("decode");
+        let decoded = Instant::now();
+        for decided in &decisions {
+            std::hint::black_box(decision::verdict_for_decision(&config, decided, None));
+        }
+        let settled = Instant::now();
+        for (total, part) in spent.iter_mut().zip([
+            built - began,
+            encoded - built,
+            decoded - encoded,
+            settled - decoded,
+        ]) {
+            *total += part;
+        }
+    }
+    let per_request = |d: Duration| d.as_nanos() as f64 / (ROUNDS * BATCH) as f64;
+    let mut table = format!("### The filter's own work per request, natively (batches of {BATCH})\n\n| step | ns per request |\n|---|---:|\n");
+    for (step, total) in [
+        "identify, build the check, fingerprint it",
+        "encode the batch (JSON)",
+        "decode the reply (JSON)",
+        "verdict and response headers",
+    ]
+    .iter()
+    .zip(spent)
+    {
+        table.push_str(&format!("| {step} | {:.0} |\n", per_request(total)));
+    }
+    table.push_str(&format!(
+        "| all | {:.0} |\n\n",
+        per_request(spent.iter().sum())
+    ));
+    table
 }
 
 fn attack_scenario(settings: &Settings) -> String {
