@@ -216,6 +216,15 @@ mod tests {
         })
     }
 
+    /// Several batches out at once, and room for 100 waiting.
+    fn several_at_once(max_batch: usize, max_in_flight: usize) -> Batcher {
+        Batcher::new(Limits {
+            max_batch,
+            max_in_flight,
+            max_waiting: 100,
+        })
+    }
+
     fn ids(members: &[Member]) -> Vec<u32> {
         members.iter().map(|m| m.context_id).collect()
     }
@@ -312,11 +321,7 @@ mod tests {
 
     #[test]
     fn while_a_batch_is_out_only_a_full_one_leaves_early_up_to_the_most_in_flight() {
-        let mut batcher = Batcher::new(Limits {
-            max_batch: 2,
-            max_in_flight: 2,
-            max_waiting: 100,
-        });
+        let mut batcher = several_at_once(2, 2);
         batcher.register(member(1), check(1));
         let (first, _) = batcher.next_batch().unwrap();
         batcher.sent(1, first, 0);
@@ -348,11 +353,7 @@ mod tests {
 
     #[test]
     fn a_reply_lets_the_next_batch_leave_unfilled_though_another_is_out() {
-        let mut batcher = Batcher::new(Limits {
-            max_batch: 10,
-            max_in_flight: 2,
-            max_waiting: 100,
-        });
+        let mut batcher = several_at_once(10, 2);
         batcher.register(member(1), check(1));
         let (first, _) = batcher.next_batch().unwrap();
         batcher.sent(1, first, 0);
@@ -379,11 +380,7 @@ mod tests {
 
     #[test]
     fn every_overdue_batch_is_given_up_and_the_others_stay() {
-        let mut batcher = Batcher::new(Limits {
-            max_batch: 1,
-            max_in_flight: 3,
-            max_waiting: 100,
-        });
+        let mut batcher = several_at_once(1, 3);
         for (n, sent_at) in [(1, 0), (2, 500), (3, 2_000)] {
             batcher.register(member(n), check(n));
             let (members, _) = batcher.next_batch().unwrap();

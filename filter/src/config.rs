@@ -331,15 +331,11 @@ impl FilterConfig {
         if controller.cluster.trim().is_empty() {
             return Err(invalid("controller.cluster", "must name an Envoy cluster"));
         }
-        if controller.timeout_ms == 0 || controller.timeout_ms > MAX_TIMEOUT_MS {
-            return Err(invalid(
-                "controller.timeout_ms",
-                format!(
-                    "must be between 1 and {MAX_TIMEOUT_MS}, got {}",
-                    controller.timeout_ms
-                ),
-            ));
-        }
+        at_least_one(
+            "controller.timeout_ms",
+            controller.timeout_ms,
+            MAX_TIMEOUT_MS,
+        )?;
         let authority = controller
             .authority
             .unwrap_or_else(|| controller.cluster.clone());
@@ -352,33 +348,17 @@ impl FilterConfig {
         if let Some(name) = &raw.cost_header {
             header_name("cost_header", name)?;
         }
-        if raw.max_batch_size == 0 || raw.max_batch_size > MAX_BATCH_SIZE {
-            return Err(invalid(
-                "max_batch_size",
-                format!(
-                    "must be between 1 and {MAX_BATCH_SIZE}, got {}",
-                    raw.max_batch_size
-                ),
-            ));
-        }
-        if raw.max_batches_in_flight == 0 || raw.max_batches_in_flight > MAX_BATCHES_IN_FLIGHT {
-            return Err(invalid(
-                "max_batches_in_flight",
-                format!(
-                    "must be between 1 and {MAX_BATCHES_IN_FLIGHT}, got {}",
-                    raw.max_batches_in_flight
-                ),
-            ));
-        }
-        if raw.denial_cache.slots == 0 || raw.denial_cache.slots > MAX_DENIAL_SLOTS {
-            return Err(invalid(
-                "denial_cache.slots",
-                format!(
-                    "must be between 1 and {MAX_DENIAL_SLOTS}, got {}",
-                    raw.denial_cache.slots
-                ),
-            ));
-        }
+        at_least_one("max_batch_size", raw.max_batch_size, MAX_BATCH_SIZE)?;
+        at_least_one(
+            "max_batches_in_flight",
+            raw.max_batches_in_flight,
+            MAX_BATCHES_IN_FLIGHT,
+        )?;
+        at_least_one(
+            "denial_cache.slots",
+            raw.denial_cache.slots,
+            MAX_DENIAL_SLOTS,
+        )?;
         let identity = identity_config(raw.identity)?;
         let safelist = list("safelist", raw.safelist)?;
         let denylist = list("denylist", raw.denylist)?;
@@ -415,6 +395,21 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError 
     ConfigError {
         field: field.into(),
         message: message.into(),
+    }
+}
+
+/// `value` is between 1 and `most`.
+fn at_least_one<N>(field: &str, value: N, most: N) -> Result<(), ConfigError>
+where
+    N: PartialOrd + From<u8> + fmt::Display,
+{
+    if value >= N::from(1) && value <= most {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("must be between 1 and {most}, got {value}"),
+        ))
     }
 }
 

@@ -319,31 +319,16 @@ fn envoy_scenarios(settings: &Settings) -> String {
             (name, one_worker_envoy(filter, &upstream, controller, http2))
         })
         .collect();
-    eprintln!(
-        "envoy: {} configurations × {} rounds × {} s, wrk -t1 -c{}, Envoy --concurrency 1",
-        configurations.len(),
-        settings.rounds,
-        settings.seconds,
-        settings.connections
-    );
-    // Per configuration and round: CPU µs per request of Envoy, the controller and Redis.
-    let costs = std::cell::RefCell::new(vec![Vec::<[f64; 4]>::new(); configurations.len()]);
-    let runs = interleaved(settings, &configurations, |envoy| {
-        let index = configurations
-            .iter()
-            .position(|(_, e)| e.port == envoy.port)
-            .unwrap_or(0);
+    let (runs, costs) = costed_rounds(settings, "envoy", &configurations, |index| {
         let (controller, redis_pid) = helpers[index];
-        let (run, cost) = costed_run(settings, envoy, [controller, redis_pid]);
-        costs.borrow_mut()[index].push(cost);
-        run
+        [controller, redis_pid]
     });
     let mut report = table(
         "Envoy, one worker, saturated (ratio to (a))",
         &configurations,
         &runs,
     );
-    report.push_str(&cost_table(&configurations, &costs.borrow()));
+    report.push_str(&cost_table(&configurations, &costs));
 
     // Open loop at fixed rates: what a request pays when nothing queues (200 req/s), and
     // under a steady load every configuration can carry, the added latency with queueing.
@@ -415,6 +400,35 @@ fn counters(envoy: &Envoy) -> [u64; 3] {
     .map(|name| envoy.stat(name).unwrap_or(0))
 }
 
+/// Interleaved saturated rounds of `configurations` (see [`costed_run`]); `helpers` names
+/// the controller and Redis processes of a configuration by its index. Returns each
+/// configuration's runs and their costs.
+fn costed_rounds(
+    settings: &Settings,
+    part: &str,
+    configurations: &[(&str, Envoy)],
+    helpers: impl Fn(usize) -> [Option<u32>; 2],
+) -> (Vec<Vec<Run>>, Vec<Vec<[f64; 4]>>) {
+    eprintln!(
+        "{part}: {} configurations × {} rounds × {} s, wrk -t1 -c{}, Envoy --concurrency 1",
+        configurations.len(),
+        settings.rounds,
+        settings.seconds,
+        settings.connections
+    );
+    let costs = std::cell::RefCell::new(vec![Vec::new(); configurations.len()]);
+    let runs = interleaved(settings, configurations, |envoy| {
+        let index = configurations
+            .iter()
+            .position(|(_, e)| e.port == envoy.port)
+            .unwrap_or(0);
+        let (run, cost) = costed_run(settings, envoy, helpers(index));
+        costs.borrow_mut()[index].push(cost);
+        run
+    });
+    (runs, costs.into_inner())
+}
+
 /// A saturated wrk run (after a 1 s warm-up: connections, caches, JIT) with what it cost:
 /// CPU µs per request of Envoy and of `helpers` (controller, Redis), and the checks each
 /// callout to the controller carried.
@@ -476,29 +490,15 @@ fn filter_cost_scenario(settings: &Settings) -> String {
             (name, envoy)
         })
         .collect();
-    eprintln!(
-        "filter: {} configurations × {} rounds × {} s, wrk -t1 -c{}, Envoy --concurrency 1, Redis",
-        configurations.len(),
-        settings.rounds,
-        settings.seconds,
-        settings.connections
-    );
-    let costs = std::cell::RefCell::new(vec![Vec::<[f64; 4]>::new(); configurations.len()]);
-    let runs = interleaved(settings, &configurations, |envoy| {
-        let index = configurations
-            .iter()
-            .position(|(_, e)| e.port == envoy.port)
-            .unwrap_or(0);
-        let (run, cost) = costed_run(settings, envoy, [Some(controller.pid()), Some(redis.pid())]);
-        costs.borrow_mut()[index].push(cost);
-        run
+    let (runs, costs) = costed_rounds(settings, "filter", &configurations, |_| {
+        [Some(controller.pid()), Some(redis.pid())]
     });
     let mut report = table(
         "The filter's parts, one worker, saturated (ratio to (a))",
         &configurations,
         &runs,
     );
-    report.push_str(&cost_table(&configurations, &costs.borrow()));
+    report.push_str(&cost_table(&configurations, &costs));
     report.push_str(&filter_core_native());
     report
 }
