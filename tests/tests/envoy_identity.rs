@@ -323,6 +323,20 @@ fn a_spoofed_forwarded_for_does_not_change_the_identity() {
         })
         .collect();
     assert_eq!(spoofed, [200, 200, 429], "one client, whatever it wrote");
+    // The proxy may append its entry as a header line of its own: the lines read as one
+    // list, so the client's line is still to the left of the trusted entry.
+    let two_lines = get(
+        &behind_proxy,
+        "/items",
+        &[
+            ("x-forwarded-for", "7.7.7.7"),
+            ("x-forwarded-for", "198.51.100.4"),
+        ],
+    );
+    assert_eq!(
+        two_lines.status, 429,
+        "the same client, its address on a second line: {two_lines:?}"
+    );
     let other = get(
         &behind_proxy,
         "/items",
