@@ -66,7 +66,8 @@ pub enum Registered {
 pub struct Limits {
     /// Most checks one callout carries.
     pub max_batch: usize,
-    /// Most batches out at once; past the first, only full ones leave early.
+    /// Most batches out at once; while one is out, another leaves only when it is full or
+    /// a reply has just come in.
     pub max_in_flight: usize,
     /// Most requests that may wait for a batch at once; past it requests are not queued.
     pub max_waiting: usize,

@@ -288,7 +288,7 @@ pub struct FilterConfig {
     /// Whether the checks of concurrent requests share callouts (see `batch`).
     pub batching: bool,
     pub max_batch_size: usize,
-    /// Most batches out at once per worker; past the first, only full ones leave early.
+    /// Most batches out at once per worker (see `batch::Limits`).
     pub max_batches_in_flight: usize,
     pub identity: IdentityConfig,
     pub headers: HeaderStyle,
@@ -331,7 +331,7 @@ impl FilterConfig {
         if controller.cluster.trim().is_empty() {
             return Err(invalid("controller.cluster", "must name an Envoy cluster"));
         }
-        at_least_one(
+        between_one_and(
             "controller.timeout_ms",
             controller.timeout_ms,
             MAX_TIMEOUT_MS,
@@ -348,13 +348,13 @@ impl FilterConfig {
         if let Some(name) = &raw.cost_header {
             header_name("cost_header", name)?;
         }
-        at_least_one("max_batch_size", raw.max_batch_size, MAX_BATCH_SIZE)?;
-        at_least_one(
+        between_one_and("max_batch_size", raw.max_batch_size, MAX_BATCH_SIZE)?;
+        between_one_and(
             "max_batches_in_flight",
             raw.max_batches_in_flight,
             MAX_BATCHES_IN_FLIGHT,
         )?;
-        at_least_one(
+        between_one_and(
             "denial_cache.slots",
             raw.denial_cache.slots,
             MAX_DENIAL_SLOTS,
@@ -399,7 +399,7 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError 
 }
 
 /// `value` is between 1 and `most`.
-fn at_least_one<N>(field: &str, value: N, most: N) -> Result<(), ConfigError>
+fn between_one_and<N>(field: &str, value: N, most: N) -> Result<(), ConfigError>
 where
     N: PartialOrd + From<u8> + fmt::Display,
 {

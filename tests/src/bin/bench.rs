@@ -304,13 +304,13 @@ fn envoy_scenarios(settings: &Settings) -> String {
         ),
     ];
     // The processes that work for each configuration besides Envoy: (controller, Redis).
-    let helpers: Vec<(Option<u32>, Option<u32>)> = specs
+    let helpers: Vec<[Option<u32>; 2]> = specs
         .iter()
         .map(|(_, _, controller, _)| {
             let redis_pid = controller
                 .filter(|c| std::ptr::eq(*c, &on_redis))
                 .map(|_| redis.pid());
-            (controller.map(Controller::pid), redis_pid)
+            [controller.map(Controller::pid), redis_pid]
         })
         .collect();
     let configurations: Vec<(&str, Envoy)> = specs
@@ -319,10 +319,7 @@ fn envoy_scenarios(settings: &Settings) -> String {
             (name, one_worker_envoy(filter, &upstream, controller, http2))
         })
         .collect();
-    let (runs, costs) = costed_rounds(settings, "envoy", &configurations, |index| {
-        let (controller, redis_pid) = helpers[index];
-        [controller, redis_pid]
-    });
+    let (runs, costs) = costed_rounds(settings, "envoy", &configurations, |index| helpers[index]);
     let mut report = table(
         "Envoy, one worker, saturated (ratio to (a))",
         &configurations,
