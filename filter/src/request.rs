@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 
 /// Header names as Envoy gives them: lower-case.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RequestHeaders(Vec<(String, String)>);
 
 impl RequestHeaders {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use sluice_e2e::delay_proxy::DelayProxy;
-use sluice_e2e::envoy::{EnvoyOptions, Filter};
+use sluice_e2e::envoy::{sluice_plugin_config, with_fields, EnvoyOptions, Filter};
 use sluice_e2e::fixtures::{strategy_rules, STRATEGY_CASES};
 use sluice_e2e::http::{self, Response};
 use sluice_e2e::{Controller, Envoy, RedisServer, Upstream};
@@ -177,8 +177,8 @@ fn full_batches_leave_while_another_is_out() {
     let controller = Controller::start(&lane_rules(LANES), None);
     let slow = DelayProxy::start(controller.port, DELAY);
     let upstream = Upstream::start();
-    let plugin = sluice_e2e::envoy::with_fields(
-        sluice_e2e::envoy::sluice_plugin_config("deny", 5_000),
+    let plugin = with_fields(
+        sluice_plugin_config("deny", 5_000),
         serde_json::json!({ "max_batch_size": 3, "max_batches_in_flight": 4 }),
     );
     let envoy = envoy(Filter::sluice_with(&plugin), &[slow.port], &upstream, 1);
@@ -187,8 +187,8 @@ fn full_batches_leave_while_another_is_out() {
         std::thread::spawn(move || http::get(&url).expect("request through envoy"))
     };
     std::thread::sleep(Duration::from_millis(100)); // the opener's batch is out
-                                                    // Nine requests: three full batches.
-    let results = burst(&envoy, lane_paths(LANES, 1));
+    let nine_requests_three_full_batches = lane_paths(LANES, 1);
+    let results = burst(&envoy, nine_requests_three_full_batches);
     assert_eq!(opener.join().unwrap().status, 200);
     assert_answers_landed(&results, LANES, 1);
     // One batch at a time, the first would wait for the opener's reply and each of the
