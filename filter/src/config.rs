@@ -49,6 +49,8 @@ struct RawConfig {
     exempt_paths: Vec<String>,
     #[serde(default)]
     denial_cache: RawDenialCache,
+    #[serde(default)]
+    test_only_abort_header: Option<String>,
 }
 
 fn default_exempt_paths() -> Vec<String> {
@@ -300,6 +302,9 @@ pub struct FilterConfig {
     pub exempt: List,
     /// Slots of the denial cache; `None` when it is off.
     pub denial_cache_slots: Option<u32>,
+    /// Tests only: a request carrying this header aborts the VM, so that tests can show
+    /// what Envoy's `failure_policy` does with a VM that failed. Never set it in production.
+    pub test_only_abort_header: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -348,6 +353,9 @@ impl FilterConfig {
         if let Some(name) = &raw.cost_header {
             header_name("cost_header", name)?;
         }
+        if let Some(name) = &raw.test_only_abort_header {
+            header_name("test_only_abort_header", name)?;
+        }
         between_one_and("max_batch_size", raw.max_batch_size, MAX_BATCH_SIZE)?;
         between_one_and(
             "max_batches_in_flight",
@@ -387,6 +395,9 @@ impl FilterConfig {
             denylist,
             exempt,
             denial_cache_slots: raw.denial_cache.enabled.then_some(raw.denial_cache.slots),
+            test_only_abort_header: raw
+                .test_only_abort_header
+                .map(|name| name.to_ascii_lowercase()),
         })
     }
 }

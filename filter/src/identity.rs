@@ -12,7 +12,8 @@ use sluice_protocol::{ClientId, ClientKind};
 use crate::client::{self, IpPolicy, UNKNOWN_CLIENT};
 use crate::jwt::{self, Claims, JwtVerifier, TokenError};
 
-/// Longest API key or identity header value taken; longer values are ignored.
+/// Longest client header value counted as it is; a longer one (or one that is not UTF-8)
+/// counts as the SHA-256 of its bytes.
 pub const MAX_IDENTITY_BYTES: usize = 1_024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -87,8 +88,9 @@ pub struct Facts<'a> {
     pub token_header: Option<&'a str>,
     /// Subject and tier from `jwt_authn`'s metadata.
     pub verified_claims: Option<Claims>,
-    pub api_key: Option<&'a str>,
-    pub client_header: Option<&'a str>,
+    /// Bytes as the client sent them: a key is hashed whatever it holds.
+    pub api_key: Option<&'a [u8]>,
+    pub client_header: Option<&'a [u8]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,17 +107,33 @@ pub struct Identity {
 }
 
 /// SHA-256 of an API key, in hex: how keys are sent, listed and logged.
-pub fn api_key_digest(key: &str) -> String {
-    Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+pub fn api_key_digest(key: impl AsRef<[u8]>) -> String {
+    sha256_hex(key.as_ref())
 }
 
-fn bounded(value: Option<&str>) -> Option<&str> {
-    value
-        .map(str::trim)
-        .filter(|v| !v.is_empty() && v.len() <= MAX_IDENTITY_BYTES)
+fn sha256_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    Sha256::digest(bytes)
+        .iter()
+        .fold(String::with_capacity(64), |mut hex, byte| {
+            let _ = write!(hex, "{byte:02x}");
+            hex
+        })
+}
+
+/// A header value without surrounding whitespace; an empty one is no value.
+fn present(value: Option<&[u8]>) -> Option<&[u8]> {
+    value.map(<[u8]>::trim_ascii).filter(|v| !v.is_empty())
+}
+
+/// How a client header's value counts: as it is, or as `sha256:<hex>` of its bytes when it
+/// is longer than [`MAX_IDENTITY_BYTES`] or not UTF-8, so that no two values share a
+/// counter and none is silently dropped for the address.
+pub fn client_header_identity(value: &[u8]) -> String {
+    match std::str::from_utf8(value) {
+        Ok(text) if text.len() <= MAX_IDENTITY_BYTES => text.to_owned(),
+        _ => format!("sha256:{}", sha256_hex(value)),
+    }
 }
 
 impl IdentityConfig {
@@ -144,12 +162,13 @@ pub fn identify(
     let api_key = config
         .api_key_header
         .as_ref()
-        .and_then(|_| bounded(facts.api_key))
+        .and_then(|_| present(facts.api_key))
         .map(api_key_digest);
     let header_identity = config
         .client_header
         .as_ref()
-        .and_then(|_| bounded(facts.client_header));
+        .and_then(|_| present(facts.client_header))
+        .map(client_header_identity);
     let client = config
         .order
         .iter()
@@ -160,7 +179,9 @@ pub fn identify(
             Source::ApiKey => api_key
                 .as_ref()
                 .map(|digest| ClientId::new(ClientKind::ApiKey, digest.clone())),
-            Source::Header => header_identity.map(|value| ClientId::new(ClientKind::Header, value)),
+            Source::Header => header_identity
+                .as_ref()
+                .map(|value| ClientId::new(ClientKind::Header, value.clone())),
             Source::Ip => Some(ClientId::ip(counted_ip.clone())),
         })
         // Nobody identified by the sources in the order: the address still counts.
@@ -269,8 +290,8 @@ mod tests {
         let mut facts = Facts {
             peer: Some("192.0.2.1:5000"),
             token_header: Some(&token),
-            api_key: Some("key-1"),
-            client_header: Some("tenant-7"),
+            api_key: Some(b"key-1"),
+            client_header: Some(b"tenant-7"),
             ..Facts::default()
         };
         let who = |facts: &Facts<'_>| identify(&config, facts, NOW).unwrap();
@@ -305,7 +326,7 @@ mod tests {
         let facts = Facts {
             peer: Some("192.0.2.1:5000"),
             token_header: Some(&token),
-            client_header: Some("tenant-7"),
+            client_header: Some(b"tenant-7"),
             ..Facts::default()
         };
         let identity = identify(&config, &facts, NOW).unwrap();
@@ -352,19 +373,46 @@ mod tests {
     }
 
     #[test]
-    fn oversized_keys_and_headers_are_ignored() {
-        let config = config(OnInvalidToken::Reject);
-        let huge = "k".repeat(MAX_IDENTITY_BYTES + 1);
-        let facts = Facts {
-            peer: Some("192.0.2.1:5000"),
-            api_key: Some(&huge),
-            client_header: Some(&huge),
-            ..Facts::default()
+    fn long_or_binary_keys_and_headers_still_name_their_client() {
+        let config = IdentityConfig {
+            order: vec![Source::Header, Source::ApiKey, Source::Ip],
+            ..config(OnInvalidToken::Reject)
         };
-        assert_eq!(
-            identify(&config, &facts, NOW).unwrap().client,
-            ClientId::ip("192.0.2.1")
+        let who = |api_key: Option<&[u8]>, header: Option<&[u8]>| {
+            let facts = Facts {
+                peer: Some("192.0.2.1:5000"),
+                api_key,
+                client_header: header,
+                ..Facts::default()
+            };
+            identify(&config, &facts, NOW).unwrap()
+        };
+        let huge = vec![b'k'; MAX_IDENTITY_BYTES + 1];
+        let binary: &[u8] = b"caf\xe9 \xff\xfe";
+        for value in [&huge[..], binary] {
+            let hashed = format!("sha256:{}", api_key_digest(value));
+            assert_eq!(
+                who(None, Some(value)).client,
+                ClientId::new(ClientKind::Header, hashed),
+                "a header value is never dropped for the address"
+            );
+            let by_key = who(Some(value), None);
+            assert_eq!(
+                by_key.client,
+                ClientId::new(ClientKind::ApiKey, api_key_digest(value))
+            );
+        }
+        let mut other = huge.clone();
+        other[0] = b'j';
+        assert_ne!(
+            who(None, Some(&huge)).client,
+            who(None, Some(&other)).client
         );
+        assert_eq!(
+            who(None, Some(b"  tenant-7 ")).client,
+            ClientId::new(ClientKind::Header, "tenant-7")
+        );
+        assert_eq!(who(None, Some(b"   ")).client, ClientId::ip("192.0.2.1"));
     }
 
     #[test]

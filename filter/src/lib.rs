@@ -1,19 +1,25 @@
 //! Sluice's proxy-wasm filter.
 //!
 //! Everything that decides lives in plain Rust modules ([`config`], [`identity`] with
-//! [`client`] and [`jwt`], [`lists`], [`decision`], [`denial`], [`batch`], [`request`]) and is tested
-//! natively; [`host`] is the only module that talks to Envoy, and it is only
-//! compiled for the wasm target.
+//! [`client`] and [`jwt`], [`lists`], [`decision`], [`denial`], [`batch`]) and is tested
+//! natively. The request path itself ([`dispatch`], [`root`], [`stream`]) reaches Envoy only
+//! through the [`host::Host`] trait: `abi` implements it over the proxy-wasm ABI inside
+//! Envoy (the crate's only `unsafe` code, compiled for wasm32 only), and [`testing`] for
+//! native tests that drive the filter as Envoy would.
 
 pub mod batch;
 pub mod client;
 pub mod config;
 pub mod decision;
 pub mod denial;
+pub mod dispatch;
+pub mod host;
 pub mod identity;
 pub mod jwt;
 pub mod lists;
-pub mod request;
+pub mod root;
+pub mod stream;
+pub mod testing;
 
 #[cfg(target_arch = "wasm32")]
-mod host;
+mod abi;

@@ -1,0 +1,628 @@
+//! The root context of a worker: configures the filter, owns the batch callouts and the
+//! rules read, and hands each request in a batch its verdict. Everything it asks of Envoy
+//! goes through [`Host`].
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use sluice_protocol::rules::{failure_mode_for, matched_headers};
+use sluice_protocol::{Check, Decision, Rule, RulesSnapshot, CHECK_PATH, RELEASE_PATH, RULES_PATH};
+
+use crate::batch::{self, Batcher, Member, Slot};
+use crate::config::{FailureMode, FilterConfig};
+use crate::decision::{self, Counted, Failure, Verdict};
+use crate::denial;
+use crate::host::{BufferType, Host, LogLevel, MapType};
+
+/// Most requests that may wait for a batch on one worker; past it they get the failure mode.
+pub const MAX_WAITING: usize = 10_000;
+/// How often the root looks for a lost batch (and, while requests are held for a leaky
+/// bucket's slot, how often it looks for the ones that are due).
+pub const WATCHDOG_TICK_MS: u32 = 1_000;
+pub const DELAY_TICK_MS: u32 = 5;
+/// Largest callout reply read (the controller answers at most 1024 decisions).
+const MAX_REPLY_BYTES: usize = 4 << 20;
+
+/// The filter's counters in Envoy's stats (`wasmcustom.sluice_*`, summed over workers).
+#[derive(Debug, Clone, Copy)]
+pub enum Metric {
+    /// Requests decided by the controller or the denial cache.
+    Checks,
+    Allowed,
+    Limited,
+    ShadowLimited,
+    FailureAllowed,
+    FailureDenied,
+    DenialCacheHits,
+    CalloutErrors,
+    Safelisted,
+    Denylisted,
+    TokenRejected,
+    RulesFetched,
+    /// Root contexts configured: one per worker and one for the main thread at start; each
+    /// VM Envoy reloads after a failure (`failure_policy: FAIL_RELOAD`) adds its own.
+    VmsConfigured,
+}
+
+impl Metric {
+    const ALL: [Metric; 13] = [
+        Metric::Checks,
+        Metric::Allowed,
+        Metric::Limited,
+        Metric::ShadowLimited,
+        Metric::FailureAllowed,
+        Metric::FailureDenied,
+        Metric::DenialCacheHits,
+        Metric::CalloutErrors,
+        Metric::Safelisted,
+        Metric::Denylisted,
+        Metric::TokenRejected,
+        Metric::RulesFetched,
+        Metric::VmsConfigured,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Checks => "sluice_checks",
+            Metric::Allowed => "sluice_allowed",
+            Metric::Limited => "sluice_limited",
+            Metric::ShadowLimited => "sluice_shadow_limited",
+            Metric::FailureAllowed => "sluice_failure_allowed",
+            Metric::FailureDenied => "sluice_failure_denied",
+            Metric::DenialCacheHits => "sluice_denial_cache_hits",
+            Metric::CalloutErrors => "sluice_callout_errors",
+            Metric::Safelisted => "sluice_safelisted",
+            Metric::Denylisted => "sluice_denylisted",
+            Metric::TokenRejected => "sluice_token_rejected",
+            Metric::RulesFetched => "sluice_rules_fetched",
+            Metric::VmsConfigured => "sluice_vms_configured",
+        }
+    }
+}
+
+/// Metric ids as Envoy gave them; a metric Envoy would not define is not counted.
+pub struct Metrics([Option<u32>; Metric::ALL.len()]);
+
+impl Metrics {
+    fn define(host: &dyn Host) -> Self {
+        Metrics(Metric::ALL.map(|metric| host.define_counter(metric.name()).ok()))
+    }
+
+    pub fn add(&self, host: &dyn Host, metric: Metric, by: u64) {
+        if by == 0 {
+            return;
+        }
+        if let Some(Some(id)) = self.0.get(metric as usize) {
+            let _ = host.increment_metric(*id, i64::try_from(by).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// What the root context of a worker shares with the requests on that worker. Each Envoy
+/// worker runs its own VM, so this is single-threaded.
+pub struct Worker {
+    pub config: FilterConfig,
+    pub batcher: RefCell<Batcher>,
+    /// The shared queue a request pokes to wake the root (batching only).
+    pub wake_queue: Option<u32>,
+    pub metrics: Metrics,
+    /// The controller's rules as last read, for their failure modes.
+    rules: RefCell<Vec<Rule>>,
+    /// The request headers those rules match on, sent with each check.
+    pub matched_headers: RefCell<Vec<String>>,
+    /// Callouts requests made of their own (batching off), by token: Envoy delivers every
+    /// reply to the root context, which hands these on.
+    stream_calls: RefCell<HashMap<u32, u32>>,
+}
+
+pub fn log(host: &dyn Host, level: LogLevel, message: &str) {
+    host.log(level, message);
+}
+
+impl Worker {
+    /// The verdict for the controller's decision on a request, and how it counts (the caller
+    /// adds it to the metrics, a batch at a time); remembers a denial for the denial cache.
+    /// `request_id` is asked for only when the verdict is a local reply (it goes in the body).
+    pub fn settle(
+        &self,
+        host: &dyn Host,
+        decision: &Decision,
+        fingerprint: u64,
+        request_id: impl FnOnce() -> Option<String>,
+    ) -> (Verdict, Counted) {
+        let replies = !decision.allowed && !self.config.shadow;
+        let request_id = if replies { request_id() } else { None };
+        let (verdict, counted) =
+            decision::verdict_for_decision(&self.config, decision, request_id.as_deref());
+        if let (Counted::Limited, Some(slots)) = (counted, self.config.denial_cache_slots) {
+            if let Some(entry) = denial::entry_for(fingerprint, decision, host.now_ms()) {
+                let key = denial::slot_key(fingerprint, slots);
+                // Last writer wins; a lost write only costs a later callout.
+                let _ = host.set_shared_data(&key, &denial::encode(&entry));
+            }
+        }
+        (verdict, counted)
+    }
+
+    /// Counts decided requests: one host call per kind, however many requests.
+    pub fn count(&self, host: &dyn Host, counted: impl IntoIterator<Item = Counted>) {
+        let mut tally = [0u64; 3];
+        for outcome in counted {
+            if let Some(n) = tally.get_mut(outcome as usize) {
+                *n += 1;
+            }
+        }
+        let [allowed, limited, shadow] = tally;
+        let metrics = &self.metrics;
+        metrics.add(host, Metric::Checks, allowed + limited + shadow);
+        metrics.add(host, Metric::Allowed, allowed);
+        metrics.add(host, Metric::Limited, limited);
+        metrics.add(host, Metric::ShadowLimited, shadow);
+    }
+
+    /// A denial the cache still holds for this check, as the 429 to send.
+    pub fn cached_denial(
+        &self,
+        host: &dyn Host,
+        fingerprint: u64,
+        request_id: impl FnOnce() -> Option<String>,
+    ) -> Option<Verdict> {
+        let slots = self.config.denial_cache_slots?;
+        if self.config.shadow {
+            return None;
+        }
+        let bytes = host
+            .shared_data(&denial::slot_key(fingerprint, slots))
+            .ok()??;
+        let policy = denial::lookup(&bytes, fingerprint, host.now_ms())?;
+        self.metrics.add(host, Metric::DenialCacheHits, 1);
+        self.count(host, [Counted::Limited]);
+        Some(decision::cached_denial(
+            self.config.headers,
+            &policy,
+            request_id().as_deref(),
+        ))
+    }
+
+    /// What happens to this check if the controller cannot answer: the failure mode of
+    /// the rules that apply to it, else the filter's.
+    pub fn failure_mode_for(&self, check: &Check) -> FailureMode {
+        failure_mode_for(self.rules.borrow().iter(), check, self.config.failure_mode)
+    }
+
+    /// The verdicts of requests (by their failure modes) whose callout failed; counted and
+    /// logged once.
+    pub fn failure_verdicts(
+        &self,
+        host: &dyn Host,
+        failure: &Failure,
+        modes: &[FailureMode],
+    ) -> Vec<Verdict> {
+        let denied = modes.iter().filter(|m| **m == FailureMode::Deny).count();
+        let allowed = modes.len() - denied;
+        log_failure(host, failure, allowed, denied);
+        let metrics = &self.metrics;
+        metrics.add(host, Metric::CalloutErrors, 1);
+        metrics.add(host, Metric::FailureAllowed, allowed as u64);
+        metrics.add(host, Metric::FailureDenied, denied as u64);
+        modes
+            .iter()
+            .map(|mode| decision::verdict_for_failure(*mode))
+            .collect()
+    }
+
+    /// Takes the controller's answer to `GET /v1/rules`.
+    fn take_rules(&self, host: &dyn Host, status: Option<&str>, body: &[u8]) {
+        let snapshot = match status {
+            Some("200") => serde_json::from_slice::<RulesSnapshot>(body)
+                .map_err(|e| format!("malformed ({e})")),
+            other => Err(format!("status {}", other.unwrap_or("(none)"))),
+        };
+        match snapshot {
+            Ok(snapshot) => {
+                self.metrics.add(host, Metric::RulesFetched, 1);
+                let mut rules = self.rules.borrow_mut();
+                if *rules != snapshot.rules {
+                    let own = snapshot
+                        .rules
+                        .iter()
+                        .filter(|rule| rule.failure_mode.is_some())
+                        .count();
+                    log(
+                        host,
+                        LogLevel::Info,
+                        &format!(
+                            "read {} rules from the controller, {own} with a failure mode of their own",
+                            snapshot.rules.len()
+                        ),
+                    );
+                    *self.matched_headers.borrow_mut() = matched_headers(&snapshot.rules);
+                    *rules = snapshot.rules;
+                }
+            }
+            // The rules last read stay; the next tick tries again.
+            Err(why) => log(
+                host,
+                LogLevel::Debug,
+                &format!("could not read the controller's rules: {why}"),
+            ),
+        }
+    }
+
+    /// Calls the controller from the current context: `POST` with a JSON body (check,
+    /// release), `GET` without one (rules).
+    pub fn call_controller(
+        &self,
+        host: &dyn Host,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<u32, String> {
+        let config = &self.config;
+        let mut headers = vec![
+            (":method", if body.is_some() { "POST" } else { "GET" }),
+            (":path", path),
+            (":authority", config.controller_authority.as_str()),
+        ];
+        if body.is_some() {
+            headers.push(("content-type", "application/json"));
+        }
+        let timeout_ms = u32::try_from(config.timeout.as_millis()).unwrap_or(u32::MAX);
+        host.http_call(
+            &config.controller_cluster,
+            &headers,
+            body.unwrap_or_default(),
+            timeout_ms,
+        )
+        .map_err(|status| status.to_string())
+    }
+
+    /// Notes that the callout `token` is the request `context_id`'s own.
+    pub fn stream_call_sent(&self, token: u32, context_id: u32) {
+        self.stream_calls.borrow_mut().insert(token, context_id);
+    }
+
+    /// The request whose own callout `token` is, if it is one.
+    pub fn take_stream_call(&self, token: u32) -> Option<u32> {
+        self.stream_calls.borrow_mut().remove(&token)
+    }
+
+    pub fn release(&self, host: &dyn Host, leases: Vec<String>) {
+        if leases.is_empty() {
+            return;
+        }
+        let body = decision::release_request(leases);
+        if let Err(status) = self.call_controller(host, RELEASE_PATH, Some(&body)) {
+            log(
+                host,
+                LogLevel::Warn,
+                &format!("could not release concurrency slots ({status}); they free themselves when their lease expires"),
+            );
+        }
+    }
+}
+
+/// Whether the request that waits on `slot` is still there. Envoy may run a batch's reply
+/// in the same event-loop turn in which it finished a request whose client left: the
+/// request's context then still exists for `set_effective_context`, but it has been
+/// finished, and a local reply to it would act on a stream that is gone. The request drops
+/// its end of the slot when it finishes, so the count tells.
+pub fn still_here(slot: &Slot) -> bool {
+    Rc::strong_count(slot) > 1
+}
+
+/// The `:status` and body of the callout response being delivered. A status that is not
+/// text is no status (the reply then counts as a failure).
+pub fn call_response(host: &dyn Host, body_size: usize) -> (Option<String>, Vec<u8>) {
+    let status = host
+        .header(MapType::CallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|bytes| String::from_utf8(bytes).ok());
+    let body = host
+        .buffer(BufferType::CallResponseBody, body_size.min(MAX_REPLY_BYTES))
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Envoy's `x-request-id` of a request in a batch, read from the root (only for the body of
+/// a local reply, so that allowed requests do not pay for it).
+fn request_id_of(host: &dyn Host, member: &Member) -> Option<String> {
+    if !still_here(&member.slot) {
+        return None;
+    }
+    host.set_effective_context(member.context_id).ok()?;
+    crate::stream::request_id(host)
+}
+
+fn log_failure(host: &dyn Host, failure: &Failure, allowed: usize, denied: usize) {
+    let what = |n: usize| {
+        if n == 1 {
+            "the request".to_owned()
+        } else {
+            format!("{n} requests")
+        }
+    };
+    let outcome = match (allowed, denied) {
+        (allowed, 0) => format!("allowing {} (failure mode allow)", what(allowed)),
+        (0, denied) => format!("refusing {} (failure mode deny)", what(denied)),
+        (allowed, denied) => {
+            format!("allowing {allowed} and refusing {denied} requests (by their failure modes)")
+        }
+    };
+    log(
+        host,
+        LogLevel::Warn,
+        &format!("no decision, {outcome}: {failure}"),
+    );
+}
+
+/// A worker's root context.
+pub struct Root {
+    context_id: u32,
+    worker: Option<Rc<Worker>>,
+    /// Requests admitted for a later slot (leaky bucket), held until due.
+    delayed: Vec<(u64, u32, Slot)>,
+    rules_call: Option<u32>,
+    rules_read_at_ms: u64,
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+impl Root {
+    pub fn new(context_id: u32) -> Self {
+        Root {
+            context_id,
+            worker: None,
+            delayed: Vec::new(),
+            rules_call: None,
+            rules_read_at_ms: 0,
+        }
+    }
+
+    /// The worker state requests share, once configured.
+    pub fn worker(&self) -> Option<Rc<Worker>> {
+        self.worker.clone()
+    }
+
+    /// Reads and checks the plugin configuration; `false` refuses it (Envoy then does not
+    /// start the filter), with the reason in Envoy's log.
+    pub fn configure(&mut self, host: &dyn Host) -> bool {
+        let bytes = match host.buffer(BufferType::PluginConfiguration, usize::MAX) {
+            Ok(bytes) => bytes.unwrap_or_default(),
+            Err(status) => {
+                log(
+                    host,
+                    LogLevel::Error,
+                    &format!("cannot read the plugin configuration: {status}"),
+                );
+                return false;
+            }
+        };
+        let config = match FilterConfig::parse(&bytes) {
+            Ok(config) => config,
+            Err(error) => {
+                log(host, LogLevel::Error, &error.to_string());
+                return false;
+            }
+        };
+        let wake_queue = if config.batching {
+            // One queue per worker VM: a queue wakes the root that registered it, so the
+            // name must differ between VMs. Workers start at the same moment and may read
+            // the same clock; std's hasher keys are random per VM (WASI random_get).
+            let name = format!("sluice-wake-{}-{:016x}", self.context_id, random_u64());
+            match host.register_shared_queue(&name) {
+                Ok(queue) => Some(queue),
+                Err(status) => {
+                    log(
+                        host,
+                        LogLevel::Error,
+                        &format!("cannot register the batching queue: {status}"),
+                    );
+                    return false;
+                }
+            }
+        } else {
+            None
+        };
+        let batcher = Batcher::new(batch::Limits {
+            max_batch: config.max_batch_size,
+            max_in_flight: config.max_batches_in_flight,
+            max_waiting: MAX_WAITING,
+        });
+        let metrics = Metrics::define(host);
+        metrics.add(host, Metric::VmsConfigured, 1);
+        self.worker = Some(Rc::new(Worker {
+            config,
+            batcher: RefCell::new(batcher),
+            wake_queue,
+            metrics,
+            rules: RefCell::new(Vec::new()),
+            matched_headers: RefCell::new(Vec::new()),
+            stream_calls: RefCell::new(HashMap::new()),
+        }));
+        let _ = host.set_tick_period_ms(WATCHDOG_TICK_MS);
+        true
+    }
+
+    pub fn on_queue_ready(&mut self, host: &dyn Host, queue_id: u32) {
+        while let Ok(Some(_)) = host.dequeue_shared_queue(queue_id) {}
+        if let Some(worker) = self.worker.clone() {
+            self.send_next_batch(host, &worker);
+        }
+    }
+
+    pub fn on_tick(&mut self, host: &dyn Host) {
+        self.resume_due(host);
+        let Some(worker) = self.worker.clone() else {
+            return;
+        };
+        self.read_rules_when_due(host, &worker);
+        let limit = u64::try_from(worker.config.timeout.as_millis()).unwrap_or(u64::MAX);
+        let overdue = worker
+            .batcher
+            .borrow_mut()
+            .overdue(host.now_ms(), limit.saturating_add(1_000));
+        if !overdue.is_empty() {
+            self.fail(
+                host,
+                &worker,
+                overdue,
+                &Failure::Status("(none: the batch was lost)".into()),
+            );
+            self.send_next_batch(host, &worker);
+        }
+    }
+
+    /// The reply to a batch, to the rules read, or to a release (which needs nothing).
+    pub fn on_http_call_response(&mut self, host: &dyn Host, token: u32, body_size: usize) {
+        let Some(worker) = self.worker.clone() else {
+            return;
+        };
+        let members = worker.batcher.borrow_mut().complete(token);
+        let Some(members) = members else {
+            if self.rules_call == Some(token) {
+                self.rules_call = None;
+                let (status, body) = call_response(host, body_size);
+                worker.take_rules(host, status.as_deref(), &body);
+            }
+            return;
+        };
+        let (status, body) = call_response(host, body_size);
+        match decision::decisions_from_reply(status.as_deref(), &body, members.len()) {
+            Ok(decisions) => {
+                let (verdicts, counted): (Vec<Verdict>, Vec<Counted>) = members
+                    .iter()
+                    .zip(&decisions)
+                    .map(|(member, decision)| {
+                        worker.settle(host, decision, member.fingerprint, || {
+                            request_id_of(host, member)
+                        })
+                    })
+                    .unzip();
+                worker.count(host, counted);
+                self.deliver(host, &worker, members, verdicts);
+            }
+            Err(failure) => self.fail(host, &worker, members, &failure),
+        }
+        self.send_next_batch(host, &worker);
+    }
+
+    /// Sends the batches that may leave now (see [`Batcher::next_batch`]). The callout is
+    /// made with the root as Envoy's current context, so that it belongs to the root and
+    /// outlives any one request.
+    fn send_next_batch(&mut self, host: &dyn Host, worker: &Worker) {
+        loop {
+            let next = worker.batcher.borrow_mut().next_batch();
+            let Some((members, request)) = next else {
+                return;
+            };
+            let sent = serde_json::to_vec(&request)
+                .map_err(|e| format!("cannot encode the batch: {e}"))
+                .and_then(|body| {
+                    host.set_effective_context(self.context_id)
+                        .map_err(|status| status.to_string())?;
+                    worker.call_controller(host, CHECK_PATH, Some(&body))
+                });
+            match sent {
+                Ok(token) => worker
+                    .batcher
+                    .borrow_mut()
+                    .sent(token, members, host.now_ms()),
+                Err(why) => self.fail(host, worker, members, &Failure::Dispatch(why)),
+            }
+        }
+    }
+
+    fn fail(&mut self, host: &dyn Host, worker: &Worker, members: Vec<Member>, failure: &Failure) {
+        let modes: Vec<FailureMode> = members.iter().map(|m| m.failure_mode).collect();
+        let verdicts = worker.failure_verdicts(host, failure, &modes);
+        self.deliver(host, worker, members, verdicts);
+    }
+
+    /// Hands each request its verdict and resumes or answers it. A request whose client is
+    /// gone is skipped; the concurrency slots it was given go back at once.
+    fn deliver(
+        &mut self,
+        host: &dyn Host,
+        worker: &Worker,
+        members: Vec<Member>,
+        verdicts: Vec<Verdict>,
+    ) {
+        let mut orphaned_leases = Vec::new();
+        for (member, verdict) in members.into_iter().zip(verdicts) {
+            if !still_here(&member.slot) || host.set_effective_context(member.context_id).is_err() {
+                if let Verdict::Continue { leases, .. } = verdict {
+                    orphaned_leases.extend(leases);
+                }
+                continue;
+            }
+            match &verdict {
+                Verdict::Continue { delay_ms, .. } if *delay_ms > 0 => {
+                    self.delayed.push((
+                        host.now_ms().saturating_add(*delay_ms),
+                        member.context_id,
+                        Rc::clone(&member.slot),
+                    ));
+                    *member.slot.borrow_mut() = Some(verdict);
+                }
+                Verdict::Continue { .. } => {
+                    *member.slot.borrow_mut() = Some(verdict);
+                    let _ = host.resume_request();
+                }
+                Verdict::Reply { .. } => {
+                    if !crate::stream::send_reply(host, &verdict) {
+                        let _ = host.resume_request();
+                    }
+                    *member.slot.borrow_mut() = Some(verdict);
+                }
+            }
+        }
+        if !orphaned_leases.is_empty() && host.set_effective_context(self.context_id).is_ok() {
+            worker.release(host, orphaned_leases);
+        }
+        if !self.delayed.is_empty() {
+            let _ = host.set_tick_period_ms(DELAY_TICK_MS);
+        }
+    }
+
+    /// Reads the controller's rules every `rules_poll_ms`, one read at a time.
+    fn read_rules_when_due(&mut self, host: &dyn Host, worker: &Worker) {
+        let Some(interval) = worker.config.rules_poll else {
+            return;
+        };
+        let interval = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        let now = host.now_ms();
+        let since = now.saturating_sub(self.rules_read_at_ms);
+        // A read whose answer never came is given up after a few intervals.
+        let stuck = since >= interval.saturating_mul(4);
+        if since < interval || (self.rules_call.is_some() && !stuck) {
+            return;
+        }
+        self.rules_read_at_ms = now;
+        self.rules_call = worker.call_controller(host, RULES_PATH, None).ok();
+    }
+
+    fn resume_due(&mut self, host: &dyn Host) {
+        let now = host.now_ms();
+        self.delayed.retain(|(due, context_id, slot)| {
+            if *due > now {
+                return true;
+            }
+            if still_here(slot) && host.set_effective_context(*context_id).is_ok() {
+                let _ = host.resume_request();
+            }
+            false
+        });
+        if self.delayed.is_empty() {
+            let _ = host.set_tick_period_ms(WATCHDOG_TICK_MS);
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! One request through the filter: what it looks like, who sent it, whether the limiter
+//! must be asked, and carrying out the verdict.
+//!
+//! Everything a client controls arrives as bytes ([`HeaderMap`]), and what a value that is
+//! not UTF-8 (or is too long) means is decided here, per input:
+//! - `:path`, `:authority`, `:method` and the headers rules match on are matched and sent
+//!   with each invalid sequence replaced by U+FFFD (they can then match no rule that names
+//!   them exactly, and still count);
+//! - the API key is hashed as the bytes it is, whatever its length or bytes;
+//! - the client header counts as `sha256:<hex>` of its bytes when it is not UTF-8 or longer
+//!   than [`crate::identity::MAX_IDENTITY_BYTES`], so that no two values share a counter;
+//! - a token or `X-Forwarded-For` that is not UTF-8 is read with U+FFFD, which no token and
+//!   no address contains: an invalid token (`on_invalid` applies), a hop that is not an
+//!   address (the search stops there);
+//! - the cost header, `x-request-id` and `jwt_authn` claims that are not UTF-8 are absent.
+
+use std::rc::Rc;
+
+use sluice_protocol::{Check, CheckRequest, CHECK_PATH};
+
+use crate::batch::{Member, Registered, Slot};
+use crate::config::FailureMode;
+use crate::decision::{self, Failure, Verdict};
+use crate::denial;
+use crate::host::{Action, HeaderMap, Host, LogLevel, MapType};
+use crate::identity::{self, Facts, Identity};
+use crate::jwt::{Claims, MAX_CLAIM_BYTES};
+use crate::lists::{self, Listing};
+use crate::root::{log, Metric, Worker, MAX_WAITING};
+
+/// Longest `x-request-id` echoed in a local reply's body.
+const MAX_REQUEST_ID_BYTES: usize = 128;
+
+enum State {
+    New,
+    /// One callout of its own is out (batching off).
+    AwaitingDecision {
+        fingerprint: u64,
+    },
+    /// In a batch; the root leaves the verdict in the slot.
+    Batched(Slot),
+    /// Going upstream; these headers go on the response, these leases go back at the end.
+    Admitted {
+        headers: decision::Headers,
+        leases: Vec<String>,
+    },
+    /// Answered locally; the local reply already carries its headers.
+    Answered,
+}
+
+pub struct Stream {
+    context_id: u32,
+    worker: Rc<Worker>,
+    state: State,
+    /// What happens if the controller cannot answer (the filter's, or its rules').
+    failure_mode: FailureMode,
+}
+
+/// What the filter decided about a request before asking anyone.
+enum Triage {
+    /// Not limited: exempt path or safelisted.
+    Pass,
+    /// Answered here: invalid token, denylisted, or a denial the cache holds.
+    Answer(Verdict),
+    /// The controller decides this check.
+    Ask { check: Check, fingerprint: u64 },
+    /// Envoy would not hand over the request's headers.
+    Unreadable(Failure),
+}
+
+/// Envoy's `x-request-id` of the current request, for the body of a local reply; one that
+/// is not UTF-8 or is too long is left out.
+pub fn request_id(host: &dyn Host) -> Option<String> {
+    let bytes = host
+        .header(MapType::RequestHeaders, "x-request-id")
+        .ok()??;
+    if bytes.len() > MAX_REQUEST_ID_BYTES {
+        return None;
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// What shows in Envoy's access log (`%RESPONSE_CODE_DETAILS%`) for a local reply.
+fn reply_details(status: u32) -> &'static str {
+    match status {
+        429 => "sluice_rate_limited",
+        401 => "sluice_invalid_token",
+        403 => "sluice_denylisted",
+        503 => "sluice_unavailable",
+        _ => "sluice_local_reply",
+    }
+}
+
+/// Answers the current request with `verdict`'s local reply. A reply Envoy refuses is
+/// logged; the caller then lets the request go on rather than leave it hanging.
+pub fn send_reply(host: &dyn Host, verdict: &Verdict) -> bool {
+    let Verdict::Reply {
+        status,
+        headers,
+        body,
+    } = verdict
+    else {
+        return false;
+    };
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect();
+    match host.send_local_response(
+        *status,
+        reply_details(*status),
+        &headers,
+        body.as_bytes(),
+        None,
+    ) {
+        Ok(()) => true,
+        Err(why) => {
+            log(
+                host,
+                LogLevel::Warn,
+                &format!("Envoy refused the local reply {status} ({why}); the request goes on"),
+            );
+            false
+        }
+    }
+}
+
+impl Stream {
+    pub fn new(context_id: u32, worker: Rc<Worker>) -> Self {
+        let failure_mode = worker.config.failure_mode;
+        Stream {
+            context_id,
+            worker,
+            state: State::New,
+            failure_mode,
+        }
+    }
+
+    /// Subject and tier that Envoy's `jwt_authn` verified and left in the metadata.
+    fn verified_claims(&self, host: &dyn Host) -> Option<Claims> {
+        let jwt = self.worker.config.identity.jwt.as_ref()?;
+        let metadata = jwt.metadata.as_ref()?;
+        let claim = |name: &str| {
+            let path = [
+                "metadata",
+                "filter_metadata",
+                metadata.filter.as_str(),
+                metadata.key.as_str(),
+                name,
+            ];
+            host.property(&path)
+                .ok()
+                .flatten()
+                .and_then(|bytes| String::from_utf8(bytes).ok())
+                .filter(|text| !text.is_empty() && text.len() <= MAX_CLAIM_BYTES)
+        };
+        Some(Claims {
+            subject: claim(&jwt.subject_claim)?,
+            tier: jwt.tier_claim.as_deref().and_then(claim),
+        })
+    }
+
+    fn identify(
+        &self,
+        host: &dyn Host,
+        headers: &HeaderMap,
+    ) -> Result<Identity, crate::jwt::TokenError> {
+        let config = &self.worker.config.identity;
+        let peer = host
+            .property(&["source", "address"])
+            .ok()
+            .flatten()
+            .and_then(|bytes| String::from_utf8(bytes).ok());
+        let forwarded_for = if config.wants_forwarded_for() {
+            headers.get_lossy("x-forwarded-for")
+        } else {
+            None
+        };
+        let token_header = config
+            .jwt
+            .as_ref()
+            .and_then(|jwt| headers.get_lossy(&jwt.header));
+        let api_key = config.api_key_header.as_ref().and_then(|h| headers.get(h));
+        let client_header = config.client_header.as_ref().and_then(|h| headers.get(h));
+        let facts = Facts {
+            peer: peer.as_deref(),
+            forwarded_for: forwarded_for.as_deref(),
+            token_header: token_header.as_deref(),
+            verified_claims: self.verified_claims(host),
+            api_key: api_key.as_deref(),
+            client_header: client_header.as_deref(),
+        };
+        // Only tokens need the time.
+        let now_s = if config.jwt.is_some() {
+            host.now_ms() / 1_000
+        } else {
+            0
+        };
+        identity::identify(config, &facts, now_s)
+    }
+
+    fn triage(&mut self, host: &dyn Host) -> Triage {
+        let config = &self.worker.config;
+        let metrics = &self.worker.metrics;
+        let headers = match host.header_map(MapType::RequestHeaders) {
+            Ok(headers) => headers,
+            Err(status) => {
+                return Triage::Unreadable(Failure::Dispatch(format!(
+                    "Envoy would not hand over the request headers ({status})"
+                )))
+            }
+        };
+        if let Some(name) = &config.test_only_abort_header {
+            if headers.get(name).is_some() {
+                log(
+                    host,
+                    LogLevel::Critical,
+                    "aborting the VM on purpose (test_only_abort_header)",
+                );
+                std::process::abort();
+            }
+        }
+        let full_path = headers.get_lossy(":path").unwrap_or_default();
+        let path = decision::path_only(&full_path);
+        if config.exempt.contains_path(path) {
+            return Triage::Pass;
+        }
+        let identity = match self.identify(host, &headers) {
+            Ok(identity) => identity,
+            Err(error) => {
+                metrics.add(host, Metric::TokenRejected, 1);
+                log(
+                    host,
+                    LogLevel::Info,
+                    &format!("refusing a request with an invalid token: {error}"),
+                );
+                return Triage::Answer(decision::token_rejected(
+                    &error,
+                    request_id(host).as_deref(),
+                ));
+            }
+        };
+        match lists::listing(&config.safelist, &config.denylist, &identity, path) {
+            Listing::Denylisted => {
+                metrics.add(host, Metric::Denylisted, 1);
+                return Triage::Answer(decision::denylisted(request_id(host).as_deref()));
+            }
+            Listing::Safelisted => {
+                metrics.add(host, Metric::Safelisted, 1);
+                return Triage::Pass;
+            }
+            Listing::Neither => {}
+        }
+        let cost = match &config.cost_header {
+            Some(name) => decision::cost_from_header(headers.get_utf8(name).as_deref()),
+            None => 1,
+        };
+        let mut check = decision::check_for(
+            &identity,
+            &headers.get_lossy(":authority").unwrap_or_default(),
+            &headers.get_lossy(":method").unwrap_or_default(),
+            path,
+            cost,
+        );
+        for name in self.worker.matched_headers.borrow().iter() {
+            if let Some(value) = headers.get_lossy(name) {
+                check.headers.insert(name.clone(), value);
+            }
+        }
+        self.failure_mode = self.worker.failure_mode_for(&check);
+        let fingerprint = denial::fingerprint(&check);
+        if let Some(verdict) = self
+            .worker
+            .cached_denial(host, fingerprint, || request_id(host))
+        {
+            return Triage::Answer(verdict);
+        }
+        Triage::Ask { check, fingerprint }
+    }
+
+    /// Carries out a verdict. Returns the action for a callback that is still running.
+    fn apply(&mut self, host: &dyn Host, verdict: Verdict) -> Action {
+        match verdict {
+            Verdict::Continue {
+                response_headers,
+                leases,
+                ..
+            } => {
+                self.state = State::Admitted {
+                    headers: response_headers,
+                    leases,
+                };
+                Action::Continue
+            }
+            reply @ Verdict::Reply { .. } => {
+                self.state = State::Answered;
+                if send_reply(host, &reply) {
+                    Action::Pause
+                } else {
+                    Action::Continue
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, host: &dyn Host, failure: &Failure) -> Action {
+        let verdicts = self
+            .worker
+            .failure_verdicts(host, failure, &[self.failure_mode]);
+        match verdicts.into_iter().next() {
+            Some(verdict) => self.apply(host, verdict),
+            None => Action::Continue,
+        }
+    }
+
+    /// Batching: join the next batch and wait for the root to deliver the verdict.
+    fn join_batch(&mut self, host: &dyn Host, check: Check, fingerprint: u64) -> Action {
+        let slot: Slot = Rc::default();
+        let member = Member {
+            context_id: self.context_id,
+            slot: Rc::clone(&slot),
+            fingerprint,
+            failure_mode: self.failure_mode,
+        };
+        let registered = self.worker.batcher.borrow_mut().register(member, check);
+        match registered {
+            Registered::Wait => {}
+            Registered::WakeRoot => {
+                let woken = self
+                    .worker
+                    .wake_queue
+                    .ok_or_else(|| "no batching queue".to_owned())
+                    .and_then(|queue| {
+                        host.enqueue_shared_queue(queue, &[])
+                            .map_err(|status| status.to_string())
+                    });
+                if let Err(why) = woken {
+                    self.worker.batcher.borrow_mut().cancel(self.context_id);
+                    return self.fail(
+                        host,
+                        &Failure::Dispatch(format!("cannot wake the batcher: {why}")),
+                    );
+                }
+            }
+            Registered::Overloaded => {
+                return self.fail(
+                    host,
+                    &Failure::Dispatch(format!(
+                        "{MAX_WAITING} requests already wait for a decision on this worker"
+                    )),
+                );
+            }
+        }
+        self.state = State::Batched(slot);
+        Action::Pause
+    }
+
+    /// Without batching: a callout of its own.
+    fn ask_alone(&mut self, host: &dyn Host, check: Check, fingerprint: u64) -> Action {
+        let request = CheckRequest {
+            checks: vec![check],
+            hold_delays: true,
+        };
+        let body = match serde_json::to_vec(&request) {
+            Ok(body) => body,
+            Err(error) => {
+                return self.fail(
+                    host,
+                    &Failure::Dispatch(format!("cannot encode the check: {error}")),
+                )
+            }
+        };
+        match self.worker.call_controller(host, CHECK_PATH, Some(&body)) {
+            Ok(token) => {
+                self.worker.stream_call_sent(token, self.context_id);
+                self.state = State::AwaitingDecision { fingerprint };
+                Action::Pause
+            }
+            Err(status) => self.fail(host, &Failure::Dispatch(status)),
+        }
+    }
+
+    /// Batching: what the root decided, once it has (the slot is read once).
+    fn settle_batched(&mut self) {
+        let State::Batched(slot) = &self.state else {
+            return;
+        };
+        let verdict = slot.borrow_mut().take();
+        self.state = match verdict {
+            Some(Verdict::Continue {
+                response_headers,
+                leases,
+                ..
+            }) => State::Admitted {
+                headers: response_headers,
+                leases,
+            },
+            Some(Verdict::Reply { .. }) => State::Answered,
+            None => return,
+        };
+    }
+
+    pub fn on_request_headers(&mut self, host: &dyn Host) -> Action {
+        if !matches!(self.state, State::New) {
+            return Action::Continue;
+        }
+        match self.triage(host) {
+            Triage::Pass => Action::Continue,
+            Triage::Answer(verdict) => self.apply(host, verdict),
+            Triage::Unreadable(failure) => self.fail(host, &failure),
+            Triage::Ask { check, fingerprint } => {
+                if self.worker.config.batching {
+                    self.join_batch(host, check, fingerprint)
+                } else {
+                    self.ask_alone(host, check, fingerprint)
+                }
+            }
+        }
+    }
+
+    /// The reply to this request's own callout (batching off).
+    pub fn on_http_call_response(&mut self, host: &dyn Host, body_size: usize) {
+        let State::AwaitingDecision { fingerprint } =
+            std::mem::replace(&mut self.state, State::New)
+        else {
+            return;
+        };
+        let (status, body) = crate::root::call_response(host, body_size);
+        let decided =
+            decision::decisions_from_reply(status.as_deref(), &body, 1).and_then(|decisions| {
+                decisions
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| Failure::MalformedReply("no decision".into()))
+            });
+        let action = match decided {
+            // Without batching the controller has already held a leaky bucket's delay.
+            Ok(decision) => {
+                let (verdict, counted) = self
+                    .worker
+                    .settle(host, &decision, fingerprint, || request_id(host));
+                self.worker.count(host, [counted]);
+                self.apply(host, verdict)
+            }
+            Err(failure) => self.fail(host, &failure),
+        };
+        if action == Action::Continue {
+            let _ = host.resume_request();
+        }
+    }
+
+    pub fn on_response_headers(&mut self, host: &dyn Host) -> Action {
+        self.settle_batched();
+        if let State::Admitted { headers, .. } = &self.state {
+            for (name, value) in headers {
+                let _ = host.replace_header(MapType::ResponseHeaders, name, value);
+            }
+        }
+        Action::Continue
+    }
+
+    /// The stream is over (completed, reset or refused upstream). A request still waiting
+    /// for its batch leaves it; concurrency slots go back. Nobody waits for the release's
+    /// answer; a lost release frees itself when its lease expires.
+    pub fn on_log(&mut self, host: &dyn Host) {
+        self.settle_batched();
+        match &mut self.state {
+            State::Batched(_) => {
+                self.worker.batcher.borrow_mut().cancel(self.context_id);
+                // Let go of the slot: the root must not answer this request any more.
+                self.state = State::Answered;
+            }
+            State::Admitted { leases, .. } => {
+                let leases = std::mem::take(leases);
+                self.worker.release(host, leases);
+            }
+            _ => {}
+        }
+    }
+}

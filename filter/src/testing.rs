@@ -1,0 +1,485 @@
+//! A host for native tests: [`MockHost`] answers the filter's host calls from state a test
+//! sets (any bytes, any status), and [`MockEnvoy`] drives the [`Dispatcher`] through the
+//! callbacks in the order Envoy makes them. It is what lets the request path, not only its
+//! parts, be tested and fuzzed without Envoy.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::rc::Rc;
+
+use crate::dispatch::{Dispatcher, Event};
+use crate::host::{Action, BufferType, HeaderMap, Host, LogLevel, MapType, Status};
+
+/// A callout the filter made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub token: u32,
+    /// The context the reply goes to: the root, whichever context made the call.
+    pub owner: u32,
+    pub cluster: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// A local reply the filter sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u32,
+    pub details: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// Host calls a test can make fail, each with the status it should return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HostCall {
+    HeaderMap,
+    Header,
+    Property,
+    Buffer,
+    HttpCall,
+    SendLocalResponse,
+    Resume,
+    SetEffectiveContext,
+    SharedData,
+    SetSharedData,
+    Enqueue,
+    ReplaceHeader,
+}
+
+#[derive(Debug, Default)]
+pub struct MockState {
+    pub now_ms: u64,
+    pub plugin_configuration: Vec<u8>,
+    /// The worker's root context: every callout belongs to it, as in Envoy.
+    pub root: u32,
+    /// The context the current callback is for, and the one host calls act on.
+    pub current: u32,
+    pub effective: u32,
+    pub live: HashSet<u32>,
+    /// Serialised request header maps (any bytes: a malformed map is a host error).
+    pub request_headers: HashMap<u32, Vec<u8>>,
+    /// Properties by context and NUL-joined path.
+    pub properties: HashMap<u32, HashMap<Vec<u8>, Vec<u8>>>,
+    pub response_headers: HashMap<u32, Vec<(String, String)>>,
+    pub local_replies: HashMap<u32, LocalReply>,
+    pub resumed: Vec<u32>,
+    pub calls: Vec<Call>,
+    next_token: u32,
+    /// The response being delivered: serialised headers and body.
+    pub call_response: (Vec<u8>, Vec<u8>),
+    pub shared_data: HashMap<String, Vec<u8>>,
+    /// Registered queues: name, owning root, items.
+    pub queues: Vec<(String, u32, VecDeque<Vec<u8>>)>,
+    pub tick_period_ms: u32,
+    pub metric_names: Vec<String>,
+    pub metric_values: Vec<i64>,
+    pub logs: Vec<(LogLevel, String)>,
+    pub failing: HashMap<HostCall, Status>,
+}
+
+#[derive(Debug, Default)]
+pub struct MockHost {
+    pub state: RefCell<MockState>,
+}
+
+impl MockHost {
+    fn fails(&self, call: HostCall) -> Result<(), Status> {
+        match self.state.borrow().failing.get(&call) {
+            Some(status) => Err(*status),
+            None => Ok(()),
+        }
+    }
+
+    fn effective(&self) -> u32 {
+        self.state.borrow().effective
+    }
+
+    /// The value of counter `name` (`sluice_checks`), 0 if never counted.
+    pub fn metric(&self, name: &str) -> i64 {
+        let state = self.state.borrow();
+        state
+            .metric_names
+            .iter()
+            .position(|n| n == name)
+            .and_then(|id| state.metric_values.get(id).copied())
+            .unwrap_or(0)
+    }
+}
+
+fn owned_pairs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+impl Host for MockHost {
+    fn log(&self, level: LogLevel, message: &str) {
+        self.state
+            .borrow_mut()
+            .logs
+            .push((level, message.to_owned()));
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.state.borrow().now_ms
+    }
+
+    fn buffer(&self, buffer: BufferType, max_size: usize) -> Result<Option<Vec<u8>>, Status> {
+        self.fails(HostCall::Buffer)?;
+        let state = self.state.borrow();
+        let bytes = match buffer {
+            BufferType::PluginConfiguration => &state.plugin_configuration,
+            BufferType::CallResponseBody => &state.call_response.1,
+        };
+        Ok(Some(bytes.iter().take(max_size).copied().collect()))
+    }
+
+    fn header_map(&self, map: MapType) -> Result<HeaderMap, Status> {
+        self.fails(HostCall::HeaderMap)?;
+        let effective = self.effective();
+        let state = self.state.borrow();
+        let bytes = match map {
+            MapType::RequestHeaders => state
+                .request_headers
+                .get(&effective)
+                .cloned()
+                .unwrap_or_default(),
+            MapType::CallResponseHeaders => state.call_response.0.clone(),
+            MapType::ResponseHeaders => {
+                let pairs = state.response_headers.get(&effective).cloned();
+                HeaderMap::serialize(&pairs.unwrap_or_default())
+            }
+        };
+        HeaderMap::parse(bytes).ok_or(Status::SerializationFailure)
+    }
+
+    fn header(&self, map: MapType, name: &str) -> Result<Option<Vec<u8>>, Status> {
+        self.fails(HostCall::Header)?;
+        let map = self.header_map(map)?;
+        Ok(map.get(name).map(|value| value.into_owned()))
+    }
+
+    fn replace_header(&self, map: MapType, name: &str, value: &str) -> Result<(), Status> {
+        self.fails(HostCall::ReplaceHeader)?;
+        if map != MapType::ResponseHeaders {
+            return Err(Status::BadArgument);
+        }
+        let effective = self.effective();
+        let mut state = self.state.borrow_mut();
+        let headers = state.response_headers.entry(effective).or_default();
+        headers.retain(|(n, _)| n != name);
+        headers.push((name.to_owned(), value.to_owned()));
+        Ok(())
+    }
+
+    fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
+        self.fails(HostCall::Property)?;
+        let effective = self.effective();
+        let state = self.state.borrow();
+        Ok(state
+            .properties
+            .get(&effective)
+            .and_then(|props| props.get(crate::host::property_path(path).as_slice()))
+            .cloned())
+    }
+
+    fn send_local_response(
+        &self,
+        status: u32,
+        details: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        _grpc_status: Option<u32>,
+    ) -> Result<(), Status> {
+        self.fails(HostCall::SendLocalResponse)?;
+        let effective = self.effective();
+        let mut state = self.state.borrow_mut();
+        if !state.live.contains(&effective) || state.local_replies.contains_key(&effective) {
+            return Err(Status::BadArgument);
+        }
+        state.local_replies.insert(
+            effective,
+            LocalReply {
+                status,
+                details: details.to_owned(),
+                headers: owned_pairs(headers),
+                body: body.to_vec(),
+            },
+        );
+        Ok(())
+    }
+
+    fn resume_request(&self) -> Result<(), Status> {
+        self.fails(HostCall::Resume)?;
+        let effective = self.effective();
+        let mut state = self.state.borrow_mut();
+        if !state.live.contains(&effective) {
+            return Err(Status::BadArgument);
+        }
+        state.resumed.push(effective);
+        Ok(())
+    }
+
+    fn set_effective_context(&self, context_id: u32) -> Result<(), Status> {
+        self.fails(HostCall::SetEffectiveContext)?;
+        let mut state = self.state.borrow_mut();
+        if !state.live.contains(&context_id) {
+            return Err(Status::BadArgument);
+        }
+        state.effective = context_id;
+        Ok(())
+    }
+
+    fn http_call(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        _timeout_ms: u32,
+    ) -> Result<u32, Status> {
+        self.fails(HostCall::HttpCall)?;
+        let mut state = self.state.borrow_mut();
+        state.next_token += 1;
+        let token = state.next_token;
+        let owner = state.root;
+        state.calls.push(Call {
+            token,
+            owner,
+            cluster: cluster.to_owned(),
+            headers: owned_pairs(headers),
+            body: body.to_vec(),
+        });
+        Ok(token)
+    }
+
+    fn shared_data(&self, key: &str) -> Result<Option<Vec<u8>>, Status> {
+        self.fails(HostCall::SharedData)?;
+        Ok(self.state.borrow().shared_data.get(key).cloned())
+    }
+
+    fn set_shared_data(&self, key: &str, value: &[u8]) -> Result<(), Status> {
+        self.fails(HostCall::SetSharedData)?;
+        self.state
+            .borrow_mut()
+            .shared_data
+            .insert(key.to_owned(), value.to_vec());
+        Ok(())
+    }
+
+    fn register_shared_queue(&self, name: &str) -> Result<u32, Status> {
+        let mut state = self.state.borrow_mut();
+        let owner = state.effective;
+        state.queues.push((name.to_owned(), owner, VecDeque::new()));
+        u32::try_from(state.queues.len()).map_err(|_| Status::InternalFailure)
+    }
+
+    fn enqueue_shared_queue(&self, queue_id: u32, value: &[u8]) -> Result<(), Status> {
+        self.fails(HostCall::Enqueue)?;
+        let mut state = self.state.borrow_mut();
+        let index = (queue_id as usize).checked_sub(1).ok_or(Status::NotFound)?;
+        let queue = state.queues.get_mut(index).ok_or(Status::NotFound)?;
+        queue.2.push_back(value.to_vec());
+        Ok(())
+    }
+
+    fn dequeue_shared_queue(&self, queue_id: u32) -> Result<Option<Vec<u8>>, Status> {
+        let mut state = self.state.borrow_mut();
+        let index = (queue_id as usize).checked_sub(1).ok_or(Status::NotFound)?;
+        let queue = state.queues.get_mut(index).ok_or(Status::NotFound)?;
+        Ok(queue.2.pop_front())
+    }
+
+    fn set_tick_period_ms(&self, period_ms: u32) -> Result<(), Status> {
+        self.state.borrow_mut().tick_period_ms = period_ms;
+        Ok(())
+    }
+
+    fn define_counter(&self, name: &str) -> Result<u32, Status> {
+        let mut state = self.state.borrow_mut();
+        if let Some(id) = state.metric_names.iter().position(|n| n == name) {
+            return u32::try_from(id).map_err(|_| Status::InternalFailure);
+        }
+        state.metric_names.push(name.to_owned());
+        state.metric_values.push(0);
+        u32::try_from(state.metric_names.len() - 1).map_err(|_| Status::InternalFailure)
+    }
+
+    fn increment_metric(&self, metric_id: u32, by: i64) -> Result<(), Status> {
+        let mut state = self.state.borrow_mut();
+        let value = state
+            .metric_values
+            .get_mut(metric_id as usize)
+            .ok_or(Status::NotFound)?;
+        *value = value.saturating_add(by);
+        Ok(())
+    }
+}
+
+/// Envoy as the filter sees it: one worker with one root context, requests created and
+/// called back in Envoy's order.
+pub struct MockEnvoy {
+    pub host: Rc<MockHost>,
+    dispatcher: Dispatcher,
+    pub root: u32,
+    next_context: u32,
+}
+
+impl MockEnvoy {
+    /// A worker whose root was created and configured with `plugin_configuration`; the
+    /// flag says whether the filter took the configuration.
+    pub fn start(plugin_configuration: &[u8]) -> (MockEnvoy, bool) {
+        let host = Rc::new(MockHost::default());
+        host.state.borrow_mut().plugin_configuration = plugin_configuration.to_vec();
+        host.state.borrow_mut().now_ms = 1_800_000_000_000;
+        host.state.borrow_mut().root = 1;
+        let dispatcher = Dispatcher::new(host.clone());
+        let mut envoy = MockEnvoy {
+            host,
+            dispatcher,
+            root: 1,
+            next_context: 2,
+        };
+        envoy.enter(1);
+        envoy.dispatcher.handle(Event::Create {
+            context_id: 1,
+            root_context_id: 0,
+        });
+        let configured = envoy.dispatcher.configure(1);
+        (envoy, configured)
+    }
+
+    /// Starts a callback for `context_id`: host calls act on it until it says otherwise.
+    fn enter(&mut self, context_id: u32) {
+        let mut state = self.host.state.borrow_mut();
+        state.live.insert(context_id);
+        state.current = context_id;
+        state.effective = context_id;
+    }
+
+    /// A new request with these serialised headers (any bytes) and properties; returns its
+    /// context and what the filter told Envoy.
+    pub fn request(&mut self, headers: Vec<u8>, properties: &[(&[&str], &[u8])]) -> (u32, Action) {
+        let context_id = self.next_context;
+        self.next_context += 1;
+        {
+            let mut state = self.host.state.borrow_mut();
+            state.request_headers.insert(context_id, headers);
+            let props = state.properties.entry(context_id).or_default();
+            for (path, value) in properties {
+                props.insert(crate::host::property_path(path), value.to_vec());
+            }
+        }
+        self.enter(context_id);
+        self.dispatcher.handle(Event::Create {
+            context_id,
+            root_context_id: self.root,
+        });
+        let action = self.dispatcher.stream_event(Event::RequestHeaders {
+            context_id,
+            end_of_stream: true,
+        });
+        (context_id, action)
+    }
+
+    /// Runs `on_queue_ready` for every queue with items waiting.
+    pub fn run_queues(&mut self) {
+        let ready: Vec<(u32, u32)> = {
+            let state = self.host.state.borrow();
+            state
+                .queues
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, _, items))| !items.is_empty())
+                .map(|(index, (_, owner, _))| (*owner, index as u32 + 1))
+                .collect()
+        };
+        for (owner, queue_id) in ready {
+            self.enter(owner);
+            self.dispatcher.handle(Event::QueueReady {
+                context_id: owner,
+                queue_id,
+            });
+        }
+    }
+
+    /// Callouts made and not answered yet, oldest first.
+    pub fn calls(&self) -> Vec<Call> {
+        self.host.state.borrow().calls.clone()
+    }
+
+    /// Answers callout `token` with these serialised headers (`:status` among them) and
+    /// body; the reply goes to the context that made the call.
+    pub fn answer(&mut self, token: u32, headers: Vec<u8>, body: Vec<u8>) {
+        let owner = {
+            let mut state = self.host.state.borrow_mut();
+            let Some(index) = state.calls.iter().position(|c| c.token == token) else {
+                return;
+            };
+            let call = state.calls.remove(index);
+            state.call_response = (headers, body.clone());
+            call.owner
+        };
+        self.enter(owner);
+        self.dispatcher.handle(Event::CallResponse {
+            context_id: owner,
+            token,
+            body_size: body.len(),
+        });
+    }
+
+    /// [`MockEnvoy::answer`] with a `:status` and a body.
+    pub fn answer_with(&mut self, token: u32, status: &str, body: &[u8]) {
+        self.answer(
+            token,
+            HeaderMap::serialize(&[(":status", status)]),
+            body.to_vec(),
+        );
+    }
+
+    /// Lets `ms` pass and runs the root's tick.
+    pub fn tick(&mut self, ms: u64) {
+        self.host.state.borrow_mut().now_ms += ms;
+        let root = self.root;
+        self.enter(root);
+        self.dispatcher.handle(Event::Tick { context_id: root });
+    }
+
+    /// The response headers callback of a request (the upstream's answer, or the filter's
+    /// own local reply passing through).
+    pub fn respond(&mut self, context_id: u32) -> Action {
+        self.enter(context_id);
+        self.dispatcher.stream_event(Event::ResponseHeaders {
+            context_id,
+            end_of_stream: true,
+        })
+    }
+
+    /// The request ends (completed, or the client left): `on_log`, then the context goes.
+    pub fn finish(&mut self, context_id: u32) {
+        self.enter(context_id);
+        self.dispatcher.handle(Event::Log { context_id });
+        self.dispatcher.handle(Event::Delete { context_id });
+        self.host.state.borrow_mut().live.remove(&context_id);
+    }
+
+    /// Whether the request was resumed or answered (it no longer waits on the filter).
+    pub fn settled(&self, context_id: u32) -> bool {
+        let state = self.host.state.borrow();
+        state.resumed.contains(&context_id) || state.local_replies.contains_key(&context_id)
+    }
+
+    pub fn reply(&self, context_id: u32) -> Option<LocalReply> {
+        self.host
+            .state
+            .borrow()
+            .local_replies
+            .get(&context_id)
+            .cloned()
+    }
+
+    pub fn contexts(&self) -> (usize, usize) {
+        self.dispatcher.contexts()
+    }
+}
