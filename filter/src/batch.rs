@@ -171,6 +171,12 @@ impl Batcher {
             .retain(|waiting| waiting.member.context_id != context_id);
     }
 
+    /// The wake-up asked for with [`Registered::WakeRoot`] could not be sent: the next
+    /// request to register asks again.
+    pub fn wake_failed(&mut self) {
+        self.wake_requested = false;
+    }
+
     /// A watchdog for the impossible: batches out for longer than `limit_ms` (Envoy answers
     /// every callout by its timeout) are given up; their members get the failure mode.
     pub fn overdue(&mut self, now_ms: u64, limit_ms: u64) -> Vec<Member> {

@@ -40,13 +40,10 @@ pub enum Metric {
     Denylisted,
     TokenRejected,
     RulesFetched,
-    /// Root contexts configured: one per worker and one for the main thread at start; each
-    /// VM Envoy reloads after a failure (`failure_policy: FAIL_RELOAD`) adds its own.
-    VmsConfigured,
 }
 
 impl Metric {
-    const ALL: [Metric; 13] = [
+    const ALL: [Metric; 12] = [
         Metric::Checks,
         Metric::Allowed,
         Metric::Limited,
@@ -59,7 +56,6 @@ impl Metric {
         Metric::Denylisted,
         Metric::TokenRejected,
         Metric::RulesFetched,
-        Metric::VmsConfigured,
     ];
 
     pub fn name(self) -> &'static str {
@@ -76,7 +72,6 @@ impl Metric {
             Metric::Denylisted => "sluice_denylisted",
             Metric::TokenRejected => "sluice_token_rejected",
             Metric::RulesFetched => "sluice_rules_fetched",
-            Metric::VmsConfigured => "sluice_vms_configured",
         }
     }
 }
@@ -438,7 +433,6 @@ impl Root {
             max_waiting: MAX_WAITING,
         });
         let metrics = Metrics::define(host);
-        metrics.add(host, Metric::VmsConfigured, 1);
         self.worker = Some(Rc::new(Worker {
             config,
             batcher: RefCell::new(batcher),
@@ -477,8 +471,10 @@ impl Root {
                 overdue,
                 &Failure::Status("(none: the batch was lost)".into()),
             );
-            self.send_next_batch(host, &worker);
         }
+        // Requests are sent when they wake the root or a reply comes in; should a wake-up
+        // have been lost, the tick sends whatever still waits.
+        self.send_next_batch(host, &worker);
     }
 
     /// The reply to a batch, to the rules read, or to a release (which needs nothing).

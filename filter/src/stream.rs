@@ -335,7 +335,10 @@ impl Stream {
                             .map_err(|status| status.to_string())
                     });
                 if let Err(why) = woken {
-                    self.worker.batcher.borrow_mut().cancel(self.context_id);
+                    let mut batcher = self.worker.batcher.borrow_mut();
+                    batcher.cancel(self.context_id);
+                    batcher.wake_failed();
+                    drop(batcher);
                     return self.fail(
                         host,
                         &Failure::Dispatch(format!("cannot wake the batcher: {why}")),

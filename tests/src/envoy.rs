@@ -127,6 +127,8 @@ fn http_filter_yaml(filter: &Filter) -> String {
                 configuration:
                   "@type": type.googleapis.com/google.protobuf.StringValue
                   value: '{}'
+                failure_policy: FAIL_RELOAD
+                reload_config: {{ backoff: {{ base_interval: 0.5s, max_interval: 10s }} }}
                 vm_config:
                   vm_id: sluice
                   runtime: envoy.wasm.runtime.v8

@@ -8,6 +8,7 @@ pub mod envoy;
 pub mod fixtures;
 pub mod http;
 pub mod process;
+pub mod raw;
 pub mod redis_server;
 pub mod upstream;
 

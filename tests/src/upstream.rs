@@ -9,11 +9,22 @@ use axum::routing::get;
 use axum::Router;
 
 /// The service itself: `200 hello from upstream` on every path and method; `/slow/{ms}`
-/// answers the same after `ms` milliseconds (at most 10 s).
+/// answers the same after `ms` milliseconds (at most 10 s); `/binary-headers` with response
+/// header values that are not UTF-8.
 pub fn app() -> Router {
     Router::new()
         .route("/slow/{ms}", get(slow))
+        .route("/binary-headers", get(binary_headers))
         .fallback(|| async { HELLO })
+}
+
+/// A reply whose header values hold bytes that are not UTF-8 (HTTP allows obs-text).
+pub const BINARY_HEADER_VALUE: &[u8] = b"caf\xe9 \xff\xfe";
+
+async fn binary_headers() -> impl axum::response::IntoResponse {
+    let value = axum::http::HeaderValue::from_bytes(BINARY_HEADER_VALUE)
+        .unwrap_or_else(|_| axum::http::HeaderValue::from_static("?"));
+    ([("x-binary", value.clone()), ("set-cookie", value)], HELLO)
 }
 
 const HELLO: &str = "hello from upstream\n";

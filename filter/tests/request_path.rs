@@ -1,0 +1,467 @@
+//! The request path as Envoy drives it (context creation, headers, queue wake-ups, callout
+//! replies, ticks, the end of each stream), run natively against the mock host: first a few
+//! scenarios, then a property test that feeds arbitrary bytes to everything the filter reads
+//! from Envoy, makes host calls fail, and checks that nothing panics and no request is left
+//! waiting.
+//!
+//! `PROPTEST_CASES=20000 cargo test -p sluice-filter --release --test request_path` for a
+//! longer run by hand.
+
+// Helpers of a test file may panic: a failed expectation is the test failing.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use proptest::prelude::*;
+use sluice_filter::host::{Action, HeaderMap, Status};
+use sluice_filter::testing::{HostCall, MockEnvoy};
+use sluice_protocol::{CheckRequest, CheckResponse, Decision, PolicyStatus, Strategy as Algorithm};
+
+const PEER: &[&str] = &["source", "address"];
+
+fn plugin(extra: serde_json::Value) -> Vec<u8> {
+    let mut config = serde_json::json!({
+        "controller": { "cluster": "sluice_controller", "timeout_ms": 200 },
+    });
+    if let (Some(target), serde_json::Value::Object(extra)) = (config.as_object_mut(), extra) {
+        target.extend(extra);
+    }
+    config.to_string().into_bytes()
+}
+
+fn headers(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+    HeaderMap::serialize(pairs)
+}
+
+fn get(path: &[u8], extra: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut pairs: Vec<(&[u8], &[u8])> = vec![
+        (b":method", b"GET"),
+        (b":path", path),
+        (b":authority", b"api.example.com"),
+    ];
+    pairs.extend_from_slice(extra);
+    headers(&pairs)
+}
+
+fn status(allowed: bool) -> PolicyStatus {
+    PolicyStatus {
+        rule: "per-client".into(),
+        strategy: Algorithm::FixedWindow,
+        limit: 5,
+        remaining: if allowed { 4 } else { 0 },
+        reset_ms: 7_000,
+        retry_after_ms: if allowed { 0 } else { 7_000 },
+        window_ms: 10_000,
+        delay_ms: 0,
+        reason: None,
+    }
+}
+
+/// A 200 reply deciding each check of `body` (a check call) as `allow` says.
+fn decisions_for(body: &[u8], mut allow: impl FnMut(usize) -> bool) -> Vec<u8> {
+    let request: CheckRequest = serde_json::from_slice(body).expect("the filter sends JSON");
+    let decisions = (0..request.checks.len())
+        .map(|index| {
+            let allowed = allow(index);
+            Decision {
+                allowed,
+                policy: Some(status(allowed)),
+                ..Decision::unlimited()
+            }
+        })
+        .collect();
+    serde_json::to_vec(&CheckResponse { decisions }).expect("encode")
+}
+
+fn checks_in(body: &[u8]) -> Vec<sluice_protocol::Check> {
+    serde_json::from_slice::<CheckRequest>(body)
+        .expect("a check call")
+        .checks
+}
+
+#[test]
+fn a_header_that_is_not_utf8_is_just_another_request() {
+    let (mut envoy, configured) = MockEnvoy::start(&plugin(serde_json::json!({})));
+    assert!(configured);
+    let (hostile, action) = envoy.request(
+        get(b"/hello", &[(b"x-other", b"caf\xe9 \xff\xfe")]),
+        &[(PEER, b"192.0.2.7:5000")],
+    );
+    assert_eq!(
+        action,
+        Action::Pause,
+        "it waits for its decision like any other"
+    );
+    envoy.run_queues();
+    let call = envoy.calls().pop().expect("a batch went out");
+    envoy.answer_with(call.token, "200", &decisions_for(&call.body, |_| true));
+    assert!(envoy.settled(hostile));
+    assert_eq!(envoy.respond(hostile), Action::Continue);
+    let response = envoy.host.state.borrow().response_headers[&hostile].clone();
+    assert!(response
+        .iter()
+        .any(|(n, v)| n == "x-ratelimit-remaining" && v == "4"));
+    envoy.finish(hostile);
+
+    let (next, action) = envoy.request(get(b"/hello", &[]), &[(PEER, b"192.0.2.8:5000")]);
+    assert_eq!(action, Action::Pause);
+    envoy.run_queues();
+    let call = envoy.calls().pop().expect("the next batch went out");
+    envoy.answer_with(call.token, "200", &decisions_for(&call.body, |_| false));
+    let reply = envoy.reply(next).expect("a 429");
+    assert_eq!(reply.status, 429);
+    assert_eq!(reply.details, "sluice_rate_limited");
+}
+
+#[test]
+fn each_identity_input_decides_on_purpose_what_bytes_mean() {
+    let config = plugin(serde_json::json!({
+        "identity": {
+            "order": ["api_key", "header", "ip"],
+            "api_key_header": "x-api-key",
+            "client_header": "x-client-id",
+            "ip": { "trusted_hops": 1 }
+        },
+        "cost_header": "x-cost",
+    }));
+    let (mut envoy, configured) = MockEnvoy::start(&config);
+    assert!(configured);
+    let long = vec![b'k'; 2_000];
+    let requests: Vec<Vec<u8>> = vec![
+        get(b"/a", &[(b"x-api-key", b"\xff\xfekey")]),
+        get(b"/a", &[(b"x-client-id", b"t\xe9nant")]),
+        get(b"/a", &[(b"x-client-id", &long)]),
+        get(b"/a", &[(b"x-forwarded-for", b"\xff, 198.51.100.4")]),
+        get(b"/caf\xe9?q=\xff", &[(b"x-cost", b"\xff9")]),
+    ];
+    for request in requests {
+        envoy.request(request, &[(PEER, b"10.0.0.2:5000")]);
+    }
+    envoy.run_queues();
+    let call = envoy.calls().pop().expect("one batch");
+    let checks = checks_in(&call.body);
+    assert_eq!(checks.len(), 5);
+    let digest = |bytes: &[u8]| sluice_filter::identity::api_key_digest(bytes);
+    assert_eq!(checks[0].client.kind, "api_key");
+    assert_eq!(checks[0].client.value, digest(b"\xff\xfekey"));
+    assert_eq!(checks[1].client.kind, "header");
+    assert_eq!(
+        checks[1].client.value,
+        format!("sha256:{}", digest(b"t\xe9nant"))
+    );
+    assert_eq!(checks[2].client.value, format!("sha256:{}", digest(&long)));
+    // The hop that is not an address stops the search at the trusted peer.
+    assert_eq!(checks[3].client.value, "10.0.0.2");
+    assert_eq!(
+        checks[4].path, "/caf\u{fffd}",
+        "the query never leaves the filter"
+    );
+    assert_eq!(checks[4].cost, 1, "a cost that is not a number counts 1");
+}
+
+#[test]
+fn an_unreadable_request_gets_the_failure_mode_not_a_hang() {
+    for (mode, expected) in [("allow", Action::Continue), ("deny", Action::Pause)] {
+        let (mut envoy, _) = MockEnvoy::start(&plugin(serde_json::json!({ "failure_mode": mode })));
+        envoy
+            .host
+            .state
+            .borrow_mut()
+            .failing
+            .insert(HostCall::HeaderMap, Status::SerializationFailure);
+        let (request, action) = envoy.request(get(b"/", &[]), &[]);
+        assert_eq!(action, expected, "{mode}");
+        if mode == "deny" {
+            assert_eq!(envoy.reply(request).map(|r| r.status), Some(503));
+        }
+        assert_eq!(envoy.host.metric("sluice_callout_errors"), 1);
+    }
+}
+
+#[test]
+fn a_lost_local_reply_lets_the_request_go_on() {
+    let (mut envoy, _) = MockEnvoy::start(&plugin(serde_json::json!({})));
+    envoy
+        .host
+        .state
+        .borrow_mut()
+        .failing
+        .insert(HostCall::SendLocalResponse, Status::BadArgument);
+    let (request, _) = envoy.request(get(b"/", &[]), &[(PEER, b"192.0.2.1:1")]);
+    envoy.run_queues();
+    let call = envoy.calls().pop().expect("a batch");
+    envoy.answer_with(call.token, "200", &decisions_for(&call.body, |_| false));
+    assert!(envoy.settled(request), "resumed rather than left paused");
+}
+
+#[test]
+fn callbacks_for_contexts_the_filter_does_not_know_are_ignored() {
+    let (mut envoy, _) = MockEnvoy::start(&plugin(serde_json::json!({})));
+    envoy.answer_with(999, "200", b"{}");
+    envoy.finish(4242);
+    assert_eq!(envoy.respond(77), Action::Continue);
+    assert_eq!(envoy.contexts(), (1, 0));
+}
+
+#[test]
+fn a_refused_configuration_starts_nothing() {
+    let (mut envoy, configured) = MockEnvoy::start(b"\xff{not json");
+    assert!(!configured);
+    let (request, action) = envoy.request(get(b"/", &[]), &[]);
+    assert_eq!(action, Action::Continue);
+    assert!(envoy.calls().is_empty());
+    envoy.finish(request);
+    let logs = envoy.host.state.borrow().logs.clone();
+    assert!(
+        logs.iter()
+            .any(|(_, line)| line.contains("invalid plugin configuration")),
+        "{logs:?}"
+    );
+}
+
+#[test]
+fn without_batching_a_requests_own_callout_answers_it() {
+    let (mut envoy, _) = MockEnvoy::start(&plugin(serde_json::json!({ "batching": false })));
+    let (request, action) = envoy.request(get(b"/", &[]), &[(PEER, b"192.0.2.1:1")]);
+    assert_eq!(action, Action::Pause);
+    let call = envoy.calls().pop().expect("its own callout");
+    assert_eq!(
+        call.owner, envoy.root,
+        "Envoy hands every reply to the root"
+    );
+    envoy.answer_with(call.token, "200", &decisions_for(&call.body, |_| true));
+    assert!(envoy.host.state.borrow().resumed.contains(&request));
+}
+
+// --- generated input ------------------------------------------------------------------
+
+/// Bytes a client (or a broken host) could hand over.
+fn hostile_bytes() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..48),
+        Just(b"caf\xe9 \xff\xfe".to_vec()),
+        Just(vec![b'a'; 5_000]),
+        Just(b"Bearer \xff.\xfe.\x00".to_vec()),
+        Just(b"198.51.100.1, \xff, 10.0.0.1".to_vec()),
+        Just(b"\x01\x02\r\n\t".to_vec()),
+        "[ -~]{0,40}".prop_map(String::into_bytes),
+    ]
+}
+
+fn header_name() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        Just(b":path".to_vec()),
+        Just(b":authority".to_vec()),
+        Just(b":method".to_vec()),
+        Just(b"x-api-key".to_vec()),
+        Just(b"x-client-id".to_vec()),
+        Just(b"authorization".to_vec()),
+        Just(b"x-forwarded-for".to_vec()),
+        Just(b"x-cost".to_vec()),
+        Just(b"x-request-id".to_vec()),
+        Just(b"x-plan".to_vec()),
+        proptest::collection::vec(any::<u8>(), 0..12),
+    ]
+}
+
+/// A serialised header map, or (sometimes) bytes that are not one.
+fn request_headers() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        8 => proptest::collection::vec((header_name(), hostile_bytes()), 0..10)
+            .prop_map(|pairs| HeaderMap::serialize(&pairs)),
+        1 => proptest::collection::vec(any::<u8>(), 0..64),
+    ]
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Request {
+        headers: Vec<u8>,
+        peer: Vec<u8>,
+    },
+    RunQueues,
+    /// Answer the oldest callout: a real decision per check, or these bytes.
+    AnswerDecisions {
+        allow_mask: u32,
+    },
+    AnswerGarbage {
+        status: Vec<u8>,
+        body: Vec<u8>,
+    },
+    Tick {
+        ms: u64,
+    },
+    /// The oldest live request ends (done, or its client left).
+    Finish,
+    Fail {
+        call: HostCall,
+        on: bool,
+    },
+    GarbleSharedData {
+        value: Vec<u8>,
+    },
+}
+
+/// Host calls that may fail. Not `set_effective_context` and `continue_stream`: Envoy
+/// refuses those only for a request that is gone, and if it refused them for one it holds,
+/// no filter could act on that request again (Envoy's own stream timeout would end it).
+fn host_call() -> impl Strategy<Value = HostCall> {
+    prop_oneof![
+        Just(HostCall::HeaderMap),
+        Just(HostCall::Header),
+        Just(HostCall::Property),
+        Just(HostCall::Buffer),
+        Just(HostCall::HttpCall),
+        Just(HostCall::SendLocalResponse),
+        Just(HostCall::SharedData),
+        Just(HostCall::SetSharedData),
+        Just(HostCall::Enqueue),
+        Just(HostCall::ReplaceHeader),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (request_headers(), hostile_bytes()).prop_map(|(headers, peer)| Op::Request { headers, peer }),
+        3 => Just(Op::RunQueues),
+        3 => any::<u32>().prop_map(|allow_mask| Op::AnswerDecisions { allow_mask }),
+        1 => (hostile_bytes(), hostile_bytes()).prop_map(|(status, body)| Op::AnswerGarbage { status, body }),
+        2 => (0u64..3_000).prop_map(|ms| Op::Tick { ms }),
+        2 => Just(Op::Finish),
+        1 => (host_call(), any::<bool>()).prop_map(|(call, on)| Op::Fail { call, on }),
+        1 => hostile_bytes().prop_map(|value| Op::GarbleSharedData { value }),
+    ]
+}
+
+fn configs() -> Vec<Vec<u8>> {
+    vec![
+        plugin(serde_json::json!({})),
+        plugin(serde_json::json!({ "batching": false, "failure_mode": "deny" })),
+        plugin(serde_json::json!({
+            "max_batch_size": 2,
+            "identity": {
+                "api_key_header": "x-api-key",
+                "client_header": "x-client-id",
+                "ip": { "trusted_hops": 2 },
+                "jwt": { "keys": [{ "alg": "HS256", "secret": "s" }], "on_invalid": "reject" }
+            },
+            "cost_header": "x-cost",
+            "denylist": { "paths": ["/deny/**"] },
+            "safelist": { "ips": ["10.0.0.0/8"] },
+        })),
+        plugin(serde_json::json!({
+            "shadow": true,
+            "identity": { "jwt": { "keys": [{ "alg": "HS256", "secret": "s" }], "on_invalid": "next" } },
+        })),
+    ]
+}
+
+fn run(config: &[u8], ops: Vec<Op>) {
+    let (mut envoy, configured) = MockEnvoy::start(config);
+    assert!(configured);
+    let mut live: Vec<(u32, Action)> = Vec::new();
+    for op in ops {
+        match op {
+            Op::Request { headers, peer } => {
+                let (context, action) = envoy.request(headers, &[(PEER, &peer)]);
+                live.push((context, action));
+            }
+            Op::RunQueues => envoy.run_queues(),
+            Op::AnswerDecisions { allow_mask } => {
+                if let Some(call) = envoy.calls().first().cloned() {
+                    let body = match serde_json::from_slice::<CheckRequest>(&call.body) {
+                        Ok(_) => decisions_for(&call.body, |i| allow_mask >> (i % 32) & 1 == 1),
+                        Err(_) => br#"{"released":1}"#.to_vec(),
+                    };
+                    envoy.answer_with(call.token, "200", &body);
+                }
+            }
+            Op::AnswerGarbage { status, body } => {
+                if let Some(call) = envoy.calls().first().cloned() {
+                    let headers = HeaderMap::serialize(&[(&b":status"[..], &status[..])]);
+                    envoy.answer(call.token, headers, body);
+                }
+            }
+            Op::Tick { ms } => envoy.tick(ms),
+            Op::Finish => {
+                if !live.is_empty() {
+                    let (context, _) = live.remove(0);
+                    envoy.respond(context);
+                    envoy.finish(context);
+                }
+            }
+            Op::Fail { call, on } => {
+                let mut state = envoy.host.state.borrow_mut();
+                if on {
+                    state.failing.insert(call, Status::InternalFailure);
+                } else {
+                    state.failing.remove(&call);
+                }
+            }
+            Op::GarbleSharedData { value } => {
+                let mut state = envoy.host.state.borrow_mut();
+                for slot in state.shared_data.values_mut() {
+                    slot.clone_from(&value);
+                }
+                for n in 0..8 {
+                    state
+                        .shared_data
+                        .insert(format!("sluice.denied.{n}"), value.clone());
+                }
+            }
+        }
+    }
+    // Envoy keeps working: host calls succeed again, every callout is answered in time or
+    // runs past the watchdog. Then no paused request may still be waiting.
+    envoy.host.state.borrow_mut().failing.clear();
+    for _ in 0..4 {
+        envoy.run_queues();
+        for call in envoy.calls() {
+            envoy.answer_with(call.token, "503", b"upstream connect error");
+        }
+        envoy.tick(2_000);
+    }
+    for (context, action) in live {
+        if action == Action::Pause {
+            assert!(
+                envoy.settled(context),
+                "request {context} was paused and never resumed or answered"
+            );
+        }
+        envoy.respond(context);
+        envoy.finish(context);
+    }
+    assert_eq!(envoy.contexts().1, 0, "every stream context was deleted");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn no_bytes_from_envoy_break_the_request_path(
+        config in 0usize..4,
+        ops in proptest::collection::vec(op(), 1..40),
+    ) {
+        let configs = configs();
+        run(&configs[config], ops);
+    }
+}
+
+#[test]
+fn the_filter_does_not_depend_on_the_proxy_wasm_sdk() {
+    // Its wrappers panic on client bytes and on host statuses (see src/host.rs): every host
+    // call goes through the filter's own ABI layer instead. The lock file says what the
+    // filter really links, whichever way a dependency would come back.
+    let lock = include_str!("../../Cargo.lock");
+    let filter = lock
+        .split("[[package]]")
+        .find(|package| package.contains("name = \"sluice-filter\""))
+        .expect("sluice-filter in Cargo.lock");
+    assert!(filter.contains("dependencies"), "{filter}");
+    assert!(
+        !filter.contains("\"proxy-wasm"),
+        "the filter links the SDK again: {filter}"
+    );
+    assert!(
+        !lock.contains("name = \"proxy-wasm\""),
+        "the SDK is in the workspace again"
+    );
+}
