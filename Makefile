@@ -71,9 +71,11 @@ e2e: tools wasm
 
 ## Benchmark -----------------------------------------------------------------------------
 
+# `make bench BASELINE=<git ref>` also runs the filter as built at that ref, in the same run.
 bench: tools wrk build
 	ENVOY_BIN=$(ENVOY_BIN) SLUICE_CONTROLLER_BIN=$(CURDIR)/target/release/sluice-controller \
-		target/release/sluice-bench
+		$(if $(BASELINE),BENCH_BASELINE_WASM=$$(scripts/build-baseline-wasm.sh $(BASELINE))) \
+		target/release/sluice-bench $(PART)
 
 clean:
 	cargo clean

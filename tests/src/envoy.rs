@@ -40,6 +40,11 @@ pub enum Filter {
     LocalRateLimitNeverReached,
     /// The Sluice filter with this plugin configuration (JSON).
     Sluice { plugin_config: String },
+    /// The same, from another build of the filter (the benchmark's baseline).
+    SluiceBuild {
+        plugin_config: String,
+        wasm: PathBuf,
+    },
     /// Envoy's `jwt_authn` with one provider (`issuer`, inline JWKS), which verifies tokens
     /// in `Authorization`, lets requests without one through, and leaves the payload in
     /// its metadata under `jwt_payload`; then `then`.
@@ -104,20 +109,10 @@ pub struct EnvoyOptions {
     pub controller_http2: bool,
 }
 
-fn http_filter_yaml(filter: &Filter) -> String {
-    match filter {
-        Filter::None => String::new(),
-        Filter::LocalRateLimitNeverReached => r#"
-          - name: envoy.filters.http.local_ratelimit
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
-              stat_prefix: local_rate_limiter
-              token_bucket: { max_tokens: 1000000000, tokens_per_fill: 1000000000, fill_interval: 1s }
-              filter_enabled: { runtime_key: local_rate_limit_enabled, default_value: { numerator: 100, denominator: HUNDRED } }
-              filter_enforced: { runtime_key: local_rate_limit_enforced, default_value: { numerator: 100, denominator: HUNDRED } }"#
-            .to_owned(),
-        Filter::Sluice { plugin_config } => format!(
-            r#"
+/// The Sluice filter's block: plugin configuration `plugin_config`, code from `wasm`.
+fn sluice_filter_yaml(plugin_config: &str, wasm: &Path) -> String {
+    format!(
+        r#"
           - name: envoy.filters.http.wasm
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
@@ -133,9 +128,25 @@ fn http_filter_yaml(filter: &Filter) -> String {
                   vm_id: sluice
                   runtime: envoy.wasm.runtime.v8
                   code: {{ local: {{ filename: "{}" }} }}"#,
-            plugin_config.replace('\'', "''"),
-            wasm_file().display()
-        ),
+        plugin_config.replace('\'', "''"),
+        wasm.display()
+    )
+}
+
+fn http_filter_yaml(filter: &Filter) -> String {
+    match filter {
+        Filter::None => String::new(),
+        Filter::LocalRateLimitNeverReached => r#"
+          - name: envoy.filters.http.local_ratelimit
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+              stat_prefix: local_rate_limiter
+              token_bucket: { max_tokens: 1000000000, tokens_per_fill: 1000000000, fill_interval: 1s }
+              filter_enabled: { runtime_key: local_rate_limit_enabled, default_value: { numerator: 100, denominator: HUNDRED } }
+              filter_enforced: { runtime_key: local_rate_limit_enforced, default_value: { numerator: 100, denominator: HUNDRED } }"#
+            .to_owned(),
+        Filter::Sluice { plugin_config } => sluice_filter_yaml(plugin_config, &wasm_file()),
+        Filter::SluiceBuild { plugin_config, wasm } => sluice_filter_yaml(plugin_config, wasm),
         Filter::JwtAuthnThen { issuer, jwks, then } => format!(
             r#"
           - name: envoy.filters.http.jwt_authn

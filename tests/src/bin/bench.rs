@@ -18,7 +18,8 @@
 //! ratio to a baseline measured in the same run.
 //!
 //! Settings (environment): BENCH_SECONDS (per run, default 5), BENCH_ROUNDS (default 3),
-//! BENCH_CONNECTIONS (default 50).
+//! BENCH_CONNECTIONS (default 50), BENCH_BASELINE_WASM (another build of the filter, run
+//! beside this one in the filter part; `make bench BASELINE=<git ref>` builds and sets it).
 
 use std::process::Command;
 use std::sync::Arc;
@@ -479,8 +480,28 @@ fn filter_cost_scenario(settings: &Settings) -> String {
         ),
         ("Sluice batched (defaults)", batched(serde_json::json!({}))),
     ];
+    // Another build of the filter (`make bench BASELINE=<git ref>`), beside this one in the
+    // same run: the ratio between them is what a change did.
+    let baseline = std::env::var_os("BENCH_BASELINE_WASM").map(std::path::PathBuf::from);
+    let baseline_specs = baseline.iter().flat_map(|wasm| {
+        let from = |extra: serde_json::Value| Filter::SluiceBuild {
+            plugin_config: with_fields(sluice_plugin_config("deny", 1_000), extra).to_string(),
+            wasm: wasm.clone(),
+        };
+        [
+            (
+                "baseline build: every path exempt",
+                from(serde_json::json!({ "exempt_paths": ["/**"] })),
+            ),
+            (
+                "baseline build: batched (defaults)",
+                from(serde_json::json!({})),
+            ),
+        ]
+    });
     let configurations: Vec<(&str, Envoy)> = specs
         .into_iter()
+        .chain(baseline_specs)
         .map(|(name, filter)| {
             let asks = !matches!(filter, Filter::None);
             let envoy = one_worker_envoy(filter, &upstream, asks.then_some(&controller), false);
