@@ -130,7 +130,10 @@ async fn release(
         ));
     }
     match state.limiter.release(&request.leases).await {
-        Ok(freed) => Ok(Json(serde_json::json!({ "released": freed }))),
+        Ok(freed) => {
+            tracing::debug!(leases = request.leases.len(), freed, "release call served");
+            Ok(Json(serde_json::json!({ "released": freed })))
+        }
         Err(ReleaseError::BadLease(bad)) => Err(ApiError::invalid(
             format!("leases[{}]", bad.index),
             bad.to_string(),

@@ -25,6 +25,7 @@ use crate::host::{property_path, BufferType, HeaderMap, Host, LogLevel, MapType,
 #[link(wasm_import_module = "env")]
 extern "C" {
     fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+    fn proxy_get_log_level(return_level: *mut u32) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     fn proxy_get_buffer_bytes(
@@ -150,6 +151,13 @@ impl Host for EnvoyHost {
     fn log(&self, level: LogLevel, message: &str) {
         // SAFETY: a pointer and length of a live string.
         let _ = unsafe { proxy_log(level as u32, message.as_ptr(), message.len()) };
+    }
+
+    fn log_level(&self) -> LogLevel {
+        let mut level: u32 = LogLevel::Info as u32;
+        // SAFETY: a pointer to a live u32.
+        let code = unsafe { proxy_get_log_level(&mut level) };
+        Status::check(code).map_or(LogLevel::Info, |()| LogLevel::from_code(level))
     }
 
     fn now_ms(&self) -> u64 {

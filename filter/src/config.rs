@@ -880,8 +880,49 @@ mod tests {
         assert_eq!(config.safelist.api_keys.len(), 2);
         assert_eq!(config.identity.ip.ipv6_prefix, 56);
         let jwt = config.identity.jwt.as_ref().unwrap();
-        assert!(jwt.verifier.is_some());
         assert_eq!(jwt.tier_claim.as_deref(), Some("plan"));
+        // Each configured key verifies a token signed for it, with the algorithm it names.
+        use jsonwebtoken::{encode, EncodingKey, Header};
+        const NOW: u64 = 1_800_000_000;
+        let claims = serde_json::json!({
+            "sub": "ann", "plan": "gold", "iss": "i", "aud": "a", "exp": NOW + 60
+        });
+        let sign = |alg: Algorithm, kid: Option<&str>, key: &EncodingKey| {
+            let mut header = Header::new(alg);
+            header.kid = kid.map(str::to_owned);
+            encode(&header, &claims, key).unwrap()
+        };
+        let rsa =
+            EncodingKey::from_rsa_pem(include_bytes!("../tests/keys/rsa_private.pem")).unwrap();
+        let ec = EncodingKey::from_ec_pem(include_bytes!("../tests/keys/ec_private.pem")).unwrap();
+        let tokens = [
+            (
+                "HS512",
+                sign(Algorithm::HS512, None, &EncodingKey::from_secret(b"s")),
+            ),
+            ("PS256", sign(Algorithm::PS256, Some("r"), &rsa)),
+            ("ES256", sign(Algorithm::ES256, Some("e"), &ec)),
+            (
+                "HS256 from the JWK set",
+                sign(
+                    Algorithm::HS256,
+                    Some("j"),
+                    &EncodingKey::from_secret(b"secret"),
+                ),
+            ),
+        ];
+        let verifier = jwt.verifier.as_ref().unwrap();
+        for (what, token) in &tokens {
+            let verified = verifier.borrow_mut().verify(token, NOW);
+            let claims = verified.unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(claims.subject, "ann", "{what}");
+            assert_eq!(claims.tier.as_deref(), Some("gold"), "{what}");
+        }
+        // And only those: an RS256 token from the same RSA key names no configured key.
+        let rs256 = sign(Algorithm::RS256, Some("r"), &rsa);
+        assert!(verifier.borrow_mut().verify(&rs256, NOW).is_err());
+        let wrong_secret = sign(Algorithm::HS256, Some("j"), &EncodingKey::from_secret(b"x"));
+        assert!(verifier.borrow_mut().verify(&wrong_secret, NOW).is_err());
     }
 
     #[test]

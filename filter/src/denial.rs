@@ -137,27 +137,125 @@ mod tests {
 
     #[test]
     fn fingerprints_cover_every_field_the_decision_used() {
-        let base = check("10.0.0.1");
-        let mut variants = vec![base.clone()];
-        let mut other = base.clone();
-        other.cost = 2;
-        variants.push(other);
-        let mut other = base.clone();
-        other.path = "/b".into();
-        variants.push(other);
-        let mut other = base.clone();
-        other.tier = Some("gold".into());
-        variants.push(other);
-        let mut other = base.clone();
-        other.method = "POST".into();
-        variants.push(other);
-        let mut other = base.clone();
-        other.headers.insert("x-plan".into(), "pro".into());
-        variants.push(other);
-        let mut prints: Vec<u64> = variants.iter().map(fingerprint).collect();
-        prints.sort_unstable();
-        prints.dedup();
-        assert_eq!(prints.len(), variants.len());
+        use sluice_protocol::ClientKind;
+        let base = Check {
+            ip: Some("10.0.0.1".into()),
+            ..check("10.0.0.1")
+        };
+        // One variant per field the controller's decision can depend on: if the
+        // fingerprint left any out, one client's cached 429 would answer another.
+        let variants: Vec<(&str, Check)> = vec![
+            ("base", base.clone()),
+            (
+                "client value",
+                Check {
+                    client: ClientId::ip("10.0.0.2"),
+                    ..base.clone()
+                },
+            ),
+            (
+                "client kind",
+                Check {
+                    client: ClientId::new(ClientKind::Header, "10.0.0.1"),
+                    ..base.clone()
+                },
+            ),
+            (
+                "host",
+                Check {
+                    host: "other".into(),
+                    ..base.clone()
+                },
+            ),
+            (
+                "method",
+                Check {
+                    method: "POST".into(),
+                    ..base.clone()
+                },
+            ),
+            (
+                "path",
+                Check {
+                    path: "/b".into(),
+                    ..base.clone()
+                },
+            ),
+            (
+                "cost",
+                Check {
+                    cost: 2,
+                    ..base.clone()
+                },
+            ),
+            (
+                "address",
+                Check {
+                    ip: Some("10.0.0.9".into()),
+                    ..base.clone()
+                },
+            ),
+            (
+                "no address",
+                Check {
+                    ip: None,
+                    ..base.clone()
+                },
+            ),
+            (
+                "user",
+                Check {
+                    user: Some("ann".into()),
+                    ..base.clone()
+                },
+            ),
+            (
+                "api key",
+                Check {
+                    api_key: Some("ab12".into()),
+                    ..base.clone()
+                },
+            ),
+            (
+                "tier",
+                Check {
+                    tier: Some("gold".into()),
+                    ..base.clone()
+                },
+            ),
+            ("headers", {
+                let mut other = base.clone();
+                other.headers.insert("x-plan".into(), "pro".into());
+                other
+            }),
+        ];
+        for (i, (name, check)) in variants.iter().enumerate() {
+            for (other_name, other) in &variants[i + 1..] {
+                assert_ne!(
+                    fingerprint(check),
+                    fingerprint(other),
+                    "{name} and {other_name} share a fingerprint"
+                );
+            }
+        }
+        // Field boundaries count: the same bytes split differently are another check.
+        let split_a = Check {
+            user: Some("ab".into()),
+            api_key: Some("c".into()),
+            ..base.clone()
+        };
+        let split_b = Check {
+            user: Some("a".into()),
+            api_key: Some("bc".into()),
+            ..base.clone()
+        };
+        assert_ne!(fingerprint(&split_a), fingerprint(&split_b));
+        // Host names compare without case, as the rules match them.
+        let upper = Check {
+            host: "H".into(),
+            ..base.clone()
+        };
+        assert_eq!(fingerprint(&upper), fingerprint(&base));
     }
 
     #[test]

@@ -69,6 +69,19 @@ pub enum LogLevel {
     Critical = 5,
 }
 
+impl LogLevel {
+    pub fn from_code(code: u32) -> LogLevel {
+        match code {
+            0 => LogLevel::Trace,
+            1 => LogLevel::Debug,
+            2 => LogLevel::Info,
+            3 => LogLevel::Warn,
+            4 => LogLevel::Error,
+            _ => LogLevel::Critical,
+        }
+    }
+}
+
 /// What a stream callback tells Envoy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -95,6 +108,8 @@ pub enum BufferType {
 pub trait Host {
     /// Best effort: there is nobody to tell when the host refuses a log line.
     fn log(&self, level: LogLevel, message: &str);
+    /// The lowest level Envoy logs now (so that lines below it are not even formatted).
+    fn log_level(&self) -> LogLevel;
     /// Milliseconds since the epoch by Envoy's clock; 0 if Envoy will not say.
     fn now_ms(&self) -> u64;
     fn buffer(&self, buffer: BufferType, max_size: usize) -> Result<Option<Vec<u8>>, Status>;

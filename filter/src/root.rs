@@ -2,7 +2,7 @@
 //! rules read, and hands each request in a batch its verdict. Everything it asks of Envoy
 //! goes through [`Host`].
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -109,6 +109,9 @@ pub struct Worker {
     /// Callouts requests made of their own (batching off), by token: Envoy delivers every
     /// reply to the root context, which hands these on.
     stream_calls: RefCell<HashMap<u32, u32>>,
+    /// Whether Envoy logs at debug now (read on each tick): debug lines are formatted only
+    /// then.
+    debug: Cell<bool>,
 }
 
 pub fn log(host: &dyn Host, level: LogLevel, message: &str) {
@@ -116,6 +119,13 @@ pub fn log(host: &dyn Host, level: LogLevel, message: &str) {
 }
 
 impl Worker {
+    /// Logs `message()` at debug, if Envoy logs debug lines at the moment.
+    pub fn debug(&self, host: &dyn Host, message: impl FnOnce() -> String) {
+        if self.debug.get() {
+            host.log(LogLevel::Debug, &message());
+        }
+    }
+
     /// The verdict for the controller's decision on a request, and how it counts (the caller
     /// adds it to the metrics, a batch at a time); remembers a denial for the denial cache.
     /// `request_id` is asked for only when the verdict is a local reply (it goes in the body).
@@ -441,6 +451,7 @@ impl Root {
             rules: RefCell::new(Vec::new()),
             matched_headers: RefCell::new(Vec::new()),
             stream_calls: RefCell::new(HashMap::new()),
+            debug: Cell::new(host.log_level() <= LogLevel::Debug),
         }));
         let _ = host.set_tick_period_ms(WATCHDOG_TICK_MS);
         true
@@ -458,6 +469,7 @@ impl Root {
         let Some(worker) = self.worker.clone() else {
             return;
         };
+        worker.debug.set(host.log_level() <= LogLevel::Debug);
         self.read_rules_when_due(host, &worker);
         let limit = u64::try_from(worker.config.timeout.as_millis()).unwrap_or(u64::MAX);
         let overdue = worker
@@ -494,6 +506,14 @@ impl Root {
         let (status, body) = call_response(host, body_size);
         match decision::decisions_from_reply(status.as_deref(), &body, members.len()) {
             Ok(decisions) => {
+                worker.debug(host, || {
+                    let allowed = decisions.iter().filter(|d| d.allowed).count();
+                    format!(
+                        "a batch of {} checks was decided: {allowed} allowed, {} denied",
+                        decisions.len(),
+                        decisions.len() - allowed
+                    )
+                });
                 let (verdicts, counted): (Vec<Verdict>, Vec<Counted>) = members
                     .iter()
                     .zip(&decisions)

@@ -439,6 +439,14 @@ impl Stream {
         let action = match decided {
             // Without batching the controller has already held a leaky bucket's delay.
             Ok(decision) => {
+                self.worker.debug(host, || {
+                    let outcome = if decision.allowed {
+                        "allowed"
+                    } else {
+                        "denied"
+                    };
+                    format!("a check was decided: {outcome}")
+                });
                 let (verdict, counted) = self
                     .worker
                     .settle(host, &decision, fingerprint, || request_id(host));

@@ -122,6 +122,10 @@ impl Host for MockHost {
             .push((level, message.to_owned()));
     }
 
+    fn log_level(&self) -> LogLevel {
+        LogLevel::Trace
+    }
+
     fn now_ms(&self) -> u64 {
         self.state.borrow().now_ms
     }

@@ -729,12 +729,25 @@ mod tests {
         payments.failure_mode = Some(FailureMode::Deny);
         let mut open = rule("open", RuleMatch::default());
         open.failure_mode = Some(FailureMode::Allow);
-        let rules = [payments, open];
-        let mode = |path: &str, default| failure_mode_for(&rules, &check("GET", path), default);
-        assert_eq!(mode("/pay/1", FailureMode::Allow), FailureMode::Deny);
-        assert_eq!(mode("/items", FailureMode::Deny), FailureMode::Allow);
+        let no_mode = rule("no-mode", RuleMatch::default());
+        // Deny wins wherever it stands: "the first matching rule wins" would fail one order.
+        for rules in [
+            [payments.clone(), open.clone(), no_mode.clone()],
+            [open.clone(), no_mode.clone(), payments.clone()],
+            [no_mode.clone(), payments.clone(), open.clone()],
+        ] {
+            let mode = |path: &str, default| failure_mode_for(&rules, &check("GET", path), default);
+            assert_eq!(mode("/pay/1", FailureMode::Allow), FailureMode::Deny);
+            // A rule's own mode overrides the default, and a rule without one does not.
+            assert_eq!(mode("/items", FailureMode::Deny), FailureMode::Allow);
+        }
         assert_eq!(
-            failure_mode_for(&rules[..0], &check("GET", "/pay"), FailureMode::Allow),
+            failure_mode_for([&no_mode], &check("GET", "/pay"), FailureMode::Deny),
+            FailureMode::Deny,
+            "no rule with a mode: the default"
+        );
+        assert_eq!(
+            failure_mode_for([] as [&Rule; 0], &check("GET", "/pay"), FailureMode::Allow),
             FailureMode::Allow
         );
     }

@@ -4,10 +4,16 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub struct DelayProxy {
     pub port: u16,
+    /// Chunks read from clients so far (a callout that reached the proxy), and chunks of
+    /// replies passed back to them: what tests wait for instead of sleeping.
+    from_clients: Arc<AtomicU64>,
+    to_clients: Arc<AtomicU64>,
 }
 
 impl DelayProxy {
@@ -16,6 +22,9 @@ impl DelayProxy {
     pub fn start(target: u16, delay: Duration) -> DelayProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let port = listener.local_addr().expect("proxy address").port();
+        let from_clients = Arc::new(AtomicU64::new(0));
+        let to_clients = Arc::new(AtomicU64::new(0));
+        let (requests, replies) = (Arc::clone(&from_clients), Arc::clone(&to_clients));
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
@@ -25,20 +34,36 @@ impl DelayProxy {
                 else {
                     continue;
                 };
-                std::thread::spawn(move || pipe(client_in, server_out, delay));
-                std::thread::spawn(move || pipe(server, client, Duration::ZERO));
+                let (requests, replies) = (Arc::clone(&requests), Arc::clone(&replies));
+                std::thread::spawn(move || pipe(client_in, server_out, delay, &requests));
+                std::thread::spawn(move || pipe(server, client, Duration::ZERO, &replies));
             }
         });
-        DelayProxy { port }
+        DelayProxy {
+            port,
+            from_clients,
+            to_clients,
+        }
+    }
+
+    /// Chunks read from clients so far.
+    pub fn chunks_in(&self) -> u64 {
+        self.from_clients.load(Ordering::SeqCst)
+    }
+
+    /// Chunks of replies passed back to clients so far.
+    pub fn chunks_out(&self) -> u64 {
+        self.to_clients.load(Ordering::SeqCst)
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
+fn pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration, seen: &AtomicU64) {
     let mut buffer = [0u8; 16 * 1024];
     loop {
         match from.read(&mut buffer) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                seen.fetch_add(1, Ordering::SeqCst);
                 std::thread::sleep(delay);
                 if to.write_all(&buffer[..n]).is_err() {
                     break;

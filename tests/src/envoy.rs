@@ -254,14 +254,23 @@ pub struct Envoy {
 
 impl Envoy {
     pub fn start(options: &EnvoyOptions) -> Envoy {
+        Envoy::start_logging(options, "info")
+    }
+
+    /// [`Envoy::start`] with Envoy's (and the filter's) log at `level` (`debug`, `trace`…).
+    pub fn start_logging(options: &EnvoyOptions, level: &str) -> Envoy {
         let (port, admin_port) = (free_port(), free_port());
         let config = config_yaml(options, port, admin_port);
-        Envoy::start_with_config(&config, port, admin_port, options.concurrency)
+        Envoy::launch(&config, port, admin_port, options.concurrency, level)
     }
 
     /// Starts Envoy on a ready-made configuration whose listener is `port` and admin
     /// `admin_port`, from the repository root (shipped configs use paths relative to it).
     pub fn start_with_config(config: &str, port: u16, admin_port: u16, concurrency: u32) -> Envoy {
+        Envoy::launch(config, port, admin_port, concurrency, "info")
+    }
+
+    fn launch(config: &str, port: u16, admin_port: u16, concurrency: u32, level: &str) -> Envoy {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("envoy.yaml");
         std::fs::write(&config_path, config).expect("write config");
@@ -270,7 +279,7 @@ impl Envoy {
             .arg("-c")
             .arg(&config_path)
             .args(["--concurrency", &concurrency.to_string()])
-            .args(["--disable-hot-restart", "--log-level", "info"])
+            .args(["--disable-hot-restart", "--log-level", level])
             .current_dir(repo_root());
         let mut process = Process::spawn("envoy", command, &dir.path().join("envoy.log"));
         process.wait_until_ready(
@@ -296,6 +305,33 @@ impl Envoy {
     /// Everything Envoy (and the filter's log lines) wrote so far.
     pub fn log(&self) -> String {
         self.process.log()
+    }
+
+    /// Per worker, the requests its listener `ingress` took (`worker_N.downstream_rq`…
+    /// is not kept per worker, connections are): connections accepted by each worker.
+    pub fn connections_per_worker(&self, concurrency: u32) -> Vec<u64> {
+        (0..concurrency)
+            .map(|worker| {
+                self.stat(&format!(
+                    "listener.127.0.0.1_{}.worker_{worker}.downstream_cx_total",
+                    self.port
+                ))
+                .unwrap_or(0)
+            })
+            .collect()
+    }
+
+    /// How many Envoy threads (main and workers) have logged a line containing `text`.
+    pub fn threads_that_logged(&self, text: &str) -> usize {
+        let mut threads: Vec<String> = self
+            .log()
+            .lines()
+            .filter(|line| line.contains(text))
+            .filter_map(|line| line.split("][").nth(1).map(str::to_owned))
+            .collect();
+        threads.sort();
+        threads.dedup();
+        threads.len()
     }
 
     /// A counter or gauge from Envoy's admin `/stats`.

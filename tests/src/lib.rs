@@ -44,10 +44,32 @@ pub fn required_file(variable: &str, default: &Path, hint: &str) -> PathBuf {
     path
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port for a process a test starts, free when checked, and given out once in
+/// this test process. Ports come from below the kernel's ephemeral range, counting up from
+/// an offset of this process's own: the kernel never hands them out for another socket's
+/// `bind(0)` or outgoing connection, and no other test of this run gets the same one, so
+/// nothing can take the port between this check and the process binding it.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    const LOWEST: u32 = 10_000;
+    let span = ephemeral_low.saturating_sub(LOWEST).max(1_000);
+    let offset = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = LOWEST + (offset + n) % span;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below {ephemeral_low}");
 }
 
 /// Polls `ready` every 20 ms until it holds or `timeout` passes.

@@ -57,4 +57,50 @@ impl RedisServer {
     pub fn pid(&self) -> u32 {
         self.process.pid()
     }
+
+    /// Freezes the server (`SIGSTOP`): connections stay open, nothing is answered, as when
+    /// Redis hangs or the network drops packets.
+    pub fn pause(&self) {
+        signal(self.pid(), "STOP");
+    }
+
+    /// Lets a paused server go on (`SIGCONT`).
+    pub fn resume(&self) {
+        signal(self.pid(), "CONT");
+    }
+
+    /// How many times the server has run `command` (lower-case, as `INFO commandstats`
+    /// names it: `evalsha`, `eval`, `ping`…).
+    pub fn calls(&self, command: &str) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut self.connection())
+            .expect("INFO commandstats");
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The clients connected now, less the connection this call opens.
+    pub fn other_clients(&self) -> Vec<String> {
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query(&mut self.connection())
+            .expect("CLIENT LIST");
+        list.lines()
+            .filter(|line| !line.contains(" cmd=client|list"))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid}");
 }

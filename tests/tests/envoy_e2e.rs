@@ -101,6 +101,26 @@ fn embedded_store_serves_the_same_path_without_redis() {
     counts_down_then_denies(&envoy);
 }
 
+/// The controller also speaks HTTP/2 without TLS (prior knowledge): the same answers when
+/// the callouts go over it, and Envoy's cluster stats show they did.
+#[test]
+fn callouts_over_http2_get_the_same_answers() {
+    let redis = RedisServer::start();
+    let controller = Controller::start(&rules(5, "1h"), Some(&redis.url()));
+    let upstream = Upstream::start();
+    let envoy = Envoy::start(&EnvoyOptions {
+        filter: Filter::sluice("deny", 1_000),
+        upstream_port: upstream.port(),
+        controller_ports: vec![controller.port],
+        concurrency: 1,
+        controller_http2: true,
+    });
+    counts_down_then_denies(&envoy);
+    let stat = |name: &str| envoy.stat(&format!("cluster.sluice_controller.{name}"));
+    assert!(stat("upstream_cx_http2_total").unwrap_or(0) >= 1);
+    assert_eq!(stat("upstream_cx_http1_total"), Some(0));
+}
+
 #[test]
 fn retry_after_is_within_a_short_window_and_the_window_reopens() {
     let redis = RedisServer::start();

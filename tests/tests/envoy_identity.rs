@@ -274,16 +274,43 @@ fn api_keys_count_as_the_user_and_tier_the_controller_knows() {
         sluice_plugin_config("deny", 1_000),
         json!({ "identity": { "api_key_header": "x-api-key" } }),
     );
-    let envoy = envoy(sluice(plugin), &controller, &upstream);
+    // Logs at debug, where a leak would show first. (Envoy's own debug log prints every
+    // request header, the key among them: only the filter's lines are Sluice's.)
+    let envoy = Envoy::start_logging(
+        &EnvoyOptions {
+            filter: sluice(plugin),
+            upstream_port: upstream.port(),
+            controller_ports: vec![controller.port],
+            concurrency: 1,
+            controller_http2: false,
+        },
+        "debug",
+    );
     let acme = [("x-api-key", "key-of-acme")];
     let response = get(&envoy, "/items", &acme);
     assert_eq!(response.number("x-ratelimit-limit"), 4, "{response:?}");
     let unknown = get(&envoy, "/items", &[("x-api-key", "who-knows")]);
     assert_eq!(unknown.number("x-ratelimit-limit"), 2, "{unknown:?}");
+    let log = envoy.log();
+    let filter_lines: Vec<&str> = log.lines().filter(|l| l.contains("wasm log")).collect();
     assert!(
-        !controller.log().contains("key-of-acme") && !envoy.log().contains("key-of-acme"),
-        "API keys are never logged in clear"
+        filter_lines.iter().any(|l| l.contains("[debug]")),
+        "the filter logs at debug here: {filter_lines:?}"
     );
+    for secret in ["key-of-acme", "who-knows"] {
+        assert!(
+            !controller.log().contains(secret),
+            "API keys are never logged in clear"
+        );
+        assert!(
+            !filter_lines.iter().any(|l| l.contains(secret)),
+            "API keys are never logged in clear: {filter_lines:?}"
+        );
+        assert!(
+            log.contains(secret),
+            "Envoy's own debug log does show request headers"
+        );
+    }
 }
 
 const TWO_PER_CLIENT: &str = "[[rules]]\nname = \"per-client\"\nlimit = 2\nwindow = \"1h\"\n";

@@ -172,3 +172,53 @@ fn the_cost_header_makes_a_request_count_more() {
     let plain = http::get(&url).unwrap();
     assert_eq!(plain.number("x-ratelimit-remaining"), 0, "{plain:?}");
 }
+
+/// A client that leaves while its check is out still gets a slot from the controller (the
+/// controller cannot know); the filter gives it back at once instead of letting it wait for
+/// its hour-long lease.
+#[test]
+fn a_slot_taken_for_a_client_that_left_mid_batch_is_given_back() {
+    use sluice_e2e::delay_proxy::DelayProxy;
+    use std::io::Write;
+    let rules =
+        "[[rules]]\nname = \"one\"\nstrategy = \"concurrency\"\nlimit = 1\nlease = \"1h\"\n";
+    let controller = Controller::start(rules, None);
+    let slow = DelayProxy::start(controller.port, Duration::from_millis(300));
+    let upstream = Upstream::start();
+    let mut plugin = sluice_e2e::envoy::sluice_plugin_config("deny", 3_000);
+    // Only checks and releases pass the proxy.
+    plugin["controller"]["rules_poll_ms"] = serde_json::json!(0);
+    let envoy = Envoy::start(&EnvoyOptions {
+        filter: Filter::sluice_with(&plugin),
+        upstream_port: upstream.port(),
+        controller_ports: vec![slow.port],
+        concurrency: 1,
+        controller_http2: false,
+    });
+    let mut leaver = std::net::TcpStream::connect(("127.0.0.1", envoy.port)).unwrap();
+    leaver
+        .write_all(b"GET /leaving HTTP/1.1\r\nhost: sluice\r\n\r\n")
+        .unwrap();
+    wait_until("its check is out", Duration::from_secs(5), || {
+        slow.chunks_in() >= 1
+    });
+    drop(leaver);
+    // The check's answer (a slot taken) and the release of that slot.
+    let answered = || {
+        envoy
+            .stat("cluster.sluice_controller.upstream_rq_200")
+            .unwrap_or(0)
+    };
+    wait_until("the slot was given back", Duration::from_secs(5), || {
+        answered() >= 2
+    });
+    let next = http::get(&envoy.url("/next")).unwrap();
+    assert_eq!(next.status, 200, "the slot is free again: {next:?}");
+    assert!(
+        controller
+            .log()
+            .contains("release call served leases=1 freed=1"),
+        "{}",
+        controller.log()
+    );
+}

@@ -91,6 +91,18 @@ fn the_demo_configuration_limits_as_the_readme_says() {
     }
     let envoy = Envoy::start_with_config(&config, port, admin_port, 1);
 
+    // The demo's window is 10 s aligned to the epoch: start with at least 4 s of it left, so
+    // that the six requests cannot straddle a boundary (which would reset the count).
+    sluice_e2e::wait_until(
+        "a demo window with 4 s left",
+        std::time::Duration::from_secs(11),
+        || {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            now.as_millis() % 10_000 < 6_000
+        },
+    );
     for remaining in (0..5).rev() {
         let response = http::get(&envoy.url("/anything")).unwrap();
         assert_eq!(response.status, 200, "{response:?}");
