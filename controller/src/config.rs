@@ -149,36 +149,72 @@ mod tests {
         assert_eq!(grant.tier.as_deref(), Some("gold"));
     }
 
-    /// One bad file per error, each with the field the operator is told about.
+    /// One bad file per error, each with the field the operator is told about and the exact
+    /// message after it (`field: message`, as the controller prints it when it refuses to
+    /// start).
     #[test]
     fn bad_files_name_the_field() {
+        let rule = "[[rules]]\nname = \"a\"\nlimit = 1\nwindow = \"1s\"\n";
+        let key = "[[api_keys]]\nsha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n";
         let cases = [
             (
-                "[[rules]]\nname = \"a\"\nlimit = 1\nwindow = \"1x\"",
+                "[[rules]]\nname = \"a\"\nlimit = 1\nwindow = \"1x\"".to_owned(),
                 "rules[0].window",
+                "`1x` has no known unit (ms, s, m, h or d)",
             ),
             (
-                "[[rules]]\nname = \"a\"\nlimit = -1\nwindow = \"1s\"",
+                "[[rules]]\nname = \"a\"\nlimit = -1\nwindow = \"1s\"".to_owned(),
                 "rules[0].limit",
+                "invalid value: integer `-1`, expected u64",
             ),
-            ("[[rules]]\nname = \"a\"\nlimit = 1", "rules[0]"),
             (
-                "[[rules]]\nname = \"a\"\nlimit = 1\nwindow = \"1s\"\nstrategy = \"magic\"",
+                "[[rules]]\nname = \"a\"\nlimit = 1".to_owned(),
+                "rules[0].window",
+                "is required by fixed_window",
+            ),
+            (
+                format!("{rule}strategy = \"magic\""),
                 "rules[0].strategy",
+                "unknown variant `magic`, expected one of `fixed_window`, `sliding_window_log`, \
+                 `sliding_window_counter`, `token_bucket`, `gcra`, `leaky_bucket`, `concurrency`",
             ),
             (
-                "[[rules]]\nname = \"a b\"\nlimit = 1\nwindow = \"1s\"",
+                "[[rules]]\nname = \"a b\"\nlimit = 1\nwindow = \"1s\"".to_owned(),
                 "rules[0].name",
+                "`a b` must be 1 to 64 characters of A-Z, a-z, 0-9, `-` or `_`",
             ),
-            ("[[rule]]\nname = \"a\"", "rule"),
-            ("[[api_keys]]\nsha256 = \"abc\"", "api_keys[0].sha256"),
+            (
+                format!("{rule}[[rules]]\nname = \"b\"\nlimit = 1\nwindow = \"1s\"\nburst = 2"),
+                "rules[1].burst",
+                "applies to token_bucket and gcra only, not to fixed_window",
+            ),
+            (
+                format!("{rule}{rule}"),
+                "rules[1].name",
+                "`a` is used by an earlier rule",
+            ),
+            (
+                "[[rule]]\nname = \"a\"".to_owned(),
+                "rule",
+                "unknown field `rule`, expected `rules` or `api_keys`",
+            ),
+            (
+                "[[api_keys]]\nsha256 = \"abc\"".to_owned(),
+                "api_keys[0].sha256",
+                "must be the 64 hex digits of the key's SHA-256",
+            ),
+            (
+                format!("{key}{key}"),
+                "api_keys[1].sha256",
+                "the same key is listed twice",
+            ),
         ];
-        for (text, field) in cases {
-            let message = parse_rules(text).unwrap_err();
-            assert!(
-                message.starts_with(field),
-                "expected {field}, got: {message}"
-            );
+        for (text, field, message) in cases {
+            let error = parse_rules(&text).unwrap_err();
+            let (named, told) = error
+                .split_once(": ")
+                .unwrap_or_else(|| panic!("no `field: message` in {error:?}"));
+            assert_eq!((named, told), (field, message), "for the file:\n{text}");
         }
     }
 }

@@ -20,8 +20,8 @@ const START: u64 = 1_800_000_000_000 + 250;
 struct Subject {
     store: Arc<dyn Store>,
     clock: Arc<ManualClock>,
-    /// Keeps the server of a Redis subject running for as long as the scenario.
-    _redis: Option<RedisServer>,
+    /// The server of a Redis subject, running for as long as the scenario.
+    redis: Option<RedisServer>,
 }
 
 impl Subject {
@@ -30,7 +30,7 @@ impl Subject {
         Subject {
             store: Arc::new(MemoryStore::new(clock.clone())),
             clock,
-            _redis: None,
+            redis: None,
         }
     }
 
@@ -43,7 +43,7 @@ impl Subject {
         Subject {
             store: Arc::new(store),
             clock,
-            _redis: Some(redis),
+            redis: Some(redis),
         }
     }
 
@@ -409,6 +409,8 @@ async fn huge_limits_count_without_overflow(s: Subject) {
     }
 }
 
+/// Every strategy but the leaky bucket, whose queue has a scenario of its own
+/// (`leaky_bucket_admits_nothing_extra_when_the_clock_goes_back`).
 async fn a_clock_going_back_admits_nothing_extra(s: Subject) {
     for spec in one_of_each(3)
         .into_iter()
@@ -427,6 +429,49 @@ async fn a_clock_going_back_admits_nothing_extra(s: Subject) {
         );
         s.clock.set(START);
     }
+}
+
+/// The leaky bucket's queue is kept as a lead over the latest time it has seen: a clock that
+/// goes back neither drains the queue nor gives a request an earlier slot than it had.
+async fn leaky_bucket_admits_nothing_extra_when_the_clock_goes_back(s: Subject) {
+    // One every 500 ms, waiting at most 1 s: three places (now, +500 ms, +1000 ms).
+    let full = limit(LeakyBucket, 2, 1_000, 1_000);
+    let mut slots = Vec::new();
+    for _ in 0..3 {
+        let v = s.one(&full).await;
+        slots.push((v.ok, v.delay_ms));
+    }
+    assert_eq!(slots, [(true, 0), (true, 500), (true, 1_000)]);
+    let denied = s.one(&full).await;
+    assert_eq!(denied, verdict(false, 0, 1_500, 500));
+    s.clock.set(START - HOUR);
+    assert_eq!(
+        s.one(&full).await,
+        denied,
+        "admitted after the clock went back"
+    );
+    s.clock.set(START);
+    assert_eq!(
+        s.one(&full).await,
+        denied,
+        "the queue drained while the clock was back"
+    );
+    // Time that really passes still drains it.
+    s.advance(500);
+    let v = s.one(&full).await;
+    assert_eq!((v.ok, v.delay_ms), (true, 1_000));
+
+    // A queue with a place left: after the clock went back, the place is still the last
+    // one (the full wait), and there is no other.
+    let half = limit(LeakyBucket, 2, 1_000, 1_000);
+    assert_eq!(s.admitted(&half, 2).await, [true, true]);
+    s.clock.set(START + 500 - HOUR);
+    let last = s.one(&half).await;
+    assert_eq!((last.ok, last.delay_ms), (true, 1_000), "{last:?}");
+    assert!(
+        !s.one(&half).await.ok,
+        "admitted a fourth after the clock went back"
+    );
 }
 
 async fn keys_count_independently(s: Subject) {
@@ -523,6 +568,7 @@ every_store!(
     limit_zero_blocks_everything,
     huge_limits_count_without_overflow,
     a_clock_going_back_admits_nothing_extra,
+    leaky_bucket_admits_nothing_extra_when_the_clock_goes_back,
     keys_count_independently,
     a_batch_is_decided_in_order,
 );
@@ -535,41 +581,106 @@ fn redis_on_server_time() -> (RedisServer, RedisStore) {
     (redis, store)
 }
 
-/// Every key a strategy writes carries a TTL no longer than it needs (on `TIME`, without
-/// the extra minute that injected time adds).
+/// What `lua/check.lua` adds to every TTL when the time is injected: Redis expires keys on
+/// its own clock, which the injected one does not move.
+const INJECTED_TIME_TTL_EXTRA: u64 = 60_000;
+
+/// A key's `PTTL` now, after its TTL was set to at most `set_to` ms no earlier than
+/// `checked_at`: the server's clock has run since then, never more than this process's.
+fn assert_pttl(
+    connection: &mut ::redis::Connection,
+    spec: &LimitSpec,
+    set_to: u64,
+    checked_at: std::time::Instant,
+    what: &str,
+) {
+    let ttl: i64 = ::redis::cmd("PTTL")
+        .arg(&spec.key)
+        .query(connection)
+        .unwrap();
+    let ran = u64::try_from(checked_at.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let lowest = set_to.saturating_sub(ran + 2);
+    assert!(
+        u64::try_from(ttl).is_ok_and(|ttl| (lowest..=set_to).contains(&ttl)),
+        "{:?} {what}: PTTL {ttl}, expected {lowest}..={set_to}",
+        spec.params.strategy
+    );
+}
+
+/// Every key a strategy writes carries a TTL of exactly as long as its state matters, as
+/// the scripts set it: the end of the window (fixed window, set when the window opens), the
+/// newest entry's window (log), the end of the next window (counter, whose current window
+/// still weighs there), the time to refill or pay the debt (token bucket, GCRA, leaky
+/// bucket), the last lease (concurrency). On injected time, plus the extra minute.
 #[tokio::test]
 async fn redis_keys_expire_when_their_state_no_longer_matters() {
-    let (redis, store) = redis_on_server_time();
-    let cases = [
-        (limit(FixedWindow, 10, 60_000, 0), 60_000),
-        (limit(SlidingWindowLog, 10, 60_000, 0), 60_000),
-        (limit(SlidingWindowCounter, 10, 60_000, 0), 120_000),
-        (limit(TokenBucket, 10, 60_000, 10), 6_000),
-        (limit(Gcra, 10, 60_000, 1), 6_000),
-        (limit(LeakyBucket, 10, 60_000, 10_000), 6_000),
-        (limit(Concurrency, 10, 60_000, 0), 60_000),
-    ];
+    let s = Subject::redis();
+    let redis = s.redis.as_ref().expect("a redis subject");
     let mut connection = redis.connection();
-    for (spec, longest) in cases {
-        // The first check creates the key, the second updates it: both leave a TTL (no
-        // longer than two checks' state needs: a bucket refills twice the debt).
-        for (check, bound) in [("first", longest), ("second", 2 * longest)] {
+    // START is 250 ms into a minute. Both checks at START; the second one's TTL is what
+    // the key holds after two admitted requests.
+    let cases = [
+        (limit(FixedWindow, 10, 60_000, 0), [59_750, 59_750]),
+        (limit(SlidingWindowLog, 10, 60_000, 0), [60_000, 60_000]),
+        (
+            limit(SlidingWindowCounter, 10, 60_000, 0),
+            [119_750, 119_750],
+        ),
+        // A token (6 s) per request to refill, a request's debt to pay off or queue to drain.
+        (limit(TokenBucket, 10, 60_000, 10), [6_000, 12_000]),
+        (limit(Gcra, 10, 60_000, 2), [6_000, 12_000]),
+        (limit(LeakyBucket, 10, 60_000, 10_000), [6_000, 12_000]),
+        (limit(Concurrency, 10, 60_000, 0), [60_000, 60_000]),
+    ];
+    for (spec, ttls) in cases {
+        let first_at = std::time::Instant::now();
+        for (check, ttl) in ["first", "second"].into_iter().zip(ttls) {
+            assert!(s.one(&spec).await.ok, "{:?} {check}", spec.params.strategy);
+            // The fixed window's second check leaves the TTL its first one set: count the
+            // server's time from the first.
+            let what = format!("after the {check} check");
+            assert_pttl(
+                &mut connection,
+                &spec,
+                ttl + INJECTED_TIME_TTL_EXTRA,
+                first_at,
+                &what,
+            );
+        }
+    }
+}
+
+/// On the server's `TIME` (production), a key's TTL is the state's own horizon, without
+/// the injected time's extra minute: the `reset_ms` the script reports (how long until the
+/// limit is whole again), or the last lease for concurrency.
+#[tokio::test]
+async fn redis_keys_on_server_time_expire_with_their_state() {
+    let (redis, store) = redis_on_server_time();
+    let mut connection = redis.connection();
+    let cases = [
+        limit(FixedWindow, 10, 60_000, 0),
+        limit(SlidingWindowLog, 10, 60_000, 0),
+        limit(SlidingWindowCounter, 10, 60_000, 0),
+        limit(TokenBucket, 10, 60_000, 10),
+        limit(Gcra, 10, 60_000, 2),
+        limit(LeakyBucket, 10, 60_000, 10_000),
+        limit(Concurrency, 10, 60_000, 0),
+    ];
+    for spec in cases {
+        for check in ["first", "second"] {
+            let checked_at = std::time::Instant::now();
             let outcome = store
                 .check(std::slice::from_ref(&spec), &lease_id())
                 .await
                 .unwrap();
-            if check == "first" {
-                assert!(outcome.allowed());
-            }
-            let ttl: i64 = ::redis::cmd("PTTL")
-                .arg(&spec.key)
-                .query(&mut connection)
-                .unwrap();
-            assert!(
-                ttl > 0 && ttl <= bound,
-                "{:?} after the {check} check: PTTL {ttl}",
-                spec.params.strategy
-            );
+            assert!(outcome.allowed(), "{:?} {check}", spec.params.strategy);
+            let horizon = if spec.params.strategy == Concurrency {
+                spec.params.period_ms
+            } else {
+                outcome.verdicts[0].reset_ms
+            };
+            let what = format!("after the {check} check");
+            assert_pttl(&mut connection, &spec, horizon, checked_at, &what);
         }
     }
 }
