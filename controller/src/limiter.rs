@@ -268,7 +268,7 @@ fn never_admitted(rules: &[&Rule], costs: &[u64]) -> Option<Decision> {
     rules.iter().zip(costs).find_map(|(rule, &cost)| {
         let reason = if rule.limit == 0 && cost > 0 {
             DenyReason::LimitZero
-        } else if rule.capacity().is_some_and(|capacity| cost > capacity) {
+        } else if cost > rule.capacity() {
             DenyReason::CostExceedsCapacity
         } else {
             return None;

@@ -3,6 +3,7 @@
 //! Rules are validated once ([`RuleSet::new`]) and then only read. Errors name the field
 //! (`rules[1].window`) so that an operator can find the mistake.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -408,16 +409,32 @@ impl Rule {
         }
     }
 
-    /// Largest cost one request can ever be admitted with, if there is one.
-    pub fn capacity(&self) -> Option<u64> {
-        match self.strategy {
-            Strategy::TokenBucket | Strategy::Gcra => Some(self.burst()),
-            Strategy::LeakyBucket => None,
-            _ => Some(self.limit),
-        }
+    /// Largest cost one request can ever be admitted with: what the limit holds at once
+    /// (for a leaky bucket, the places in its queue: a request taking more would hold
+    /// everyone behind it longer than `max_delay`).
+    pub fn capacity(&self) -> u64 {
+        self.quota()
     }
 
-    fn validate(&self) -> Result<(), (&'static str, String)> {
+    fn validate(&self) -> Result<(), (Cow<'static, str>, String)> {
+        self.validate_fields()
+            .map_err(|(field, message)| (Cow::Borrowed(field), message))?;
+        for (index, header) in self.matcher.headers.iter().enumerate() {
+            let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            if header.name.is_empty()
+                || !header.name.bytes().all(token)
+                || header.name.starts_with(':')
+            {
+                return Err((
+                    Cow::Owned(format!("match.headers[{index}].name")),
+                    format!("`{}` is not a header name", header.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_fields(&self) -> Result<(), (&'static str, String)> {
         let name_ok = !self.name.is_empty()
             && self.name.len() <= MAX_RULE_NAME
             && self
@@ -432,18 +449,6 @@ impl Rule {
                     self.name
                 ),
             ));
-        }
-        for (index, header) in self.matcher.headers.iter().enumerate() {
-            let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-            if header.name.is_empty()
-                || !header.name.bytes().all(token)
-                || header.name.starts_with(':')
-            {
-                return Err((
-                    "match.headers",
-                    format!("[{index}].name `{}` is not a header name", header.name),
-                ));
-            }
         }
         let paths = [
             ("match.path", &self.matcher.path),
@@ -583,7 +588,7 @@ impl RuleSet {
                 message,
             };
             rule.validate()
-                .map_err(|(field, message)| error(field, message))?;
+                .map_err(|(field, message)| error(&field, message))?;
             if rules[..index]
                 .iter()
                 .any(|earlier| earlier.name == rule.name)
@@ -793,7 +798,7 @@ mod tests {
         );
         assert_eq!(
             RuleSet::new(vec![bad]).unwrap_err().field,
-            "rules[0].match.headers"
+            "rules[0].match.headers[0].name"
         );
     }
 

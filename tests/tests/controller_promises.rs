@@ -97,6 +97,15 @@ limit = 5
 window = "1h"
 burst = 3
 match = { path_prefix = "/bucket" }
+
+# A queue of 3: one at once, then one every 500 ms for up to 1 s.
+[[rules]]
+name = "queue"
+strategy = "leaky_bucket"
+limit = 2
+window = "1s"
+max_delay = "1s"
+match = { path_prefix = "/queue" }
 "#;
 
 #[test]
@@ -109,6 +118,9 @@ fn requests_that_can_never_pass_are_denied_without_touching_the_store() {
         check("/small", 6),
         // Within the bucket's rate (5) but above its burst (3): the burst is what it holds.
         check("/bucket", 4),
+        // More places than the queue has: admitting it with no wait would hold everyone
+        // behind it far longer than max_delay.
+        check("/queue", 4),
     ];
     // Each on its own call, and all in one: no call reaches the store.
     let mut decisions: Vec<Decision> = never
@@ -132,6 +144,11 @@ fn requests_that_can_never_pass_are_denied_without_touching_the_store() {
             DenyReason::CostExceedsCapacity,
             "This request costs more than rate limit `bucket` can ever admit (3); it will not pass.",
         ),
+        (
+            "queue",
+            DenyReason::CostExceedsCapacity,
+            "This request costs more than rate limit `queue` can ever admit (3); it will not pass.",
+        ),
     ];
     for (decision, (rule, reason, message)) in decisions.iter().zip(expected.iter().cycle()) {
         assert!(!decision.allowed, "{decision:?}");
@@ -151,7 +168,10 @@ fn requests_that_can_never_pass_are_denied_without_touching_the_store() {
     assert_eq!(dbsize(&redis), 0, "a check that can never pass wrote a key");
 
     // The same checks at a cost they can pass do reach the store.
-    let allowed = decide(&controller, &[check("/small", 5), check("/bucket", 3)]);
+    let allowed = decide(
+        &controller,
+        &[check("/small", 5), check("/bucket", 3), check("/queue", 3)],
+    );
     assert!(allowed.iter().all(|d| d.allowed), "{allowed:?}");
     assert!(allowed
         .iter()
@@ -160,7 +180,7 @@ fn requests_that_can_never_pass_are_denied_without_touching_the_store() {
         script_calls(&redis) > scripts_before,
         "admitted checks ran no script"
     );
-    assert_eq!(dbsize(&redis), 2);
+    assert_eq!(dbsize(&redis), 3);
 }
 
 // ---- a rule's own cost ----------------------------------------------------------------------
