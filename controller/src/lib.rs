@@ -1,96 +1,225 @@
-//! The Sluice controller as a library: `main.rs` only reads settings and calls [`serve`].
+//! The Sluice controller as a library: `main.rs` reads the settings and calls [`serve`].
+//!
+//! - [`check`]: the hot path the filter calls (check, release, its configuration view);
+//! - [`admin`]: the admin API on its own address (auth, audit, OpenAPI);
+//! - [`config`]: the configuration model, its validation, store and live snapshot;
+//! - [`store`], [`strategy`], [`keys`]: counters, the algorithms, every Redis key.
 
-pub mod api;
+pub mod admin;
+pub mod check;
 pub mod config;
+pub mod error;
 pub mod keys;
-pub mod limiter;
 pub mod settings;
 pub mod store;
 pub mod strategy;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
-use crate::limiter::Limiter;
-use crate::settings::Settings;
+use crate::admin::auth::Tokens;
+use crate::check::limiter::Limiter;
+use crate::config::{ConfigStore, LiveConfig, MemoryConfigStore, RedisConfigStore};
+use crate::settings::{setting_error, Mode, SettingError, Settings};
 use crate::store::{MemoryStore, RedisStore, Store, SystemClock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Config(#[from] config::ConfigError),
-    #[error("--redis-url: {0}")]
-    Redis(store::StoreError),
+    Setting(#[from] SettingError),
+    #[error("{0}")]
+    Config(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
-        addr: std::net::SocketAddr,
+        addr: SocketAddr,
         source: std::io::Error,
     },
 }
 
-/// The store the settings ask for.
-pub fn build_store(settings: &Settings) -> Result<Arc<dyn Store>, StartError> {
-    match &settings.redis_url {
+/// The counters' store and the configuration's.
+pub struct Stores {
+    pub counters: Arc<dyn Store>,
+    pub config: Arc<dyn ConfigStore>,
+}
+
+/// The stores the settings ask for: the counters', and the configuration's (on the same
+/// connection when they share a Redis).
+pub fn build_stores(settings: &Settings) -> Result<Stores, StartError> {
+    let Some(url) = &settings.redis_url else {
+        return Ok(Stores {
+            counters: Arc::new(MemoryStore::new(Arc::new(SystemClock))),
+            config: build_config_store(settings)?,
+        });
+    };
+    let timeout = Duration::from_millis(settings.redis_timeout_ms);
+    let counters =
+        RedisStore::new(url, timeout).map_err(|e| setting_error("redis_url", e.to_string()))?;
+    let config: Arc<dyn ConfigStore> = if settings.config_redis_url.as_ref() == Some(url) {
+        Arc::new(RedisConfigStore::on(
+            counters.connection(),
+            url,
+            settings.audit_length,
+        ))
+    } else {
+        build_config_store(settings)?
+    };
+    Ok(Stores {
+        counters: Arc::new(counters),
+        config,
+    })
+}
+
+/// The configuration's store the settings ask for, on a connection of its own.
+pub fn build_config_store(settings: &Settings) -> Result<Arc<dyn ConfigStore>, StartError> {
+    match &settings.config_redis_url {
         Some(url) => {
             let timeout = Duration::from_millis(settings.redis_timeout_ms);
-            Ok(Arc::new(
-                RedisStore::new(url, timeout).map_err(StartError::Redis)?,
-            ))
+            let store = RedisConfigStore::new(url, timeout, settings.audit_length)
+                .map_err(|e| setting_error("config_redis_url", e.to_string()))?;
+            Ok(Arc::new(store))
         }
-        None => Ok(Arc::new(MemoryStore::new(Arc::new(SystemClock)))),
+        None => {
+            let store = MemoryConfigStore::open(settings.state_file.clone(), settings.audit_length)
+                .map_err(|e| setting_error("state_file", e.to_string()))?;
+            Ok(Arc::new(store))
+        }
     }
 }
 
-/// Loads rules, opens the store, and serves until `shutdown` completes.
+/// The admin tokens the settings give (file and environment together).
+pub fn admin_tokens(settings: &Settings) -> Result<Tokens, StartError> {
+    let from_file = match &settings.admin_tokens_file {
+        Some(path) => Tokens::from_file(path).map_err(|e| setting_error("admin_tokens_file", e))?,
+        None => Tokens::default(),
+    };
+    let from_env = match &settings.admin_tokens {
+        Some(text) => Tokens::from_text(text).map_err(|e| setting_error("admin_tokens", e))?,
+        None => Tokens::default(),
+    };
+    let tokens = from_file
+        .merge(from_env)
+        .map_err(|e| setting_error("admin_tokens", e))?;
+    if settings.mode == Mode::Production && !tokens.has_admin() {
+        return Err(setting_error(
+            "admin_tokens_file",
+            "production mode needs at least one admin token (a tokens file, or \
+             SLUICE_ADMIN_TOKENS=name:admin:token; or run with --mode development)",
+        )
+        .into());
+    }
+    Ok(tokens)
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen { addr, source })
+}
+
+/// Opens the stores, loads the configuration, and serves the check and admin APIs until
+/// `shutdown` completes.
 pub async fn serve(
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let policy = match &settings.config {
-        Some(path) => config::load(path)?,
-        None => {
-            tracing::warn!("no --config given: no rule applies, every check is allowed");
-            config::Policy::default()
-        }
+    let tokens = admin_tokens(&settings)?;
+    let bootstrap = match &settings.config {
+        Some(path) => Some(config::file::load(path).map_err(StartError::Config)?),
+        None => None,
     };
-    let store = build_store(&settings)?;
+    let Stores {
+        counters,
+        config: config_store,
+    } = build_stores(&settings)?;
     if settings.redis_url.is_none() {
         tracing::warn!(
-            "no --redis-url given: using the embedded in-memory store; counters are local to this process"
+            "no --redis-url given: counting in the embedded in-memory store; counters are local to this process"
         );
     }
+    if let Err(risk) = config_store.durability().await {
+        tracing::warn!("{risk}");
+    }
+    let live = LiveConfig::start(config_store, bootstrap, settings.config_source).await;
+    let watcher = live.watch(Duration::from_millis(settings.config_poll_ms));
+    let snapshot = live.snapshot();
     tracing::info!(
-        rules = policy.rules.rules().len(),
-        api_keys = policy.api_keys.len(),
-        store = %store.describe(),
+        version = snapshot.version,
+        rules = snapshot.rules.rules().len(),
+        tiers = snapshot.document.tiers.len(),
+        api_keys = snapshot.api_keys.len(),
+        counters = %counters.describe(),
+        config = %live.store().describe(),
         "starting"
     );
-    let limiter = Arc::new(Limiter::new(policy.rules, store).with_api_keys(policy.api_keys));
-    let listener =
-        TcpListener::bind(settings.listen)
-            .await
-            .map_err(|source| StartError::Listen {
-                addr: settings.listen,
-                source,
-            })?;
-    tracing::info!(addr = %settings.listen, "listening");
+    let limiter = Arc::new(Limiter::new(Arc::clone(&live), counters));
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+
+    let check_listener = bind(settings.listen).await?;
+    tracing::info!(addr = %settings.listen, "check API listening");
     // Replies go out at once: Envoy waits on each one (Nagle would hold a reply written in
     // parts until the previous part is acknowledged).
-    let listener = listener.tap_io(|stream| {
+    let check_listener = check_listener.tap_io(|stream| {
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!("cannot set TCP_NODELAY: {error}");
         }
     });
-    axum::serve(listener, api::app(api::AppState { limiter }))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: settings.listen,
+    let check_app = check::app(check::CheckState {
+        limiter: Arc::clone(&limiter),
+    });
+    let check_server = axum::serve(check_listener, check_app)
+        .with_graceful_shutdown(until_stopped(stopped.clone()));
+
+    let admin_server = if tokens.is_empty() {
+        tracing::warn!(
+            "no admin tokens: the admin API is not served (development mode); give a tokens \
+             file or SLUICE_ADMIN_TOKENS to serve it"
+        );
+        None
+    } else {
+        let admin_listener = bind(settings.admin_listen).await?;
+        tracing::info!(addr = %settings.admin_listen, "admin API listening");
+        let admin_app = admin::app(admin::AdminState {
+            config: Arc::clone(&live),
+            limiter: Arc::clone(&limiter),
+            tokens: Arc::new(tokens),
+        });
+        Some(
+            axum::serve(admin_listener, admin_app)
+                .with_graceful_shutdown(until_stopped(stopped.clone())),
+        )
+    };
+    let listen = settings.listen;
+    let check_done = async move {
+        check_server.await.map_err(|source| StartError::Listen {
+            addr: listen,
             source,
         })
+    };
+    let admin_listen = settings.admin_listen;
+    let admin_done = async move {
+        match admin_server {
+            Some(server) => server.await.map_err(|source| StartError::Listen {
+                addr: admin_listen,
+                source,
+            }),
+            None => Ok(()),
+        }
+    };
+    let served = tokio::try_join!(check_done, admin_done).map(|_| ());
+    watcher.abort();
+    served
 }
 
 /// Completes on Ctrl-C or SIGTERM.

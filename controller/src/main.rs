@@ -1,7 +1,7 @@
 use std::io::IsTerminal;
 
 use clap::Parser;
-use sluice_controller::settings::Settings;
+use sluice_controller::settings::{Flags, Settings};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -12,8 +12,13 @@ async fn main() -> std::process::ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    let settings = Settings::parse();
-    match sluice_controller::serve(settings, sluice_controller::shutdown_signal()).await {
+    let started = match Settings::resolve(Flags::parse()) {
+        Ok(settings) => sluice_controller::serve(settings, sluice_controller::shutdown_signal())
+            .await
+            .map_err(|e| e.to_string()),
+        Err(error) => Err(error.to_string()),
+    };
+    match started {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error}");

@@ -1,33 +1,336 @@
-//! Command-line and environment settings.
+//! The controller's own settings: from a settings file (`--settings`, TOML), environment
+//! variables and flags, the later winning (flag or variable over file over default), all
+//! checked at start with errors that name the setting.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Parser;
+use serde::Deserialize;
 
-#[derive(Debug, Clone, Parser)]
+use crate::config::ConfigSource;
+
+/// How strict the controller is about what it needs to run safely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Refuses to start without an admin token and without a store that keeps acknowledged
+    /// changes (Redis, or `--state-file` for the embedded store).
+    Production,
+    /// Starts anyway: without tokens the admin API is not served; without a state file
+    /// changes are kept in memory only. For tests and trying things out.
+    Development,
+}
+
+#[derive(Debug, Clone, Default, Parser)]
 #[command(
     name = "sluice-controller",
     version,
     about = "Sluice rate-limit controller"
 )]
-pub struct Settings {
-    /// Rules file (TOML). Without one, no rule applies and every check is allowed.
-    #[arg(long, env = "SLUICE_CONFIG")]
-    pub config: Option<PathBuf>,
-
-    /// Address to serve the check call, health and readiness on.
-    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8081")]
-    pub listen: SocketAddr,
-
-    /// Redis to keep counters in (`redis://[:password@]host:port[/db]`). Without it the
-    /// embedded in-memory store is used: counters are local to this process.
+pub struct Flags {
+    /// Settings file (TOML) with any of the settings below, by their long names with `_`.
+    #[arg(long, env = "SLUICE_SETTINGS")]
+    pub settings: Option<PathBuf>,
+    /// Address of the check call, the filter's configuration view, /healthz and /readyz
+    /// [default: 127.0.0.1:8081].
+    #[arg(long, env = "SLUICE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address of the admin API [default: 127.0.0.1:8082].
+    #[arg(long, env = "SLUICE_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Redis for the counters (`redis://[:password@]host:port[/db]`). Without it the
+    /// embedded in-memory store is used: counters are then local to this process.
     #[arg(long, env = "SLUICE_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Redis for the configuration and audit log [default: the counters' Redis]. It must
+    /// keep what it acknowledged (appendonly yes, appendfsync always).
+    #[arg(long, env = "SLUICE_CONFIG_REDIS_URL")]
+    pub config_redis_url: Option<String>,
+    /// How long a Redis command may take before it fails [default: 100].
+    #[arg(long, env = "SLUICE_REDIS_TIMEOUT_MS")]
+    pub redis_timeout_ms: Option<u64>,
+    /// A configuration file (TOML, YAML or JSON) to start from.
+    #[arg(long, env = "SLUICE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// What wins when the store and --config disagree at start [default: store].
+    #[arg(long, env = "SLUICE_CONFIG_SOURCE", value_enum)]
+    pub config_source: Option<ConfigSource>,
+    /// Where the embedded store keeps the configuration (without Redis).
+    #[arg(long, env = "SLUICE_STATE_FILE")]
+    pub state_file: Option<PathBuf>,
+    /// Admin API tokens (TOML: `[[tokens]]` with name, role, token or sha256). Tokens can
+    /// also come from SLUICE_ADMIN_TOKENS (`name:role:token;…`).
+    #[arg(long, env = "SLUICE_ADMIN_TOKENS_FILE")]
+    pub admin_tokens_file: Option<PathBuf>,
+    /// production or development [default: production].
+    #[arg(long, env = "SLUICE_MODE", value_enum)]
+    pub mode: Option<Mode>,
+    /// How often the configuration's version is read from the store [default: 500].
+    #[arg(long, env = "SLUICE_CONFIG_POLL_MS")]
+    pub config_poll_ms: Option<u64>,
+    /// How many entries the audit log keeps [default: 1000].
+    #[arg(long, env = "SLUICE_AUDIT_LENGTH")]
+    pub audit_length: Option<usize>,
+}
 
-    /// How long a Redis command may take before the check fails (and the filter applies its
-    /// failure mode).
-    #[arg(long, env = "SLUICE_REDIS_TIMEOUT_MS", default_value_t = 100,
-          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+/// The settings file: the same settings as the flags, snake_case.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
+    redis_url: Option<String>,
+    config_redis_url: Option<String>,
+    redis_timeout_ms: Option<u64>,
+    config: Option<PathBuf>,
+    config_source: Option<ConfigSource>,
+    state_file: Option<PathBuf>,
+    admin_tokens_file: Option<PathBuf>,
+    mode: Option<Mode>,
+    config_poll_ms: Option<u64>,
+    audit_length: Option<usize>,
+}
+
+/// Checked settings, ready to run on.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub redis_url: Option<String>,
+    pub config_redis_url: Option<String>,
     pub redis_timeout_ms: u64,
+    pub config: Option<PathBuf>,
+    pub config_source: ConfigSource,
+    pub state_file: Option<PathBuf>,
+    pub admin_tokens_file: Option<PathBuf>,
+    /// `SLUICE_ADMIN_TOKENS`, read from the environment only (a flag would show in `ps`).
+    pub admin_tokens: Option<String>,
+    pub mode: Mode,
+    pub config_poll_ms: u64,
+    pub audit_length: usize,
+}
+
+/// A setting that cannot be used, named as flag, variable and file key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("setting `{setting}` (--{flag}, SLUICE_{variable}): {message}")]
+pub struct SettingError {
+    pub setting: &'static str,
+    flag: String,
+    variable: String,
+    pub message: String,
+}
+
+pub fn setting_error(setting: &'static str, message: impl Into<String>) -> SettingError {
+    SettingError {
+        setting,
+        flag: setting.replace('_', "-"),
+        variable: setting.to_ascii_uppercase(),
+        message: message.into(),
+    }
+}
+
+fn range<T: PartialOrd + std::fmt::Display + Copy>(
+    setting: &'static str,
+    value: T,
+    low: T,
+    high: T,
+) -> Result<T, SettingError> {
+    if value >= low && value <= high {
+        Ok(value)
+    } else {
+        Err(setting_error(
+            setting,
+            format!("must be between {low} and {high}, got {value}"),
+        ))
+    }
+}
+
+impl Settings {
+    /// The settings `flags` (and the environment) give, over the settings file they name.
+    pub fn resolve(flags: Flags) -> Result<Settings, SettingError> {
+        let file = match &flags.settings {
+            Some(path) => read_file(path)?,
+            None => FileSettings::default(),
+        };
+        let redis_url = flags.redis_url.or(file.redis_url);
+        let settings = Settings {
+            listen: flags
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8081))),
+            admin_listen: flags
+                .admin_listen
+                .or(file.admin_listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8082))),
+            config_redis_url: flags
+                .config_redis_url
+                .or(file.config_redis_url)
+                .or_else(|| redis_url.clone()),
+            redis_url,
+            redis_timeout_ms: range(
+                "redis_timeout_ms",
+                flags
+                    .redis_timeout_ms
+                    .or(file.redis_timeout_ms)
+                    .unwrap_or(100),
+                1,
+                60_000,
+            )?,
+            config: flags.config.or(file.config),
+            config_source: flags
+                .config_source
+                .or(file.config_source)
+                .unwrap_or(ConfigSource::Store),
+            state_file: flags.state_file.or(file.state_file),
+            admin_tokens_file: flags.admin_tokens_file.or(file.admin_tokens_file),
+            admin_tokens: std::env::var("SLUICE_ADMIN_TOKENS").ok(),
+            mode: flags.mode.or(file.mode).unwrap_or(Mode::Production),
+            config_poll_ms: range(
+                "config_poll_ms",
+                flags.config_poll_ms.or(file.config_poll_ms).unwrap_or(500),
+                50,
+                60_000,
+            )?,
+            audit_length: range(
+                "audit_length",
+                flags.audit_length.or(file.audit_length).unwrap_or(1_000),
+                1,
+                100_000,
+            )?,
+        };
+        settings.check()?;
+        Ok(settings)
+    }
+
+    fn check(&self) -> Result<(), SettingError> {
+        if self.listen == self.admin_listen {
+            return Err(setting_error(
+                "admin_listen",
+                format!(
+                    "must differ from listen ({}): the admin API need not be reachable from \
+                     the proxies",
+                    self.listen
+                ),
+            ));
+        }
+        for (setting, url) in [
+            ("redis_url", &self.redis_url),
+            ("config_redis_url", &self.config_redis_url),
+        ] {
+            if let Some(url) = url {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err(setting_error(
+                        setting,
+                        "must be a redis:// or rediss:// URL",
+                    ));
+                }
+            }
+        }
+        if self.config_source == ConfigSource::File && self.config.is_none() {
+            return Err(setting_error(
+                "config_source",
+                "`file` needs a configuration file (--config)",
+            ));
+        }
+        if self.mode == Mode::Production
+            && self.config_redis_url.is_none()
+            && self.state_file.is_none()
+        {
+            return Err(setting_error(
+                "state_file",
+                "production mode needs the configuration kept: give --redis-url (or \
+                 --config-redis-url) or --state-file (or run with --mode development)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileSettings, SettingError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| setting_error("settings", format!("cannot read {}: {e}", path.display())))?;
+    toml::from_str(&text)
+        .map_err(|e| setting_error("settings", format!("{}: {}", path.display(), e.message())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(args: &[&str]) -> Result<Settings, SettingError> {
+        let flags =
+            Flags::try_parse_from(std::iter::once("sluice-controller").chain(args.iter().copied()))
+                .map_err(|e| setting_error("flags", e.to_string()))?;
+        Settings::resolve(flags)
+    }
+
+    #[test]
+    fn defaults_flags_and_file_in_that_order() {
+        let dir = tempfile_dir();
+        let file = dir.join("settings.toml");
+        std::fs::write(
+            &file,
+            "admin_listen = \"127.0.0.1:9100\"\nredis_timeout_ms = 250\nmode = \"development\"\n",
+        )
+        .unwrap();
+        let settings = resolve(&[
+            "--settings",
+            file.to_str().unwrap(),
+            "--redis-timeout-ms",
+            "300",
+        ])
+        .unwrap();
+        assert_eq!(settings.admin_listen.port(), 9100, "from the file");
+        assert_eq!(settings.redis_timeout_ms, 300, "the flag wins");
+        assert_eq!(settings.listen.port(), 8081, "the default");
+        assert_eq!(settings.mode, Mode::Development);
+    }
+
+    #[test]
+    fn bad_settings_name_the_setting() {
+        let error = resolve(&["--mode", "development", "--redis-timeout-ms", "0"]).unwrap_err();
+        assert_eq!(error.setting, "redis_timeout_ms");
+        assert!(
+            error.to_string().starts_with(
+                "setting `redis_timeout_ms` (--redis-timeout-ms, SLUICE_REDIS_TIMEOUT_MS)"
+            ),
+            "{error}"
+        );
+        let error = resolve(&[
+            "--mode",
+            "development",
+            "--listen",
+            "127.0.0.1:9000",
+            "--admin-listen",
+            "127.0.0.1:9000",
+        ])
+        .unwrap_err();
+        assert_eq!(error.setting, "admin_listen");
+        let error = resolve(&[]).unwrap_err();
+        assert_eq!(
+            error.setting, "state_file",
+            "production keeps its configuration"
+        );
+        let error =
+            resolve(&["--mode", "development", "--redis-url", "localhost:6379"]).unwrap_err();
+        assert_eq!(error.setting, "redis_url");
+        let dir = tempfile_dir();
+        let file = dir.join("bad.toml");
+        std::fs::write(&file, "listen_on = \"x\"\n").unwrap();
+        let error = resolve(&["--settings", file.to_str().unwrap()]).unwrap_err();
+        assert!(error.message.contains("listen_on"), "{error}");
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "sluice-settings-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
 }

@@ -12,10 +12,9 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 use sluice_protocol::headers::HeaderStyle;
-use sluice_protocol::rules::PathPattern;
 
 use crate::client::{IpPolicy, ProxyTrust};
-use crate::identity::{self, IdentityConfig, JwtMetadata, JwtSettings, OnInvalidToken, Source};
+use crate::identity::{IdentityConfig, JwtMetadata, JwtSettings, OnInvalidToken, Source};
 use crate::jwt::{Expectations, JwtVerifier, VerifyingKey};
 use crate::lists::List;
 
@@ -41,10 +40,11 @@ struct RawConfig {
     headers: HeaderStyle,
     #[serde(default)]
     shadow: bool,
+    /// Moved to the controller: refused with a message saying where.
     #[serde(default)]
-    safelist: RawList,
+    safelist: Option<serde_json::Value>,
     #[serde(default)]
-    denylist: RawList,
+    denylist: Option<serde_json::Value>,
     #[serde(default = "default_exempt_paths")]
     exempt_paths: Vec<String>,
     #[serde(default)]
@@ -182,20 +182,6 @@ fn default_ipv6_prefix() -> u8 {
     64
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawList {
-    #[serde(default)]
-    ips: Vec<String>,
-    #[serde(default)]
-    users: Vec<String>,
-    /// Keys in clear or as `sha256:<hex>`.
-    #[serde(default)]
-    api_keys: Vec<String>,
-    #[serde(default)]
-    paths: Vec<String>,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDenialCache {
@@ -253,12 +239,12 @@ struct RawController {
     authority: Option<String>,
     #[serde(default = "default_timeout_ms")]
     timeout_ms: u64,
-    #[serde(default = "default_rules_poll_ms")]
-    rules_poll_ms: u64,
+    #[serde(default = "default_config_poll_ms", alias = "rules_poll_ms")]
+    config_poll_ms: u64,
 }
 
-fn default_rules_poll_ms() -> u64 {
-    5_000
+fn default_config_poll_ms() -> u64 {
+    1_000
 }
 
 fn default_failure_mode() -> FailureMode {
@@ -269,8 +255,8 @@ fn default_timeout_ms() -> u64 {
     200
 }
 
-/// Shortest interval between two reads of the controller's rules.
-pub const MIN_RULES_POLL_MS: u64 = 1_000;
+/// Shortest interval between two reads of the controller's configuration (the root's tick).
+pub const MIN_CONFIG_POLL_MS: u64 = 1_000;
 
 /// Longest callout timeout accepted; a request waits at most this long for a decision.
 pub const MAX_TIMEOUT_MS: u64 = 60_000;
@@ -281,9 +267,10 @@ pub struct FilterConfig {
     pub controller_cluster: String,
     pub controller_authority: String,
     pub timeout: Duration,
-    /// How often each worker reads the controller's rules (for their failure modes);
-    /// `None`: never, the filter's `failure_mode` holds for every request.
-    pub rules_poll: Option<Duration>,
+    /// How often each worker reads the controller's configuration (rules, lists) with the
+    /// version it holds; `None`: never (no lists, the filter's `failure_mode` for every
+    /// request).
+    pub config_poll: Option<Duration>,
     pub failure_mode: FailureMode,
     /// Request header whose number is the request's cost (lower-case), if any.
     pub cost_header: Option<String>,
@@ -296,8 +283,6 @@ pub struct FilterConfig {
     pub headers: HeaderStyle,
     /// Everything is evaluated and reported; nothing is blocked.
     pub shadow: bool,
-    pub safelist: List,
-    pub denylist: List,
     /// Paths never limited (health, metrics), as globs.
     pub exempt: List,
     /// Slots of the denial cache; `None` when it is off.
@@ -368,21 +353,30 @@ impl FilterConfig {
             MAX_DENIAL_SLOTS,
         )?;
         let identity = identity_config(raw.identity)?;
-        let safelist = list("safelist", raw.safelist)?;
-        let denylist = list("denylist", raw.denylist)?;
-        let exempt = list(
-            "exempt_paths",
-            RawList {
-                paths: raw.exempt_paths,
-                ..RawList::default()
-            },
-        )?;
+        for (field, moved) in [("safelist", &raw.safelist), ("denylist", &raw.denylist)] {
+            if moved.is_some() {
+                return Err(invalid(
+                    field,
+                    "the lists are managed by the controller now: add entries through its \
+                     admin API (/v1/admin/lists) or its configuration file",
+                ));
+            }
+        }
+        for (index, path) in raw.exempt_paths.iter().enumerate() {
+            if !path.starts_with('/') {
+                return Err(invalid(
+                    format!("exempt_paths[{index}]"),
+                    format!("`{path}` must start with `/`"),
+                ));
+            }
+        }
+        let exempt = List::of_paths(&raw.exempt_paths);
         Ok(FilterConfig {
             controller_cluster: controller.cluster,
             controller_authority: authority,
             timeout: Duration::from_millis(controller.timeout_ms),
-            rules_poll: (controller.rules_poll_ms > 0)
-                .then(|| Duration::from_millis(controller.rules_poll_ms.max(MIN_RULES_POLL_MS))),
+            config_poll: (controller.config_poll_ms > 0)
+                .then(|| Duration::from_millis(controller.config_poll_ms.max(MIN_CONFIG_POLL_MS))),
             failure_mode: raw.failure_mode,
             cost_header: raw.cost_header.map(|name| name.to_ascii_lowercase()),
             batching: raw.batching,
@@ -391,8 +385,6 @@ impl FilterConfig {
             identity,
             headers: raw.headers,
             shadow: raw.shadow,
-            safelist,
-            denylist,
             exempt,
             denial_cache_slots: raw.denial_cache.enabled.then_some(raw.denial_cache.slots),
             test_only_abort_header: raw
@@ -515,46 +507,6 @@ fn networks(field: &str, entries: &[String]) -> Result<Vec<IpNet>, ConfigError> 
                 })
         })
         .collect()
-}
-
-fn list(name: &str, raw: RawList) -> Result<List, ConfigError> {
-    let api_keys = raw
-        .api_keys
-        .iter()
-        .enumerate()
-        .map(|(index, key)| match key.strip_prefix("sha256:") {
-            Some(digest) if digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()) => {
-                Ok(digest.to_ascii_lowercase())
-            }
-            Some(_) => Err(invalid(
-                format!("{name}.api_keys[{index}]"),
-                "`sha256:` must be followed by 64 hex digits",
-            )),
-            None if key.is_empty() => Err(invalid(
-                format!("{name}.api_keys[{index}]"),
-                "must not be empty",
-            )),
-            None => Ok(identity::api_key_digest(key)),
-        })
-        .collect::<Result<_, _>>()?;
-    for (index, path) in raw.paths.iter().enumerate() {
-        if !path.starts_with('/') {
-            return Err(invalid(
-                if name == "exempt_paths" {
-                    format!("exempt_paths[{index}]")
-                } else {
-                    format!("{name}.paths[{index}]")
-                },
-                format!("`{path}` must start with `/`"),
-            ));
-        }
-    }
-    Ok(List {
-        networks: networks(&format!("{name}.ips"), &raw.ips)?,
-        users: raw.users,
-        api_keys,
-        paths: raw.paths.iter().map(|p| PathPattern::new(p)).collect(),
-    })
 }
 
 fn algorithm(field: &str, name: &str) -> Result<Algorithm, ConfigError> {
@@ -822,16 +774,9 @@ mod tests {
             ),
             (
                 r#""safelist":{"api_keys":["sha256:zz"]}"#.to_owned(),
-                "safelist.api_keys[0]",
+                "safelist",
             ),
-            (
-                r#""denylist":{"ips":["1.2.3.4/40"]}"#.to_owned(),
-                "denylist.ips[0]",
-            ),
-            (
-                r#""denylist":{"paths":["admin"]}"#.to_owned(),
-                "denylist.paths[0]",
-            ),
+            (r#""denylist":{"ips":["1.2.3.4/8"]}"#.to_owned(), "denylist"),
             (
                 r#""exempt_paths":["/ok","healthz"]"#.to_owned(),
                 "exempt_paths[1]",
@@ -867,17 +812,14 @@ mod tests {
               "issuers":["i"],"audiences":["a"],"tier_claim":"plan","on_invalid":"next"}},
               "api_key_header":"X-Api-Key","order":["api_key","jwt","ip"],
               "ip":{{"trusted_proxies":["10.0.0.0/8","fd00::1"],"ipv6_prefix":56}}}},
-              "headers":"ietf","shadow":true,"denial_cache":{{"enabled":false}},
-              "safelist":{{"ips":["192.0.2.0/24"],"api_keys":["k","sha256:{}"]}}"#,
+              "headers":"ietf","shadow":true,"denial_cache":{{"enabled":false}}"#,
             pem("rsa"),
             pem("ec"),
-            "ab".repeat(32)
         );
         let config = FilterConfig::parse(&with(&json)).unwrap();
         assert_eq!(config.identity.api_key_header.as_deref(), Some("x-api-key"));
         assert!(config.shadow);
         assert_eq!(config.denial_cache_slots, None);
-        assert_eq!(config.safelist.api_keys.len(), 2);
         assert_eq!(config.identity.ip.ipv6_prefix, 56);
         let jwt = config.identity.jwt.as_ref().unwrap();
         assert_eq!(jwt.tier_claim.as_deref(), Some("plan"));

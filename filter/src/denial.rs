@@ -17,11 +17,13 @@ pub fn slot_key(fingerprint: u64, slots: u32) -> String {
     format!("sluice.denied.{}", fingerprint % u64::from(slots.max(1)))
 }
 
-/// A 64-bit fingerprint of everything the controller's decision depended on.
-pub fn fingerprint(check: &Check) -> u64 {
+/// A 64-bit fingerprint of everything the controller's decision depended on: the check and
+/// the version of the configuration it was decided under.
+pub fn fingerprint(check: &Check, config_version: u64) -> u64 {
     // SipHash with fixed keys: the same in every worker's VM, and a client would need a
     // second preimage to make someone else's request look like its own.
     let mut hasher = std::hash::DefaultHasher::new();
+    config_version.hash(&mut hasher);
     check.client.kind.hash(&mut hasher);
     check.client.value.hash(&mut hasher);
     // Host names compare without case; hashed byte by byte to spare an allocation.
@@ -118,7 +120,7 @@ mod tests {
 
     #[test]
     fn a_denial_is_repeated_until_its_time_and_only_for_its_request() {
-        let fp = fingerprint(&check("10.0.0.1"));
+        let fp = fingerprint(&check("10.0.0.1"), 7);
         let entry = entry_for(fp, &denial(Strategy::FixedWindow, 800), 10_000).unwrap();
         let bytes = encode(&entry);
         let hit = lookup(&bytes, fp, 10_300).unwrap();
@@ -130,7 +132,7 @@ mod tests {
             "expired at the controller's time"
         );
         assert_eq!(
-            lookup(&bytes, fingerprint(&check("10.0.0.2")), 10_300),
+            lookup(&bytes, fingerprint(&check("10.0.0.2"), 7), 10_300),
             None
         );
     }
@@ -232,8 +234,8 @@ mod tests {
         for (i, (name, check)) in variants.iter().enumerate() {
             for (other_name, other) in &variants[i + 1..] {
                 assert_ne!(
-                    fingerprint(check),
-                    fingerprint(other),
+                    fingerprint(check, 7),
+                    fingerprint(other, 7),
                     "{name} and {other_name} share a fingerprint"
                 );
             }
@@ -249,13 +251,15 @@ mod tests {
             api_key: Some("bc".into()),
             ..base.clone()
         };
-        assert_ne!(fingerprint(&split_a), fingerprint(&split_b));
+        assert_ne!(fingerprint(&split_a, 7), fingerprint(&split_b, 7));
+        // A denial made under one configuration is not one under the next.
+        assert_ne!(fingerprint(&base, 7), fingerprint(&base, 8));
         // Host names compare without case, as the rules match them.
         let upper = Check {
             host: "H".into(),
             ..base.clone()
         };
-        assert_eq!(fingerprint(&upper), fingerprint(&base));
+        assert_eq!(fingerprint(&upper, 7), fingerprint(&base, 7));
     }
 
     #[test]

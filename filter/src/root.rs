@@ -1,5 +1,5 @@
 //! The root context of a worker: configures the filter, owns the batch callouts and the
-//! rules read, and hands each request in a batch its verdict. Everything it asks of Envoy
+//! reads of the controller's configuration, and hands each request in a batch its verdict. Everything it asks of Envoy
 //! goes through [`Host`].
 
 use std::cell::{Cell, RefCell};
@@ -7,13 +7,15 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use sluice_protocol::rules::{failure_mode_for, matched_headers};
-use sluice_protocol::{Check, Decision, Rule, RulesSnapshot, CHECK_PATH, RELEASE_PATH, RULES_PATH};
+use sluice_protocol::FilterView;
+use sluice_protocol::{Check, Decision, Rule, CHECK_PATH, CONFIG_PATH, RELEASE_PATH};
 
 use crate::batch::{self, Batcher, Member, Slot};
 use crate::config::{FailureMode, FilterConfig};
 use crate::decision::{self, Counted, Failure, Verdict};
 use crate::denial;
 use crate::host::{BufferType, Host, LogLevel, MapType};
+use crate::lists::List;
 
 /// Most requests that may wait for a batch on one worker; past it they get the failure mode.
 pub const MAX_WAITING: usize = 10_000;
@@ -39,7 +41,8 @@ pub enum Metric {
     Safelisted,
     Denylisted,
     TokenRejected,
-    RulesFetched,
+    /// Reads of the controller's configuration that it answered (changed or not).
+    ConfigReads,
 }
 
 impl Metric {
@@ -55,7 +58,7 @@ impl Metric {
         Metric::Safelisted,
         Metric::Denylisted,
         Metric::TokenRejected,
-        Metric::RulesFetched,
+        Metric::ConfigReads,
     ];
 
     pub fn name(self) -> &'static str {
@@ -71,7 +74,7 @@ impl Metric {
             Metric::Safelisted => "sluice_safelisted",
             Metric::Denylisted => "sluice_denylisted",
             Metric::TokenRejected => "sluice_token_rejected",
-            Metric::RulesFetched => "sluice_rules_fetched",
+            Metric::ConfigReads => "sluice_config_reads",
         }
     }
 }
@@ -102,10 +105,8 @@ pub struct Worker {
     /// The shared queue a request pokes to wake the root (batching only).
     pub wake_queue: Option<u32>,
     pub metrics: Metrics,
-    /// The controller's rules as last read, for their failure modes.
-    rules: RefCell<Vec<Rule>>,
-    /// The request headers those rules match on, sent with each check.
-    pub matched_headers: RefCell<Vec<String>>,
+    /// The controller's configuration as last read.
+    pub view: RefCell<ControllerView>,
     /// Callouts requests made of their own (batching off), by token: Envoy delivers every
     /// reply to the root context, which hands these on.
     stream_calls: RefCell<HashMap<u32, u32>>,
@@ -193,7 +194,11 @@ impl Worker {
     /// What happens to this check if the controller cannot answer: the failure mode of
     /// the rules that apply to it, else the filter's.
     pub fn failure_mode_for(&self, check: &Check) -> FailureMode {
-        failure_mode_for(self.rules.borrow().iter(), check, self.config.failure_mode)
+        failure_mode_for(
+            self.view.borrow().rules.iter(),
+            check,
+            self.config.failure_mode,
+        )
     }
 
     /// The verdicts of requests (by their failure modes) whose callout failed; counted and
@@ -217,51 +222,58 @@ impl Worker {
             .collect()
     }
 
-    /// Takes the controller's answer to `GET /v1/rules`.
-    fn take_rules(&self, host: &dyn Host, status: Option<&str>, body: &[u8]) {
-        let snapshot = match status {
-            Some("200") => serde_json::from_slice::<RulesSnapshot>(body)
-                .map_err(|e| format!("malformed ({e})")),
+    /// Takes the controller's answer to `GET /v1/config`: a new version, or `304` for the
+    /// one held.
+    fn take_view(&self, host: &dyn Host, status: Option<&str>, body: &[u8]) {
+        let view = match status {
+            Some("304") => {
+                self.metrics.add(host, Metric::ConfigReads, 1);
+                return;
+            }
+            Some("200") => {
+                serde_json::from_slice::<FilterView>(body).map_err(|e| format!("malformed ({e})"))
+            }
             other => Err(format!("status {}", other.unwrap_or("(none)"))),
         };
-        match snapshot {
-            Ok(snapshot) => {
-                self.metrics.add(host, Metric::RulesFetched, 1);
-                let mut rules = self.rules.borrow_mut();
-                if *rules != snapshot.rules {
-                    let own = snapshot
-                        .rules
-                        .iter()
-                        .filter(|rule| rule.failure_mode.is_some())
-                        .count();
-                    log(
-                        host,
-                        LogLevel::Info,
-                        &format!(
-                            "read {} rules from the controller, {own} with a failure mode of their own",
-                            snapshot.rules.len()
-                        ),
-                    );
-                    *self.matched_headers.borrow_mut() = matched_headers(&snapshot.rules);
-                    *rules = snapshot.rules;
-                }
+        match view {
+            Ok(view) => {
+                self.metrics.add(host, Metric::ConfigReads, 1);
+                let own = view
+                    .rules
+                    .iter()
+                    .filter(|r| r.failure_mode.is_some())
+                    .count();
+                log(
+                    host,
+                    LogLevel::Info,
+                    &format!(
+                        "read configuration version {} from the controller: {} rules ({own} with \
+                         a failure mode of their own), {} safelist and {} denylist entries",
+                        view.version,
+                        view.rules.len(),
+                        view.safelist.len(),
+                        view.denylist.len()
+                    ),
+                );
+                *self.view.borrow_mut() = ControllerView::from(view);
             }
-            // The rules last read stay; the next tick tries again.
+            // The configuration last read stays; the next tick tries again.
             Err(why) => log(
                 host,
                 LogLevel::Debug,
-                &format!("could not read the controller's rules: {why}"),
+                &format!("could not read the controller's configuration: {why}"),
             ),
         }
     }
 
     /// Calls the controller from the current context: `POST` with a JSON body (check,
-    /// release), `GET` without one (rules).
+    /// release), `GET` without one (the configuration), with `extra` headers.
     pub fn call_controller(
         &self,
         host: &dyn Host,
         path: &str,
         body: Option<&[u8]>,
+        extra: &[(&str, &str)],
     ) -> Result<u32, String> {
         let config = &self.config;
         let mut headers = vec![
@@ -272,6 +284,7 @@ impl Worker {
         if body.is_some() {
             headers.push(("content-type", "application/json"));
         }
+        headers.extend_from_slice(extra);
         let timeout_ms = u32::try_from(config.timeout.as_millis()).unwrap_or(u32::MAX);
         host.http_call(
             &config.controller_cluster,
@@ -297,12 +310,37 @@ impl Worker {
             return;
         }
         let body = decision::release_request(leases);
-        if let Err(status) = self.call_controller(host, RELEASE_PATH, Some(&body)) {
+        if let Err(status) = self.call_controller(host, RELEASE_PATH, Some(&body), &[]) {
             log(
                 host,
                 LogLevel::Warn,
                 &format!("could not release concurrency slots ({status}); they free themselves when their lease expires"),
             );
+        }
+    }
+}
+
+/// What the filter holds of the controller's configuration: the rules (for their failure
+/// modes and the headers they match on) and the lists, compiled, with their version.
+#[derive(Debug, Default)]
+pub struct ControllerView {
+    /// `None` until the first read.
+    pub version: Option<u64>,
+    pub rules: Vec<Rule>,
+    /// The request headers the rules match on, sent with each check.
+    pub matched_headers: Vec<String>,
+    pub safelist: List,
+    pub denylist: List,
+}
+
+impl From<FilterView> for ControllerView {
+    fn from(view: FilterView) -> Self {
+        ControllerView {
+            version: Some(view.version),
+            matched_headers: matched_headers(&view.rules),
+            rules: view.rules,
+            safelist: List::from_items(&view.safelist),
+            denylist: List::from_items(&view.denylist),
         }
     }
 }
@@ -370,8 +408,9 @@ pub struct Root {
     worker: Option<Rc<Worker>>,
     /// Requests admitted for a later slot (leaky bucket), held until due.
     delayed: Vec<(u64, u32, Slot)>,
-    rules_call: Option<u32>,
-    rules_read_at_ms: u64,
+    /// The configuration read that is out, and when the last one left.
+    config_call: Option<u32>,
+    config_read_at_ms: u64,
 }
 
 fn random_u64() -> u64 {
@@ -387,8 +426,8 @@ impl Root {
             context_id,
             worker: None,
             delayed: Vec::new(),
-            rules_call: None,
-            rules_read_at_ms: 0,
+            config_call: None,
+            config_read_at_ms: 0,
         }
     }
 
@@ -448,8 +487,7 @@ impl Root {
             batcher: RefCell::new(batcher),
             wake_queue,
             metrics,
-            rules: RefCell::new(Vec::new()),
-            matched_headers: RefCell::new(Vec::new()),
+            view: RefCell::new(ControllerView::default()),
             stream_calls: RefCell::new(HashMap::new()),
             debug: Cell::new(host.log_level() <= LogLevel::Debug),
         }));
@@ -470,7 +508,7 @@ impl Root {
             return;
         };
         worker.debug.set(host.log_level() <= LogLevel::Debug);
-        self.read_rules_when_due(host, &worker);
+        self.read_config_when_due(host, &worker);
         let limit = u64::try_from(worker.config.timeout.as_millis()).unwrap_or(u64::MAX);
         let overdue = worker
             .batcher
@@ -489,17 +527,18 @@ impl Root {
         self.send_next_batch(host, &worker);
     }
 
-    /// The reply to a batch, to the rules read, or to a release (which needs nothing).
+    /// The reply to a batch, to the configuration read, or to a release (which needs
+    /// nothing).
     pub fn on_http_call_response(&mut self, host: &dyn Host, token: u32, body_size: usize) {
         let Some(worker) = self.worker.clone() else {
             return;
         };
         let members = worker.batcher.borrow_mut().complete(token);
         let Some(members) = members else {
-            if self.rules_call == Some(token) {
-                self.rules_call = None;
+            if self.config_call == Some(token) {
+                self.config_call = None;
                 let (status, body) = call_response(host, body_size);
-                worker.take_rules(host, status.as_deref(), &body);
+                worker.take_view(host, status.as_deref(), &body);
             }
             return;
         };
@@ -545,7 +584,7 @@ impl Root {
                 .and_then(|body| {
                     host.set_effective_context(self.context_id)
                         .map_err(|status| status.to_string())?;
-                    worker.call_controller(host, CHECK_PATH, Some(&body))
+                    worker.call_controller(host, CHECK_PATH, Some(&body), &[])
                 });
             match sent {
                 Ok(token) => worker
@@ -609,21 +648,29 @@ impl Root {
         }
     }
 
-    /// Reads the controller's rules every `rules_poll_ms`, one read at a time.
-    fn read_rules_when_due(&mut self, host: &dyn Host, worker: &Worker) {
-        let Some(interval) = worker.config.rules_poll else {
+    /// Reads the controller's configuration every `config_poll_ms`, one read at a time,
+    /// naming the version held: an unchanged configuration costs a `304`.
+    fn read_config_when_due(&mut self, host: &dyn Host, worker: &Worker) {
+        let Some(interval) = worker.config.config_poll else {
             return;
         };
         let interval = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
         let now = host.now_ms();
-        let since = now.saturating_sub(self.rules_read_at_ms);
+        let since = now.saturating_sub(self.config_read_at_ms);
         // A read whose answer never came is given up after a few intervals.
         let stuck = since >= interval.saturating_mul(4);
-        if since < interval || (self.rules_call.is_some() && !stuck) {
+        // Envoy's timer can fire a few ms early.
+        if since + 20 < interval || (self.config_call.is_some() && !stuck) {
             return;
         }
-        self.rules_read_at_ms = now;
-        self.rules_call = worker.call_controller(host, RULES_PATH, None).ok();
+        self.config_read_at_ms = now;
+        let held = worker.view.borrow().version.map(|v| format!("\"{v}\""));
+        let extra: Vec<(&str, &str)> = held
+            .as_deref()
+            .map(|tag| ("if-none-match", tag))
+            .into_iter()
+            .collect();
+        self.config_call = worker.call_controller(host, CONFIG_PATH, None, &extra).ok();
     }
 
     fn resume_due(&mut self, host: &dyn Host) {

@@ -240,7 +240,17 @@ impl Stream {
                 ));
             }
         };
-        match lists::listing(&config.safelist, &config.denylist, &identity, path) {
+        let view = self.worker.view.borrow();
+        let listing = lists::listing(
+            &view.safelist,
+            &view.denylist,
+            &identity,
+            path,
+            host.now_ms(),
+        );
+        let version = view.version.unwrap_or(0);
+        drop(view);
+        match listing {
             Listing::Denylisted => {
                 metrics.add(host, Metric::Denylisted, 1);
                 return Triage::Answer(decision::denylisted(request_id(host).as_deref()));
@@ -262,13 +272,15 @@ impl Stream {
             path,
             cost,
         );
-        for name in self.worker.matched_headers.borrow().iter() {
+        for name in self.worker.view.borrow().matched_headers.iter() {
             if let Some(value) = headers.get_lossy(name) {
                 check.headers.insert(name.clone(), value);
             }
         }
         self.failure_mode = self.worker.failure_mode_for(&check);
-        let fingerprint = denial::fingerprint(&check);
+        // A denial holds for the configuration it was made under: a change (a limit raised,
+        // a client safelisted) makes every denial cached before it a miss.
+        let fingerprint = denial::fingerprint(&check, version);
         if let Some(verdict) = self
             .worker
             .cached_denial(host, fingerprint, || request_id(host))
@@ -373,7 +385,10 @@ impl Stream {
                 )
             }
         };
-        match self.worker.call_controller(host, CHECK_PATH, Some(&body)) {
+        match self
+            .worker
+            .call_controller(host, CHECK_PATH, Some(&body), &[])
+        {
             Ok(token) => {
                 self.worker.stream_call_sent(token, self.context_id);
                 self.state = State::AwaitingDecision { fingerprint };

@@ -231,6 +231,44 @@ fn without_batching_a_requests_own_callout_answers_it() {
     assert!(envoy.host.state.borrow().resumed.contains(&request));
 }
 
+#[test]
+fn the_controllers_lists_apply_before_anyone_is_asked_and_expire_on_time() {
+    let (mut envoy, _) = MockEnvoy::start(&plugin(serde_json::json!({})));
+    envoy.tick(1_000);
+    let read = envoy
+        .calls()
+        .pop()
+        .expect("the configuration is read on the tick");
+    let header = |call: &sluice_filter::testing::Call, name: &str| {
+        call.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(header(&read, ":path").as_deref(), Some("/v1/config"));
+    assert_eq!(header(&read, "if-none-match"), None, "nothing held yet");
+    envoy.answer_with(read.token, "200", &config_view(4));
+
+    let (denied, action) = envoy.request(get(b"/deny/x", &[]), &[(PEER, b"192.0.2.1:1")]);
+    assert_eq!(action, Action::Pause);
+    assert_eq!(envoy.reply(denied).map(|r| r.status), Some(403));
+    let (safe, action) = envoy.request(get(b"/", &[]), &[(PEER, b"10.9.9.9:1")]);
+    assert_eq!(action, Action::Continue);
+    assert!(!envoy.settled(safe));
+    envoy.run_queues();
+    assert!(envoy.calls().is_empty(), "neither was asked about");
+
+    // The next read names the version held; unchanged, the controller says 304.
+    envoy.tick(1_000);
+    let again = envoy.calls().pop().expect("read again");
+    assert_eq!(header(&again, "if-none-match").as_deref(), Some("\"4\""));
+    envoy.answer_with(again.token, "304", b"");
+    let (still, _) = envoy.request(get(b"/deny/y", &[]), &[(PEER, b"192.0.2.1:1")]);
+    assert_eq!(envoy.reply(still).map(|r| r.status), Some(403));
+    assert_eq!(envoy.host.metric("sluice_config_reads"), 2);
+    assert_eq!(envoy.host.metric("sluice_denylisted"), 2);
+}
+
 // --- generated input ------------------------------------------------------------------
 
 /// Bytes a client (or a broken host) could hand over.
@@ -331,6 +369,25 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// The controller's view of its configuration: rules with failure modes and matched
+/// headers, and lists (some entries expired).
+fn config_view(version: u64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "version": version,
+        "rules": [
+            { "name": "pay", "limit": 5, "window": "1m", "failure_mode": "deny",
+              "match": { "path_prefix": "/pay", "headers": [{ "name": "x-plan" }] } }
+        ],
+        "safelist": [{ "kind": "ip", "value": "10.0.0.0/8" }],
+        "denylist": [
+            { "kind": "path", "value": "/deny/**" },
+            { "kind": "user", "value": "ann", "expires_at_ms": 1_800_000_001_000u64 },
+            { "kind": "api_key", "value": sluice_filter::identity::api_key_digest(b"bad") },
+        ],
+    }))
+    .expect("encode")
+}
+
 fn configs() -> Vec<Vec<u8>> {
     vec![
         plugin(serde_json::json!({})),
@@ -344,8 +401,6 @@ fn configs() -> Vec<Vec<u8>> {
                 "jwt": { "keys": [{ "alg": "HS256", "secret": "s" }], "on_invalid": "reject" }
             },
             "cost_header": "x-cost",
-            "denylist": { "paths": ["/deny/**"] },
-            "safelist": { "ips": ["10.0.0.0/8"] },
         })),
         plugin(serde_json::json!({
             "shadow": true,
@@ -367,11 +422,27 @@ fn run(config: &[u8], ops: Vec<Op>) {
             Op::RunQueues => envoy.run_queues(),
             Op::AnswerDecisions { allow_mask } => {
                 if let Some(call) = envoy.calls().first().cloned() {
-                    let body = match serde_json::from_slice::<CheckRequest>(&call.body) {
-                        Ok(_) => decisions_for(&call.body, |i| allow_mask >> (i % 32) & 1 == 1),
-                        Err(_) => br#"{"released":1}"#.to_vec(),
+                    let reads_config = call
+                        .headers
+                        .iter()
+                        .any(|(n, v)| n == ":path" && v == sluice_protocol::CONFIG_PATH);
+                    let (status, body) = if reads_config {
+                        // A new version now and then, else "unchanged".
+                        if allow_mask % 3 == 0 {
+                            ("200", config_view(u64::from(allow_mask % 5)))
+                        } else {
+                            ("304", Vec::new())
+                        }
+                    } else {
+                        match serde_json::from_slice::<CheckRequest>(&call.body) {
+                            Ok(_) => (
+                                "200",
+                                decisions_for(&call.body, |i| allow_mask >> (i % 32) & 1 == 1),
+                            ),
+                            Err(_) => ("200", br#"{"released":1}"#.to_vec()),
+                        }
                     };
-                    envoy.answer_with(call.token, "200", &body);
+                    envoy.answer_with(call.token, status, &body);
                 }
             }
             Op::AnswerGarbage { status, body } => {

@@ -181,6 +181,7 @@ fn is_false(value: &bool) -> bool {
 }
 
 /// Why a request was denied, when it is not simply "over the limit for now".
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DenyReason {
@@ -202,6 +203,7 @@ pub struct ReleaseRequest {
 
 /// The state of the limit that speaks for the decision: the one that denied, or when
 /// every limit allowed, the most restrictive one.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyStatus {

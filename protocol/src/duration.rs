@@ -13,6 +13,24 @@ impl fmt::Display for DurationError {
 
 impl std::error::Error for DurationError {}
 
+/// Milliseconds as people write them, in the largest unit that holds them whole: `90s`,
+/// `1m`, `1500ms`, `0s`. [`parse_millis_or_zero`] reads it back.
+pub fn format_millis(ms: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1_000, "s"),
+    ];
+    if ms == 0 {
+        return "0s".to_owned();
+    }
+    UNITS.iter().find(|(size, _)| ms % size == 0).map_or_else(
+        || format!("{ms}ms"),
+        |(size, unit)| format!("{}{unit}", ms / size),
+    )
+}
+
 /// Parses a positive duration into milliseconds.
 pub fn parse_millis(text: &str) -> Result<u64, DurationError> {
     match parse_millis_or_zero(text)? {
@@ -56,6 +74,21 @@ pub fn parse_millis_or_zero(text: &str) -> Result<u64, DurationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_written_in_their_largest_whole_unit_and_read_back() {
+        for (ms, text) in [
+            (0, "0s"),
+            (1_500, "1500ms"),
+            (90_000, "90s"),
+            (60_000, "1m"),
+            (7_200_000, "2h"),
+            (86_400_000, "1d"),
+        ] {
+            assert_eq!(format_millis(ms), text);
+            assert_eq!(parse_millis_or_zero(text), Ok(ms));
+        }
+    }
 
     #[test]
     fn parses_each_unit() {

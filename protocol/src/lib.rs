@@ -2,7 +2,9 @@
 //! and how a decision is shown to a client. Plain serde types so that the crate builds for
 //! `wasm32-wasip1` (inside Envoy) and natively (controller, tests) alike.
 
+pub mod admin;
 pub mod check;
+pub mod config;
 pub mod duration;
 pub mod headers;
 pub mod rules;
@@ -11,6 +13,7 @@ pub use check::{
     Check, CheckRequest, CheckResponse, ClientId, ClientKind, Decision, DenyReason, PolicyStatus,
     ReleaseRequest, CHECK_PATH, RELEASE_PATH,
 };
-pub use rules::{
-    FailureMode, HeaderMatch, Rule, RuleMatch, RuleSet, RulesSnapshot, Scope, Strategy, RULES_PATH,
+pub use config::{
+    ApiKey, ConfigDocument, FilterView, ListEntry, ListItem, ListKind, ListName, Tier, CONFIG_PATH,
 };
+pub use rules::{FailureMode, HeaderMatch, Rule, RuleMatch, RuleSet, Scope, Strategy};

@@ -12,6 +12,7 @@ use crate::check::Check;
 use crate::duration;
 
 /// Rate-limiting algorithm of a rule; the check call carries which one answered.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
@@ -61,6 +62,7 @@ impl Strategy {
 }
 
 /// What the filter does with a request when the controller cannot give a decision.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureMode {
@@ -72,6 +74,7 @@ pub enum FailureMode {
 
 /// Whom a rule counts separately. A rule scoped to an identity the request does not have
 /// (`user` for an anonymous request, say) does not apply to it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Scope {
@@ -95,6 +98,7 @@ pub enum Scope {
 
 /// Which requests a rule applies to. Every field that is set must match; an empty match
 /// applies to every request.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleMatch {
@@ -120,6 +124,7 @@ pub struct RuleMatch {
     pub headers: Vec<HeaderMatch>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderMatch {
@@ -129,6 +134,11 @@ pub struct HeaderMatch {
 }
 
 impl RuleMatch {
+    /// Whether nothing is set: the rule applies to every request.
+    pub fn is_empty(&self) -> bool {
+        *self == RuleMatch::default()
+    }
+
     fn matches(&self, check: &Check) -> bool {
         self.host
             .as_deref()
@@ -252,7 +262,7 @@ macro_rules! millis_type {
 
         impl Serialize for $name {
             fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                serializer.serialize_str(&format!("{}ms", self.0))
+                serializer.serialize_str(&duration::format_millis(self.0))
             }
         }
 
@@ -273,6 +283,7 @@ macro_rules! millis_type {
 millis_type!(Window, false);
 millis_type!(Delay, true);
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
@@ -286,21 +297,24 @@ pub struct Rule {
     pub limit: u64,
     /// Required by every strategy but `concurrency`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "1m"))]
     pub window: Option<Window>,
     /// `token_bucket` (default: `limit`) and `gcra` (default: 1): requests that may come at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u64>,
     /// `leaky_bucket` only, required: the longest a request may wait for its slot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "1s"))]
     pub max_delay: Option<Delay>,
     /// `concurrency` only (default 60s): when a slot that was never released frees itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "60s"))]
     pub lease: Option<Window>,
     /// What one request costs under this rule; default: the cost the filter sends (1 unless
     /// the filter reads it from a request header).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<u64>,
-    #[serde(default, rename = "match")]
+    #[serde(default, rename = "match", skip_serializing_if = "RuleMatch::is_empty")]
     pub matcher: RuleMatch,
     /// Evaluated and reported (headers, metrics) but never blocks: for trying a rule out.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -309,16 +323,12 @@ pub struct Rule {
     /// answer; default: the filter's own `failure_mode`. When rules disagree, deny wins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_mode: Option<FailureMode>,
-}
-
-/// Versioned path where the filter reads the rules (for what it decides alone: the failure
-/// mode of each rule).
-pub const RULES_PATH: &str = "/v1/rules";
-
-/// The answer to `GET` [`RULES_PATH`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RulesSnapshot {
-    pub rules: Vec<Rule>,
+    /// Counts each client with the limits of its tier (`limit`, and `window` and `burst`
+    /// where the tier sets them); clients without a tier count in the tier `default` if
+    /// one is defined; clients of a tier the configuration does not define get the rule's
+    /// own limits.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tier_limits: bool,
 }
 
 /// The request headers the rules match on (lower-case, each once): what the filter sends.
@@ -366,6 +376,28 @@ pub const MAX_LOG_LIMIT: u64 = 100_000;
 pub const MAX_EXACT: u64 = 1 << 53;
 
 impl Rule {
+    /// The rule as it counts a client of `tier` (see [`Rule::tier_limits`]).
+    pub fn with_tier_limits(&self, tier: &crate::config::Tier) -> Rule {
+        let takes_burst = matches!(self.strategy, Strategy::TokenBucket | Strategy::Gcra);
+        // A concurrency rule has no window; a tier's burst is for the strategies that have
+        // one. Tiers name limits for every rule that counts by tier, whatever its strategy.
+        let keeps_window = self.strategy == Strategy::Concurrency;
+        Rule {
+            limit: tier.limit,
+            window: if keeps_window {
+                self.window
+            } else {
+                tier.window.or(self.window)
+            },
+            burst: if takes_burst {
+                tier.burst.or(self.burst)
+            } else {
+                self.burst
+            },
+            ..self.clone()
+        }
+    }
+
     /// Whether the rule's `match` selects the check.
     pub fn applies_to(&self, check: &Check) -> bool {
         self.matcher.matches(check)
@@ -633,6 +665,7 @@ mod tests {
             matcher,
             shadow: false,
             failure_mode: None,
+            tier_limits: false,
         }
     }
 

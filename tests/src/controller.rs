@@ -8,9 +8,16 @@ use crate::{free_port, repo_root, required_file, Process};
 
 pub struct Controller {
     pub port: u16,
+    /// The admin API's port.
+    pub admin_port: u16,
     process: Process,
     _dir: tempfile::TempDir,
 }
+
+/// The admin token every test controller accepts (role `admin`, name `test`).
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// A token with the `read` role (name `viewer`).
+pub const READ_TOKEN: &str = "test-read-token-0123456789";
 
 pub fn controller_binary() -> PathBuf {
     required_file(
@@ -26,10 +33,15 @@ pub fn controller_binary() -> PathBuf {
 /// controller's own default).
 #[derive(Debug, Clone)]
 pub struct ControllerOptions<'a> {
+    /// The configuration (TOML) it starts from (`--config`); empty for none.
     pub rules: &'a str,
     pub redis_url: Option<&'a str>,
     pub redis_timeout_ms: Option<u64>,
     pub log_filter: &'a str,
+    /// Where the embedded store keeps the configuration (`--state-file`).
+    pub state_file: Option<&'a std::path::Path>,
+    /// More flags, as given.
+    pub extra_args: Vec<String>,
 }
 
 impl<'a> ControllerOptions<'a> {
@@ -39,6 +51,8 @@ impl<'a> ControllerOptions<'a> {
             redis_url,
             redis_timeout_ms: Some(2_000),
             log_filter: "info,sluice_controller=debug",
+            state_file: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -60,21 +74,34 @@ impl Controller {
 
     pub fn start_with(options: &ControllerOptions<'_>) -> Controller {
         let dir = tempfile::tempdir().expect("temp dir");
-        let rules_path = dir.path().join("rules.toml");
-        std::fs::write(&rules_path, options.rules).expect("write rules");
-        let port = free_port();
+        let (port, admin_port) = (free_port(), free_port());
         let mut command = Command::new(controller_binary());
         command
-            .arg("--config")
-            .arg(&rules_path)
+            .args(["--mode", "development"])
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            // Changes show on every test controller within a tenth of a second.
+            .args(["--config-poll-ms", "100"])
+            .env(
+                "SLUICE_ADMIN_TOKENS",
+                format!("test:admin:{ADMIN_TOKEN};viewer:read:{READ_TOKEN}"),
+            )
             .env("RUST_LOG", options.log_filter);
+        if !options.rules.trim().is_empty() {
+            let rules_path = dir.path().join("rules.toml");
+            std::fs::write(&rules_path, options.rules).expect("write rules");
+            command.arg("--config").arg(&rules_path);
+        }
         if let Some(url) = options.redis_url {
             command.args(["--redis-url", url]);
             if let Some(timeout) = options.redis_timeout_ms {
                 command.args(["--redis-timeout-ms", &timeout.to_string()]);
             }
         }
+        if let Some(path) = options.state_file {
+            command.arg("--state-file").arg(path);
+        }
+        command.args(&options.extra_args);
         let mut process = Process::spawn("controller", command, &dir.path().join("controller.log"));
         process.wait_until_ready(
             &format!("http://127.0.0.1:{port}/readyz"),
@@ -82,6 +109,7 @@ impl Controller {
         );
         Controller {
             port,
+            admin_port,
             process,
             _dir: dir,
         }
@@ -89,6 +117,36 @@ impl Controller {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// A URL of the admin API (`/v1/admin/rules`).
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// An admin API call with the admin token: `method` on `path`, with a JSON body.
+    pub fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> crate::http::Response {
+        let token = format!("Bearer {ADMIN_TOKEN}");
+        crate::http::request(
+            method,
+            &self.admin_url(path),
+            &[("authorization", token.as_str())],
+            body.map(serde_json::Value::to_string),
+        )
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// The version of the configuration this controller runs on (its `/readyz` says).
+    pub fn config_version(&self) -> u64 {
+        crate::http::get(&self.url("/readyz"))
+            .ok()
+            .and_then(|r| r.json()["config_version"].as_u64())
+            .unwrap_or(0)
     }
 
     pub fn pid(&self) -> u32 {

@@ -85,3 +85,25 @@ pub fn post_json(url: &str, body: &serde_json::Value) -> Result<Response, ureq::
             .send(body.to_string())?,
     )
 }
+
+/// `method url` with `headers` and a JSON `body`, on a fresh connection.
+pub fn request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<String>,
+) -> Result<Response, ureq::Error> {
+    let method = ureq::http::Method::from_bytes(method.as_bytes())
+        .map_err(|e| ureq::Error::BadUri(e.to_string()))?;
+    let mut request = ureq::http::Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    if body.is_some() {
+        request = request.header("content-type", "application/json");
+    }
+    let request = request
+        .body(body.unwrap_or_default())
+        .map_err(|e| ureq::Error::BadUri(e.to_string()))?;
+    finish(agent().run(request)?)
+}

@@ -1,4 +1,5 @@
-//! A throwaway `redis-server` on a free loopback port, without persistence.
+//! A `redis-server` of a test's own on a free loopback port: throwaway, or durable (and then
+//! crashed and restarted by tests of what survives).
 
 use std::process::Command;
 use std::time::Duration;
@@ -7,14 +8,25 @@ use crate::{free_port, wait_until, Process};
 
 pub struct RedisServer {
     pub port: u16,
+    /// Whether it keeps what it acknowledged (append-only file, fsync on every write).
+    durable: bool,
     process: Process,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl RedisServer {
+    /// A Redis that keeps nothing: counters only.
     pub fn start() -> RedisServer {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
+        RedisServer::launch(tempfile::tempdir().expect("temp dir"), free_port(), false)
+    }
+
+    /// A Redis that keeps every write it acknowledged across a crash (`appendonly yes`,
+    /// `appendfsync always`), as the configuration's Redis must.
+    pub fn start_durable() -> RedisServer {
+        RedisServer::launch(tempfile::tempdir().expect("temp dir"), free_port(), true)
+    }
+
+    fn launch(dir: tempfile::TempDir, port: u16, durable: bool) -> RedisServer {
         let mut command = Command::new("redis-server");
         command
             .args([
@@ -25,10 +37,18 @@ impl RedisServer {
                 "--save",
                 "",
             ])
-            .args(["--appendonly", "no", "--daemonize", "no"])
+            .args(if durable {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "everysec"]
+            })
+            .args(["--daemonize", "no"])
             .arg("--dir")
             .arg(dir.path());
-        let mut process = Process::spawn("redis-server", command, &dir.path().join("redis.log"));
+        let log = dir
+            .path()
+            .join(format!("redis-{}.log", crate::unique_name("run")));
+        let mut process = Process::spawn("redis-server", command, &log);
         let url = format!("redis://127.0.0.1:{port}");
         wait_until("redis-server", Duration::from_secs(10), || {
             process.assert_running();
@@ -39,9 +59,23 @@ impl RedisServer {
         });
         RedisServer {
             port,
+            durable,
             process,
-            _dir: dir,
+            dir,
         }
+    }
+
+    /// Kills the server (`SIGKILL`: no shutdown, no final save) and starts it again on the
+    /// same port from what it left on disk.
+    pub fn crash_and_restart(self) -> RedisServer {
+        let RedisServer {
+            port,
+            durable,
+            mut process,
+            dir,
+        } = self;
+        process.stop();
+        RedisServer::launch(dir, port, durable)
     }
 
     pub fn url(&self) -> String {

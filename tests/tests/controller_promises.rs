@@ -45,10 +45,15 @@ fn decide_one(controller: &Controller, path: &str, cost: u64) -> Decision {
 }
 
 /// Keys in the Redis database.
+/// Counters in the Redis database (the configuration's own keys left out).
 fn dbsize(redis: &RedisServer) -> u64 {
-    ::redis::cmd("DBSIZE")
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg("sluice:*")
         .query(&mut redis.connection())
-        .expect("DBSIZE")
+        .expect("KEYS");
+    keys.iter()
+        .filter(|key| sluice_controller::keys::counter_of(key).is_some())
+        .count() as u64
 }
 
 /// Scripts Redis has run (`EVALSHA`, and `EVAL` should the controller ever send the body).

@@ -27,7 +27,7 @@ fn envoy(filter: Filter, controllers: &[u16], upstream: &Upstream, concurrency: 
 /// checks go to the controller, so that counting what reaches it counts batches.
 fn without_rules_reads(timeout_ms: u64) -> Filter {
     let mut plugin = sluice_plugin_config("deny", timeout_ms);
-    plugin["controller"]["rules_poll_ms"] = serde_json::json!(0);
+    plugin["controller"]["config_poll_ms"] = serde_json::json!(0);
     Filter::sluice_with(&plugin)
 }
 
@@ -194,7 +194,7 @@ fn full_batches_leave_while_another_is_out() {
         serde_json::json!({ "max_batch_size": 3, "max_batches_in_flight": 4 }),
     );
     // Only checks pass the proxy, so that what it sees is the batches.
-    plugin["controller"]["rules_poll_ms"] = serde_json::json!(0);
+    plugin["controller"]["config_poll_ms"] = serde_json::json!(0);
     let envoy = envoy(Filter::sluice_with(&plugin), &[slow.port], &upstream, 1);
     let opener = {
         let url = envoy.url("/opener");

@@ -2,7 +2,7 @@
 //! filter or by Envoy's `jwt_authn`, API keys the controller maps, `X-Forwarded-For` behind
 //! trusted proxies, and the safelist and denylist.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
@@ -377,17 +377,40 @@ fn a_spoofed_forwarded_for_does_not_change_the_identity() {
 
 #[test]
 fn safelisted_requests_skip_the_limiter_and_denylisted_ones_get_403() {
-    let controller = Controller::start(TWO_PER_CLIENT, None);
+    let digest = sluice_filter::identity::api_key_digest;
+    let configuration = format!(
+        r#"{TWO_PER_CLIENT}
+[[safelist]]
+kind = "path"
+value = "/public/**"
+
+[[safelist]]
+kind = "api_key"
+value = "{}"
+
+[[denylist]]
+kind = "api_key"
+value = "{}"
+
+[[denylist]]
+kind = "path"
+value = "/admin/*"
+"#,
+        digest("trusted-key"),
+        digest("banned-key")
+    );
+    let controller = Controller::start(&configuration, None);
     let upstream = Upstream::start();
     let plugin = with(
         sluice_plugin_config("deny", 1_000),
-        json!({
-            "identity": { "api_key_header": "x-api-key" },
-            "safelist": { "paths": ["/public/**"], "api_keys": ["trusted-key"] },
-            "denylist": { "api_keys": ["banned-key"], "paths": ["/admin/*"] }
-        }),
+        json!({ "identity": { "api_key_header": "x-api-key" } }),
     );
     let envoy = envoy(sluice(plugin), &controller, &upstream);
+    // The lists are the controller's: the filter has them once it has read them (each VM,
+    // the main thread's and the worker's, on its first tick).
+    sluice_e2e::wait_until("the filter read the lists", Duration::from_secs(15), || {
+        envoy.threads_that_logged("read configuration version") >= 2
+    });
     for _ in 0..4 {
         let response = get(&envoy, "/public/a/b", &[]);
         assert_eq!(response.status, 200, "{response:?}");
@@ -425,12 +448,12 @@ fn rules_select_requests_by_header_once_the_filter_has_read_them() {
     let controller = Controller::start(rules, None);
     let upstream = Upstream::start();
     let mut plugin = sluice_plugin_config("deny", 1_000);
-    plugin["controller"]["rules_poll_ms"] = json!(1_000);
+    plugin["controller"]["config_poll_ms"] = json!(1_000);
     let envoy = envoy(sluice(plugin), &controller, &upstream);
     sluice_e2e::wait_until(
         "the filter read the rules",
         std::time::Duration::from_secs(15),
-        || envoy.stat("wasmcustom.sluice_rules_fetched").unwrap_or(0) >= 2,
+        || envoy.stat("wasmcustom.sluice_config_reads").unwrap_or(0) >= 2,
     );
     let pro = [("x-plan", "pro")];
     assert_eq!(statuses(&envoy, 2, &pro), [200, 429]);

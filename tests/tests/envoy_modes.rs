@@ -401,13 +401,13 @@ fn a_rules_own_failure_mode_holds_for_its_requests_when_the_controller_is_gone()
     let mut controller = Controller::start(rules, None);
     let upstream = Upstream::start();
     let mut config = sluice_plugin_config("allow", 300);
-    config["controller"]["rules_poll_ms"] = json!(1_000);
+    config["controller"]["config_poll_ms"] = json!(1_000);
     let envoy = envoy_with(&config, vec![controller.port], &upstream, 2);
     // Each VM (the main thread's and each worker's) logs the rules when it first reads them.
     sluice_e2e::wait_until(
         "every worker read the rules",
         Duration::from_secs(15),
-        || envoy.threads_that_logged("read 2 rules from the controller") >= 3,
+        || envoy.threads_that_logged("read configuration version") >= 3,
     );
     let status = |path: &str| http::get(&envoy.url(path)).expect("request").status;
     assert_eq!((status("/pay/1"), status("/items")), (200, 200));
@@ -419,7 +419,7 @@ fn a_rules_own_failure_mode_holds_for_its_requests_when_the_controller_is_gone()
     assert!(envoy.log().contains("with a failure mode of their own"));
 }
 
-/// `rules_poll_ms: 0`: the filter never reads the rules, so a rule that matches a header
+/// `config_poll_ms: 0`: the filter never reads the rules, so a rule that matches a header
 /// never applies to its requests (the filter does not know to send the header), while a
 /// filter that reads them, beside it on the same controller, applies it.
 #[test]
@@ -434,23 +434,23 @@ fn a_filter_told_not_to_read_rules_never_reads_them() {
     let controller = Controller::start(rules, None);
     let upstream = Upstream::start();
     let mut reading = sluice_plugin_config("deny", 1_000);
-    reading["controller"]["rules_poll_ms"] = json!(1_000);
+    reading["controller"]["config_poll_ms"] = json!(1_000);
     let mut never = sluice_plugin_config("deny", 1_000);
-    never["controller"]["rules_poll_ms"] = json!(0);
+    never["controller"]["config_poll_ms"] = json!(0);
     let reader = envoy_with(&reading, vec![controller.port], &upstream, 1);
     let blind = envoy_with(&never, vec![controller.port], &upstream, 1);
     // Both filters' ticks have run a few times by the time the reader has read twice.
     sluice_e2e::wait_until(
         "the reader read the rules twice",
         Duration::from_secs(15),
-        || reader.stat("wasmcustom.sluice_rules_fetched").unwrap_or(0) >= 2,
+        || reader.stat("wasmcustom.sluice_config_reads").unwrap_or(0) >= 2,
     );
     sluice_e2e::wait_until(
         "the reader's worker read them",
         Duration::from_secs(15),
-        || reader.threads_that_logged("read 1 rules from the controller") >= 2,
+        || reader.threads_that_logged("read configuration version") >= 2,
     );
-    assert_eq!(blind.stat("wasmcustom.sluice_rules_fetched"), Some(0));
+    assert_eq!(blind.stat("wasmcustom.sluice_config_reads"), Some(0));
     let pro = |envoy: &Envoy| {
         http::get_with(&envoy.url("/items"), &[("x-plan", "pro")])
             .expect("request")

@@ -187,7 +187,7 @@ fn a_slot_taken_for_a_client_that_left_mid_batch_is_given_back() {
     let upstream = Upstream::start();
     let mut plugin = sluice_e2e::envoy::sluice_plugin_config("deny", 3_000);
     // Only checks and releases pass the proxy.
-    plugin["controller"]["rules_poll_ms"] = serde_json::json!(0);
+    plugin["controller"]["config_poll_ms"] = serde_json::json!(0);
     let envoy = Envoy::start(&EnvoyOptions {
         filter: Filter::sluice_with(&plugin),
         upstream_port: upstream.port(),

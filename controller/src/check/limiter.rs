@@ -1,23 +1,21 @@
 //! Answers check calls: finds the rules that apply to each check, asks the store, and says
-//! which limit speaks for the decision.
-
-use std::sync::Arc;
+//! which limit speaks for the decision. Each call reads one configuration snapshot, whole.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use sluice_protocol::{
     Check, CheckRequest, CheckResponse, ClientId, ClientKind, Decision, DenyReason, PolicyStatus,
-    Rule, RuleSet, Strategy,
+    Rule, Scope, Strategy,
 };
 
-use crate::config::ApiKeys;
+use crate::config::{LiveConfig, Snapshot};
 use crate::keys;
 use crate::store::{CheckSpec, LimitSpec, Outcome, Store, StoreError};
 use crate::strategy::{Params, Verdict};
 
 pub struct Limiter {
-    rules: RuleSet,
-    api_keys: ApiKeys,
+    config: Arc<LiveConfig>,
     store: Arc<dyn Store>,
 }
 
@@ -67,38 +65,29 @@ pub enum ReleaseError {
 }
 
 impl Limiter {
-    pub fn new(rules: RuleSet, store: Arc<dyn Store>) -> Self {
-        Limiter {
-            rules,
-            api_keys: ApiKeys::new(),
-            store,
-        }
-    }
-
-    /// API keys the controller maps to users and tiers.
-    pub fn with_api_keys(mut self, api_keys: ApiKeys) -> Self {
-        self.api_keys = api_keys;
-        self
+    pub fn new(config: Arc<LiveConfig>, store: Arc<dyn Store>) -> Self {
+        Limiter { config, store }
     }
 
     pub fn store(&self) -> &dyn Store {
         self.store.as_ref()
     }
 
-    pub fn rules(&self) -> &RuleSet {
-        &self.rules
+    pub fn config(&self) -> &LiveConfig {
+        &self.config
     }
 
     /// Decides every check of a call, in order, with one store call for the whole batch:
     /// a later check for the same counter sees the earlier one's effect, exactly as if they
     /// had arrived one by one.
     pub async fn check(&self, request: &CheckRequest) -> Result<CheckResponse, StoreError> {
+        let snapshot = self.config.snapshot();
         let checks: Vec<Cow<'_, Check>> = request
             .checks
             .iter()
-            .map(|check| self.resolve_api_key(check))
+            .map(|check| resolve_api_key(&snapshot, check))
             .collect();
-        let plans: Vec<Plan<'_>> = checks.iter().map(|check| self.plan(check)).collect();
+        let plans: Vec<Plan<'_>> = checks.iter().map(|check| plan(&snapshot, check)).collect();
         let batch: Vec<CheckSpec<'_>> = plans
             .iter()
             .flat_map(|plan| match plan {
@@ -149,86 +138,6 @@ impl Limiter {
         Ok(CheckResponse { decisions })
     }
 
-    /// The check as the rules see it: an API key the controller knows stands for its user
-    /// (who then is the client) and tier; a JWT's own user and tier win over the key's.
-    fn resolve_api_key<'c>(&self, check: &'c Check) -> Cow<'c, Check> {
-        let Some(grant) = check
-            .api_key
-            .as_ref()
-            .and_then(|key| self.api_keys.get(key))
-        else {
-            return Cow::Borrowed(check);
-        };
-        let mut resolved = check.clone();
-        if resolved.user.is_none() {
-            resolved.user.clone_from(&grant.user);
-        }
-        if resolved.tier.is_none() {
-            resolved.tier.clone_from(&grant.tier);
-        }
-        if let (true, Some(user)) = (resolved.client.is(ClientKind::ApiKey), &resolved.user) {
-            resolved.client = ClientId::new(ClientKind::User, user.clone());
-        }
-        Cow::Owned(resolved)
-    }
-
-    /// What a check needs: a decision already (no rule, or one that can never admit it),
-    /// or the store's answer for these limits.
-    fn plan<'r>(&'r self, check: &Check) -> Plan<'r> {
-        let counted: Vec<(&Rule, Option<ClientId>)> = self
-            .rules
-            .rules()
-            .iter()
-            .filter(|rule| rule.applies_to(check))
-            .filter_map(|rule| Some((rule, keys::counted_identity(rule.scope, check)?)))
-            .collect();
-        if counted.is_empty() {
-            return Plan::Decided(Decision::unlimited());
-        }
-        let spec = |rule: &Rule, identity: &Option<ClientId>| {
-            let cost = rule.cost.unwrap_or(check.cost);
-            LimitSpec {
-                key: keys::limit_key(rule.strategy, &rule.name, identity.as_ref()),
-                params: Params::of(rule),
-                // A concurrency rule in shadow reports the slots in use but takes none: a
-                // slot it took would have to be given back by a request that was refused.
-                cost: if rule.shadow && rule.strategy == Strategy::Concurrency {
-                    0
-                } else {
-                    cost
-                },
-            }
-        };
-        let (enforced, shadow): (Vec<_>, Vec<_>) =
-            counted.into_iter().partition(|(rule, _)| !rule.shadow);
-        let enforced_rules: Vec<&Rule> = enforced.iter().map(|(rule, _)| *rule).collect();
-        let enforced_specs: Vec<LimitSpec> = enforced
-            .iter()
-            .map(|(rule, identity)| spec(rule, identity))
-            .collect();
-        let costs: Vec<u64> = enforced_specs.iter().map(|spec| spec.cost).collect();
-        if let Some(denial) = never_admitted(&enforced_rules, &costs) {
-            return Plan::Decided(denial);
-        }
-        let takes_slots = enforced_rules
-            .iter()
-            .any(|rule| rule.strategy == Strategy::Concurrency);
-        let lease_id = if takes_slots {
-            new_lease_id()
-        } else {
-            String::new()
-        };
-        Plan::Ask(Asked {
-            enforced: enforced_rules,
-            enforced_specs,
-            shadow: shadow
-                .iter()
-                .map(|(rule, identity)| (*rule, vec![spec(rule, identity)]))
-                .collect(),
-            lease_id,
-        })
-    }
-
     /// Gives back the slots named by lease tokens; returns how many were still held.
     pub async fn release(&self, tokens: &[String]) -> Result<u64, ReleaseError> {
         let leases = tokens
@@ -242,6 +151,120 @@ impl Limiter {
         }
         Ok(freed)
     }
+
+    /// The counters `client` (of `tier`) has under each rule that would count it (or under
+    /// `rule` only), read without consuming anything. Route-scoped rules count a route, not
+    /// a client, and are left out.
+    pub async fn inspect(
+        &self,
+        client: &ClientId,
+        tier: Option<&str>,
+        rule: Option<&str>,
+    ) -> Result<Vec<PolicyStatus>, StoreError> {
+        let snapshot = self.config.snapshot();
+        let counted = counters_of(&snapshot, client, tier, rule, true);
+        if counted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let specs: Vec<[LimitSpec; 1]> = counted
+            .iter()
+            .map(|(rule, key)| {
+                [LimitSpec {
+                    key: key.clone(),
+                    params: Params::of(rule),
+                    cost: 0,
+                }]
+            })
+            .collect();
+        let batch: Vec<CheckSpec<'_>> = specs
+            .iter()
+            .map(|limits| CheckSpec {
+                limits,
+                lease_id: "",
+            })
+            .collect();
+        let outcomes = self.store.check_batch(&batch).await?;
+        Ok(counted
+            .iter()
+            .zip(outcomes)
+            .filter_map(|((rule, _), outcome)| Some(policy(rule, outcome.verdicts.first()?)))
+            .collect())
+    }
+
+    /// Resets counters: `client`'s own under every rule (or `rule`; not the counters it
+    /// shares with others under `global` and `tier` rules), every client's under `rule`, or
+    /// every counter. Returns how many were deleted.
+    pub async fn reset(&self, target: &ResetTarget<'_>) -> Result<u64, StoreError> {
+        match target {
+            ResetTarget::Client { client, tier, rule } => {
+                let snapshot = self.config.snapshot();
+                let keys: Vec<String> = counters_of(&snapshot, client, *tier, *rule, false)
+                    .into_iter()
+                    .map(|(_, key)| key)
+                    .collect();
+                self.store.delete_keys(&keys).await
+            }
+            ResetTarget::Rule(rule) => self.store.delete_counters(Some(rule)).await,
+            ResetTarget::All => self.store.delete_counters(None).await,
+        }
+    }
+}
+
+/// Which counters to reset.
+#[derive(Debug, Clone, Copy)]
+pub enum ResetTarget<'a> {
+    Client {
+        client: &'a ClientId,
+        tier: Option<&'a str>,
+        rule: Option<&'a str>,
+    },
+    Rule(&'a str),
+    All,
+}
+
+/// The rules (as they count a client of `tier`) that have a counter for `client`, each with
+/// the key of that counter. `shared` counters (a `global` or `tier` rule's, which the client
+/// shares with others) are left out unless asked for: resetting one client must not reset
+/// everybody's. An API key the configuration knows stands for its user and tier, as on the
+/// check path. Route-scoped rules count a route, not a client, and are left out.
+fn counters_of<'s>(
+    snapshot: &'s Snapshot,
+    client: &ClientId,
+    tier: Option<&str>,
+    only: Option<&str>,
+    shared: bool,
+) -> Vec<(&'s Rule, String)> {
+    let mut check = Check::new(client.clone(), "", "", "", 0);
+    let value = Some(client.value.clone());
+    if client.is(ClientKind::Ip) {
+        check.ip.clone_from(&value);
+    } else if client.is(ClientKind::User) {
+        check.user.clone_from(&value);
+    } else if client.is(ClientKind::ApiKey) {
+        check.api_key.clone_from(&value);
+    }
+    check.tier = tier.map(str::to_owned);
+    let check = resolve_api_key(snapshot, &check).into_owned();
+    let tier = check.tier.as_deref();
+    snapshot
+        .rules
+        .rules()
+        .iter()
+        .filter(|rule| only.is_none_or(|name| rule.name == name))
+        .filter(|rule| match rule.scope {
+            Scope::Route => false,
+            Scope::Global | Scope::Tier => shared,
+            _ => true,
+        })
+        .filter_map(|rule| {
+            let rule = snapshot.rule_for_tier(&rule.name, tier)?;
+            let identity = keys::counted_identity(rule.scope, &check)?;
+            Some((
+                rule,
+                keys::limit_key(rule.strategy, &rule.name, identity.as_ref()),
+            ))
+        })
+        .collect()
 }
 
 fn new_lease_id() -> String {
@@ -260,6 +283,83 @@ fn parse_lease_token(token: &str) -> Option<(&str, &str, u64)> {
     let id_ok = lease_id.len() == 32 && lease_id.bytes().all(|b| b.is_ascii_hexdigit());
     (id_ok && (1..=1_000_000).contains(&count) && keys::is_limit_key(Strategy::Concurrency, key))
         .then_some((key, lease_id, count))
+}
+
+/// The check as the rules see it: an API key the controller knows stands for its user
+/// (who then is the client) and tier; a JWT's own user and tier win over the key's.
+fn resolve_api_key<'c>(snapshot: &Snapshot, check: &'c Check) -> Cow<'c, Check> {
+    let Some(grant) = check
+        .api_key
+        .as_ref()
+        .and_then(|key| snapshot.api_keys.get(key))
+    else {
+        return Cow::Borrowed(check);
+    };
+    let mut resolved = check.clone();
+    if resolved.user.is_none() {
+        resolved.user.clone_from(&grant.user);
+    }
+    if resolved.tier.is_none() {
+        resolved.tier.clone_from(&grant.tier);
+    }
+    if let (true, Some(user)) = (resolved.client.is(ClientKind::ApiKey), &resolved.user) {
+        resolved.client = ClientId::new(ClientKind::User, user.clone());
+    }
+    Cow::Owned(resolved)
+}
+
+/// What a check needs: a decision already (no rule, or one that can never admit it),
+/// or the store's answer for these limits.
+fn plan<'r>(snapshot: &'r Snapshot, check: &'r Check) -> Plan<'r> {
+    let counted: Vec<(&Rule, Option<ClientId>)> = snapshot
+        .rules_for(check)
+        .filter_map(|rule| Some((rule, keys::counted_identity(rule.scope, check)?)))
+        .collect();
+    if counted.is_empty() {
+        return Plan::Decided(Decision::unlimited());
+    }
+    let spec = |rule: &Rule, identity: &Option<ClientId>| {
+        let cost = rule.cost.unwrap_or(check.cost);
+        LimitSpec {
+            key: keys::limit_key(rule.strategy, &rule.name, identity.as_ref()),
+            params: Params::of(rule),
+            // A concurrency rule in shadow reports the slots in use but takes none: a
+            // slot it took would have to be given back by a request that was refused.
+            cost: if rule.shadow && rule.strategy == Strategy::Concurrency {
+                0
+            } else {
+                cost
+            },
+        }
+    };
+    let (enforced, shadow): (Vec<_>, Vec<_>) =
+        counted.into_iter().partition(|(rule, _)| !rule.shadow);
+    let enforced_rules: Vec<&Rule> = enforced.iter().map(|(rule, _)| *rule).collect();
+    let enforced_specs: Vec<LimitSpec> = enforced
+        .iter()
+        .map(|(rule, identity)| spec(rule, identity))
+        .collect();
+    let costs: Vec<u64> = enforced_specs.iter().map(|spec| spec.cost).collect();
+    if let Some(denial) = never_admitted(&enforced_rules, &costs) {
+        return Plan::Decided(denial);
+    }
+    let takes_slots = enforced_rules
+        .iter()
+        .any(|rule| rule.strategy == Strategy::Concurrency);
+    let lease_id = if takes_slots {
+        new_lease_id()
+    } else {
+        String::new()
+    };
+    Plan::Ask(Asked {
+        enforced: enforced_rules,
+        enforced_specs,
+        shadow: shadow
+            .iter()
+            .map(|(rule, identity)| (*rule, vec![spec(rule, identity)]))
+            .collect(),
+        lease_id,
+    })
 }
 
 /// A denial that needs no store: a rule with limit 0, or a cost above what a rule can

@@ -1,91 +1,47 @@
-//! The controller's HTTP surface: the check call, health and readiness.
+//! The hot path: what the filter calls on the check address (the check call, releases and
+//! its view of the configuration), with health and readiness. Nothing here takes a lock the
+//! admin surface holds: each call reads the configuration snapshot once.
+
+pub mod limiter;
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Serialize;
 use sluice_protocol::{
-    CheckRequest, CheckResponse, ReleaseRequest, RulesSnapshot, CHECK_PATH, RELEASE_PATH,
-    RULES_PATH,
+    CheckRequest, CheckResponse, ReleaseRequest, CHECK_PATH, CONFIG_PATH, RELEASE_PATH,
 };
 
-use crate::limiter::{Limiter, ReleaseError};
+use crate::error::{parse_json, ApiError};
+use limiter::{Limiter, ReleaseError};
 
 /// Most checks one call may carry.
 pub const MAX_CHECKS_PER_CALL: usize = 1_024;
 
 #[derive(Clone)]
-pub struct AppState {
+pub struct CheckState {
     pub limiter: Arc<Limiter>,
 }
 
-pub fn app(state: AppState) -> Router {
+pub fn app(state: CheckState) -> Router {
     Router::new()
         .route(CHECK_PATH, post(check))
         .route(RELEASE_PATH, post(release))
-        .route(RULES_PATH, get(rules))
+        .route(CONFIG_PATH, get(filter_view))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
 }
 
-/// The one error shape of the API.
-#[derive(Debug, Serialize)]
-pub struct ApiError {
-    #[serde(skip)]
-    status: StatusCode,
-    error: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<String>,
-    message: String,
-}
-
-impl ApiError {
-    fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::BAD_REQUEST,
-            error: "invalid_request",
-            field: Some(field.into()),
-            message: message.into(),
-        }
-    }
-}
-
-impl ApiError {
-    fn store_unavailable(error: &crate::store::StoreError) -> Self {
-        tracing::warn!(%error, "check failed: store unavailable");
-        ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            error: "store_unavailable",
-            field: None,
-            message: error.to_string(),
-        }
-    }
-}
-
-/// Parses a JSON body, naming the offending field on failure.
-fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let mut deserializer = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut deserializer)
-        .map_err(|e| ApiError::invalid(e.path().to_string(), e.inner().to_string()))
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, Json(&self)).into_response()
-    }
-}
-
 async fn check(
-    State(state): State<AppState>,
+    State(state): State<CheckState>,
     body: Bytes,
 ) -> Result<Json<CheckResponse>, ApiError> {
-    let request: CheckRequest = parse_body(&body)?;
+    let request: CheckRequest = parse_json(&body)?;
     if request.checks.len() > MAX_CHECKS_PER_CALL {
         return Err(ApiError::invalid(
             "checks",
@@ -116,10 +72,10 @@ async fn check(
 }
 
 async fn release(
-    State(state): State<AppState>,
+    State(state): State<CheckState>,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let request: ReleaseRequest = parse_body(&body)?;
+    let request: ReleaseRequest = parse_json(&body)?;
     if request.leases.len() > MAX_CHECKS_PER_CALL {
         return Err(ApiError::invalid(
             "leases",
@@ -142,30 +98,72 @@ async fn release(
     }
 }
 
-/// The rules, for the filter: it needs each rule's failure mode when it cannot ask.
-async fn rules(State(state): State<AppState>) -> Json<RulesSnapshot> {
-    Json(RulesSnapshot {
-        rules: state.limiter.rules().rules().to_vec(),
-    })
+/// The version as an entity tag.
+pub fn etag(version: u64) -> String {
+    format!("\"{version}\"")
 }
 
-async fn healthz() -> Json<serde_json::Value> {
+/// What the filter needs of the configuration (rules, lists), built once per version. The
+/// filter asks with the version it holds (`If-None-Match`): unchanged, it gets `304`.
+async fn filter_view(State(state): State<CheckState>, headers: HeaderMap) -> Response {
+    let snapshot = state.limiter.config().snapshot();
+    let tag = etag(snapshot.version);
+    let unchanged = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.split(',').any(|t| t.trim() == tag));
+    if unchanged {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response();
+    }
+    (
+        [
+            (header::ETAG, tag),
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+        ],
+        snapshot.filter_view.clone(),
+    )
+        .into_response()
+}
+
+pub async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
-    let store = state.limiter.store();
-    match store.ping().await {
-        Ok(()) => (
+/// Ready when the counters' store answers a `PING` and the configuration was read from
+/// its store.
+async fn readyz(State(state): State<CheckState>) -> (StatusCode, Json<serde_json::Value>) {
+    readiness(&state.limiter).await
+}
+
+pub async fn readiness(limiter: &Limiter) -> (StatusCode, Json<serde_json::Value>) {
+    let store = limiter.store();
+    let config = limiter.config();
+    let problem = match store.ping().await {
+        Err(error) => Some(error.to_string()),
+        Ok(()) if !config.is_ready() => Some(match config.invalid_stored() {
+            Some((version, error)) => {
+                format!("the stored configuration (version {version}) does not validate: {error}")
+            }
+            None => format!(
+                "the configuration has not been read from {}",
+                config.store().describe()
+            ),
+        }),
+        Ok(()) => None,
+    };
+    let version = config.snapshot().version;
+    match problem {
+        None => (
             StatusCode::OK,
-            Json(serde_json::json!({ "status": "ready", "store": store.describe() })),
+            Json(serde_json::json!({
+                "status": "ready", "store": store.describe(), "config_version": version,
+            })),
         ),
-        Err(error) => (
+        Some(error) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({
-                "status": "not_ready",
-                "store": store.describe(),
-                "error": error.to_string(),
+                "status": "not_ready", "store": store.describe(), "error": error,
+                "config_version": version,
             })),
         ),
     }

@@ -185,6 +185,33 @@ impl Store for MemoryStore {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    async fn delete_keys(&self, keys: &[String]) -> Result<u64, StoreError> {
+        let now = self.clock.now_ms();
+        let mut entries = self.lock();
+        let deleted = keys
+            .iter()
+            .filter_map(|key| entries.by_key.remove(key))
+            .filter(|entry| entry.expires_at > now)
+            .count();
+        Ok(deleted as u64)
+    }
+
+    async fn delete_counters(&self, rule: Option<&str>) -> Result<u64, StoreError> {
+        let now = self.clock.now_ms();
+        let mut entries = self.lock();
+        let before = entries.by_key.len();
+        let mut expired = 0;
+        entries.by_key.retain(|key, entry| {
+            let counter = crate::keys::counter_of(key)
+                .is_some_and(|(_, of)| rule.is_none_or(|rule| rule == of));
+            if counter && entry.expires_at <= now {
+                expired += 1;
+            }
+            !counter
+        });
+        Ok((before - entries.by_key.len() - expired) as u64)
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use crate::strategy::{Params, Verdict};
 
 pub use self::memory::{Clock, ManualClock, MemoryStore, SystemClock};
+pub(crate) use self::redis::redact_password;
 pub use self::redis::RedisStore;
 
 /// One limit to check for a request: where its state lives, what it is, what the request
@@ -80,4 +81,11 @@ pub trait Store: Send + Sync {
 
     /// Whether the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Deletes these counters; returns how many there were.
+    async fn delete_keys(&self, keys: &[String]) -> Result<u64, StoreError>;
+
+    /// Deletes every counter of `rule` (every client's), or every counter of every rule;
+    /// returns how many there were. Nothing but counters is touched.
+    async fn delete_counters(&self, rule: Option<&str>) -> Result<u64, StoreError>;
 }

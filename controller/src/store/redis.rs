@@ -61,6 +61,12 @@ impl RedisStore {
         })
     }
 
+    /// The connection, for another user of the same Redis (the configuration's store), so
+    /// that one controller keeps one connection to one Redis.
+    pub fn connection(&self) -> ConnectionManager {
+        self.connection.clone()
+    }
+
     /// For tests: the scripts take the time from `clock` instead of Redis `TIME` (and keep
     /// keys a minute longer, since Redis expires them on its own clock).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
@@ -114,6 +120,46 @@ impl Store for RedisStore {
         Ok(freed.max(0) as u64)
     }
 
+    async fn delete_keys(&self, keys: &[String]) -> Result<u64, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let deleted: u64 = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut self.connection.clone())
+            .await?;
+        Ok(deleted)
+    }
+
+    async fn delete_counters(&self, rule: Option<&str>) -> Result<u64, StoreError> {
+        let mut connection = self.connection.clone();
+        let pattern = crate::keys::counters_pattern(rule);
+        let mut cursor: u64 = 0;
+        let mut deleted = 0;
+        loop {
+            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1_000)
+                .query_async(&mut connection)
+                .await?;
+            let counters: Vec<String> = found
+                .into_iter()
+                .filter(|key| {
+                    crate::keys::counter_of(key)
+                        .is_some_and(|(_, of)| rule.is_none_or(|rule| rule == of))
+                })
+                .collect();
+            deleted += self.delete_keys(&counters).await?;
+            cursor = next;
+            if cursor == 0 {
+                return Ok(deleted);
+            }
+        }
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let pong: String = redis::cmd("PING")
             .query_async(&mut self.connection.clone())
@@ -163,7 +209,7 @@ fn decode_check(reply: &[i64], checks: &[CheckSpec<'_>]) -> Result<Vec<Outcome>,
     Ok(outcomes)
 }
 
-fn redact_password(url: &str) -> String {
+pub(crate) fn redact_password(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])

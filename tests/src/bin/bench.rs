@@ -549,7 +549,7 @@ fn filter_core_native() -> String {
             .map(|_| {
                 let identity = identity::identify(&config.identity, &facts, 0).expect("identity");
                 let check = decision::check_for(&identity, "127.0.0.1:10000", "GET", "/bench", 1);
-                std::hint::black_box(denial::slot_key(denial::fingerprint(&check), 4096));
+                std::hint::black_box(denial::slot_key(denial::fingerprint(&check, 1), 4096));
                 check
             })
             .collect();

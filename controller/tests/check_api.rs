@@ -1,41 +1,19 @@
-//! The HTTP surface, in process, on the embedded store with a manual clock.
+//! The check API, in process, on the embedded store with a manual clock.
 
-use std::sync::Arc;
+mod support;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
+use axum::http::StatusCode;
 use serde_json::{json, Value};
-use sluice_controller::api::{app, AppState};
-use sluice_controller::config::{parse, parse_rules};
-use sluice_controller::limiter::Limiter;
-use sluice_controller::store::{ManualClock, MemoryStore};
-use tower::ServiceExt;
+use support::{call, post, world};
 
-fn router(rules: &str) -> (axum::Router, Arc<ManualClock>) {
-    let clock = ManualClock::starting_at(1_000_000);
-    let store = Arc::new(MemoryStore::new(clock.clone()));
-    let limiter = Arc::new(Limiter::new(parse_rules(rules).unwrap(), store));
-    (app(AppState { limiter }), clock)
-}
-
-fn router_with_keys(file: &str) -> axum::Router {
-    let clock = ManualClock::starting_at(1_000_000);
-    let store = Arc::new(MemoryStore::new(clock));
-    let policy = parse(file).unwrap();
-    let limiter = Arc::new(Limiter::new(policy.rules, store).with_api_keys(policy.api_keys));
-    app(AppState { limiter })
-}
-
-async fn post(router: &axum::Router, path: &str, body: Value) -> (StatusCode, Value) {
-    let request = Request::post(path)
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap();
-    let response = router.clone().oneshot(request).await.unwrap();
-    let status = response.status();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap())
+async fn router(
+    rules: &str,
+) -> (
+    axum::Router,
+    std::sync::Arc<sluice_controller::store::ManualClock>,
+) {
+    let world = world(rules).await;
+    (world.check, world.clock)
 }
 
 const TWO_PER_SECOND: &str = r#"
@@ -51,7 +29,7 @@ fn one_check(client: &str) -> Value {
 
 #[tokio::test]
 async fn counts_down_then_denies_then_resets_with_the_window() {
-    let (router, clock) = router(TWO_PER_SECOND);
+    let (router, clock) = router(TWO_PER_SECOND).await;
     clock.advance(250);
     let (status, body) = post(&router, "/v1/check", one_check("10.0.0.1")).await;
     assert_eq!(status, StatusCode::OK);
@@ -80,7 +58,7 @@ async fn counts_down_then_denies_then_resets_with_the_window() {
 
 #[tokio::test]
 async fn a_batch_is_decided_in_order() {
-    let (router, _clock) = router(TWO_PER_SECOND);
+    let (router, _clock) = router(TWO_PER_SECOND).await;
     let check = json!({ "client": { "kind": "ip", "value": "10.0.0.9" } });
     let (status, body) = post(
         &router,
@@ -100,7 +78,7 @@ async fn a_batch_is_decided_in_order() {
 
 #[tokio::test]
 async fn no_matching_rule_is_unlimited() {
-    let (router, _clock) = router("");
+    let (router, _clock) = router("").await;
     let (status, body) = post(&router, "/v1/check", one_check("10.0.0.1")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, json!({ "decisions": [{ "allowed": true }] }));
@@ -108,12 +86,12 @@ async fn no_matching_rule_is_unlimited() {
 
 #[tokio::test]
 async fn invalid_checks_are_refused_naming_the_field() {
-    let (router, _clock) = router(TWO_PER_SECOND);
+    let (router, _clock) = router(TWO_PER_SECOND).await;
     let cases = [
-        (json!({}), "."),
+        (json!({}), "checks"),
         (
             json!({ "checks": [{ "client": { "kind": "ip" } }] }),
-            "checks[0].client",
+            "checks[0].client.value",
         ),
         (
             json!({ "checks": [{ "client": { "kind": "ip", "value": "x" }, "cost": -1 }] }),
@@ -137,14 +115,10 @@ async fn invalid_checks_are_refused_naming_the_field() {
 
 #[tokio::test]
 async fn health_and_readiness_answer() {
-    let (router, _clock) = router("");
+    let (router, _clock) = router("").await;
     for path in ["/healthz", "/readyz"] {
-        let response = router
-            .clone()
-            .oneshot(Request::get(path).body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        let reply = call(&router, "GET", path, None, &[], None).await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}");
     }
 }
 
@@ -165,7 +139,8 @@ async fn shadow_rules_report_but_never_block() {
         window = "1s"
         shadow = true
         "#,
-    );
+    )
+    .await;
     let mut seen = Vec::new();
     for _ in 0..4 {
         let (_, body) = post(&router, "/v1/check", one_check("10.0.0.1")).await;
@@ -197,7 +172,7 @@ async fn shadow_rules_report_but_never_block() {
 #[tokio::test]
 async fn api_keys_map_to_user_and_tier() {
     let digest = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
-    let router = router_with_keys(&format!(
+    let (router, _clock) = router(&format!(
         r#"
         [[rules]]
         name = "gold"
@@ -216,7 +191,8 @@ async fn api_keys_map_to_user_and_tier() {
         user = "acme"
         tier = "gold"
         "#
-    ));
+    ))
+    .await;
     let with_key = |key: &str| {
         json!({ "checks": [{ "client": { "kind": "api_key", "value": key },
                               "api_key": key, "ip": "10.0.0.1", "path": "/" }] })
@@ -241,10 +217,10 @@ async fn api_keys_map_to_user_and_tier() {
     assert!(decision["others"].as_array().is_none());
 }
 
-/// The filter reads the rules (for their failure modes); what it reads parses back to the
-/// same rules.
+/// The filter reads its view of the configuration (rules, lists) with the version it holds;
+/// unchanged, it gets 304. What it reads parses back to the same rules.
 #[tokio::test]
-async fn rules_are_served_for_the_filter_and_round_trip() {
+async fn the_filters_view_is_served_by_version() {
     let text = r#"
         [[rules]]
         name = "payments"
@@ -255,12 +231,44 @@ async fn rules_are_served_for_the_filter_and_round_trip() {
         failure_mode = "deny"
         shadow = true
         match = { path_glob = "/pay/**", methods = ["POST"], tiers = ["gold"] }
+
+        [[denylist]]
+        kind = "ip"
+        value = "10.1.2.3/8"
+        expires_at = "2030-01-01T00:00:00Z"
     "#;
-    let (router, _clock) = router(text);
-    let request = Request::get("/v1/rules").body(Body::empty()).unwrap();
-    let response = router.oneshot(request).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    let snapshot: sluice_protocol::RulesSnapshot = serde_json::from_slice(&bytes).unwrap();
-    assert_eq!(snapshot.rules, parse_rules(text).unwrap().rules());
+    let (router, _clock) = router(text).await;
+    let reply = call(&router, "GET", "/v1/config", None, &[], None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.etag.as_deref(), Some("\"1\""));
+    let view: sluice_protocol::FilterView = serde_json::from_str(&reply.text).unwrap();
+    assert_eq!(view.version, 1);
+    let expected: sluice_protocol::ConfigDocument = toml::from_str(text).unwrap();
+    assert_eq!(view.rules, expected.rules);
+    assert_eq!(
+        view.denylist[0].value, "10.0.0.0/8",
+        "written the one way it is matched"
+    );
+    assert_eq!(view.denylist[0].expires_at_ms, Some(1_893_456_000_000));
+    let unchanged = call(
+        &router,
+        "GET",
+        "/v1/config",
+        None,
+        &[("if-none-match", "\"1\"")],
+        None,
+    )
+    .await;
+    assert_eq!(unchanged.status, StatusCode::NOT_MODIFIED);
+    assert!(unchanged.text.is_empty());
+    let other = call(
+        &router,
+        "GET",
+        "/v1/config",
+        None,
+        &[("if-none-match", "\"0\"")],
+        None,
+    )
+    .await;
+    assert_eq!(other.status, StatusCode::OK);
 }

@@ -1,0 +1,168 @@
+//! The admin surface, on its own address: the configuration (rules, tiers, API keys,
+//! lists) read and changed while traffic flows, counters inspected and reset, the system
+//! state, the audit log, and the OpenAPI document that describes all of it. Every route but
+//! the OpenAPI document (which holds no data) needs a bearer token ([`auth`]); changes need
+//! the `admin` role. Nothing here is on the
+//! check path: a change builds a new snapshot and swaps it in ([`crate::config::LiveConfig`]).
+
+pub mod auth;
+mod config;
+mod counters;
+mod entities;
+mod keys;
+mod lists;
+pub mod openapi;
+mod system;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::check::limiter::Limiter;
+use crate::config::{ChangeError, ConfigSource, LiveConfig, Snapshot};
+use crate::error::ApiError;
+use auth::Tokens;
+
+/// Largest body of a change (a rule, a key, a list entry).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// Largest configuration an import may carry.
+pub const MAX_IMPORT_BYTES: usize = 16 << 20;
+/// Longest an admin request may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub config: Arc<LiveConfig>,
+    pub limiter: Arc<Limiter>,
+    pub tokens: Arc<Tokens>,
+}
+
+pub fn app(state: AdminState) -> Router {
+    let prefix = sluice_protocol::admin::ADMIN_PREFIX;
+    let api = Router::new()
+        .route("/version", get(config::version))
+        .route(
+            "/config",
+            get(config::export)
+                .put(config::import)
+                .layer(DefaultBodyLimit::max(MAX_IMPORT_BYTES)),
+        )
+        .route(
+            "/rules",
+            get(entities::list_rules).post(entities::create_rule),
+        )
+        .route(
+            "/rules/{name}",
+            get(entities::get_rule)
+                .put(entities::update_rule)
+                .delete(entities::delete_rule),
+        )
+        .route(
+            "/tiers",
+            get(entities::list_tiers).post(entities::create_tier),
+        )
+        .route(
+            "/tiers/{name}",
+            get(entities::get_tier)
+                .put(entities::update_tier)
+                .delete(entities::delete_tier),
+        )
+        .route("/api-keys", get(keys::list).post(keys::create))
+        .route(
+            "/api-keys/{sha256}",
+            get(keys::get).put(keys::update).delete(keys::delete),
+        )
+        .route("/lists/{list}", get(lists::list).post(lists::add))
+        .route("/lists/{list}/{id}", get(lists::get).delete(lists::remove))
+        .route("/counters", get(counters::inspect).delete(counters::reset))
+        .route("/state", get(system::get_state).put(system::set_state))
+        .route("/audit", get(system::audit))
+        .route("/whoami", get(system::whoami))
+        .route("/openapi.json", get(openapi::serve))
+        .method_not_allowed_fallback(crate::error::method_not_allowed);
+    Router::new()
+        .nest(prefix, api)
+        .route("/healthz", get(crate::check::healthz))
+        .route("/readyz", get(readyz))
+        .fallback(crate::error::not_found)
+        .method_not_allowed_fallback(crate::error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .with_state(state)
+}
+
+async fn readyz(
+    axum::extract::State(state): axum::extract::State<AdminState>,
+) -> impl IntoResponse {
+    crate::check::readiness(&state.limiter).await
+}
+
+/// A reply with the configuration's version as its `ETag`.
+pub fn versioned<T: Serialize>(status: StatusCode, version: u64, body: &T) -> Response {
+    let mut response = (status, Json(body)).into_response();
+    if let Ok(tag) = HeaderValue::from_str(&crate::check::etag(version)) {
+        response.headers_mut().insert(header::ETAG, tag);
+    }
+    response
+}
+
+/// The version a change was made from (`If-Match: "12"`), if the caller names one.
+pub fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or_default().trim();
+    if text == "*" {
+        return Ok(None);
+    }
+    text.trim_start_matches("W/")
+        .trim_matches('"')
+        .parse::<u64>()
+        .map(Some)
+        .map_err(|_| {
+            ApiError::invalid(
+                "If-Match",
+                format!("`{text}` is not a version (the ETag of a read, such as \"12\")"),
+            )
+        })
+}
+
+/// Refuses changes to the document when it is managed by a file (`--config-source file`).
+pub fn document_writable(state: &AdminState) -> Result<(), ApiError> {
+    match state.config.source() {
+        ConfigSource::Store => Ok(()),
+        ConfigSource::File => Err(ApiError::conflict(
+            "the configuration is managed by the file given with --config (--config-source \
+             file): change the file and restart, or run with --config-source store",
+        )),
+    }
+}
+
+/// An entity the change made no sense without.
+pub fn missing(what: &str, name: &str) -> ChangeError {
+    ChangeError::NotFound(format!("there is no {what} `{name}`"))
+}
+
+/// Builds the change for the current snapshot's document.
+pub fn with_document(
+    snapshot: &Snapshot,
+    edit: impl FnOnce(&mut sluice_protocol::ConfigDocument) -> Result<serde_json::Value, ChangeError>,
+) -> Result<crate::config::Change, ChangeError> {
+    let mut document = snapshot.document.clone();
+    let detail = edit(&mut document)?;
+    Ok(crate::config::Change {
+        document,
+        state: snapshot.state,
+        detail,
+    })
+}

@@ -1,0 +1,192 @@
+//! One version of the configuration, validated and compiled for the check path, and never
+//! changed: a change builds the next snapshot and swaps it in whole ([`super::LiveConfig`]),
+//! so a check reads one version from start to end.
+
+use std::collections::HashMap;
+
+use sluice_protocol::admin::SystemState;
+use sluice_protocol::config::{ConfigDocument, FilterView, ListEntry, ListItem};
+use sluice_protocol::rules::DEFAULT_TIER;
+use sluice_protocol::{Check, Rule, RuleSet};
+
+use super::validate::{self, FieldError};
+
+/// Whom an API key stands for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyGrant {
+    pub user: Option<String>,
+    pub tier: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Snapshot {
+    pub version: u64,
+    pub state: SystemState,
+    /// The document as stored: what the admin API reads and exports.
+    pub document: ConfigDocument,
+    pub rules: RuleSet,
+    /// For each rule (in order), its form for each tier when it counts by tier.
+    by_tier: Vec<HashMap<String, Rule>>,
+    /// Known API keys by the hex SHA-256 of the key.
+    pub api_keys: HashMap<String, KeyGrant>,
+    /// `GET /v1/config`'s body, built once per version.
+    pub filter_view: Vec<u8>,
+}
+
+impl Snapshot {
+    /// Validates and compiles `document` as `version`.
+    pub fn build(
+        version: u64,
+        document: ConfigDocument,
+        state: SystemState,
+    ) -> Result<Snapshot, FieldError> {
+        let validated = validate::validate(&document)?;
+        let by_tier = document
+            .rules
+            .iter()
+            .map(|rule| {
+                if !rule.tier_limits {
+                    return HashMap::new();
+                }
+                document
+                    .tiers
+                    .iter()
+                    .map(|tier| (tier.name.clone(), rule.with_tier_limits(tier)))
+                    .collect()
+            })
+            .collect();
+        let api_keys = document
+            .api_keys
+            .iter()
+            .map(|key| {
+                let grant = KeyGrant {
+                    user: key.user.clone(),
+                    tier: key.tier.clone(),
+                };
+                (key.sha256.clone(), grant)
+            })
+            .collect();
+        let view = FilterView {
+            version,
+            rules: document.rules.clone(),
+            safelist: list_items(&document.safelist),
+            denylist: list_items(&document.denylist),
+        };
+        let filter_view = serde_json::to_vec(&view).unwrap_or_default();
+        Ok(Snapshot {
+            version,
+            state,
+            document,
+            rules: validated.rules,
+            by_tier,
+            api_keys,
+            filter_view,
+        })
+    }
+
+    /// The empty configuration (no rule applies), as version 0.
+    pub fn empty() -> Snapshot {
+        Snapshot {
+            version: 0,
+            state: SystemState::default(),
+            document: ConfigDocument::default(),
+            rules: RuleSet::default(),
+            by_tier: Vec::new(),
+            api_keys: HashMap::new(),
+            filter_view: serde_json::to_vec(&FilterView::default()).unwrap_or_default(),
+        }
+    }
+
+    /// Every rule that applies to `check`, in configuration order, each as it counts the
+    /// check's client (with the limits of its tier, for a rule that counts by tier).
+    pub fn rules_for<'a>(&'a self, check: &'a Check) -> impl Iterator<Item = &'a Rule> + 'a {
+        self.rules
+            .rules()
+            .iter()
+            .zip(&self.by_tier)
+            .filter(move |(rule, _)| rule.applies_to(check))
+            .map(move |(rule, by_tier)| {
+                let tier = check.tier.as_deref().unwrap_or(DEFAULT_TIER);
+                by_tier.get(tier).unwrap_or(rule)
+            })
+    }
+
+    /// A rule by name, as it counts a client of `tier`.
+    pub fn rule_for_tier(&self, name: &str, tier: Option<&str>) -> Option<&Rule> {
+        let index = self.rules.rules().iter().position(|r| r.name == name)?;
+        let rule = self.rules.rules().get(index)?;
+        let tier = tier.unwrap_or(DEFAULT_TIER);
+        Some(
+            self.by_tier
+                .get(index)
+                .and_then(|by_tier| by_tier.get(tier))
+                .unwrap_or(rule),
+        )
+    }
+}
+
+fn list_items(entries: &[ListEntry]) -> Vec<ListItem> {
+    entries
+        .iter()
+        .map(|entry| ListItem {
+            kind: entry.kind,
+            value: entry.value.clone(),
+            expires_at_ms: entry
+                .expires_at
+                .as_deref()
+                .and_then(|t| validate::rfc3339_ms("expires_at", t).ok()),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_protocol::ClientId;
+
+    fn document(toml_text: &str) -> ConfigDocument {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    #[test]
+    fn a_rule_that_counts_by_tier_takes_each_tiers_limits() {
+        let snapshot = Snapshot::build(
+            3,
+            document(
+                r#"
+                [[tiers]]
+                name = "pro"
+                limit = 100
+                burst = 150
+
+                [[rules]]
+                name = "per-client"
+                strategy = "token_bucket"
+                limit = 10
+                window = "1m"
+                burst = 20
+                tier_limits = true
+                "#,
+            ),
+            SystemState::Normal,
+        )
+        .unwrap();
+        let mut check = Check::new(ClientId::ip("10.0.0.1"), "", "GET", "/", 1);
+        let limits = |check: &Check| {
+            let rule = snapshot.rules_for(check).next().unwrap();
+            (rule.limit, rule.window_ms(), rule.burst())
+        };
+        assert_eq!(limits(&check), (10, 60_000, 20), "no tier: the rule's own");
+        check.tier = Some("pro".into());
+        assert_eq!(
+            limits(&check),
+            (100, 60_000, 150),
+            "the tier's, the rule's window"
+        );
+        check.tier = Some("unknown".into());
+        assert_eq!(limits(&check), (10, 60_000, 20));
+        let view: FilterView = serde_json::from_slice(&snapshot.filter_view).unwrap();
+        assert_eq!(view.version, 3);
+        assert_eq!(view.rules.len(), 1);
+    }
+}

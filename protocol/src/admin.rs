@@ -1,0 +1,181 @@
+//! The admin API's bodies, shared by the controller that serves them and the `sluice` CLI
+//! (and any other client) that sends and reads them. Paths are under [`ADMIN_PREFIX`];
+//! the OpenAPI document the controller serves at `/v1/admin/openapi.json` describes each.
+
+use serde::{Deserialize, Serialize};
+
+use crate::check::PolicyStatus;
+use crate::config::{ApiKey, ListEntry, ListKind, ListName};
+
+pub const ADMIN_PREFIX: &str = "/v1/admin";
+
+/// Every error the API answers with: a code, the field it is about (when one is), and a
+/// sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ErrorBody {
+    /// `invalid_request`, `unauthorized`, `forbidden`, `not_found`, `conflict`,
+    /// `version_mismatch`, `store_unavailable`, `too_large`, `method_not_allowed`.
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub message: String,
+}
+
+/// The configuration's version: it grows by one with every change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct VersionBody {
+    pub version: u64,
+}
+
+/// `POST /v1/admin/api-keys`: without `sha256`, the controller makes a new key and shows it
+/// once; with it, a key made elsewhere is registered by its digest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NewApiKey {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A key as the API answers for it; `key` only in the answer that created it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ApiKeyBody {
+    /// The key itself: shown once, when the controller made it. Store it now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    pub api_key: ApiKey,
+}
+
+/// `PUT /v1/admin/api-keys/{sha256}`: whom the key stands for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/admin/lists/{list}`. The expiry as a time (`expires_at`, RFC 3339) or from now
+/// (`expires_in`, `10m`, `1h`, `1d`), not both.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NewListEntry {
+    pub kind: ListKind,
+    pub value: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A list entry with its id (derived from the list, the kind and the value, so the same
+/// entry always has the same id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ListEntryBody {
+    pub id: String,
+    pub list: ListName,
+    pub entry: ListEntry,
+}
+
+/// `GET /v1/admin/counters`: where a client stands under each rule that counts it, read
+/// without consuming anything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CountersBody {
+    pub counters: Vec<PolicyStatus>,
+}
+
+/// `DELETE /v1/admin/counters`: how many counters were reset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ResetBody {
+    pub reset: u64,
+}
+
+/// The system's state, which tiers' limits can follow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SystemState {
+    #[default]
+    Normal,
+    Degraded,
+}
+
+impl SystemState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SystemState::Normal => "NORMAL",
+            SystemState::Degraded => "DEGRADED",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct StateBody {
+    pub state: SystemState,
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Reads configuration, counters, stats and the audit log.
+    Read,
+    /// Everything.
+    Admin,
+}
+
+/// `GET /v1/admin/whoami`: the token's name and role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct WhoAmIBody {
+    pub name: String,
+    pub role: Role,
+}
+
+/// One change, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AuditEntry {
+    /// RFC 3339.
+    pub at: String,
+    /// The token's name (or `bootstrap` for a file the controller started from).
+    pub actor: String,
+    /// `rule.create`, `tier.update`, `api_key.delete`, `list.add`, `config.import`,
+    /// `state.set`, `counters.reset`…
+    pub action: String,
+    /// What it acted on: a rule's name, a key's digest, a list entry's id.
+    pub target: String,
+    pub version_before: u64,
+    pub version_after: u64,
+    /// The change itself (secrets never: keys appear by digest).
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub change: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AuditBody {
+    pub entries: Vec<AuditEntry>,
+}
