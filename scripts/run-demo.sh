@@ -28,18 +28,32 @@ wait_for() { # what url
   exit 1
 }
 
-controller_args=(--config controller/demo-rules.toml --listen 127.0.0.1:8081)
+# The admin token: made on the first run and kept in .run/, so that the CLI keeps working
+# across runs.
+TOKEN_FILE="$LOGS/admin-token"
+if [ ! -s "$TOKEN_FILE" ]; then
+  (umask 077; printf 'sluice-demo-%s\n' "$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')" >"$TOKEN_FILE")
+fi
+ADMIN_TOKEN=$(cat "$TOKEN_FILE")
+
+controller_args=(--config controller/demo-rules.toml --listen 127.0.0.1:8081
+                 --admin-listen 127.0.0.1:8082)
 if command -v redis-server >/dev/null; then
-  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
-    >"$LOGS/redis.log" 2>&1 &
+  # The configuration lives in Redis: every change the admin API acknowledged is on disk
+  # first (append-only file, fsync always), so it survives restarts of the demo.
+  mkdir -p "$LOGS/redis"
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly yes \
+    --appendfsync always --dir "$LOGS/redis" >"$LOGS/redis.log" 2>&1 &
   pids+=($!)
   controller_args+=(--redis-url "redis://127.0.0.1:$REDIS_PORT")
   store="Redis on 127.0.0.1:$REDIS_PORT"
 else
-  store="the embedded in-memory store (no redis-server on the PATH)"
+  controller_args+=(--state-file "$LOGS/controller-state.json")
+  store="the embedded store (no redis-server on the PATH; configuration in $LOGS/controller-state.json)"
 fi
 
-target/release/sluice-controller "${controller_args[@]}" >"$LOGS/controller.log" 2>&1 &
+SLUICE_ADMIN_TOKENS="demo:admin:$ADMIN_TOKEN" \
+  target/release/sluice-controller "${controller_args[@]}" >"$LOGS/controller.log" 2>&1 &
 pids+=($!)
 target/release/sluice-demo-upstream 127.0.0.1:8080 >"$LOGS/upstream.log" 2>&1 &
 pids+=($!)
@@ -52,14 +66,20 @@ wait_for envoy http://127.0.0.1:9901/ready
 
 cat <<MSG
 
-Sluice demo is up (counters in $store).
+Sluice demo is up (counters and configuration in $store).
   Envoy      http://127.0.0.1:10000   (admin http://127.0.0.1:9901)
-  controller http://127.0.0.1:8081    (rules: controller/demo-rules.toml)
+  controller http://127.0.0.1:8081    (check API)
+  admin API  http://127.0.0.1:8082/v1/admin   token: $ADMIN_TOKEN
   upstream   http://127.0.0.1:8080
   logs       $LOGS/
 
 Try it: 5 requests per 10 s per client pass, the 6th gets a 429:
   for i in \$(seq 6); do curl -s -i http://127.0.0.1:10000/hello | grep -iE '^(HTTP|x-ratelimit|retry-after)'; done
+
+Change it while it runs, with the CLI:
+  export SLUICE_ADMIN_TOKEN=$ADMIN_TOKEN
+  target/release/sluice rules list
+  target/release/sluice deny add ip 127.0.0.1 --expires-in 1m --reason demo
 
 Ctrl-C stops everything.
 MSG

@@ -432,7 +432,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, Failure> {
 fn rule_row(rule: &Rule) -> Vec<String> {
     let window = rule
         .window
-        .map(|w| format!("{}ms", w.millis()))
+        .map(|w| sluice_protocol::duration::format_millis(w.millis()))
         .unwrap_or_else(|| "-".to_owned());
     let matcher = serde_json::to_string(&rule.matcher).unwrap_or_default();
     vec![
@@ -519,7 +519,10 @@ fn tiers(client: &Client, command: &TiersCommand, out: &Out<'_>) -> Result<Strin
                 vec![
                     t.name.clone(),
                     t.limit.to_string(),
-                    or_dash(t.window.map(|w| format!("{}ms", w.millis()))),
+                    or_dash(
+                        t.window
+                            .map(|w| sluice_protocol::duration::format_millis(w.millis())),
+                    ),
                     or_dash(t.burst),
                     or_dash(t.description.clone()),
                 ]
