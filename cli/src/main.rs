@@ -12,8 +12,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sluice_protocol::admin::{
-    ApiKeyBody, AuditBody, CountersBody, ListEntryBody, ResetBody, StateBody, VersionBody,
-    WhoAmIBody,
+    ApiKeyBody, AuditBody, CountersBody, EnforcementStatus, ListEntryBody, Operations, ResetBody,
+    VersionBody, WhoAmIBody,
 };
 use sluice_protocol::config::{ApiKey, ListKind, Tier};
 use sluice_protocol::Rule;
@@ -76,9 +76,29 @@ enum Command {
     /// Counters: where a client stands, and resets.
     #[command(subcommand)]
     Counters(CountersCommand),
-    /// The system state (NORMAL or DEGRADED).
+    /// The system state (NORMAL or DEGRADED), set by hand or left to the signal.
     #[command(subcommand)]
     State(StateCommand),
+    /// The emergency switch: `off` lets everything through (every rule, or --rule's),
+    /// still counted and reported as would-be-limited.
+    Enforce {
+        #[arg(value_parser = ["on", "off"])]
+        switch: Option<String>,
+        /// Switch one rule only.
+        #[arg(long)]
+        rule: Option<String>,
+    },
+    /// Blocks a client now: denylists it (403) for a while.
+    Block {
+        #[arg(value_enum)]
+        kind: Kind,
+        value: String,
+        /// How long (`10m`, `1h`, `1d`).
+        #[arg(long = "for", default_value = "1h")]
+        duration: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// The whole configuration, as files hold it.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -121,6 +141,13 @@ enum TiersCommand {
         burst: Option<u64>,
         #[arg(long)]
         description: Option<String>,
+        /// The limit while the system is DEGRADED (default: the same).
+        #[arg(long)]
+        degraded_limit: Option<u64>,
+        #[arg(long, requires = "degraded_limit")]
+        degraded_window: Option<String>,
+        #[arg(long, requires = "degraded_limit")]
+        degraded_burst: Option<u64>,
     },
     Delete {
         name: String,
@@ -240,10 +267,13 @@ enum CountersCommand {
 #[derive(Subcommand)]
 enum StateCommand {
     Get,
+    /// Sets the state and pins it (the automatic signal no longer changes it).
     Set {
         #[arg(value_parser = ["NORMAL", "DEGRADED"])]
         state: String,
     },
+    /// Hands the state back to the automatic signal.
+    Auto,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -320,18 +350,19 @@ fn run(cli: &Cli, client: &Client) -> Result<String, Failure> {
     match &cli.command {
         Command::Status => {
             let version: VersionBody = client.get("/version")?.json()?;
-            let state: StateBody = client.get("/state")?.json()?;
+            let operations: Operations = client.get("/state")?.json()?;
             let who: WhoAmIBody = client.get("/whoami")?.json()?;
             if as_json {
                 return Ok(pretty(
-                    &json!({ "version": version.version, "state": state.state, "whoami": who })
+                    &json!({ "version": version.version, "state": operations, "whoami": who })
                         .to_string(),
                 ));
             }
             Ok(format!(
-                "version  {}\nstate    {}\ntoken    {} ({:?})\n",
+                "version  {}\nstate    {}\nenforce  {}\ntoken    {} ({:?})\n",
                 version.version,
-                state.state.as_str(),
+                state_line(&operations),
+                enforcement_line(operations.enforce, &operations.unenforced_rules),
                 who.name,
                 who.role
             ))
@@ -348,12 +379,48 @@ fn run(cli: &Cli, client: &Client) -> Result<String, Failure> {
                 StateCommand::Set { state } => {
                     client.json("PUT", "/state", &json!({ "state": state }))?
                 }
+                StateCommand::Auto => {
+                    client.json("PUT", "/state", &json!({ "automatic": true }))?
+                }
             };
             out(answer, &|body| {
-                let state: StateBody =
-                    serde_json::from_str(body).map_err(|e| Failure(e.to_string()))?;
-                Ok(format!("{}\n", state.state.as_str()))
+                let operations: Operations = parse(body)?;
+                Ok(format!("{}\n", state_line(&operations)))
             })
+        }
+        Command::Enforce { switch, rule } => {
+            let answer = match switch {
+                None => client.get("/enforcement")?,
+                Some(switch) => {
+                    let mut body = json!({ "enforce": switch == "on" });
+                    if let Some(rule) = rule {
+                        body["rule"] = json!(rule);
+                    }
+                    client.json("PUT", "/enforcement", &body)?
+                }
+            };
+            out(answer, &|body| {
+                let status: EnforcementStatus = parse(body)?;
+                Ok(format!(
+                    "{}\n",
+                    enforcement_line(status.enforce, &status.unenforced_rules)
+                ))
+            })
+        }
+        Command::Block {
+            kind,
+            value,
+            duration,
+            reason,
+        } => {
+            let command = ListCommand::Add {
+                kind: *kind,
+                value: value.clone(),
+                expires_in: Some(duration.clone()),
+                expires_at: None,
+                reason: reason.clone(),
+            };
+            list(client, "denylist", &command, &out)
         }
         Command::Config(ConfigCommand::Export { format, output }) => {
             let name = match format {
@@ -419,6 +486,31 @@ fn run(cli: &Cli, client: &Client) -> Result<String, Failure> {
             })
         }
     }
+}
+
+fn state_line(operations: &Operations) -> String {
+    let mut line = operations.state.as_str().to_owned();
+    if let Some(since) = &operations.state_since {
+        line.push_str(&format!(" since {since}"));
+    }
+    line.push_str(if operations.automatic {
+        " (automatic)"
+    } else {
+        " (pinned: `sluice state auto` hands it back)"
+    });
+    line
+}
+
+fn enforcement_line(enforce: bool, unenforced: &[String]) -> String {
+    let mut line = if enforce {
+        "on".to_owned()
+    } else {
+        "OFF: nothing is refused".to_owned()
+    };
+    if !unenforced.is_empty() {
+        line.push_str(&format!("; off for {}", unenforced.join(", ")));
+    }
+    line
 }
 
 type Out<'a> = dyn Fn(client::Answer, &dyn Fn(&str) -> Result<String, Failure>) -> Result<String, Failure>
@@ -524,12 +616,29 @@ fn tiers(client: &Client, command: &TiersCommand, out: &Out<'_>) -> Result<Strin
                             .map(|w| sluice_protocol::duration::format_millis(w.millis())),
                     ),
                     or_dash(t.burst),
+                    or_dash(t.degraded.map(|d| {
+                        let mut text = d.limit.to_string();
+                        if let Some(window) = d.window {
+                            text.push_str(&format!("/{window}"));
+                        }
+                        if let Some(burst) = d.burst {
+                            text.push_str(&format!(" burst {burst}"));
+                        }
+                        text
+                    })),
                     or_dash(t.description.clone()),
                 ]
             })
             .collect();
         Ok(render(
-            &["NAME", "LIMIT", "WINDOW", "BURST", "DESCRIPTION"],
+            &[
+                "NAME",
+                "LIMIT",
+                "WINDOW",
+                "BURST",
+                "DEGRADED",
+                "DESCRIPTION",
+            ],
             &rows,
         ))
     };
@@ -542,8 +651,21 @@ fn tiers(client: &Client, command: &TiersCommand, out: &Out<'_>) -> Result<Strin
             window,
             burst,
             description,
+            degraded_limit,
+            degraded_window,
+            degraded_burst,
         } => {
             let mut body = json!({ "name": name, "limit": limit });
+            if let Some(limit) = degraded_limit {
+                let mut degraded = json!({ "limit": limit });
+                if let Some(window) = degraded_window {
+                    degraded["window"] = json!(window);
+                }
+                if let Some(burst) = degraded_burst {
+                    degraded["burst"] = json!(burst);
+                }
+                body["degraded"] = degraded;
+            }
             if let Some(window) = window {
                 body["window"] = json!(window);
             }

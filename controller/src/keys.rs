@@ -86,6 +86,44 @@ pub fn counter_of(key: &str) -> Option<(Strategy, &str)> {
     well_formed.then_some((strategy, rule))
 }
 
+/// The key of the penalty of the limit whose key is `limit_key` (same client, same rule,
+/// same slot): `sluice:{tag}:penalty:<rule>:<client>`.
+pub fn penalty_key(limit_key: &str) -> String {
+    let mut parts = limit_key.splitn(4, ':');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(prefix), Some(tag), Some(_strategy), Some(rest)) => {
+            format!("{prefix}:{tag}:{PENALTY}:{rest}")
+        }
+        _ => format!("{limit_key}:{PENALTY}"),
+    }
+}
+
+const PENALTY: &str = "penalty";
+
+/// The counter of invalid credentials from `ip` (brute-force protection). Its rule part is
+/// no rule's name (`~` is not allowed in one), so no rule's reset touches it.
+pub fn invalid_credentials_key(ip: &str) -> String {
+    limit_key(
+        Strategy::FixedWindow,
+        "~invalid-credentials",
+        Some(&ClientId::ip(ip.to_owned())),
+    )
+}
+
+/// The rule a counter's or a penalty's key belongs to; `None` for any other key.
+pub fn rule_of(key: &str) -> Option<&str> {
+    if let Some((_, rule)) = counter_of(key) {
+        return Some(rule);
+    }
+    let rest = key.strip_prefix(PREFIX)?.strip_prefix(":{")?;
+    let (_tag, rest) = rest.split_once('}')?;
+    let rest = rest
+        .strip_prefix(':')?
+        .strip_prefix(PENALTY)?
+        .strip_prefix(':')?;
+    rest.split_once(':').map(|(rule, _)| rule)
+}
+
 /// Whether `key` is one [`limit_key`] builds for `strategy` (for keys that come back from
 /// outside, such as lease tokens).
 pub fn is_limit_key(strategy: Strategy, key: &str) -> bool {

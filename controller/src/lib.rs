@@ -3,13 +3,18 @@
 //! - [`check`]: the hot path the filter calls (check, release, its configuration view);
 //! - [`admin`]: the admin API on its own address (auth, audit, OpenAPI);
 //! - [`config`]: the configuration model, its validation, store and live snapshot;
-//! - [`store`], [`strategy`], [`keys`]: counters, the algorithms, every Redis key.
+//! - [`store`], [`strategy`], [`keys`]: counters, the algorithms, every Redis key;
+//! - [`automatic`], [`protection`]: the system state following the upstream's health, and
+//!   addresses blocked for invalid credentials; [`metrics`]: what Prometheus scrapes.
 
 pub mod admin;
+pub mod automatic;
 pub mod check;
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod metrics;
+pub mod protection;
 pub mod settings;
 pub mod store;
 pub mod strategy;
@@ -22,8 +27,10 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::admin::auth::Tokens;
+use crate::automatic::Signals;
 use crate::check::limiter::Limiter;
 use crate::config::{ConfigStore, LiveConfig, MemoryConfigStore, RedisConfigStore};
+use crate::metrics::Metrics;
 use crate::settings::{setting_error, Mode, SettingError, Settings};
 use crate::store::{MemoryStore, RedisStore, Store, SystemClock};
 
@@ -155,7 +162,20 @@ pub async fn serve(
         config = %live.store().describe(),
         "starting"
     );
-    let limiter = Arc::new(Limiter::new(Arc::clone(&live), counters));
+    let metrics = Arc::new(Metrics::new());
+    let (guard, protection_task) = protection::start(
+        Arc::clone(&live),
+        Arc::clone(&counters),
+        Arc::clone(&metrics),
+    );
+    let signals = Arc::new(Signals::default());
+    let automatic_task = automatic::run(
+        Arc::clone(&live),
+        Arc::clone(&signals),
+        Arc::clone(&metrics),
+    );
+    let limiter =
+        Arc::new(Limiter::new(Arc::clone(&live), counters).with_guard(Arc::clone(&guard)));
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -177,6 +197,9 @@ pub async fn serve(
     });
     let check_app = check::app(check::CheckState {
         limiter: Arc::clone(&limiter),
+        signals,
+        guard,
+        metrics: Arc::clone(&metrics),
     });
     let check_server = axum::serve(check_listener, check_app)
         .with_graceful_shutdown(until_stopped(stopped.clone()));
@@ -194,6 +217,7 @@ pub async fn serve(
             config: Arc::clone(&live),
             limiter: Arc::clone(&limiter),
             tokens: Arc::new(tokens),
+            metrics: Arc::clone(&metrics),
         });
         Some(
             axum::serve(admin_listener, admin_app)
@@ -219,6 +243,8 @@ pub async fn serve(
     };
     let served = tokio::try_join!(check_done, admin_done).map(|_| ());
     watcher.abort();
+    automatic_task.abort();
+    protection_task.abort();
     served
 }
 

@@ -14,6 +14,17 @@ pub struct Params {
     pub limit: u64,
     pub period_ms: u64,
     pub extra: u64,
+    /// A progressive penalty for clients that keep hitting the limit (see [`strike`]).
+    pub penalty: Option<PenaltyParams>,
+}
+
+/// A rule's penalty in milliseconds: cool-downs from `base_ms` doubling to `max_ms`, one
+/// strike forgiven per `decay_ms` without a denial.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PenaltyParams {
+    pub base_ms: u64,
+    pub max_ms: u64,
+    pub decay_ms: u64,
 }
 
 impl Params {
@@ -29,18 +40,26 @@ impl Params {
             limit: rule.limit,
             period_ms,
             extra,
+            penalty: rule.penalty.map(|p| PenaltyParams {
+                base_ms: p.base.millis(),
+                max_ms: p.max.millis(),
+                decay_ms: p.decay.millis(),
+            }),
         }
     }
 }
 
 /// What a limit says about one request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Verdict {
     pub ok: bool,
     pub remaining: u64,
     pub reset_ms: u64,
     pub retry_after_ms: u64,
     pub delay_ms: u64,
+    /// Denied because the client is cooling down under the limit's penalty (or began to
+    /// with this denial: `retry_after_ms` is then the cool-down).
+    pub cooling: bool,
 }
 
 /// A limit's state in the embedded store; the shape of its Redis key.
@@ -72,6 +91,41 @@ pub enum State {
     Leases {
         leases: Vec<(String, u64)>,
     },
+    /// A penalty: strikes, the end of the current cool-down, the time of the last strike.
+    Penalty {
+        strikes: u64,
+        until: u64,
+        last: u64,
+    },
+}
+
+/// The cool-down left at `now` under a penalty whose state is `state` (0: none).
+pub fn cooling(state: Option<&State>, now: u64) -> u64 {
+    match state {
+        Some(State::Penalty { until, .. }) => until.saturating_sub(now),
+        _ => 0,
+    }
+}
+
+/// One more strike at `now` (the twin of `lua/penalty.lua`): the penalty's new state, the
+/// cool-down it starts, and how long the state matters (its TTL).
+pub fn strike(penalty: &PenaltyParams, state: Option<&State>, now: u64) -> (State, u64, u64) {
+    let (strikes, last) = match state {
+        Some(&State::Penalty { strikes, last, .. }) => (strikes, last),
+        _ => (0, now),
+    };
+    // The clock may have gone back: no time has passed, nothing is forgiven.
+    let forgiven = now.saturating_sub(last) / penalty.decay_ms.max(1);
+    let strikes = strikes.saturating_sub(forgiven) + 1;
+    let doubled = u128::from(penalty.base_ms) << (strikes - 1).min(40);
+    let cooldown = sat(doubled.min(u128::from(penalty.max_ms)));
+    let ttl = cooldown.saturating_add(strikes.saturating_mul(penalty.decay_ms));
+    let state = State::Penalty {
+        strikes,
+        until: now.saturating_add(cooldown),
+        last: now,
+    };
+    (state, cooldown, ttl)
 }
 
 /// How to change a limit's state when the request is admitted.
@@ -109,7 +163,7 @@ pub fn peek(params: &Params, state: Option<&State>, now: u64, cost: u64) -> Peek
             remaining: 0,
             reset_ms: 0,
             retry_after_ms: if cost == 0 { 0 } else { params.period_ms },
-            delay_ms: 0,
+            ..Verdict::default()
         };
         return Peeked {
             verdict,
@@ -139,7 +193,7 @@ fn verdict(ok: bool, remaining: u64, reset_ms: u64, retry_after_ms: u64) -> Verd
         remaining,
         reset_ms,
         retry_after_ms: if ok { 0 } else { retry_after_ms },
-        delay_ms: 0,
+        ..Verdict::default()
     }
 }
 

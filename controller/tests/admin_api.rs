@@ -307,6 +307,8 @@ fn routes(entry: &str) -> Vec<Ask> {
         Ask::new("DELETE", "/v1/admin/counters?all=true"),
         Ask::get("/v1/admin/state"),
         Ask::new("PUT", "/v1/admin/state").json(json!({ "state": "DEGRADED" })),
+        Ask::get("/v1/admin/enforcement"),
+        Ask::new("PUT", "/v1/admin/enforcement").json(json!({ "enforce": false })),
         Ask::get("/v1/admin/audit"),
         Ask::get("/v1/admin/whoami"),
     ]
@@ -944,7 +946,10 @@ async fn list_entries_expire_at_a_time_or_after_a_while() {
 async fn the_state_is_read_and_set_as_a_change() {
     let world = world(START).await;
     let reply = read(&world, "/v1/admin/state").await;
-    assert_eq!(reply.json(), json!({ "state": "NORMAL" }));
+    assert_eq!(
+        reply.json(),
+        json!({ "state": "NORMAL", "automatic": true, "enforce": true })
+    );
     assert_eq!(reply.version(), 1);
     let document = seen(&world).await.export;
     let (reply, entry) = changed(
@@ -955,18 +960,40 @@ async fn the_state_is_read_and_set_as_a_change() {
         "DEGRADED",
     )
     .await;
-    assert_eq!(reply.json(), json!({ "state": "DEGRADED" }));
+    let body = reply.json();
+    assert_eq!(body["state"], "DEGRADED");
+    assert_eq!(body["automatic"], false, "set by hand: pinned");
+    let since = body["state_since"].as_str().expect("since when");
+    assert!(sluice_controller::config::validate::rfc3339_ms("since", since).is_ok());
     assert_eq!(
         entry["change"],
-        json!({ "from": "NORMAL", "to": "DEGRADED" })
+        json!({ "from": "NORMAL", "to": "DEGRADED", "automatic": false })
     );
     let reply = read(&world, "/v1/admin/state").await;
-    assert_eq!(reply.json(), json!({ "state": "DEGRADED" }));
+    assert_eq!(reply.json(), body);
     assert_eq!(reply.version(), 2);
     assert_eq!(
         seen(&world).await.export,
         document,
         "the state is not the document"
+    );
+    let (reply, _) = changed(
+        &world,
+        &Ask::new("PUT", "/v1/admin/state").json(json!({ "automatic": true })),
+        StatusCode::OK,
+        "state.set",
+        "automatic",
+    )
+    .await;
+    let handed_back = reply.json();
+    assert_eq!(
+        handed_back["state"], "DEGRADED",
+        "the state stays until the signal moves it"
+    );
+    assert_eq!(handed_back["automatic"], true);
+    assert_eq!(
+        handed_back["state_since"], body["state_since"],
+        "no change of state"
     );
     changed(
         &world,
@@ -974,6 +1001,14 @@ async fn the_state_is_read_and_set_as_a_change() {
         StatusCode::OK,
         "state.set",
         "NORMAL",
+    )
+    .await;
+    refused(
+        &world,
+        &Ask::new("PUT", "/v1/admin/state").json(json!({})),
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        Some("state"),
     )
     .await;
 }
@@ -1020,7 +1055,7 @@ async fn a_change_made_from_an_old_version_is_refused_and_one_from_the_current_a
         .into_iter()
         .filter(|ask| ask.is_write() && !ask.path.contains("/counters"))
         .collect();
-    assert_eq!(writes.len(), 13, "every change of the configuration");
+    assert_eq!(writes.len(), 14, "every change of the configuration");
     for ask in writes {
         let world = world(START).await;
         // Someone else changes something first: version 2.
@@ -1476,7 +1511,9 @@ async fn a_configuration_managed_by_a_file_is_read_only_here() {
         if !ask.is_write() {
             continue;
         }
-        if ask.path.contains("/state") || ask.path.contains("/counters") {
+        // The operations (state, enforcement) are not the file's to say.
+        let operations = ["/state", "/enforcement", "/counters"];
+        if operations.iter().any(|path| ask.path.contains(path)) {
             let reply = ask.send(&world).await;
             assert_eq!(
                 reply.status,

@@ -49,6 +49,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("delete", "/v1/admin/counters"),
     ("get", "/v1/admin/state"),
     ("put", "/v1/admin/state"),
+    ("get", "/v1/admin/enforcement"),
+    ("put", "/v1/admin/enforcement"),
     ("get", "/v1/admin/audit"),
     ("get", "/v1/admin/whoami"),
     ("get", "/v1/admin/openapi.json"),

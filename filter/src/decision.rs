@@ -3,7 +3,7 @@
 //! [`Verdict`].
 
 use sluice_protocol::headers::{self, HeaderStyle, RETRY_AFTER};
-use sluice_protocol::{Check, CheckResponse, Decision, PolicyStatus, ReleaseRequest};
+use sluice_protocol::{Check, CheckResponse, Decision, PolicyStatus, Refusal, ReleaseRequest};
 
 use crate::config::{FailureMode, FilterConfig};
 use crate::identity::Identity;
@@ -48,6 +48,8 @@ pub enum Counted {
     Limited = 1,
     /// Allowed, but only because the rule (or the whole filter) is in shadow mode.
     ShadowLimited = 2,
+    /// Refused for who the client is (an API key the controller does not know).
+    Refused = 3,
 }
 
 /// Why no decision came from the controller. Each is logged and handled by the failure mode.
@@ -158,6 +160,12 @@ pub fn verdict_for_decision(
     decision: &Decision,
     request_id: Option<&str>,
 ) -> (Verdict, Counted) {
+    if let Some(Refusal::UnknownApiKey) = decision.refused {
+        if config.shadow {
+            return (Verdict::pass(), Counted::ShadowLimited);
+        }
+        return (unknown_api_key(request_id), Counted::Refused);
+    }
     let Some(policy) = &decision.policy else {
         let verdict = Verdict::Continue {
             response_headers: Vec::new(),
@@ -235,6 +243,19 @@ pub fn token_rejected(error: &TokenError, request_id: Option<&str>) -> Verdict {
         serde_json::json!({
             "error": "invalid_token",
             "message": error.to_string(),
+            "request_id": request_id,
+        }),
+    )
+}
+
+/// A 401 for an API key the controller does not know (where unknown keys are refused).
+pub fn unknown_api_key(request_id: Option<&str>) -> Verdict {
+    json_reply(
+        401,
+        Vec::new(),
+        serde_json::json!({
+            "error": "invalid_api_key",
+            "message": "This API key is not known to the rate limiter.",
             "request_id": request_id,
         }),
     )
@@ -483,6 +504,7 @@ mod tests {
             user: Some("ann".into()),
             tier: Some("gold".into()),
             api_key: Some("ab".into()),
+            invalid_token: false,
         };
         let check = check_for(&identity, "h", "GET", "/a/b?token=secret", 3);
         assert_eq!(check.path, "/a/b");

@@ -104,6 +104,16 @@ pub struct Identity {
     pub tier: Option<String>,
     /// SHA-256 (hex) of the API key.
     pub api_key: Option<String>,
+    /// The request carried a token that failed verification, passed over as configured
+    /// (`on_invalid: next`); it still counts against the address (brute-force protection).
+    pub invalid_token: bool,
+}
+
+/// A request refused for its invalid token, and the address it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub error: TokenError,
+    pub counted_ip: String,
 }
 
 /// SHA-256 of an API key, in hex: how keys are sent, listed and logged.
@@ -149,15 +159,20 @@ pub fn identify(
     config: &IdentityConfig,
     facts: &Facts<'_>,
     now_s: u64,
-) -> Result<Identity, TokenError> {
+) -> Result<Identity, Rejected> {
     let ip = client::client_ip(facts.peer, facts.forwarded_for, &config.ip);
     let counted_ip = ip.map_or_else(
         || UNKNOWN_CLIENT.to_owned(),
         |ip| client::counted_ip(ip, config.ip.ipv6_prefix),
     );
-    let claims = match &config.jwt {
-        Some(settings) => jwt_claims(settings, facts, now_s)?,
-        None => None,
+    let (claims, invalid_token) = match &config.jwt {
+        Some(settings) => match jwt_claims(settings, facts, now_s) {
+            Ok(Verified::Claims(claims)) => (Some(claims), false),
+            Ok(Verified::NoToken) => (None, false),
+            Ok(Verified::PassedOver) => (None, true),
+            Err(error) => return Err(Rejected { error, counted_ip }),
+        },
+        None => (None, false),
     };
     let api_key = config
         .api_key_header
@@ -197,34 +212,42 @@ pub fn identify(
         user,
         tier,
         api_key,
+        invalid_token,
     })
 }
 
+/// What became of a request's token.
+enum Verified {
+    Claims(Claims),
+    NoToken,
+    /// Invalid, and the configuration says to pass over it.
+    PassedOver,
+}
+
 /// The claims of the request's JWT: from `jwt_authn`'s metadata when configured and
-/// present, else from the token, verified here. `Ok(None)`: no token (or an invalid one
-/// the configuration says to pass over).
+/// present, else from the token, verified here.
 fn jwt_claims(
     settings: &JwtSettings,
     facts: &Facts<'_>,
     now_s: u64,
-) -> Result<Option<Claims>, TokenError> {
+) -> Result<Verified, TokenError> {
     if let Some(claims) = &facts.verified_claims {
-        return Ok(Some(claims.clone()));
+        return Ok(Verified::Claims(claims.clone()));
     }
     let Some(verifier) = &settings.verifier else {
-        return Ok(None);
+        return Ok(Verified::NoToken);
     };
     let token = facts
         .token_header
         .and_then(|value| jwt::bearer_token(value, settings.header == "authorization"));
     let Some(token) = token else {
-        return Ok(None);
+        return Ok(Verified::NoToken);
     };
     match verifier.borrow_mut().verify(token, now_s) {
-        Ok(claims) => Ok(Some(claims)),
+        Ok(claims) => Ok(Verified::Claims(claims)),
         Err(error) => match settings.on_invalid {
             OnInvalidToken::Reject => Err(error),
-            OnInvalidToken::Next => Ok(None),
+            OnInvalidToken::Next => Ok(Verified::PassedOver),
         },
     }
 }
@@ -349,10 +372,15 @@ mod tests {
             token_header: Some(&forged),
             ..Facts::default()
         };
-        assert!(identify(&config(OnInvalidToken::Reject), &facts, NOW).is_err());
+        let rejected = identify(&config(OnInvalidToken::Reject), &facts, NOW).unwrap_err();
+        assert_eq!(rejected.counted_ip, "192.0.2.1", "the address it came from");
         let identity = identify(&config(OnInvalidToken::Next), &facts, NOW).unwrap();
         assert_eq!(identity.client, ClientId::ip("192.0.2.1"));
         assert_eq!(identity.user, None, "a refused token names nobody");
+        assert!(
+            identity.invalid_token,
+            "passed over, but still seen as invalid"
+        );
     }
 
     #[test]

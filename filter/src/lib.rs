@@ -1,11 +1,11 @@
 //! Sluice's proxy-wasm filter.
 //!
 //! Everything that decides lives in plain Rust modules ([`config`], [`identity`] with
-//! [`client`] and [`jwt`], [`lists`], [`decision`], [`denial`], [`batch`]) and is tested
-//! natively. The request path itself ([`dispatch`], [`root`], [`stream`]) reaches Envoy only
-//! through the [`host::Host`] trait: `abi` implements it over the proxy-wasm ABI inside
-//! Envoy (the crate's only `unsafe` code, compiled for wasm32 only), and [`testing`] for
-//! native tests that drive the filter as Envoy would.
+//! [`client`] and [`jwt`], [`lists`], [`decision`], [`denial`], [`batch`], [`report`]) and
+//! is tested natively. The request path itself ([`dispatch`], [`root`], [`stream`]) reaches
+//! Envoy only through the [`host::Host`] trait: `abi` implements it over the proxy-wasm ABI
+//! inside Envoy (the crate's only `unsafe` code, compiled for wasm32 only), and [`testing`]
+//! for native tests that drive the filter as Envoy would.
 
 pub mod batch;
 pub mod client;
@@ -17,6 +17,7 @@ pub mod host;
 pub mod identity;
 pub mod jwt;
 pub mod lists;
+pub mod report;
 pub mod root;
 pub mod stream;
 pub mod testing;

@@ -153,6 +153,7 @@ mod tests {
             user: user.map(str::to_owned),
             tier: None,
             api_key: key.map(api_key_digest),
+            invalid_token: false,
         }
     }
 

@@ -1,14 +1,15 @@
-//! The root context of a worker: configures the filter, owns the batch callouts and the
-//! reads of the controller's configuration, and hands each request in a batch its verdict. Everything it asks of Envoy
-//! goes through [`Host`].
+//! The root context of a worker: configures the filter, owns the batch callouts, the reads
+//! of the controller's configuration and the reports to it, and hands each request in a
+//! batch its verdict. Everything it asks of Envoy goes through [`Host`].
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use sluice_protocol::config::Reported;
 use sluice_protocol::rules::{failure_mode_for, matched_headers};
 use sluice_protocol::FilterView;
-use sluice_protocol::{Check, Decision, Rule, CHECK_PATH, CONFIG_PATH, RELEASE_PATH};
+use sluice_protocol::{Check, Decision, Rule, CHECK_PATH, CONFIG_PATH, RELEASE_PATH, REPORT_PATH};
 
 use crate::batch::{self, Batcher, Member, Slot};
 use crate::config::{FailureMode, FilterConfig};
@@ -16,6 +17,7 @@ use crate::decision::{self, Counted, Failure, Verdict};
 use crate::denial;
 use crate::host::{BufferType, Host, LogLevel, MapType};
 use crate::lists::List;
+use crate::report::Tally;
 
 /// Most requests that may wait for a batch on one worker; past it they get the failure mode.
 pub const MAX_WAITING: usize = 10_000;
@@ -23,6 +25,8 @@ pub const MAX_WAITING: usize = 10_000;
 /// bucket's slot, how often it looks for the ones that are due).
 pub const WATCHDOG_TICK_MS: u32 = 1_000;
 pub const DELAY_TICK_MS: u32 = 5;
+/// How often a worker reports to the controller (when it has anything to say).
+pub const REPORT_EVERY_MS: u64 = 1_000;
 /// Largest callout reply read (the controller answers at most 1024 decisions).
 const MAX_REPLY_BYTES: usize = 4 << 20;
 
@@ -43,10 +47,12 @@ pub enum Metric {
     TokenRejected,
     /// Reads of the controller's configuration that it answered (changed or not).
     ConfigReads,
+    /// Requests refused with 401 for an API key the controller does not know.
+    UnknownApiKey,
 }
 
 impl Metric {
-    const ALL: [Metric; 12] = [
+    const ALL: [Metric; 13] = [
         Metric::Checks,
         Metric::Allowed,
         Metric::Limited,
@@ -59,6 +65,7 @@ impl Metric {
         Metric::Denylisted,
         Metric::TokenRejected,
         Metric::ConfigReads,
+        Metric::UnknownApiKey,
     ];
 
     pub fn name(self) -> &'static str {
@@ -75,6 +82,7 @@ impl Metric {
             Metric::Denylisted => "sluice_denylisted",
             Metric::TokenRejected => "sluice_token_rejected",
             Metric::ConfigReads => "sluice_config_reads",
+            Metric::UnknownApiKey => "sluice_unknown_api_key",
         }
     }
 }
@@ -107,6 +115,8 @@ pub struct Worker {
     pub metrics: Metrics,
     /// The controller's configuration as last read.
     pub view: RefCell<ControllerView>,
+    /// What the next report to the controller says (see [`crate::report`]).
+    pub tally: RefCell<Tally>,
     /// Callouts requests made of their own (batching off), by token: Envoy delivers every
     /// reply to the root context, which hands these on.
     stream_calls: RefCell<HashMap<u32, u32>>,
@@ -151,20 +161,28 @@ impl Worker {
         (verdict, counted)
     }
 
+    /// Tallies an invalid token from `ip`, when the controller wants them reported.
+    pub fn invalid_token(&self, ip: &str) {
+        if self.view.borrow().report.invalid_tokens {
+            self.tally.borrow_mut().invalid_token(ip);
+        }
+    }
+
     /// Counts decided requests: one host call per kind, however many requests.
     pub fn count(&self, host: &dyn Host, counted: impl IntoIterator<Item = Counted>) {
-        let mut tally = [0u64; 3];
+        let mut tally = [0u64; 4];
         for outcome in counted {
             if let Some(n) = tally.get_mut(outcome as usize) {
                 *n += 1;
             }
         }
-        let [allowed, limited, shadow] = tally;
+        let [allowed, limited, shadow, refused] = tally;
         let metrics = &self.metrics;
-        metrics.add(host, Metric::Checks, allowed + limited + shadow);
+        metrics.add(host, Metric::Checks, allowed + limited + shadow + refused);
         metrics.add(host, Metric::Allowed, allowed);
         metrics.add(host, Metric::Limited, limited);
         metrics.add(host, Metric::ShadowLimited, shadow);
+        metrics.add(host, Metric::UnknownApiKey, refused);
     }
 
     /// A denial the cache still holds for this check, as the 429 to send.
@@ -194,11 +212,12 @@ impl Worker {
     /// What happens to this check if the controller cannot answer: the failure mode of
     /// the rules that apply to it, else the filter's.
     pub fn failure_mode_for(&self, check: &Check) -> FailureMode {
-        failure_mode_for(
-            self.view.borrow().rules.iter(),
-            check,
-            self.config.failure_mode,
-        )
+        let view = self.view.borrow();
+        // Enforcement switched off: nothing is refused, not even for want of an answer.
+        if !view.enforce {
+            return FailureMode::Allow;
+        }
+        failure_mode_for(view.rules.iter(), check, self.config.failure_mode)
     }
 
     /// The verdicts of requests (by their failure modes) whose callout failed; counted and
@@ -322,7 +341,7 @@ impl Worker {
 
 /// What the filter holds of the controller's configuration: the rules (for their failure
 /// modes and the headers they match on) and the lists, compiled, with their version.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ControllerView {
     /// `None` until the first read.
     pub version: Option<u64>,
@@ -331,6 +350,20 @@ pub struct ControllerView {
     pub matched_headers: Vec<String>,
     pub safelist: List,
     pub denylist: List,
+    /// What the controller wants reported.
+    pub report: Reported,
+    /// The emergency switch (see [`FilterView::enforce`]).
+    pub enforce: bool,
+}
+
+impl Default for ControllerView {
+    /// Before the first read: no rules, no lists, nothing to report, enforcing.
+    fn default() -> Self {
+        ControllerView {
+            version: None,
+            ..ControllerView::from(FilterView::default())
+        }
+    }
 }
 
 impl From<FilterView> for ControllerView {
@@ -341,6 +374,8 @@ impl From<FilterView> for ControllerView {
             rules: view.rules,
             safelist: List::from_items(&view.safelist),
             denylist: List::from_items(&view.denylist),
+            report: view.report,
+            enforce: view.enforce,
         }
     }
 }
@@ -411,6 +446,7 @@ pub struct Root {
     /// The configuration read that is out, and when the last one left.
     config_call: Option<u32>,
     config_read_at_ms: u64,
+    report_sent_at_ms: u64,
 }
 
 fn random_u64() -> u64 {
@@ -428,6 +464,7 @@ impl Root {
             delayed: Vec::new(),
             config_call: None,
             config_read_at_ms: 0,
+            report_sent_at_ms: 0,
         }
     }
 
@@ -488,6 +525,7 @@ impl Root {
             wake_queue,
             metrics,
             view: RefCell::new(ControllerView::default()),
+            tally: RefCell::new(Tally::default()),
             stream_calls: RefCell::new(HashMap::new()),
             debug: Cell::new(host.log_level() <= LogLevel::Debug),
         }));
@@ -509,6 +547,7 @@ impl Root {
         };
         worker.debug.set(host.log_level() <= LogLevel::Debug);
         self.read_config_when_due(host, &worker);
+        self.report_when_due(host, &worker);
         let limit = u64::try_from(worker.config.timeout.as_millis()).unwrap_or(u64::MAX);
         let overdue = worker
             .batcher
@@ -671,6 +710,26 @@ impl Root {
             .into_iter()
             .collect();
         self.config_call = worker.call_controller(host, CONFIG_PATH, None, &extra).ok();
+    }
+
+    /// Sends what was tallied, once a second at most; nobody waits for the answer (a lost
+    /// report is one second less of signal).
+    fn report_when_due(&mut self, host: &dyn Host, worker: &Worker) {
+        let now = host.now_ms();
+        // Envoy's timer can fire a few ms early.
+        if now.saturating_sub(self.report_sent_at_ms) + 20 < REPORT_EVERY_MS {
+            return;
+        }
+        let Some(report) = worker.tally.borrow_mut().take() else {
+            return;
+        };
+        self.report_sent_at_ms = now;
+        let sent = serde_json::to_vec(&report)
+            .map_err(|e| e.to_string())
+            .and_then(|body| worker.call_controller(host, REPORT_PATH, Some(&body), &[]));
+        if let Err(why) = sent {
+            worker.debug(host, || format!("could not send the report: {why}"));
+        }
     }
 
     fn resume_due(&mut self, host: &dyn Host) {

@@ -164,7 +164,7 @@ impl Stream {
         &self,
         host: &dyn Host,
         headers: &HeaderMap,
-    ) -> Result<Identity, crate::jwt::TokenError> {
+    ) -> Result<Identity, identity::Rejected> {
         let config = &self.worker.config.identity;
         let peer = host
             .property(&["source", "address"])
@@ -227,19 +227,26 @@ impl Stream {
         }
         let identity = match self.identify(host, &headers) {
             Ok(identity) => identity,
-            Err(error) => {
+            Err(rejected) => {
                 metrics.add(host, Metric::TokenRejected, 1);
+                self.worker.invalid_token(&rejected.counted_ip);
                 log(
                     host,
                     LogLevel::Info,
-                    &format!("refusing a request with an invalid token: {error}"),
+                    &format!(
+                        "refusing a request with an invalid token: {}",
+                        rejected.error
+                    ),
                 );
                 return Triage::Answer(decision::token_rejected(
-                    &error,
+                    &rejected.error,
                     request_id(host).as_deref(),
                 ));
             }
         };
+        if identity.invalid_token {
+            self.worker.invalid_token(&identity.counted_ip);
+        }
         let view = self.worker.view.borrow();
         let listing = lists::listing(
             &view.safelist,
@@ -477,6 +484,16 @@ impl Stream {
 
     pub fn on_response_headers(&mut self, host: &dyn Host) -> Action {
         self.settle_batched();
+        // The upstream's answer, for the automatic system state (not the filter's own).
+        if !matches!(self.state, State::Answered)
+            && self.worker.view.borrow().report.upstream_status
+        {
+            let status = host
+                .header(MapType::ResponseHeaders, ":status")
+                .ok()
+                .flatten();
+            self.worker.tally.borrow_mut().response(status.as_deref());
+        }
         if let State::Admitted { headers, .. } = &self.state {
             for (name, value) in headers {
                 let _ = host.replace_header(MapType::ResponseHeaders, name, value);

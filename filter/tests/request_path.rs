@@ -269,6 +269,166 @@ fn the_controllers_lists_apply_before_anyone_is_asked_and_expire_on_time() {
     assert_eq!(envoy.host.metric("sluice_denylisted"), 2);
 }
 
+fn path_of(call: &sluice_filter::testing::Call) -> String {
+    call.headers
+        .iter()
+        .find(|(n, _)| n == ":path")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}
+
+/// Starts the filter with `plugin` and hands it the controller's view `view` (JSON).
+fn started_with_view(plugin: &[u8], view: serde_json::Value) -> MockEnvoy {
+    let (mut envoy, started) = MockEnvoy::start(plugin);
+    assert!(started);
+    envoy.tick(1_000);
+    let read = envoy
+        .calls()
+        .pop()
+        .expect("the configuration is read on the tick");
+    assert_eq!(path_of(&read), "/v1/config");
+    envoy.answer_with(read.token, "200", view.to_string().as_bytes());
+    envoy
+}
+
+/// Sends one request and has the controller admit it; returns its context.
+fn admitted(envoy: &mut MockEnvoy, peer: &[u8]) -> u32 {
+    let (request, action) = envoy.request(get(b"/", &[]), &[(PEER, peer)]);
+    assert_eq!(action, Action::Pause);
+    envoy.run_queues();
+    let batch = envoy.calls().pop().expect("a check call");
+    envoy.answer_with(batch.token, "200", &decisions_for(&batch.body, |_| true));
+    request
+}
+
+#[test]
+fn the_controller_hears_what_it_asked_for_once_a_second_and_nothing_else() {
+    let jwt = plugin(serde_json::json!({
+        "identity": { "jwt": { "keys": [{ "alg": "HS256", "secret": "s" }], "on_invalid": "reject" } },
+    }));
+    let view = serde_json::json!({
+        "version": 2, "report": { "upstream_status": true, "invalid_tokens": true },
+    });
+    let mut envoy = started_with_view(&jwt, view);
+    for status in ["200", "503", "500"] {
+        let request = admitted(&mut envoy, b"192.0.2.1:1");
+        envoy
+            .host
+            .state
+            .borrow_mut()
+            .response_headers
+            .insert(request, vec![(":status".to_owned(), status.to_owned())]);
+        envoy.respond(request);
+        envoy.finish(request);
+    }
+    let forged: &[(&[u8], &[u8])] = &[(b"authorization", b"Bearer not.a.token")];
+    let (refused, _) = envoy.request(get(b"/", forged), &[(PEER, b"192.0.2.9:4")]);
+    assert_eq!(envoy.reply(refused).map(|r| r.status), Some(401));
+    envoy.respond(refused);
+    envoy.tick(1_000);
+    let calls = envoy.calls();
+    let report = calls
+        .iter()
+        .find(|call| path_of(call) == "/v1/report")
+        .expect("a report on the tick");
+    let report: sluice_protocol::Report = serde_json::from_slice(&report.body).expect("JSON");
+    assert_eq!(
+        report,
+        sluice_protocol::Report {
+            responses: 3,
+            server_errors: 2,
+            invalid_tokens: vec![sluice_protocol::AddressCount {
+                ip: "192.0.2.9".into(),
+                count: 1
+            }],
+        },
+        "the filter's own 401 is not an upstream answer"
+    );
+    envoy.host.state.borrow_mut().calls.clear();
+    envoy.tick(1_000);
+    assert!(
+        envoy
+            .calls()
+            .iter()
+            .all(|call| path_of(call) != "/v1/report"),
+        "nothing seen, nothing sent"
+    );
+}
+
+#[test]
+fn a_controller_that_asks_for_no_report_gets_none() {
+    let mut envoy = started_with_view(
+        &plugin(serde_json::json!({})),
+        serde_json::json!({ "version": 1 }),
+    );
+    let request = admitted(&mut envoy, b"192.0.2.1:1");
+    envoy
+        .host
+        .state
+        .borrow_mut()
+        .response_headers
+        .insert(request, vec![(":status".to_owned(), "503".to_owned())]);
+    envoy.respond(request);
+    envoy.tick(1_000);
+    assert!(envoy
+        .calls()
+        .iter()
+        .all(|call| path_of(call) != "/v1/report"));
+}
+
+#[test]
+fn an_api_key_the_controller_does_not_know_is_refused_with_401() {
+    let keyed = plugin(serde_json::json!({ "identity": { "api_key_header": "x-api-key" } }));
+    let (mut envoy, _) = MockEnvoy::start(&keyed);
+    let key: &[(&[u8], &[u8])] = &[(b"x-api-key", b"guess-1")];
+    let (request, _) = envoy.request(get(b"/", key), &[(PEER, b"192.0.2.1:1")]);
+    envoy.run_queues();
+    let batch = envoy.calls().pop().expect("a check call");
+    let checks = checks_in(&batch.body);
+    assert_eq!(
+        checks[0].api_key.as_deref(),
+        Some(sluice_filter::identity::api_key_digest(b"guess-1").as_str()),
+        "the key goes as its digest only"
+    );
+    let refused = Decision {
+        allowed: false,
+        refused: Some(sluice_protocol::Refusal::UnknownApiKey),
+        ..Decision::unlimited()
+    };
+    let body = serde_json::to_vec(&CheckResponse {
+        decisions: vec![refused],
+    })
+    .expect("encode");
+    envoy.answer_with(batch.token, "200", &body);
+    let reply = envoy.reply(request).expect("a local reply");
+    assert_eq!(reply.status, 401);
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).expect("JSON");
+    assert_eq!(body["error"], "invalid_api_key", "{body}");
+    assert_eq!(envoy.host.metric("sluice_unknown_api_key"), 1);
+}
+
+#[test]
+fn switched_off_the_filter_lets_everything_through_even_without_an_answer() {
+    let closed = plugin(serde_json::json!({ "failure_mode": "deny" }));
+    let mut envoy = started_with_view(
+        &closed,
+        serde_json::json!({ "version": 3, "enforce": false }),
+    );
+    let (request, _) = envoy.request(get(b"/", &[]), &[(PEER, b"192.0.2.1:1")]);
+    envoy.run_queues();
+    let batch = envoy.calls().pop().expect("still asked: counted, reported");
+    envoy.answer_with(batch.token, "503", b"no healthy upstream");
+    assert_eq!(envoy.reply(request), None, "not refused");
+    assert!(envoy.host.state.borrow().resumed.contains(&request));
+    // Enforcing, the same failure refuses.
+    let mut envoy = started_with_view(&closed, serde_json::json!({ "version": 4 }));
+    let (request, _) = envoy.request(get(b"/", &[]), &[(PEER, b"192.0.2.1:1")]);
+    envoy.run_queues();
+    let batch = envoy.calls().pop().expect("a check call");
+    envoy.answer_with(batch.token, "503", b"no healthy upstream");
+    assert_eq!(envoy.reply(request).map(|r| r.status), Some(503));
+}
+
 // --- generated input ------------------------------------------------------------------
 
 /// Bytes a client (or a broken host) could hand over.
@@ -374,6 +534,8 @@ fn op() -> impl Strategy<Value = Op> {
 fn config_view(version: u64) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
         "version": version,
+        // Everything the filter can be asked to report, so that the generated runs tally it.
+        "report": { "upstream_status": true, "invalid_tokens": true },
         "rules": [
             { "name": "pay", "limit": 5, "window": "1m", "failure_mode": "deny",
               "match": { "path_prefix": "/pay", "headers": [{ "name": "x-plan" }] } }

@@ -128,11 +128,85 @@ impl SystemState {
     }
 }
 
+/// `PUT /v1/admin/state`: the state to run in. Setting it pins it (the automatic signal no
+/// longer changes it) unless `automatic` is true; `{"automatic": true}` alone hands the state
+/// back to the signal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct StateBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<SystemState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub automatic: Option<bool>,
+}
+
+/// `PUT /v1/admin/enforcement`: the emergency switch, for every rule or for one. `false`:
+/// nothing is refused (by that rule); it acts as in shadow (counted, and reported as
+/// would-be-limited) until switched back. A rule's own `shadow` setting is left alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct EnforcementBody {
+    pub enforce: bool,
+    /// The rule to switch; absent, the global switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+}
+
+/// `GET /v1/admin/enforcement`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EnforcementStatus {
+    /// The global switch.
+    pub enforce: bool,
+    /// Rules switched off one by one.
+    pub unenforced_rules: Vec<String>,
+}
+
+/// How the system runs at the moment: part of the versioned configuration (a change
+/// reaches every controller and filter like any other), but not of the document files
+/// hold, so that an import never flips it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Operations {
+    #[serde(default)]
     pub state: SystemState,
+    /// RFC 3339: when the state last changed (absent: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_since: Option<String>,
+    /// Whether the automatic signal may change the state.
+    #[serde(default = "yes")]
+    pub automatic: bool,
+    /// The emergency switch: `false`, nothing is refused.
+    #[serde(default = "yes")]
+    pub enforce: bool,
+    /// Rules switched off one by one (by name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unenforced_rules: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Operations {
+    /// Whether `rule` is enforced now (switches only; the rule's own `shadow` aside).
+    pub fn enforces(&self, rule: &str) -> bool {
+        self.enforce && !self.unenforced_rules.iter().any(|name| name == rule)
+    }
+}
+
+impl Default for Operations {
+    fn default() -> Self {
+        Operations {
+            state: SystemState::default(),
+            state_since: None,
+            automatic: true,
+            enforce: true,
+            unenforced_rules: Vec::new(),
+        }
+    }
 }
 
 /// What a token may do.

@@ -156,6 +156,18 @@ pub struct Decision {
     /// [`ReleaseRequest`] when the request's stream ends.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub leases: Vec<String>,
+    /// Refused for who the client is, not for a limit (`allowed` is false, `policy` absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<Refusal>,
+}
+
+/// Why a request was refused for who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// An API key the controller does not know, where unknown keys are refused
+    /// (`protection.unknown_api_keys = "reject"`): the filter answers 401.
+    UnknownApiKey,
 }
 
 impl Decision {
@@ -167,6 +179,7 @@ impl Decision {
             others: Vec::new(),
             shadow_denied: false,
             leases: Vec::new(),
+            refused: None,
         }
     }
 
@@ -189,6 +202,9 @@ pub enum DenyReason {
     LimitZero,
     /// The request costs more than the limit can ever hold: it will never pass.
     CostExceedsCapacity,
+    /// The client kept hitting a rule with a penalty: it is cooling down (`retry_after` is
+    /// the cool-down's end).
+    CoolDown,
 }
 
 /// Versioned path of the release call.
@@ -199,6 +215,35 @@ pub const RELEASE_PATH: &str = "/v1/release";
 #[serde(deny_unknown_fields)]
 pub struct ReleaseRequest {
     pub leases: Vec<String>,
+}
+
+/// Versioned path where each filter worker reports, once a second, what it saw that the
+/// controller cannot: its upstream's answers (for the automatic system state) and invalid
+/// tokens by address (for brute-force protection).
+pub const REPORT_PATH: &str = "/v1/report";
+
+/// Most addresses one report names.
+pub const MAX_REPORTED_ADDRESSES: usize = 256;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    /// Upstream responses since the last report (the filter's own local replies not counted).
+    #[serde(default)]
+    pub responses: u64,
+    /// Of them, 5xx.
+    #[serde(default)]
+    pub server_errors: u64,
+    /// Requests refused for an invalid token, by client address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub invalid_tokens: Vec<AddressCount>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddressCount {
+    pub ip: String,
+    pub count: u64,
 }
 
 /// The state of the limit that speaks for the decision: the one that denied, or when

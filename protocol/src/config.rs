@@ -12,7 +12,7 @@ use crate::rules::{Rule, Window};
 pub const CONFIG_PATH: &str = "/v1/config";
 
 /// Everything an operator manages, in one document.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ConfigDocument {
@@ -28,6 +28,65 @@ pub struct ConfigDocument {
     /// Requests refused with 403.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub denylist: Vec<ListEntry>,
+    /// When the system state changes by itself, and from what.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub automatic_state: Option<AutomaticState>,
+    /// Brute-force protection: addresses that keep presenting invalid credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protection: Option<Protection>,
+}
+
+/// The system state follows the share of upstream answers that are 5xx, as the filters
+/// report them: `DEGRADED` once the share reaches `enter_share` over `window`, `NORMAL`
+/// once it is back at `leave_share` or below (hysteresis), never sooner than `dwell` after
+/// the last change (so it cannot flap). Only while the state is automatic: an operator who
+/// sets it pins it, until they hand it back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AutomaticState {
+    /// Share (0–1) of 5xx answers at which the state becomes `DEGRADED`.
+    pub enter_share: f64,
+    /// Share (0–1) at or below which it goes back to `NORMAL`; below `enter_share`.
+    pub leave_share: f64,
+    /// How far back the share is measured (default 30s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "30s"))]
+    pub window: Option<Window>,
+    /// The least time between two changes (default 60s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "60s"))]
+    pub dwell: Option<Window>,
+    /// Fewer answers in the window than this decide nothing (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_responses: Option<u64>,
+}
+
+/// What unknown API keys get.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownApiKeys {
+    /// They count as their own client (by digest), as any key.
+    #[default]
+    Allow,
+    /// They are refused with 401, and count as invalid credentials of the address.
+    Reject,
+}
+
+/// Addresses that present `invalid_credentials` invalid tokens (or unknown API keys, with
+/// `unknown_api_keys = "reject"`) within `window` are denylisted for `block`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Protection {
+    pub invalid_credentials: u64,
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "1m"))]
+    pub window: Window,
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "15m"))]
+    pub block: Window,
+    #[serde(default)]
+    pub unknown_api_keys: UnknownApiKeys,
 }
 
 /// A named set of limits that clients belong to (by their API key or their token's tier
@@ -49,6 +108,36 @@ pub struct Tier {
     pub burst: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// The tier's limits while the system is `DEGRADED` (default: the same as above).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<TierLimits>,
+}
+
+/// A tier's limits in one system state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct TierLimits {
+    pub limit: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "1m"))]
+    pub window: Option<Window>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
+}
+
+impl Tier {
+    /// The tier's limits in `degraded` or normal operation.
+    pub fn limits(&self, degraded: bool) -> TierLimits {
+        match (degraded, self.degraded) {
+            (true, Some(limits)) => limits,
+            _ => TierLimits {
+                limit: self.limit,
+                window: self.window,
+                burst: self.burst,
+            },
+        }
+    }
 }
 
 /// An API key the controller knows, by the SHA-256 of the key: the filter sends only the
@@ -145,7 +234,7 @@ pub struct ListItem {
 
 /// What the filter needs of the configuration: the rules (each rule's failure mode, the
 /// headers rules match on) and the lists, which it applies before asking anyone.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FilterView {
     pub version: u64,
     #[serde(default)]
@@ -154,6 +243,48 @@ pub struct FilterView {
     pub safelist: Vec<ListItem>,
     #[serde(default)]
     pub denylist: Vec<ListItem>,
+    /// What the filter reports once a second on [`crate::REPORT_PATH`] (nothing: no report,
+    /// and no work on the request path for it).
+    #[serde(default)]
+    pub report: Reported,
+    /// The emergency switch: `false`, nothing is refused, not even when the controller
+    /// cannot be reached (every rule's failure mode is then `allow`).
+    #[serde(default = "enforcing")]
+    pub enforce: bool,
+}
+
+fn enforcing() -> bool {
+    true
+}
+
+impl Default for FilterView {
+    fn default() -> Self {
+        FilterView {
+            version: 0,
+            rules: Vec::new(),
+            safelist: Vec::new(),
+            denylist: Vec::new(),
+            report: Reported::default(),
+            enforce: true,
+        }
+    }
+}
+
+/// The signals the controller wants from the filters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reported {
+    /// Upstream answers and how many were 5xx (`automatic_state` is configured).
+    #[serde(default)]
+    pub upstream_status: bool,
+    /// Requests refused for an invalid token, by address (`protection` is configured).
+    #[serde(default)]
+    pub invalid_tokens: bool,
+}
+
+impl Reported {
+    pub fn any(self) -> bool {
+        self.upstream_status || self.invalid_tokens
+    }
 }
 
 #[cfg(test)]

@@ -160,6 +160,11 @@ pub fn denied_body<'a>(policy: &'a PolicyStatus, request_id: Option<&'a str>) ->
                 "This request costs more than rate limit `{}` can ever admit ({}); it will not pass.",
                 policy.rule, policy.limit
             ),
+            Some(DenyReason::CoolDown) => format!(
+                "Rate limit `{}` was exceeded again and again: this client is cooling down; \
+                 retry in {retry_after} s.",
+                policy.rule
+            ),
         },
         policy: &policy.rule,
         limit: policy.limit,

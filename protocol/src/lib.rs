@@ -10,10 +10,12 @@ pub mod headers;
 pub mod rules;
 
 pub use check::{
-    Check, CheckRequest, CheckResponse, ClientId, ClientKind, Decision, DenyReason, PolicyStatus,
-    ReleaseRequest, CHECK_PATH, RELEASE_PATH,
+    AddressCount, Check, CheckRequest, CheckResponse, ClientId, ClientKind, Decision, DenyReason,
+    PolicyStatus, Refusal, ReleaseRequest, Report, CHECK_PATH, MAX_REPORTED_ADDRESSES,
+    RELEASE_PATH, REPORT_PATH,
 };
 pub use config::{
-    ApiKey, ConfigDocument, FilterView, ListEntry, ListItem, ListKind, ListName, Tier, CONFIG_PATH,
+    ApiKey, AutomaticState, ConfigDocument, FilterView, ListEntry, ListItem, ListKind, ListName,
+    Protection, Reported, Tier, TierLimits, UnknownApiKeys, CONFIG_PATH,
 };
-pub use rules::{FailureMode, HeaderMatch, Rule, RuleMatch, RuleSet, Scope, Strategy};
+pub use rules::{FailureMode, HeaderMatch, Penalty, Rule, RuleMatch, RuleSet, Scope, Strategy};

@@ -260,6 +260,12 @@ macro_rules! millis_type {
             }
         }
 
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&duration::format_millis(self.0))
+            }
+        }
+
         impl Serialize for $name {
             fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
                 serializer.serialize_str(&duration::format_millis(self.0))
@@ -329,6 +335,24 @@ pub struct Rule {
     /// own limits.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tier_limits: bool,
+    /// A client that keeps hitting this rule's limit cools down for longer each time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub penalty: Option<Penalty>,
+}
+
+/// A progressive penalty: each time the rule denies a client (outside a cool-down), the
+/// client's strikes grow by one and it may not pass for `base × 2^(strikes − 1)`, at most
+/// `max`; one strike is forgiven for every `decay` without a denial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Penalty {
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "10s"))]
+    pub base: Window,
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "10m"))]
+    pub max: Window,
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "1m"))]
+    pub decay: Window,
 }
 
 /// The request headers the rules match on (lower-case, each once): what the filter sends.
@@ -377,7 +401,7 @@ pub const MAX_EXACT: u64 = 1 << 53;
 
 impl Rule {
     /// The rule as it counts a client of `tier` (see [`Rule::tier_limits`]).
-    pub fn with_tier_limits(&self, tier: &crate::config::Tier) -> Rule {
+    pub fn with_tier_limits(&self, tier: &crate::config::TierLimits) -> Rule {
         let takes_burst = matches!(self.strategy, Strategy::TokenBucket | Strategy::Gcra);
         // A concurrency rule has no window; a tier's burst is for the strategies that have
         // one. Tiers name limits for every rule that counts by tier, whatever its strategy.
@@ -534,6 +558,17 @@ impl Rule {
             (_, None) => return Err(("window", format!("is required by {strategy}"))),
             (_, Some(_)) => {}
         }
+        if let Some(penalty) = &self.penalty {
+            if self.strategy == Strategy::Concurrency {
+                return Err((
+                    "penalty",
+                    "does not apply to concurrency (a slot frees when a request ends)".into(),
+                ));
+            }
+            if penalty.max.millis() < penalty.base.millis() {
+                return Err(("penalty.max", "must be at least penalty.base".into()));
+            }
+        }
         if self.strategy == Strategy::LeakyBucket && self.max_delay.is_none() {
             return Err((
                 "max_delay",
@@ -666,6 +701,7 @@ mod tests {
             shadow: false,
             failure_mode: None,
             tier_limits: false,
+            penalty: None,
         }
     }
 

@@ -9,11 +9,13 @@ use axum::routing::get;
 use axum::Router;
 
 /// The service itself: `200 hello from upstream` on every path and method; `/slow/{ms}`
-/// answers the same after `ms` milliseconds (at most 10 s); `/binary-headers` with response
-/// header values that are not UTF-8.
+/// answers the same after `ms` milliseconds (at most 10 s); `/status/{code}` answers with
+/// that status (an upstream in trouble, for the automatic system state); `/binary-headers`
+/// with response header values that are not UTF-8.
 pub fn app() -> Router {
     Router::new()
         .route("/slow/{ms}", get(slow))
+        .route("/status/{code}", get(status))
         .route("/binary-headers", get(binary_headers))
         .fallback(|| async { HELLO })
 }
@@ -28,6 +30,12 @@ async fn binary_headers() -> impl axum::response::IntoResponse {
 }
 
 const HELLO: &str = "hello from upstream\n";
+
+async fn status(Path(code): Path<u16>) -> (axum::http::StatusCode, &'static str) {
+    let status = axum::http::StatusCode::from_u16(code)
+        .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+    (status, HELLO)
+}
 
 async fn slow(Path(ms): Path<u64>) -> &'static str {
     tokio::time::sleep(Duration::from_millis(ms.min(10_000))).await;

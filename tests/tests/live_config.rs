@@ -3,15 +3,13 @@
 //! list entries expire on time, and nothing the API acknowledged is lost when the controller
 //! and Redis are killed.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use sluice_e2e::controller::{ControllerOptions, ADMIN_TOKEN};
+use sluice_e2e::controller::ControllerOptions;
 use sluice_e2e::envoy::{sluice_plugin_config, with_fields, EnvoyOptions, Filter};
 use sluice_e2e::http::{self, Response};
-use sluice_e2e::{repo_root, required_file, wait_until, Controller, Envoy, RedisServer, Upstream};
+use sluice_e2e::{wait_until, Controller, Envoy, RedisServer, Upstream};
 
 /// How soon a change must show everywhere.
 const PROPAGATION: Duration = Duration::from_secs(2);
@@ -25,29 +23,9 @@ window = "1h"
 tier_limits = true
 "#;
 
-fn sluice_cli() -> PathBuf {
-    required_file(
-        "SLUICE_CLI_BIN",
-        &repo_root().join("target/debug/sluice"),
-        "run `cargo build -p sluice-cli` first; `make test` does",
-    )
-}
-
 /// Runs `sluice args…` against `controller`'s admin API; the output, or the error.
 fn cli(controller: &Controller, args: &[&str]) -> Result<String, String> {
-    let output = Command::new(sluice_cli())
-        .args(["--url", &controller.admin_url("")])
-        .args(args)
-        .env("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()
-        .expect("run sluice");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    if output.status.success() {
-        Ok(stdout)
-    } else {
-        Err(stderr)
-    }
+    sluice_e2e::cli::run(controller, args)
 }
 
 fn envoy(controllers: &[&Controller], upstream: &Upstream, concurrency: u32) -> Envoy {

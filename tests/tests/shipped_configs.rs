@@ -67,10 +67,9 @@ fn every_shipped_envoy_config_validates() {
     }
 }
 
-/// `envoy/demo.yaml` and `controller/demo-rules.toml`, as `make run` uses them, on free
-/// ports: five requests from one client pass with headers counting down, the sixth is limited.
-#[test]
-fn the_demo_configuration_limits_as_the_readme_says() {
+/// The demo (`envoy/demo.yaml` and `controller/demo-rules.toml`, as `make run` uses them)
+/// on free ports, with its controller on the embedded store.
+fn demo() -> (Controller, Upstream, Envoy) {
     let rules = std::fs::read_to_string(repo_root().join("controller/demo-rules.toml")).unwrap();
     let controller = Controller::start(&rules, None);
     let upstream = Upstream::start();
@@ -90,6 +89,14 @@ fn the_demo_configuration_limits_as_the_readme_says() {
         );
     }
     let envoy = Envoy::start_with_config(&config, port, admin_port, 1);
+    (controller, upstream, envoy)
+}
+
+/// Five requests from one anonymous client pass with headers counting down, the sixth is
+/// limited.
+#[test]
+fn the_demo_configuration_limits_as_the_readme_says() {
+    let (_controller, _upstream, envoy) = demo();
 
     // The demo's window is 10 s aligned to the epoch: start with at least 4 s of it left, so
     // that the six requests cannot straddle a boundary (which would reset the count).
@@ -111,4 +118,52 @@ fn the_demo_configuration_limits_as_the_readme_says() {
     let limited = http::get(&envoy.url("/anything")).unwrap();
     assert_eq!(limited.status, 429, "{limited:?}");
     assert_eq!(limited.json()["policy"], "per-client");
+}
+
+/// The README's worked example: the demo's free key bursts to 20 and gets 2 when DEGRADED,
+/// pro's limit stays 100 (150 with its burst when NORMAL), an unknown key gets 401.
+#[test]
+fn the_demo_tiers_follow_the_system_state_as_the_readme_says() {
+    let (controller, _upstream, envoy) = demo();
+    let with_key = |key: &str| {
+        http::get_with(&envoy.url("/hello"), &[("x-api-key", key)]).expect("through envoy")
+    };
+    let limit = |key: &str| with_key(key).header("x-ratelimit-limit").map(str::to_owned);
+    let passed = (0..25)
+        .filter(|_| with_key("demo-free-key").status == 200)
+        .count();
+    assert_eq!(
+        passed, 20,
+        "free bursts to 20 (and refills a token every 6 s)"
+    );
+    assert_eq!(limit("demo-pro-key").as_deref(), Some("150"));
+    assert_eq!(limit("demo-enterprise-key").as_deref(), Some("1000"));
+    assert_eq!(with_key("not-a-demo-key").status, 401);
+
+    let set = controller.admin(
+        "PUT",
+        "/v1/admin/state",
+        Some(&serde_json::json!({ "state": "DEGRADED" })),
+    );
+    assert_eq!(set.status, 200, "{set:?}");
+    // A denial the filter remembers holds until it reads the new version (within 2 s).
+    sluice_e2e::wait_until("free is shed", std::time::Duration::from_secs(2), || {
+        limit("demo-free-key").as_deref() == Some("2")
+    });
+    assert_eq!(
+        limit("demo-pro-key").as_deref(),
+        Some("100"),
+        "pro keeps 100"
+    );
+    assert_eq!(limit("demo-enterprise-key").as_deref(), Some("1000"));
+    controller.admin(
+        "PUT",
+        "/v1/admin/state",
+        Some(&serde_json::json!({ "automatic": true, "state": "NORMAL" })),
+    );
+    sluice_e2e::wait_until(
+        "free bursts again",
+        std::time::Duration::from_secs(2),
+        || limit("demo-free-key").as_deref() == Some("20"),
+    );
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use sluice_controller::store::{
     CheckSpec, LimitSpec, ManualClock, MemoryStore, Outcome, RedisStore, Store,
 };
-use sluice_controller::strategy::{Params, Verdict};
+use sluice_controller::strategy::{Params, PenaltyParams, Verdict};
 use sluice_e2e::{unique_name, RedisServer};
 use sluice_protocol::Strategy::{self, *};
 
@@ -95,6 +95,7 @@ fn limit(strategy: Strategy, limit: u64, period_ms: u64, extra: u64) -> LimitSpe
             limit,
             period_ms,
             extra,
+            penalty: None,
         },
         cost: 1,
     }
@@ -111,7 +112,7 @@ fn verdict(ok: bool, remaining: u64, reset_ms: u64, retry_after_ms: u64) -> Verd
         remaining,
         reset_ms,
         retry_after_ms,
-        delay_ms: 0,
+        ..Verdict::default()
     }
 }
 
@@ -532,6 +533,103 @@ async fn a_batch_is_decided_in_order(s: Subject) {
     );
 }
 
+// ---- progressive penalties ---------------------------------------------------------------
+
+fn with_penalty(mut spec: LimitSpec, base_ms: u64, max_ms: u64, decay_ms: u64) -> LimitSpec {
+    spec.params.penalty = Some(PenaltyParams {
+        base_ms,
+        max_ms,
+        decay_ms,
+    });
+    spec
+}
+
+fn cooling(remaining: u64, cool_down_ms: u64) -> Verdict {
+    Verdict {
+        cooling: true,
+        ..verdict(false, remaining, cool_down_ms, cool_down_ms)
+    }
+}
+
+async fn a_penalty_doubles_while_the_limit_is_hit_and_decays_after(s: Subject) {
+    // One request per second (windows start 750 ms after START); cool-downs of 2 s doubling
+    // to 8 s; one strike forgiven per 10 s without a denial.
+    let spec = with_penalty(limit(FixedWindow, 1, 1_000, 0), 2_000, 8_000, 10_000);
+    assert_eq!(s.one(&spec).await, verdict(true, 0, 750, 0));
+    // The window denies (750 ms to go): the first strike's cool-down is longer, and is
+    // what the client is told.
+    assert_eq!(s.one(&spec).await, cooling(0, 2_000));
+    s.advance(1_000);
+    // A new window, but the client cools down: denied without counting, no new strike.
+    assert_eq!(s.one(&spec).await, cooling(0, 1_000));
+    s.advance(1_000);
+    assert!(s.one(&spec).await.ok, "the cool-down is over");
+    assert_eq!(s.one(&spec).await, cooling(0, 4_000), "strike 2");
+    s.advance(4_000);
+    assert!(s.one(&spec).await.ok);
+    assert_eq!(s.one(&spec).await, cooling(0, 8_000), "strike 3");
+    s.advance(8_000);
+    assert!(s.one(&spec).await.ok);
+    assert_eq!(
+        s.one(&spec).await,
+        cooling(0, 8_000),
+        "strike 4: at the maximum"
+    );
+    s.advance(7_999);
+    assert_eq!(s.one(&spec).await, cooling(0, 1));
+    s.advance(1);
+    assert!(
+        s.one(&spec).await.ok,
+        "at the end of the cool-down to the ms"
+    );
+    // Behaving for 30 s forgives three of the four strikes: the next is strike 2.
+    s.advance(30_000);
+    assert!(s.one(&spec).await.ok);
+    assert_eq!(s.one(&spec).await, cooling(0, 4_000), "decayed");
+    // Long enough and every strike is forgiven: back to the base.
+    s.advance(60_000);
+    assert!(s.one(&spec).await.ok);
+    assert_eq!(s.one(&spec).await, cooling(0, 2_000), "forgiven");
+}
+
+async fn a_penalty_strikes_only_the_limit_that_denied(s: Subject) {
+    let penalised = with_penalty(limit(FixedWindow, 5, 60_000, 0), 10_000, 60_000, 60_000);
+    let strict = limit(FixedWindow, 1, 60_000, 0);
+    let both = [penalised.clone(), strict.clone()];
+    assert!(s.check(&both).await.allowed());
+    let outcome = s.check(&both).await;
+    assert_eq!(outcome.denied_by, Some(1), "{outcome:?}");
+    assert!(!outcome.verdicts[0].cooling, "{outcome:?}");
+    // The penalised limit was not struck: alone, it admits (and counts) the request.
+    assert_eq!(s.one(&penalised).await, verdict(true, 3, 59_750, 0));
+    // While one limit cools down, the others count nothing.
+    let tight = with_penalty(limit(FixedWindow, 1, 60_000, 0), 10_000, 60_000, 60_000);
+    assert!(s.one(&tight).await.ok);
+    assert_eq!(s.one(&tight).await, cooling(0, 59_750));
+    let cooling_first = [tight.clone(), strict.clone()];
+    let outcome = s.check(&cooling_first).await;
+    assert_eq!(outcome.denied_by, Some(0), "{outcome:?}");
+    assert!(outcome.verdicts[0].cooling);
+    assert_eq!(
+        s.one(&penalised).await,
+        verdict(true, 2, 59_750, 0),
+        "not counted"
+    );
+}
+
+async fn a_read_during_a_cool_down_reports_the_limit_as_it_is(s: Subject) {
+    let spec = with_penalty(limit(FixedWindow, 1, 1_000, 0), 5_000, 5_000, 5_000);
+    assert!(s.one(&spec).await.ok);
+    assert!(s.one(&spec).await.cooling);
+    s.advance(1_000);
+    let read = s.one(&costing(spec.clone(), 0)).await;
+    assert_eq!(
+        read,
+        verdict(true, 1, 750, 0),
+        "cost 0 reads, and is not cooled"
+    );
+}
+
 macro_rules! every_store {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
@@ -571,6 +669,9 @@ every_store!(
     leaky_bucket_admits_nothing_extra_when_the_clock_goes_back,
     keys_count_independently,
     a_batch_is_decided_in_order,
+    a_penalty_doubles_while_the_limit_is_hit_and_decays_after,
+    a_penalty_strikes_only_the_limit_that_denied,
+    a_read_during_a_cool_down_reports_the_limit_as_it_is,
 );
 
 // ---- Redis on its own clock ------------------------------------------------------------------

@@ -117,6 +117,7 @@ fn params_for(strategy: Algorithm) -> impl proptest::strategy::Strategy<Value = 
             limit,
             period_ms,
             extra,
+            penalty: None,
         })
 }
 

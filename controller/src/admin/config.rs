@@ -100,7 +100,7 @@ pub async fn import(
         .change(&author, if_match(&headers)?, |snapshot| {
             Ok(Change {
                 document: document.clone(),
-                state: snapshot.state,
+                operations: snapshot.operations.clone(),
                 detail: summary.clone(),
             })
         })

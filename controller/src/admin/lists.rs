@@ -89,7 +89,7 @@ fn new_entry(request: NewListEntry) -> Result<ListEntry, ApiError> {
         (None, Some(within)) => {
             let ms = sluice_protocol::duration::parse_millis(within)
                 .map_err(|e| ApiError::invalid("expires_in", e.to_string()))?;
-            Some(validate::format_rfc3339(now_ms().saturating_add(ms)))
+            Some(validate::format_rfc3339_ms(now_ms().saturating_add(ms)))
         }
         (None, None) => None,
     };

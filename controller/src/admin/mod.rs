@@ -12,7 +12,7 @@ mod entities;
 mod keys;
 mod lists;
 pub mod openapi;
-mod system;
+pub mod system;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +42,7 @@ pub struct AdminState {
     pub config: Arc<LiveConfig>,
     pub limiter: Arc<Limiter>,
     pub tokens: Arc<Tokens>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub fn app(state: AdminState) -> Router {
@@ -83,6 +84,10 @@ pub fn app(state: AdminState) -> Router {
         .route("/lists/{list}/{id}", get(lists::get).delete(lists::remove))
         .route("/counters", get(counters::inspect).delete(counters::reset))
         .route("/state", get(system::get_state).put(system::set_state))
+        .route(
+            "/enforcement",
+            get(system::get_enforcement).put(system::set_enforcement),
+        )
         .route("/audit", get(system::audit))
         .route("/whoami", get(system::whoami))
         .route("/openapi.json", get(openapi::serve))
@@ -91,6 +96,7 @@ pub fn app(state: AdminState) -> Router {
         .nest(prefix, api)
         .route("/healthz", get(crate::check::healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(crate::error::not_found)
         .method_not_allowed_fallback(crate::error::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -99,6 +105,11 @@ pub fn app(state: AdminState) -> Router {
             REQUEST_TIMEOUT,
         ))
         .with_state(state)
+}
+
+/// Prometheus's scrape: counts only, no configuration and no client, so no token.
+async fn metrics(axum::extract::State(state): axum::extract::State<AdminState>) -> Response {
+    crate::metrics::exposition(&state.metrics)
 }
 
 async fn readyz(
@@ -162,7 +173,7 @@ pub fn with_document(
     let detail = edit(&mut document)?;
     Ok(crate::config::Change {
         document,
-        state: snapshot.state,
+        operations: snapshot.operations.clone(),
         detail,
     })
 }

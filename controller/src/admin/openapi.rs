@@ -84,7 +84,8 @@ impl Modify for BearerAuth {
         keys::list, keys::create, keys::get, keys::update, keys::delete,
         lists::list, lists::add, lists::get, lists::remove,
         counters::inspect, counters::reset,
-        system::get_state, system::set_state, system::audit, system::whoami,
+        system::get_state, system::set_state, system::get_enforcement, system::set_enforcement,
+        system::audit, system::whoami,
     ),
     modifiers(&BearerAuth),
     tags(

@@ -4,19 +4,23 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use sluice_protocol::config::UnknownApiKeys;
 use sluice_protocol::{
     Check, CheckRequest, CheckResponse, ClientId, ClientKind, Decision, DenyReason, PolicyStatus,
-    Rule, Scope, Strategy,
+    Refusal, Rule, Scope, Strategy,
 };
 
 use crate::config::{LiveConfig, Snapshot};
 use crate::keys;
+use crate::protection::Guard;
 use crate::store::{CheckSpec, LimitSpec, Outcome, Store, StoreError};
 use crate::strategy::{Params, Verdict};
 
 pub struct Limiter {
     config: Arc<LiveConfig>,
     store: Arc<dyn Store>,
+    /// Where unknown API keys are counted against their address (brute-force protection).
+    guard: Option<Arc<Guard>>,
 }
 
 /// A check's limits as the store is asked about them: the enforced rules together (all or
@@ -66,7 +70,17 @@ pub enum ReleaseError {
 
 impl Limiter {
     pub fn new(config: Arc<LiveConfig>, store: Arc<dyn Store>) -> Self {
-        Limiter { config, store }
+        Limiter {
+            config,
+            store,
+            guard: None,
+        }
+    }
+
+    /// Counts refused unknown API keys in `guard`.
+    pub fn with_guard(mut self, guard: Arc<Guard>) -> Self {
+        self.guard = Some(guard);
+        self
     }
 
     pub fn store(&self) -> &dyn Store {
@@ -87,7 +101,29 @@ impl Limiter {
             .iter()
             .map(|check| resolve_api_key(&snapshot, check))
             .collect();
-        let plans: Vec<Plan<'_>> = checks.iter().map(|check| plan(&snapshot, check)).collect();
+        let rejecting = snapshot
+            .document
+            .protection
+            .as_ref()
+            .is_some_and(|p| p.unknown_api_keys == UnknownApiKeys::Reject)
+            // The emergency switch lets everything through.
+            && snapshot.operations.enforce;
+        let plans: Vec<Plan<'_>> = checks
+            .iter()
+            .map(|check| {
+                if rejecting && unknown_api_key(&snapshot, check) {
+                    if let (Some(guard), Some(ip)) = (&self.guard, &check.ip) {
+                        guard.strike(ip, 1);
+                    }
+                    return Plan::Decided(Decision {
+                        allowed: false,
+                        refused: Some(Refusal::UnknownApiKey),
+                        ..Decision::unlimited()
+                    });
+                }
+                plan(&snapshot, check)
+            })
+            .collect();
         let batch: Vec<CheckSpec<'_>> = plans
             .iter()
             .flat_map(|plan| match plan {
@@ -166,28 +202,19 @@ impl Limiter {
         if counted.is_empty() {
             return Ok(Vec::new());
         }
-        let specs: Vec<[LimitSpec; 1]> = counted
+        let limits: Vec<LimitSpec> = counted
             .iter()
-            .map(|(rule, key)| {
-                [LimitSpec {
-                    key: key.clone(),
-                    params: Params::of(rule),
-                    cost: 0,
-                }]
+            .map(|(rule, key)| LimitSpec {
+                key: key.clone(),
+                params: Params::of(rule),
+                cost: 0,
             })
             .collect();
-        let batch: Vec<CheckSpec<'_>> = specs
-            .iter()
-            .map(|limits| CheckSpec {
-                limits,
-                lease_id: "",
-            })
-            .collect();
-        let outcomes = self.store.check_batch(&batch).await?;
+        let verdicts = self.store.check_each(&limits).await?;
         Ok(counted
             .iter()
-            .zip(outcomes)
-            .filter_map(|((rule, _), outcome)| Some(policy(rule, outcome.verdicts.first()?)))
+            .zip(verdicts)
+            .map(|((rule, _), verdict)| policy(rule, &verdict))
             .collect())
     }
 
@@ -200,7 +227,10 @@ impl Limiter {
                 let snapshot = self.config.snapshot();
                 let keys: Vec<String> = counters_of(&snapshot, client, *tier, *rule, false)
                     .into_iter()
-                    .map(|(_, key)| key)
+                    .flat_map(|(rule, key)| {
+                        let penalty = rule.penalty.map(|_| keys::penalty_key(&key));
+                        std::iter::once(key).chain(penalty)
+                    })
                     .collect();
                 self.store.delete_keys(&keys).await
             }
@@ -283,6 +313,14 @@ fn parse_lease_token(token: &str) -> Option<(&str, &str, u64)> {
     let id_ok = lease_id.len() == 32 && lease_id.bytes().all(|b| b.is_ascii_hexdigit());
     (id_ok && (1..=1_000_000).contains(&count) && keys::is_limit_key(Strategy::Concurrency, key))
         .then_some((key, lease_id, count))
+}
+
+/// Whether `check` carries an API key the configuration does not know.
+fn unknown_api_key(snapshot: &Snapshot, check: &Check) -> bool {
+    check
+        .api_key
+        .as_ref()
+        .is_some_and(|key| !snapshot.api_keys.contains_key(key))
 }
 
 /// The check as the rules see it: an API key the controller knows stands for its user
@@ -379,7 +417,7 @@ fn never_admitted(rules: &[&Rule], costs: &[u64]) -> Option<Decision> {
             remaining: 0,
             reset_ms: 0,
             retry_after_ms: period,
-            delay_ms: 0,
+            ..Verdict::default()
         };
         let mut decision = Decision {
             allowed: false,
@@ -407,7 +445,7 @@ fn policy(rule: &Rule, verdict: &Verdict) -> PolicyStatus {
         },
         window_ms: Params::of(rule).period_ms,
         delay_ms: verdict.delay_ms,
-        reason: None,
+        reason: verdict.cooling.then_some(DenyReason::CoolDown),
     }
 }
 
@@ -470,6 +508,7 @@ fn decide(asked: &Asked<'_>, enforced: &Outcome, shadow: &[Outcome]) -> Decision
         others: statuses,
         shadow_denied: allowed && enforced.denied_by.is_none() && shadow_denier.is_some(),
         leases,
+        refused: None,
     }
 }
 

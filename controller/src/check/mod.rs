@@ -1,5 +1,5 @@
-//! The hot path: what the filter calls on the check address (the check call, releases and
-//! its view of the configuration), with health and readiness. Nothing here takes a lock the
+//! The hot path: what the filter calls on the check address (the check call, releases, its
+//! view of the configuration and its reports), with health and readiness. Nothing here takes a lock the
 //! admin surface holds: each call reads the configuration snapshot once.
 
 pub mod limiter;
@@ -13,10 +13,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use sluice_protocol::{
-    CheckRequest, CheckResponse, ReleaseRequest, CHECK_PATH, CONFIG_PATH, RELEASE_PATH,
+    CheckRequest, CheckResponse, ReleaseRequest, Report, CHECK_PATH, CONFIG_PATH,
+    MAX_REPORTED_ADDRESSES, RELEASE_PATH, REPORT_PATH,
 };
 
+use crate::automatic::Signals;
 use crate::error::{parse_json, ApiError};
+use crate::metrics::Metrics;
+use crate::protection::Guard;
 use limiter::{Limiter, ReleaseError};
 
 /// Most checks one call may carry.
@@ -25,15 +29,22 @@ pub const MAX_CHECKS_PER_CALL: usize = 1_024;
 #[derive(Clone)]
 pub struct CheckState {
     pub limiter: Arc<Limiter>,
+    /// Upstream answers the filters report (the automatic system state).
+    pub signals: Arc<Signals>,
+    /// Invalid tokens the filters report (brute-force protection).
+    pub guard: Arc<Guard>,
+    pub metrics: Arc<Metrics>,
 }
 
 pub fn app(state: CheckState) -> Router {
     Router::new()
         .route(CHECK_PATH, post(check))
         .route(RELEASE_PATH, post(release))
+        .route(REPORT_PATH, post(report))
         .route(CONFIG_PATH, get(filter_view))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -98,6 +109,31 @@ async fn release(
     }
 }
 
+/// A filter worker's report of the last second: the upstream's answers feed the automatic
+/// system state, invalid tokens by address feed brute-force protection. Answered at once;
+/// the counting happens elsewhere.
+async fn report(State(state): State<CheckState>, body: Bytes) -> Result<StatusCode, ApiError> {
+    let report: Report = parse_json(&body)?;
+    if report.invalid_tokens.len() > MAX_REPORTED_ADDRESSES {
+        return Err(ApiError::invalid(
+            "invalid_tokens",
+            format!(
+                "at most {MAX_REPORTED_ADDRESSES} addresses per report, got {}",
+                report.invalid_tokens.len()
+            ),
+        ));
+    }
+    state.metrics.reports.inc();
+    let now = crate::automatic::now_ms();
+    state
+        .signals
+        .report(now, report.responses, report.server_errors);
+    for address in &report.invalid_tokens {
+        state.guard.strike(&address.ip, address.count);
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// The version as an entity tag.
 pub fn etag(version: u64) -> String {
     format!("\"{version}\"")
@@ -123,6 +159,10 @@ async fn filter_view(State(state): State<CheckState>, headers: HeaderMap) -> Res
         snapshot.filter_view.clone(),
     )
         .into_response()
+}
+
+async fn metrics(State(state): State<CheckState>) -> Response {
+    crate::metrics::exposition(&state.metrics)
 }
 
 pub async fn healthz() -> Json<serde_json::Value> {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use sluice_protocol::admin::{AuditEntry, SystemState};
+use sluice_protocol::admin::{AuditEntry, Operations};
 use sluice_protocol::config::ConfigDocument;
 
 use super::snapshot::Snapshot;
@@ -49,10 +49,10 @@ pub enum ChangeError {
     Store(#[from] StoreError),
 }
 
-/// A change to make: the next document and state, and what the audit log says of it.
+/// A change to make: the next document and operations, and what the audit log says of it.
 pub struct Change {
     pub document: ConfigDocument,
-    pub state: SystemState,
+    pub operations: Operations,
     /// The change itself, for the audit log (secrets never).
     pub detail: serde_json::Value,
 }
@@ -102,7 +102,7 @@ impl LiveConfig {
         });
         let initial = bootstrap
             .clone()
-            .and_then(|document| Snapshot::build(0, document, SystemState::default()).ok())
+            .and_then(|document| Snapshot::build(0, document, Operations::default()).ok())
             .unwrap_or_else(Snapshot::empty);
         let live = Arc::new(LiveConfig {
             current: ArcSwap::from_pointee(initial),
@@ -191,7 +191,7 @@ impl LiveConfig {
             let from = stored.version;
             let next = Stored {
                 version: from + 1,
-                state: stored.state,
+                operations: stored.operations,
                 document,
             };
             let audit = audit_entry(&author, from, serde_json::json!({ "from": "file" }));
@@ -238,7 +238,7 @@ impl LiveConfig {
             return;
         }
         let version = stored.version;
-        match Snapshot::build(version, stored.document, stored.state) {
+        match Snapshot::build(version, stored.document, stored.operations) {
             Ok(snapshot) => {
                 if let Ok(mut invalid) = self.invalid.lock() {
                     *invalid = None;
@@ -318,11 +318,12 @@ impl LiveConfig {
             let mut change = make(&current)?;
             validate::normalize(&mut change.document);
             let from = current.version;
-            let snapshot = Snapshot::build(from + 1, change.document.clone(), change.state)
-                .map_err(ChangeError::Invalid)?;
+            let snapshot =
+                Snapshot::build(from + 1, change.document.clone(), change.operations.clone())
+                    .map_err(ChangeError::Invalid)?;
             let next = Stored {
                 version: from + 1,
-                state: change.state,
+                operations: change.operations,
                 document: change.document,
             };
             let audit = audit_entry(author, from, change.detail);

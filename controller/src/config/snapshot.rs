@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 
-use sluice_protocol::admin::SystemState;
-use sluice_protocol::config::{ConfigDocument, FilterView, ListEntry, ListItem};
+use sluice_protocol::admin::{Operations, SystemState};
+use sluice_protocol::config::{ConfigDocument, FilterView, ListEntry, ListItem, Reported};
 use sluice_protocol::rules::DEFAULT_TIER;
 use sluice_protocol::{Check, Rule, RuleSet};
 
@@ -21,11 +21,16 @@ pub struct KeyGrant {
 #[derive(Debug)]
 pub struct Snapshot {
     pub version: u64,
-    pub state: SystemState,
+    /// The system state and the emergency switch.
+    pub operations: Operations,
     /// The document as stored: what the admin API reads and exports.
     pub document: ConfigDocument,
+    /// The document's rules, validated.
     pub rules: RuleSet,
-    /// For each rule (in order), its form for each tier when it counts by tier.
+    /// The rules as checks apply them now: each in shadow while enforcement is off.
+    effective: Vec<Rule>,
+    /// For each rule (in order), its form for each tier (with the tier's limits of the
+    /// current state) when it counts by tier.
     by_tier: Vec<HashMap<String, Rule>>,
     /// Known API keys by the hex SHA-256 of the key.
     pub api_keys: HashMap<String, KeyGrant>,
@@ -34,15 +39,24 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Validates and compiles `document` as `version`.
+    /// Validates and compiles `document` as `version`, for the state and switch of
+    /// `operations`.
     pub fn build(
         version: u64,
         document: ConfigDocument,
-        state: SystemState,
+        operations: Operations,
     ) -> Result<Snapshot, FieldError> {
         let validated = validate::validate(&document)?;
-        let by_tier = document
+        let degraded = operations.state == SystemState::Degraded;
+        let effective: Vec<Rule> = document
             .rules
+            .iter()
+            .map(|rule| Rule {
+                shadow: rule.shadow || !operations.enforces(&rule.name),
+                ..rule.clone()
+            })
+            .collect();
+        let by_tier = effective
             .iter()
             .map(|rule| {
                 if !rule.tier_limits {
@@ -51,7 +65,10 @@ impl Snapshot {
                 document
                     .tiers
                     .iter()
-                    .map(|tier| (tier.name.clone(), rule.with_tier_limits(tier)))
+                    .map(|tier| {
+                        let limits = tier.limits(degraded);
+                        (tier.name.clone(), rule.with_tier_limits(&limits))
+                    })
                     .collect()
             })
             .collect();
@@ -68,16 +85,22 @@ impl Snapshot {
             .collect();
         let view = FilterView {
             version,
-            rules: document.rules.clone(),
+            rules: effective.clone(),
             safelist: list_items(&document.safelist),
             denylist: list_items(&document.denylist),
+            report: Reported {
+                upstream_status: document.automatic_state.is_some(),
+                invalid_tokens: document.protection.is_some(),
+            },
+            enforce: operations.enforce,
         };
         let filter_view = serde_json::to_vec(&view).unwrap_or_default();
         Ok(Snapshot {
             version,
-            state,
+            operations,
             document,
             rules: validated.rules,
+            effective,
             by_tier,
             api_keys,
             filter_view,
@@ -88,9 +111,10 @@ impl Snapshot {
     pub fn empty() -> Snapshot {
         Snapshot {
             version: 0,
-            state: SystemState::default(),
+            operations: Operations::default(),
             document: ConfigDocument::default(),
             rules: RuleSet::default(),
+            effective: Vec::new(),
             by_tier: Vec::new(),
             api_keys: HashMap::new(),
             filter_view: serde_json::to_vec(&FilterView::default()).unwrap_or_default(),
@@ -100,8 +124,7 @@ impl Snapshot {
     /// Every rule that applies to `check`, in configuration order, each as it counts the
     /// check's client (with the limits of its tier, for a rule that counts by tier).
     pub fn rules_for<'a>(&'a self, check: &'a Check) -> impl Iterator<Item = &'a Rule> + 'a {
-        self.rules
-            .rules()
+        self.effective
             .iter()
             .zip(&self.by_tier)
             .filter(move |(rule, _)| rule.applies_to(check))
@@ -113,8 +136,8 @@ impl Snapshot {
 
     /// A rule by name, as it counts a client of `tier`.
     pub fn rule_for_tier(&self, name: &str, tier: Option<&str>) -> Option<&Rule> {
-        let index = self.rules.rules().iter().position(|r| r.name == name)?;
-        let rule = self.rules.rules().get(index)?;
+        let index = self.effective.iter().position(|r| r.name == name)?;
+        let rule = self.effective.get(index)?;
         let tier = tier.unwrap_or(DEFAULT_TIER);
         Some(
             self.by_tier
@@ -168,7 +191,7 @@ mod tests {
                 tier_limits = true
                 "#,
             ),
-            SystemState::Normal,
+            Operations::default(),
         )
         .unwrap();
         let mut check = Check::new(ClientId::ip("10.0.0.1"), "", "GET", "/", 1);

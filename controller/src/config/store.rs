@@ -12,18 +12,18 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::io::tcp::TcpSettings;
 use redis::{IntoConnectionInfo, Script};
 use serde::{Deserialize, Serialize};
-use sluice_protocol::admin::{AuditEntry, SystemState};
+use sluice_protocol::admin::{AuditEntry, Operations};
 use sluice_protocol::config::ConfigDocument;
 
 use crate::keys;
 use crate::store::StoreError;
 
 /// One version of the configuration, as stored.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Stored {
     pub version: u64,
     #[serde(default)]
-    pub state: SystemState,
+    pub operations: Operations,
     #[serde(default)]
     pub document: ConfigDocument,
 }

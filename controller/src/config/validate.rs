@@ -7,7 +7,9 @@ use std::collections::HashSet;
 use std::fmt;
 
 use ipnet::IpNet;
-use sluice_protocol::config::{ApiKey, ConfigDocument, ListEntry, ListKind, Tier};
+use sluice_protocol::config::{
+    ApiKey, AutomaticState, ConfigDocument, ListEntry, ListKind, Protection, Tier,
+};
 use sluice_protocol::rules::DEFAULT_TIER;
 use sluice_protocol::rules::{MAX_EXACT, MAX_RULE_NAME};
 use sluice_protocol::{Rule, RuleSet};
@@ -108,6 +110,13 @@ pub fn format_rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_seconds(time).to_string()
 }
 
+/// Milliseconds since the epoch as RFC 3339 to the millisecond (UTC): for expiries, which
+/// must not come up to a second early.
+pub fn format_rfc3339_ms(ms: u64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
 pub fn validate_tier(tier: &Tier) -> Result<(), FieldError> {
     check_name("name", &tier.name)?;
     if tier.limit > MAX_EXACT {
@@ -119,7 +128,70 @@ pub fn validate_tier(tier: &Tier) -> Result<(), FieldError> {
     if tier.burst == Some(0) {
         return Err(FieldError::new("burst", "must be at least 1"));
     }
+    if let Some(degraded) = &tier.degraded {
+        if degraded.limit > MAX_EXACT {
+            return Err(FieldError::new(
+                "degraded.limit",
+                format!("must be at most 2^53 ({MAX_EXACT})"),
+            ));
+        }
+        if degraded.burst == Some(0) {
+            return Err(FieldError::new("degraded.burst", "must be at least 1"));
+        }
+    }
     check_text("description", &tier.description)
+}
+
+/// The automatic state's thresholds: shares from 0 to 1, leaving below entering.
+pub fn validate_automatic_state(automatic: &AutomaticState) -> Result<(), FieldError> {
+    for (field, share) in [
+        ("enter_share", automatic.enter_share),
+        ("leave_share", automatic.leave_share),
+    ] {
+        if !(0.0..=1.0).contains(&share) {
+            return Err(FieldError::new(
+                field,
+                format!("must be a share from 0 to 1, got {share}"),
+            ));
+        }
+    }
+    if automatic.enter_share == 0.0 {
+        return Err(FieldError::new(
+            "enter_share",
+            "must be above 0 (at 0 the state would never be NORMAL)",
+        ));
+    }
+    if automatic.leave_share >= automatic.enter_share {
+        return Err(FieldError::new(
+            "leave_share",
+            format!(
+                "must be below enter_share ({}): the gap between them keeps the state from \
+                 flapping",
+                automatic.enter_share
+            ),
+        ));
+    }
+    if automatic.min_responses == Some(0) {
+        return Err(FieldError::new("min_responses", "must be at least 1"));
+    }
+    Ok(())
+}
+
+pub fn validate_protection(protection: &Protection) -> Result<(), FieldError> {
+    if protection.invalid_credentials == 0 {
+        return Err(FieldError::new(
+            "invalid_credentials",
+            "must be at least 1 (the number of invalid credentials an address may present \
+             within the window)",
+        ));
+    }
+    if protection.invalid_credentials > MAX_EXACT {
+        return Err(FieldError::new(
+            "invalid_credentials",
+            format!("must be at most 2^53 ({MAX_EXACT})"),
+        ));
+    }
+    Ok(())
 }
 
 /// The 64 lower-case hex digits of a SHA-256, from any case, with or without `sha256:`.
@@ -294,6 +366,12 @@ pub fn validate(document: &ConfigDocument) -> Result<Validated, FieldError> {
             }
         }
     }
+    if let Some(automatic) = &document.automatic_state {
+        validate_automatic_state(automatic).map_err(|e| e.within("automatic_state"))?;
+    }
+    if let Some(protection) = &document.protection {
+        validate_protection(protection).map_err(|e| e.within("protection"))?;
+    }
     for (index, key) in document.api_keys.iter().enumerate() {
         validate_api_key(key, &tiers).map_err(|e| e.within(&format!("api_keys[{index}]")))?;
     }
@@ -324,18 +402,26 @@ pub fn validate(document: &ConfigDocument) -> Result<Validated, FieldError> {
     Ok(Validated { rules })
 }
 
-/// A tier's limits, put into a rule that counts by tier, must make a valid rule.
+/// A tier's limits (in each state), put into a rule that counts by tier, must make a valid
+/// rule.
 fn tier_limits_fit(rule: &Rule, tier: &Tier) -> Result<(), FieldError> {
-    RuleSet::new(vec![rule.with_tier_limits(tier)])
-        .map(|_| ())
-        .map_err(|e| {
+    for (prefix, degraded) in [("", false), ("degraded.", true)] {
+        if degraded && tier.degraded.is_none() {
+            continue;
+        }
+        RuleSet::new(vec![rule.with_tier_limits(&tier.limits(degraded))]).map_err(|e| {
             let field = e.field.trim_start_matches("rules[0].");
             let field = match field {
                 "burst" => "burst",
                 _ => "limit",
             };
-            FieldError::new(field, format!("{} (in rule `{}`)", e.message, rule.name))
-        })
+            FieldError::new(
+                format!("{prefix}{field}"),
+                format!("{} (in rule `{}`)", e.message, rule.name),
+            )
+        })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 
 use super::{CheckSpec, LimitSpec, Outcome, Store, StoreError};
+use crate::keys;
 use crate::strategy::{self, State};
 
 /// Milliseconds since the Unix epoch.
@@ -110,9 +111,30 @@ impl MemoryStore {
             entries.by_key.retain(|_, entry| entry.expires_at > now);
             entries.next_sweep_at = now.saturating_add(SWEEP_EVERY_MS);
         }
+        let penalty_keys: Vec<Option<String>> = limits
+            .iter()
+            .map(|limit| limit.params.penalty.map(|_| keys::penalty_key(&limit.key)))
+            .collect();
         let peeked: Vec<_> = limits
             .iter()
-            .map(|limit| {
+            .zip(&penalty_keys)
+            .map(|(limit, penalty_key)| {
+                let cooling = match penalty_key {
+                    Some(key) if limit.cost > 0 => strategy::cooling(entries.state(key, now), now),
+                    _ => 0,
+                };
+                if cooling > 0 {
+                    return strategy::Peeked {
+                        verdict: strategy::Verdict {
+                            ok: false,
+                            reset_ms: cooling,
+                            retry_after_ms: cooling,
+                            cooling: true,
+                            ..strategy::Verdict::default()
+                        },
+                        commit: None,
+                    };
+                }
                 strategy::peek(
                     &limit.params,
                     entries.state(&limit.key, now),
@@ -148,6 +170,28 @@ impl MemoryStore {
                 for (index, limit) in limits.iter().enumerate().filter(|(i, _)| *i != denier) {
                     let state = entries.state(&limit.key, now);
                     verdicts[index] = strategy::peek(&limit.params, state, now, 0).verdict;
+                }
+                // The limit that denied, outside a cool-down: one more strike.
+                let struck = limits.get(denier).zip(penalty_keys.get(denier));
+                if let (Some((limit, Some(key))), Some(verdict)) =
+                    (struck, verdicts.get_mut(denier))
+                {
+                    if let (Some(penalty), false, true) =
+                        (limit.params.penalty, verdict.cooling, limit.cost > 0)
+                    {
+                        let (state, cooldown, ttl) =
+                            strategy::strike(&penalty, entries.state(key, now), now);
+                        entries.by_key.insert(
+                            key.clone(),
+                            Entry {
+                                state: Some(state),
+                                expires_at: now.saturating_add(ttl.max(1)),
+                            },
+                        );
+                        verdict.retry_after_ms = verdict.retry_after_ms.max(cooldown);
+                        verdict.reset_ms = verdict.reset_ms.max(cooldown);
+                        verdict.cooling = true;
+                    }
                 }
             }
         }
@@ -203,8 +247,8 @@ impl Store for MemoryStore {
         let before = entries.by_key.len();
         let mut expired = 0;
         entries.by_key.retain(|key, entry| {
-            let counter = crate::keys::counter_of(key)
-                .is_some_and(|(_, of)| rule.is_none_or(|rule| rule == of));
+            let counter =
+                crate::keys::rule_of(key).is_some_and(|of| rule.is_none_or(|rule| rule == of));
             if counter && entry.expires_at <= now {
                 expired += 1;
             }
@@ -228,6 +272,7 @@ mod tests {
                 limit,
                 period_ms: window_ms,
                 extra: 0,
+                penalty: None,
             },
             cost: 1,
         }

@@ -75,6 +75,31 @@ pub trait Store: Send + Sync {
         }
     }
 
+    /// Checks each of `limits` as a request of its own (without leases), in one batch: one
+    /// verdict per limit.
+    async fn check_each(&self, limits: &[LimitSpec]) -> Result<Vec<Verdict>, StoreError> {
+        let batch: Vec<CheckSpec<'_>> = limits
+            .iter()
+            .map(|limit| CheckSpec {
+                limits: std::slice::from_ref(limit),
+                lease_id: "",
+            })
+            .collect();
+        let outcomes = self.check_batch(&batch).await?;
+        let verdicts: Vec<Verdict> = outcomes
+            .into_iter()
+            .filter_map(|outcome| outcome.verdicts.first().copied())
+            .collect();
+        if verdicts.len() != limits.len() {
+            return Err(StoreError::Reply(format!(
+                "{} verdicts for {} limits",
+                verdicts.len(),
+                limits.len()
+            )));
+        }
+        Ok(verdicts)
+    }
+
     /// Gives back the `count` concurrency slots of `lease_id` in `key`; returns how many
     /// were still held.
     async fn release(&self, key: &str, lease_id: &str, count: u64) -> Result<u64, StoreError>;

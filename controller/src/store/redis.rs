@@ -13,9 +13,10 @@ use redis::{IntoConnectionInfo, Script};
 use super::{CheckSpec, Clock, Outcome, Store, StoreError};
 use crate::strategy::Verdict;
 
-/// `lua/check.lua` after the prelude and every strategy it dispatches to.
+/// `lua/check.lua` after the prelude, the penalty and every strategy it dispatches to.
 const CHECK: &str = concat!(
     include_str!("../../../lua/prelude.lua"),
+    include_str!("../../../lua/penalty.lua"),
     include_str!("../../../lua/fixed_window.lua"),
     include_str!("../../../lua/sliding_window_log.lua"),
     include_str!("../../../lua/sliding_window_counter.lua"),
@@ -94,13 +95,20 @@ impl Store for RedisStore {
             invocation.arg(check.limits.len()).arg(check.lease_id);
             for limit in check.limits {
                 let params = &limit.params;
+                let penalty = params.penalty.unwrap_or_default();
                 invocation
                     .key(&limit.key)
                     .arg(params.strategy.as_str())
                     .arg(limit.cost)
                     .arg(params.limit)
                     .arg(params.period_ms)
-                    .arg(params.extra);
+                    .arg(params.extra)
+                    .arg(penalty.base_ms)
+                    .arg(penalty.max_ms)
+                    .arg(penalty.decay_ms);
+                if params.penalty.is_some() {
+                    invocation.key(crate::keys::penalty_key(&limit.key));
+                }
             }
         }
         let reply: Vec<i64> = invocation
@@ -148,8 +156,7 @@ impl Store for RedisStore {
             let counters: Vec<String> = found
                 .into_iter()
                 .filter(|key| {
-                    crate::keys::counter_of(key)
-                        .is_some_and(|(_, of)| rule.is_none_or(|rule| rule == of))
+                    crate::keys::rule_of(key).is_some_and(|of| rule.is_none_or(|rule| rule == of))
                 })
                 .collect();
             deleted += self.delete_keys(&counters).await?;
@@ -175,7 +182,11 @@ impl Store for RedisStore {
 /// Decodes the reply of `lua/check.lua` for `checks`.
 fn decode_check(reply: &[i64], checks: &[CheckSpec<'_>]) -> Result<Vec<Outcome>, StoreError> {
     let malformed = || StoreError::Reply(format!("check returned {reply:?}"));
-    let expected: usize = checks.iter().map(|check| 1 + 4 * check.limits.len()).sum();
+    const PER_LIMIT: usize = 5;
+    let expected: usize = checks
+        .iter()
+        .map(|check| 1 + PER_LIMIT * check.limits.len())
+        .sum();
     if reply.len() != expected || reply.iter().any(|&n| n < 0) {
         return Err(malformed());
     }
@@ -183,7 +194,7 @@ fn decode_check(reply: &[i64], checks: &[CheckSpec<'_>]) -> Result<Vec<Outcome>,
     let mut outcomes = Vec::with_capacity(checks.len());
     for check in checks {
         let limits = check.limits.len();
-        let (head, tail) = rest.split_at(1 + 4 * limits);
+        let (head, tail) = rest.split_at(1 + PER_LIMIT * limits);
         rest = tail;
         let denied_by = match usize::try_from(head[0]) {
             Ok(0) => None,
@@ -191,7 +202,7 @@ fn decode_check(reply: &[i64], checks: &[CheckSpec<'_>]) -> Result<Vec<Outcome>,
             _ => return Err(malformed()),
         };
         let verdicts = head[1..]
-            .chunks_exact(4)
+            .chunks_exact(PER_LIMIT)
             .enumerate()
             .map(|(index, n)| Verdict {
                 ok: denied_by.is_none_or(|denier| denier != index),
@@ -199,6 +210,7 @@ fn decode_check(reply: &[i64], checks: &[CheckSpec<'_>]) -> Result<Vec<Outcome>,
                 reset_ms: n[1] as u64,
                 retry_after_ms: n[2] as u64,
                 delay_ms: n[3] as u64,
+                cooling: n[4] == 1,
             })
             .collect();
         outcomes.push(Outcome {
@@ -230,6 +242,7 @@ mod tests {
                 limit: 1,
                 period_ms: 1,
                 extra: 0,
+                penalty: None,
             },
             cost: 1,
         }
@@ -252,7 +265,7 @@ mod tests {
                 lease_id: "",
             },
         ];
-        let reply = [0, 3, 900, 0, 0, 7, 50_000, 0, 250, 1, 0, 10, 10, 0];
+        let reply = [0, 3, 900, 0, 0, 0, 7, 50_000, 0, 250, 0, 1, 0, 10, 10, 0, 1];
         let outcomes = decode_check(&reply, &checks).unwrap();
         assert_eq!(outcomes[0].denied_by, None);
         assert_eq!(
@@ -262,11 +275,13 @@ mod tests {
                 remaining: 7,
                 reset_ms: 50_000,
                 retry_after_ms: 0,
-                delay_ms: 250
+                delay_ms: 250,
+                cooling: false,
             }
         );
         assert_eq!(outcomes[1].denied_by, Some(0));
         assert!(!outcomes[1].verdicts[0].ok);
+        assert!(outcomes[1].verdicts[0].cooling);
     }
 
     #[test]
@@ -279,10 +294,10 @@ mod tests {
         let replies: [&[i64]; 6] = [
             &[],
             &[0],
-            &[0, 1, 2, 3],
-            &[2, 1, 1, 1, 0],
-            &[-1, 1, 1, 1, 0],
-            &[0, -1, 1, 1, 0],
+            &[0, 1, 2, 3, 0],
+            &[2, 1, 1, 1, 0, 0],
+            &[-1, 1, 1, 1, 0, 0],
+            &[0, -1, 1, 1, 0, 0],
         ];
         for reply in replies {
             assert!(decode_check(reply, &checks).is_err(), "{reply:?}");

@@ -12,10 +12,13 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use sluice_controller::admin::auth::Tokens;
 use sluice_controller::admin::{self, AdminState};
+use sluice_controller::automatic::Signals;
 use sluice_controller::check::limiter::Limiter;
 use sluice_controller::check::{self, CheckState};
 use sluice_controller::config::file::{self, Format};
 use sluice_controller::config::{ConfigSource, LiveConfig, MemoryConfigStore};
+use sluice_controller::metrics::Metrics;
+use sluice_controller::protection;
 use sluice_controller::store::{ManualClock, MemoryStore};
 use tower::ServiceExt;
 
@@ -27,31 +30,15 @@ pub struct World {
     pub admin: Router,
     pub live: Arc<LiveConfig>,
     pub clock: Arc<ManualClock>,
+    pub counters: Arc<MemoryStore>,
+    pub signals: Arc<Signals>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// A controller started from the configuration `toml` (TOML; empty for none).
 pub async fn world(toml: &str) -> World {
-    let clock = ManualClock::starting_at(1_000_000);
-    let counters = Arc::new(MemoryStore::new(clock.clone()));
     let store = Arc::new(MemoryConfigStore::open(None, 100).expect("config store"));
-    let bootstrap = (!toml.trim().is_empty())
-        .then(|| file::parse(toml, Format::Toml).expect("the test's configuration parses"));
-    let live = LiveConfig::start(store, bootstrap, ConfigSource::Store).await;
-    let limiter = Arc::new(Limiter::new(Arc::clone(&live), counters));
-    let tokens = Tokens::from_text(&format!("ops:admin:{ADMIN_TOKEN};viewer:read:{READ_TOKEN}"))
-        .expect("tokens");
-    World {
-        check: check::app(CheckState {
-            limiter: Arc::clone(&limiter),
-        }),
-        admin: admin::app(AdminState {
-            config: Arc::clone(&live),
-            limiter,
-            tokens: Arc::new(tokens),
-        }),
-        live,
-        clock,
-    }
+    world_on(toml, ConfigSource::Store, store).await
 }
 
 pub struct Reply {
@@ -150,20 +137,32 @@ pub async fn world_on(
     let bootstrap = (!toml.trim().is_empty())
         .then(|| file::parse(toml, Format::Toml).expect("the test's configuration parses"));
     let live = LiveConfig::start(store, bootstrap, source).await;
-    let limiter = Arc::new(Limiter::new(Arc::clone(&live), counters));
+    let metrics = Arc::new(Metrics::new());
+    let (guard, _task) =
+        protection::start(Arc::clone(&live), counters.clone(), Arc::clone(&metrics));
+    let signals = Arc::new(Signals::default());
+    let limiter =
+        Arc::new(Limiter::new(Arc::clone(&live), counters.clone()).with_guard(Arc::clone(&guard)));
     let tokens = Tokens::from_text(&format!("ops:admin:{ADMIN_TOKEN};viewer:read:{READ_TOKEN}"))
         .expect("tokens");
     World {
         check: check::app(CheckState {
             limiter: Arc::clone(&limiter),
+            signals: Arc::clone(&signals),
+            guard,
+            metrics: Arc::clone(&metrics),
         }),
         admin: admin::app(AdminState {
             config: Arc::clone(&live),
             limiter,
             tokens: Arc::new(tokens),
+            metrics: Arc::clone(&metrics),
         }),
         live,
         clock,
+        counters,
+        signals,
+        metrics,
     }
 }
 

@@ -823,24 +823,28 @@ fn strategy_scenarios(settings: &Settings) -> String {
                 limit: 100_000,
                 period_ms: 3_600_000,
                 extra: 0,
+                penalty: None,
             },
             Strategy::Concurrency => Params {
                 strategy,
                 limit: u64::MAX / 2,
                 period_ms: 1_000,
                 extra: 0,
+                penalty: None,
             },
             Strategy::LeakyBucket => Params {
                 strategy,
                 limit: 1_000_000_000,
                 period_ms: 3_600_000,
                 extra: 0,
+                penalty: None,
             },
             _ => Params {
                 strategy,
                 limit: 1_000_000_000,
                 period_ms: 3_600_000,
                 extra: 1_000_000_000,
+                penalty: None,
             },
         };
         let keys: Vec<String> = (0..10_000)
