@@ -13,7 +13,7 @@ WASM := target/$(WASM_TARGET)/release/sluice_filter.wasm
 # put a Python process between us and Envoy's signals).
 ENVOY_BIN = $(abspath $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/envoy/_bin/envoy)))
 
-.PHONY: all build wasm controller run test lint unit e2e bench tools wasm-target envoy redis clean wrk schemathesis
+.PHONY: all build wasm oci controller run test lint unit e2e bench tools wasm-target envoy redis clean wrk schemathesis
 
 all: build
 
@@ -51,6 +51,11 @@ build: wasm controller
 
 wasm: wasm-target
 	cargo build --release -p sluice-filter --target $(WASM_TARGET)
+
+# The filter as an OCI image for Istio's WasmPlugin (target/oci); writes the image's
+# digest into deploy/istio/wasmplugin.yaml (deploy/istio/README.md).
+oci: wasm
+	scripts/oci-image.sh
 
 controller:
 	cargo build --release -p sluice-controller -p sluice-cli -p sluice-e2e --bins

@@ -30,9 +30,12 @@ struct RawConfig {
     cost_header: Option<String>,
     #[serde(default = "default_batching")]
     batching: bool,
-    #[serde(default = "default_max_batch_size")]
+    #[serde(default = "default_max_batch_size", deserialize_with = "whole::number")]
     max_batch_size: usize,
-    #[serde(default = "default_max_batches_in_flight")]
+    #[serde(
+        default = "default_max_batches_in_flight",
+        deserialize_with = "whole::number"
+    )]
     max_batches_in_flight: usize,
     #[serde(default)]
     identity: RawIdentity,
@@ -94,7 +97,7 @@ struct RawJwt {
     issuers: Vec<String>,
     #[serde(default)]
     audiences: Vec<String>,
-    #[serde(default = "default_leeway_s")]
+    #[serde(default = "default_leeway_s", deserialize_with = "whole::number")]
     leeway_s: u64,
     #[serde(default = "default_subject_claim")]
     subject_claim: String,
@@ -104,7 +107,10 @@ struct RawJwt {
     on_invalid: OnInvalidToken,
     #[serde(default)]
     from_metadata: Option<RawJwtMetadata>,
-    #[serde(default = "default_token_cache_size")]
+    #[serde(
+        default = "default_token_cache_size",
+        deserialize_with = "whole::number"
+    )]
     cache_size: usize,
 }
 
@@ -157,11 +163,11 @@ fn default_jwt_authn() -> String {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawIp {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole::number")]
     trusted_hops: usize,
     #[serde(default)]
     trusted_proxies: Vec<String>,
-    #[serde(default = "default_ipv6_prefix")]
+    #[serde(default = "default_ipv6_prefix", deserialize_with = "whole::number")]
     ipv6_prefix: u8,
     #[serde(default = "default_true")]
     envoy_appends_forwarded_for: bool,
@@ -187,7 +193,7 @@ fn default_ipv6_prefix() -> u8 {
 struct RawDenialCache {
     #[serde(default = "default_true")]
     enabled: bool,
-    #[serde(default = "default_denial_slots")]
+    #[serde(default = "default_denial_slots", deserialize_with = "whole::number")]
     slots: u32,
 }
 
@@ -237,9 +243,13 @@ struct RawController {
     cluster: String,
     #[serde(default)]
     authority: Option<String>,
-    #[serde(default = "default_timeout_ms")]
+    #[serde(default = "default_timeout_ms", deserialize_with = "whole::number")]
     timeout_ms: u64,
-    #[serde(default = "default_config_poll_ms", alias = "rules_poll_ms")]
+    #[serde(
+        default = "default_config_poll_ms",
+        alias = "rules_poll_ms",
+        deserialize_with = "whole::number"
+    )]
     config_poll_ms: u64,
 }
 
@@ -260,6 +270,57 @@ pub const MIN_CONFIG_POLL_MS: u64 = 1_000;
 
 /// Longest callout timeout accepted; a request waits at most this long for a decision.
 pub const MAX_TIMEOUT_MS: u64 = 60_000;
+
+/// Whole numbers, also when written as floats (`200.0`): Istio's `WasmPlugin` keeps
+/// `pluginConfig` as a `google.protobuf.Struct`, where every number is a double, and other
+/// tools that write the configuration may print one with its fraction. A fraction, a
+/// negative number or one out of the field's range is refused, naming the field.
+mod whole {
+    use std::fmt;
+
+    use serde::de::{Deserializer, Error, Unexpected, Visitor};
+
+    /// Largest whole number a double holds exactly (2^53).
+    const MAX_EXACT: f64 = 9_007_199_254_740_992.0;
+
+    pub fn number<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: TryFrom<u64>,
+    {
+        let value = deserializer.deserialize_any(WholeNumber)?;
+        T::try_from(value).map_err(|_| {
+            D::Error::invalid_value(Unexpected::Unsigned(value), &"a smaller whole number")
+        })
+    }
+
+    struct WholeNumber;
+
+    impl Visitor<'_> for WholeNumber {
+        type Value = u64;
+
+        fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+            formatter.write_str("a whole number")
+        }
+
+        fn visit_u64<E: Error>(self, value: u64) -> Result<u64, E> {
+            Ok(value)
+        }
+
+        fn visit_i64<E: Error>(self, value: i64) -> Result<u64, E> {
+            u64::try_from(value).map_err(|_| E::invalid_value(Unexpected::Signed(value), &self))
+        }
+
+        fn visit_f64<E: Error>(self, value: f64) -> Result<u64, E> {
+            if value.fract() == 0.0 && (0.0..=MAX_EXACT).contains(&value) {
+                // Exact: a whole double no larger than 2^53.
+                Ok(value as u64)
+            } else {
+                Err(E::invalid_value(Unexpected::Float(value), &self))
+            }
+        }
+    }
+}
 
 /// Checked configuration, ready for every request.
 #[derive(Debug)]
@@ -865,6 +926,49 @@ mod tests {
         assert!(verifier.borrow_mut().verify(&rs256, NOW).is_err());
         let wrong_secret = sign(Algorithm::HS256, Some("j"), &EncodingKey::from_secret(b"x"));
         assert!(verifier.borrow_mut().verify(&wrong_secret, NOW).is_err());
+    }
+
+    /// Istio hands `pluginConfig` over from a `google.protobuf.Struct`, whose numbers are
+    /// doubles: a whole number written as a float counts as that number; a fraction, a
+    /// negative number or one too large for its field is refused, naming the field.
+    #[test]
+    fn whole_numbers_may_be_written_as_floats() {
+        let config = FilterConfig::parse(&with(
+            r#""max_batch_size":64.0,"identity":{"ip":{"trusted_hops":1.0,"ipv6_prefix":56.0}},
+               "denial_cache":{"slots":1e3}"#,
+        ))
+        .unwrap();
+        assert_eq!(config.max_batch_size, 64);
+        assert_eq!(config.identity.ip.ipv6_prefix, 56);
+        assert_eq!(config.denial_cache_slots, Some(1000));
+        let config =
+            FilterConfig::parse(br#"{"controller":{"cluster":"c","timeout_ms":250.0}}"#).unwrap();
+        assert_eq!(config.timeout, Duration::from_millis(250));
+        for (json, field) in [
+            (
+                r#"{"controller":{"cluster":"c","timeout_ms":200.5}}"#,
+                "controller.timeout_ms",
+            ),
+            (
+                r#"{"controller":{"cluster":"c","timeout_ms":-1}}"#,
+                "controller.timeout_ms",
+            ),
+            (
+                r#"{"controller":{"cluster":"c","timeout_ms":1e300}}"#,
+                "controller.timeout_ms",
+            ),
+            (
+                r#"{"controller":{"cluster":"c"},"identity":{"ip":{"ipv6_prefix":300}}}"#,
+                "identity.ip.ipv6_prefix",
+            ),
+            (
+                r#"{"controller":{"cluster":"c"},"max_batch_size":"64"}"#,
+                "max_batch_size",
+            ),
+        ] {
+            let err = FilterConfig::parse(json.as_bytes()).unwrap_err();
+            assert_eq!(err.field, field, "{json}: {err}");
+        }
     }
 
     #[test]
