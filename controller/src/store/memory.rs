@@ -111,15 +111,21 @@ impl MemoryStore {
             entries.by_key.retain(|_, entry| entry.expires_at > now);
             entries.next_sweep_at = now.saturating_add(SWEEP_EVERY_MS);
         }
-        let penalty_keys: Vec<Option<String>> = limits
-            .iter()
-            .map(|limit| limit.params.penalty.map(|_| keys::penalty_key(&limit.key)))
-            .collect();
+        // No allocation for the common case of limits without a penalty.
+        let penalty_keys: Vec<Option<String>> =
+            if limits.iter().any(|limit| limit.params.penalty.is_some()) {
+                limits
+                    .iter()
+                    .map(|limit| limit.params.penalty.map(|_| keys::penalty_key(&limit.key)))
+                    .collect()
+            } else {
+                Vec::new()
+            };
         let peeked: Vec<_> = limits
             .iter()
-            .zip(&penalty_keys)
-            .map(|(limit, penalty_key)| {
-                let cooling = match penalty_key {
+            .enumerate()
+            .map(|(index, limit)| {
+                let cooling = match penalty_keys.get(index).and_then(Option::as_ref) {
                     Some(key) if limit.cost > 0 => strategy::cooling(entries.state(key, now), now),
                     _ => 0,
                 };
