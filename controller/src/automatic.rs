@@ -18,6 +18,7 @@ use sluice_protocol::config::AutomaticState;
 use crate::config::validate::rfc3339_ms;
 use crate::config::{Author, Change, LiveConfig};
 use crate::metrics::Metrics;
+use crate::store::now_ms;
 
 /// Defaults of [`AutomaticState`]'s optional fields.
 pub const DEFAULT_WINDOW_MS: u64 = 30_000;
@@ -97,12 +98,6 @@ pub fn next_state(
         SystemState::Degraded if share <= config.leave_share => Some(SystemState::Normal),
         _ => None,
     }
-}
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Decides every second, until the process ends.

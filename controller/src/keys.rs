@@ -110,6 +110,25 @@ pub fn invalid_credentials_key(ip: &str) -> String {
     )
 }
 
+/// How often `client` was limited by `rule` in the current alert period (alerts). Like
+/// [`invalid_credentials_key`], its rule part is no rule's name.
+pub fn alert_count_key(rule: &str, client: &ClientId) -> String {
+    limit_key(
+        Strategy::FixedWindow,
+        &format!("~alert-count.{rule}"),
+        Some(client),
+    )
+}
+
+/// Whether an alert for `client` and `rule` went out in the current cooldown.
+pub fn alert_fired_key(rule: &str, client: &ClientId) -> String {
+    limit_key(
+        Strategy::FixedWindow,
+        &format!("~alert-fired.{rule}"),
+        Some(client),
+    )
+}
+
 /// The rule a counter's or a penalty's key belongs to; `None` for any other key.
 pub fn rule_of(key: &str) -> Option<&str> {
     if let Some((_, rule)) = counter_of(key) {
@@ -153,6 +172,18 @@ pub fn config_version_key() -> String {
 
 pub fn audit_key() -> String {
     format!("{PREFIX}:{{config}}:audit")
+}
+
+/// The stats a controller published for one bucket. One hash tag for all stats keys, so a
+/// reader gets every controller's with one `MGET`, on Redis Cluster too; the number of
+/// keys is bounded by the controllers times the buckets kept.
+pub fn stats_key(resolution_ms: u64, start_ms: u64, controller: &str) -> String {
+    format!("{PREFIX}:{{stats}}:{resolution_ms}:{start_ms}:{controller}")
+}
+
+/// The controllers that published stats, scored by when they last did.
+pub fn stats_controllers_key() -> String {
+    format!("{PREFIX}:{{stats}}:controllers")
 }
 
 fn slot_tag(identity: Option<&ClientId>) -> String {

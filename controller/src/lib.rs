@@ -8,6 +8,7 @@
 //!   addresses blocked for invalid credentials; [`metrics`]: what Prometheus scrapes.
 
 pub mod admin;
+pub mod alerts;
 pub mod automatic;
 pub mod check;
 pub mod config;
@@ -16,6 +17,8 @@ pub mod keys;
 pub mod metrics;
 pub mod protection;
 pub mod settings;
+pub mod sketch;
+pub mod stats;
 pub mod store;
 pub mod strategy;
 
@@ -27,11 +30,13 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::admin::auth::Tokens;
+use crate::alerts::Webhooks;
 use crate::automatic::Signals;
 use crate::check::limiter::Limiter;
 use crate::config::{ConfigStore, LiveConfig, MemoryConfigStore, RedisConfigStore};
 use crate::metrics::Metrics;
 use crate::settings::{setting_error, Mode, SettingError, Settings};
+use crate::stats::Recorder;
 use crate::store::{MemoryStore, RedisStore, Store, SystemClock};
 
 #[derive(Debug, thiserror::Error)]
@@ -174,8 +179,24 @@ pub async fn serve(
         Arc::clone(&signals),
         Arc::clone(&metrics),
     );
-    let limiter =
-        Arc::new(Limiter::new(Arc::clone(&live), counters).with_guard(Arc::clone(&guard)));
+    let recorder = settings
+        .stats
+        .then(|| Arc::new(Recorder::new(&settings.controller_id, Arc::clone(&metrics))));
+    let (webhooks, webhook_task) = Webhooks::start(Arc::clone(&metrics));
+    let stats_task = recorder.as_ref().map(|recorder| {
+        stats::run(
+            Arc::clone(recorder),
+            Arc::clone(&live),
+            Arc::clone(&counters),
+            Arc::clone(&metrics),
+            webhooks,
+        )
+    });
+    let limiter = Arc::new(
+        Limiter::new(Arc::clone(&live), counters)
+            .with_guard(Arc::clone(&guard))
+            .with_observability(Arc::clone(&metrics), recorder),
+    );
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -195,12 +216,15 @@ pub async fn serve(
             tracing::debug!("cannot set TCP_NODELAY: {error}");
         }
     });
-    let check_app = check::app(check::CheckState {
-        limiter: Arc::clone(&limiter),
-        signals,
-        guard,
-        metrics: Arc::clone(&metrics),
-    });
+    let check_app = check::app(
+        check::CheckState {
+            limiter: Arc::clone(&limiter),
+            signals,
+            guard,
+            metrics: Arc::clone(&metrics),
+        },
+        settings.check_metrics,
+    );
     let check_server = axum::serve(check_listener, check_app)
         .with_graceful_shutdown(until_stopped(stopped.clone()));
 
@@ -245,6 +269,10 @@ pub async fn serve(
     watcher.abort();
     automatic_task.abort();
     protection_task.abort();
+    webhook_task.abort();
+    if let Some(task) = stats_task {
+        task.abort();
+    }
     served
 }
 

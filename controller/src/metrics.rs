@@ -1,12 +1,16 @@
 //! The controller's Prometheus metrics, in one registry (`prometheus-client` encodes the
-//! exposition format). Labels come from the configuration (rule, tier, state), never from
-//! a client, so the number of series stays bounded.
+//! exposition format). Labels come from the configuration (rule, tier, state) or from a
+//! short fixed list (outcome, command), never from a client, so the number of series is
+//! bounded by the configuration. A tier a token names that the configuration does not
+//! define counts as `other`.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
@@ -16,18 +20,66 @@ pub struct StateLabels {
     pub by: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub rule: String,
+    pub tier: String,
+    /// `allowed`, `limited`, `shadow_limited`, `refused` (an unknown API key) or `failure`
+    /// (the store did not answer).
+    pub outcome: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabels {
+    /// `check`, `release`, `reset`, `stats`.
+    pub command: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    pub rule: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SystemStateLabels {
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    /// `delivered`, `failed` (every attempt failed) or `dropped` (the queue was full).
+    pub result: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub state_transitions: Family<StateLabels, Counter>,
     pub protection_blocks: Counter,
     pub invalid_credentials: Counter,
     pub reports: Counter,
+    pub decisions: Family<DecisionLabels, Counter>,
+    pub check_call_checks: Histogram,
+    pub check_call_duration: Histogram,
+    pub store_duration: Family<CommandLabels, Histogram>,
+    pub store_errors: Family<CommandLabels, Counter>,
+    pub config_version: Gauge,
+    pub system_state: Family<SystemStateLabels, Gauge>,
+    pub delayed_requests: Gauge,
+    pub concurrency_slots: Family<RuleLabels, Gauge>,
+    pub alerts: Counter,
+    pub webhooks: Family<WebhookLabels, Counter>,
+    pub stats_publish_errors: Counter,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
+}
+
+/// Seconds from 100 µs to about 13 s, doubling.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.000_1, 2.0, 18)
 }
 
 impl Metrics {
@@ -57,12 +109,101 @@ impl Metrics {
             "Reports received from filter workers",
             reports.clone(),
         );
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "decisions",
+            "Decisions by rule (each rule that applied), tier and outcome",
+            decisions.clone(),
+        );
+        let check_call_checks = Histogram::new(exponential_buckets(1.0, 2.0, 11));
+        registry.register(
+            "check_call_checks",
+            "Checks per check call (the filter's batch size)",
+            check_call_checks.clone(),
+        );
+        let check_call_duration = Histogram::new(latency_buckets());
+        registry.register_with_unit(
+            "check_call_duration",
+            "Time to decide a check call, from its body read to its answer (without a leaky \
+             bucket's held delay)",
+            Unit::Seconds,
+            check_call_duration.clone(),
+        );
+        let store_duration = Family::<CommandLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(latency_buckets())
+        });
+        registry.register_with_unit(
+            "store_command_duration",
+            "Time of the counters' store commands",
+            Unit::Seconds,
+            store_duration.clone(),
+        );
+        let store_errors = Family::<CommandLabels, Counter>::default();
+        registry.register(
+            "store_errors",
+            "Counters' store commands that failed",
+            store_errors.clone(),
+        );
+        let config_version = Gauge::default();
+        registry.register(
+            "config_version",
+            "The configuration version this controller runs",
+            config_version.clone(),
+        );
+        let system_state = Family::<SystemStateLabels, Gauge>::default();
+        registry.register(
+            "system_state",
+            "1 for the system state in force, 0 for the others",
+            system_state.clone(),
+        );
+        let delayed_requests = Gauge::default();
+        registry.register(
+            "delayed_requests",
+            "Requests a leaky bucket admitted for a later slot that is still ahead",
+            delayed_requests.clone(),
+        );
+        let concurrency_slots = Family::<RuleLabels, Gauge>::default();
+        registry.register(
+            "concurrency_slots_in_use",
+            "Concurrency slots held, as this controller last saw each client's, per rule",
+            concurrency_slots.clone(),
+        );
+        let alerts = Counter::default();
+        registry.register(
+            "alerts",
+            "Alerts raised for clients limited too often",
+            alerts.clone(),
+        );
+        let webhooks = Family::<WebhookLabels, Counter>::default();
+        registry.register(
+            "alert_webhooks",
+            "Alerts sent to the webhook, by result",
+            webhooks.clone(),
+        );
+        let stats_publish_errors = Counter::default();
+        registry.register(
+            "stats_publish_errors",
+            "Stats buckets that could not be shared through the store",
+            stats_publish_errors.clone(),
+        );
         Metrics {
             registry,
             state_transitions,
             protection_blocks,
             invalid_credentials,
             reports,
+            decisions,
+            check_call_checks,
+            check_call_duration,
+            store_duration,
+            store_errors,
+            config_version,
+            system_state,
+            delayed_requests,
+            concurrency_slots,
+            alerts,
+            webhooks,
+            stats_publish_errors,
         }
     }
 
@@ -71,6 +212,25 @@ impl Metrics {
             .get_or_create(&StateLabels {
                 to: to.to_owned(),
                 by: by.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Times a store command, counting its failure.
+    pub fn store_command(&self, command: &str, seconds: f64, failed: bool) {
+        let labels = CommandLabels {
+            command: command.to_owned(),
+        };
+        self.store_duration.get_or_create(&labels).observe(seconds);
+        if failed {
+            self.store_errors.get_or_create(&labels).inc();
+        }
+    }
+
+    pub fn webhook(&self, result: &str) {
+        self.webhooks
+            .get_or_create(&WebhookLabels {
+                result: result.to_owned(),
             })
             .inc();
     }

@@ -22,6 +22,7 @@ use crate::config::validate::{format_rfc3339, format_rfc3339_ms, list_value, rfc
 use crate::config::{Author, Change, ChangeError, LiveConfig};
 use crate::keys;
 use crate::metrics::Metrics;
+use crate::store::now_ms;
 use crate::store::{LimitSpec, Store};
 use crate::strategy::Params;
 
@@ -59,12 +60,6 @@ impl Guard {
 /// (`unknown`, when Envoy gave no address).
 fn canonical(value: &str) -> Option<String> {
     list_value(ListKind::Ip, value).ok()
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Starts the task that counts strikes and blocks; it ends when the guard is dropped.

@@ -10,6 +10,16 @@ use serde::Deserialize;
 
 use crate::config::ConfigSource;
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// For people: one line per event, fields as `key=value`.
+    Text,
+    /// For collectors: one JSON object per line (`timestamp`, `level`, `target`, `fields`).
+    Json,
+}
+
 /// How strict the controller is about what it needs to run safely.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -72,6 +82,19 @@ pub struct Flags {
     /// How many entries the audit log keeps [default: 1000].
     #[arg(long, env = "SLUICE_AUDIT_LENGTH")]
     pub audit_length: Option<usize>,
+    /// text or json [default: text].
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Keep stats (per rule and tier, top clients), alerts and logs of limited requests
+    /// [default: true]; false leaves the check path with counting only in the store.
+    #[arg(long, env = "SLUICE_STATS")]
+    pub stats: Option<bool>,
+    /// Also serve /metrics on the check address [default: false].
+    #[arg(long, env = "SLUICE_CHECK_METRICS")]
+    pub check_metrics: Option<bool>,
+    /// This controller's name in shared stats [default: host name and process id].
+    #[arg(long, env = "SLUICE_CONTROLLER_ID")]
+    pub controller_id: Option<String>,
 }
 
 /// The settings file: the same settings as the flags, snake_case.
@@ -90,6 +113,10 @@ struct FileSettings {
     mode: Option<Mode>,
     config_poll_ms: Option<u64>,
     audit_length: Option<usize>,
+    log_format: Option<LogFormat>,
+    stats: Option<bool>,
+    check_metrics: Option<bool>,
+    controller_id: Option<String>,
 }
 
 /// Checked settings, ready to run on.
@@ -109,6 +136,10 @@ pub struct Settings {
     pub mode: Mode,
     pub config_poll_ms: u64,
     pub audit_length: usize,
+    pub log_format: LogFormat,
+    pub stats: bool,
+    pub check_metrics: bool,
+    pub controller_id: String,
 }
 
 /// A setting that cannot be used, named as flag, variable and file key.
@@ -198,6 +229,16 @@ impl Settings {
                 1,
                 100_000,
             )?,
+            log_format: flags
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
+            stats: flags.stats.or(file.stats).unwrap_or(true),
+            check_metrics: flags.check_metrics.or(file.check_metrics).unwrap_or(false),
+            controller_id: flags
+                .controller_id
+                .or(file.controller_id)
+                .unwrap_or_else(default_controller_id),
         };
         settings.check()?;
         Ok(settings)
@@ -227,6 +268,18 @@ impl Settings {
                 }
             }
         }
+        let id_ok = !self.controller_id.is_empty()
+            && self.controller_id.len() <= 128
+            && self
+                .controller_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !id_ok {
+            return Err(setting_error(
+                "controller_id",
+                "must be 1 to 128 characters of A-Z, a-z, 0-9, `-`, `_` or `.`",
+            ));
+        }
         if self.config_source == ConfigSource::File && self.config.is_none() {
             return Err(setting_error(
                 "config_source",
@@ -245,6 +298,22 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// The host name (as the kernel says) and the process id: unique among the controllers of
+/// one deployment, and readable in shared stats.
+fn default_controller_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "controller".to_owned());
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .take(100)
+        .collect();
+    format!("{host}-{}", std::process::id())
 }
 
 fn read_file(path: &Path) -> Result<FileSettings, SettingError> {

@@ -51,6 +51,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("put", "/v1/admin/state"),
     ("get", "/v1/admin/enforcement"),
     ("put", "/v1/admin/enforcement"),
+    ("get", "/v1/admin/stats"),
+    ("get", "/v1/admin/hints"),
     ("get", "/v1/admin/audit"),
     ("get", "/v1/admin/whoami"),
     ("get", "/v1/admin/openapi.json"),

@@ -160,7 +160,7 @@ min_responses = 50
 "#;
 
 fn now_ms() -> u64 {
-    automatic::now_ms()
+    sluice_controller::store::now_ms()
 }
 
 async fn state(world: &World) -> Value {

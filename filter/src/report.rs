@@ -1,19 +1,30 @@
 //! What a worker tells the controller once a second ([`sluice_protocol::Report`]): its
-//! upstream's answers, for the automatic system state, and invalid tokens by address, for
-//! brute-force protection. Only what the controller's view asks for is tallied; nothing is
-//! when it asks for nothing.
+//! upstream's answers, for the automatic system state; invalid tokens by address, for
+//! brute-force protection; the denials it answered from its cache, which the controller
+//! did not see, for its stats and alerts. Only what the controller's view asks for is
+//! tallied; nothing is when it asks for nothing.
 
 use std::collections::HashMap;
 
-use sluice_protocol::{AddressCount, Report, MAX_REPORTED_ADDRESSES};
+use sluice_protocol::{AddressCount, CachedDenials, ClientId, Report, MAX_REPORTED_ADDRESSES};
+
+/// Request ids of sampled cached denials one report names per client and rule, at most.
+const MAX_SAMPLED_IDS: usize = 16;
+
+/// Whose cached denial: client, rule, tier.
+type Denied = (ClientId, String, Option<String>);
 
 #[derive(Debug, Default)]
 pub struct Tally {
     responses: u64,
     server_errors: u64,
     invalid_tokens: HashMap<String, u64>,
-    /// Invalid tokens from addresses past [`MAX_REPORTED_ADDRESSES`] in one second: not
-    /// reported (a flood from that many addresses is for the denylist by network).
+    cached_denials: HashMap<Denied, (u64, Vec<String>)>,
+    /// Cached denials seen, for sampling.
+    denials_seen: u64,
+    /// Invalid tokens from addresses (and cached denials of clients) past
+    /// [`MAX_REPORTED_ADDRESSES`] in one second: not reported (a flood from that many
+    /// addresses is for the denylist by network).
     pub dropped: u64,
 }
 
@@ -37,9 +48,42 @@ impl Tally {
         }
     }
 
+    /// Whether the next cached denial is one of the `sample` share the controllers log
+    /// (every 1/sample-th, counting them).
+    pub fn sampled(&mut self, sample: f64) -> bool {
+        self.denials_seen += 1;
+        let seen = self.denials_seen as f64;
+        sample > 0.0 && (seen * sample).floor() > ((seen - 1.0) * sample).floor()
+    }
+
+    /// One request refused from the denial cache, with its request id if it was sampled.
+    pub fn cached_denial(
+        &mut self,
+        client: &ClientId,
+        rule: &str,
+        tier: Option<&str>,
+        request_id: Option<String>,
+    ) {
+        let key = (client.clone(), rule.to_owned(), tier.map(str::to_owned));
+        let entry = if let Some(entry) = self.cached_denials.get_mut(&key) {
+            entry
+        } else if self.cached_denials.len() < MAX_REPORTED_ADDRESSES {
+            self.cached_denials.entry(key).or_default()
+        } else {
+            self.dropped += 1;
+            return;
+        };
+        entry.0 += 1;
+        if let Some(id) = request_id {
+            if entry.1.len() < MAX_SAMPLED_IDS {
+                entry.1.push(id);
+            }
+        }
+    }
+
     /// The report of everything tallied since the last one, if there is anything.
     pub fn take(&mut self) -> Option<Report> {
-        if self.responses == 0 && self.invalid_tokens.is_empty() {
+        if self.responses == 0 && self.invalid_tokens.is_empty() && self.cached_denials.is_empty() {
             return None;
         }
         let mut invalid_tokens: Vec<AddressCount> = self
@@ -48,10 +92,25 @@ impl Tally {
             .map(|(ip, count)| AddressCount { ip, count })
             .collect();
         invalid_tokens.sort_by(|a, b| a.ip.cmp(&b.ip));
+        let mut cached_denials: Vec<CachedDenials> = self
+            .cached_denials
+            .drain()
+            .map(
+                |((client, rule, tier), (count, request_ids))| CachedDenials {
+                    client,
+                    rule,
+                    tier,
+                    count,
+                    request_ids,
+                },
+            )
+            .collect();
+        cached_denials.sort_by(|a, b| (&a.client.value, &a.rule).cmp(&(&b.client.value, &b.rule)));
         let report = Report {
             responses: self.responses,
             server_errors: self.server_errors,
             invalid_tokens,
+            cached_denials,
         };
         self.responses = 0;
         self.server_errors = 0;

@@ -189,6 +189,7 @@ impl Worker {
     pub fn cached_denial(
         &self,
         host: &dyn Host,
+        check: &Check,
         fingerprint: u64,
         request_id: impl FnOnce() -> Option<String>,
     ) -> Option<Verdict> {
@@ -201,6 +202,24 @@ impl Worker {
             .ok()??;
         let policy = denial::lookup(&bytes, fingerprint, host.now_ms())?;
         self.metrics.add(host, Metric::DenialCacheHits, 1);
+        let (reported, sample) = {
+            let view = self.view.borrow();
+            (view.report.cached_denials, view.limited_log_sample)
+        };
+        if reported {
+            let mut tally = self.tally.borrow_mut();
+            let request_id = if tally.sampled(sample) {
+                crate::stream::request_id(host)
+            } else {
+                None
+            };
+            tally.cached_denial(
+                &check.client,
+                &policy.rule,
+                check.tier.as_deref(),
+                request_id,
+            );
+        }
         self.count(host, [Counted::Limited]);
         Some(decision::cached_denial(
             self.config.headers,
@@ -354,6 +373,9 @@ pub struct ControllerView {
     pub report: Reported,
     /// The emergency switch (see [`FilterView::enforce`]).
     pub enforce: bool,
+    /// The share of limited requests the controllers log (see
+    /// [`FilterView::limited_log_sample`]).
+    pub limited_log_sample: f64,
 }
 
 impl Default for ControllerView {
@@ -376,6 +398,7 @@ impl From<FilterView> for ControllerView {
             denylist: List::from_items(&view.denylist),
             report: view.report,
             enforce: view.enforce,
+            limited_log_sample: view.limited_log_sample,
         }
     }
 }

@@ -63,7 +63,7 @@ enum Triage {
     /// Answered here: invalid token, denylisted, or a denial the cache holds.
     Answer(Verdict),
     /// The controller decides this check.
-    Ask { check: Check, fingerprint: u64 },
+    Ask { check: Box<Check>, fingerprint: u64 },
     /// Envoy would not hand over the request's headers.
     Unreadable(Failure),
 }
@@ -279,22 +279,32 @@ impl Stream {
             path,
             cost,
         );
-        for name in self.worker.view.borrow().matched_headers.iter() {
+        let view = self.worker.view.borrow();
+        for name in view.matched_headers.iter() {
             if let Some(value) = headers.get_lossy(name) {
                 check.headers.insert(name.clone(), value);
             }
         }
+        if view.limited_log_sample > 0.0 {
+            check.request_id = headers
+                .get_lossy("x-request-id")
+                .filter(|id| id.len() <= MAX_REQUEST_ID_BYTES);
+        }
+        drop(view);
         self.failure_mode = self.worker.failure_mode_for(&check);
         // A denial holds for the configuration it was made under: a change (a limit raised,
         // a client safelisted) makes every denial cached before it a miss.
         let fingerprint = denial::fingerprint(&check, version);
         if let Some(verdict) = self
             .worker
-            .cached_denial(host, fingerprint, || request_id(host))
+            .cached_denial(host, &check, fingerprint, || request_id(host))
         {
             return Triage::Answer(verdict);
         }
-        Triage::Ask { check, fingerprint }
+        Triage::Ask {
+            check: Box::new(check),
+            fingerprint,
+        }
     }
 
     /// Carries out a verdict. Returns the action for a callback that is still running.
@@ -435,9 +445,9 @@ impl Stream {
             Triage::Unreadable(failure) => self.fail(host, &failure),
             Triage::Ask { check, fingerprint } => {
                 if self.worker.config.batching {
-                    self.join_batch(host, check, fingerprint)
+                    self.join_batch(host, *check, fingerprint)
                 } else {
-                    self.ask_alone(host, check, fingerprint)
+                    self.ask_alone(host, *check, fingerprint)
                 }
             }
         }

@@ -341,6 +341,7 @@ fn the_controller_hears_what_it_asked_for_once_a_second_and_nothing_else() {
                 ip: "192.0.2.9".into(),
                 count: 1
             }],
+            cached_denials: Vec::new(),
         },
         "the filter's own 401 is not an upstream answer"
     );

@@ -120,6 +120,8 @@ pub enum SystemState {
 }
 
 impl SystemState {
+    pub const ALL: [SystemState; 2] = [SystemState::Normal, SystemState::Degraded];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SystemState::Normal => "NORMAL",
@@ -252,4 +254,91 @@ pub struct AuditEntry {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AuditBody {
     pub entries: Vec<AuditEntry>,
+}
+
+/// `GET /v1/admin/stats`: what the limiter did over the window, on every controller that
+/// shares the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StatsBody {
+    /// `1m` (in 10 s buckets) or `1h` (in minutes).
+    pub window: String,
+    /// RFC 3339: the start of the first bucket counted, and now.
+    pub from: String,
+    pub to: String,
+    /// Controllers whose figures are in (this one's, and every other's that published).
+    pub controllers: u64,
+    pub decisions: u64,
+    pub rules: Vec<RuleStats>,
+    pub tiers: Vec<TierStats>,
+    /// Clients limited most (by any rule), most first.
+    pub top_limited: Vec<TopClient>,
+    /// Clients that asked most, most first.
+    pub top_requesting: Vec<TopClient>,
+    /// How far any top count may be over the truth (the summaries' smallest count); a
+    /// client not listed asked at most this many times.
+    pub top_error_bound: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RuleStats {
+    pub rule: String,
+    pub allowed: u64,
+    /// Denied by this rule.
+    pub limited: u64,
+    /// Would have been denied by this rule (in shadow, or enforcement off).
+    pub shadow_limited: u64,
+    /// Allowed with at most 10 % of the limit left.
+    pub near_limit: u64,
+    /// `near_limit / allowed`.
+    pub near_limit_ratio: f64,
+    /// The most of its limit any client used (0–1).
+    pub max_used_ratio: f64,
+    /// Distinct clients that asked under this rule (a HyperLogLog estimate, ±3 %).
+    pub clients: u64,
+    /// Distinct clients this rule limited (estimate).
+    pub limited_clients: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TierStats {
+    /// A configured tier, `default` (no tier) or `other` (a tier the configuration does not
+    /// define).
+    pub tier: String,
+    pub allowed: u64,
+    pub limited: u64,
+    pub shadow_limited: u64,
+    /// Refused for who the client is (an unknown API key).
+    pub refused: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TopClient {
+    /// API keys by their SHA-256, as everywhere.
+    pub client: crate::ClientId,
+    /// At most `error` over the true count.
+    pub count: u64,
+    pub error: u64,
+}
+
+/// `GET /v1/admin/hints`: rules whose limits may need a look, with the figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HintsBody {
+    pub window: String,
+    pub hints: Vec<Hint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Hint {
+    pub rule: String,
+    /// `too_strict` or `too_generous`.
+    pub kind: String,
+    pub message: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub figures: serde_json::Value,
 }

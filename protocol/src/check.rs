@@ -61,6 +61,10 @@ pub struct Check {
     /// from the controller's rules.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
+    /// Envoy's `x-request-id`, sent only when the controller logs limited requests (its
+    /// view asks for them), for the log line. Not part of what is counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 impl Check {
@@ -77,6 +81,7 @@ impl Check {
             api_key: None,
             tier: None,
             headers: BTreeMap::new(),
+            request_id: None,
         }
     }
 }
@@ -88,6 +93,7 @@ fn default_cost() -> u64 {
 /// The identity a limit is counted against. `kind` says how it was established
 /// (`user`, `api_key`, `header` or `ip`, see [`ClientKind`]), `value` is the identity itself.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ClientId {
     pub kind: String,
@@ -237,6 +243,23 @@ pub struct Report {
     /// Requests refused for an invalid token, by client address.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub invalid_tokens: Vec<AddressCount>,
+    /// Requests the filter refused from its denial cache (the controller never saw them),
+    /// by client, rule and tier: for the stats and alerts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cached_denials: Vec<CachedDenials>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CachedDenials {
+    pub client: ClientId,
+    pub rule: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    pub count: u64,
+    /// The request ids of those the filter sampled for the controller's log.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_ids: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

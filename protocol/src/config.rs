@@ -34,6 +34,53 @@ pub struct ConfigDocument {
     /// Brute-force protection: addresses that keep presenting invalid credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protection: Option<Protection>,
+    /// Logs of limited requests and alerts on clients that keep being limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observability: Option<Observability>,
+}
+
+/// What the controllers say about limited requests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Observability {
+    /// The share (0–1) of limited requests logged, one line each (default 0.01).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limited_log_sample: Option<f64>,
+    /// An alert when one client is limited too often.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<Alerts>,
+}
+
+/// When one client is limited by one rule more than `limited` times within a `period`
+/// (aligned to the epoch, as fixed windows are), one alert goes to the log and, if set, to
+/// `webhook`; then none for that client and rule for `cooldown` (default: the period).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Alerts {
+    pub limited: u64,
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "1m"))]
+    pub period: Window,
+    /// `http://` or `https://` URL that receives each alert as a JSON `POST`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "10m"))]
+    pub cooldown: Option<Window>,
+}
+
+/// The share of limited requests logged when the configuration does not say.
+pub const DEFAULT_LIMITED_LOG_SAMPLE: f64 = 0.01;
+
+impl ConfigDocument {
+    /// The share of limited requests the controllers log.
+    pub fn limited_log_sample(&self) -> f64 {
+        self.observability
+            .as_ref()
+            .and_then(|o| o.limited_log_sample)
+            .unwrap_or(DEFAULT_LIMITED_LOG_SAMPLE)
+    }
 }
 
 /// The system state follows the share of upstream answers that are 5xx, as the filters
@@ -234,7 +281,7 @@ pub struct ListItem {
 
 /// What the filter needs of the configuration: the rules (each rule's failure mode, the
 /// headers rules match on) and the lists, which it applies before asking anyone.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FilterView {
     pub version: u64,
     #[serde(default)]
@@ -251,6 +298,15 @@ pub struct FilterView {
     /// cannot be reached (every rule's failure mode is then `allow`).
     #[serde(default = "enforcing")]
     pub enforce: bool,
+    /// The share of limited requests the controllers log (0: none). Above 0, checks carry
+    /// the request's `x-request-id`, and the filter samples the denials it answers from its
+    /// cache at this rate, naming their request ids in its report.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub limited_log_sample: f64,
+}
+
+fn is_zero(value: &f64) -> bool {
+    *value == 0.0
 }
 
 fn enforcing() -> bool {
@@ -266,6 +322,7 @@ impl Default for FilterView {
             denylist: Vec::new(),
             report: Reported::default(),
             enforce: true,
+            limited_log_sample: 0.0,
         }
     }
 }
@@ -279,11 +336,15 @@ pub struct Reported {
     /// Requests refused for an invalid token, by address (`protection` is configured).
     #[serde(default)]
     pub invalid_tokens: bool,
+    /// Requests refused from the denial cache, by client and rule (the controller keeps
+    /// stats).
+    #[serde(default)]
+    pub cached_denials: bool,
 }
 
 impl Reported {
     pub fn any(self) -> bool {
-        self.upstream_status || self.invalid_tokens
+        self.upstream_status || self.invalid_tokens || self.cached_denials
     }
 }
 

@@ -10,12 +10,12 @@ pub mod headers;
 pub mod rules;
 
 pub use check::{
-    AddressCount, Check, CheckRequest, CheckResponse, ClientId, ClientKind, Decision, DenyReason,
-    PolicyStatus, Refusal, ReleaseRequest, Report, CHECK_PATH, MAX_REPORTED_ADDRESSES,
-    RELEASE_PATH, REPORT_PATH,
+    AddressCount, CachedDenials, Check, CheckRequest, CheckResponse, ClientId, ClientKind,
+    Decision, DenyReason, PolicyStatus, Refusal, ReleaseRequest, Report, CHECK_PATH,
+    MAX_REPORTED_ADDRESSES, RELEASE_PATH, REPORT_PATH,
 };
 pub use config::{
-    ApiKey, AutomaticState, ConfigDocument, FilterView, ListEntry, ListItem, ListKind, ListName,
-    Protection, Reported, Tier, TierLimits, UnknownApiKeys, CONFIG_PATH,
+    Alerts, ApiKey, AutomaticState, ConfigDocument, FilterView, ListEntry, ListItem, ListKind,
+    ListName, Observability, Protection, Reported, Tier, TierLimits, UnknownApiKeys, CONFIG_PATH,
 };
 pub use rules::{FailureMode, HeaderMatch, Penalty, Rule, RuleMatch, RuleSet, Scope, Strategy};

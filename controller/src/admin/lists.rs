@@ -14,6 +14,7 @@ use super::{document_writable, if_match, versioned, with_document, AdminState};
 use crate::config::validate;
 use crate::config::{Author, ChangeError};
 use crate::error::{parse_json, ApiError, Body};
+use crate::store::now_ms;
 
 pub fn entry_id(list: ListName, entry: &ListEntry) -> String {
     let digest = Sha256::digest(
@@ -58,12 +59,6 @@ fn body(list: ListName, entry: &ListEntry) -> ListEntryBody {
         list,
         entry: entry.clone(),
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The entry a request asks for, checked and written the one way it is stored.

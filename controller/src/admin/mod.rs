@@ -12,6 +12,7 @@ mod entities;
 mod keys;
 mod lists;
 pub mod openapi;
+mod stats;
 pub mod system;
 
 use std::sync::Arc;
@@ -88,6 +89,8 @@ pub fn app(state: AdminState) -> Router {
             "/enforcement",
             get(system::get_enforcement).put(system::set_enforcement),
         )
+        .route("/stats", get(stats::get_stats))
+        .route("/hints", get(stats::get_hints))
         .route("/audit", get(system::audit))
         .route("/whoami", get(system::whoami))
         .route("/openapi.json", get(openapi::serve))

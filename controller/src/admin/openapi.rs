@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{config, counters, entities, keys, lists, system};
+use super::{config, counters, entities, keys, lists, stats, system};
 
 struct BearerAuth;
 
@@ -74,7 +74,7 @@ impl Modify for BearerAuth {
                        versioned (ETag / If-Match) and audited.",
         license(name = "Apache-2.0"),
     ),
-    components(schemas(sluice_protocol::admin::ErrorBody)),
+    components(schemas(sluice_protocol::admin::ErrorBody, crate::stats::Window)),
     paths(
         config::version, config::export, config::import,
         entities::list_rules, entities::create_rule, entities::get_rule, entities::update_rule,
@@ -85,13 +85,13 @@ impl Modify for BearerAuth {
         lists::list, lists::add, lists::get, lists::remove,
         counters::inspect, counters::reset,
         system::get_state, system::set_state, system::get_enforcement, system::set_enforcement,
-        system::audit, system::whoami,
+        system::audit, system::whoami, stats::get_stats, stats::get_hints,
     ),
     modifiers(&BearerAuth),
     tags(
         (name = "config", description = "The whole configuration: version, export, import"),
         (name = "rules"), (name = "tiers"), (name = "api-keys"), (name = "lists"),
-        (name = "counters"), (name = "state"), (name = "audit"),
+        (name = "counters"), (name = "state"), (name = "stats"), (name = "audit"),
     )
 )]
 pub struct AdminApi;

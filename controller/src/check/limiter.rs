@@ -12,7 +12,9 @@ use sluice_protocol::{
 
 use crate::config::{LiveConfig, Snapshot};
 use crate::keys;
+use crate::metrics::Metrics;
 use crate::protection::Guard;
+use crate::stats::Recorder;
 use crate::store::{CheckSpec, LimitSpec, Outcome, Store, StoreError};
 use crate::strategy::{Params, Verdict};
 
@@ -21,6 +23,9 @@ pub struct Limiter {
     store: Arc<dyn Store>,
     /// Where unknown API keys are counted against their address (brute-force protection).
     guard: Option<Arc<Guard>>,
+    metrics: Arc<Metrics>,
+    /// Stats, alerts and the log of limited requests (none: `--stats false`).
+    recorder: Option<Arc<Recorder>>,
 }
 
 /// A check's limits as the store is asked about them: the enforced rules together (all or
@@ -74,7 +79,41 @@ impl Limiter {
             config,
             store,
             guard: None,
+            metrics: Arc::new(Metrics::new()),
+            recorder: None,
         }
+    }
+
+    /// Times store commands in `metrics` and records decisions in `recorder`.
+    pub fn with_observability(
+        mut self,
+        metrics: Arc<Metrics>,
+        recorder: Option<Arc<Recorder>>,
+    ) -> Self {
+        self.metrics = metrics;
+        self.recorder = recorder;
+        self
+    }
+
+    pub fn recorder(&self) -> Option<&Arc<Recorder>> {
+        self.recorder.as_ref()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// `store_call` timed as `command` in the metrics.
+    async fn timed<T>(
+        &self,
+        command: &str,
+        store_call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let began = std::time::Instant::now();
+        let result = store_call.await;
+        self.metrics
+            .store_command(command, began.elapsed().as_secs_f64(), result.is_err());
+        result
     }
 
     /// Counts refused unknown API keys in `guard`.
@@ -135,7 +174,16 @@ impl Limiter {
         let outcomes = if batch.is_empty() {
             Vec::new()
         } else {
-            self.store.check_batch(&batch).await?
+            match self.timed("check", self.store.check_batch(&batch)).await {
+                Ok(outcomes) => outcomes,
+                Err(error) => {
+                    if let Some(recorder) = &self.recorder {
+                        let seen: Vec<&Check> = checks.iter().map(AsRef::as_ref).collect();
+                        recorder.failed(&snapshot, &seen);
+                    }
+                    return Err(error);
+                }
+            }
         };
         let well_formed = outcomes.len() == batch.len()
             && outcomes
@@ -150,7 +198,7 @@ impl Limiter {
             )));
         }
         let mut outcomes = outcomes.into_iter();
-        let decisions = plans
+        let decisions: Vec<Decision> = plans
             .into_iter()
             .map(|plan| match plan {
                 Plan::Decided(decision) => decision,
@@ -171,6 +219,10 @@ impl Limiter {
                 }
             })
             .collect();
+        if let Some(recorder) = &self.recorder {
+            let seen: Vec<&Check> = checks.iter().map(AsRef::as_ref).collect();
+            recorder.record(&snapshot, &seen, &decisions);
+        }
         Ok(CheckResponse { decisions })
     }
 
@@ -183,7 +235,12 @@ impl Limiter {
             .collect::<Result<Vec<_>, _>>()?;
         let mut freed = 0;
         for (key, lease_id, count) in leases {
-            freed += self.store.release(key, lease_id, count).await?;
+            freed += self
+                .timed("release", self.store.release(key, lease_id, count))
+                .await?;
+        }
+        if let Some(recorder) = &self.recorder {
+            recorder.released(tokens);
         }
         Ok(freed)
     }

@@ -36,22 +36,28 @@ pub struct CheckState {
     pub metrics: Arc<Metrics>,
 }
 
-pub fn app(state: CheckState) -> Router {
-    Router::new()
+/// The check address's routes; `/metrics` too when `with_metrics`.
+pub fn app(state: CheckState, with_metrics: bool) -> Router {
+    let router = Router::new()
         .route(CHECK_PATH, post(check))
         .route(RELEASE_PATH, post(release))
         .route(REPORT_PATH, post(report))
         .route(CONFIG_PATH, get(filter_view))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(state)
+        .route("/readyz", get(readyz));
+    let router = if with_metrics {
+        router.route("/metrics", get(metrics))
+    } else {
+        router
+    };
+    router.with_state(state)
 }
 
 async fn check(
     State(state): State<CheckState>,
     body: Bytes,
 ) -> Result<Json<CheckResponse>, ApiError> {
+    let began = std::time::Instant::now();
     let request: CheckRequest = parse_json(&body)?;
     if request.checks.len() > MAX_CHECKS_PER_CALL {
         return Err(ApiError::invalid(
@@ -67,6 +73,14 @@ async fn check(
         .check(&request)
         .await
         .map_err(|e| ApiError::store_unavailable(&e))?;
+    state
+        .metrics
+        .check_call_checks
+        .observe(request.checks.len() as f64);
+    state
+        .metrics
+        .check_call_duration
+        .observe(began.elapsed().as_secs_f64());
     tracing::debug!(checks = response.decisions.len(), "check call served");
     // A leaky bucket admits a request at its slot: the answer is held until then (the
     // filter keeps the request paused meanwhile).
@@ -124,12 +138,25 @@ async fn report(State(state): State<CheckState>, body: Bytes) -> Result<StatusCo
         ));
     }
     state.metrics.reports.inc();
-    let now = crate::automatic::now_ms();
+    let now = crate::store::now_ms();
     state
         .signals
         .report(now, report.responses, report.server_errors);
     for address in &report.invalid_tokens {
         state.guard.strike(&address.ip, address.count);
+    }
+    if report.cached_denials.len() > MAX_REPORTED_ADDRESSES {
+        return Err(ApiError::invalid(
+            "cached_denials",
+            format!(
+                "at most {MAX_REPORTED_ADDRESSES} entries per report, got {}",
+                report.cached_denials.len()
+            ),
+        ));
+    }
+    if let Some(recorder) = state.limiter.recorder() {
+        let snapshot = state.limiter.config().snapshot();
+        recorder.record_cached(&snapshot, &report.cached_denials);
     }
     Ok(StatusCode::NO_CONTENT)
 }

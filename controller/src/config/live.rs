@@ -20,6 +20,7 @@ use sluice_protocol::config::ConfigDocument;
 use super::snapshot::Snapshot;
 use super::store::{Commit, ConfigStore, Stored};
 use super::validate::{self, FieldError};
+use crate::store::now_ms;
 use crate::store::StoreError;
 
 /// What wins at start when the store and the file given with `--config` disagree.
@@ -79,12 +80,6 @@ pub struct LiveConfig {
     reachable: AtomicBool,
     /// A stored version that does not validate here (see [`LiveConfig::invalid_stored`]).
     invalid: std::sync::Mutex<Option<(u64, FieldError)>>,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl LiveConfig {

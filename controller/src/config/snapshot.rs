@@ -91,8 +91,13 @@ impl Snapshot {
             report: Reported {
                 upstream_status: document.automatic_state.is_some(),
                 invalid_tokens: document.protection.is_some(),
+                // Cheap (a tally per cached denial, one report a second) and what keeps the
+                // stats and alerts whole: a client refused from the cache is the one the
+                // stats most want to see.
+                cached_denials: true,
             },
             enforce: operations.enforce,
+            limited_log_sample: document.limited_log_sample(),
         };
         let filter_view = serde_json::to_vec(&view).unwrap_or_default();
         Ok(Snapshot {

@@ -8,7 +8,7 @@ use std::fmt;
 
 use ipnet::IpNet;
 use sluice_protocol::config::{
-    ApiKey, AutomaticState, ConfigDocument, ListEntry, ListKind, Protection, Tier,
+    ApiKey, AutomaticState, ConfigDocument, ListEntry, ListKind, Observability, Protection, Tier,
 };
 use sluice_protocol::rules::DEFAULT_TIER;
 use sluice_protocol::rules::{MAX_EXACT, MAX_RULE_NAME};
@@ -173,6 +173,38 @@ pub fn validate_automatic_state(automatic: &AutomaticState) -> Result<(), FieldE
     }
     if automatic.min_responses == Some(0) {
         return Err(FieldError::new("min_responses", "must be at least 1"));
+    }
+    Ok(())
+}
+
+pub fn validate_observability(observability: &Observability) -> Result<(), FieldError> {
+    if let Some(sample) = observability.limited_log_sample {
+        if !(0.0..=1.0).contains(&sample) {
+            return Err(FieldError::new(
+                "limited_log_sample",
+                format!("must be a share from 0 to 1, got {sample}"),
+            ));
+        }
+    }
+    let Some(alerts) = &observability.alerts else {
+        return Ok(());
+    };
+    if alerts.limited == 0 || alerts.limited > MAX_EXACT {
+        return Err(FieldError::new(
+            "alerts.limited",
+            "must be from 1 to 2^53 (how many times one client may be limited within the \
+             period before an alert)",
+        ));
+    }
+    if let Some(url) = &alerts.webhook {
+        let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
+        let host = url.split_once("://").map_or("", |(_, rest)| rest);
+        if !scheme_ok || host.is_empty() || url.chars().any(char::is_control) || url.len() > 2048 {
+            return Err(FieldError::new(
+                "alerts.webhook",
+                format!("`{url}` is not an http:// or https:// URL"),
+            ));
+        }
     }
     Ok(())
 }
@@ -371,6 +403,9 @@ pub fn validate(document: &ConfigDocument) -> Result<Validated, FieldError> {
     }
     if let Some(protection) = &document.protection {
         validate_protection(protection).map_err(|e| e.within("protection"))?;
+    }
+    if let Some(observability) = &document.observability {
+        validate_observability(observability).map_err(|e| e.within("observability"))?;
     }
     for (index, key) in document.api_keys.iter().enumerate() {
         validate_api_key(key, &tiers).map_err(|e| e.within(&format!("api_keys[{index}]")))?;

@@ -22,10 +22,15 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
+        now_ms()
     }
+}
+
+/// Milliseconds since the epoch by this machine's clock (0 before 1970).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A clock that moves only when told to, for tests.
@@ -234,6 +239,27 @@ impl Store for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    /// One embedded store serves one controller: there is nobody to share stats with.
+    async fn publish_stats(
+        &self,
+        _controller: &str,
+        _resolution_ms: u64,
+        _start_ms: u64,
+        _payload: Vec<u8>,
+        _ttl_ms: u64,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn read_stats(
+        &self,
+        _resolution_ms: u64,
+        _starts: &[u64],
+        _except: &str,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        Ok(Vec::new())
     }
 
     async fn delete_keys(&self, keys: &[String]) -> Result<u64, StoreError> {

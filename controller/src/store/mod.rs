@@ -8,7 +8,7 @@ use async_trait::async_trait;
 
 use crate::strategy::{Params, Verdict};
 
-pub use self::memory::{Clock, ManualClock, MemoryStore, SystemClock};
+pub use self::memory::{now_ms, Clock, ManualClock, MemoryStore, SystemClock};
 pub(crate) use self::redis::redact_password;
 pub use self::redis::RedisStore;
 
@@ -113,4 +113,25 @@ pub trait Store: Send + Sync {
     /// Deletes every counter of `rule` (every client's), or every counter of every rule;
     /// returns how many there were. Nothing but counters is touched.
     async fn delete_counters(&self, rule: Option<&str>) -> Result<u64, StoreError>;
+
+    /// Keeps `controller`'s stats of the bucket starting at `start_ms` (of `resolution_ms`)
+    /// for `ttl_ms`, where every controller's stats API can read them, and notes that the
+    /// controller was alive now.
+    async fn publish_stats(
+        &self,
+        controller: &str,
+        resolution_ms: u64,
+        start_ms: u64,
+        payload: Vec<u8>,
+        ttl_ms: u64,
+    ) -> Result<(), StoreError>;
+
+    /// Every live controller's stats of the buckets of `resolution_ms` starting at
+    /// `starts`, but `except`'s (the caller's own, which it holds itself).
+    async fn read_stats(
+        &self,
+        resolution_ms: u64,
+        starts: &[u64],
+        except: &str,
+    ) -> Result<Vec<Vec<u8>>, StoreError>;
 }

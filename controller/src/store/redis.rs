@@ -167,6 +167,75 @@ impl Store for RedisStore {
         }
     }
 
+    async fn publish_stats(
+        &self,
+        controller: &str,
+        resolution_ms: u64,
+        start_ms: u64,
+        payload: Vec<u8>,
+        ttl_ms: u64,
+    ) -> Result<(), StoreError> {
+        let now = super::now_ms();
+        let controllers = crate::keys::stats_controllers_key();
+        redis::pipe()
+            .cmd("SET")
+            .arg(crate::keys::stats_key(resolution_ms, start_ms, controller))
+            .arg(payload)
+            .arg("PX")
+            .arg(ttl_ms.max(1))
+            .ignore()
+            .cmd("ZADD")
+            .arg(&controllers)
+            .arg(now)
+            .arg(controller)
+            .ignore()
+            // Controllers gone for longer than any bucket is kept are forgotten.
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(&controllers)
+            .arg("-inf")
+            .arg(now.saturating_sub(ttl_ms))
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&controllers)
+            .arg(ttl_ms.max(1))
+            .ignore()
+            .query_async::<()>(&mut self.connection.clone())
+            .await?;
+        Ok(())
+    }
+
+    async fn read_stats(
+        &self,
+        resolution_ms: u64,
+        starts: &[u64],
+        except: &str,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut connection = self.connection.clone();
+        let controllers: Vec<String> = redis::cmd("ZRANGE")
+            .arg(crate::keys::stats_controllers_key())
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut connection)
+            .await?;
+        let keys: Vec<String> = controllers
+            .iter()
+            .filter(|id| id.as_str() != except)
+            .flat_map(|id| {
+                starts
+                    .iter()
+                    .map(move |start| crate::keys::stats_key(resolution_ms, *start, id))
+            })
+            .collect();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut connection)
+            .await?;
+        Ok(found.into_iter().flatten().collect())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let pong: String = redis::cmd("PING")
             .query_async(&mut self.connection.clone())

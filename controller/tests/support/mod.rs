@@ -12,6 +12,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use sluice_controller::admin::auth::Tokens;
 use sluice_controller::admin::{self, AdminState};
+use sluice_controller::alerts::Webhooks;
 use sluice_controller::automatic::Signals;
 use sluice_controller::check::limiter::Limiter;
 use sluice_controller::check::{self, CheckState};
@@ -19,6 +20,7 @@ use sluice_controller::config::file::{self, Format};
 use sluice_controller::config::{ConfigSource, LiveConfig, MemoryConfigStore};
 use sluice_controller::metrics::Metrics;
 use sluice_controller::protection;
+use sluice_controller::stats::{self, Recorder};
 use sluice_controller::store::{ManualClock, MemoryStore};
 use tower::ServiceExt;
 
@@ -33,6 +35,7 @@ pub struct World {
     pub counters: Arc<MemoryStore>,
     pub signals: Arc<Signals>,
     pub metrics: Arc<Metrics>,
+    pub recorder: Arc<Recorder>,
 }
 
 /// A controller started from the configuration `toml` (TOML; empty for none).
@@ -141,17 +144,32 @@ pub async fn world_on(
     let (guard, _task) =
         protection::start(Arc::clone(&live), counters.clone(), Arc::clone(&metrics));
     let signals = Arc::new(Signals::default());
-    let limiter =
-        Arc::new(Limiter::new(Arc::clone(&live), counters.clone()).with_guard(Arc::clone(&guard)));
+    let recorder = Arc::new(Recorder::new("test-controller", Arc::clone(&metrics)));
+    let (webhooks, _webhook_task) = Webhooks::start(Arc::clone(&metrics));
+    let _stats_task = stats::run(
+        Arc::clone(&recorder),
+        Arc::clone(&live),
+        counters.clone(),
+        Arc::clone(&metrics),
+        webhooks,
+    );
+    let limiter = Arc::new(
+        Limiter::new(Arc::clone(&live), counters.clone())
+            .with_guard(Arc::clone(&guard))
+            .with_observability(Arc::clone(&metrics), Some(Arc::clone(&recorder))),
+    );
     let tokens = Tokens::from_text(&format!("ops:admin:{ADMIN_TOKEN};viewer:read:{READ_TOKEN}"))
         .expect("tokens");
     World {
-        check: check::app(CheckState {
-            limiter: Arc::clone(&limiter),
-            signals: Arc::clone(&signals),
-            guard,
-            metrics: Arc::clone(&metrics),
-        }),
+        check: check::app(
+            CheckState {
+                limiter: Arc::clone(&limiter),
+                signals: Arc::clone(&signals),
+                guard,
+                metrics: Arc::clone(&metrics),
+            },
+            true,
+        ),
         admin: admin::app(AdminState {
             config: Arc::clone(&live),
             limiter,
@@ -163,6 +181,7 @@ pub async fn world_on(
         counters,
         signals,
         metrics,
+        recorder,
     }
 }
 

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use sluice_controller::store::{LimitSpec, MemoryStore, Store, SystemClock};
 use sluice_controller::strategy::Params;
+use sluice_e2e::controller::ControllerOptions;
 use sluice_e2e::envoy::{sluice_plugin_config, with_fields, EnvoyOptions, Filter};
 use sluice_e2e::{Controller, Envoy, RedisServer, Upstream};
 use sluice_protocol::Strategy;
@@ -457,9 +458,17 @@ fn filter_cost_scenario(settings: &Settings) -> String {
     let upstream = Upstream::start();
     let redis = RedisServer::start();
     let controller = Controller::start_logging(rules, Some(&redis.url()), "warn");
+    // The same controller without stats, alerts or the log of limited requests: what they
+    // cost the check path.
+    let without_stats = Controller::start_with(&ControllerOptions {
+        log_filter: "warn",
+        extra_args: vec!["--stats".into(), "false".into()],
+        ..ControllerOptions::new(rules, Some(&redis.url()))
+    });
     let batched = |extra: serde_json::Value| {
         Filter::sluice_with(&with_fields(sluice_plugin_config("deny", 1_000), extra))
     };
+    const WITHOUT_STATS: &str = "Sluice batched (defaults), controller --stats false";
     let specs = [
         ("(a) Envoy, no limiter", Filter::None),
         (
@@ -479,6 +488,7 @@ fn filter_cost_scenario(settings: &Settings) -> String {
             batched(serde_json::json!({ "max_batches_in_flight": 1 })),
         ),
         ("Sluice batched (defaults)", batched(serde_json::json!({}))),
+        (WITHOUT_STATS, batched(serde_json::json!({}))),
     ];
     // Another build of the filter (`make bench BASELINE=<git ref>`), beside this one in the
     // same run: the ratio between them is what a change did.
@@ -504,12 +514,22 @@ fn filter_cost_scenario(settings: &Settings) -> String {
         .chain(baseline_specs)
         .map(|(name, filter)| {
             let asks = !matches!(filter, Filter::None);
-            let envoy = one_worker_envoy(filter, &upstream, asks.then_some(&controller), false);
+            let asked = if name == WITHOUT_STATS {
+                &without_stats
+            } else {
+                &controller
+            };
+            let envoy = one_worker_envoy(filter, &upstream, asks.then_some(asked), false);
             (name, envoy)
         })
         .collect();
-    let (runs, costs) = costed_rounds(settings, "filter", &configurations, |_| {
-        [Some(controller.pid()), Some(redis.pid())]
+    let (runs, costs) = costed_rounds(settings, "filter", &configurations, |index| {
+        let asked = if configurations.get(index).map(|(name, _)| *name) == Some(WITHOUT_STATS) {
+            &without_stats
+        } else {
+            &controller
+        };
+        [Some(asked.pid()), Some(redis.pid())]
     });
     let mut report = table(
         "The filter's parts, one worker, saturated (ratio to (a))",
