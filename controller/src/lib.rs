@@ -1,6 +1,7 @@
 //! The Sluice controller as a library: `main.rs` reads the settings and calls [`serve`].
 //!
 //! - [`check`]: the hot path the filter calls (check, release, its configuration view);
+//! - [`rls`]: Envoy's rate-limit service API (gRPC) for Envoy's native rate-limit filter;
 //! - [`admin`]: the admin API on its own address (auth, audit, OpenAPI);
 //! - [`config`]: the configuration model, its validation, store and live snapshot;
 //! - [`store`], [`strategy`], [`keys`]: counters, the algorithms, every Redis key;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod keys;
 pub mod metrics;
 pub mod protection;
+pub mod rls;
 pub mod settings;
 pub mod sketch;
 pub mod stats;
@@ -132,8 +134,8 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Listen { addr, source })
 }
 
-/// Opens the stores, loads the configuration, and serves the check and admin APIs until
-/// `shutdown` completes.
+/// Opens the stores, loads the configuration, and serves the check and admin APIs (and
+/// Envoy's rate-limit service API, when asked for) until `shutdown` completes.
 pub async fn serve(
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -248,6 +250,12 @@ pub async fn serve(
                 .with_graceful_shutdown(until_stopped(stopped.clone())),
         )
     };
+    let grpc_done = rls::listen(
+        settings.grpc_listen,
+        Arc::clone(&limiter),
+        until_stopped(stopped.clone()),
+    )
+    .await?;
     let listen = settings.listen;
     let check_done = async move {
         check_server.await.map_err(|source| StartError::Listen {
@@ -265,7 +273,7 @@ pub async fn serve(
             None => Ok(()),
         }
     };
-    let served = tokio::try_join!(check_done, admin_done).map(|_| ());
+    let served = tokio::try_join!(check_done, admin_done, grpc_done).map(|_| ());
     watcher.abort();
     automatic_task.abort();
     protection_task.abort();

@@ -49,6 +49,10 @@ pub struct Flags {
     /// Address of the admin API [default: 127.0.0.1:8082].
     #[arg(long, env = "SLUICE_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
+    /// Address of Envoy's rate-limit service API (gRPC), for Envoy's own
+    /// `envoy.filters.http.ratelimit` filter [default: not served].
+    #[arg(long, env = "SLUICE_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
     /// Redis for the counters (`redis://[:password@]host:port[/db]`). Without it the
     /// embedded in-memory store is used: counters are then local to this process.
     #[arg(long, env = "SLUICE_REDIS_URL")]
@@ -103,6 +107,7 @@ pub struct Flags {
 struct FileSettings {
     listen: Option<SocketAddr>,
     admin_listen: Option<SocketAddr>,
+    grpc_listen: Option<SocketAddr>,
     redis_url: Option<String>,
     config_redis_url: Option<String>,
     redis_timeout_ms: Option<u64>,
@@ -124,6 +129,8 @@ struct FileSettings {
 pub struct Settings {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// Envoy's rate-limit service API (gRPC), when served.
+    pub grpc_listen: Option<SocketAddr>,
     pub redis_url: Option<String>,
     pub config_redis_url: Option<String>,
     pub redis_timeout_ms: u64,
@@ -194,6 +201,7 @@ impl Settings {
                 .admin_listen
                 .or(file.admin_listen)
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8082))),
+            grpc_listen: flags.grpc_listen.or(file.grpc_listen),
             config_redis_url: flags
                 .config_redis_url
                 .or(file.config_redis_url)
@@ -254,6 +262,17 @@ impl Settings {
                     self.listen
                 ),
             ));
+        }
+        if let Some(grpc) = self.grpc_listen {
+            if grpc == self.listen || grpc == self.admin_listen {
+                return Err(setting_error(
+                    "grpc_listen",
+                    format!(
+                        "must differ from listen ({}) and admin_listen ({})",
+                        self.listen, self.admin_listen
+                    ),
+                ));
+            }
         }
         for (setting, url) in [
             ("redis_url", &self.redis_url),
@@ -354,6 +373,30 @@ mod tests {
         assert_eq!(settings.redis_timeout_ms, 300, "the flag wins");
         assert_eq!(settings.listen.port(), 8081, "the default");
         assert_eq!(settings.mode, Mode::Development);
+        assert_eq!(settings.grpc_listen, None, "not served unless asked for");
+        std::fs::write(
+            &file,
+            "grpc_listen = \"127.0.0.1:9101\"\nmode = \"development\"\n",
+        )
+        .unwrap();
+        let settings = resolve(&["--settings", file.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            settings.grpc_listen.map(|a| a.port()),
+            Some(9101),
+            "from the file"
+        );
+        let settings = resolve(&[
+            "--settings",
+            file.to_str().unwrap(),
+            "--grpc-listen",
+            "127.0.0.1:9102",
+        ])
+        .unwrap();
+        assert_eq!(
+            settings.grpc_listen.map(|a| a.port()),
+            Some(9102),
+            "the flag wins"
+        );
     }
 
     #[test]
@@ -376,6 +419,10 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(error.setting, "admin_listen");
+        for taken in ["127.0.0.1:8081", "127.0.0.1:8082"] {
+            let error = resolve(&["--mode", "development", "--grpc-listen", taken]).unwrap_err();
+            assert_eq!(error.setting, "grpc_listen", "{taken} is taken");
+        }
         let error = resolve(&[]).unwrap_err();
         assert_eq!(
             error.setting, "state_file",
