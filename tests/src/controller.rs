@@ -10,6 +10,9 @@ pub struct Controller {
     pub port: u16,
     /// The admin API's port.
     pub admin_port: u16,
+    /// The port of Envoy's rate-limit service API (gRPC), when asked for
+    /// ([`ControllerOptions::grpc`]).
+    pub grpc_port: Option<u16>,
     process: Process,
     _dir: tempfile::TempDir,
 }
@@ -42,6 +45,8 @@ pub struct ControllerOptions<'a> {
     pub state_file: Option<&'a std::path::Path>,
     /// More flags, as given.
     pub extra_args: Vec<String>,
+    /// Whether it serves Envoy's rate-limit service API (`--grpc-listen` on a free port).
+    pub grpc: bool,
 }
 
 impl<'a> ControllerOptions<'a> {
@@ -53,6 +58,7 @@ impl<'a> ControllerOptions<'a> {
             log_filter: "info,sluice_controller=debug",
             state_file: None,
             extra_args: Vec::new(),
+            grpc: false,
         }
     }
 }
@@ -101,6 +107,10 @@ impl Controller {
         if let Some(path) = options.state_file {
             command.arg("--state-file").arg(path);
         }
+        let grpc_port = options.grpc.then(free_port);
+        if let Some(grpc_port) = grpc_port {
+            command.args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")]);
+        }
         command.args(&options.extra_args);
         let mut process = Process::spawn("controller", command, &dir.path().join("controller.log"));
         process.wait_until_ready(
@@ -110,6 +120,7 @@ impl Controller {
         Controller {
             port,
             admin_port,
+            grpc_port,
             process,
             _dir: dir,
         }
@@ -147,6 +158,12 @@ impl Controller {
             .ok()
             .and_then(|r| r.json()["config_version"].as_u64())
             .unwrap_or(0)
+    }
+
+    /// The port of Envoy's rate-limit service API; panics when it was not asked for.
+    pub fn grpc(&self) -> u16 {
+        self.grpc_port
+            .expect("started without the gRPC API (ControllerOptions::grpc)")
     }
 
     pub fn pid(&self) -> u32 {

@@ -53,6 +53,13 @@ pub enum Filter {
         jwks: String,
         then: Box<Filter>,
     },
+    /// Envoy's own `envoy.filters.http.ratelimit`, asking the `sluice_controller` cluster
+    /// over gRPC (give it the controllers' gRPC ports, and `controller_http2`), with these
+    /// `rate_limits` (YAML, a list of `{ actions: [...] }` at the filter's indentation).
+    NativeRateLimit {
+        failure_mode_deny: bool,
+        rate_limits: String,
+    },
 }
 
 /// `plugin` with the top-level fields of `extra` set (replacing any of the same name).
@@ -147,6 +154,10 @@ fn http_filter_yaml(filter: &Filter) -> String {
             .to_owned(),
         Filter::Sluice { plugin_config } => sluice_filter_yaml(plugin_config, &wasm_file()),
         Filter::SluiceBuild { plugin_config, wasm } => sluice_filter_yaml(plugin_config, wasm),
+        Filter::NativeRateLimit {
+            failure_mode_deny,
+            rate_limits,
+        } => native_ratelimit_yaml(*failure_mode_deny, rate_limits),
         Filter::JwtAuthnThen { issuer, jwks, then } => format!(
             r#"
           - name: envoy.filters.http.jwt_authn
@@ -169,6 +180,40 @@ fn http_filter_yaml(filter: &Filter) -> String {
             then = http_filter_yaml(then),
         ),
     }
+}
+
+/// Envoy's rate-limit filter with its descriptors' actions in the filter itself (so the
+/// route stays as it is), asking `sluice_controller` with a generous timeout (tests share two
+/// cores; Envoy's default is 20 ms).
+fn native_ratelimit_yaml(failure_mode_deny: bool, rate_limits: &str) -> String {
+    format!(
+        r#"
+          - name: envoy.filters.http.ratelimit
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit
+              domain: sluice
+              failure_mode_deny: {failure_mode_deny}
+              timeout: 2s
+              rate_limit_service:
+                transport_api_version: V3
+                grpc_service: {{ envoy_grpc: {{ cluster_name: sluice_controller }} }}
+              rate_limits:{rate_limits}"#
+    )
+}
+
+/// The `rate_limits` of [`Filter::NativeRateLimit`]: one descriptor per list of actions
+/// (each action a YAML flow mapping, such as `{ remote_address: {} }`).
+pub fn rate_limits_yaml(descriptors: &[&[&str]]) -> String {
+    descriptors
+        .iter()
+        .map(|actions| {
+            let actions: String = actions
+                .iter()
+                .map(|action| format!("\n                - {action}"))
+                .collect();
+            format!("\n              - actions:{actions}")
+        })
+        .collect()
 }
 
 fn endpoints_yaml(ports: &[u16]) -> String {
