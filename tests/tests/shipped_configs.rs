@@ -14,8 +14,8 @@ fn shipped_envoy_configs() -> Vec<PathBuf> {
         .collect();
     configs.sort();
     assert!(
-        configs.len() >= 2,
-        "expected the demo and compose configs, found {configs:?}"
+        configs.len() >= 3,
+        "expected the demo, compose and native rate-limit configs, found {configs:?}"
     );
     configs
 }
@@ -31,9 +31,18 @@ fn replace_exactly(text: &str, from: &str, to: &str, times: usize) -> String {
     text.replace(from, to)
 }
 
-/// A shipped config with its `.wasm` path pointed at the freshly built filter.
+/// A shipped config with its `.wasm` path pointed at the freshly built filter; a config
+/// without the Sluice filter (Envoy's own rate-limit filter asking over gRPC) as it is.
 fn with_built_wasm(path: &Path) -> String {
     let text = std::fs::read_to_string(path).expect("read config");
+    if !text.contains("envoy.filters.http.wasm") {
+        assert!(
+            text.contains("envoy.filters.http.ratelimit"),
+            "{} has neither the Sluice filter nor Envoy's rate-limit filter",
+            path.display()
+        );
+        return text;
+    }
     let shipped_wasm = text
         .lines()
         .find_map(|line| {
@@ -165,5 +174,97 @@ fn the_demo_tiers_follow_the_system_state_as_the_readme_says() {
         "free bursts again",
         std::time::Duration::from_secs(2),
         || limit("demo-free-key").as_deref() == Some("20"),
+    );
+}
+
+/// Envoy's own rate-limit filter as shipped (`envoy/native-ratelimit.yaml` with
+/// `controller/native-ratelimit-rules.toml`) on free ports: anonymous clients get 5
+/// requests, a known key its tier's burst, an unknown key is refused, and Envoy adds the
+/// controller's headers.
+#[test]
+fn the_native_ratelimit_configuration_limits_as_its_comments_say() {
+    let rules = std::fs::read_to_string(repo_root().join("controller/native-ratelimit-rules.toml"))
+        .unwrap();
+    let controller = Controller::start_with(&sluice_e2e::controller::ControllerOptions {
+        grpc: true,
+        ..sluice_e2e::controller::ControllerOptions::new(&rules, None)
+    });
+    let upstream = Upstream::start();
+    let (port, admin_port) = (free_port(), free_port());
+    let mut config = with_built_wasm(&repo_root().join("envoy/native-ratelimit.yaml"));
+    for (shipped, ours) in [
+        (10000, port),
+        (9901, admin_port),
+        (8080, upstream.port()),
+        (8083, controller.grpc()),
+    ] {
+        config = replace_exactly(
+            &config,
+            &format!("port_value: {shipped} "),
+            &format!("port_value: {ours} "),
+            1,
+        );
+    }
+    let envoy = Envoy::start_with_config(&config, port, admin_port, 1);
+
+    // The window is 10 s aligned to the epoch: start with at least 4 s of it left.
+    sluice_e2e::wait_until(
+        "a window with 4 s left",
+        std::time::Duration::from_secs(11),
+        || {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            now.as_millis() % 10_000 < 6_000
+        },
+    );
+    for remaining in (0..5).rev() {
+        let response = http::get(&envoy.url("/anything")).unwrap();
+        assert_eq!(response.status, 200, "{response:?}\n{}", envoy.log());
+        assert_eq!(response.number("x-ratelimit-remaining"), remaining);
+    }
+    let limited = http::get(&envoy.url("/anything")).unwrap();
+    assert_eq!(limited.status, 429, "{limited:?}");
+    assert_eq!(limited.json()["policy"], "per-address");
+
+    let with_key = |key: &str| {
+        http::get_with(&envoy.url("/hello"), &[("x-api-key", key)]).expect("through envoy")
+    };
+    let keyed = with_key("demo-pro-key");
+    assert_eq!(
+        keyed.status, 200,
+        "a key escapes the address limit: {keyed:?}"
+    );
+    assert_eq!(keyed.header("x-ratelimit-limit"), Some("150"));
+    let passed = (0..21)
+        .filter(|_| with_key("demo-free-key").status == 200)
+        .count();
+    assert_eq!(passed, 20, "free bursts to 20");
+    let unknown = with_key("not-a-demo-key");
+    assert_eq!(unknown.status, 429, "{unknown:?}");
+    assert_eq!(unknown.json()["error"], "invalid_api_key");
+
+    // 2 a second, windows aligned to the second: start with 600 ms of one left.
+    sluice_e2e::wait_until(
+        "a second with 600 ms left",
+        std::time::Duration::from_secs(2),
+        || {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            now.as_millis() % 1_000 < 400
+        },
+    );
+    let expensive: Vec<u16> = (0..3)
+        .map(|_| {
+            http::get_with(&envoy.url("/expensive"), &[("x-api-key", "demo-pro-key")])
+                .unwrap()
+                .status
+        })
+        .collect();
+    assert_eq!(
+        expensive,
+        [200, 200, 429],
+        "2 a second for everyone on /expensive"
     );
 }
