@@ -516,14 +516,12 @@ impl RateLimitService for Rls {
             .iter()
             .flat_map(|decision| decision.leases.iter().cloned())
             .collect();
+        // Envoy's filter never says when a request ends: concurrency slots go back before
+        // the answer, so that no later request finds them taken.
         if !leases.is_empty() {
-            // Envoy's filter never says when a request ends: concurrency slots go back now.
-            let limiter = Arc::clone(&self.limiter);
-            tokio::spawn(async move {
-                if let Err(error) = limiter.release(&leases).await {
-                    tracing::warn!(%error, "cannot give concurrency slots back; they expire with their lease");
-                }
-            });
+            if let Err(error) = self.limiter.release(&leases).await {
+                tracing::warn!(%error, "cannot give concurrency slots back; they expire with their lease");
+            }
         }
         let response = response_for(&decisions);
         // A leaky bucket admits a request at its slot: the answer waits until then.
@@ -998,6 +996,7 @@ mod tests {
         };
         let response = response_for(&[refused]);
         assert_eq!(response.overall_code, Code::OverLimit as i32);
+        assert_eq!(response.statuses[0].code, Code::OverLimit as i32);
         assert_eq!(response.statuses[0].current_limit, None);
         assert_eq!(header(&response, "retry-after"), None);
         let body: serde_json::Value = serde_json::from_slice(&response.raw_body).unwrap();
