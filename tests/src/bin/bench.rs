@@ -4,7 +4,8 @@
 //! envoy: Envoy (`--concurrency 1`) under load from wrk, configurations interleaved round
 //! by round so that they share the machine's noise: (a) no limiter, (b) Envoy's
 //! `local_ratelimit` (never reached), (c) Sluice with one callout per request and (d)
-//! Sluice batching checks across requests, each on the embedded store and on Redis. Prints
+//! Sluice batching checks across requests, each on the embedded store and on Redis, and (e)
+//! Envoy's own rate-limit filter asking the controller's gRPC API (on Redis). Prints
 //! RPS, p50 and p99 per configuration and each one's RPS ratio to (a); then, at a fixed
 //! light load (200 req/s, open loop), the latency Sluice adds to (a).
 //!
@@ -28,7 +29,9 @@ use std::time::{Duration, Instant};
 use sluice_controller::store::{LimitSpec, MemoryStore, Store, SystemClock};
 use sluice_controller::strategy::Params;
 use sluice_e2e::controller::ControllerOptions;
-use sluice_e2e::envoy::{sluice_plugin_config, with_fields, EnvoyOptions, Filter};
+use sluice_e2e::envoy::{
+    rate_limits_yaml, sluice_plugin_config, with_fields, EnvoyOptions, Filter,
+};
 use sluice_e2e::{Controller, Envoy, RedisServer, Upstream};
 use sluice_protocol::Strategy;
 
@@ -250,13 +253,33 @@ fn one_worker_envoy(
     })
 }
 
+/// (e): an Envoy with one worker whose own rate-limit filter sends one descriptor (the
+/// address) per request to `controller`'s gRPC API, over HTTP/2.
+fn native_ratelimit_envoy(upstream: &Upstream, controller: &Controller) -> Envoy {
+    Envoy::start(&EnvoyOptions {
+        filter: Filter::NativeRateLimit {
+            failure_mode_deny: true,
+            rate_limits: rate_limits_yaml(&[&["{ remote_address: {} }"]]),
+        },
+        upstream_port: upstream.port(),
+        controller_ports: vec![controller.grpc()],
+        concurrency: 1,
+        controller_http2: true,
+    })
+}
+
 fn envoy_scenarios(settings: &Settings) -> String {
     // Limits so large they are never reached: the benchmark measures the cost of asking.
     let rules = "[[rules]]\nname = \"bench\"\nlimit = 1000000000000\nwindow = \"1h\"\n";
     let upstream = Upstream::start();
     let redis = RedisServer::start();
     let embedded = Controller::start_logging(rules, None, "warn");
-    let on_redis = Controller::start_logging(rules, Some(&redis.url()), "warn");
+    // It also serves the gRPC API, for (e).
+    let on_redis = Controller::start_with(&ControllerOptions {
+        log_filter: "warn",
+        grpc: true,
+        ..ControllerOptions::new(rules, Some(&redis.url()))
+    });
     let per_request = || Filter::sluice_batching("deny", 1_000, false);
     let batched = || Filter::sluice("deny", 1_000);
     // (name, filter, controller, HTTP/2 callouts)
@@ -306,7 +329,7 @@ fn envoy_scenarios(settings: &Settings) -> String {
         ),
     ];
     // The processes that work for each configuration besides Envoy: (controller, Redis).
-    let helpers: Vec<[Option<u32>; 2]> = specs
+    let mut helpers: Vec<[Option<u32>; 2]> = specs
         .iter()
         .map(|(_, _, controller, _)| {
             let redis_pid = controller
@@ -315,12 +338,17 @@ fn envoy_scenarios(settings: &Settings) -> String {
             [controller.map(Controller::pid), redis_pid]
         })
         .collect();
-    let configurations: Vec<(&str, Envoy)> = specs
+    let mut configurations: Vec<(&str, Envoy)> = specs
         .into_iter()
         .map(|(name, filter, controller, http2)| {
             (name, one_worker_envoy(filter, &upstream, controller, http2))
         })
         .collect();
+    configurations.push((
+        "(e) Envoy native ratelimit → Sluice gRPC → Redis",
+        native_ratelimit_envoy(&upstream, &on_redis),
+    ));
+    helpers.push([Some(on_redis.pid()), Some(redis.pid())]);
     let (runs, costs) = costed_rounds(settings, "envoy", &configurations, |index| helpers[index]);
     let mut report = table(
         "Envoy, one worker, saturated (ratio to (a))",
@@ -389,14 +417,18 @@ end
     file
 }
 
-/// Envoy counters read before and after a run.
+/// Envoy counters read before and after a run: calls to the controller, checks decided
+/// (the Sluice filter's, or the answers Envoy's own rate-limit filter got) and denial
+/// cache hits.
 fn counters(envoy: &Envoy) -> [u64; 3] {
+    let stat = |name: &str| envoy.stat(name).unwrap_or(0);
     [
-        "cluster.sluice_controller.upstream_rq_total",
-        "wasmcustom.sluice_checks",
-        "wasmcustom.sluice_denial_cache_hits",
+        stat("cluster.sluice_controller.upstream_rq_total"),
+        stat("wasmcustom.sluice_checks")
+            + stat("cluster.upstream.ratelimit.ok")
+            + stat("cluster.upstream.ratelimit.over_limit"),
+        stat("wasmcustom.sluice_denial_cache_hits"),
     ]
-    .map(|name| envoy.stat(name).unwrap_or(0))
 }
 
 /// Interleaved saturated rounds of `configurations` (see [`costed_run`]); `helpers` names
