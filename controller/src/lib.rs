@@ -39,6 +39,7 @@ use crate::config::{ConfigStore, LiveConfig, MemoryConfigStore, RedisConfigStore
 use crate::metrics::Metrics;
 use crate::settings::{setting_error, Mode, SettingError, Settings};
 use crate::stats::Recorder;
+use crate::store::breaker::GuardedStore;
 use crate::store::{MemoryStore, RedisStore, Store, SystemClock};
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +171,16 @@ pub async fn serve(
         "starting"
     );
     let metrics = Arc::new(Metrics::new());
+    // The embedded store cannot fail; Redis is guarded by the circuit breaker.
+    let counters: Arc<dyn Store> = if settings.redis_url.is_some() {
+        Arc::new(GuardedStore::new(
+            counters,
+            settings.breaker,
+            Arc::clone(&metrics),
+        ))
+    } else {
+        counters
+    };
     let (guard, protection_task) = protection::start(
         Arc::clone(&live),
         Arc::clone(&counters),

@@ -51,6 +51,18 @@ pub struct WebhookLabels {
     pub result: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakerLabels {
+    /// `closed`, `open` or `half_open`.
+    pub position: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabels {
+    /// `allow`, `deny` or `local`.
+    pub fallback: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub state_transitions: Family<StateLabels, Counter>,
@@ -69,6 +81,9 @@ pub struct Metrics {
     pub alerts: Counter,
     pub webhooks: Family<WebhookLabels, Counter>,
     pub stats_publish_errors: Counter,
+    pub breaker_state: Family<BreakerLabels, Gauge>,
+    pub breaker_transitions: Family<BreakerLabels, Counter>,
+    pub fallback_decisions: Family<FallbackLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -186,6 +201,24 @@ impl Metrics {
             "Stats buckets that could not be shared through the store",
             stats_publish_errors.clone(),
         );
+        let breaker_state = Family::<BreakerLabels, Gauge>::default();
+        registry.register(
+            "store_circuit",
+            "The counters' store circuit breaker: 1 for the position it is in",
+            breaker_state.clone(),
+        );
+        let breaker_transitions = Family::<BreakerLabels, Counter>::default();
+        registry.register(
+            "store_circuit_transitions",
+            "Moves of the counters' store circuit breaker, by the position entered",
+            breaker_transitions.clone(),
+        );
+        let fallback_decisions = Family::<FallbackLabels, Counter>::default();
+        registry.register(
+            "store_fallback_checks",
+            "Checks answered by the fallback while the counters' store could not answer",
+            fallback_decisions.clone(),
+        );
         Metrics {
             registry,
             state_transitions,
@@ -204,7 +237,39 @@ impl Metrics {
             alerts,
             webhooks,
             stats_publish_errors,
+            breaker_state,
+            breaker_transitions,
+            fallback_decisions,
         }
+    }
+
+    /// The breaker is at `position` (and no longer anywhere else).
+    pub fn breaker_position(&self, position: crate::store::breaker::Position) {
+        use crate::store::breaker::Position;
+        for each in [Position::Closed, Position::Open, Position::HalfOpen] {
+            self.breaker_state
+                .get_or_create(&BreakerLabels {
+                    position: each.as_str().to_owned(),
+                })
+                .set(i64::from(each == position));
+        }
+    }
+
+    pub fn breaker_moved(&self, to: crate::store::breaker::Position) {
+        self.breaker_position(to);
+        self.breaker_transitions
+            .get_or_create(&BreakerLabels {
+                position: to.as_str().to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn fallback_checks(&self, fallback: crate::store::breaker::Fallback, checks: u64) {
+        self.fallback_decisions
+            .get_or_create(&FallbackLabels {
+                fallback: fallback.as_str().to_owned(),
+            })
+            .inc_by(checks);
     }
 
     pub fn state_changed(&self, to: &str, by: &str) {

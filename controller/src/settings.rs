@@ -9,6 +9,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::config::ConfigSource;
+use crate::store::breaker::{BreakerSettings, Fallback};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -64,6 +65,17 @@ pub struct Flags {
     /// How long a Redis command may take before it fails [default: 100].
     #[arg(long, env = "SLUICE_REDIS_TIMEOUT_MS")]
     pub redis_timeout_ms: Option<u64>,
+    /// What answers checks while the counters' Redis cannot (its circuit is open): fail
+    /// (the filter's failure mode applies), allow, deny, or local (this controller's
+    /// embedded store) [default: fail].
+    #[arg(long, env = "SLUICE_STORE_FALLBACK", value_enum)]
+    pub store_fallback: Option<Fallback>,
+    /// Consecutive failed Redis calls that open the circuit [default: 3].
+    #[arg(long, env = "SLUICE_STORE_BREAKER_FAILURES")]
+    pub store_breaker_failures: Option<u32>,
+    /// How long the circuit stays open before one call probes Redis [default: 1000].
+    #[arg(long, env = "SLUICE_STORE_BREAKER_OPEN_MS")]
+    pub store_breaker_open_ms: Option<u64>,
     /// A configuration file (TOML, YAML or JSON) to start from.
     #[arg(long, env = "SLUICE_CONFIG")]
     pub config: Option<PathBuf>,
@@ -111,6 +123,9 @@ struct FileSettings {
     redis_url: Option<String>,
     config_redis_url: Option<String>,
     redis_timeout_ms: Option<u64>,
+    store_fallback: Option<Fallback>,
+    store_breaker_failures: Option<u32>,
+    store_breaker_open_ms: Option<u64>,
     config: Option<PathBuf>,
     config_source: Option<ConfigSource>,
     state_file: Option<PathBuf>,
@@ -134,6 +149,8 @@ pub struct Settings {
     pub redis_url: Option<String>,
     pub config_redis_url: Option<String>,
     pub redis_timeout_ms: u64,
+    /// The circuit breaker around the counters' Redis.
+    pub breaker: BreakerSettings,
     pub config: Option<PathBuf>,
     pub config_source: ConfigSource,
     pub state_file: Option<PathBuf>,
@@ -216,6 +233,30 @@ impl Settings {
                 1,
                 60_000,
             )?,
+            breaker: BreakerSettings {
+                failures: range(
+                    "store_breaker_failures",
+                    flags
+                        .store_breaker_failures
+                        .or(file.store_breaker_failures)
+                        .unwrap_or(3),
+                    1,
+                    1_000,
+                )?,
+                open_ms: range(
+                    "store_breaker_open_ms",
+                    flags
+                        .store_breaker_open_ms
+                        .or(file.store_breaker_open_ms)
+                        .unwrap_or(1_000),
+                    50,
+                    60_000,
+                )?,
+                fallback: flags
+                    .store_fallback
+                    .or(file.store_fallback)
+                    .unwrap_or_default(),
+            },
             config: flags.config.or(file.config),
             config_source: flags
                 .config_source

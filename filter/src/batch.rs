@@ -45,8 +45,20 @@ struct Waiting {
 #[derive(Debug)]
 struct InFlight {
     token: u32,
+    /// When the batch first left (a retry keeps the first attempt's deadline).
     sent_at_ms: u64,
     members: Vec<Member>,
+    /// The request, kept for one more attempt; `None` once it was tried again.
+    retry: Option<Vec<u8>>,
+}
+
+/// A batch whose reply came in.
+#[derive(Debug)]
+pub struct Completed {
+    pub members: Vec<Member>,
+    pub sent_at_ms: u64,
+    /// The request, if it may be tried once more.
+    pub retry: Option<Vec<u8>>,
 }
 
 /// What a request that registers should do next.
@@ -149,19 +161,41 @@ impl Batcher {
     }
 
     pub fn sent(&mut self, token: u32, members: Vec<Member>, now_ms: u64) {
+        self.sent_retriable(token, members, now_ms, None);
+    }
+
+    /// A batch left as `token`; `request` is kept to try it once more if it fails.
+    pub fn sent_retriable(
+        &mut self,
+        token: u32,
+        members: Vec<Member>,
+        sent_at_ms: u64,
+        request: Option<Vec<u8>>,
+    ) {
         self.in_flight.push(InFlight {
             token,
-            sent_at_ms: now_ms,
+            sent_at_ms,
             members,
+            retry: request,
         });
     }
 
     /// The reply for `token` arrived: the batch's members, in the order of their checks;
     /// `None` for a token that is no batch in flight (a release call's reply).
     pub fn complete(&mut self, token: u32) -> Option<Vec<Member>> {
+        self.complete_batch(token).map(|batch| batch.members)
+    }
+
+    /// [`Batcher::complete`], with what a second attempt needs.
+    pub fn complete_batch(&mut self, token: u32) -> Option<Completed> {
         let index = self.in_flight.iter().position(|b| b.token == token)?;
         self.reply_in = true;
-        Some(self.in_flight.swap_remove(index).members)
+        let batch = self.in_flight.swap_remove(index);
+        Some(Completed {
+            members: batch.members,
+            sent_at_ms: batch.sent_at_ms,
+            retry: batch.retry,
+        })
     }
 
     /// A request went away before its decision: it leaves the queue. (If it is in a batch

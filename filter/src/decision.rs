@@ -74,6 +74,18 @@ impl std::fmt::Display for Failure {
     }
 }
 
+/// Whether a failed callout is worth one more attempt on another controller: Envoy's own
+/// answer for a host it could not reach (no status, or 502/503 without the controller's
+/// JSON body). A controller that answered, even with an error, is alive and stays the
+/// judge; a timeout (504) has used the deadline up.
+pub fn another_host_may_answer(status: Option<&str>, body: &[u8]) -> bool {
+    match status {
+        None => true,
+        Some("502" | "503") => body.first() != Some(&b'{'),
+        Some(_) => false,
+    }
+}
+
 /// Highest cost a request header can claim.
 pub const MAX_HEADER_COST: u64 = 1_000_000;
 

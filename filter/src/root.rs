@@ -11,7 +11,7 @@ use sluice_protocol::rules::{failure_mode_for, matched_headers};
 use sluice_protocol::FilterView;
 use sluice_protocol::{Check, Decision, Rule, CHECK_PATH, CONFIG_PATH, RELEASE_PATH, REPORT_PATH};
 
-use crate::batch::{self, Batcher, Member, Slot};
+use crate::batch::{self, Batcher, Completed, Member, Slot};
 use crate::config::{FailureMode, FilterConfig};
 use crate::decision::{self, Counted, Failure, Verdict};
 use crate::denial;
@@ -27,6 +27,9 @@ pub const WATCHDOG_TICK_MS: u32 = 1_000;
 pub const DELAY_TICK_MS: u32 = 5;
 /// How often a worker reports to the controller (when it has anything to say).
 pub const REPORT_EVERY_MS: u64 = 1_000;
+/// Least time left of a batch's deadline for which it is tried on another controller.
+const MIN_RETRY_MS: u64 = 10;
+
 /// Largest callout reply read (the controller answers at most 1024 decisions).
 const MAX_REPLY_BYTES: usize = 4 << 20;
 
@@ -49,10 +52,12 @@ pub enum Metric {
     ConfigReads,
     /// Requests refused with 401 for an API key the controller does not know.
     UnknownApiKey,
+    /// Batches sent once more after their callout found no controller.
+    CalloutRetries,
 }
 
 impl Metric {
-    const ALL: [Metric; 13] = [
+    const ALL: [Metric; 14] = [
         Metric::Checks,
         Metric::Allowed,
         Metric::Limited,
@@ -66,6 +71,7 @@ impl Metric {
         Metric::TokenRejected,
         Metric::ConfigReads,
         Metric::UnknownApiKey,
+        Metric::CalloutRetries,
     ];
 
     pub fn name(self) -> &'static str {
@@ -83,6 +89,7 @@ impl Metric {
             Metric::TokenRejected => "sluice_token_rejected",
             Metric::ConfigReads => "sluice_config_reads",
             Metric::UnknownApiKey => "sluice_unknown_api_key",
+            Metric::CalloutRetries => "sluice_callout_retries",
         }
     }
 }
@@ -313,6 +320,19 @@ impl Worker {
         body: Option<&[u8]>,
         extra: &[(&str, &str)],
     ) -> Result<u32, String> {
+        let timeout_ms = u64::try_from(self.config.timeout.as_millis()).unwrap_or(u64::MAX);
+        self.call_controller_within(host, path, body, extra, timeout_ms)
+    }
+
+    /// [`Worker::call_controller`] with a timeout of `timeout_ms` instead of the configured one.
+    pub fn call_controller_within(
+        &self,
+        host: &dyn Host,
+        path: &str,
+        body: Option<&[u8]>,
+        extra: &[(&str, &str)],
+        timeout_ms: u64,
+    ) -> Result<u32, String> {
         let config = &self.config;
         let mut headers = vec![
             (":method", if body.is_some() { "POST" } else { "GET" }),
@@ -323,7 +343,7 @@ impl Worker {
             headers.push(("content-type", "application/json"));
         }
         headers.extend_from_slice(extra);
-        let timeout_ms = u32::try_from(config.timeout.as_millis()).unwrap_or(u32::MAX);
+        let timeout_ms = u32::try_from(timeout_ms).unwrap_or(u32::MAX);
         host.http_call(
             &config.controller_cluster,
             &headers,
@@ -595,8 +615,13 @@ impl Root {
         let Some(worker) = self.worker.clone() else {
             return;
         };
-        let members = worker.batcher.borrow_mut().complete(token);
-        let Some(members) = members else {
+        let completed = worker.batcher.borrow_mut().complete_batch(token);
+        let Some(Completed {
+            members,
+            sent_at_ms,
+            retry,
+        }) = completed
+        else {
             if self.config_call == Some(token) {
                 self.config_call = None;
                 let (status, body) = call_response(host, body_size);
@@ -627,9 +652,61 @@ impl Root {
                 worker.count(host, counted);
                 self.deliver(host, &worker, members, verdicts);
             }
-            Err(failure) => self.fail(host, &worker, members, &failure),
+            Err(failure) => {
+                let members = match retry {
+                    Some(request)
+                        if decision::another_host_may_answer(status.as_deref(), &body) =>
+                    {
+                        match self.try_again(host, &worker, members, sent_at_ms, request) {
+                            Ok(()) => return,
+                            Err(members) => members,
+                        }
+                    }
+                    _ => members,
+                };
+                self.fail(host, &worker, members, &failure);
+            }
         }
         self.send_next_batch(host, &worker);
+    }
+
+    /// Sends a batch whose callout found no controller once more, within what is left of
+    /// its deadline: Envoy's load balancer picks the next host, and outlier detection and
+    /// health checks take the dead one out soon after. Gives the members back if there is
+    /// no time left or the call cannot be made.
+    fn try_again(
+        &mut self,
+        host: &dyn Host,
+        worker: &Worker,
+        members: Vec<Member>,
+        sent_at_ms: u64,
+        request: Vec<u8>,
+    ) -> Result<(), Vec<Member>> {
+        let deadline = u64::try_from(worker.config.timeout.as_millis()).unwrap_or(u64::MAX);
+        let left = deadline.saturating_sub(host.now_ms().saturating_sub(sent_at_ms));
+        if left < MIN_RETRY_MS {
+            return Err(members);
+        }
+        let sent = host
+            .set_effective_context(self.context_id)
+            .map_err(|status| status.to_string())
+            .and_then(|()| {
+                worker.call_controller_within(host, CHECK_PATH, Some(&request), &[], left)
+            });
+        match sent {
+            Ok(token) => {
+                worker.metrics.add(host, Metric::CalloutRetries, 1);
+                worker
+                    .batcher
+                    .borrow_mut()
+                    .sent_retriable(token, members, sent_at_ms, None);
+                Ok(())
+            }
+            Err(why) => {
+                worker.debug(host, || format!("could not try the batch again: {why}"));
+                Err(members)
+            }
+        }
     }
 
     /// Sends the batches that may leave now (see [`Batcher::next_batch`]). The callout is
@@ -646,13 +723,16 @@ impl Root {
                 .and_then(|body| {
                     host.set_effective_context(self.context_id)
                         .map_err(|status| status.to_string())?;
-                    worker.call_controller(host, CHECK_PATH, Some(&body), &[])
+                    let token = worker.call_controller(host, CHECK_PATH, Some(&body), &[])?;
+                    Ok((token, body))
                 });
             match sent {
-                Ok(token) => worker
-                    .batcher
-                    .borrow_mut()
-                    .sent(token, members, host.now_ms()),
+                Ok((token, body)) => worker.batcher.borrow_mut().sent_retriable(
+                    token,
+                    members,
+                    host.now_ms(),
+                    Some(body),
+                ),
                 Err(why) => self.fail(host, worker, members, &Failure::Dispatch(why)),
             }
         }

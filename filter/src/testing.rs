@@ -19,6 +19,7 @@ pub struct Call {
     pub cluster: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    pub timeout_ms: u32,
 }
 
 /// A local reply the filter sent.
@@ -241,7 +242,7 @@ impl Host for MockHost {
         cluster: &str,
         headers: &[(&str, &str)],
         body: &[u8],
-        _timeout_ms: u32,
+        timeout_ms: u32,
     ) -> Result<u32, Status> {
         self.fails(HostCall::HttpCall)?;
         let mut state = self.state.borrow_mut();
@@ -254,6 +255,7 @@ impl Host for MockHost {
             cluster: cluster.to_owned(),
             headers: owned_pairs(headers),
             body: body.to_vec(),
+            timeout_ms,
         });
         Ok(token)
     }

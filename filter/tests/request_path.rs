@@ -192,6 +192,76 @@ fn a_lost_local_reply_lets_the_request_go_on() {
     assert!(envoy.settled(request), "resumed rather than left paused");
 }
 
+/// What Envoy answers a callout itself when the host it picked refused the connection.
+const NO_CONTROLLER: &[u8] =
+    b"upstream connect error or disconnect/reset before headers. reset reason: connection failure";
+
+#[test]
+fn a_batch_that_found_no_controller_is_tried_once_more_within_its_deadline() {
+    let (mut envoy, _) = MockEnvoy::start(&plugin(serde_json::json!({ "failure_mode": "deny" })));
+    let (request, _) = envoy.request(get(b"/", &[]), &[(PEER, b"192.0.2.1:1")]);
+    envoy.run_queues();
+    let first = envoy.calls().pop().expect("a batch");
+    assert_eq!(first.timeout_ms, 200);
+    envoy.host.state.borrow_mut().now_ms += 30;
+    envoy.answer_with(first.token, "503", NO_CONTROLLER);
+    assert!(
+        !envoy.settled(request),
+        "not decided by the failure mode yet"
+    );
+    let second = envoy.calls().pop().expect("the batch again");
+    assert_eq!(second.body, first.body, "the same checks");
+    assert_eq!(second.timeout_ms, 170, "what is left of the first deadline");
+    assert_eq!(envoy.host.metric("sluice_callout_retries"), 1);
+    envoy.answer_with(second.token, "200", &decisions_for(&second.body, |_| true));
+    assert!(envoy.settled(request));
+    assert_eq!(envoy.reply(request), None, "admitted by the controller");
+    assert_eq!(envoy.host.metric("sluice_allowed"), 1);
+}
+
+#[test]
+fn a_batch_is_tried_again_once_only() {
+    let (mut envoy, _) = MockEnvoy::start(&plugin(serde_json::json!({ "failure_mode": "deny" })));
+    let (request, _) = envoy.request(get(b"/", &[]), &[(PEER, b"192.0.2.1:1")]);
+    envoy.run_queues();
+    let first = envoy.calls().pop().expect("a batch");
+    envoy.answer(first.token, Vec::new(), Vec::new());
+    let second = envoy.calls().pop().expect("tried again after a reset");
+    envoy.answer_with(second.token, "503", NO_CONTROLLER);
+    assert!(envoy.calls().is_empty(), "no third attempt");
+    assert_eq!(
+        envoy.reply(request).map(|r| r.status),
+        Some(503),
+        "the failure mode"
+    );
+    assert_eq!(envoy.host.metric("sluice_callout_retries"), 1);
+}
+
+#[test]
+fn a_controllers_own_error_or_a_spent_deadline_is_not_tried_again() {
+    let answers: [(&str, &[u8], u64); 3] = [
+        (
+            "503",
+            br#"{"error":"store_unavailable","message":"redis"}"#,
+            0,
+        ),
+        ("504", b"upstream request timeout", 0),
+        ("503", NO_CONTROLLER, 195),
+    ];
+    for (status, body, elapsed_ms) in answers {
+        let (mut envoy, _) =
+            MockEnvoy::start(&plugin(serde_json::json!({ "failure_mode": "deny" })));
+        let (request, _) = envoy.request(get(b"/", &[]), &[(PEER, b"192.0.2.1:1")]);
+        envoy.run_queues();
+        let call = envoy.calls().pop().expect("a batch");
+        envoy.host.state.borrow_mut().now_ms += elapsed_ms;
+        envoy.answer_with(call.token, status, body);
+        assert!(envoy.calls().is_empty(), "{status} after {elapsed_ms} ms");
+        assert_eq!(envoy.reply(request).map(|r| r.status), Some(503));
+        assert_eq!(envoy.host.metric("sluice_callout_retries"), 0);
+    }
+}
+
 #[test]
 fn callbacks_for_contexts_the_filter_does_not_know_are_ignored() {
     let (mut envoy, _) = MockEnvoy::start(&plugin(serde_json::json!({})));
@@ -419,6 +489,8 @@ fn switched_off_the_filter_lets_everything_through_even_without_an_answer() {
     envoy.run_queues();
     let batch = envoy.calls().pop().expect("still asked: counted, reported");
     envoy.answer_with(batch.token, "503", b"no healthy upstream");
+    let again = envoy.calls().pop().expect("tried once more");
+    envoy.answer_with(again.token, "503", b"no healthy upstream");
     assert_eq!(envoy.reply(request), None, "not refused");
     assert!(envoy.host.state.borrow().resumed.contains(&request));
     // Enforcing, the same failure refuses.
@@ -427,6 +499,8 @@ fn switched_off_the_filter_lets_everything_through_even_without_an_answer() {
     envoy.run_queues();
     let batch = envoy.calls().pop().expect("a check call");
     envoy.answer_with(batch.token, "503", b"no healthy upstream");
+    let again = envoy.calls().pop().expect("tried once more");
+    envoy.answer_with(again.token, "503", b"no healthy upstream");
     assert_eq!(envoy.reply(request).map(|r| r.status), Some(503));
 }
 

@@ -227,6 +227,26 @@ fn endpoints_yaml(ports: &[u16]) -> String {
         .collect()
 }
 
+/// The shipped configurations' health checking of the controller cluster (see
+/// `envoy/demo.yaml`): `/readyz` twice a second, and a host that refuses a connection
+/// ejected at once.
+pub const CONTROLLER_HEALTH: &str = r#"
+    health_checks:
+    - timeout: 0.25s
+      interval: 0.5s
+      no_traffic_interval: 1s
+      unhealthy_threshold: 2
+      healthy_threshold: 1
+      http_health_check: { path: /readyz }
+    outlier_detection:
+      split_external_local_origin_errors: true
+      consecutive_local_origin_failure: 1
+      consecutive_gateway_failure: 3
+      interval: 1s
+      base_ejection_time: 2s
+      max_ejection_time: 10s
+      max_ejection_percent: 50"#;
+
 /// The whole bootstrap configuration for one test Envoy.
 pub fn config_yaml(options: &EnvoyOptions, listen_port: u16, admin_port: u16) -> String {
     // A cluster needs at least one endpoint to be valid; port 9 (discard) refuses.
@@ -269,7 +289,7 @@ static_resources:
       - lb_endpoints:{upstream}
   - name: sluice_controller
     type: STATIC
-    connect_timeout: 0.25s{controller_protocol}
+    connect_timeout: 0.25s{controller_protocol}{controller_health}
     load_assignment:
       cluster_name: sluice_controller
       endpoints:
@@ -278,6 +298,7 @@ static_resources:
         filters = http_filter_yaml(&options.filter),
         upstream = endpoints_yaml(&[options.upstream_port]),
         controllers = endpoints_yaml(&controller_ports),
+        controller_health = CONTROLLER_HEALTH,
         controller_protocol = if options.controller_http2 {
             r#"
     typed_extension_protocol_options:

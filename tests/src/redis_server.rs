@@ -14,6 +14,19 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
 }
 
+/// A server [`RedisServer::kill`] killed, its port and directory kept.
+pub struct KilledRedis {
+    port: u16,
+    durable: bool,
+    dir: tempfile::TempDir,
+}
+
+impl KilledRedis {
+    pub fn restart(self) -> RedisServer {
+        RedisServer::launch(self.dir, self.port, self.durable)
+    }
+}
+
 impl RedisServer {
     /// A Redis that keeps nothing: counters only.
     pub fn start() -> RedisServer {
@@ -76,6 +89,19 @@ impl RedisServer {
         } = self;
         process.stop();
         RedisServer::launch(dir, port, durable)
+    }
+
+    /// Kills the server (`SIGKILL`); [`KilledRedis::restart`] starts it again on the same
+    /// port, from what it left on disk.
+    pub fn kill(self) -> KilledRedis {
+        let RedisServer {
+            port,
+            durable,
+            mut process,
+            dir,
+        } = self;
+        process.stop();
+        KilledRedis { port, durable, dir }
     }
 
     pub fn url(&self) -> String {

@@ -76,6 +76,42 @@ fn every_shipped_envoy_config_validates() {
     }
 }
 
+fn cluster<'a>(config: &'a serde_yaml_ng::Value, name: &str) -> &'a serde_yaml_ng::Value {
+    config["static_resources"]["clusters"]
+        .as_sequence()
+        .and_then(|clusters| clusters.iter().find(|c| c["name"].as_str() == Some(name)))
+        .unwrap_or_else(|| panic!("no cluster {name}"))
+}
+
+/// The tests' Envoy checks the controllers' health as the shipped configs do, so what the
+/// failure and chaos tests show is what a user of the shipped configs gets.
+#[test]
+fn the_shipped_controller_clusters_check_health_as_the_tests_envoy_does() {
+    let dedented: String = envoy::CONTROLLER_HEALTH
+        .lines()
+        .map(|line| line.strip_prefix("    ").unwrap_or(line))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let tested: serde_yaml_ng::Value = serde_yaml_ng::from_str(&dedented).unwrap();
+    assert!(tested["health_checks"][0]["http_health_check"]["path"] == "/readyz");
+    for file in ["envoy/demo.yaml", "envoy/compose.yaml"] {
+        let text = std::fs::read_to_string(repo_root().join(file)).unwrap();
+        let config: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+        let shipped = cluster(&config, "sluice_controller");
+        for part in ["health_checks", "outlier_detection"] {
+            assert_eq!(shipped[part], tested[part], "{file}: {part}");
+        }
+    }
+    let text = std::fs::read_to_string(repo_root().join("envoy/native-ratelimit.yaml")).unwrap();
+    let config: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    let rls = cluster(&config, "sluice_rls");
+    assert_eq!(
+        rls["health_checks"][0]["http_health_check"]["path"], "/readyz",
+        "the gRPC cluster is health-checked on the check port's /readyz"
+    );
+    assert!(rls["outlier_detection"].is_mapping());
+}
+
 /// The demo (`envoy/demo.yaml` and `controller/demo-rules.toml`, as `make run` uses them)
 /// on free ports, with its controller on the embedded store.
 fn demo() -> (Controller, Upstream, Envoy) {
@@ -197,6 +233,7 @@ fn the_native_ratelimit_configuration_limits_as_its_comments_say() {
         (9901, admin_port),
         (8080, upstream.port()),
         (8083, controller.grpc()),
+        (8081, controller.port),
     ] {
         config = replace_exactly(
             &config,

@@ -196,8 +196,8 @@ pub async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Ready when the counters' store answers a `PING` and the configuration was read from
-/// its store.
+/// Ready when the counters' store answers a `PING` (and its circuit is closed) and the
+/// configuration was read from its store.
 async fn readyz(State(state): State<CheckState>) -> (StatusCode, Json<serde_json::Value>) {
     readiness(&state.limiter).await
 }
@@ -205,8 +205,14 @@ async fn readyz(State(state): State<CheckState>) -> (StatusCode, Json<serde_json
 pub async fn readiness(limiter: &Limiter) -> (StatusCode, Json<serde_json::Value>) {
     let store = limiter.store();
     let config = limiter.config();
+    // An open circuit answers by the fallback: Envoy's health checks should send the
+    // checks to a controller whose store answers, while there is one.
     let problem = match store.ping().await {
-        Err(error) => Some(error.to_string()),
+        Err(error) => Err(store.circuit().unwrap_or_else(|| error.to_string())),
+        Ok(()) => Ok(()),
+    };
+    let problem = match problem {
+        Err(error) => Some(error),
         Ok(()) if !config.is_ready() => Some(match config.invalid_stored() {
             Some((version, error)) => {
                 format!("the stored configuration (version {version}) does not validate: {error}")

@@ -1,6 +1,7 @@
 //! Where counters live. Both stores answer with the same semantics; the conformance suite in
 //! `tests/` runs the same scenarios against each.
 
+pub mod breaker;
 mod memory;
 mod redis;
 
@@ -52,12 +53,21 @@ pub enum StoreError {
     Redis(#[from] ::redis::RedisError),
     #[error("unexpected reply from the store: {0}")]
     Reply(String),
+    #[error(
+        "the circuit to {0} is open: the store failed and is not asked until a probe succeeds"
+    )]
+    CircuitOpen(String),
 }
 
 #[async_trait]
 pub trait Store: Send + Sync {
     /// A short name for logs and `/readyz`.
     fn describe(&self) -> String;
+
+    /// Why calls are not going to the store, if they are not (its circuit is open).
+    fn circuit(&self) -> Option<String> {
+        None
+    }
 
     /// Checks a batch of requests in order, each atomically: a later request sees what an
     /// earlier one consumed, exactly as if they had come one by one. One outcome per request.
