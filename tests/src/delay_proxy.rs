@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,8 +35,14 @@ impl DelayProxy {
                     continue;
                 };
                 let (requests, replies) = (Arc::clone(&requests), Arc::clone(&replies));
-                std::thread::spawn(move || pipe(client_in, server_out, delay, &requests));
-                std::thread::spawn(move || pipe(server, client, Duration::ZERO, &replies));
+                let probing = Arc::new(AtomicBool::new(false));
+                let probing_in = Arc::clone(&probing);
+                std::thread::spawn(move || {
+                    pipe(client_in, server_out, delay, &requests, &probing_in, true)
+                });
+                std::thread::spawn(move || {
+                    pipe(server, client, Duration::ZERO, &replies, &probing, false)
+                });
             }
         });
         DelayProxy {
@@ -57,14 +63,33 @@ impl DelayProxy {
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration, seen: &AtomicU64) {
+/// Copies `from` to `to`, holding each chunk for `delay` and counting it in `seen`. Envoy's
+/// health checks of the controller (a connection of their own, opening with `GET /readyz`)
+/// pass at once and uncounted: the tests are about checks, and a probe held past its
+/// timeout would mark the controller unhealthy. The client side (`first_is_request`)
+/// decides from its first chunk, in `probing`.
+fn pipe(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    delay: Duration,
+    seen: &AtomicU64,
+    probing: &AtomicBool,
+    first_is_request: bool,
+) {
     let mut buffer = [0u8; 16 * 1024];
+    let mut first = first_is_request;
     loop {
         match from.read(&mut buffer) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                seen.fetch_add(1, Ordering::SeqCst);
-                std::thread::sleep(delay);
+                if first {
+                    first = false;
+                    probing.store(buffer[..n].starts_with(b"GET /readyz"), Ordering::SeqCst);
+                }
+                if !probing.load(Ordering::SeqCst) {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(delay);
+                }
                 if to.write_all(&buffer[..n]).is_err() {
                     break;
                 }

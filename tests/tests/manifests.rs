@@ -456,6 +456,35 @@ fn the_callout_cluster_and_authority_name_the_check_service() {
     ));
 }
 
+/// The outlier detection of the shipped Envoy configs, on the sidecars' cluster of the very
+/// host the filter calls.
+#[test]
+fn the_destination_rule_ejects_dead_controllers_of_the_called_host() {
+    let rule = resource(
+        &deploy().join("istio/destinationrule.yaml"),
+        "DestinationRule",
+        "sluice-controller",
+    );
+    assert_eq!(rule["apiVersion"], "networking.istio.io/v1");
+    assert_eq!(
+        text(&rule, "/spec/host"),
+        text(&plugin_config_json(), "/controller/authority"),
+        "the host the WasmPlugin calls"
+    );
+    assert_eq!(
+        text(&rule, "/metadata/namespace"),
+        text(&wasm_plugin(), "/metadata/namespace"),
+        "beside the WasmPlugin, in the mesh's root namespace"
+    );
+    let outliers = &rule["spec"]["trafficPolicy"]["outlierDetection"];
+    assert_eq!(outliers["consecutiveLocalOriginFailures"], 1, "{outliers}");
+    assert_eq!(
+        outliers["splitExternalLocalOriginErrors"], true,
+        "{outliers}"
+    );
+    assert_eq!(outliers["interval"], "1s", "{outliers}");
+}
+
 #[test]
 fn the_deployment_probes_and_ports_agree_with_the_services() {
     let deployment = deployment();
