@@ -98,21 +98,28 @@ fn known_traffic_reads_back_from_the_stats_api_and_each_limited_request_logs_its
     let first = with_json_logs("first");
     let second = with_json_logs("second");
     let upstream = Upstream::start();
-    let envoy = Envoy::start(&EnvoyOptions {
-        filter: Filter::sluice_with(&with_fields(
-            sluice_plugin_config("deny", 2_000),
-            json!({ "identity": { "api_key_header": "x-api-key" } }),
-        )),
-        upstream_port: upstream.port(),
-        controller_ports: vec![first.port, second.port],
-        concurrency: 2,
-        controller_http2: false,
-    });
-    wait_until(
-        "every VM read the configuration",
-        Duration::from_secs(15),
-        || envoy.threads_that_logged("read configuration version") >= 2,
-    );
+    // One Envoy per controller, so that each controller surely decides some of the traffic
+    // (Envoy's load balancer would not promise it) and the stats must be merged.
+    let envoy_of = |controller: &Controller| {
+        let envoy = Envoy::start(&EnvoyOptions {
+            filter: Filter::sluice_with(&with_fields(
+                sluice_plugin_config("deny", 2_000),
+                json!({ "identity": { "api_key_header": "x-api-key" } }),
+            )),
+            upstream_port: upstream.port(),
+            controller_ports: vec![controller.port],
+            concurrency: 2,
+            controller_http2: false,
+        });
+        wait_until(
+            "every VM read the configuration",
+            Duration::from_secs(15),
+            || envoy.threads_that_logged("read configuration version") >= 2,
+        );
+        envoy
+    };
+    let envoy = envoy_of(&first);
+    let other_envoy = envoy_of(&second);
 
     // ann: 3 allowed, 4 limited; bob: 2 allowed.
     let mut request_ids = Vec::new();
@@ -124,7 +131,7 @@ fn known_traffic_reads_back_from_the_stats_api_and_each_limited_request_logs_its
     }
     assert_eq!(request_ids.len(), 4);
     for _ in 0..2 {
-        assert_eq!(get(&envoy, "bob-key").status, 200);
+        assert_eq!(get(&other_envoy, "bob-key").status, 200);
     }
     // One JSON line per limited request, on whichever controller decided it. A denial the
     // filter answered from its cache is reported up to a second or two later and counted in
