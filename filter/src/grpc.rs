@@ -11,7 +11,9 @@
 //! So for gRPC the filter hands Envoy the plain message and never encodes it itself.
 //! gRPC-Web (`application/grpc-web…`) is not gRPC to Envoy (unless its `grpc_web` filter
 //! runs first and turns the request into gRPC): the filter then builds the reply itself,
-//! `200` with `grpc-status` and a `grpc-message` it percent-encodes, and no body.
+//! `200` with `grpc-status` and a `grpc-message` it percent-encodes, both as headers and as
+//! the trailer frame in the body (base64 for `grpc-web-text`). The body is needed: Envoy
+//! drops the `content-type` of a local reply without one.
 
 use std::fmt;
 
@@ -188,12 +190,27 @@ pub fn percent_encode(message: &str) -> String {
     encoded
 }
 
+/// gRPC-Web's trailer frame: flag `0x80`, the length (4 bytes, big-endian), then the
+/// trailers as HTTP/1 header lines.
+fn trailer_frame(code: Code, encoded_message: &str) -> Vec<u8> {
+    let trailers = format!(
+        "grpc-status:{}\r\ngrpc-message:{encoded_message}\r\n",
+        code.number()
+    );
+    let length = u32::try_from(trailers.len()).unwrap_or(u32::MAX);
+    let mut frame = Vec::with_capacity(5 + trailers.len());
+    frame.push(0x80);
+    frame.extend_from_slice(&length.to_be_bytes());
+    frame.extend_from_slice(trailers.as_bytes());
+    frame
+}
+
 /// A local reply as handed to Envoy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalReply {
     pub status: u32,
     pub headers: Headers,
-    pub body: String,
+    pub body: Vec<u8>,
     /// `grpc_status` of `proxy_send_local_response`: Envoy makes the reply gRPC with it.
     pub grpc_status: Option<u32>,
 }
@@ -223,17 +240,27 @@ pub fn local_reply(
         Protocol::Grpc => LocalReply {
             status,
             headers: grpc_headers,
-            body: message.to_owned(),
+            body: message.as_bytes().to_vec(),
             grpc_status: Some(code.number()),
         },
         Protocol::GrpcWeb(content_type) => {
+            let encoded = percent_encode(message);
+            let body = trailer_frame(code, &encoded);
+            let body = if content_type.to_ascii_lowercase().contains("grpc-web-text") {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD
+                    .encode(body)
+                    .into_bytes()
+            } else {
+                body
+            };
             grpc_headers.push(("content-type", content_type.clone()));
             grpc_headers.push(("grpc-status", code.number().to_string()));
-            grpc_headers.push(("grpc-message", percent_encode(message)));
+            grpc_headers.push(("grpc-message", encoded));
             LocalReply {
                 status: 200,
                 headers: grpc_headers,
-                body: String::new(),
+                body,
                 grpc_status: None,
             }
         }
@@ -334,7 +361,10 @@ mod tests {
             Some(6_500),
         );
         assert_eq!(reply.grpc_status, Some(8));
-        assert_eq!(reply.body, "rate limit `per-client` exceeded, retry in 7 s");
+        assert_eq!(
+            reply.body,
+            b"rate limit `per-client` exceeded, retry in 7 s"
+        );
         assert_eq!(
             reply.headers,
             vec![
@@ -357,7 +387,10 @@ mod tests {
         );
         assert_eq!(reply.status, 200);
         assert_eq!(reply.grpc_status, None);
-        assert_eq!(reply.body, "");
+        let trailers = b"grpc-status:7\r\ngrpc-message:denied: 100%25\r\n";
+        assert_eq!(reply.body.first(), Some(&0x80));
+        assert_eq!(reply.body.get(1..5), Some(&[0, 0, 0, 44][..]));
+        assert_eq!(reply.body.get(5..), Some(&trailers[..]));
         let header = |name: &str| {
             reply
                 .headers
@@ -371,5 +404,22 @@ mod tests {
         assert_eq!(header("grpc-message"), ["denied: 100%25"]);
         assert_eq!(header("retry-after"), ["7"]);
         assert!(header("grpc-retry-pushback-ms").is_empty());
+
+        let text = local_reply(
+            &Protocol::GrpcWeb("application/grpc-web-text".into()),
+            Code::PermissionDenied,
+            403,
+            &rate_headers(),
+            "denied: 100%",
+            None,
+        );
+        use base64::Engine;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(&text.body)
+            .unwrap();
+        assert_eq!(
+            decoded, reply.body,
+            "grpc-web-text carries the frame in base64"
+        );
     }
 }

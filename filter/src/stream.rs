@@ -112,7 +112,7 @@ pub fn send_reply(host: &dyn Host, verdict: &Verdict, statuses: &grpc::Statuses)
         .ok()
         .flatten();
     let sent = match grpc::protocol(content_type.as_deref()) {
-        None => send(host, *status, *kind, headers, body, None),
+        None => send(host, *status, *kind, headers, body.as_bytes(), None),
         Some(protocol) => {
             let reply = grpc::local_reply(
                 &protocol,
@@ -150,20 +150,14 @@ fn send(
     status: u32,
     kind: ReplyKind,
     headers: &decision::Headers,
-    body: &str,
+    body: &[u8],
     grpc_status: Option<u32>,
 ) -> Result<(), crate::host::Status> {
     let headers: Vec<(&str, &str)> = headers
         .iter()
         .map(|(name, value)| (*name, value.as_str()))
         .collect();
-    host.send_local_response(
-        status,
-        reply_details(kind),
-        &headers,
-        body.as_bytes(),
-        grpc_status,
-    )
+    host.send_local_response(status, reply_details(kind), &headers, body, grpc_status)
 }
 
 impl Stream {
