@@ -14,6 +14,7 @@ use serde::Deserialize;
 use sluice_protocol::headers::HeaderStyle;
 
 use crate::client::{IpPolicy, ProxyTrust};
+use crate::grpc;
 use crate::identity::{IdentityConfig, JwtMetadata, JwtSettings, OnInvalidToken, Source};
 use crate::jwt::{Expectations, JwtVerifier, VerifyingKey};
 use crate::lists::List;
@@ -53,7 +54,25 @@ struct RawConfig {
     #[serde(default)]
     denial_cache: RawDenialCache,
     #[serde(default)]
+    grpc_status: RawGrpcStatus,
+    #[serde(default)]
     test_only_abort_header: Option<String>,
+}
+
+/// The gRPC status of each kind of local reply, by name or number (see [`crate::grpc`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrpcStatus {
+    #[serde(default)]
+    rate_limited: Option<serde_json::Value>,
+    #[serde(default)]
+    unavailable: Option<serde_json::Value>,
+    #[serde(default)]
+    invalid_token: Option<serde_json::Value>,
+    #[serde(default)]
+    unknown_api_key: Option<serde_json::Value>,
+    #[serde(default)]
+    denylisted: Option<serde_json::Value>,
 }
 
 fn default_exempt_paths() -> Vec<String> {
@@ -348,6 +367,8 @@ pub struct FilterConfig {
     pub exempt: List,
     /// Slots of the denial cache; `None` when it is off.
     pub denial_cache_slots: Option<u32>,
+    /// The gRPC status of each kind of local reply to a gRPC request.
+    pub grpc_status: grpc::Statuses,
     /// Tests only: a request carrying this header aborts the VM, so that tests can show
     /// what Envoy's `failure_policy` does with a VM that failed. Never set it in production.
     pub test_only_abort_header: Option<String>,
@@ -432,6 +453,7 @@ impl FilterConfig {
             }
         }
         let exempt = List::of_paths(&raw.exempt_paths);
+        let grpc_status = grpc_statuses(&raw.grpc_status)?;
         Ok(FilterConfig {
             controller_cluster: controller.cluster,
             controller_authority: authority,
@@ -448,6 +470,7 @@ impl FilterConfig {
             shadow: raw.shadow,
             exempt,
             denial_cache_slots: raw.denial_cache.enabled.then_some(raw.denial_cache.slots),
+            grpc_status,
             test_only_abort_header: raw
                 .test_only_abort_header
                 .map(|name| name.to_ascii_lowercase()),
@@ -484,6 +507,26 @@ fn header_name(field: &str, name: &str) -> Result<String, ConfigError> {
         return Err(invalid(field, format!("`{name}` is not a header name")));
     }
     Ok(name.to_ascii_lowercase())
+}
+
+fn grpc_statuses(raw: &RawGrpcStatus) -> Result<grpc::Statuses, ConfigError> {
+    let defaults = grpc::Statuses::default();
+    let code = |name: &str, value: &Option<serde_json::Value>, default: grpc::Code| {
+        value.as_ref().map_or(Ok(default), |value| {
+            grpc::Code::parse(value).map_err(|why| invalid(format!("grpc_status.{name}"), why))
+        })
+    };
+    Ok(grpc::Statuses {
+        rate_limited: code("rate_limited", &raw.rate_limited, defaults.rate_limited)?,
+        unavailable: code("unavailable", &raw.unavailable, defaults.unavailable)?,
+        invalid_token: code("invalid_token", &raw.invalid_token, defaults.invalid_token)?,
+        unknown_api_key: code(
+            "unknown_api_key",
+            &raw.unknown_api_key,
+            defaults.unknown_api_key,
+        )?,
+        denylisted: code("denylisted", &raw.denylisted, defaults.denylisted)?,
+    })
 }
 
 fn identity_config(raw: RawIdentity) -> Result<IdentityConfig, ConfigError> {
@@ -969,6 +1012,67 @@ mod tests {
             let err = FilterConfig::parse(json.as_bytes()).unwrap_err();
             assert_eq!(err.field, field, "{json}: {err}");
         }
+    }
+
+    #[test]
+    fn grpc_statuses_default_as_documented_and_take_names_or_numbers() {
+        let config = FilterConfig::parse(br#"{"controller":{"cluster":"c"}}"#).unwrap();
+        let statuses = config.grpc_status;
+        assert_eq!(statuses.rate_limited, grpc::Code::ResourceExhausted);
+        assert_eq!(statuses.unavailable, grpc::Code::Unavailable);
+        assert_eq!(statuses.invalid_token, grpc::Code::Unauthenticated);
+        assert_eq!(statuses.unknown_api_key, grpc::Code::Unauthenticated);
+        assert_eq!(statuses.denylisted, grpc::Code::PermissionDenied);
+        let config = FilterConfig::parse(&with(
+            r#""grpc_status":{"rate_limited":"UNAVAILABLE","denylisted":16,"unavailable":13.0}"#,
+        ))
+        .unwrap();
+        assert_eq!(config.grpc_status.rate_limited, grpc::Code::Unavailable);
+        assert_eq!(config.grpc_status.denylisted, grpc::Code::Unauthenticated);
+        assert_eq!(config.grpc_status.unavailable, grpc::Code::Internal);
+        assert_eq!(
+            config.grpc_status.invalid_token,
+            grpc::Code::Unauthenticated
+        );
+    }
+
+    /// One bad value per field, with the field the operator is told about.
+    #[test]
+    fn each_bad_grpc_status_names_its_field() {
+        for (extra, field) in [
+            (
+                r#""grpc_status":{"rate_limited":"SLOW_DOWN"}"#,
+                "grpc_status.rate_limited",
+            ),
+            (
+                r#""grpc_status":{"unavailable":0}"#,
+                "grpc_status.unavailable",
+            ),
+            (
+                r#""grpc_status":{"invalid_token":"OK"}"#,
+                "grpc_status.invalid_token",
+            ),
+            (
+                r#""grpc_status":{"unknown_api_key":17}"#,
+                "grpc_status.unknown_api_key",
+            ),
+            (
+                r#""grpc_status":{"denylisted":[7]}"#,
+                "grpc_status.denylisted",
+            ),
+            (r#""grpc_status":{"limited":8}"#, "grpc_status.limited"),
+            (r#""grpc_status":"RESOURCE_EXHAUSTED""#, "grpc_status"),
+        ] {
+            let err = FilterConfig::parse(&with(extra)).unwrap_err();
+            assert_eq!(err.field, field, "{extra}: {err}");
+        }
+        let err = FilterConfig::parse(&with(r#""grpc_status":{"rate_limited":"SLOW_DOWN"}"#))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("invalid plugin configuration at `grpc_status.rate_limited`"),
+            "{err}"
+        );
     }
 
     #[test]

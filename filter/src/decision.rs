@@ -22,12 +22,32 @@ pub enum Verdict {
         leases: Vec<String>,
         delay_ms: u64,
     },
-    /// Answer the client directly.
+    /// Answer the client directly: `status`, `headers` and the JSON `body` for HTTP; for
+    /// gRPC (see [`crate::grpc`]) the status `kind` maps to, the short plain `message` as
+    /// `grpc-message` and `retry_after_ms` as `grpc-retry-pushback-ms`.
     Reply {
         status: u32,
         headers: Headers,
         body: String,
+        kind: ReplyKind,
+        message: String,
+        retry_after_ms: Option<u64>,
     },
+}
+
+/// Why the filter answered a request itself (what the gRPC status is chosen by).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyKind {
+    /// Over a limit (429).
+    RateLimited,
+    /// No decision and the failure mode is deny (503).
+    Unavailable,
+    /// A token that is present and invalid (401).
+    InvalidToken,
+    /// An API key the controller does not know (401).
+    UnknownApiKey,
+    /// Denylisted (403).
+    Denylisted,
 }
 
 impl Verdict {
@@ -221,10 +241,8 @@ fn too_many_requests(
     policy: &PolicyStatus,
     request_id: Option<&str>,
 ) -> Verdict {
-    rate_headers.push((
-        RETRY_AFTER,
-        headers::retry_after_seconds(policy).to_string(),
-    ));
+    let retry_after_s = headers::retry_after_seconds(policy);
+    rate_headers.push((RETRY_AFTER, retry_after_s.to_string()));
     rate_headers.push(("content-type", "application/json".to_owned()));
     let body = serde_json::to_string(&headers::denied_body(policy, request_id))
         .unwrap_or_else(|_| String::from(r#"{"error":"rate_limited"}"#));
@@ -232,15 +250,30 @@ fn too_many_requests(
         status: 429,
         headers: rate_headers,
         body,
+        kind: ReplyKind::RateLimited,
+        message: format!(
+            "rate limit `{}` exceeded, retry in {retry_after_s} s",
+            policy.rule
+        ),
+        retry_after_ms: Some(policy.retry_after_ms),
     }
 }
 
-fn json_reply(status: u32, mut extra: Headers, body: serde_json::Value) -> Verdict {
+fn json_reply(
+    status: u32,
+    kind: ReplyKind,
+    message: String,
+    mut extra: Headers,
+    body: serde_json::Value,
+) -> Verdict {
     extra.push(("content-type", "application/json".to_owned()));
     Verdict::Reply {
         status,
         headers: extra,
         body: body.to_string(),
+        kind,
+        message,
+        retry_after_ms: None,
     }
 }
 
@@ -248,6 +281,8 @@ fn json_reply(status: u32, mut extra: Headers, body: serde_json::Value) -> Verdi
 pub fn token_rejected(error: &TokenError, request_id: Option<&str>) -> Verdict {
     json_reply(
         401,
+        ReplyKind::InvalidToken,
+        format!("invalid token: {error}"),
         vec![(
             "www-authenticate",
             r#"Bearer error="invalid_token""#.to_owned(),
@@ -264,6 +299,8 @@ pub fn token_rejected(error: &TokenError, request_id: Option<&str>) -> Verdict {
 pub fn unknown_api_key(request_id: Option<&str>) -> Verdict {
     json_reply(
         401,
+        ReplyKind::UnknownApiKey,
+        "unknown API key".to_owned(),
         Vec::new(),
         serde_json::json!({
             "error": "invalid_api_key",
@@ -277,6 +314,8 @@ pub fn unknown_api_key(request_id: Option<&str>) -> Verdict {
 pub fn denylisted(request_id: Option<&str>) -> Verdict {
     json_reply(
         403,
+        ReplyKind::Denylisted,
+        "denied by the rate limiter's denylist".to_owned(),
         Vec::new(),
         serde_json::json!({
             "error": "forbidden",
@@ -299,6 +338,9 @@ pub fn verdict_for_failure(mode: FailureMode) -> Verdict {
             body: String::from(
                 r#"{"error":"rate_limiter_unavailable","message":"The rate limiter could not be reached; the request was refused (failure mode deny)."}"#,
             ),
+            kind: ReplyKind::Unavailable,
+            message: String::from("rate limiter unavailable (failure mode deny), retry in 1 s"),
+            retry_after_ms: Some(1_000),
         },
     }
 }
@@ -433,12 +475,18 @@ mod tests {
             status,
             headers,
             body,
+            kind,
+            message,
+            retry_after_ms,
         } = verdict
         else {
             panic!("{verdict:?}")
         };
         assert_eq!(counted, Counted::Limited);
         assert_eq!(status, 429);
+        assert_eq!(kind, ReplyKind::RateLimited);
+        assert_eq!(message, "rate limit `per-ip` exceeded, retry in 2 s");
+        assert_eq!(retry_after_ms, Some(1_500));
         assert_eq!(header(&headers, "retry-after"), "2");
         assert_eq!(header(&headers, "x-ratelimit-remaining"), "0");
         assert_eq!(header(&headers, "ratelimit"), r#""per-ip";r=0;t=2"#);
@@ -547,11 +595,16 @@ mod tests {
             status,
             headers,
             body,
+            kind,
+            message,
+            ..
         } = token_rejected(&TokenError::Expired, Some("r1"))
         else {
             panic!()
         };
         assert_eq!(status, 401);
+        assert_eq!(kind, ReplyKind::InvalidToken);
+        assert_eq!(message, format!("invalid token: {}", TokenError::Expired));
         assert_eq!(
             header(&headers, "www-authenticate"),
             r#"Bearer error="invalid_token""#

@@ -775,7 +775,7 @@ impl Root {
                     let _ = host.resume_request();
                 }
                 Verdict::Reply { .. } => {
-                    if !crate::stream::send_reply(host, &verdict) {
+                    if !crate::stream::send_reply(host, &verdict, &worker.config.grpc_status) {
                         let _ = host.resume_request();
                     }
                     *member.slot.borrow_mut() = Some(verdict);

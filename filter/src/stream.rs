@@ -20,8 +20,9 @@ use sluice_protocol::{Check, CheckRequest, CHECK_PATH};
 
 use crate::batch::{Member, Registered, Slot};
 use crate::config::FailureMode;
-use crate::decision::{self, Failure, Verdict};
+use crate::decision::{self, Failure, ReplyKind, Verdict};
 use crate::denial;
+use crate::grpc;
 use crate::host::{Action, HeaderMap, Host, LogLevel, MapType};
 use crate::identity::{self, Facts, Identity};
 use crate::jwt::{Claims, MAX_CLAIM_BYTES};
@@ -81,38 +82,57 @@ pub fn request_id(host: &dyn Host) -> Option<String> {
 }
 
 /// What shows in Envoy's access log (`%RESPONSE_CODE_DETAILS%`) for a local reply.
-fn reply_details(status: u32) -> &'static str {
-    match status {
-        429 => "sluice_rate_limited",
-        401 => "sluice_invalid_token",
-        403 => "sluice_denylisted",
-        503 => "sluice_unavailable",
-        _ => "sluice_local_reply",
+fn reply_details(kind: ReplyKind) -> &'static str {
+    match kind {
+        ReplyKind::RateLimited => "sluice_rate_limited",
+        ReplyKind::InvalidToken | ReplyKind::UnknownApiKey => "sluice_invalid_token",
+        ReplyKind::Denylisted => "sluice_denylisted",
+        ReplyKind::Unavailable => "sluice_unavailable",
     }
 }
 
-/// Answers the current request with `verdict`'s local reply. A reply Envoy refuses is
-/// logged; the caller then lets the request go on rather than leave it hanging.
-pub fn send_reply(host: &dyn Host, verdict: &Verdict) -> bool {
+/// Answers the current request with `verdict`'s local reply: as gRPC when the request is
+/// gRPC (its `content-type`, read only now that there is a reply to send), with the status
+/// `statuses` names for the reply's kind. A reply Envoy refuses is logged; the caller then
+/// lets the request go on rather than leave it hanging.
+pub fn send_reply(host: &dyn Host, verdict: &Verdict, statuses: &grpc::Statuses) -> bool {
     let Verdict::Reply {
         status,
         headers,
         body,
+        kind,
+        message,
+        retry_after_ms,
     } = verdict
     else {
         return false;
     };
-    let headers: Vec<(&str, &str)> = headers
-        .iter()
-        .map(|(name, value)| (*name, value.as_str()))
-        .collect();
-    match host.send_local_response(
-        *status,
-        reply_details(*status),
-        &headers,
-        body.as_bytes(),
-        None,
-    ) {
+    let content_type = host
+        .header(MapType::RequestHeaders, "content-type")
+        .ok()
+        .flatten();
+    let sent = match grpc::protocol(content_type.as_deref()) {
+        None => send(host, *status, *kind, headers, body.as_bytes(), None),
+        Some(protocol) => {
+            let reply = grpc::local_reply(
+                &protocol,
+                statuses.code(*kind),
+                *status,
+                headers,
+                message,
+                *retry_after_ms,
+            );
+            send(
+                host,
+                reply.status,
+                *kind,
+                &reply.headers,
+                &reply.body,
+                reply.grpc_status,
+            )
+        }
+    };
+    match sent {
         Ok(()) => true,
         Err(why) => {
             log(
@@ -123,6 +143,21 @@ pub fn send_reply(host: &dyn Host, verdict: &Verdict) -> bool {
             false
         }
     }
+}
+
+fn send(
+    host: &dyn Host,
+    status: u32,
+    kind: ReplyKind,
+    headers: &decision::Headers,
+    body: &[u8],
+    grpc_status: Option<u32>,
+) -> Result<(), crate::host::Status> {
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect();
+    host.send_local_response(status, reply_details(kind), &headers, body, grpc_status)
 }
 
 impl Stream {
@@ -323,7 +358,7 @@ impl Stream {
             }
             reply @ Verdict::Reply { .. } => {
                 self.state = State::Answered;
-                if send_reply(host, &reply) {
+                if send_reply(host, &reply, &self.worker.config.grpc_status) {
                     Action::Pause
                 } else {
                     Action::Continue

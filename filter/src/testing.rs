@@ -29,6 +29,8 @@ pub struct LocalReply {
     pub details: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// The `grpc_status` argument: Envoy makes the reply gRPC with it.
+    pub grpc_status: Option<u32>,
 }
 
 /// Host calls a test can make fail, each with the status it should return.
@@ -196,7 +198,7 @@ impl Host for MockHost {
         details: &str,
         headers: &[(&str, &str)],
         body: &[u8],
-        _grpc_status: Option<u32>,
+        grpc_status: Option<u32>,
     ) -> Result<(), Status> {
         self.fails(HostCall::SendLocalResponse)?;
         let effective = self.effective();
@@ -211,6 +213,7 @@ impl Host for MockHost {
                 details: details.to_owned(),
                 headers: owned_pairs(headers),
                 body: body.to_vec(),
+                grpc_status,
             },
         );
         Ok(())

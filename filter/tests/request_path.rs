@@ -262,6 +262,163 @@ fn a_controllers_own_error_or_a_spent_deadline_is_not_tried_again() {
     }
 }
 
+/// A limited gRPC call gets a gRPC reply: the configured status as Envoy's `grpc_status`
+/// (Envoy writes `grpc-status` and percent-encodes the body into `grpc-message`), a short
+/// plain message, the rate-limit headers and the pushback; gRPC-Web gets the reply built
+/// by the filter; a plain HTTP request in the same batch still gets the JSON 429.
+#[test]
+fn limited_grpc_calls_get_a_grpc_reply_and_http_requests_the_json_429() {
+    for (config, expected_status) in [
+        (serde_json::json!({}), 8),
+        (
+            serde_json::json!({ "grpc_status": { "rate_limited": "UNAVAILABLE" } }),
+            14,
+        ),
+    ] {
+        let (mut envoy, configured) = MockEnvoy::start(&plugin(config));
+        assert!(configured);
+        let grpc = |content_type: &'static [u8]| {
+            let mut pairs: Vec<(&[u8], &[u8])> = vec![
+                (b":method", b"POST"),
+                (b":path", b"/pkg.Service/Call"),
+                (b":authority", b"api.example.com"),
+                (b"content-type", content_type),
+            ];
+            pairs.push((b"te", b"trailers"));
+            headers(&pairs)
+        };
+        let (call, _) = envoy.request(grpc(b"application/grpc+proto"), &[(PEER, b"192.0.2.1:1")]);
+        let (web, _) = envoy.request(
+            grpc(b"application/grpc-web+proto"),
+            &[(PEER, b"192.0.2.2:1")],
+        );
+        let (plain, _) = envoy.request(get(b"/", &[]), &[(PEER, b"192.0.2.3:1")]);
+        envoy.run_queues();
+        let batch = envoy.calls().pop().expect("a batch");
+        envoy.answer_with(batch.token, "200", &decisions_for(&batch.body, |_| false));
+
+        let reply = envoy.reply(call).expect("a local reply to the gRPC call");
+        assert_eq!(reply.grpc_status, Some(expected_status));
+        assert_eq!(
+            String::from_utf8_lossy(&reply.body),
+            "rate limit `per-client` exceeded, retry in 7 s"
+        );
+        assert_eq!(reply.details, "sluice_rate_limited");
+        let header = |reply: &sluice_filter::testing::LocalReply, name: &str| {
+            reply
+                .headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(header(&reply, "retry-after").as_deref(), Some("7"));
+        assert_eq!(
+            header(&reply, "grpc-retry-pushback-ms").as_deref(),
+            Some("7000")
+        );
+        assert_eq!(header(&reply, "x-ratelimit-limit").as_deref(), Some("5"));
+        assert_eq!(
+            header(&reply, "x-ratelimit-remaining").as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            header(&reply, "content-type"),
+            None,
+            "Envoy sets application/grpc"
+        );
+
+        let reply = envoy
+            .reply(web)
+            .expect("a local reply to the gRPC-Web call");
+        assert_eq!((reply.status, reply.grpc_status), (200, None));
+        assert_eq!(reply.body.first(), Some(&0x80), "gRPC-Web's trailer frame");
+        assert_eq!(
+            header(&reply, "grpc-status"),
+            Some(expected_status.to_string())
+        );
+        assert_eq!(
+            header(&reply, "grpc-message").as_deref(),
+            Some("rate limit `per-client` exceeded, retry in 7 s")
+        );
+        assert_eq!(
+            header(&reply, "content-type").as_deref(),
+            Some("application/grpc-web+proto")
+        );
+        assert_eq!(header(&reply, "retry-after").as_deref(), Some("7"));
+
+        let reply = envoy.reply(plain).expect("a 429");
+        assert_eq!((reply.status, reply.grpc_status), (429, None));
+        assert_eq!(
+            header(&reply, "content-type").as_deref(),
+            Some("application/json")
+        );
+        assert!(String::from_utf8_lossy(&reply.body).starts_with('{'));
+    }
+}
+
+/// A stream admitted by a concurrency rule holds its leases until Envoy says it has ended
+/// (`on_log` comes however it ends: completed, client gone, upstream reset, timeout), then
+/// gives them back in one release call; a stream that ends while its check is still out
+/// has its leases given back when the answer comes.
+#[test]
+fn a_stream_gives_its_concurrency_leases_back_when_it_ends() {
+    let (mut envoy, _) = MockEnvoy::start(&plugin(serde_json::json!({})));
+    let admit_with = |body: &[u8], lease: &str| {
+        let checks = checks_in(body).len();
+        let decisions = (0..checks)
+            .map(|i| Decision {
+                leases: vec![format!("{lease}-{i}")],
+                ..Decision::unlimited()
+            })
+            .collect();
+        serde_json::to_vec(&CheckResponse { decisions }).expect("encode")
+    };
+    let releases = |envoy: &MockEnvoy| -> Vec<Vec<String>> {
+        envoy
+            .calls()
+            .iter()
+            .filter(|c| {
+                c.headers
+                    .iter()
+                    .any(|(n, v)| n == ":path" && v == "/v1/release")
+            })
+            .map(|c| {
+                serde_json::from_slice::<sluice_protocol::ReleaseRequest>(&c.body)
+                    .expect("a release")
+                    .leases
+            })
+            .collect()
+    };
+    let (stream, _) = envoy.request(get(b"/ws", &[]), &[(PEER, b"192.0.2.1:1")]);
+    envoy.run_queues();
+    let batch = envoy.calls().pop().expect("a batch");
+    envoy.answer_with(batch.token, "200", &admit_with(&batch.body, "a"));
+    assert!(envoy.settled(stream));
+    assert_eq!(envoy.respond(stream), Action::Continue);
+    assert!(releases(&envoy).is_empty(), "held while the stream lives");
+    envoy.finish(stream);
+    assert_eq!(releases(&envoy), vec![vec!["a-0".to_owned()]]);
+
+    // Gone before its answer: the leases the answer brings go straight back.
+    let (early, _) = envoy.request(get(b"/ws", &[]), &[(PEER, b"192.0.2.2:1")]);
+    envoy.run_queues();
+    let batch = envoy
+        .calls()
+        .into_iter()
+        .find(|c| {
+            c.headers
+                .iter()
+                .any(|(n, v)| n == ":path" && v == "/v1/check")
+        })
+        .expect("a batch");
+    envoy.finish(early);
+    envoy.answer_with(batch.token, "200", &admit_with(&batch.body, "b"));
+    assert_eq!(
+        releases(&envoy),
+        vec![vec!["a-0".to_owned()], vec!["b-0".to_owned()]]
+    );
+}
+
 #[test]
 fn callbacks_for_contexts_the_filter_does_not_know_are_ignored() {
     let (mut envoy, _) = MockEnvoy::start(&plugin(serde_json::json!({})));
