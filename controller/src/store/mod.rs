@@ -1,6 +1,7 @@
 //! Where counters live. Both stores answer with the same semantics; the conformance suite in
 //! `tests/` runs the same scenarios against each.
 
+mod connection;
 mod memory;
 mod redis;
 
@@ -8,8 +9,9 @@ use async_trait::async_trait;
 
 use crate::strategy::{Params, Verdict};
 
+pub(crate) use self::connection::redact_password;
+pub use self::connection::{RedisConnection, RedisTarget};
 pub use self::memory::{now_ms, Clock, ManualClock, MemoryStore, SystemClock};
-pub(crate) use self::redis::redact_password;
 pub use self::redis::RedisStore;
 
 /// One limit to check for a request: where its state lives, what it is, what the request
