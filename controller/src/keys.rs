@@ -186,6 +186,37 @@ pub fn stats_controllers_key() -> String {
     format!("{PREFIX}:{{stats}}:controllers")
 }
 
+/// The Redis Cluster slot of `key`: CRC16 (XMODEM) of its hash tag (the part between the
+/// first `{` and the next `}`, when not empty), else of the whole key, mod 16384.
+pub fn slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let hashed = bytes
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &bytes[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(bytes);
+    crc16_xmodem(hashed) % 16_384
+}
+
+fn crc16_xmodem(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
 fn slot_tag(identity: Option<&ClientId>) -> String {
     let mut hasher = Sha256::new();
     match identity {
@@ -299,6 +330,28 @@ mod tests {
             counted_identity(Scope::Tier, &check),
             Some(Some(id("tier", "gold")))
         );
+    }
+
+    #[test]
+    fn slots_are_those_redis_computes() {
+        // What `redis-cli CLUSTER KEYSLOT <key>` answers (Redis 7.0).
+        for (key, expected) in [
+            ("foo", 12182),
+            ("bar", 5061),
+            ("123456789", 12739),
+            ("{user1000}.following", 3443),
+            ("{}x", 10595),
+            ("a{}b{c}", 7353),
+            ("{c}", 7365),
+            ("sluice:{config}:document", 4717),
+            ("sluice:{stats}:controllers", 7650),
+        ] {
+            assert_eq!(slot(key), expected, "{key}");
+        }
+        let client = id("ip", "{foo}");
+        let key = limit_key(Strategy::FixedWindow, "r", Some(&client));
+        assert_ne!(slot(&key), slot("foo"), "a client's braces pick no slot");
+        assert_eq!(slot(&key), slot(&penalty_key(&key)));
     }
 
     #[test]

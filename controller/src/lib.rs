@@ -64,19 +64,20 @@ pub struct Stores {
 /// The stores the settings ask for: the counters', and the configuration's (on the same
 /// connection when they share a Redis).
 pub fn build_stores(settings: &Settings) -> Result<Stores, StartError> {
-    let Some(url) = &settings.redis_url else {
+    // A single Redis, a Redis Cluster or a Sentinel's master (settings.rs).
+    let Some(target) = settings.counters_redis() else {
         return Ok(Stores {
             counters: Arc::new(MemoryStore::new(Arc::new(SystemClock))),
             config: build_config_store(settings)?,
         });
     };
     let timeout = Duration::from_millis(settings.redis_timeout_ms);
-    let counters =
-        RedisStore::new(url, timeout).map_err(|e| setting_error("redis_url", e.to_string()))?;
-    let config: Arc<dyn ConfigStore> = if settings.config_redis_url.as_ref() == Some(url) {
+    let counters = RedisStore::open(&target, timeout)
+        .map_err(|e| setting_error(target.setting(), e.to_string()))?;
+    let config: Arc<dyn ConfigStore> = if settings.config_shares_counters_redis() {
         Arc::new(RedisConfigStore::on(
             counters.connection(),
-            url,
+            &target,
             settings.audit_length,
         ))
     } else {
@@ -90,11 +91,17 @@ pub fn build_stores(settings: &Settings) -> Result<Stores, StartError> {
 
 /// The configuration's store the settings ask for, on a connection of its own.
 pub fn build_config_store(settings: &Settings) -> Result<Arc<dyn ConfigStore>, StartError> {
-    match &settings.config_redis_url {
-        Some(url) => {
+    match settings.config_redis() {
+        Some(target) => {
             let timeout = Duration::from_millis(settings.redis_timeout_ms);
-            let store = RedisConfigStore::new(url, timeout, settings.audit_length)
-                .map_err(|e| setting_error("config_redis_url", e.to_string()))?;
+            let setting = match target {
+                store::RedisTarget::Single(_) if settings.config_redis_url.is_some() => {
+                    "config_redis_url"
+                }
+                _ => target.setting(),
+            };
+            let store = RedisConfigStore::open(&target, timeout, settings.audit_length)
+                .map_err(|e| setting_error(setting, e.to_string()))?;
             Ok(Arc::new(store))
         }
         None => {
@@ -150,7 +157,7 @@ pub async fn serve(
         counters,
         config: config_store,
     } = build_stores(&settings)?;
-    if settings.redis_url.is_none() {
+    if settings.counters_redis().is_none() {
         tracing::warn!(
             "no --redis-url given: counting in the embedded in-memory store; counters are local to this process"
         );
@@ -172,7 +179,7 @@ pub async fn serve(
     );
     let metrics = Arc::new(Metrics::new());
     // The embedded store cannot fail; Redis is guarded by the circuit breaker.
-    let counters: Arc<dyn Store> = if settings.redis_url.is_some() {
+    let counters: Arc<dyn Store> = if settings.counters_redis().is_some() {
         Arc::new(GuardedStore::new(
             counters,
             settings.breaker,

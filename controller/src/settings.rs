@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::config::ConfigSource;
 use crate::store::breaker::{BreakerSettings, Fallback};
+use crate::store::RedisTarget;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -111,6 +112,18 @@ pub struct Flags {
     /// This controller's name in shared stats [default: host name and process id].
     #[arg(long, env = "SLUICE_CONTROLLER_ID")]
     pub controller_id: Option<String>,
+    // -- Redis Cluster and Sentinel (instead of --redis-url) --
+    /// Redis Cluster seed nodes for the counters and the configuration
+    /// (`redis://host:port,redis://host:port`), instead of --redis-url.
+    #[arg(long, env = "SLUICE_REDIS_CLUSTER_NODES", value_delimiter = ',')]
+    pub redis_cluster_nodes: Vec<String>,
+    /// Redis Sentinels that name the master (`redis://host:port,…`), instead of --redis-url;
+    /// with --redis-sentinel-master.
+    #[arg(long, env = "SLUICE_REDIS_SENTINELS", value_delimiter = ',')]
+    pub redis_sentinels: Vec<String>,
+    /// The name the Sentinels know the master by.
+    #[arg(long, env = "SLUICE_REDIS_SENTINEL_MASTER")]
+    pub redis_sentinel_master: Option<String>,
 }
 
 /// The settings file: the same settings as the flags, snake_case.
@@ -137,6 +150,9 @@ struct FileSettings {
     stats: Option<bool>,
     check_metrics: Option<bool>,
     controller_id: Option<String>,
+    redis_cluster_nodes: Option<Vec<String>>,
+    redis_sentinels: Option<Vec<String>>,
+    redis_sentinel_master: Option<String>,
 }
 
 /// Checked settings, ready to run on.
@@ -164,6 +180,11 @@ pub struct Settings {
     pub stats: bool,
     pub check_metrics: bool,
     pub controller_id: String,
+    /// Redis Cluster seed nodes (empty: no cluster).
+    pub redis_cluster_nodes: Vec<String>,
+    /// Sentinels naming the master `redis_sentinel_master` (empty: no Sentinel).
+    pub redis_sentinels: Vec<String>,
+    pub redis_sentinel_master: Option<String>,
 }
 
 /// A setting that cannot be used, named as flag, variable and file key.
@@ -288,7 +309,11 @@ impl Settings {
                 .controller_id
                 .or(file.controller_id)
                 .unwrap_or_else(default_controller_id),
+            redis_cluster_nodes: or_file(flags.redis_cluster_nodes, file.redis_cluster_nodes),
+            redis_sentinels: or_file(flags.redis_sentinels, file.redis_sentinels),
+            redis_sentinel_master: flags.redis_sentinel_master.or(file.redis_sentinel_master),
         };
+        settings.check_redis_topology()?;
         settings.check()?;
         Ok(settings)
     }
@@ -347,7 +372,7 @@ impl Settings {
             ));
         }
         if self.mode == Mode::Production
-            && self.config_redis_url.is_none()
+            && self.config_redis().is_none()
             && self.state_file.is_none()
         {
             return Err(setting_error(
@@ -357,6 +382,104 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+}
+
+// -- Redis Cluster and Sentinel ------------------------------------------------------------
+
+/// A list from the flags (or the environment) if it has any entry, else from the file.
+fn or_file(flags: Vec<String>, file: Option<Vec<String>>) -> Vec<String> {
+    if flags.is_empty() {
+        file.unwrap_or_default()
+    } else {
+        flags
+    }
+}
+
+impl Settings {
+    /// The Redis the counters live in, if any: one server, a Cluster or a Sentinel's master.
+    pub fn counters_redis(&self) -> Option<RedisTarget> {
+        if !self.redis_cluster_nodes.is_empty() {
+            Some(RedisTarget::Cluster(self.redis_cluster_nodes.clone()))
+        } else if !self.redis_sentinels.is_empty() {
+            Some(RedisTarget::Sentinel {
+                sentinels: self.redis_sentinels.clone(),
+                master: self.redis_sentinel_master.clone().unwrap_or_default(),
+            })
+        } else {
+            self.redis_url.clone().map(RedisTarget::Single)
+        }
+    }
+
+    /// The Redis the configuration lives in, if any: `config_redis_url`, else the counters'.
+    pub fn config_redis(&self) -> Option<RedisTarget> {
+        match &self.config_redis_url {
+            Some(url) => Some(RedisTarget::Single(url.clone())),
+            None => self.counters_redis(),
+        }
+    }
+
+    /// Whether the configuration shares the counters' Redis (and then their connection).
+    pub fn config_shares_counters_redis(&self) -> bool {
+        self.counters_redis().is_some() && self.config_redis() == self.counters_redis()
+    }
+
+    /// At most one way to the counters' Redis, each well formed.
+    fn check_redis_topology(&self) -> Result<(), SettingError> {
+        let cluster = !self.redis_cluster_nodes.is_empty();
+        let sentinel = !self.redis_sentinels.is_empty();
+        if cluster && (sentinel || self.redis_url.is_some()) {
+            return Err(setting_error(
+                "redis_cluster_nodes",
+                "give one of redis_url, redis_cluster_nodes or redis_sentinels",
+            ));
+        }
+        if sentinel && self.redis_url.is_some() {
+            return Err(setting_error(
+                "redis_sentinels",
+                "give one of redis_url, redis_cluster_nodes or redis_sentinels",
+            ));
+        }
+        for (setting, urls) in [
+            ("redis_cluster_nodes", &self.redis_cluster_nodes),
+            ("redis_sentinels", &self.redis_sentinels),
+        ] {
+            if let Some(bad) = urls.iter().find(|url| {
+                !(url.starts_with("redis://") || url.starts_with("rediss://"))
+                    || url.len() <= "redis://".len()
+            }) {
+                return Err(setting_error(
+                    setting,
+                    format!(
+                        "each entry must be a redis:// or rediss:// URL, got {:?}",
+                        crate::store::redact_password(bad)
+                    ),
+                ));
+            }
+        }
+        match (&self.redis_sentinel_master, sentinel) {
+            (None, true) => Err(setting_error(
+                "redis_sentinel_master",
+                "redis_sentinels needs the name of the master they watch",
+            )),
+            (Some(_), false) => Err(setting_error(
+                "redis_sentinel_master",
+                "is only used with redis_sentinels",
+            )),
+            (Some(name), true)
+                if name.is_empty()
+                    || name.len() > 128
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
+            {
+                Err(setting_error(
+                    "redis_sentinel_master",
+                    "must be 1 to 128 characters of A-Z, a-z, 0-9, `-`, `_` or `.`",
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -477,6 +600,106 @@ mod tests {
         std::fs::write(&file, "listen_on = \"x\"\n").unwrap();
         let error = resolve(&["--settings", file.to_str().unwrap()]).unwrap_err();
         assert!(error.message.contains("listen_on"), "{error}");
+    }
+
+    #[test]
+    fn cluster_and_sentinel_from_flags_or_file() {
+        let settings = resolve(&[
+            "--redis-cluster-nodes",
+            "redis://127.0.0.1:7000,redis://127.0.0.1:7001",
+        ])
+        .unwrap();
+        assert_eq!(
+            settings.counters_redis(),
+            Some(RedisTarget::Cluster(vec![
+                "redis://127.0.0.1:7000".into(),
+                "redis://127.0.0.1:7001".into()
+            ]))
+        );
+        assert!(
+            settings.config_shares_counters_redis(),
+            "production: the configuration is kept in the cluster"
+        );
+        let dir = tempfile_dir();
+        let file = dir.join("sentinel.toml");
+        std::fs::write(
+            &file,
+            "redis_sentinels = [\"redis://127.0.0.1:26379\"]\nredis_sentinel_master = \"sluice\"\n",
+        )
+        .unwrap();
+        let settings = resolve(&["--settings", file.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            settings.counters_redis(),
+            Some(RedisTarget::Sentinel {
+                sentinels: vec!["redis://127.0.0.1:26379".into()],
+                master: "sluice".into()
+            })
+        );
+        let settings = resolve(&[
+            "--settings",
+            file.to_str().unwrap(),
+            "--config-redis-url",
+            "redis://127.0.0.1:6379",
+        ])
+        .unwrap();
+        assert!(!settings.config_shares_counters_redis());
+    }
+
+    #[test]
+    fn bad_cluster_and_sentinel_settings_name_the_setting() {
+        let bad: [(&[&str], &str); 6] = [
+            (
+                &["--redis-cluster-nodes", "redis://a:1,b:2"],
+                "redis_cluster_nodes",
+            ),
+            (
+                &[
+                    "--redis-cluster-nodes",
+                    "redis://a:1",
+                    "--redis-url",
+                    "redis://b:2",
+                ],
+                "redis_cluster_nodes",
+            ),
+            (
+                &["--redis-sentinels", "redis://a:1"],
+                "redis_sentinel_master",
+            ),
+            (
+                &[
+                    "--redis-sentinels",
+                    "redis://a:1",
+                    "--redis-sentinel-master",
+                    "a b",
+                ],
+                "redis_sentinel_master",
+            ),
+            (
+                &["--mode", "development", "--redis-sentinel-master", "m"],
+                "redis_sentinel_master",
+            ),
+            (
+                &[
+                    "--redis-sentinels",
+                    "redis://a:1",
+                    "--redis-sentinel-master",
+                    "m",
+                    "--redis-url",
+                    "redis://b:2",
+                ],
+                "redis_sentinels",
+            ),
+        ];
+        for (args, setting) in bad {
+            let error = resolve(args).unwrap_err();
+            assert_eq!(error.setting, setting, "{args:?}: {error}");
+        }
+        let error = resolve(&["--redis-cluster-nodes", "localhost:7000"]).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "setting `redis_cluster_nodes` (--redis-cluster-nodes, SLUICE_REDIS_CLUSTER_NODES): \
+             each entry must be a redis:// or rediss:// URL, got \"localhost:7000\""
+        );
     }
 
     fn tempfile_dir() -> PathBuf {

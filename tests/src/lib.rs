@@ -10,6 +10,7 @@ pub mod fixtures;
 pub mod http;
 pub mod process;
 pub mod raw;
+pub mod redis_cluster;
 pub mod redis_server;
 pub mod upstream;
 
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 pub use controller::Controller;
 pub use envoy::{Envoy, EnvoyOptions, Filter};
 pub use process::Process;
+pub use redis_cluster::{RedisCluster, RedisSentinels};
 pub use redis_server::RedisServer;
 pub use upstream::Upstream;
 

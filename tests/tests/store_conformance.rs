@@ -1,16 +1,17 @@
 //! One behaviour suite, every store: each scenario runs against the embedded store and
 //! against a real `redis-server`, both on one injected clock (the Redis scripts take the
-//! time as an argument instead of `TIME` when a test asks them to). A few Redis-only tests
-//! at the end run on Redis's own clock.
+//! time as an argument instead of `TIME` when a test asks them to), and against a
+//! three-master Redis Cluster (one cluster for every scenario, run in turn by one test: a
+//! cluster takes seconds to form). A few Redis-only tests at the end run on Redis's own clock.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_controller::store::{
-    CheckSpec, LimitSpec, ManualClock, MemoryStore, Outcome, RedisStore, Store,
+    CheckSpec, LimitSpec, ManualClock, MemoryStore, Outcome, RedisStore, RedisTarget, Store,
 };
 use sluice_controller::strategy::{Params, PenaltyParams, Verdict};
-use sluice_e2e::{unique_name, RedisServer};
+use sluice_e2e::{unique_name, RedisCluster, RedisServer};
 use sluice_protocol::Strategy::{self, *};
 
 const HOUR: u64 = 3_600_000;
@@ -22,6 +23,8 @@ struct Subject {
     clock: Arc<ManualClock>,
     /// The server of a Redis subject, running for as long as the scenario.
     redis: Option<RedisServer>,
+    /// The cluster of a Redis Cluster subject, shared by the scenarios.
+    _cluster: Option<Arc<RedisCluster>>,
 }
 
 impl Subject {
@@ -31,6 +34,23 @@ impl Subject {
             store: Arc::new(MemoryStore::new(clock.clone())),
             clock,
             redis: None,
+            _cluster: None,
+        }
+    }
+
+    fn cluster(cluster: &Arc<RedisCluster>) -> Subject {
+        let clock = ManualClock::starting_at(START);
+        let store = RedisStore::open(
+            &RedisTarget::Cluster(cluster.urls()),
+            Duration::from_secs(2),
+        )
+        .expect("cluster store")
+        .with_clock(clock.clone());
+        Subject {
+            store: Arc::new(store),
+            clock,
+            redis: None,
+            _cluster: Some(Arc::clone(cluster)),
         }
     }
 
@@ -44,6 +64,7 @@ impl Subject {
             store: Arc::new(store),
             clock,
             redis: Some(redis),
+            _cluster: None,
         }
     }
 
@@ -643,6 +664,18 @@ macro_rules! every_store {
             async fn $scenario() {
                 super::$scenario(super::Subject::redis()).await;
             })*
+        }
+        mod cluster {
+            /// Every scenario on one three-master cluster, in turn (keys are unique per
+            /// scenario); a failing scenario names itself.
+            #[tokio::test]
+            async fn every_scenario() {
+                let cluster = std::sync::Arc::new(sluice_e2e::RedisCluster::start(3));
+                $(
+                    println!("cluster: {}", stringify!($scenario));
+                    super::$scenario(super::Subject::cluster(&cluster)).await;
+                )*
+            }
         }
     };
 }

@@ -8,15 +8,13 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::io::tcp::TcpSettings;
-use redis::{IntoConnectionInfo, Script};
+use redis::Script;
 use serde::{Deserialize, Serialize};
 use sluice_protocol::admin::{AuditEntry, Operations};
 use sluice_protocol::config::ConfigDocument;
 
 use crate::keys;
-use crate::store::StoreError;
+use crate::store::{RedisConnection, RedisTarget, StoreError};
 
 /// One version of the configuration, as stored.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -71,34 +69,38 @@ fn encode<T: Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Reply(format!("cannot encode: {e}")))
 }
 
-/// The configuration in Redis, under the keys `keys.rs` gives it.
+/// The configuration in Redis, under the keys `keys.rs` gives it. On a Redis Cluster they
+/// share one hash tag (`{config}`): the commit script and the audit's `MULTI` touch one slot.
 pub struct RedisConfigStore {
-    connection: ConnectionManager,
-    url_for_logs: String,
+    connection: RedisConnection,
+    target_for_logs: String,
     commit: Script,
     audit_length: usize,
 }
 
 impl RedisConfigStore {
+    /// On the single Redis at `url`.
     pub fn new(url: &str, timeout: Duration, audit_length: usize) -> Result<Self, StoreError> {
-        let info = url
-            .into_connection_info()?
-            .set_tcp_settings(TcpSettings::default().set_nodelay(true));
-        let client = redis::Client::open(info)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1);
-        let connection = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(RedisConfigStore::on(connection, url, audit_length))
+        RedisConfigStore::open(&RedisTarget::Single(url.to_owned()), timeout, audit_length)
+    }
+
+    /// On `target` (a single Redis, a Cluster, or a Sentinel's master), on a connection of
+    /// its own.
+    pub fn open(
+        target: &RedisTarget,
+        timeout: Duration,
+        audit_length: usize,
+    ) -> Result<Self, StoreError> {
+        let connection = RedisConnection::open(target, timeout)?;
+        Ok(RedisConfigStore::on(connection, target, audit_length))
     }
 
     /// On a connection the controller has already (the counters' Redis, when the
     /// configuration lives there too).
-    pub fn on(connection: ConnectionManager, url: &str, audit_length: usize) -> Self {
+    pub fn on(connection: RedisConnection, target: &RedisTarget, audit_length: usize) -> Self {
         RedisConfigStore {
             connection,
-            url_for_logs: crate::store::redact_password(url),
+            target_for_logs: target.describe(),
             commit: Script::new(include_str!("../../../lua/config_commit.lua")),
             audit_length: audit_length.max(1),
         }
@@ -108,7 +110,7 @@ impl RedisConfigStore {
 #[async_trait]
 impl ConfigStore for RedisConfigStore {
     fn describe(&self) -> String {
-        format!("redis at {}", self.url_for_logs)
+        format!("redis at {}", self.target_for_logs)
     }
 
     async fn version(&self) -> Result<u64, StoreError> {

@@ -2,6 +2,7 @@
 //! `tests/` runs the same scenarios against each.
 
 pub mod breaker;
+mod connection;
 mod memory;
 mod redis;
 
@@ -9,8 +10,9 @@ use async_trait::async_trait;
 
 use crate::strategy::{Params, Verdict};
 
+pub(crate) use self::connection::redact_password;
+pub use self::connection::{RedisConnection, RedisTarget};
 pub use self::memory::{now_ms, Clock, ManualClock, MemoryStore, SystemClock};
-pub(crate) use self::redis::redact_password;
 pub use self::redis::RedisStore;
 
 /// One limit to check for a request: where its state lives, what it is, what the request

@@ -1,16 +1,21 @@
 //! Counters in Redis, one Lua script per strategy (see `lua/`), run with EVALSHA (the
 //! `redis` crate reloads a script that the server does not know). Time comes from Redis
 //! `TIME` inside the scripts, so controllers with skewed clocks agree.
+//!
+//! On a single Redis (or the master Sentinel names) a batch of checks is one script call.
+//! On a Redis Cluster one script may only touch keys of one slot, so a batch whose keys span
+//! slots is split: one script call per slot, carrying that slot's part of every request in
+//! batch order, sent in parallel, the outcomes merged back in order (see
+//! [`RedisStore::check_across_slots`] for what that means for all-or-nothing).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::io::tcp::TcpSettings;
-use redis::{IntoConnectionInfo, Script};
+use redis::{Script, ScriptInvocation};
 
-use super::{CheckSpec, Clock, Outcome, Store, StoreError};
+use super::connection::{RedisConnection, RedisTarget};
+use super::{CheckSpec, Clock, LimitSpec, Outcome, Store, StoreError};
 use crate::strategy::Verdict;
 
 /// `lua/check.lua` after the prelude, the penalty and every strategy it dispatches to.
@@ -30,8 +35,8 @@ const RELEASE: &str = include_str!("../../../lua/release.lua");
 
 pub struct RedisStore {
     /// A multiplexed connection that reconnects by itself; cloning shares it.
-    connection: ConnectionManager,
-    url_for_logs: String,
+    connection: RedisConnection,
+    target_for_logs: String,
     check: Script,
     release: Script,
     /// Tests only: a clock whose time replaces Redis `TIME`.
@@ -39,23 +44,18 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// Prepares a store for `url`, on the Redis server's clock. The connection is made on
-    /// first use, so the controller starts (and reports not ready) while Redis comes up.
+    /// Prepares a store for the single Redis at `url`, on the Redis server's clock. The
+    /// connection is made on first use, so the controller starts (and reports not ready)
+    /// while Redis comes up.
     pub fn new(url: &str, response_timeout: Duration) -> Result<Self, StoreError> {
-        // Without TCP_NODELAY a small command written while the previous one is unacked
-        // waits for the ACK (Nagle), and pipelined checks queue behind it.
-        let info = url
-            .into_connection_info()?
-            .set_tcp_settings(TcpSettings::default().set_nodelay(true));
-        let client = redis::Client::open(info)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(response_timeout))
-            .set_response_timeout(Some(response_timeout))
-            .set_number_of_retries(1);
-        let connection = ConnectionManager::new_lazy_with_config(client, config)?;
+        RedisStore::open(&RedisTarget::Single(url.to_owned()), response_timeout)
+    }
+
+    /// Prepares a store for `target` (a single Redis, a Cluster, or a Sentinel's master).
+    pub fn open(target: &RedisTarget, response_timeout: Duration) -> Result<Self, StoreError> {
         Ok(RedisStore {
-            connection,
-            url_for_logs: redact_password(url),
+            connection: RedisConnection::open(target, response_timeout)?,
+            target_for_logs: target.describe(),
             check: Script::new(CHECK),
             release: Script::new(RELEASE),
             clock: None,
@@ -64,7 +64,7 @@ impl RedisStore {
 
     /// The connection, for another user of the same Redis (the configuration's store), so
     /// that one controller keeps one connection to one Redis.
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConnection {
         self.connection.clone()
     }
 
@@ -74,15 +74,9 @@ impl RedisStore {
         self.clock = Some(clock);
         self
     }
-}
 
-#[async_trait]
-impl Store for RedisStore {
-    fn describe(&self) -> String {
-        format!("redis at {}", self.url_for_logs)
-    }
-
-    async fn check_batch(&self, checks: &[CheckSpec<'_>]) -> Result<Vec<Outcome>, StoreError> {
+    /// One call of `lua/check.lua` for `checks`.
+    fn invocation(&self, checks: &[CheckSpec<'_>]) -> ScriptInvocation<'_> {
         let mut invocation = self.check.prepare_invoke();
         invocation
             .arg(
@@ -111,7 +105,150 @@ impl Store for RedisStore {
                 }
             }
         }
-        let reply: Vec<i64> = invocation
+        invocation
+    }
+
+    /// A batch on a Redis Cluster whose keys span slots. Each request is cut into its
+    /// parts per slot (its limits in that slot, in their order); each slot gets one script
+    /// call with its parts in batch order, so within a slot later requests still see what
+    /// earlier ones consumed. The calls go out in parallel.
+    ///
+    /// All-or-nothing then holds per part, not per request: a part whose limits all admit
+    /// counts even when a part in another slot denies the request (the request is denied,
+    /// and the admitting part has counted it: an over-count, never an under-count). A
+    /// client's own limits share a slot (keys.rs), so this only happens to a request whose
+    /// limits count against different identities (a per-client rule and a `global` one,
+    /// say).
+    async fn check_across_slots(
+        &self,
+        checks: &[CheckSpec<'_>],
+        slots: &[u16],
+    ) -> Result<Vec<Outcome>, StoreError> {
+        struct Part {
+            check: usize,
+            /// Indices of the part's limits among its request's.
+            indices: Vec<usize>,
+            limits: Vec<LimitSpec>,
+        }
+        let mut by_slot: Vec<(u16, Vec<Part>)> = Vec::new();
+        let mut next = 0;
+        for (index, check) in checks.iter().enumerate() {
+            let of_check = &slots[next..next + check.limits.len()];
+            next += check.limits.len();
+            for (position, (limit, slot)) in check.limits.iter().zip(of_check).enumerate() {
+                let parts = match by_slot.iter_mut().find(|(s, _)| s == slot) {
+                    Some((_, parts)) => parts,
+                    None => {
+                        by_slot.push((*slot, Vec::new()));
+                        let last = by_slot.len() - 1;
+                        &mut by_slot[last].1
+                    }
+                };
+                match parts.last_mut() {
+                    Some(part) if part.check == index => {
+                        part.indices.push(position);
+                        part.limits.push(limit.clone());
+                    }
+                    _ => parts.push(Part {
+                        check: index,
+                        indices: vec![position],
+                        limits: vec![limit.clone()],
+                    }),
+                }
+            }
+        }
+        let specs: Vec<Vec<CheckSpec<'_>>> = by_slot
+            .iter()
+            .map(|(_, parts)| {
+                parts
+                    .iter()
+                    .map(|part| CheckSpec {
+                        limits: &part.limits,
+                        lease_id: checks[part.check].lease_id,
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut calls: Vec<(ScriptInvocation<'_>, RedisConnection)> = specs
+            .iter()
+            .map(|specs| (self.invocation(specs), self.connection.clone()))
+            .collect();
+        let replies = join_all(
+            calls
+                .iter_mut()
+                .map(|(invocation, connection)| {
+                    Box::pin(async move { invocation.invoke_async::<Vec<i64>>(connection).await })
+                })
+                .collect(),
+        )
+        .await;
+        let mut outcomes: Vec<Outcome> = checks
+            .iter()
+            .map(|check| Outcome {
+                denied_by: None,
+                verdicts: vec![Verdict::default(); check.limits.len()],
+            })
+            .collect();
+        for (((_, parts), specs), reply) in by_slot.iter().zip(&specs).zip(replies) {
+            let decoded = decode_check(&reply?, specs)?;
+            for (part, outcome) in parts.iter().zip(decoded) {
+                let merged = &mut outcomes[part.check];
+                for (index, verdict) in part.indices.iter().zip(outcome.verdicts) {
+                    merged.verdicts[*index] = verdict;
+                }
+                if let Some(denier) = outcome.denied_by.map(|d| part.indices[d]) {
+                    merged.denied_by = Some(merged.denied_by.map_or(denier, |d| d.min(denier)));
+                }
+            }
+        }
+        Ok(outcomes)
+    }
+}
+
+/// Runs `futures` concurrently and returns their outputs in order (the controller has no
+/// `futures` crate; this is its `join_all`).
+async fn join_all<F: std::future::Future + Unpin>(mut futures: Vec<F>) -> Vec<F::Output> {
+    use std::task::Poll;
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match std::pin::Pin::new(future).poll(cx) {
+                    Poll::Ready(value) => *output = Some(value),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    fn describe(&self) -> String {
+        format!("redis at {}", self.target_for_logs)
+    }
+
+    async fn check_batch(&self, checks: &[CheckSpec<'_>]) -> Result<Vec<Outcome>, StoreError> {
+        if self.connection.is_cluster() {
+            let slots: Vec<u16> = checks
+                .iter()
+                .flat_map(|check| check.limits.iter())
+                .map(|limit| crate::keys::slot(&limit.key))
+                .collect();
+            if slots.iter().any(|slot| *slot != slots[0]) {
+                return self.check_across_slots(checks, &slots).await;
+            }
+        }
+        let reply: Vec<i64> = self
+            .invocation(checks)
             .invoke_async(&mut self.connection.clone())
             .await?;
         decode_check(&reply, checks)
@@ -140,31 +277,37 @@ impl Store for RedisStore {
     }
 
     async fn delete_counters(&self, rule: Option<&str>) -> Result<u64, StoreError> {
-        let mut connection = self.connection.clone();
         let pattern = crate::keys::counters_pattern(rule);
-        let mut cursor: u64 = 0;
         let mut deleted = 0;
-        loop {
-            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1_000)
-                .query_async(&mut connection)
-                .await?;
-            let counters: Vec<String> = found
-                .into_iter()
-                .filter(|key| {
-                    crate::keys::rule_of(key).is_some_and(|of| rule.is_none_or(|rule| rule == of))
-                })
-                .collect();
-            deleted += self.delete_keys(&counters).await?;
-            cursor = next;
-            if cursor == 0 {
-                return Ok(deleted);
+        // A SCAN cursor is one server's: on a cluster every master is scanned apart.
+        for mut node in self.connection.masters().await? {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, found): (u64, Vec<String>) = node
+                    .query(
+                        redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(&pattern)
+                            .arg("COUNT")
+                            .arg(1_000),
+                    )
+                    .await?;
+                let counters: Vec<String> = found
+                    .into_iter()
+                    .filter(|key| {
+                        crate::keys::rule_of(key)
+                            .is_some_and(|of| rule.is_none_or(|rule| rule == of))
+                    })
+                    .collect();
+                deleted += self.delete_keys(&counters).await?;
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
             }
         }
+        Ok(deleted)
     }
 
     async fn publish_stats(
@@ -229,6 +372,7 @@ impl Store for RedisStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
+        // Every stats key has the `{stats}` hash tag: one slot, so one MGET on a cluster too.
         let found: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
             .arg(&keys)
             .query_async(&mut connection)
@@ -290,18 +434,10 @@ fn decode_check(reply: &[i64], checks: &[CheckSpec<'_>]) -> Result<Vec<Outcome>,
     Ok(outcomes)
 }
 
-pub(crate) fn redact_password(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::redact_password;
 
     fn spec(strategy: sluice_protocol::Strategy) -> super::super::LimitSpec {
         super::super::LimitSpec {

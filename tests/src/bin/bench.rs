@@ -32,7 +32,7 @@ use sluice_e2e::controller::ControllerOptions;
 use sluice_e2e::envoy::{
     rate_limits_yaml, sluice_plugin_config, with_fields, EnvoyOptions, Filter,
 };
-use sluice_e2e::{Controller, Envoy, RedisServer, Upstream};
+use sluice_e2e::{Controller, Envoy, RedisCluster, RedisServer, Upstream};
 use sluice_protocol::Strategy;
 
 fn setting(name: &str, default: u64) -> u64 {
@@ -169,9 +169,12 @@ fn main() {
     if matches!(part.as_str(), "all" | "strategies") {
         report.push_str(&strategy_scenarios(&settings));
     }
+    if part == "cluster" {
+        report.push_str(&controller_on_redis(&settings, &[Strategy::FixedWindow]));
+    }
     assert!(
         !report.is_empty(),
-        "unknown part {part:?}: use envoy, attack, filter, strategies or all"
+        "unknown part {part:?}: use envoy, attack, filter, strategies, cluster or all"
     );
     println!("{report}");
     let out = sluice_e2e::repo_root().join("target/bench");
@@ -938,34 +941,64 @@ fn strategy_scenarios(settings: &Settings) -> String {
     }
     report.push('\n');
 
+    report.push_str(&controller_on_redis(settings, &Strategy::ALL));
+    report
+}
+
+/// Check calls per second of a controller on a single Redis, per strategy of `strategies`,
+/// and of one on a three-master Redis Cluster (fixed window), in the same rounds, as ratios
+/// to a call that matches no rule (the `cluster` part runs only this, for fixed windows).
+fn controller_on_redis(settings: &Settings, strategies: &[Strategy]) -> String {
     let redis = RedisServer::start();
     let controller = Controller::start_logging(&strategy_rules(), Some(&redis.url()), "warn");
+    let cluster = RedisCluster::start(3);
+    let on_cluster = Controller::start_with(&ControllerOptions {
+        log_filter: "warn",
+        extra_args: vec![
+            "--redis-cluster-nodes".into(),
+            cluster.urls().join(","),
+            "--redis-timeout-ms".into(),
+            "2000".into(),
+        ],
+        ..ControllerOptions::new(&strategy_rules(), None)
+    });
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("http://127.0.0.1:{}", controller.port);
+    let cluster_url = format!("http://127.0.0.1:{}", on_cluster.port);
     let mut configurations = vec![(
-        "no rule matches (no Redis call)",
-        check_script(dir.path(), "/none"),
+        "no rule matches (no Redis call)".to_owned(),
+        (url.clone(), check_script(dir.path(), "/none")),
     )];
-    for strategy in Strategy::ALL {
+    for strategy in strategies {
         configurations.push((
-            strategy.as_str(),
-            check_script(dir.path(), &format!("/{}", strategy.as_str())),
+            strategy.as_str().to_owned(),
+            (
+                url.clone(),
+                check_script(dir.path(), &format!("/{}", strategy.as_str())),
+            ),
         ));
     }
+    configurations.push((
+        "fixed_window on a 3-master Redis Cluster".to_owned(),
+        (cluster_url, check_script(dir.path(), "/fixed_window")),
+    ));
+    let configurations: Vec<(&str, (String, std::path::PathBuf))> = configurations
+        .iter()
+        .map(|(name, c)| (name.as_str(), c.clone()))
+        .collect();
     eprintln!(
-        "strategies: controller on Redis, wrk -t1 -c{} straight at /v1/check",
+        "strategies: controller on Redis (and on a Redis Cluster), wrk -t1 -c{} straight at /v1/check",
         settings.connections
     );
     let seconds = settings.seconds.div_ceil(2).max(2);
-    let runs = interleaved(settings, &configurations, |script| {
-        wrk_with(&url, seconds, settings.connections, Some(script))
+    let runs = interleaved(settings, &configurations, |(url, script)| {
+        wrk_with(url, seconds, settings.connections, Some(script))
     });
-    report.push_str(&table(
-        "Controller check calls per second on Redis, per strategy (ratio to no rule)",
+    table(
+        "Controller check calls per second on Redis, per strategy, and on a Redis Cluster (ratio to no rule)",
         &configurations,
         &runs,
-    ));
-    report
+    )
 }
 
 #[cfg(test)]
