@@ -8,6 +8,7 @@
 pub mod auth;
 mod config;
 mod counters;
+mod dashboard;
 mod entities;
 mod keys;
 mod lists;
@@ -126,6 +127,8 @@ pub fn app(state: AdminState) -> Router {
         .route("/healthz", get(crate::check::healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/dashboard", get(dashboard::page))
+        .route("/dashboard/{asset}", get(dashboard::asset))
         .fallback(crate::error::not_found)
         .method_not_allowed_fallback(crate::error::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
