@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs Debian packages by name, as root or through sudo. Used by the Makefile for
-# redis-server and wrk when they are missing.
+# redis-server, wrk and chromium when they are missing.
 set -euo pipefail
 sudo=()
 [ "$(id -u)" -eq 0 ] || sudo=(sudo)

@@ -70,6 +70,7 @@ Sluice demo is up (counters and configuration in $store).
   Envoy      http://127.0.0.1:10000   (admin http://127.0.0.1:9901)
   controller http://127.0.0.1:8081    (check API)
   admin API  http://127.0.0.1:8082/v1/admin   token: $ADMIN_TOKEN
+  dashboard  http://127.0.0.1:8082/dashboard  (sign in with the token above)
   upstream   http://127.0.0.1:8080
   logs       $LOGS/
 

@@ -262,6 +262,7 @@ pub async fn serve(
             limiter: Arc::clone(&limiter),
             tokens: Arc::new(tokens),
             metrics: Arc::clone(&metrics),
+            stopping: admin::Stopping::on(stopped.clone()),
         });
         Some(
             axum::serve(admin_listener, admin_app)

@@ -599,6 +599,105 @@ impl Recorder {
     }
 }
 
+/// The plain counts of one bucket, without its sketches: what a live view needs to say how
+/// many decisions came since it last looked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BucketTally {
+    pub start_ms: u64,
+    /// Over every tier (each decision once): allowed, limited, shadow-limited, refused.
+    pub overall: [u64; 4],
+    /// Per rule: allowed, limited, shadow-limited.
+    pub rules: BTreeMap<String, [u64; 3]>,
+}
+
+impl Recorder {
+    /// The counts of this controller's buckets of 10 s, oldest first. Read-only (it does not
+    /// start a bucket) and copies only counters: the lock is held for about as long as one
+    /// check call holds it.
+    pub fn tallies(&self) -> Vec<BucketTally> {
+        let inner = self.lock();
+        inner
+            .fine
+            .buckets
+            .iter()
+            .map(|bucket| BucketTally {
+                start_ms: bucket.start_ms,
+                overall: bucket.tiers.values().fold([0; 4], |mut sum, counts| {
+                    sum[0] += counts.allowed;
+                    sum[1] += counts.limited;
+                    sum[2] += counts.shadow_limited;
+                    sum[3] += counts.refused;
+                    sum
+                }),
+                rules: bucket
+                    .rules
+                    .iter()
+                    .map(|(rule, counts)| {
+                        (
+                            rule.clone(),
+                            [counts.allowed, counts.limited, counts.shadow_limited],
+                        )
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// Decisions since the last look, from successive [`Recorder::tallies`]: a bucket's counts
+/// only grow while it is kept, so what came since is, bucket by bucket, the counts now less
+/// the counts seen last time (nothing for a bucket that has left the ring; all of a bucket
+/// not seen before).
+#[derive(Debug, Default)]
+pub struct RateMeter {
+    seen: Option<BTreeMap<u64, BucketTally>>,
+}
+
+impl RateMeter {
+    /// What came since the last call (nothing on the first: it only takes the counts in).
+    pub fn since_last(&mut self, tallies: Vec<BucketTally>) -> sluice_protocol::admin::Rates {
+        let mut rates = sluice_protocol::admin::Rates::default();
+        let now: BTreeMap<u64, BucketTally> =
+            tallies.into_iter().map(|t| (t.start_ms, t)).collect();
+        if let Some(seen) = &self.seen {
+            let empty = BucketTally::default();
+            let mut rules: BTreeMap<&str, [u64; 3]> = BTreeMap::new();
+            for (start, tally) in &now {
+                let before = seen.get(start).unwrap_or(&empty);
+                let overall = [
+                    &mut rates.allowed,
+                    &mut rates.limited,
+                    &mut rates.shadow_limited,
+                    &mut rates.refused,
+                ];
+                for (i, sum) in overall.into_iter().enumerate() {
+                    *sum += tally.overall[i].saturating_sub(before.overall[i]);
+                }
+                for (rule, counts) in &tally.rules {
+                    let was = before.rules.get(rule).copied().unwrap_or_default();
+                    let sum = rules.entry(rule).or_default();
+                    for i in 0..3 {
+                        sum[i] += counts[i].saturating_sub(was[i]);
+                    }
+                }
+            }
+            rates.rules = rules
+                .into_iter()
+                .map(|(rule, [allowed, limited, shadow_limited])| {
+                    sluice_protocol::admin::RuleRate {
+                        rule: rule.to_owned(),
+                        allowed,
+                        limited,
+                        shadow_limited,
+                    }
+                })
+                .collect();
+        }
+        self.seen = Some(now);
+        rates
+    }
+}
+
 /// `key|lease id|slots` → (key, slots).
 fn lease_parts(token: &str) -> Option<(&str, u64)> {
     let mut parts = token.rsplitn(3, '|');
@@ -891,5 +990,35 @@ pub fn hints(stats: &StatsBody) -> HintsBody {
     HintsBody {
         window: stats.window.clone(),
         hints,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tally(start_ms: u64, allowed: u64, limited: u64) -> BucketTally {
+        BucketTally {
+            start_ms,
+            overall: [allowed, limited, 0, 0],
+            rules: BTreeMap::from([("r".to_owned(), [allowed, limited, 0])]),
+        }
+    }
+
+    #[test]
+    fn the_rate_meter_counts_what_came_since_across_buckets() {
+        let mut meter = RateMeter::default();
+        // The first look only takes the counts in.
+        let first = meter.since_last(vec![tally(0, 5, 1)]);
+        assert_eq!((first.allowed, first.limited), (0, 0));
+        assert!(first.rules.is_empty());
+        // The same bucket grew, and a new one started.
+        let second = meter.since_last(vec![tally(0, 7, 1), tally(10_000, 3, 2)]);
+        assert_eq!((second.allowed, second.limited), (5, 2));
+        assert_eq!(second.rules.len(), 1);
+        assert_eq!((second.rules[0].allowed, second.rules[0].limited), (5, 2));
+        // The oldest bucket left the ring: that is not a negative rate.
+        let third = meter.since_last(vec![tally(10_000, 4, 2)]);
+        assert_eq!((third.allowed, third.limited), (1, 0));
     }
 }

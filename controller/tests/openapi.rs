@@ -52,11 +52,15 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/admin/enforcement"),
     ("put", "/v1/admin/enforcement"),
     ("get", "/v1/admin/stats"),
+    ("get", "/v1/admin/stats/stream"),
     ("get", "/v1/admin/hints"),
     ("get", "/v1/admin/audit"),
     ("get", "/v1/admin/whoami"),
     ("get", "/v1/admin/openapi.json"),
 ];
+
+/// Routes whose answer does not end (server-sent events): only their headers are read.
+const STREAMS: &[&str] = &["/v1/admin/stats/stream"];
 
 /// The one route the document does not describe: the document itself.
 const THE_DOCUMENT: &str = "/v1/admin/openapi.json";
@@ -185,6 +189,23 @@ async fn the_router_serves_the_routes_and_only_them() {
         for method in ["get", "put", "post", "delete", "patch"] {
             let served = ROUTES.contains(&(method, path));
             let upper = method.to_ascii_uppercase();
+            if served && method == "get" && STREAMS.contains(&path) {
+                let request = axum::http::Request::builder()
+                    .uri(path)
+                    .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+                    .body(axum::body::Body::empty())
+                    .expect("request");
+                let response = tower::ServiceExt::oneshot(world.admin.clone(), request)
+                    .await
+                    .expect("a response");
+                assert_eq!(response.status(), StatusCode::OK, "GET {path}");
+                assert_eq!(
+                    response.headers().get("content-type").map(|v| v.as_bytes()),
+                    Some(&b"text/event-stream"[..]),
+                    "GET {path}"
+                );
+                continue;
+            }
             let body = (method != "get" && method != "delete").then_some("{}");
             let reply = call(
                 &world.admin,

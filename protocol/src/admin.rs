@@ -342,3 +342,45 @@ pub struct Hint {
     #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub figures: serde_json::Value,
 }
+
+/// One event of `GET /v1/admin/stats/stream` (`event: stats`, about once a second): what the
+/// limiter did since the event before, the stats of the window, the hints, and the
+/// configuration's version and system state (a client reads the rest again when the version
+/// moves).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StatsEvent {
+    /// RFC 3339, when the event was made.
+    pub at: String,
+    /// The configuration's version.
+    pub version: u64,
+    pub state: Operations,
+    /// This controller's decisions since the event before (none in the first event).
+    pub rates: Rates,
+    pub stats: StatsBody,
+    pub hints: Vec<Hint>,
+}
+
+/// Decisions of this controller over `interval_ms`: overall (each decision once) and per
+/// rule (as the stats count them: a rule that was not reached for a denied request is not
+/// counted).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Rates {
+    pub interval_ms: u64,
+    pub allowed: u64,
+    pub limited: u64,
+    pub shadow_limited: u64,
+    /// Refused for who the client is (an unknown API key).
+    pub refused: u64,
+    pub rules: Vec<RuleRate>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RuleRate {
+    pub rule: String,
+    pub allowed: u64,
+    pub limited: u64,
+    pub shadow_limited: u64,
+}

@@ -2,6 +2,7 @@
 //! real controllers, a real Envoy running the real `.wasm`, each on free loopback ports,
 //! waited for by polling and killed when dropped.
 
+pub mod browser;
 pub mod cli;
 pub mod controller;
 pub mod delay_proxy;

@@ -8,11 +8,13 @@
 pub mod auth;
 mod config;
 mod counters;
+mod dashboard;
 mod entities;
 mod keys;
 mod lists;
 pub mod openapi;
 mod stats;
+mod stream;
 pub mod system;
 
 use std::sync::Arc;
@@ -44,6 +46,30 @@ pub struct AdminState {
     pub limiter: Arc<Limiter>,
     pub tokens: Arc<Tokens>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Ends the event streams when the controller stops.
+    pub stopping: Stopping,
+}
+
+/// Whether the controller is stopping: long answers (the stats stream) end when it is, so
+/// that a graceful shutdown does not wait for their clients. The default never stops.
+#[derive(Clone, Default)]
+pub struct Stopping(Option<tokio::sync::watch::Receiver<bool>>);
+
+impl Stopping {
+    /// Stopping once `stopped` holds `true` (or its sender is gone).
+    pub fn on(stopped: tokio::sync::watch::Receiver<bool>) -> Stopping {
+        Stopping(Some(stopped))
+    }
+
+    /// Completes when the controller stops.
+    pub async fn wait(&mut self) {
+        match &mut self.0 {
+            Some(stopped) => {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            }
+            None => std::future::pending().await,
+        }
+    }
 }
 
 pub fn app(state: AdminState) -> Router {
@@ -90,6 +116,7 @@ pub fn app(state: AdminState) -> Router {
             get(system::get_enforcement).put(system::set_enforcement),
         )
         .route("/stats", get(stats::get_stats))
+        .route("/stats/stream", get(stream::get_stats_stream))
         .route("/hints", get(stats::get_hints))
         .route("/audit", get(system::audit))
         .route("/whoami", get(system::whoami))
@@ -100,6 +127,8 @@ pub fn app(state: AdminState) -> Router {
         .route("/healthz", get(crate::check::healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/dashboard", get(dashboard::page))
+        .route("/dashboard/{asset}", get(dashboard::asset))
         .fallback(crate::error::not_found)
         .method_not_allowed_fallback(crate::error::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{config, counters, entities, keys, lists, stats, system};
+use super::{config, counters, entities, keys, lists, stats, stream, system};
 
 struct BearerAuth;
 
@@ -85,7 +85,7 @@ impl Modify for BearerAuth {
         lists::list, lists::add, lists::get, lists::remove,
         counters::inspect, counters::reset,
         system::get_state, system::set_state, system::get_enforcement, system::set_enforcement,
-        system::audit, system::whoami, stats::get_stats, stats::get_hints,
+        system::audit, system::whoami, stats::get_stats, stats::get_hints, stream::get_stats_stream,
     ),
     modifiers(&BearerAuth),
     tags(

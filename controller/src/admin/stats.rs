@@ -16,6 +16,7 @@ use crate::stats::{self, Window};
 const MAX_TOP: usize = stats::TOP_CAPACITY;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct StatsQuery {
     /// `1m` (default) or `1h`.
@@ -24,7 +25,7 @@ pub struct StatsQuery {
     pub top: Option<usize>,
 }
 
-async fn gather(state: &AdminState, query: &StatsQuery) -> Result<StatsBody, ApiError> {
+pub(super) async fn gather(state: &AdminState, query: &StatsQuery) -> Result<StatsBody, ApiError> {
     let Some(recorder) = state.limiter.recorder() else {
         return Err(ApiError::conflict(
             "this controller keeps no stats (it runs with --stats false)",

@@ -175,6 +175,7 @@ pub async fn world_on(
             limiter,
             tokens: Arc::new(tokens),
             metrics: Arc::clone(&metrics),
+            stopping: Default::default(),
         }),
         live,
         clock,
