@@ -74,6 +74,10 @@ impl RedisCluster {
                         conf.display().to_string(),
                         "--cluster-node-timeout".into(),
                         "5000".into(),
+                        // The bus port is the client port + 10000 unless given, which can fall
+                        // in the ephemeral range and collide with any outgoing connection.
+                        "--cluster-port".into(),
+                        free_port().to_string(),
                     ],
                 )
             })
