@@ -118,14 +118,19 @@ fn demo() -> (Controller, Upstream, Envoy) {
     let rules = std::fs::read_to_string(repo_root().join("controller/demo-rules.toml")).unwrap();
     let controller = Controller::start(&rules, None);
     let upstream = Upstream::start();
+    let envoy = start_shipped(
+        "envoy/demo.yaml",
+        &[(8080, upstream.port()), (8081, controller.port)],
+    );
+    (controller, upstream, envoy)
+}
+
+/// A shipped Envoy config (`file`, from the repository's root) on free ports: its listener
+/// (10000) and admin (9901), and each `(shipped, ours)` of `others`.
+fn start_shipped(file: &str, others: &[(u16, u16)]) -> Envoy {
     let (port, admin_port) = (free_port(), free_port());
-    let mut config = with_built_wasm(&repo_root().join("envoy/demo.yaml"));
-    for (shipped, ours) in [
-        (10000, port),
-        (9901, admin_port),
-        (8080, upstream.port()),
-        (8081, controller.port),
-    ] {
+    let mut config = with_built_wasm(&repo_root().join(file));
+    for (shipped, ours) in [(10000, port), (9901, admin_port)].iter().chain(others) {
         config = replace_exactly(
             &config,
             &format!("port_value: {shipped} "),
@@ -133,20 +138,14 @@ fn demo() -> (Controller, Upstream, Envoy) {
             1,
         );
     }
-    let envoy = Envoy::start_with_config(&config, port, admin_port, 1);
-    (controller, upstream, envoy)
+    Envoy::start_with_config(&config, port, admin_port, 1)
 }
 
-/// Five requests from one anonymous client pass with headers counting down, the sixth is
-/// limited.
-#[test]
-fn the_demo_configuration_limits_as_the_readme_says() {
-    let (_controller, _upstream, envoy) = demo();
-
-    // The demo's window is 10 s aligned to the epoch: start with at least 4 s of it left, so
-    // that the six requests cannot straddle a boundary (which would reset the count).
+/// Waits for a 10 s window aligned to the epoch (the shipped rules') with at least 4 s of it
+/// left, so that the requests that follow cannot straddle a boundary (which resets the count).
+fn wait_for_a_fresh_window() {
     sluice_e2e::wait_until(
-        "a demo window with 4 s left",
+        "a 10 s window with 4 s left",
         std::time::Duration::from_secs(11),
         || {
             let now = std::time::SystemTime::now()
@@ -155,6 +154,15 @@ fn the_demo_configuration_limits_as_the_readme_says() {
             now.as_millis() % 10_000 < 6_000
         },
     );
+}
+
+/// Five requests from one anonymous client pass with headers counting down, the sixth is
+/// limited.
+#[test]
+fn the_demo_configuration_limits_as_the_readme_says() {
+    let (_controller, _upstream, envoy) = demo();
+
+    wait_for_a_fresh_window();
     for remaining in (0..5).rev() {
         let response = http::get(&envoy.url("/anything")).unwrap();
         assert_eq!(response.status, 200, "{response:?}");
@@ -226,35 +234,16 @@ fn the_native_ratelimit_configuration_limits_as_its_comments_say() {
         ..sluice_e2e::controller::ControllerOptions::new(&rules, None)
     });
     let upstream = Upstream::start();
-    let (port, admin_port) = (free_port(), free_port());
-    let mut config = with_built_wasm(&repo_root().join("envoy/native-ratelimit.yaml"));
-    for (shipped, ours) in [
-        (10000, port),
-        (9901, admin_port),
-        (8080, upstream.port()),
-        (8083, controller.grpc()),
-        (8081, controller.port),
-    ] {
-        config = replace_exactly(
-            &config,
-            &format!("port_value: {shipped} "),
-            &format!("port_value: {ours} "),
-            1,
-        );
-    }
-    let envoy = Envoy::start_with_config(&config, port, admin_port, 1);
-
-    // The window is 10 s aligned to the epoch: start with at least 4 s of it left.
-    sluice_e2e::wait_until(
-        "a window with 4 s left",
-        std::time::Duration::from_secs(11),
-        || {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            now.as_millis() % 10_000 < 6_000
-        },
+    let envoy = start_shipped(
+        "envoy/native-ratelimit.yaml",
+        &[
+            (8080, upstream.port()),
+            (8083, controller.grpc()),
+            (8081, controller.port),
+        ],
     );
+
+    wait_for_a_fresh_window();
     for remaining in (0..5).rev() {
         let response = http::get(&envoy.url("/anything")).unwrap();
         assert_eq!(response.status, 200, "{response:?}\n{}", envoy.log());
