@@ -65,6 +65,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -485,11 +486,36 @@ fn proto_duration(ms: u64) -> ProtoDuration {
 /// The gRPC service over a limiter.
 pub struct Rls {
     limiter: Arc<Limiter>,
+    /// Checks counted for the log of limited requests: this service picks its share of
+    /// them, as the filter does of its own.
+    checks_seen: AtomicU64,
 }
 
 impl Rls {
     pub fn new(limiter: Arc<Limiter>) -> Self {
-        Rls { limiter }
+        Rls {
+            limiter,
+            checks_seen: AtomicU64::new(0),
+        }
+    }
+
+    fn sample_for_log(&self, checks: &mut [Check]) {
+        let share = self
+            .limiter
+            .config()
+            .snapshot()
+            .document
+            .limited_log_sample();
+        if share <= 0.0 {
+            return;
+        }
+        for check in checks {
+            let seen = self
+                .checks_seen
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1);
+            check.sampled = sluice_protocol::sampled(seen, share);
+        }
     }
 }
 
@@ -499,10 +525,11 @@ impl RateLimitService for Rls {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
-        let checks = checks_for(request.get_ref()).map_err(|error| {
+        let mut checks = checks_for(request.get_ref()).map_err(|error| {
             tracing::debug!(%error, "invalid rate-limit request");
             Status::invalid_argument(error.to_string())
         })?;
+        self.sample_for_log(&mut checks);
         let call = CheckRequest {
             checks,
             hold_delays: true,

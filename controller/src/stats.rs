@@ -199,7 +199,6 @@ struct Inner {
     delayed: BinaryHeap<Reverse<u64>>,
     /// Concurrency leases this controller handed out: token → (rule, slots, expiry).
     leases: HashMap<String, (String, u64, u64)>,
-    limited_seen: u64,
     client: String,
 }
 
@@ -234,7 +233,6 @@ impl Recorder {
                 alert_tally: Tally::new(),
                 delayed: BinaryHeap::new(),
                 leases: HashMap::new(),
-                limited_seen: 0,
                 client: String::new(),
             }),
             metrics,
@@ -382,12 +380,8 @@ impl Recorder {
                 };
                 outcomes[outcome as usize] += 1;
             }
-            if outcome == Outcome::Limited && sample > 0.0 {
-                inner.limited_seen += 1;
-                let seen = inner.limited_seen as f64;
-                if (seen * sample).floor() > ((seen - 1.0) * sample).floor() {
-                    log_limited(check, decision, tier);
-                }
+            if outcome == Outcome::Limited && check.sampled && sample > 0.0 {
+                log_limited(check, decision, tier);
             }
             if !decision.leases.is_empty() {
                 let lease_ms = decision

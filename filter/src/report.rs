@@ -52,8 +52,7 @@ impl Tally {
     /// (every 1/sample-th, counting them).
     pub fn sampled(&mut self, sample: f64) -> bool {
         self.denials_seen += 1;
-        let seen = self.denials_seen as f64;
-        sample > 0.0 && (seen * sample).floor() > ((seen - 1.0) * sample).floor()
+        sluice_protocol::sampled(self.denials_seen, sample)
     }
 
     /// One request refused from the denial cache, with its request id if it was sampled.

@@ -130,6 +130,8 @@ pub struct Worker {
     /// Whether Envoy logs at debug now (read on each tick): debug lines are formatted only
     /// then.
     debug: Cell<bool>,
+    /// Checks counted for the log sample (see [`Worker::sampled_for_log`]).
+    checks_seen: Cell<u64>,
 }
 
 pub fn log(host: &dyn Host, level: LogLevel, message: &str) {
@@ -137,6 +139,17 @@ pub fn log(host: &dyn Host, level: LogLevel, message: &str) {
 }
 
 impl Worker {
+    /// Whether the next check is one of the `share` the controllers log if limited. Only
+    /// those carry the request id: the rest of the checks go without it, as short as before.
+    pub fn sampled_for_log(&self, share: f64) -> bool {
+        if share <= 0.0 {
+            return false;
+        }
+        let seen = self.checks_seen.get().wrapping_add(1);
+        self.checks_seen.set(seen);
+        sluice_protocol::sampled(seen, share)
+    }
+
     /// Logs `message()` at debug, if Envoy logs debug lines at the moment.
     pub fn debug(&self, host: &dyn Host, message: impl FnOnce() -> String) {
         if self.debug.get() {
@@ -571,6 +584,7 @@ impl Root {
             tally: RefCell::new(Tally::default()),
             stream_calls: RefCell::new(HashMap::new()),
             debug: Cell::new(host.log_level() <= LogLevel::Debug),
+            checks_seen: Cell::new(0),
         }));
         let _ = host.set_tick_period_ms(WATCHDOG_TICK_MS);
         true

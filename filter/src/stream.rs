@@ -320,7 +320,8 @@ impl Stream {
                 check.headers.insert(name.clone(), value);
             }
         }
-        if view.limited_log_sample > 0.0 {
+        if self.worker.sampled_for_log(view.limited_log_sample) {
+            check.sampled = true;
             check.request_id = headers
                 .get_lossy("x-request-id")
                 .filter(|id| id.len() <= MAX_REQUEST_ID_BYTES);

@@ -584,6 +584,52 @@ fn the_controller_hears_what_it_asked_for_once_a_second_and_nothing_else() {
 }
 
 #[test]
+fn only_the_checks_sampled_for_the_log_carry_the_request_id() {
+    let sent = |sample: f64| -> Vec<(bool, Option<String>)> {
+        let mut envoy = started_with_view(
+            &plugin(serde_json::json!({})),
+            serde_json::json!({ "version": 1, "limited_log_sample": sample }),
+        );
+        (0..8)
+            .map(|n| {
+                let id = format!("req-{n}");
+                let (_, action) = envoy.request(
+                    get(b"/", &[(b"x-request-id", id.as_bytes())]),
+                    &[(PEER, b"192.0.2.1:1")],
+                );
+                assert_eq!(action, Action::Pause);
+                envoy.run_queues();
+                let batch = envoy.calls().pop().expect("a check call");
+                envoy.answer_with(batch.token, "200", &decisions_for(&batch.body, |_| true));
+                let check = checks_in(&batch.body).remove(0);
+                (check.sampled, check.request_id)
+            })
+            .collect()
+    };
+    let quarter = sent(0.25);
+    let expected: Vec<(bool, Option<String>)> = (0..8)
+        .map(|n| {
+            if n % 4 == 3 {
+                (true, Some(format!("req-{n}")))
+            } else {
+                (false, None)
+            }
+        })
+        .collect();
+    assert_eq!(quarter, expected, "one check in four, with its id");
+    assert!(
+        sent(0.0).iter().all(|c| *c == (false, None)),
+        "sampling off"
+    );
+    assert!(
+        sent(1.0)
+            .iter()
+            .all(|(sampled, id)| *sampled && id.is_some()),
+        "every check"
+    );
+}
+
+#[test]
 fn a_controller_that_asks_for_no_report_gets_none() {
     let mut envoy = started_with_view(
         &plugin(serde_json::json!({})),

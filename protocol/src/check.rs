@@ -61,10 +61,26 @@ pub struct Check {
     /// from the controller's rules.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
-    /// Envoy's `x-request-id`, sent only when the controller logs limited requests (its
-    /// view asks for them), for the log line. Not part of what is counted.
+    /// Picked for the log of limited requests: the controller logs this check's decision
+    /// if it is limited. Whoever builds the check picks (the filter, one in
+    /// `1/limited_log_sample` of its checks, see [`sampled`]), so the request id travels
+    /// only with the checks that may be logged. Not part of what is counted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sampled: bool,
+    /// Envoy's `x-request-id`, sent with a `sampled` check for the log line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+}
+
+/// Whether the `seen`-th item (counting from 1) of a sequence is one of the `share` (0–1)
+/// picked: evenly, one in every `1/share`, so a share is met exactly over any long run and
+/// the choice costs a multiplication, not a random draw.
+pub fn sampled(seen: u64, share: f64) -> bool {
+    if share <= 0.0 || seen == 0 {
+        return false;
+    }
+    let seen = seen as f64;
+    (seen * share).floor() > ((seen - 1.0) * share).floor()
 }
 
 impl Check {
@@ -81,6 +97,7 @@ impl Check {
             api_key: None,
             tier: None,
             headers: BTreeMap::new(),
+            sampled: false,
             request_id: None,
         }
     }
@@ -301,6 +318,33 @@ fn is_zero(value: &u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sampling_picks_exactly_its_share_evenly_and_nothing_at_zero() {
+        let picked = |share: f64, upto: u64| (1..=upto).filter(|&n| sampled(n, share)).count();
+        assert_eq!(picked(0.01, 10_000), 100);
+        assert_eq!(picked(0.3, 10), 3);
+        assert_eq!(picked(1.0, 50), 50);
+        assert_eq!(picked(0.0, 1_000), 0);
+        // Evenly: one in every hundred, never two in a row.
+        let at: Vec<u64> = (1..=300).filter(|&n| sampled(n, 0.01)).collect();
+        assert_eq!(at, [100, 200, 300]);
+    }
+
+    #[test]
+    fn an_unsampled_check_carries_neither_the_mark_nor_a_request_id() {
+        let check = Check::new(ClientId::ip("10.0.0.1"), "h", "GET", "/a", 1);
+        let wire = serde_json::to_value(&check).unwrap();
+        assert!(wire.get("sampled").is_none(), "{wire}");
+        assert!(wire.get("request_id").is_none(), "{wire}");
+        let marked = Check {
+            sampled: true,
+            request_id: Some("r-1".into()),
+            ..check
+        };
+        let back: Check = serde_json::from_value(serde_json::to_value(&marked).unwrap()).unwrap();
+        assert_eq!(back, marked);
+    }
 
     #[test]
     fn check_request_round_trips_and_defaults_cost_to_one() {

@@ -298,9 +298,10 @@ pub struct FilterView {
     /// cannot be reached (every rule's failure mode is then `allow`).
     #[serde(default = "enforcing")]
     pub enforce: bool,
-    /// The share of limited requests the controllers log (0: none). Above 0, checks carry
-    /// the request's `x-request-id`, and the filter samples the denials it answers from its
-    /// cache at this rate, naming their request ids in its report.
+    /// The share of limited requests the controllers log (0: none). The filter marks this
+    /// share of its checks `sampled` (with the request's `x-request-id`), and samples the
+    /// denials it answers from its cache at this rate, naming their request ids in its
+    /// report.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub limited_log_sample: f64,
 }

@@ -10,7 +10,7 @@ pub mod headers;
 pub mod rules;
 
 pub use check::{
-    AddressCount, CachedDenials, Check, CheckRequest, CheckResponse, ClientId, ClientKind,
+    sampled, AddressCount, CachedDenials, Check, CheckRequest, CheckResponse, ClientId, ClientKind,
     Decision, DenyReason, PolicyStatus, Refusal, ReleaseRequest, Report, CHECK_PATH,
     MAX_REPORTED_ADDRESSES, RELEASE_PATH, REPORT_PATH,
 };
