@@ -100,6 +100,20 @@ pub fn penalty_key(limit_key: &str) -> String {
 
 const PENALTY: &str = "penalty";
 
+/// The key of the set of workers holding leases on the limit whose key is `limit_key`
+/// (same slot): `sluice:{tag}:holders:<rule>:<client>`.
+pub fn lease_holders_key(limit_key: &str) -> String {
+    let mut parts = limit_key.splitn(4, ':');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(prefix), Some(tag), Some(_strategy), Some(rest)) => {
+            format!("{prefix}:{tag}:{HOLDERS}:{rest}")
+        }
+        _ => format!("{limit_key}:{HOLDERS}"),
+    }
+}
+
+const HOLDERS: &str = "holders";
+
 /// The counter of invalid credentials from `ip` (brute-force protection). Its rule part is
 /// no rule's name (`~` is not allowed in one), so no rule's reset touches it.
 pub fn invalid_credentials_key(ip: &str) -> String {

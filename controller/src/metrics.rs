@@ -84,6 +84,9 @@ pub struct Metrics {
     pub breaker_state: Family<BreakerLabels, Gauge>,
     pub breaker_transitions: Family<BreakerLabels, Counter>,
     pub fallback_decisions: Family<FallbackLabels, Counter>,
+    pub leases_granted: Family<RuleLabels, Counter>,
+    pub leased_requests_granted: Family<RuleLabels, Counter>,
+    pub leased_admissions: Family<RuleLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -219,7 +222,28 @@ impl Metrics {
             "Checks answered by the fallback while the counters' store could not answer",
             fallback_decisions.clone(),
         );
+        let leases_granted = Family::<RuleLabels, Counter>::default();
+        registry.register(
+            "leases_granted",
+            "Leases of quota granted to filter workers, by the rule that speaks for the decision",
+            leases_granted.clone(),
+        );
+        let leased_requests_granted = Family::<RuleLabels, Counter>::default();
+        registry.register(
+            "leased_requests_granted",
+            "Requests the granted leases may admit, by rule",
+            leased_requests_granted.clone(),
+        );
+        let leased_admissions = Family::<RuleLabels, Counter>::default();
+        registry.register(
+            "leased_admissions",
+            "Requests filter workers admitted from leases, as they reported them, by rule",
+            leased_admissions.clone(),
+        );
         Metrics {
+            leases_granted,
+            leased_requests_granted,
+            leased_admissions,
             registry,
             state_transitions,
             protection_blocks,
@@ -270,6 +294,24 @@ impl Metrics {
                 fallback: fallback.as_str().to_owned(),
             })
             .inc_by(checks);
+    }
+
+    pub fn lease_granted(&self, rule: &str, requests: u64) {
+        let labels = RuleLabels {
+            rule: rule.to_owned(),
+        };
+        self.leases_granted.get_or_create(&labels).inc();
+        self.leased_requests_granted
+            .get_or_create(&labels)
+            .inc_by(requests);
+    }
+
+    pub fn leased_admissions(&self, rule: &str, requests: u64) {
+        self.leased_admissions
+            .get_or_create(&RuleLabels {
+                rule: rule.to_owned(),
+            })
+            .inc_by(requests);
     }
 
     pub fn state_changed(&self, to: &str, by: &str) {

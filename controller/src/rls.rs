@@ -533,6 +533,8 @@ impl RateLimitService for Rls {
         let call = CheckRequest {
             checks,
             hold_delays: true,
+            // Envoy's rate-limit filter decides every request here: nothing to lease to.
+            lease_holder: None,
         };
         let decided = self.limiter.check(&call).await.map_err(|error| {
             tracing::warn!(%error, "store unavailable");

@@ -156,6 +156,8 @@ impl Batcher {
             CheckRequest {
                 checks,
                 hold_delays: false,
+                // Named by the root when the view has leased rules.
+                lease_holder: None,
             },
         ))
     }

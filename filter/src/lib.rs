@@ -17,6 +17,7 @@ pub mod grpc;
 pub mod host;
 pub mod identity;
 pub mod jwt;
+pub mod lease;
 pub mod lists;
 pub mod report;
 pub mod root;

@@ -6,7 +6,9 @@
 
 use std::collections::HashMap;
 
-use sluice_protocol::{AddressCount, CachedDenials, ClientId, Report, MAX_REPORTED_ADDRESSES};
+use sluice_protocol::{
+    AddressCount, CachedDenials, ClientId, LeasedAdmissions, Report, MAX_REPORTED_ADDRESSES,
+};
 
 /// Request ids of sampled cached denials one report names per client and rule, at most.
 const MAX_SAMPLED_IDS: usize = 16;
@@ -20,6 +22,8 @@ pub struct Tally {
     server_errors: u64,
     invalid_tokens: HashMap<String, u64>,
     cached_denials: HashMap<Denied, (u64, Vec<String>)>,
+    /// Requests admitted from leases, by the rule of the lease's decision.
+    leased: HashMap<String, u64>,
     /// Cached denials seen, for sampling.
     denials_seen: u64,
     /// Invalid tokens from addresses (and cached denials of clients) past
@@ -80,9 +84,24 @@ impl Tally {
         }
     }
 
+    /// One request admitted from a lease whose decision `rule` speaks for.
+    pub fn leased(&mut self, rule: &str) {
+        if let Some(count) = self.leased.get_mut(rule) {
+            *count += 1;
+        } else if self.leased.len() < MAX_REPORTED_ADDRESSES {
+            self.leased.insert(rule.to_owned(), 1);
+        } else {
+            self.dropped += 1;
+        }
+    }
+
     /// The report of everything tallied since the last one, if there is anything.
     pub fn take(&mut self) -> Option<Report> {
-        if self.responses == 0 && self.invalid_tokens.is_empty() && self.cached_denials.is_empty() {
+        if self.responses == 0
+            && self.invalid_tokens.is_empty()
+            && self.cached_denials.is_empty()
+            && self.leased.is_empty()
+        {
             return None;
         }
         let mut invalid_tokens: Vec<AddressCount> = self
@@ -105,11 +124,18 @@ impl Tally {
             )
             .collect();
         cached_denials.sort_by(|a, b| (&a.client.value, &a.rule).cmp(&(&b.client.value, &b.rule)));
+        let mut leased: Vec<LeasedAdmissions> = self
+            .leased
+            .drain()
+            .map(|(rule, count)| LeasedAdmissions { rule, count })
+            .collect();
+        leased.sort_by(|a, b| a.rule.cmp(&b.rule));
         let report = Report {
             responses: self.responses,
             server_errors: self.server_errors,
             invalid_tokens,
             cached_denials,
+            leased,
         };
         self.responses = 0;
         self.server_errors = 0;

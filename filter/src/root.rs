@@ -16,6 +16,7 @@ use crate::config::{FailureMode, FilterConfig};
 use crate::decision::{self, Counted, Failure, Verdict};
 use crate::denial;
 use crate::host::{BufferType, Host, LogLevel, MapType};
+use crate::lease::Leases;
 use crate::lists::List;
 use crate::report::Tally;
 
@@ -54,10 +55,12 @@ pub enum Metric {
     UnknownApiKey,
     /// Batches sent once more after their callout found no controller.
     CalloutRetries,
+    /// Requests admitted from a lease of a leased rule's quota, without a callout.
+    LeasedAdmissions,
 }
 
 impl Metric {
-    const ALL: [Metric; 14] = [
+    const ALL: [Metric; 15] = [
         Metric::Checks,
         Metric::Allowed,
         Metric::Limited,
@@ -72,6 +75,7 @@ impl Metric {
         Metric::ConfigReads,
         Metric::UnknownApiKey,
         Metric::CalloutRetries,
+        Metric::LeasedAdmissions,
     ];
 
     pub fn name(self) -> &'static str {
@@ -90,6 +94,7 @@ impl Metric {
             Metric::ConfigReads => "sluice_config_reads",
             Metric::UnknownApiKey => "sluice_unknown_api_key",
             Metric::CalloutRetries => "sluice_callout_retries",
+            Metric::LeasedAdmissions => "sluice_leased_admissions",
         }
     }
 }
@@ -132,6 +137,10 @@ pub struct Worker {
     debug: Cell<bool>,
     /// Checks counted for the log sample (see [`Worker::sampled_for_log`]).
     checks_seen: Cell<u64>,
+    /// Quota leased to this worker (leased rules only).
+    pub leases: RefCell<Leases>,
+    /// This worker's name as a lease holder: unique per VM.
+    pub lease_holder: String,
 }
 
 pub fn log(host: &dyn Host, level: LogLevel, message: &str) {
@@ -160,13 +169,21 @@ impl Worker {
     /// The verdict for the controller's decision on a request, and how it counts (the caller
     /// adds it to the metrics, a batch at a time); remembers a denial for the denial cache.
     /// `request_id` is asked for only when the verdict is a local reply (it goes in the body).
+    /// A lease that came with the decision is kept when `sent_at_ms` (when its check left)
+    /// is known.
     pub fn settle(
         &self,
         host: &dyn Host,
         decision: &Decision,
         fingerprint: u64,
+        sent_at_ms: Option<u64>,
         request_id: impl FnOnce() -> Option<String>,
     ) -> (Verdict, Counted) {
+        if let (Some(sent_at_ms), Some(_)) = (sent_at_ms, decision.grant) {
+            self.leases
+                .borrow_mut()
+                .hold(fingerprint, decision, sent_at_ms, host.now_ms());
+        }
         let replies = !decision.allowed && !self.config.shadow;
         let request_id = if replies { request_id() } else { None };
         let (verdict, counted) =
@@ -203,6 +220,19 @@ impl Worker {
         metrics.add(host, Metric::Limited, limited);
         metrics.add(host, Metric::ShadowLimited, shadow);
         metrics.add(host, Metric::UnknownApiKey, refused);
+    }
+
+    /// Admits the request from a lease this worker holds for its kind, if it has one with
+    /// requests left: the verdict, with the lease's rate-limit headers.
+    pub fn leased_admission(&self, host: &dyn Host, fingerprint: u64) -> Option<Verdict> {
+        let decision = self.leases.borrow_mut().admit(fingerprint, host.now_ms())?;
+        self.metrics.add(host, Metric::LeasedAdmissions, 1);
+        self.count(host, [Counted::Allowed]);
+        if let Some(policy) = &decision.policy {
+            self.tally.borrow_mut().leased(&policy.rule);
+        }
+        let (verdict, _) = decision::verdict_for_decision(&self.config, &decision, None);
+        Some(verdict)
     }
 
     /// A denial the cache still holds for this check, as the 429 to send.
@@ -313,7 +343,12 @@ impl Worker {
                         view.denylist.len()
                     ),
                 );
-                *self.view.borrow_mut() = ControllerView::from(view);
+                let view = ControllerView::from(view);
+                if self.view.borrow().version != view.version {
+                    // Leases hold for the configuration they were granted under.
+                    self.leases.borrow_mut().clear();
+                }
+                *self.view.borrow_mut() = view;
             }
             // The configuration last read stays; the next tick tries again.
             Err(why) => log(
@@ -409,6 +444,9 @@ pub struct ControllerView {
     /// The share of limited requests the controllers log (see
     /// [`FilterView::limited_log_sample`]).
     pub limited_log_sample: f64,
+    /// Whether a rule in force is leased: checks then name this worker as a lease holder,
+    /// and requests look for a lease first.
+    pub leased: bool,
 }
 
 impl Default for ControllerView {
@@ -423,6 +461,10 @@ impl Default for ControllerView {
 
 impl From<FilterView> for ControllerView {
     fn from(view: FilterView) -> Self {
+        let leased = view
+            .rules
+            .iter()
+            .any(|rule| rule.leased.is_some() && !rule.shadow);
         ControllerView {
             version: Some(view.version),
             matched_headers: matched_headers(&view.rules),
@@ -432,6 +474,7 @@ impl From<FilterView> for ControllerView {
             report: view.report,
             enforce: view.enforce,
             limited_log_sample: view.limited_log_sample,
+            leased,
         }
     }
 }
@@ -585,6 +628,9 @@ impl Root {
             stream_calls: RefCell::new(HashMap::new()),
             debug: Cell::new(host.log_level() <= LogLevel::Debug),
             checks_seen: Cell::new(0),
+            leases: RefCell::new(Leases::default()),
+            // Random per VM, as the queue's name: unique among every worker of every Envoy.
+            lease_holder: format!("{:016x}{:016x}", random_u64(), random_u64()),
         }));
         let _ = host.set_tick_period_ms(WATCHDOG_TICK_MS);
         true
@@ -605,6 +651,7 @@ impl Root {
         worker.debug.set(host.log_level() <= LogLevel::Debug);
         self.read_config_when_due(host, &worker);
         self.report_when_due(host, &worker);
+        worker.leases.borrow_mut().sweep(host.now_ms());
         let limit = u64::try_from(worker.config.timeout.as_millis()).unwrap_or(u64::MAX);
         let overdue = worker
             .batcher
@@ -658,7 +705,7 @@ impl Root {
                     .iter()
                     .zip(&decisions)
                     .map(|(member, decision)| {
-                        worker.settle(host, decision, member.fingerprint, || {
+                        worker.settle(host, decision, member.fingerprint, Some(sent_at_ms), || {
                             request_id_of(host, member)
                         })
                     })
@@ -729,9 +776,12 @@ impl Root {
     fn send_next_batch(&mut self, host: &dyn Host, worker: &Worker) {
         loop {
             let next = worker.batcher.borrow_mut().next_batch();
-            let Some((members, request)) = next else {
+            let Some((members, mut request)) = next else {
                 return;
             };
+            if worker.view.borrow().leased {
+                request.lease_holder = Some(worker.lease_holder.clone());
+            }
             let sent = serde_json::to_vec(&request)
                 .map_err(|e| format!("cannot encode the batch: {e}"))
                 .and_then(|body| {

@@ -326,11 +326,17 @@ impl Stream {
                 .get_lossy("x-request-id")
                 .filter(|id| id.len() <= MAX_REQUEST_ID_BYTES);
         }
+        let leased = view.leased && self.worker.config.batching;
         drop(view);
         self.failure_mode = self.worker.failure_mode_for(&check);
         // A denial holds for the configuration it was made under: a change (a limit raised,
         // a client safelisted) makes every denial cached before it a miss.
         let fingerprint = denial::fingerprint(&check, version);
+        if leased {
+            if let Some(verdict) = self.worker.leased_admission(host, fingerprint) {
+                return Triage::Answer(verdict);
+            }
+        }
         if let Some(verdict) = self
             .worker
             .cached_denial(host, &check, fingerprint, || request_id(host))
@@ -428,6 +434,8 @@ impl Stream {
         let request = CheckRequest {
             checks: vec![check],
             hold_delays: true,
+            // Leases are for batching workers (a lease's life starts when its batch left).
+            lease_holder: None,
         };
         let body = match serde_json::to_vec(&request) {
             Ok(body) => body,
@@ -515,9 +523,9 @@ impl Stream {
                     };
                     format!("a check was decided: {outcome}")
                 });
-                let (verdict, counted) = self
-                    .worker
-                    .settle(host, &decision, fingerprint, || request_id(host));
+                let (verdict, counted) =
+                    self.worker
+                        .settle(host, &decision, fingerprint, None, || request_id(host));
                 self.worker.count(host, [counted]);
                 self.apply(host, verdict)
             }

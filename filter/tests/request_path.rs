@@ -569,6 +569,7 @@ fn the_controller_hears_what_it_asked_for_once_a_second_and_nothing_else() {
                 count: 1
             }],
             cached_denials: Vec::new(),
+            leased: Vec::new(),
         },
         "the filter's own 401 is not an upstream answer"
     );
@@ -627,6 +628,114 @@ fn only_the_checks_sampled_for_the_log_carry_the_request_id() {
             .all(|(sampled, id)| *sampled && id.is_some()),
         "every check"
     );
+}
+
+#[test]
+fn a_lease_admits_requests_of_its_kind_without_a_callout_until_spent_or_ended() {
+    let view = serde_json::json!({
+        "version": 3,
+        "rules": [{ "name": "per-client", "limit": 5, "window": "10s", "leased": {} }],
+    });
+    let mut envoy = started_with_view(&plugin(serde_json::json!({})), view);
+    envoy.host.state.borrow_mut().calls.clear();
+    let peer: &[u8] = b"192.0.2.1:1";
+    let (first, action) = envoy.request(get(b"/", &[]), &[(PEER, peer)]);
+    assert_eq!(action, Action::Pause);
+    envoy.run_queues();
+    let batch = envoy.calls().pop().expect("a check call");
+    let asked: CheckRequest = serde_json::from_slice(&batch.body).expect("JSON");
+    let holder = asked
+        .lease_holder
+        .expect("a leased rule: the worker names itself");
+    assert_eq!(holder.len(), 32);
+    let granted = CheckResponse {
+        decisions: vec![Decision {
+            allowed: true,
+            policy: Some(status(true)),
+            grant: Some(sluice_protocol::Grant {
+                units: 2,
+                ttl_ms: 1_000,
+            }),
+            ..Decision::unlimited()
+        }],
+    };
+    envoy.answer_with(
+        batch.token,
+        "200",
+        &serde_json::to_vec(&granted).expect("encode"),
+    );
+    assert!(envoy.settled(first));
+    envoy.host.state.borrow_mut().calls.clear();
+    // Two more of the same kind pass at once, with Remaining counting down from 4.
+    for remaining in ["3", "2"] {
+        let (request, action) = envoy.request(get(b"/", &[]), &[(PEER, peer)]);
+        assert_eq!(action, Action::Continue, "admitted from the lease");
+        envoy.respond(request);
+        let response = envoy.host.state.borrow().response_headers[&request].clone();
+        assert!(
+            response
+                .iter()
+                .any(|(n, v)| n == "x-ratelimit-remaining" && v == remaining),
+            "{response:?}"
+        );
+        envoy.finish(request);
+    }
+    envoy.run_queues();
+    assert!(envoy.calls().is_empty(), "no callout for leased admissions");
+    assert_eq!(envoy.host.metric("sluice_leased_admissions"), 2);
+    // Another client's request is not this lease's kind; the spent lease asks again.
+    for peer in [&b"192.0.2.2:1"[..], peer] {
+        let (_, action) = envoy.request(get(b"/", &[]), &[(PEER, peer)]);
+        assert_eq!(action, Action::Pause);
+    }
+    envoy.run_queues();
+    let batch = envoy.calls().pop().expect("both asked");
+    assert_eq!(checks_in(&batch.body).len(), 2);
+    // A lease granted now ends 1 s after its check left, whatever is left of it.
+    let regranted = CheckResponse {
+        decisions: vec![
+            Decision {
+                allowed: true,
+                policy: Some(status(true)),
+                ..Decision::unlimited()
+            },
+            Decision {
+                allowed: true,
+                policy: Some(status(true)),
+                grant: Some(sluice_protocol::Grant {
+                    units: 100,
+                    ttl_ms: 1_000,
+                }),
+                ..Decision::unlimited()
+            },
+        ],
+    };
+    envoy.answer_with(
+        batch.token,
+        "200",
+        &serde_json::to_vec(&regranted).expect("encode"),
+    );
+    envoy.host.state.borrow_mut().calls.clear();
+    let (_, action) = envoy.request(get(b"/", &[]), &[(PEER, peer)]);
+    assert_eq!(action, Action::Continue);
+    envoy.tick(1_000);
+    // The tick's report tells the controller what the leases admitted.
+    let report = envoy
+        .calls()
+        .into_iter()
+        .find(|call| path_of(call) == "/v1/report")
+        .expect("a report");
+    let report: sluice_protocol::Report = serde_json::from_slice(&report.body).expect("JSON");
+    assert_eq!(
+        report.leased,
+        [sluice_protocol::LeasedAdmissions {
+            rule: "per-client".into(),
+            count: 3
+        }]
+    );
+    envoy.host.state.borrow_mut().calls.clear();
+    let (_, action) = envoy.request(get(b"/", &[]), &[(PEER, peer)]);
+    assert_eq!(action, Action::Pause, "the lease ended");
 }
 
 #[test]

@@ -20,6 +20,11 @@ pub struct CheckRequest {
     /// not hold a whole batch.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub hold_delays: bool,
+    /// Who asks, when it takes leases of leased rules' quota (a filter worker, named once
+    /// per VM): the controller counts the holders of each key's leases by it. Absent: no
+    /// lease is granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_holder: Option<String>,
 }
 
 fn yes() -> bool {
@@ -182,6 +187,20 @@ pub struct Decision {
     /// Refused for who the client is, not for a limit (`allowed` is false, `policy` absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<Refusal>,
+    /// Quota leased to the asking worker beyond this request: it may admit requests like
+    /// this one itself (see [`Grant`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<Grant>,
+}
+
+/// A lease of quota, already taken from every limit the request counted against: the
+/// worker admits up to `units` (in request costs) of requests with the same decision facts
+/// (its denial-cache fingerprint: client, request line, the headers rules match on, the
+/// configuration version) without asking, for `ttl_ms` from when it sent the check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub units: u64,
+    pub ttl_ms: u64,
 }
 
 /// Why a request was refused for who it is.
@@ -203,6 +222,7 @@ impl Decision {
             shadow_denied: false,
             leases: Vec::new(),
             refused: None,
+            grant: None,
         }
     }
 
@@ -264,6 +284,17 @@ pub struct Report {
     /// by client, rule and tier: for the stats and alerts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cached_denials: Vec<CachedDenials>,
+    /// Requests the filter admitted from leases (the controller never saw them), by rule
+    /// of the lease's decision.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leased: Vec<LeasedAdmissions>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeasedAdmissions {
+    pub rule: String,
+    pub count: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

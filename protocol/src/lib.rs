@@ -11,11 +11,13 @@ pub mod rules;
 
 pub use check::{
     sampled, AddressCount, CachedDenials, Check, CheckRequest, CheckResponse, ClientId, ClientKind,
-    Decision, DenyReason, PolicyStatus, Refusal, ReleaseRequest, Report, CHECK_PATH,
-    MAX_REPORTED_ADDRESSES, RELEASE_PATH, REPORT_PATH,
+    Decision, DenyReason, Grant, LeasedAdmissions, PolicyStatus, Refusal, ReleaseRequest, Report,
+    CHECK_PATH, MAX_REPORTED_ADDRESSES, RELEASE_PATH, REPORT_PATH,
 };
 pub use config::{
     Alerts, ApiKey, AutomaticState, ConfigDocument, FilterView, ListEntry, ListItem, ListKind,
     ListName, Observability, Protection, Reported, Tier, TierLimits, UnknownApiKeys, CONFIG_PATH,
 };
-pub use rules::{FailureMode, HeaderMatch, Penalty, Rule, RuleMatch, RuleSet, Scope, Strategy};
+pub use rules::{
+    FailureMode, HeaderMatch, Leased, Penalty, Rule, RuleMatch, RuleSet, Scope, Strategy, LEASABLE,
+};

@@ -338,7 +338,44 @@ pub struct Rule {
     /// A client that keeps hitting this rule's limit cools down for longer each time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub penalty: Option<Penalty>,
+    /// Lease mode: the controller hands each filter worker part of a key's quota, which
+    /// the worker admits from without asking (`fixed_window`, `token_bucket`, `gcra`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leased: Option<Leased>,
 }
+
+/// How a leased rule shares out its quota. A worker's lease is taken from the key's quota
+/// when it is granted (so leases never admit beyond the limit): at most `share_percent` %
+/// of the limit divided by the workers holding leases on the key, and never past `ttl` (nor
+/// past the end of a fixed window). What a lease holds unused is quota nobody else can
+/// have until the lease ends: the slack this mode trades for requests decided without a
+/// round trip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Leased {
+    /// The share of the limit (1–100 %) all leases on one key may hold at once.
+    #[serde(default = "default_lease_share")]
+    pub share_percent: u8,
+    /// How long a lease lasts at most (default 1s).
+    #[serde(default = "default_lease_ttl")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "1s"))]
+    pub ttl: Window,
+}
+
+fn default_lease_share() -> u8 {
+    5
+}
+
+fn default_lease_ttl() -> Window {
+    Window(1_000)
+}
+
+/// Strategies whose quota can be handed out ahead: taking `n` from them now is the same
+/// as admitting `n` requests now. The others cannot: a sliding window remembers when each
+/// request came (a lease would have to be placed in time), a leaky bucket schedules each
+/// request, and concurrency counts requests in flight.
+pub const LEASABLE: [Strategy; 3] = [Strategy::FixedWindow, Strategy::TokenBucket, Strategy::Gcra];
 
 /// A progressive penalty: each time the rule denies a client (outside a cool-down), the
 /// client's strikes grow by one and it may not pass for `base × 2^(strikes − 1)`, at most
@@ -569,6 +606,35 @@ impl Rule {
                 return Err(("penalty.max", "must be at least penalty.base".into()));
             }
         }
+        if let Some(leased) = &self.leased {
+            if !LEASABLE.contains(&self.strategy) {
+                return Err((
+                    "leased",
+                    format!(
+                        "only fixed_window, token_bucket and gcra can lease quota, not {strategy}"
+                    ),
+                ));
+            }
+            if self.shadow {
+                return Err((
+                    "leased",
+                    "a shadow rule is counted request by request".into(),
+                ));
+            }
+            if self.penalty.is_some() {
+                return Err((
+                    "leased",
+                    "a rule with a penalty decides each request (a lease would skip its strikes)"
+                        .into(),
+                ));
+            }
+            if !(1..=100).contains(&leased.share_percent) {
+                return Err((
+                    "leased.share_percent",
+                    format!("must be from 1 to 100, got {}", leased.share_percent),
+                ));
+            }
+        }
         if self.strategy == Strategy::LeakyBucket && self.max_delay.is_none() {
             return Err((
                 "max_delay",
@@ -702,6 +768,7 @@ mod tests {
             failure_mode: None,
             tier_limits: false,
             penalty: None,
+            leased: None,
         }
     }
 

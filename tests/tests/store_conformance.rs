@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_controller::store::{
-    CheckSpec, LimitSpec, ManualClock, MemoryStore, Outcome, RedisStore, RedisTarget, Store,
+    CheckSpec, LimitSpec, ManualClock, MemoryStore, Outcome, RedisStore, RedisTarget, Reservation,
+    Store,
 };
 use sluice_controller::strategy::{Params, PenaltyParams, Verdict};
 use sluice_e2e::{unique_name, RedisCluster, RedisServer};
@@ -651,6 +652,62 @@ async fn a_read_during_a_cool_down_reports_the_limit_as_it_is(s: Subject) {
     );
 }
 
+fn reservation(key: &str, holder: &str, ttl_ms: u64, quota: u64) -> Reservation {
+    Reservation {
+        key: key.to_owned(),
+        holder: holder.to_owned(),
+        ttl_ms,
+        quota,
+    }
+}
+
+impl Subject {
+    async fn reserve(&self, asked: &[Reservation]) -> Vec<u64> {
+        self.store
+            .reserve_leases(asked)
+            .await
+            .expect("store answers")
+    }
+}
+
+async fn lease_reservations_split_the_quota_and_never_exceed_it(s: Subject) {
+    let key = sluice_controller::keys::lease_holders_key(&limit(FixedWindow, 100, 1_000, 0).key);
+    let one = |holder: &str| reservation(&key, holder, 1_000, 12);
+    assert_eq!(s.reserve(&[one("a")]).await, [12], "alone: the whole quota");
+    // A second holder would get half, but only what the first leaves: nothing yet. It
+    // counts as a holder all the same, so the first gets half when it asks again.
+    assert_eq!(s.reserve(&[one("b")]).await, [0]);
+    let mut taken = Vec::new();
+    for holder in ["a", "b", "c", "a", "b", "c", "d"] {
+        taken.push(s.reserve(&[one(holder)]).await[0]);
+    }
+    // a 12/2, b what a leaves, c nothing left; then thirds; d nothing left. Each holder's
+    // latest reservation adds up to the quota (4 + 4 + 4 + 0), never beyond it.
+    assert_eq!(taken, [6, 6, 0, 4, 4, 4, 0]);
+}
+
+async fn lease_reservations_end_with_their_lease(s: Subject) {
+    let key = sluice_controller::keys::lease_holders_key(&limit(TokenBucket, 100, 1_000, 100).key);
+    assert_eq!(s.reserve(&[reservation(&key, "a", 500, 10)]).await, [10]);
+    assert_eq!(s.reserve(&[reservation(&key, "b", 500, 10)]).await, [0]);
+    s.advance(500);
+    assert_eq!(
+        s.reserve(&[reservation(&key, "b", 500, 10)]).await,
+        [10],
+        "a's lease ended: b holds the quota alone"
+    );
+    // Several limits in one call, each on its own.
+    let other = sluice_controller::keys::lease_holders_key(&limit(Gcra, 100, 1_000, 40).key);
+    assert_eq!(
+        s.reserve(&[
+            reservation(&key, "c", 500, 10),
+            reservation(&other, "c", 500, 4)
+        ])
+        .await,
+        [0, 4]
+    );
+}
+
 macro_rules! every_store {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
@@ -705,6 +762,8 @@ every_store!(
     a_penalty_doubles_while_the_limit_is_hit_and_decays_after,
     a_penalty_strikes_only_the_limit_that_denied,
     a_read_during_a_cool_down_reports_the_limit_as_it_is,
+    lease_reservations_split_the_quota_and_never_exceed_it,
+    lease_reservations_end_with_their_lease,
 );
 
 // ---- Redis on its own clock ------------------------------------------------------------------

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use sluice_protocol::config::UnknownApiKeys;
 use sluice_protocol::{
-    Check, CheckRequest, CheckResponse, ClientId, ClientKind, Decision, DenyReason, PolicyStatus,
-    Refusal, Rule, Scope, Strategy,
+    Check, CheckRequest, CheckResponse, ClientId, ClientKind, Decision, DenyReason, Grant,
+    PolicyStatus, Refusal, Rule, Scope, Strategy,
 };
 
 use crate::config::{LiveConfig, Snapshot};
@@ -15,7 +15,7 @@ use crate::keys;
 use crate::metrics::Metrics;
 use crate::protection::Guard;
 use crate::stats::Recorder;
-use crate::store::{CheckSpec, LimitSpec, Outcome, Store, StoreError};
+use crate::store::{CheckSpec, LimitSpec, Outcome, Reservation, Store, StoreError};
 use crate::strategy::{Params, Verdict};
 
 pub struct Limiter {
@@ -198,10 +198,10 @@ impl Limiter {
             )));
         }
         let mut outcomes = outcomes.into_iter();
-        let decisions: Vec<Decision> = plans
-            .into_iter()
+        let mut decisions: Vec<Decision> = plans
+            .iter()
             .map(|plan| match plan {
-                Plan::Decided(decision) => decision,
+                Plan::Decided(decision) => decision.clone(),
                 Plan::Ask(asked) => {
                     // Counted above: one outcome per spec, one verdict per limit.
                     // No enforced rule: nothing was asked, nothing denies.
@@ -215,15 +215,120 @@ impl Limiter {
                         verdicts: Vec::new(),
                     });
                     let shadow: Vec<Outcome> = outcomes.by_ref().take(asked.shadow.len()).collect();
-                    decide(&asked, &enforced, &shadow)
+                    decide(asked, &enforced, &shadow)
                 }
             })
             .collect();
+        if let Some(holder) = request.lease_holder.as_deref() {
+            if snapshot.leases {
+                self.grant_leases(holder, &checks, &plans, &mut decisions)
+                    .await;
+            }
+        }
         if let Some(recorder) = &self.recorder {
             let seen: Vec<&Check> = checks.iter().map(AsRef::as_ref).collect();
             recorder.record(&snapshot, &seen, &decisions);
         }
         Ok(CheckResponse { decisions })
+    }
+
+    /// Leases quota to `holder` for the admitted checks whose rules are all leased. A lease
+    /// is reserved first (`Store::reserve_leases`: per limit, the unused part of all leases
+    /// stays within `share_percent` % of its quota, split evenly between their holders),
+    /// then taken from every limit of the check at once (an ordinary all-or-nothing check of
+    /// `units` requests), so what leases admit never goes beyond the limits. Best effort: a
+    /// store that fails here costs the lease, never the decision already made.
+    async fn grant_leases(
+        &self,
+        holder: &str,
+        checks: &[Cow<'_, Check>],
+        plans: &[Plan<'_>],
+        decisions: &mut [Decision],
+    ) {
+        let wanted: Vec<(usize, &Asked<'_>, u64)> = plans
+            .iter()
+            .zip(decisions.iter())
+            .enumerate()
+            .filter_map(|(index, (plan, decision))| {
+                let Plan::Ask(asked) = plan else {
+                    return None;
+                };
+                let ttl_ms = lease_ttl(asked, decision)?;
+                Some((index, asked, ttl_ms))
+            })
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        // One lease per worker and kind of request (the filter keeps leases by the
+        // request's decision facts), so each is a holder of its own.
+        let asked_for: Vec<Reservation> = wanted
+            .iter()
+            .flat_map(|(index, asked, ttl_ms)| {
+                let leaseholder = format!("{holder}.{:016x}", lease_kind(&checks[*index]));
+                asked
+                    .enforced
+                    .iter()
+                    .zip(&asked.enforced_specs)
+                    .map(move |(rule, spec)| Reservation {
+                        key: keys::lease_holders_key(&spec.key),
+                        holder: leaseholder.clone(),
+                        ttl_ms: *ttl_ms,
+                        quota: lease_quota(rule),
+                    })
+            })
+            .collect();
+        let reserved = match self
+            .timed("lease_reserve", self.store.reserve_leases(&asked_for))
+            .await
+        {
+            Ok(reserved) if reserved.len() == asked_for.len() => reserved,
+            Ok(_) | Err(_) => return,
+        };
+        let mut reserved = reserved.into_iter();
+        let mut grants: Vec<(usize, u64, u64, Vec<LimitSpec>)> = Vec::new();
+        for (index, asked, ttl_ms) in wanted {
+            let of_check: Vec<u64> = reserved.by_ref().take(asked.enforced.len()).collect();
+            let units = lease_units(asked, &decisions[index], &of_check);
+            if units == 0 {
+                continue;
+            }
+            let specs = asked
+                .enforced_specs
+                .iter()
+                .map(|spec| LimitSpec {
+                    cost: spec.cost.saturating_mul(units),
+                    ..spec.clone()
+                })
+                .collect();
+            grants.push((index, units, ttl_ms, specs));
+        }
+        if grants.is_empty() {
+            return;
+        }
+        let batch: Vec<CheckSpec<'_>> = grants
+            .iter()
+            .map(|(_, _, _, specs)| CheckSpec {
+                limits: specs,
+                lease_id: "",
+            })
+            .collect();
+        let Ok(outcomes) = self.timed("lease", self.store.check_batch(&batch)).await else {
+            return;
+        };
+        for ((index, units, ttl_ms, _), outcome) in grants.iter().zip(outcomes) {
+            if !outcome.allowed() {
+                continue;
+            }
+            let decision = &mut decisions[*index];
+            decision.grant = Some(Grant {
+                units: *units,
+                ttl_ms: *ttl_ms,
+            });
+            if let Some(policy) = &decision.policy {
+                self.metrics.lease_granted(&policy.rule, *units);
+            }
+        }
     }
 
     /// Gives back the slots named by lease tokens; returns how many were still held.
@@ -457,6 +562,83 @@ fn plan<'r>(snapshot: &'r Snapshot, check: &'r Check) -> Plan<'r> {
     })
 }
 
+/// How long a lease for this decision may last, if it may have one: admitted by enforced
+/// rules that are all leased and no shadow rule (counted request by request). At most each
+/// rule's `ttl`, and never past the end of a fixed window (the lease was counted in it).
+fn lease_ttl(asked: &Asked<'_>, decision: &Decision) -> Option<u64> {
+    if !decision.allowed
+        || decision.shadow_denied
+        || decision.refused.is_some()
+        || !asked.shadow.is_empty()
+        || asked.enforced.is_empty()
+    {
+        return None;
+    }
+    let mut ttl = u64::MAX;
+    for rule in &asked.enforced {
+        let leased = rule.leased?;
+        ttl = ttl.min(leased.ttl.millis());
+        if rule.strategy == Strategy::FixedWindow {
+            let reset = decision
+                .policies()
+                .find(|status| status.rule == rule.name)
+                .map_or(0, |status| status.reset_ms);
+            ttl = ttl.min(reset);
+        }
+    }
+    (ttl > 0).then_some(ttl)
+}
+
+/// What all leases on one key of `rule` may hold at once: `share_percent` % of its quota.
+fn lease_quota(rule: &Rule) -> u64 {
+    let share = rule
+        .leased
+        .map_or(0, |leased| u128::from(leased.share_percent));
+    u64::try_from(u128::from(rule.quota()) * share / 100).unwrap_or(u64::MAX)
+}
+
+/// The kind of request a lease is for: what the filter keys its leases by (the check's
+/// decision facts), hashed.
+fn lease_kind(check: &Check) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    check.client.hash(&mut hasher);
+    check.host.to_ascii_lowercase().hash(&mut hasher);
+    check.method.hash(&mut hasher);
+    check.path.hash(&mut hasher);
+    check.cost.hash(&mut hasher);
+    check.ip.hash(&mut hasher);
+    check.user.hash(&mut hasher);
+    check.api_key.hash(&mut hasher);
+    check.tier.hash(&mut hasher);
+    check.headers.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The requests a lease for this decision holds: for each limit, what was `reserved` for
+/// it and what it has left, in requests of this check's cost; the smallest of them.
+fn lease_units(asked: &Asked<'_>, decision: &Decision, reserved: &[u64]) -> u64 {
+    let mut units = u64::MAX;
+    for ((rule, spec), reserved) in asked
+        .enforced
+        .iter()
+        .zip(&asked.enforced_specs)
+        .zip(reserved)
+    {
+        let cost = spec.cost.max(1);
+        let remaining = decision
+            .policies()
+            .find(|status| status.rule == rule.name)
+            .map_or(0, |status| status.remaining);
+        units = units.min(reserved / cost).min(remaining / cost);
+    }
+    if units == u64::MAX {
+        0
+    } else {
+        units
+    }
+}
+
 /// A denial that needs no store: a rule with limit 0, or a cost above what a rule can
 /// ever hold. Such a request consumes from no rule.
 fn never_admitted(rules: &[&Rule], costs: &[u64]) -> Option<Decision> {
@@ -566,6 +748,7 @@ fn decide(asked: &Asked<'_>, enforced: &Outcome, shadow: &[Outcome]) -> Decision
         shadow_denied: allowed && enforced.denied_by.is_none() && shadow_denier.is_some(),
         leases,
         refused: None,
+        grant: None,
     }
 }
 

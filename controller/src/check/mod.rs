@@ -154,8 +154,31 @@ async fn report(State(state): State<CheckState>, body: Bytes) -> Result<StatusCo
             ),
         ));
     }
+    if report.leased.len() > MAX_REPORTED_ADDRESSES {
+        return Err(ApiError::invalid(
+            "leased",
+            format!(
+                "at most {MAX_REPORTED_ADDRESSES} entries per report, got {}",
+                report.leased.len()
+            ),
+        ));
+    }
+    let snapshot = state.limiter.config().snapshot();
+    for leased in &report.leased {
+        // Labels only from the configuration: a rule it does not have counts as `other`.
+        let rule = if snapshot
+            .rules
+            .rules()
+            .iter()
+            .any(|rule| rule.name == leased.rule)
+        {
+            leased.rule.as_str()
+        } else {
+            "other"
+        };
+        state.metrics.leased_admissions(rule, leased.count);
+    }
     if let Some(recorder) = state.limiter.recorder() {
-        let snapshot = state.limiter.config().snapshot();
         recorder.record_cached(&snapshot, &report.cached_denials);
     }
     Ok(StatusCode::NO_CONTENT)

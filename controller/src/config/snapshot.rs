@@ -36,6 +36,8 @@ pub struct Snapshot {
     pub api_keys: HashMap<String, KeyGrant>,
     /// `GET /v1/config`'s body, built once per version.
     pub filter_view: Vec<u8>,
+    /// Whether any rule in force is leased: only then are leases considered.
+    pub leases: bool,
 }
 
 impl Snapshot {
@@ -100,7 +102,11 @@ impl Snapshot {
             limited_log_sample: document.limited_log_sample(),
         };
         let filter_view = serde_json::to_vec(&view).unwrap_or_default();
+        let leases = effective
+            .iter()
+            .any(|rule| rule.leased.is_some() && !rule.shadow);
         Ok(Snapshot {
+            leases,
             version,
             operations,
             document,
@@ -123,6 +129,7 @@ impl Snapshot {
             by_tier: Vec::new(),
             api_keys: HashMap::new(),
             filter_view: serde_json::to_vec(&FilterView::default()).unwrap_or_default(),
+            leases: false,
         }
     }
 

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use super::{now_ms, CheckSpec, MemoryStore, Outcome, Store, StoreError, SystemClock};
+use super::{now_ms, CheckSpec, MemoryStore, Outcome, Reservation, Store, StoreError, SystemClock};
 use crate::metrics::Metrics;
 use crate::strategy::Verdict;
 
@@ -369,6 +369,14 @@ impl Store for GuardedStore {
                 }
             },
         )
+        .await
+    }
+
+    async fn reserve_leases(&self, asked: &[Reservation]) -> Result<Vec<u64>, StoreError> {
+        // Without the store no lease is granted: each request is then decided as it comes.
+        self.guarded(self.store.reserve_leases(asked), |error| async move {
+            Err(error)
+        })
         .await
     }
 

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
-use super::{CheckSpec, LimitSpec, Outcome, Store, StoreError};
+use super::{CheckSpec, LimitSpec, Outcome, Reservation, Store, StoreError};
 use crate::keys;
 use crate::strategy::{self, State};
 
@@ -83,6 +83,14 @@ const SWEEP_EVERY_MS: u64 = 1_000;
 pub struct MemoryStore {
     clock: Arc<dyn Clock>,
     entries: Mutex<Entries>,
+    /// The twin of `lua/lease_reserve.lua`: per reservations key, holder → (end, units).
+    reservations: Mutex<Reservations>,
+}
+
+#[derive(Default)]
+struct Reservations {
+    by_key: HashMap<String, HashMap<String, (u64, u64)>>,
+    next_sweep_at: u64,
 }
 
 impl MemoryStore {
@@ -93,6 +101,7 @@ impl MemoryStore {
                 by_key: HashMap::new(),
                 next_sweep_at: 0,
             }),
+            reservations: Mutex::new(Reservations::default()),
         }
     }
 
@@ -235,6 +244,41 @@ impl Store for MemoryStore {
             }
             _ => 0,
         })
+    }
+
+    async fn reserve_leases(&self, asked: &[Reservation]) -> Result<Vec<u64>, StoreError> {
+        let now = self.clock.now_ms();
+        let mut reservations = self
+            .reservations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let reservations = &mut *reservations;
+        if now >= reservations.next_sweep_at {
+            reservations.by_key.retain(|_, held| {
+                held.retain(|_, (ends, _)| *ends > now);
+                !held.is_empty()
+            });
+            reservations.next_sweep_at = now.saturating_add(SWEEP_EVERY_MS);
+        }
+        Ok(asked
+            .iter()
+            .map(|reservation| {
+                let held = reservations
+                    .by_key
+                    .entry(reservation.key.clone())
+                    .or_default();
+                held.retain(|name, (ends, _)| *ends > now && *name != reservation.holder);
+                let others: u64 = held.values().map(|(_, units)| units).sum();
+                let holders = held.len() as u64 + 1;
+                let quota = reservation.quota;
+                let units = (quota / holders).min(quota.saturating_sub(others));
+                held.insert(
+                    reservation.holder.clone(),
+                    (now.saturating_add(reservation.ttl_ms), units),
+                );
+                units
+            })
+            .collect())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

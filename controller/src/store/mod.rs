@@ -24,6 +24,19 @@ pub struct LimitSpec {
     pub cost: u64,
 }
 
+/// A lease holder's reservation of part of a leased limit's lease quota.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    /// Where the limit's reservations are ([`crate::keys::lease_holders_key`]).
+    pub key: String,
+    /// A filter worker and the kind of request the lease is for.
+    pub holder: String,
+    /// How long the reservation lasts: the lease's time.
+    pub ttl_ms: u64,
+    /// What all leases on the limit may hold at once.
+    pub quota: u64,
+}
+
 /// One request's limits, as a store checks them within a batch.
 #[derive(Debug, Clone, Copy)]
 pub struct CheckSpec<'a> {
@@ -115,6 +128,12 @@ pub trait Store: Send + Sync {
     /// Gives back the `count` concurrency slots of `lease_id` in `key`; returns how many
     /// were still held.
     async fn release(&self, key: &str, lease_id: &str, count: u64) -> Result<u64, StoreError>;
+
+    /// Reserves for each holder its part of a leased limit's lease quota: the units
+    /// reserved, one per reservation asked. The quota is split evenly between the holders
+    /// with a live reservation on the key, and no holder gets more than the others leave
+    /// (`lua/lease_reserve.lua`).
+    async fn reserve_leases(&self, asked: &[Reservation]) -> Result<Vec<u64>, StoreError>;
 
     /// Whether the store answers.
     async fn ping(&self) -> Result<(), StoreError>;

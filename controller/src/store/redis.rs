@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use redis::{Script, ScriptInvocation};
 
 use super::connection::{RedisConnection, RedisTarget};
-use super::{CheckSpec, Clock, LimitSpec, Outcome, Store, StoreError};
+use super::{CheckSpec, Clock, LimitSpec, Outcome, Reservation, Store, StoreError};
 use crate::strategy::Verdict;
 
 /// `lua/check.lua` after the prelude, the penalty and every strategy it dispatches to.
@@ -32,6 +32,7 @@ const CHECK: &str = concat!(
     include_str!("../../../lua/check.lua"),
 );
 const RELEASE: &str = include_str!("../../../lua/release.lua");
+const LEASE_RESERVE: &str = include_str!("../../../lua/lease_reserve.lua");
 
 pub struct RedisStore {
     /// A multiplexed connection that reconnects by itself; cloning shares it.
@@ -39,6 +40,7 @@ pub struct RedisStore {
     target_for_logs: String,
     check: Script,
     release: Script,
+    lease_reserve: Script,
     /// Tests only: a clock whose time replaces Redis `TIME`.
     clock: Option<Arc<dyn Clock>>,
 }
@@ -58,6 +60,7 @@ impl RedisStore {
             target_for_logs: target.describe(),
             check: Script::new(CHECK),
             release: Script::new(RELEASE),
+            lease_reserve: Script::new(LEASE_RESERVE),
             clock: None,
         })
     }
@@ -263,6 +266,44 @@ impl Store for RedisStore {
             .invoke_async(&mut self.connection.clone())
             .await?;
         Ok(freed.max(0) as u64)
+    }
+
+    async fn reserve_leases(&self, asked: &[Reservation]) -> Result<Vec<u64>, StoreError> {
+        let now = self
+            .clock
+            .as_ref()
+            .map_or_else(String::new, |c| c.now_ms().to_string());
+        // On a cluster each reservation is its own call (its own slot); a lease is granted
+        // for many requests, so this runs rarely.
+        let groups: Vec<&[Reservation]> = if self.connection.is_cluster() {
+            asked.chunks(1).collect()
+        } else {
+            vec![asked]
+        };
+        let mut reserved = Vec::with_capacity(asked.len());
+        for group in groups.into_iter().filter(|group| !group.is_empty()) {
+            let mut invocation = self.lease_reserve.prepare_invoke();
+            invocation.arg(&now);
+            for reservation in group {
+                invocation
+                    .key(&reservation.key)
+                    .arg(&reservation.holder)
+                    .arg(reservation.ttl_ms)
+                    .arg(reservation.quota);
+            }
+            let reply: Vec<u64> = invocation
+                .invoke_async(&mut self.connection.clone())
+                .await?;
+            if reply.len() != group.len() {
+                return Err(StoreError::Reply(format!(
+                    "{} reservations for {} asked",
+                    reply.len(),
+                    group.len()
+                )));
+            }
+            reserved.extend(reply);
+        }
+        Ok(reserved)
     }
 
     async fn delete_keys(&self, keys: &[String]) -> Result<u64, StoreError> {

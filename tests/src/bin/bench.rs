@@ -612,6 +612,7 @@ fn filter_core_native() -> String {
         let body = serde_json::to_vec(&sluice_protocol::CheckRequest {
             checks,
             hold_delays: false,
+            lease_holder: None,
         })
         .expect("encode");
         std::hint::black_box(&body);

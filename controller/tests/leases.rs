@@ -1,0 +1,131 @@
+//! Lease mode, in process, on the embedded store with a manual clock: what a lease is
+//! sized from, that it is taken from the limit, and when none is granted.
+
+mod support;
+
+use axum::http::StatusCode;
+use serde_json::{json, Value};
+use support::{post, world};
+
+/// 200 a minute, 5 % of it (10) in leases, which last at most 2 s.
+const LEASED: &str = r#"
+[[rules]]
+name = "hot"
+limit = 200
+window = "1m"
+match = { path = "/hot" }
+leased = { share_percent = 5, ttl = "2s" }
+
+[[rules]]
+name = "exact"
+limit = 200
+window = "1m"
+match = { path = "/exact" }
+"#;
+
+/// A whole minute on the test clock.
+const MINUTE: u64 = 1_020_000;
+
+fn checks(holder: Option<&str>, path: &str, count: usize) -> Value {
+    let check = json!({ "client": { "kind": "ip", "value": "10.0.0.1" }, "path": path });
+    let mut body = json!({ "checks": vec![check; count] });
+    if let Some(holder) = holder {
+        body["lease_holder"] = json!(holder);
+    }
+    body
+}
+
+async fn decide(router: &axum::Router, body: Value) -> Vec<Value> {
+    let (status, reply) = post(router, "/v1/check", body).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    reply["decisions"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_lease_is_its_share_of_the_quota_taken_from_the_limit() {
+    let world = world(LEASED).await;
+    // 15 s into the minute: a fixed window's lease ends with the window, here after 2 s.
+    world.clock.set(MINUTE + 15_000);
+    let first = decide(&world.check, checks(Some("worker-a"), "/hot", 1)).await;
+    assert_eq!(first[0]["allowed"], true);
+    assert_eq!(first[0]["grant"], json!({ "units": 10, "ttl_ms": 2_000 }));
+    assert_eq!(
+        first[0]["policy"]["remaining"], 199,
+        "the request's own view: the lease is the asking worker's"
+    );
+    // The lease was taken from the limit: the next exact decision sees 1 + 10 counted.
+    let next = decide(&world.check, checks(None, "/hot", 1)).await;
+    assert_eq!(next[0]["policy"]["remaining"], 188);
+    assert!(next[0].get("grant").is_none(), "no holder, no lease");
+    // A second worker: the quota's other half is not free yet (a holds 10 of 10).
+    let second = decide(&world.check, checks(Some("worker-b"), "/hot", 1)).await;
+    assert!(second[0].get("grant").is_none(), "{}", second[0]);
+    // a asks again (its lease spent): now it shares with b, 5 each.
+    let again = decide(&world.check, checks(Some("worker-a"), "/hot", 1)).await;
+    assert_eq!(again[0]["grant"]["units"], 5);
+    let b = decide(&world.check, checks(Some("worker-b"), "/hot", 1)).await;
+    assert_eq!(b[0]["grant"]["units"], 5);
+    let metrics = world.metrics.render();
+    assert!(
+        metrics.contains(r#"sluice_leases_granted_total{rule="hot"} 3"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"sluice_leased_requests_granted_total{rule="hot"} 20"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn no_lease_beyond_what_is_left_nor_past_the_window_nor_for_exact_rules() {
+    let world = world(LEASED).await;
+    // 59.5 s into the minute: a lease may last 500 ms, to the window's end.
+    world.clock.set(MINUTE + 59_500);
+    let decided = decide(&world.check, checks(Some("w"), "/hot", 1)).await;
+    assert_eq!(decided[0]["grant"], json!({ "units": 10, "ttl_ms": 500 }));
+    // An exact rule's check never carries a lease.
+    let exact = decide(&world.check, checks(Some("w"), "/exact", 3)).await;
+    assert!(exact.iter().all(|d| d.get("grant").is_none()));
+    // Near the limit a lease holds what is left at most.
+    world.clock.advance(500);
+    let spent = decide(&world.check, checks(None, "/hot", 195)).await;
+    assert!(spent.iter().all(|d| d["allowed"] == true));
+    let last = decide(&world.check, checks(Some("x"), "/hot", 1)).await;
+    assert_eq!(last[0]["policy"]["remaining"], 4);
+    assert_eq!(last[0]["grant"]["units"], 4, "{}", last[0]);
+    let denied = decide(&world.check, checks(Some("x"), "/hot", 1)).await;
+    assert_eq!(denied[0]["allowed"], false);
+    assert!(denied[0].get("grant").is_none());
+}
+
+#[tokio::test]
+async fn token_bucket_and_gcra_lease_a_share_of_their_burst() {
+    let world = world(
+        r#"
+[[rules]]
+name = "bucket"
+strategy = "token_bucket"
+limit = 100
+window = "1s"
+burst = 400
+match = { path = "/bucket" }
+leased = { share_percent = 10 }
+
+[[rules]]
+name = "cells"
+strategy = "gcra"
+limit = 100
+window = "1s"
+burst = 50
+match = { path = "/cells" }
+leased = {}
+"#,
+    )
+    .await;
+    let bucket = decide(&world.check, checks(Some("w"), "/bucket", 1)).await;
+    assert_eq!(bucket[0]["grant"], json!({ "units": 40, "ttl_ms": 1_000 }));
+    let after = decide(&world.check, checks(None, "/bucket", 1)).await;
+    assert_eq!(after[0]["policy"]["remaining"], 400 - 1 - 40 - 1);
+    let cells = decide(&world.check, checks(Some("w"), "/cells", 1)).await;
+    assert_eq!(cells[0]["grant"]["units"], 2, "5 % of a burst of 50");
+}

@@ -1,0 +1,178 @@
+//! Leases of quota a worker holds for leased rules: the controller took them from the
+//! limits already, so the worker admits requests of the same kind from them without asking
+//! anyone, until the lease is spent or ends. Kept per worker, by the request's decision
+//! fingerprint (the denial cache's: client, request line, matched headers, configuration
+//! version), so a lease only ever admits the kind of request it was granted for, under the
+//! configuration it was granted under.
+
+use std::collections::HashMap;
+
+use sluice_protocol::{Decision, Grant};
+
+/// Leases one worker holds at most; past it, a grant is not kept (the request that brought
+/// it was decided anyway) until ended leases are swept.
+pub const MAX_LEASES: usize = 4_096;
+
+#[derive(Debug)]
+struct Held {
+    /// Requests the lease may still admit.
+    left: u64,
+    /// Admitted from it so far.
+    used: u64,
+    /// When it ends, by this worker's clock: counted from when the check was sent, so it
+    /// never outlives the controller's end of it.
+    ends_at_ms: u64,
+    granted_at_ms: u64,
+    /// The decision that came with it, for the rate-limit headers.
+    decision: Decision,
+}
+
+#[derive(Debug, Default)]
+pub struct Leases {
+    by_fingerprint: HashMap<u64, Held>,
+}
+
+impl Leases {
+    /// Keeps the lease that came with `decision` (for a check sent at `sent_at_ms`).
+    pub fn hold(&mut self, fingerprint: u64, decision: &Decision, sent_at_ms: u64, now_ms: u64) {
+        let Some(Grant { units, ttl_ms }) = decision.grant else {
+            return;
+        };
+        if units == 0 || !decision.allowed {
+            return;
+        }
+        if self.by_fingerprint.len() >= MAX_LEASES
+            && !self.by_fingerprint.contains_key(&fingerprint)
+        {
+            self.sweep(now_ms);
+            if self.by_fingerprint.len() >= MAX_LEASES {
+                return;
+            }
+        }
+        self.by_fingerprint.insert(
+            fingerprint,
+            Held {
+                left: units,
+                used: 0,
+                ends_at_ms: sent_at_ms.saturating_add(ttl_ms),
+                granted_at_ms: now_ms,
+                decision: Decision {
+                    grant: None,
+                    ..decision.clone()
+                },
+            },
+        );
+    }
+
+    /// Admits one request from the lease for `fingerprint`, if there is one with requests
+    /// left: the decision to answer with. `Remaining` is what the controller reported with
+    /// the grant less what this lease admitted since (other workers' use in between is not
+    /// seen), and `Reset` counts down from the grant.
+    pub fn admit(&mut self, fingerprint: u64, now_ms: u64) -> Option<Decision> {
+        let held = self.by_fingerprint.get_mut(&fingerprint)?;
+        if now_ms >= held.ends_at_ms || held.left == 0 {
+            self.by_fingerprint.remove(&fingerprint);
+            return None;
+        }
+        held.left -= 1;
+        held.used += 1;
+        let elapsed = now_ms.saturating_sub(held.granted_at_ms);
+        let mut decision = held.decision.clone();
+        for status in decision.policy.iter_mut().chain(decision.others.iter_mut()) {
+            status.remaining = status.remaining.saturating_sub(held.used);
+            status.reset_ms = status.reset_ms.saturating_sub(elapsed);
+        }
+        if held.left == 0 {
+            self.by_fingerprint.remove(&fingerprint);
+        }
+        Some(decision)
+    }
+
+    /// Forgets the leases that ended.
+    pub fn sweep(&mut self, now_ms: u64) {
+        self.by_fingerprint
+            .retain(|_, held| now_ms < held.ends_at_ms && held.left > 0);
+    }
+
+    /// Forgets every lease (the configuration changed: none can be used again).
+    pub fn clear(&mut self) {
+        self.by_fingerprint.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_fingerprint.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_fingerprint.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_protocol::{PolicyStatus, Strategy};
+
+    use super::*;
+
+    fn granted(units: u64, ttl_ms: u64) -> Decision {
+        Decision {
+            policy: Some(PolicyStatus {
+                rule: "hot".into(),
+                strategy: Strategy::FixedWindow,
+                limit: 100,
+                remaining: 40,
+                reset_ms: 5_000,
+                retry_after_ms: 0,
+                window_ms: 10_000,
+                delay_ms: 0,
+                reason: None,
+            }),
+            grant: Some(Grant { units, ttl_ms }),
+            ..Decision::unlimited()
+        }
+    }
+
+    #[test]
+    fn a_lease_admits_its_units_then_nothing_and_counts_remaining_down() {
+        let mut leases = Leases::default();
+        leases.hold(7, &granted(3, 1_000), 1_000, 1_010);
+        let remaining: Vec<u64> = (0..3)
+            .map(|n| {
+                let decision = leases.admit(7, 1_100 + n).expect("admitted from the lease");
+                assert!(decision.allowed && decision.grant.is_none());
+                decision.policy.map_or(0, |p| p.remaining)
+            })
+            .collect();
+        assert_eq!(remaining, [39, 38, 37]);
+        assert_eq!(leases.admit(7, 1_200), None, "spent");
+        assert!(leases.is_empty());
+    }
+
+    #[test]
+    fn a_lease_ends_counted_from_when_its_check_was_sent_and_fits_only_its_kind() {
+        let mut leases = Leases::default();
+        leases.hold(7, &granted(50, 1_000), 1_000, 1_300);
+        assert_eq!(leases.admit(8, 1_400), None, "another kind of request");
+        assert!(leases.admit(7, 1_999).is_some());
+        assert_eq!(leases.admit(7, 2_000), None, "ended at sent + ttl");
+    }
+
+    #[test]
+    fn denials_and_decisions_without_a_grant_hold_nothing_and_the_table_is_bounded() {
+        let mut leases = Leases::default();
+        leases.hold(1, &Decision::unlimited(), 0, 0);
+        let denied = Decision {
+            allowed: false,
+            ..granted(5, 1_000)
+        };
+        leases.hold(2, &denied, 0, 0);
+        assert!(leases.is_empty());
+        for fingerprint in 0..(MAX_LEASES as u64 + 10) {
+            leases.hold(fingerprint, &granted(5, 1_000), 0, 0);
+        }
+        assert_eq!(leases.len(), MAX_LEASES);
+        // Ended leases make room.
+        leases.hold(u64::MAX, &granted(5, 1_000), 5_000, 5_000);
+        assert_eq!(leases.len(), 1);
+    }
+}
