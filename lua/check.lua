@@ -125,7 +125,8 @@ for _ = 1, tonumber(ARGV[2]) do
 
   reply[#reply + 1] = denied_by
   for _, v in ipairs(verdicts) do
-    reply[#reply + 1] = v.remaining
+    -- A limit lowered below what its key has counted leaves less than nothing: none.
+    reply[#reply + 1] = math.max(0, v.remaining)
     reply[#reply + 1] = v.reset
     reply[#reply + 1] = v.retry
     reply[#reply + 1] = v.delay

@@ -214,7 +214,7 @@ fn fixed_window(state: Option<&State>, now: u64, cost: u64, limit: u64, window: 
     let after = if ok { count + cost } else { count };
     let reset = start + window - now;
     Peeked {
-        verdict: verdict(ok, limit - after, reset, reset),
+        verdict: verdict(ok, limit.saturating_sub(after), reset, reset),
         commit: Some((
             Commit::Replace(State::Window {
                 start,
@@ -258,7 +258,7 @@ fn sliding_window_log(
         }
     };
     Peeked {
-        verdict: verdict(ok, limit - after, reset, retry),
+        verdict: verdict(ok, limit.saturating_sub(after), reset, retry),
         commit: Some((
             Commit::AppendLog {
                 at: now,
@@ -496,7 +496,7 @@ fn concurrency(state: Option<&State>, now: u64, cost: u64, limit: u64, lease: u6
         .max()
         .map_or(now + lease, |l| max(l, now + lease));
     Peeked {
-        verdict: verdict(ok, limit - after, reset, min(reset, 1_000)),
+        verdict: verdict(ok, limit.saturating_sub(after), reset, min(reset, 1_000)),
         commit: Some((
             Commit::AddLeases {
                 at: now,

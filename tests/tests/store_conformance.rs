@@ -652,6 +652,40 @@ async fn a_read_during_a_cool_down_reports_the_limit_as_it_is(s: Subject) {
     );
 }
 
+/// An operator lowers a limit below what its key has counted already (a live change): the
+/// key denies, with nothing remaining, until it has room under the new limit (a token
+/// bucket shrinks to its new burst). Both stores once answered this with a negative
+/// remaining count (Redis: a reply the controller refused, so the failure mode answered).
+async fn a_limit_lowered_below_the_count_denies_with_nothing_remaining(s: Subject) {
+    for (strategy, period, extra) in [
+        (FixedWindow, 10_000, 0),
+        (SlidingWindowLog, 10_000, 0),
+        (SlidingWindowCounter, 10_000, 0),
+        (TokenBucket, 10_000, 10),
+        (Gcra, 10_000, 10),
+        (LeakyBucket, 10_000, 10_000),
+        (Concurrency, 10_000, 0),
+    ] {
+        let generous = limit(strategy, 10, period, extra);
+        assert_eq!(s.admitted(&generous, 6).await, [true; 6], "{strategy:?}");
+        let lowered = LimitSpec {
+            params: Params {
+                limit: 2,
+                extra: extra.min(2),
+                ..generous.params
+            },
+            ..generous.clone()
+        };
+        if strategy == TokenBucket {
+            // The bucket is smaller now: its 4 tokens left are the new burst, 2.
+            assert_eq!(s.admitted(&lowered, 2).await, [true; 2]);
+        }
+        let verdict = s.one(&lowered).await;
+        assert!(!verdict.ok, "{strategy:?}: {verdict:?}");
+        assert_eq!(verdict.remaining, 0, "{strategy:?}: {verdict:?}");
+    }
+}
+
 fn reservation(key: &str, holder: &str, ttl_ms: u64, quota: u64) -> Reservation {
     Reservation {
         key: key.to_owned(),
@@ -762,6 +796,7 @@ every_store!(
     a_penalty_doubles_while_the_limit_is_hit_and_decays_after,
     a_penalty_strikes_only_the_limit_that_denied,
     a_read_during_a_cool_down_reports_the_limit_as_it_is,
+    a_limit_lowered_below_the_count_denies_with_nothing_remaining,
     lease_reservations_split_the_quota_and_never_exceed_it,
     lease_reservations_end_with_their_lease,
 );
