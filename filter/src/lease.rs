@@ -41,6 +41,17 @@ impl Leases {
         if units == 0 || !decision.allowed {
             return;
         }
+        let ends_at_ms = sent_at_ms.saturating_add(ttl_ms);
+        if let Some(held) = self.by_fingerprint.get_mut(&fingerprint) {
+            // Requests of one kind that were already on their way when the first lease came
+            // bring leases too: what they hold is added, never dropped (it was taken from
+            // the limit). Both end within the same window, so the later end is safe.
+            if now_ms < held.ends_at_ms && held.left > 0 {
+                held.left = held.left.saturating_add(units);
+                held.ends_at_ms = held.ends_at_ms.max(ends_at_ms);
+                return;
+            }
+        }
         if self.by_fingerprint.len() >= MAX_LEASES
             && !self.by_fingerprint.contains_key(&fingerprint)
         {
@@ -54,7 +65,7 @@ impl Leases {
             Held {
                 left: units,
                 used: 0,
-                ends_at_ms: sent_at_ms.saturating_add(ttl_ms),
+                ends_at_ms,
                 granted_at_ms: now_ms,
                 decision: Decision {
                     grant: None,
@@ -155,6 +166,25 @@ mod tests {
         assert_eq!(leases.admit(8, 1_400), None, "another kind of request");
         assert!(leases.admit(7, 1_999).is_some());
         assert_eq!(leases.admit(7, 2_000), None, "ended at sent + ttl");
+    }
+
+    #[test]
+    fn a_second_lease_for_a_kind_still_held_adds_to_it() {
+        let mut leases = Leases::default();
+        leases.hold(7, &granted(2, 1_000), 1_000, 1_010);
+        assert!(leases.admit(7, 1_020).is_some());
+        leases.hold(7, &granted(3, 1_000), 1_500, 1_510);
+        let admitted = (0..10).filter(|_| leases.admit(7, 2_200).is_some()).count();
+        assert_eq!(
+            admitted, 4,
+            "1 left of the first, 3 of the second, until 2.5 s"
+        );
+        leases.hold(7, &granted(3, 1_000), 3_000, 3_010);
+        assert_eq!(
+            leases.admit(7, 4_000),
+            None,
+            "a fresh lease ends on its own time"
+        );
     }
 
     #[test]

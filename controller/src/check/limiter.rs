@@ -245,7 +245,10 @@ impl Limiter {
         plans: &[Plan<'_>],
         decisions: &mut [Decision],
     ) {
-        let wanted: Vec<(usize, &Asked<'_>, u64)> = plans
+        // One lease per kind of request in a call: the worker sent the others of the kind
+        // before the first lease reached it, and the first lease serves what follows.
+        let mut kinds: Vec<u64> = Vec::new();
+        let wanted: Vec<(usize, &Asked<'_>, u64, u64)> = plans
             .iter()
             .zip(decisions.iter())
             .enumerate()
@@ -254,7 +257,12 @@ impl Limiter {
                     return None;
                 };
                 let ttl_ms = lease_ttl(asked, decision)?;
-                Some((index, asked, ttl_ms))
+                let kind = lease_kind(&checks[index]);
+                if kinds.contains(&kind) {
+                    return None;
+                }
+                kinds.push(kind);
+                Some((index, asked, ttl_ms, kind))
             })
             .collect();
         if wanted.is_empty() {
@@ -264,8 +272,8 @@ impl Limiter {
         // request's decision facts), so each is a holder of its own.
         let asked_for: Vec<Reservation> = wanted
             .iter()
-            .flat_map(|(index, asked, ttl_ms)| {
-                let leaseholder = format!("{holder}.{:016x}", lease_kind(&checks[*index]));
+            .flat_map(|(_, asked, ttl_ms, kind)| {
+                let leaseholder = format!("{holder}.{kind:016x}");
                 asked
                     .enforced
                     .iter()
@@ -287,7 +295,7 @@ impl Limiter {
         };
         let mut reserved = reserved.into_iter();
         let mut grants: Vec<(usize, u64, u64, Vec<LimitSpec>)> = Vec::new();
-        for (index, asked, ttl_ms) in wanted {
+        for (index, asked, ttl_ms, _) in wanted {
             let of_check: Vec<u64> = reserved.by_ref().take(asked.enforced.len()).collect();
             let units = lease_units(asked, &decisions[index], &of_check);
             if units == 0 {

@@ -1,0 +1,271 @@
+//! Lease mode through real Envoys with the real `.wasm`, two controllers and one Redis:
+//! the bound holds per window under far more demand than the limit, an exact rule beside
+//! the leased one stays exact, a killed Envoy strands no more than its leases, and a lowered
+//! limit takes the leases back within 2 s.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+use sluice_e2e::envoy::{sluice_plugin_config, with_fields, EnvoyOptions, Filter};
+use sluice_e2e::{http, wait_until, Controller, Envoy, RedisServer, Upstream};
+
+const WINDOW_MS: u64 = 10_000;
+const LIMIT: u64 = 1_000;
+/// 5 % of the limit: what all leases on the key may hold unused at once, so what a window
+/// may admit less than its limit when demand is there. Leases are taken from the limit when
+/// granted, so a window never admits more than it.
+const BOUND: u64 = LIMIT * 5 / 100;
+
+fn rules(hot_limit: u64) -> String {
+    format!(
+        r#"
+[[rules]]
+name = "hot"
+limit = {hot_limit}
+window = "10s"
+match = {{ path = "/hot" }}
+leased = {{ share_percent = 5 }}
+
+[[rules]]
+name = "exact"
+limit = {LIMIT}
+window = "10s"
+match = {{ path = "/exact" }}
+"#
+    )
+}
+
+fn envoy(controllers: &[&Controller], upstream: &Upstream) -> Envoy {
+    let envoy = Envoy::start(&EnvoyOptions {
+        filter: Filter::sluice_with(&with_fields(sluice_plugin_config("deny", 2_000), json!({}))),
+        upstream_port: upstream.port(),
+        controller_ports: controllers.iter().map(|c| c.port).collect(),
+        concurrency: 2,
+        controller_http2: false,
+    });
+    wait_until(
+        "every VM read the configuration",
+        Duration::from_secs(15),
+        || envoy.threads_that_logged("read configuration version") >= 2,
+    );
+    envoy
+}
+
+struct Setup {
+    redis: RedisServer,
+    controllers: Vec<Controller>,
+    upstream: Upstream,
+}
+
+fn setup(hot_limit: u64) -> Setup {
+    let redis = RedisServer::start();
+    let config = rules(hot_limit);
+    let controllers: Vec<Controller> = (0..2)
+        .map(|_| Controller::start(&config, Some(&redis.url())))
+        .collect();
+    Setup {
+        redis,
+        controllers,
+        upstream: Upstream::start(),
+    }
+}
+
+impl Setup {
+    fn envoy(&self) -> Envoy {
+        let controllers: Vec<&Controller> = self.controllers.iter().collect();
+        envoy(&controllers, &self.upstream)
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Sleeps until 100 ms into the next window; returns its start (ms since the epoch).
+fn next_window() -> u64 {
+    let start = (now_ms() / WINDOW_MS + 1) * WINDOW_MS;
+    std::thread::sleep(Duration::from_millis(start + 100 - now_ms()));
+    start
+}
+
+fn sleep_until(epoch_ms: u64) {
+    let now = now_ms();
+    if epoch_ms > now {
+        std::thread::sleep(Duration::from_millis(epoch_ms - now));
+    }
+}
+
+/// Admitted requests per path, sent from two threads per Envoy (new connections, so both
+/// workers of each Envoy get some) until `until_ms`. Every answer is a 200 or a 429.
+fn blast(envoys: &[&Envoy], paths: &[&str], until_ms: u64) -> HashMap<String, u64> {
+    let admitted = Arc::new(Mutex::new(HashMap::<String, u64>::new()));
+    std::thread::scope(|scope| {
+        for (index, envoy) in envoys.iter().flat_map(|e| [e, e]).enumerate() {
+            let admitted = Arc::clone(&admitted);
+            let paths: Vec<String> = paths.iter().map(|p| (*p).to_owned()).collect();
+            scope.spawn(move || {
+                let mut n = index;
+                while now_ms() < until_ms {
+                    let path = &paths[n % paths.len()];
+                    n += 1;
+                    let response = http::get(&envoy.url(path)).expect("through envoy");
+                    if !matches!(response.status, 200 | 429) {
+                        let log = envoy.log();
+                        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                        panic!("{path}: {response:?}\n{}", tail.join("\n"));
+                    }
+                    if response.status == 200 {
+                        *admitted
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .entry(path.clone())
+                            .or_default() += 1;
+                    }
+                }
+            });
+        }
+    });
+    let admitted = admitted.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    admitted
+}
+
+fn leased_admissions(envoy: &Envoy) -> u64 {
+    envoy
+        .stat("wasmcustom.sluice_leased_admissions")
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_leased_rule_admits_within_its_bound_every_window_and_an_exact_one_exactly() {
+    let setup = setup(LIMIT);
+    let (a, b) = (setup.envoy(), setup.envoy());
+    for round in 0..3 {
+        let start = next_window();
+        // Stop well before the window ends: every admission counted is this window's.
+        let admitted = blast(&[&a, &b], &["/hot", "/exact"], start + 7_000);
+        let hot = admitted.get("/hot").copied().unwrap_or(0);
+        let exact = admitted.get("/exact").copied().unwrap_or(0);
+        eprintln!("window {round}: leased {hot}, exact {exact}");
+        assert_eq!(
+            exact, LIMIT,
+            "window {round}: the exact rule admits its limit"
+        );
+        assert!(
+            hot <= LIMIT && hot + BOUND >= LIMIT,
+            "window {round}: leased admitted {hot}, not within {LIMIT} - {BOUND} ..= {LIMIT}"
+        );
+    }
+    // Both Envoys decided requests from leases; the controllers granted them and heard of
+    // what they admitted.
+    let (from_a, from_b) = (leased_admissions(&a), leased_admissions(&b));
+    eprintln!("admitted from leases: {from_a} and {from_b}");
+    assert!(from_a > 0 && from_b > 0, "{from_a} {from_b}");
+    let granted: u64 = setup
+        .controllers
+        .iter()
+        .map(|c| metric(c, r#"sluice_leased_requests_granted_total{rule="hot"}"#))
+        .sum();
+    assert!(
+        granted >= from_a + from_b,
+        "{granted} granted, {from_a} + {from_b} used"
+    );
+    wait_until("the reports arrive", Duration::from_secs(3), || {
+        let reported: u64 = setup
+            .controllers
+            .iter()
+            .map(|c| metric(c, r#"sluice_leased_admissions_total{rule="hot"}"#))
+            .sum();
+        reported == leased_admissions(&a) + leased_admissions(&b)
+    });
+    drop(setup.redis);
+}
+
+#[test]
+fn a_killed_envoy_strands_at_most_its_leases_and_the_key_recovers_next_window() {
+    let setup = setup(LIMIT);
+    let (a, b) = (setup.envoy(), setup.envoy());
+    let start = next_window();
+    // a takes leases (its first requests ask, the next are admitted from what it got),
+    // then dies holding whatever it has not used.
+    let by_a = blast(&[&a], &["/hot"], start + 1_000)
+        .get("/hot")
+        .copied()
+        .unwrap_or(0);
+    assert!(leased_admissions(&a) > 0, "a admitted from leases");
+    drop(a);
+    let by_b = blast(&[&b], &["/hot"], start + 7_000)
+        .get("/hot")
+        .copied()
+        .unwrap_or(0);
+    eprintln!("a admitted {by_a} and was killed; b admitted {by_b}");
+    assert!(by_a + by_b <= LIMIT, "{by_a} + {by_b}");
+    assert!(
+        by_a + by_b + BOUND >= LIMIT,
+        "more than the leases a held was lost: {by_a} + {by_b} of {LIMIT}"
+    );
+    let start = next_window();
+    let next = blast(&[&b], &["/hot"], start + 7_000)
+        .get("/hot")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        next <= LIMIT && next + BOUND >= LIMIT,
+        "the next window admitted {next}"
+    );
+}
+
+#[test]
+fn a_lowered_limit_takes_the_leases_back_within_2_s() {
+    let setup = setup(LIMIT);
+    let (a, b) = (setup.envoy(), setup.envoy());
+    let start = next_window();
+    let lowered_at = std::thread::scope(|scope| {
+        // Traffic flows while the limit is lowered to 100 (the window has admitted more
+        // than that by then).
+        let traffic = scope.spawn(|| blast(&[&a, &b], &["/hot"], start + 1_500));
+        sleep_until(start + 1_000);
+        let rule = json!({
+            "name": "hot", "limit": 100, "window": "10s",
+            "match": { "path": "/hot" }, "leased": { "share_percent": 5 },
+        });
+        let reply = setup.controllers[0].admin("PUT", "/v1/admin/rules/hot", Some(&rule));
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let lowered_at = now_ms();
+        let before = traffic.join().expect("traffic").get("/hot").copied();
+        assert!(before.unwrap_or(0) > 100, "{before:?}");
+        lowered_at
+    });
+    // From 2 s after the change to the window's end nothing passes: the leases granted
+    // under the old limit are gone, and the counter is past the new one.
+    sleep_until(lowered_at + 2_000);
+    let late = blast(&[&a, &b], &["/hot"], start + 7_000)
+        .get("/hot")
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(late, 0, "admitted 2 s after the limit was lowered");
+    // The next window admits the new limit, within the new bound.
+    let start = next_window();
+    let next = blast(&[&a, &b], &["/hot"], start + 7_000)
+        .get("/hot")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        next <= 100 && next + 5 >= 100,
+        "the next window admitted {next}"
+    );
+}
+
+fn metric(controller: &Controller, series: &str) -> u64 {
+    let scraped = http::get(&controller.admin_url("/metrics"))
+        .expect("scrape")
+        .body;
+    scraped
+        .lines()
+        .find_map(|line| line.strip_prefix(series))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .map_or(0, |value| value as u64)
+}
