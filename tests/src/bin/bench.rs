@@ -166,6 +166,9 @@ fn main() {
     if matches!(part.as_str(), "all" | "filter") {
         report.push_str(&filter_cost_scenario(&settings));
     }
+    if matches!(part.as_str(), "all" | "leases") {
+        report.push_str(&lease_scenario(&settings));
+    }
     if matches!(part.as_str(), "all" | "strategies") {
         report.push_str(&strategy_scenarios(&settings));
     }
@@ -174,7 +177,7 @@ fn main() {
     }
     assert!(
         !report.is_empty(),
-        "unknown part {part:?}: use envoy, attack, filter, strategies, cluster or all"
+        "unknown part {part:?}: use envoy, attack, filter, leases, strategies, cluster or all"
     );
     println!("{report}");
     let out = sluice_e2e::repo_root().join("target/bench");
@@ -443,6 +446,18 @@ fn costed_rounds(
     configurations: &[(&str, Envoy)],
     helpers: impl Fn(usize) -> [Option<u32>; 2],
 ) -> (Vec<Vec<Run>>, Vec<Vec<[f64; 4]>>) {
+    costed_scripted_rounds(settings, part, configurations, helpers, |_| None)
+}
+
+/// [`costed_rounds`], each configuration's requests shaped by the wrk script `script`
+/// names for its index (none: the same request every time).
+fn costed_scripted_rounds<'s>(
+    settings: &Settings,
+    part: &str,
+    configurations: &[(&str, Envoy)],
+    helpers: impl Fn(usize) -> [Option<u32>; 2],
+    script: impl Fn(usize) -> Option<&'s std::path::Path>,
+) -> (Vec<Vec<Run>>, Vec<Vec<[f64; 4]>>) {
     eprintln!(
         "{part}: {} configurations × {} rounds × {} s, wrk -t1 -c{}, Envoy --concurrency 1",
         configurations.len(),
@@ -456,7 +471,7 @@ fn costed_rounds(
             .iter()
             .position(|(_, e)| e.port == envoy.port)
             .unwrap_or(0);
-        let (run, cost) = costed_run(settings, envoy, helpers(index));
+        let (run, cost) = costed_run(settings, envoy, helpers(index), script(index));
         costs.borrow_mut()[index].push(cost);
         run
     });
@@ -466,13 +481,18 @@ fn costed_rounds(
 /// A saturated wrk run (after a 1 s warm-up: connections, caches, JIT) with what it cost:
 /// CPU µs per request of Envoy and of `helpers` (controller, Redis), and the checks each
 /// callout to the controller carried.
-fn costed_run(settings: &Settings, envoy: &Envoy, helpers: [Option<u32>; 2]) -> (Run, [f64; 4]) {
+fn costed_run(
+    settings: &Settings,
+    envoy: &Envoy,
+    helpers: [Option<u32>; 2],
+    script: Option<&std::path::Path>,
+) -> (Run, [f64; 4]) {
     let url = envoy.url("/bench");
-    wrk(&url, 1, settings.connections);
+    wrk_with(&url, 1, settings.connections, script);
     let pids = [Some(envoy.pid()), helpers[0], helpers[1]];
     let before = pids.map(|pid| pid.map_or(0.0, cpu_seconds));
     let [callouts_before, checks_before, _] = counters(envoy);
-    let run = wrk(&url, settings.seconds, settings.connections);
+    let run = wrk_with(&url, settings.seconds, settings.connections, script);
     let after = pids.map(|pid| pid.map_or(0.0, cpu_seconds));
     let [callouts_after, checks_after, _] = counters(envoy);
     let requests = (run.rps * settings.seconds as f64).max(1.0);
@@ -574,6 +594,178 @@ fn filter_cost_scenario(settings: &Settings) -> String {
     report.push_str(&cost_table(&configurations, &costs));
     report.push_str(&filter_core_native());
     report
+}
+
+/// A wrk script: each request from one of 5000 clients (by `x-client`), at random.
+fn many_clients_script(dir: &std::path::Path) -> std::path::PathBuf {
+    let script = r#"request = function()
+  return wrk.format(nil, "/bench", { ["x-client"] = "client-" .. math.random(1, 5000) })
+end
+"#;
+    let file = dir.join("many-clients.lua");
+    std::fs::write(&file, script).expect("write wrk script");
+    file
+}
+
+/// Lease mode against exact batching, one worker saturated: a single hot key (every
+/// request from one client) and 5000 keys, with the exempt filter as the floor any wasm
+/// filter pays; then an accuracy run with a limit that is reached.
+fn lease_scenario(settings: &Settings) -> String {
+    let exact_rules = "[[rules]]\nname = \"bench\"\nlimit = 1000000000000\nwindow = \"1h\"\n";
+    let leased_rules = format!("{exact_rules}leased = {{}}\n");
+    let upstream = Upstream::start();
+    let redis = RedisServer::start();
+    let exact = Controller::start_logging(exact_rules, Some(&redis.url()), "warn");
+    let leased = Controller::start_logging(&leased_rules, Some(&redis.url()), "warn");
+    let sluice = |extra: serde_json::Value| {
+        let identity = serde_json::json!({
+            "identity": { "client_header": "x-client", "order": ["header", "ip"] }
+        });
+        Filter::sluice_with(&with_fields(
+            with_fields(sluice_plugin_config("deny", 1_000), identity),
+            extra,
+        ))
+    };
+    let specs: [(&str, Filter, Option<&Controller>, bool); 7] = [
+        ("(a) Envoy, no limiter", Filter::None, None, false),
+        (
+            "Sluice, every path exempt (the floor)",
+            sluice(serde_json::json!({ "exempt_paths": ["/**"] })),
+            Some(&exact),
+            false,
+        ),
+        (
+            "exact batched, one hot key",
+            sluice(serde_json::json!({})),
+            Some(&exact),
+            false,
+        ),
+        (
+            "leased, one hot key",
+            sluice(serde_json::json!({})),
+            Some(&leased),
+            false,
+        ),
+        (
+            "exact batched, 5000 keys",
+            sluice(serde_json::json!({})),
+            Some(&exact),
+            true,
+        ),
+        (
+            "leased, 5000 keys",
+            sluice(serde_json::json!({})),
+            Some(&leased),
+            true,
+        ),
+        ("(a) Envoy, no limiter, 5000 keys", Filter::None, None, true),
+    ];
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = many_clients_script(dir.path());
+    let scripted: Vec<bool> = specs.iter().map(|(_, _, _, many)| *many).collect();
+    let asked: Vec<Option<u32>> = specs
+        .iter()
+        .map(|(_, _, c, _)| c.map(Controller::pid))
+        .collect();
+    let configurations: Vec<(&str, Envoy)> = specs
+        .into_iter()
+        .map(|(name, filter, controller, _)| {
+            (name, one_worker_envoy(filter, &upstream, controller, false))
+        })
+        .collect();
+    let (runs, costs) = costed_scripted_rounds(
+        settings,
+        "leases",
+        &configurations,
+        |index| [asked[index], Some(redis.pid())],
+        |index| scripted[index].then_some(script.as_path()),
+    );
+    let mut report = table(
+        "Lease mode, one worker, saturated (ratio to (a))",
+        &configurations,
+        &runs,
+    );
+    report.push_str(&cost_table(&configurations, &costs));
+    report.push_str(&envoy_busy_table(&configurations, &runs, &costs));
+    report.push_str(&lease_accuracy(&upstream, &redis));
+    report
+}
+
+/// How busy Envoy's one worker was: its CPU per request times requests per second.
+fn envoy_busy_table<C>(
+    configurations: &[(&str, C)],
+    runs: &[Vec<Run>],
+    costs: &[Vec<[f64; 4]>],
+) -> String {
+    let mut table = String::from(
+        "### Envoy's CPU while saturated (share of one core, median over rounds)\n\n| configuration | Envoy CPU |\n|---|---:|\n",
+    );
+    for (((name, _), runs), costs) in configurations.iter().zip(runs).zip(costs) {
+        let busy = median(
+            runs.iter()
+                .zip(costs)
+                .map(|(run, cost)| run.rps * cost[0] / 1e6)
+                .collect(),
+        );
+        table.push_str(&format!("| {name} | {:.0} % |\n", busy * 100.0));
+    }
+    table.push('\n');
+    table
+}
+
+/// A leased and an exact rule with a limit that is reached (20000 per 10 s window), each
+/// driven far past it for most of one window: admitted against the limit and the bound.
+fn lease_accuracy(upstream: &Upstream, redis: &RedisServer) -> String {
+    const LIMIT: u64 = 20_000;
+    let rules = |leased: bool| {
+        format!(
+            "[[rules]]\nname = \"accuracy\"\nlimit = {LIMIT}\nwindow = \"10s\"\n{}",
+            if leased {
+                "leased = { share_percent = 5 }\n"
+            } else {
+                ""
+            }
+        )
+    };
+    let mut table = String::from(
+        "### Accuracy: one window of 10 s, limit 20000, one client far past it\n\n| rule | admitted | limit | bound (5 %) | within |\n|---|---:|---:|---:|---|\n",
+    );
+    for leased in [false, true] {
+        let controller = Controller::start_logging(&rules(leased), Some(&redis.url()), "warn");
+        let envoy = one_worker_envoy(
+            Filter::sluice_with(&sluice_plugin_config("deny", 1_000)),
+            upstream,
+            Some(&controller),
+            false,
+        );
+        let url = envoy.url("/bench");
+        // 200 ms into a window, for 9 s: every admission is that window's.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let start = (now / 10_000 + 1) * 10_000 + 200;
+        std::thread::sleep(Duration::from_millis(start - now));
+        // Admitted: what reached the upstream.
+        let upstream_requests = || {
+            envoy
+                .stat("cluster.upstream.upstream_rq_total")
+                .unwrap_or(0)
+        };
+        let before = upstream_requests();
+        let run = wrk(&url, 9, 50);
+        let admitted = upstream_requests() - before;
+        let requests = (run.rps * 9.0).round() as u64;
+        let bound = LIMIT * 5 / 100;
+        let within = admitted <= LIMIT && admitted + bound >= LIMIT;
+        eprintln!("accuracy, leased {leased}: about {requests} requests, {admitted} admitted");
+        table.push_str(&format!(
+            "| {} | {admitted} | {LIMIT} | {bound} | {} |\n",
+            if leased { "leased" } else { "exact" },
+            if within { "yes" } else { "NO" }
+        ));
+    }
+    table.push('\n');
+    table
 }
 
 /// The filter's own work per request, natively (the same code and optimisation level as the
