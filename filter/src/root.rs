@@ -139,6 +139,8 @@ pub struct Worker {
     checks_seen: Cell<u64>,
     /// Quota leased to this worker (leased rules only).
     pub leases: RefCell<Leases>,
+    /// Requests admitted from leases and not yet in the metrics.
+    leased_uncounted: Cell<u64>,
     /// This worker's name as a lease holder: unique per VM.
     pub lease_holder: String,
 }
@@ -224,15 +226,23 @@ impl Worker {
 
     /// Admits the request from a lease this worker holds for its kind, if it has one with
     /// requests left: the verdict, with the lease's rate-limit headers.
-    pub fn leased_admission(&self, host: &dyn Host, fingerprint: u64) -> Option<Verdict> {
-        let decision = self.leases.borrow_mut().admit(fingerprint, host.now_ms())?;
-        self.metrics.add(host, Metric::LeasedAdmissions, 1);
-        self.count(host, [Counted::Allowed]);
+    /// Counted in the metrics a batch or a tick later ([`Worker::count_leased`]): a host
+    /// call per request would be most of what a leased admission costs.
+    pub fn leased_admission(&self, fingerprint: u64, now_ms: u64) -> Option<Verdict> {
+        let decision = self.leases.borrow_mut().admit(fingerprint, now_ms)?;
+        self.leased_uncounted.set(self.leased_uncounted.get() + 1);
         if let Some(policy) = &decision.policy {
             self.tally.borrow_mut().leased(&policy.rule);
         }
         let (verdict, _) = decision::verdict_for_decision(&self.config, &decision, None);
         Some(verdict)
+    }
+
+    /// Adds the requests admitted from leases since the last time to the metrics.
+    pub fn count_leased(&self, host: &dyn Host) {
+        let admitted = self.leased_uncounted.replace(0);
+        self.metrics.add(host, Metric::LeasedAdmissions, admitted);
+        self.metrics.add(host, Metric::Allowed, admitted);
     }
 
     /// A denial the cache still holds for this check, as the 429 to send.
@@ -629,6 +639,7 @@ impl Root {
             debug: Cell::new(host.log_level() <= LogLevel::Debug),
             checks_seen: Cell::new(0),
             leases: RefCell::new(Leases::default()),
+            leased_uncounted: Cell::new(0),
             // Random per VM, as the queue's name: unique among every worker of every Envoy.
             lease_holder: format!("{:016x}{:016x}", random_u64(), random_u64()),
         }));
@@ -652,6 +663,7 @@ impl Root {
         self.read_config_when_due(host, &worker);
         self.report_when_due(host, &worker);
         worker.leases.borrow_mut().sweep(host.now_ms());
+        worker.count_leased(host);
         let limit = u64::try_from(worker.config.timeout.as_millis()).unwrap_or(u64::MAX);
         let overdue = worker
             .batcher
@@ -774,6 +786,7 @@ impl Root {
     /// made with the root as Envoy's current context, so that it belongs to the root and
     /// outlives any one request.
     fn send_next_batch(&mut self, host: &dyn Host, worker: &Worker) {
+        worker.count_leased(host);
         loop {
             let next = worker.batcher.borrow_mut().next_batch();
             let Some((members, mut request)) = next else {

@@ -328,15 +328,15 @@ impl Stream {
         }
         let leased = view.leased && self.worker.config.batching;
         drop(view);
-        self.failure_mode = self.worker.failure_mode_for(&check);
         // A denial holds for the configuration it was made under: a change (a limit raised,
         // a client safelisted) makes every denial cached before it a miss.
         let fingerprint = denial::fingerprint(&check, version);
         if leased {
-            if let Some(verdict) = self.worker.leased_admission(host, fingerprint) {
+            if let Some(verdict) = self.worker.leased_admission(fingerprint, host.now_ms()) {
                 return Triage::Answer(verdict);
             }
         }
+        self.failure_mode = self.worker.failure_mode_for(&check);
         if let Some(verdict) = self
             .worker
             .cached_denial(host, &check, fingerprint, || request_id(host))

@@ -32,7 +32,7 @@ use sluice_e2e::controller::ControllerOptions;
 use sluice_e2e::envoy::{
     rate_limits_yaml, sluice_plugin_config, with_fields, EnvoyOptions, Filter,
 };
-use sluice_e2e::{Controller, Envoy, RedisCluster, RedisServer, Upstream};
+use sluice_e2e::{http, Controller, Envoy, RedisCluster, RedisServer, Upstream};
 use sluice_protocol::Strategy;
 
 fn setting(name: &str, default: u64) -> u64 {
@@ -614,9 +614,11 @@ fn lease_scenario(settings: &Settings) -> String {
     let exact_rules = "[[rules]]\nname = \"bench\"\nlimit = 1000000000000\nwindow = \"1h\"\n";
     let leased_rules = format!("{exact_rules}leased = {{}}\n");
     let upstream = Upstream::start();
+    // One Redis each: a controller takes the configuration the store already holds.
     let redis = RedisServer::start();
+    let leased_redis = RedisServer::start();
     let exact = Controller::start_logging(exact_rules, Some(&redis.url()), "warn");
-    let leased = Controller::start_logging(&leased_rules, Some(&redis.url()), "warn");
+    let leased = Controller::start_logging(&leased_rules, Some(&leased_redis.url()), "warn");
     let sluice = |extra: serde_json::Value| {
         let identity = serde_json::json!({
             "identity": { "client_header": "x-client", "order": ["header", "ip"] }
@@ -663,9 +665,13 @@ fn lease_scenario(settings: &Settings) -> String {
     let dir = tempfile::tempdir().expect("temp dir");
     let script = many_clients_script(dir.path());
     let scripted: Vec<bool> = specs.iter().map(|(_, _, _, many)| *many).collect();
-    let asked: Vec<Option<u32>> = specs
+    let asked: Vec<[Option<u32>; 2]> = specs
         .iter()
-        .map(|(_, _, c, _)| c.map(Controller::pid))
+        .map(|(_, _, controller, _)| match controller {
+            Some(c) if c.pid() == leased.pid() => [Some(c.pid()), Some(leased_redis.pid())],
+            Some(c) => [Some(c.pid()), Some(redis.pid())],
+            None => [None, None],
+        })
         .collect();
     let configurations: Vec<(&str, Envoy)> = specs
         .into_iter()
@@ -677,7 +683,7 @@ fn lease_scenario(settings: &Settings) -> String {
         settings,
         "leases",
         &configurations,
-        |index| [asked[index], Some(redis.pid())],
+        |index| asked[index],
         |index| scripted[index].then_some(script.as_path()),
     );
     let mut report = table(
@@ -687,8 +693,78 @@ fn lease_scenario(settings: &Settings) -> String {
     );
     report.push_str(&cost_table(&configurations, &costs));
     report.push_str(&envoy_busy_table(&configurations, &runs, &costs));
-    report.push_str(&lease_accuracy(&upstream, &redis));
+    if let Some((_, envoy)) = configurations
+        .iter()
+        .find(|(name, _)| *name == "exact batched, one hot key")
+    {
+        report.push_str(&round_trip_by_stage(settings, envoy, &exact));
+    }
+    report.push_str(&lease_accuracy(&upstream));
     report
+}
+
+/// Where an exact request's wait goes, from one more saturated run: the request as wrk saw
+/// it, the callout as Envoy timed it (its cluster's `upstream_rq_time`, over this Envoy's
+/// runs), the controller's time per call and the store's per script call (means, from its
+/// histograms' sums and counts over this run).
+fn round_trip_by_stage(settings: &Settings, envoy: &Envoy, controller: &Controller) -> String {
+    let scrape = || {
+        http::get(&controller.admin_url("/metrics"))
+            .map(|r| r.body)
+            .unwrap_or_default()
+    };
+    let value = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series))
+            .and_then(|rest| rest.trim().split(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let before = scrape();
+    let [callouts_before, checks_before, _] = counters(envoy);
+    let run = wrk(&envoy.url("/bench"), settings.seconds, settings.connections);
+    let after = scrape();
+    let [callouts_after, checks_after, _] = counters(envoy);
+    let mean_ms = |sum: &str, count: &str| {
+        let calls = value(&after, count) - value(&before, count);
+        (value(&after, sum) - value(&before, sum)) * 1e3 / calls.max(1.0)
+    };
+    let controller_ms = mean_ms(
+        "sluice_check_call_duration_seconds_sum ",
+        "sluice_check_call_duration_seconds_count ",
+    );
+    let store_ms = mean_ms(
+        r#"sluice_store_command_duration_seconds_sum{command="check"} "#,
+        r#"sluice_store_command_duration_seconds_count{command="check"} "#,
+    );
+    let quantiles = http::get(&format!(
+        "http://127.0.0.1:{}/stats?filter=^cluster.sluice_controller.upstream_rq_time$",
+        envoy.admin_port
+    ))
+    .map(|r| r.body)
+    .unwrap_or_default();
+    // `P50(interval,cumulative)`: the cumulative one.
+    let quantile = |name: &str| -> String {
+        quantiles
+            .split_once(&format!("{name}("))
+            .and_then(|(_, rest)| rest.split_once(')'))
+            .and_then(|(pair, _)| pair.split_once(','))
+            .map_or_else(|| "?".to_owned(), |(_, cumulative)| cumulative.to_owned())
+    };
+    let per_callout =
+        (checks_after - checks_before) as f64 / (callouts_after - callouts_before).max(1) as f64;
+    format!(
+        "### Exact batched, one hot key: where the wait goes\n\n\
+         | stage | time |\n|---|---:|\n\
+         | request, as wrk saw it (p50 / p99) | {:.2} / {:.2} ms |\n\
+         | the batch's callout, as Envoy timed it (p50 / p99, ms resolution) | {} / {} ms |\n\
+         | the controller, per call (mean) | {controller_ms:.3} ms |\n\
+         | of which the store's script call (mean) | {store_ms:.3} ms |\n\
+         | checks per callout | {per_callout:.1} |\n\n",
+        run.p50_ms,
+        run.p99_ms,
+        quantile("P50"),
+        quantile("P99"),
+    )
 }
 
 /// How busy Envoy's one worker was: its CPU per request times requests per second.
@@ -715,7 +791,7 @@ fn envoy_busy_table<C>(
 
 /// A leased and an exact rule with a limit that is reached (20000 per 10 s window), each
 /// driven far past it for most of one window: admitted against the limit and the bound.
-fn lease_accuracy(upstream: &Upstream, redis: &RedisServer) -> String {
+fn lease_accuracy(upstream: &Upstream) -> String {
     const LIMIT: u64 = 20_000;
     let rules = |leased: bool| {
         format!(
@@ -731,6 +807,7 @@ fn lease_accuracy(upstream: &Upstream, redis: &RedisServer) -> String {
         "### Accuracy: one window of 10 s, limit 20000, one client far past it\n\n| rule | admitted | limit | bound (5 %) | within |\n|---|---:|---:|---:|---|\n",
     );
     for leased in [false, true] {
+        let redis = RedisServer::start();
         let controller = Controller::start_logging(&rules(leased), Some(&redis.url()), "warn");
         let envoy = one_worker_envoy(
             Filter::sluice_with(&sluice_plugin_config("deny", 1_000)),
