@@ -628,7 +628,7 @@ fn lease_scenario(settings: &Settings) -> String {
             extra,
         ))
     };
-    let specs: [(&str, Filter, Option<&Controller>, bool); 7] = [
+    let specs: [(&str, Filter, Option<&Controller>, bool); 8] = [
         ("(a) Envoy, no limiter", Filter::None, None, false),
         (
             "Sluice, every path exempt (the floor)",
@@ -645,6 +645,12 @@ fn lease_scenario(settings: &Settings) -> String {
         (
             "leased, one hot key",
             sluice(serde_json::json!({})),
+            Some(&leased),
+            false,
+        ),
+        (
+            "leased, one hot key, IETF headers only (2 of 5)",
+            sluice(serde_json::json!({ "headers": "ietf" })),
             Some(&leased),
             false,
         ),
