@@ -141,6 +141,8 @@ pub struct Worker {
     pub leases: RefCell<Leases>,
     /// Requests admitted from leases and not yet in the metrics.
     leased_uncounted: Cell<u64>,
+    /// When a failed decision was last logged (0: never), and the failures since.
+    failure_log: Cell<(u64, u64)>,
     /// This worker's name as a lease holder: unique per VM.
     pub lease_holder: String,
 }
@@ -309,7 +311,16 @@ impl Worker {
     ) -> Vec<Verdict> {
         let denied = modes.iter().filter(|m| **m == FailureMode::Deny).count();
         let allowed = modes.len() - denied;
-        log_failure(host, failure, allowed, denied);
+        // At most one line a second: while the controller or its store is down every batch
+        // fails, and a line per batch would flood Envoy's log. The metrics count them all.
+        let now = host.now_ms();
+        let (last, unlogged) = self.failure_log.get();
+        if last == 0 || now.saturating_sub(last) >= FAILURE_LOG_EVERY_MS {
+            log_failure(host, failure, allowed, denied, unlogged);
+            self.failure_log.set((now.max(1), 0));
+        } else {
+            self.failure_log.set((last, unlogged + 1));
+        }
         let metrics = &self.metrics;
         metrics.add(host, Metric::CalloutErrors, 1);
         metrics.add(host, Metric::FailureAllowed, allowed as u64);
@@ -524,7 +535,10 @@ fn request_id_of(host: &dyn Host, member: &Member) -> Option<String> {
     crate::stream::request_id(host)
 }
 
-fn log_failure(host: &dyn Host, failure: &Failure, allowed: usize, denied: usize) {
+/// The least time between two lines about failed decisions.
+const FAILURE_LOG_EVERY_MS: u64 = 1_000;
+
+fn log_failure(host: &dyn Host, failure: &Failure, allowed: usize, denied: usize, unlogged: u64) {
     let what = |n: usize| {
         if n == 1 {
             "the request".to_owned()
@@ -539,10 +553,15 @@ fn log_failure(host: &dyn Host, failure: &Failure, allowed: usize, denied: usize
             format!("allowing {allowed} and refusing {denied} requests (by their failure modes)")
         }
     };
+    let since = if unlogged > 0 {
+        format!(" ({unlogged} more failures since the last line, not logged)")
+    } else {
+        String::new()
+    };
     log(
         host,
         LogLevel::Warn,
-        &format!("no decision, {outcome}: {failure}"),
+        &format!("no decision, {outcome}: {failure}{since}"),
     );
 }
 
@@ -640,6 +659,7 @@ impl Root {
             checks_seen: Cell::new(0),
             leases: RefCell::new(Leases::default()),
             leased_uncounted: Cell::new(0),
+            failure_log: Cell::new((0, 0)),
             // Random per VM, as the queue's name: unique among every worker of every Envoy.
             lease_holder: format!("{:016x}{:016x}", random_u64(), random_u64()),
         }));

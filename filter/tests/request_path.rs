@@ -11,7 +11,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use proptest::prelude::*;
-use sluice_filter::host::{Action, HeaderMap, Status};
+use sluice_filter::host::{Action, HeaderMap, LogLevel, Status};
 use sluice_filter::testing::{HostCall, MockEnvoy};
 use sluice_protocol::{CheckRequest, CheckResponse, Decision, PolicyStatus, Strategy as Algorithm};
 
@@ -737,6 +737,47 @@ fn a_lease_admits_requests_of_its_kind_without_a_callout_until_spent_or_ended() 
     envoy.host.state.borrow_mut().calls.clear();
     let (_, action) = envoy.request(get(b"/", &[]), &[(PEER, peer)]);
     assert_eq!(action, Action::Pause, "the lease ended");
+}
+
+#[test]
+fn failed_decisions_are_logged_once_a_second_with_the_count_of_the_rest() {
+    let (mut envoy, started) = MockEnvoy::start(&plugin(serde_json::json!({})));
+    assert!(started);
+    let warnings = |envoy: &MockEnvoy| -> Vec<String> {
+        envoy
+            .host
+            .state
+            .borrow()
+            .logs
+            .iter()
+            .filter(|(level, line)| *level == LogLevel::Warn && line.contains("no decision"))
+            .map(|(_, line)| line.clone())
+            .collect()
+    };
+    let fail_one = |envoy: &mut MockEnvoy| {
+        let (_, action) = envoy.request(get(b"/", &[]), &[(PEER, b"192.0.2.1:1")]);
+        assert_eq!(action, Action::Pause);
+        envoy.run_queues();
+        let batch = envoy.calls().pop().expect("a check call");
+        envoy.answer_with(batch.token, "500", b"{}");
+    };
+    for _ in 0..3 {
+        fail_one(&mut envoy);
+    }
+    assert_eq!(warnings(&envoy).len(), 1, "{:?}", warnings(&envoy));
+    envoy.tick(1_000);
+    fail_one(&mut envoy);
+    let lines = warnings(&envoy);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[1].contains("(2 more failures since the last line, not logged)"),
+        "{lines:?}"
+    );
+    assert_eq!(
+        envoy.host.metric("sluice_callout_errors"),
+        4,
+        "every failure counted"
+    );
 }
 
 #[test]
