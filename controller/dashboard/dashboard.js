@@ -194,9 +194,34 @@ function fillForm(form, entity) {
   }
 }
 
+/// What an edit sends: the entity as it was, with every field the form shows replaced by
+/// the form's value (or removed, when the form leaves it empty). Fields the form does not
+/// show (a rule's penalty, lease, cost, failure mode, other match fields) are kept: the API
+/// replaces the whole entity.
+function editedBody(form, original, body) {
+  const result = structuredClone(original);
+  for (const input of $$("[data-field]", form)) {
+    const path = input.dataset.field.split(".");
+    let parent = result;
+    for (const key of path.slice(0, -1)) parent = parent == null ? undefined : parent[key];
+    if (parent != null) delete parent[path[path.length - 1]];
+  }
+  for (const [key, value] of Object.entries(body)) {
+    if (value !== null && typeof value === "object" && !Array.isArray(value)) {
+      result[key] = { ...(result[key] || {}), ...value };
+    } else {
+      result[key] = value;
+    }
+  }
+  // A match left with no field at all is no match.
+  if (result.match && Object.keys(result.match).length === 0) delete result.match;
+  return result;
+}
+
 function resetForm(form) {
   form.reset();
   delete form.dataset.editing;
+  form.editingEntity = undefined;
   const name = $('[data-field="name"]', form);
   if (name) name.readOnly = false;
   const mode = $(".mode", form);
@@ -208,6 +233,8 @@ function editInForm(form, entity, key) {
   resetForm(form);
   fillForm(form, entity);
   form.dataset.editing = key;
+  // Rules and tiers are read and written whole; an API key's edit is its form's fields.
+  if (form.id !== "key-form") form.editingEntity = entity;
   const name = $('[data-field="name"]', form);
   // Rules and tiers are renamed by delete and create; a key's name is only a label.
   if (name && form.id !== "key-form") name.readOnly = true;
@@ -247,7 +274,9 @@ function wireForm(form, submit) {
     clearErrors(form);
     form.dataset.state = "sending";
     try {
-      await submit(formBody(form), form.dataset.editing);
+      const body = formBody(form);
+      const editing = form.dataset.editing;
+      await submit(editing && form.editingEntity ? editedBody(form, form.editingEntity, body) : body, editing);
       resetForm(form);
       form.dataset.state = "saved";
       await loadConfiguration();

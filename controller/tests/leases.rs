@@ -7,14 +7,14 @@ use axum::http::StatusCode;
 use serde_json::{json, Value};
 use support::{post, world};
 
-/// 200 a minute, 5 % of it (10) in leases, which last at most 2 s.
+/// 200 a minute, 5 % of it (10) in leases, which last to the end of their window.
 const LEASED: &str = r#"
 [[rules]]
 name = "hot"
 limit = 200
 window = "1m"
 match = { path = "/hot" }
-leased = { share_percent = 5, ttl = "2s" }
+leased = { share_percent = 5 }
 
 [[rules]]
 name = "exact"
@@ -44,11 +44,11 @@ async fn decide(router: &axum::Router, body: Value) -> Vec<Value> {
 #[tokio::test]
 async fn a_lease_is_its_share_of_the_quota_taken_from_the_limit() {
     let world = world(LEASED).await;
-    // 15 s into the minute: a fixed window's lease ends with the window, here after 2 s.
+    // 15 s into the minute: a fixed window's lease ends with the window, 45 s later.
     world.clock.set(MINUTE + 15_000);
     let first = decide(&world.check, checks(Some("worker-a"), "/hot", 1)).await;
     assert_eq!(first[0]["allowed"], true);
-    assert_eq!(first[0]["grant"], json!({ "units": 10, "ttl_ms": 2_000 }));
+    assert_eq!(first[0]["grant"], json!({ "units": 10, "ttl_ms": 45_000 }));
     assert_eq!(
         first[0]["policy"]["remaining"], 199,
         "the request's own view: the lease is the asking worker's"
@@ -109,7 +109,7 @@ limit = 100
 window = "1s"
 burst = 400
 match = { path = "/bucket" }
-leased = { share_percent = 10 }
+leased = { share_percent = 10, ttl = "1s" }
 
 [[rules]]
 name = "cells"

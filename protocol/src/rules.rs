@@ -346,10 +346,12 @@ pub struct Rule {
 
 /// How a leased rule shares out its quota. A worker's lease is taken from the key's quota
 /// when it is granted (so leases never admit beyond the limit): at most `share_percent` %
-/// of the limit divided by the workers holding leases on the key, and never past `ttl` (nor
-/// past the end of a fixed window). What a lease holds unused is quota nobody else can
-/// have until the lease ends: the slack this mode trades for requests decided without a
-/// round trip.
+/// of the limit (the burst) divided by the workers holding leases on the key. A
+/// `fixed_window` lease lasts to the end of its window (ending sooner would lose what it
+/// has left for the rest of the window); a `token_bucket` or `gcra` lease lasts `ttl`, and
+/// what it has left then is lost until the bucket refills it. What a lease holds unused is
+/// quota nobody else can have meanwhile: the slack this mode trades for requests decided
+/// without a round trip.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
@@ -357,19 +359,24 @@ pub struct Leased {
     /// The share of the limit (1–100 %) all leases on one key may hold at once.
     #[serde(default = "default_lease_share")]
     pub share_percent: u8,
-    /// How long a lease lasts at most (default 1s).
-    #[serde(default = "default_lease_ttl")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "1s"))]
-    pub ttl: Window,
+    /// `token_bucket` and `gcra` only: how long a lease lasts (default 1s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "1s"))]
+    pub ttl: Option<Window>,
+}
+
+impl Leased {
+    /// How long a `token_bucket` or `gcra` lease lasts.
+    pub fn ttl_ms(&self) -> u64 {
+        self.ttl.map_or(DEFAULT_LEASE_TTL_MS, Window::millis)
+    }
 }
 
 fn default_lease_share() -> u8 {
     5
 }
 
-fn default_lease_ttl() -> Window {
-    Window(1_000)
-}
+const DEFAULT_LEASE_TTL_MS: u64 = 1_000;
 
 /// Strategies whose quota can be handed out ahead: taking `n` from them now is the same
 /// as admitting `n` requests now. The others cannot: a sliding window remembers when each
@@ -625,6 +632,14 @@ impl Rule {
                 return Err((
                     "leased",
                     "a rule with a penalty decides each request (a lease would skip its strikes)"
+                        .into(),
+                ));
+            }
+            if leased.ttl.is_some() && self.strategy == Strategy::FixedWindow {
+                return Err((
+                    "leased.ttl",
+                    "a fixed_window lease lasts to the end of its window (ending it sooner \
+                     would lose what it has left); ttl is for token_bucket and gcra"
                         .into(),
                 ));
             }

@@ -230,6 +230,52 @@ fn a_rule_made_and_edited_in_the_form_is_in_the_controllers_configuration() {
     assert_stayed_home(&page, &controller, ADMIN_TOKEN);
 }
 
+#[test]
+fn editing_a_rule_in_the_form_keeps_what_the_form_does_not_show() {
+    let _turn = browser::one_at_a_time();
+    let controller = Controller::start(CONFIGURATION, None);
+    let rule = json!({
+        "name": "rich", "limit": 500, "window": "1m", "cost": 2, "failure_mode": "deny",
+        "leased": { "share_percent": 10 },
+        "match": { "host": "api.example.com", "path_prefix": "/v1/" },
+    });
+    let made = controller.admin("POST", "/v1/admin/rules", Some(&rule));
+    assert_eq!(made.status, 201, "{}", made.body);
+    let browser = Browser::start();
+    let page = open(&browser, &controller, ADMIN_TOKEN);
+    page.wait_for(
+        "the rule in the page's table",
+        WAIT,
+        "document.querySelector('#rules tr[data-rule=\"rich\"]')",
+    );
+    page.click("#rules tr[data-rule=\"rich\"] button.edit");
+    page.wait_for(
+        "the form filled for editing",
+        WAIT,
+        "document.querySelector('#rule-form').dataset.editing === 'rich'",
+    );
+    page.type_into("#rule-form [data-field=limit]", "600");
+    // A field the form shows, emptied, is removed.
+    page.type_into("#rule-form [data-field='match.path_prefix']", "");
+    page.click("#rule-form button[type=submit]");
+    page.wait_for(
+        "the edited rule in the page's table",
+        WAIT,
+        "(document.querySelector('#rules tr[data-rule=\"rich\"]') || {cells: []}).cells[3]\
+           ?.textContent === '600'",
+    );
+    let edited = controller.admin("GET", "/v1/admin/rules/rich", None).json();
+    assert_eq!(
+        edited,
+        json!({
+            "name": "rich", "strategy": "fixed_window", "scope": "client", "limit": 600,
+            "window": "1m", "cost": 2, "failure_mode": "deny",
+            "leased": { "share_percent": 10 },
+            "match": { "host": "api.example.com" },
+        })
+    );
+}
+
 /// What the API itself answers for the body the page last sent to `path`: the field and
 /// the message the page must show next to it.
 fn api_error(page: &Page<'_>, controller: &Controller, path: &str) -> (String, String) {

@@ -571,8 +571,9 @@ fn plan<'r>(snapshot: &'r Snapshot, check: &'r Check) -> Plan<'r> {
 }
 
 /// How long a lease for this decision may last, if it may have one: admitted by enforced
-/// rules that are all leased and no shadow rule (counted request by request). At most each
-/// rule's `ttl`, and never past the end of a fixed window (the lease was counted in it).
+/// rules that are all leased and no shadow rule (counted request by request). A fixed
+/// window's lease lasts to the window's end (it was counted in that window, so an earlier
+/// end would lose its rest), a bucket's its `ttl`; with several rules, the first end.
 fn lease_ttl(asked: &Asked<'_>, decision: &Decision) -> Option<u64> {
     if !decision.allowed
         || decision.shadow_denied
@@ -585,14 +586,15 @@ fn lease_ttl(asked: &Asked<'_>, decision: &Decision) -> Option<u64> {
     let mut ttl = u64::MAX;
     for rule in &asked.enforced {
         let leased = rule.leased?;
-        ttl = ttl.min(leased.ttl.millis());
-        if rule.strategy == Strategy::FixedWindow {
-            let reset = decision
+        let ends = if rule.strategy == Strategy::FixedWindow {
+            decision
                 .policies()
                 .find(|status| status.rule == rule.name)
-                .map_or(0, |status| status.reset_ms);
-            ttl = ttl.min(reset);
-        }
+                .map_or(0, |status| status.reset_ms)
+        } else {
+            leased.ttl_ms()
+        };
+        ttl = ttl.min(ends);
     }
     (ttl > 0).then_some(ttl)
 }
