@@ -26,12 +26,15 @@ match = { path = "/exact" }
 /// A whole minute on the test clock.
 const MINUTE: u64 = 1_020_000;
 
+/// `count` checks of one kind; with a holder, each asks for a lease.
 fn checks(holder: Option<&str>, path: &str, count: usize) -> Value {
-    let check = json!({ "client": { "kind": "ip", "value": "10.0.0.1" }, "path": path });
-    let mut body = json!({ "checks": vec![check; count] });
+    let mut check = json!({ "client": { "kind": "ip", "value": "10.0.0.1" }, "path": path });
+    let mut body = json!({});
     if let Some(holder) = holder {
         body["lease_holder"] = json!(holder);
+        check["lease"] = json!(true);
     }
+    body["checks"] = json!(vec![check; count]);
     body
 }
 
@@ -57,6 +60,12 @@ async fn a_lease_is_its_share_of_the_quota_taken_from_the_limit() {
     let next = decide(&world.check, checks(None, "/hot", 1)).await;
     assert_eq!(next[0]["policy"]["remaining"], 188);
     assert!(next[0].get("grant").is_none(), "no holder, no lease");
+    // A holder whose check does not ask (it has no room for another lease) gets none.
+    let mut unasked = checks(Some("worker-c"), "/hot", 1);
+    unasked["checks"][0]["lease"] = json!(false);
+    let unasked = decide(&world.check, unasked).await;
+    assert!(unasked[0].get("grant").is_none(), "{}", unasked[0]);
+    assert_eq!(unasked[0]["policy"]["remaining"], 187);
     // A second worker: the quota's other half is not free yet (a holds 10 of 10).
     let second = decide(&world.check, checks(Some("worker-b"), "/hot", 1)).await;
     assert!(second[0].get("grant").is_none(), "{}", second[0]);

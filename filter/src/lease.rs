@@ -9,8 +9,8 @@ use std::collections::HashMap;
 
 use sluice_protocol::{Decision, Grant};
 
-/// Leases one worker holds at most; past it, a grant is not kept (the request that brought
-/// it was decided anyway) until ended leases are swept.
+/// Leases one worker asks for at most: past it, checks ask for none (they are decided as
+/// they come) until ended leases are swept.
 pub const MAX_LEASES: usize = 4_096;
 
 #[derive(Debug)]
@@ -52,14 +52,9 @@ impl Leases {
                 return;
             }
         }
-        if self.by_fingerprint.len() >= MAX_LEASES
-            && !self.by_fingerprint.contains_key(&fingerprint)
-        {
-            self.sweep(now_ms);
-            if self.by_fingerprint.len() >= MAX_LEASES {
-                return;
-            }
-        }
+        // Kept even past MAX_LEASES: the lease was taken from the limit already, and
+        // dropping it would lose it. Checks ask for leases only while there is room
+        // ([`Leases::has_room`]), so only those already on their way can go past.
         self.by_fingerprint.insert(
             fingerprint,
             Held {
@@ -97,6 +92,14 @@ impl Leases {
             self.by_fingerprint.remove(&fingerprint);
         }
         Some(decision)
+    }
+
+    /// Whether a check may ask for another lease.
+    pub fn has_room(&mut self, now_ms: u64) -> bool {
+        if self.by_fingerprint.len() >= MAX_LEASES {
+            self.sweep(now_ms);
+        }
+        self.by_fingerprint.len() < MAX_LEASES
     }
 
     /// Forgets the leases that ended.
@@ -197,12 +200,16 @@ mod tests {
         };
         leases.hold(2, &denied, 0, 0);
         assert!(leases.is_empty());
-        for fingerprint in 0..(MAX_LEASES as u64 + 10) {
+        for fingerprint in 0..(MAX_LEASES as u64) {
+            assert!(leases.has_room(0));
             leases.hold(fingerprint, &granted(5, 1_000), 0, 0);
         }
-        assert_eq!(leases.len(), MAX_LEASES);
+        assert!(!leases.has_room(10), "full: no more asking");
+        // A lease already on its way is kept all the same (it was taken from the limit).
+        leases.hold(u64::MAX, &granted(5, 1_000), 0, 10);
+        assert_eq!(leases.len(), MAX_LEASES + 1);
         // Ended leases make room.
-        leases.hold(u64::MAX, &granted(5, 1_000), 5_000, 5_000);
-        assert_eq!(leases.len(), 1);
+        assert!(leases.has_room(5_000));
+        assert_eq!(leases.len(), 0);
     }
 }

@@ -332,9 +332,11 @@ impl Stream {
         // a client safelisted) makes every denial cached before it a miss.
         let fingerprint = denial::fingerprint(&check, version);
         if leased {
-            if let Some(verdict) = self.worker.leased_admission(fingerprint, host.now_ms()) {
+            let now = host.now_ms();
+            if let Some(verdict) = self.worker.leased_admission(fingerprint, now) {
                 return Triage::Answer(verdict);
             }
+            check.lease = self.worker.leases.borrow_mut().has_room(now);
         }
         self.failure_mode = self.worker.failure_mode_for(&check);
         if let Some(verdict) = self

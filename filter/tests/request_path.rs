@@ -648,6 +648,7 @@ fn a_lease_admits_requests_of_its_kind_without_a_callout_until_spent_or_ended() 
         .lease_holder
         .expect("a leased rule: the worker names itself");
     assert_eq!(holder.len(), 32);
+    assert!(asked.checks[0].lease, "the check asks for a lease");
     let granted = CheckResponse {
         decisions: vec![Decision {
             allowed: true,

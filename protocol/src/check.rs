@@ -66,6 +66,10 @@ pub struct Check {
     /// from the controller's rules.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
+    /// The asking worker would hold a lease for this check (a leased rule applies and it
+    /// has room for one): only then may the decision carry a [`Grant`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lease: bool,
     /// Picked for the log of limited requests: the controller logs this check's decision
     /// if it is limited. Whoever builds the check picks (the filter, one in
     /// `1/limited_log_sample` of its checks, see [`sampled`]), so the request id travels
@@ -102,6 +106,7 @@ impl Check {
             api_key: None,
             tier: None,
             headers: BTreeMap::new(),
+            lease: false,
             sampled: false,
             request_id: None,
         }

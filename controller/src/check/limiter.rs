@@ -256,6 +256,9 @@ impl Limiter {
                 let Plan::Ask(asked) = plan else {
                     return None;
                 };
+                if !checks[index].lease {
+                    return None;
+                }
                 let ttl_ms = lease_ttl(asked, decision)?;
                 let kind = lease_kind(&checks[index]);
                 if kinds.contains(&kind) {
