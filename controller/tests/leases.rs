@@ -131,10 +131,15 @@ leased = {}
 "#,
     )
     .await;
+    // A first lease holds 16: the worker's traffic is not known yet.
     let bucket = decide(&world.check, checks(Some("w"), "/bucket", 1)).await;
-    assert_eq!(bucket[0]["grant"], json!({ "units": 40, "ttl_ms": 1_000 }));
+    assert_eq!(bucket[0]["grant"], json!({ "units": 16, "ttl_ms": 1_000 }));
     let after = decide(&world.check, checks(None, "/bucket", 1)).await;
-    assert_eq!(after[0]["policy"]["remaining"], 400 - 1 - 40 - 1);
+    assert_eq!(after[0]["policy"]["remaining"], 400 - 1 - 16 - 1);
+    // Spent in 100 ms: the next holds a second of that, within the quota of 10 % (40).
+    world.clock.advance(100);
+    let next = decide(&world.check, checks(Some("w"), "/bucket", 1)).await;
+    assert_eq!(next[0]["grant"]["units"], 40);
     let cells = decide(&world.check, checks(Some("w"), "/cells", 1)).await;
     assert_eq!(cells[0]["grant"]["units"], 2, "5 % of a burst of 50");
 }

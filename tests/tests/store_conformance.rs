@@ -720,6 +720,34 @@ async fn lease_reservations_split_the_quota_and_never_exceed_it(s: Subject) {
     assert_eq!(taken, [6, 6, 0, 4, 4, 4, 0]);
 }
 
+async fn a_lease_is_sized_by_its_holders_traffic(s: Subject) {
+    let key =
+        sluice_controller::keys::lease_holders_key(&limit(FixedWindow, 100_000, 60_000, 0).key);
+    let one = |holder: &str| reservation(&key, holder, 60_000, 1_000);
+    assert_eq!(s.reserve(&[one("a")]).await, [16], "a first lease");
+    s.advance(100);
+    assert_eq!(
+        s.reserve(&[one("a")]).await,
+        [160],
+        "16 in 100 ms: a second of that"
+    );
+    s.advance(400);
+    assert_eq!(s.reserve(&[one("a")]).await, [400], "160 in 400 ms");
+    s.advance(2_000);
+    assert_eq!(
+        s.reserve(&[one("a")]).await,
+        [200],
+        "400 in 2 s: slower, smaller"
+    );
+    assert_eq!(s.reserve(&[one("b")]).await, [16], "b's first");
+    s.advance(1);
+    assert_eq!(
+        s.reserve(&[one("a")]).await,
+        [500],
+        "however fast, no more than its even share of the two"
+    );
+}
+
 async fn lease_reservations_end_with_their_lease(s: Subject) {
     let key = sluice_controller::keys::lease_holders_key(&limit(TokenBucket, 100, 1_000, 100).key);
     assert_eq!(s.reserve(&[reservation(&key, "a", 500, 10)]).await, [10]);
@@ -799,6 +827,7 @@ every_store!(
     a_limit_lowered_below_the_count_denies_with_nothing_remaining,
     lease_reservations_split_the_quota_and_never_exceed_it,
     lease_reservations_end_with_their_lease,
+    a_lease_is_sized_by_its_holders_traffic,
 );
 
 // ---- Redis on its own clock ------------------------------------------------------------------

@@ -83,13 +83,25 @@ const SWEEP_EVERY_MS: u64 = 1_000;
 pub struct MemoryStore {
     clock: Arc<dyn Clock>,
     entries: Mutex<Entries>,
-    /// The twin of `lua/lease_reserve.lua`: per reservations key, holder → (end, units).
+    /// The twin of `lua/lease_reserve.lua`: per reservations key, each holder's last.
     reservations: Mutex<Reservations>,
+}
+
+/// The twins of `lua/lease_reserve.lua`'s constants: a first lease's size, and the
+/// traffic a lease is sized to hold (a second of it).
+const FIRST_LEASE: u64 = 16;
+const LEASE_RATE_PERIOD_MS: u64 = 1_000;
+
+/// A holder's last reservation on a key.
+struct Reserved {
+    ends: u64,
+    units: u64,
+    at: u64,
 }
 
 #[derive(Default)]
 struct Reservations {
-    by_key: HashMap<String, HashMap<String, (u64, u64)>>,
+    by_key: HashMap<String, HashMap<String, Reserved>>,
     next_sweep_at: u64,
 }
 
@@ -255,7 +267,7 @@ impl Store for MemoryStore {
         let reservations = &mut *reservations;
         if now >= reservations.next_sweep_at {
             reservations.by_key.retain(|_, held| {
-                held.retain(|_, (ends, _)| *ends > now);
+                held.retain(|_, held| held.ends > now);
                 !held.is_empty()
             });
             reservations.next_sweep_at = now.saturating_add(SWEEP_EVERY_MS);
@@ -267,14 +279,29 @@ impl Store for MemoryStore {
                     .by_key
                     .entry(reservation.key.clone())
                     .or_default();
-                held.retain(|name, (ends, _)| *ends > now && *name != reservation.holder);
-                let others: u64 = held.values().map(|(_, units)| units).sum();
+                let wanted = match held.get(&reservation.holder) {
+                    Some(last) if last.ends > now && last.units > 0 => {
+                        let elapsed = now.saturating_sub(last.at).max(1);
+                        last.units
+                            .saturating_mul(LEASE_RATE_PERIOD_MS)
+                            .div_ceil(elapsed)
+                    }
+                    _ => FIRST_LEASE,
+                };
+                held.retain(|name, held| held.ends > now && *name != reservation.holder);
+                let others: u64 = held.values().map(|held| held.units).sum();
                 let holders = held.len() as u64 + 1;
                 let quota = reservation.quota;
-                let units = (quota / holders).min(quota.saturating_sub(others));
+                let units = (quota / holders)
+                    .min(quota.saturating_sub(others))
+                    .min(wanted);
                 held.insert(
                     reservation.holder.clone(),
-                    (now.saturating_add(reservation.ttl_ms), units),
+                    Reserved {
+                        ends: now.saturating_add(reservation.ttl_ms),
+                        units,
+                        at: now,
+                    },
                 );
                 units
             })
