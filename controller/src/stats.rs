@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sluice_protocol::admin::{Hint, HintsBody, RuleStats, StatsBody, TierStats, TopClient};
-use sluice_protocol::{CachedDenials, Check, ClientId, ClientKind, Decision, Strategy};
+use sluice_protocol::{
+    CachedDenials, Check, ClientId, ClientKind, Decision, LeasedAdmissions, Strategy,
+};
 
 use crate::alerts::{self, Tally, Webhooks};
 use crate::config::validate::format_rfc3339_ms;
@@ -422,20 +424,8 @@ impl Recorder {
         let mut client = std::mem::take(&mut inner.client);
         for denied in denials {
             let count = denied.count;
-            // The filter names an API key's client by the key; the rules count its user.
-            let grant = (denied.client.kind == ClientKind::ApiKey.as_str())
-                .then(|| snapshot.api_keys.get(&denied.client.value))
-                .flatten();
-            let who = match grant.and_then(|g| g.user.as_ref()) {
-                Some(user) => ClientId::new(ClientKind::User, user.clone()),
-                None => denied.client.clone(),
-            };
-            let tier = denied
-                .tier
-                .as_deref()
-                .or_else(|| grant.and_then(|g| g.tier.as_deref()));
+            let (who, tier) = reported_client(snapshot, &denied.client, denied.tier.as_deref());
             client_label(&who, &mut client);
-            let tier = tier_label(snapshot, tier);
             // Only rules the configuration has: a report names what the filter remembered.
             let Some(rule) = snapshot
                 .rules
@@ -482,6 +472,47 @@ impl Recorder {
                     .entry((rule.name.clone(), who.clone()))
                     .or_default() += count;
             }
+        }
+        inner.client = client;
+    }
+
+    /// Requests the filters admitted from leases, as a report names them: allowed decisions
+    /// of the lease's rule that the controller did not see.
+    pub fn record_leased(&self, snapshot: &Snapshot, leased: &[LeasedAdmissions]) {
+        if leased.is_empty() {
+            return;
+        }
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        self.roll(inner, now_ms());
+        let mut client = std::mem::take(&mut inner.client);
+        for admitted in leased {
+            let count = admitted.count;
+            let (who, tier) = reported_client(snapshot, &admitted.client, admitted.tier.as_deref());
+            client_label(&who, &mut client);
+            if !snapshot
+                .rules
+                .rules()
+                .iter()
+                .any(|r| r.name == admitted.rule)
+            {
+                continue;
+            }
+            let Some(bucket) = inner.fine.current() else {
+                continue;
+            };
+            bucket.decisions += count;
+            bucket.top_requesting.add(&client, count);
+            bucket.tiers.entry(tier.to_owned()).or_default().allowed += count;
+            let counts = bucket.rules.entry(admitted.rule.clone()).or_default();
+            counts.allowed += count;
+            counts.requesting.add(&client);
+            inner
+                .pending
+                .entry(admitted.rule.clone())
+                .or_default()
+                .entry(tier.to_owned())
+                .or_default()[Outcome::Allowed as usize] += count;
         }
         inner.client = client;
     }
@@ -698,6 +729,24 @@ fn lease_parts(token: &str) -> Option<(&str, u64)> {
     let count = parts.next()?.parse().ok()?;
     let _lease = parts.next()?;
     Some((parts.next()?, count))
+}
+
+/// Whom a filter's report names, as the rules count it, and the tier's label: the filter
+/// names an API key's client by the key; the rules count its user, in its tier.
+fn reported_client<'s>(
+    snapshot: &'s Snapshot,
+    client: &ClientId,
+    tier: Option<&'s str>,
+) -> (ClientId, &'s str) {
+    let grant = (client.kind == ClientKind::ApiKey.as_str())
+        .then(|| snapshot.api_keys.get(&client.value))
+        .flatten();
+    let who = match grant.and_then(|g| g.user.as_ref()) {
+        Some(user) => ClientId::new(ClientKind::User, user.clone()),
+        None => client.clone(),
+    };
+    let tier = tier.or_else(|| grant.and_then(|g| g.tier.as_deref()));
+    (who, tier_label(snapshot, tier))
 }
 
 fn log_limited(check: &Check, decision: &Decision, tier: &str) {

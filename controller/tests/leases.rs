@@ -5,7 +5,7 @@ mod support;
 
 use axum::http::StatusCode;
 use serde_json::{json, Value};
-use support::{post, world};
+use support::{call, post, world, ADMIN_TOKEN};
 
 /// 200 a minute, 5 % of it (10) in leases, which last to the end of their window.
 const LEASED: &str = r#"
@@ -142,4 +142,51 @@ leased = {}
     assert_eq!(next[0]["grant"]["units"], 40);
     let cells = decide(&world.check, checks(Some("w"), "/cells", 1)).await;
     assert_eq!(cells[0]["grant"]["units"], 2, "5 % of a burst of 50");
+}
+
+#[tokio::test]
+async fn what_the_filters_admitted_from_leases_is_in_the_stats_and_the_metrics() {
+    let world = world(LEASED).await;
+    world.clock.set(MINUTE + 1_000);
+    let granted = decide(&world.check, checks(Some("w"), "/hot", 1)).await;
+    assert_eq!(granted[0]["grant"]["units"], 10);
+    let report = json!({ "leased": [{
+        "client": { "kind": "ip", "value": "10.0.0.1" }, "rule": "hot", "count": 7,
+    }] });
+    let reply = call(
+        &world.check,
+        "POST",
+        "/v1/report",
+        None,
+        &[("content-type", "application/json")],
+        Some(&report.to_string()),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT, "{}", reply.text);
+    let stats = call(
+        &world.admin,
+        "GET",
+        "/v1/admin/stats?window=1m",
+        Some(ADMIN_TOKEN),
+        &[],
+        None,
+    )
+    .await
+    .json();
+    assert_eq!(
+        stats["decisions"], 8,
+        "the exact decision and 7 from its lease: {stats}"
+    );
+    let hot = stats["rules"]
+        .as_array()
+        .and_then(|rules| rules.iter().find(|r| r["rule"] == "hot"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(hot["allowed"], 8, "{stats}");
+    assert_eq!(stats["top_requesting"][0]["count"], 8, "{stats}");
+    let metrics = world.metrics.render();
+    assert!(
+        metrics.contains(r#"sluice_leased_admissions_total{rule="hot"} 7"#),
+        "{metrics}"
+    );
 }

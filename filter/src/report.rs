@@ -22,8 +22,8 @@ pub struct Tally {
     server_errors: u64,
     invalid_tokens: HashMap<String, u64>,
     cached_denials: HashMap<Denied, (u64, Vec<String>)>,
-    /// Requests admitted from leases, by the rule of the lease's decision.
-    leased: HashMap<String, u64>,
+    /// Requests admitted from leases, by the lease's fingerprint.
+    leased: HashMap<u64, LeasedAdmissions>,
     /// Cached denials seen, for sampling.
     denials_seen: u64,
     /// Invalid tokens from addresses (and cached denials of clients) past
@@ -84,12 +84,22 @@ impl Tally {
         }
     }
 
-    /// One request admitted from a lease whose decision `rule` speaks for.
-    pub fn leased(&mut self, rule: &str) {
-        if let Some(count) = self.leased.get_mut(rule) {
-            *count += 1;
+    /// One request admitted from the lease for `fingerprint`, of `client` (in `tier`), whose
+    /// decision `rule` speaks for. Counted by fingerprint: nothing is allocated but for the
+    /// first of a kind.
+    pub fn leased(&mut self, fingerprint: u64, client: &ClientId, rule: &str, tier: Option<&str>) {
+        if let Some(entry) = self.leased.get_mut(&fingerprint) {
+            entry.count += 1;
         } else if self.leased.len() < MAX_REPORTED_ADDRESSES {
-            self.leased.insert(rule.to_owned(), 1);
+            self.leased.insert(
+                fingerprint,
+                LeasedAdmissions {
+                    client: client.clone(),
+                    rule: rule.to_owned(),
+                    tier: tier.map(str::to_owned),
+                    count: 1,
+                },
+            );
         } else {
             self.dropped += 1;
         }
@@ -124,12 +134,9 @@ impl Tally {
             )
             .collect();
         cached_denials.sort_by(|a, b| (&a.client.value, &a.rule).cmp(&(&b.client.value, &b.rule)));
-        let mut leased: Vec<LeasedAdmissions> = self
-            .leased
-            .drain()
-            .map(|(rule, count)| LeasedAdmissions { rule, count })
-            .collect();
-        leased.sort_by(|a, b| a.rule.cmp(&b.rule));
+        let mut leased: Vec<LeasedAdmissions> =
+            self.leased.drain().map(|(_, entry)| entry).collect();
+        leased.sort_by(|a, b| (&a.client.value, &a.rule).cmp(&(&b.client.value, &b.rule)));
         let report = Report {
             responses: self.responses,
             server_errors: self.server_errors,

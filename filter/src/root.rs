@@ -230,11 +230,21 @@ impl Worker {
     /// requests left: the verdict, with the lease's rate-limit headers.
     /// Counted in the metrics a batch or a tick later ([`Worker::count_leased`]): a host
     /// call per request would be most of what a leased admission costs.
-    pub fn leased_admission(&self, fingerprint: u64, now_ms: u64) -> Option<Verdict> {
+    pub fn leased_admission(
+        &self,
+        check: &Check,
+        fingerprint: u64,
+        now_ms: u64,
+    ) -> Option<Verdict> {
         let decision = self.leases.borrow_mut().admit(fingerprint, now_ms)?;
         self.leased_uncounted.set(self.leased_uncounted.get() + 1);
         if let Some(policy) = &decision.policy {
-            self.tally.borrow_mut().leased(&policy.rule);
+            self.tally.borrow_mut().leased(
+                fingerprint,
+                &check.client,
+                &policy.rule,
+                check.tier.as_deref(),
+            );
         }
         let (verdict, _) = decision::verdict_for_decision(&self.config, &decision, None);
         Some(verdict)

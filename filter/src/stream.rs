@@ -333,7 +333,7 @@ impl Stream {
         let fingerprint = denial::fingerprint(&check, version);
         if leased {
             let now = host.now_ms();
-            if let Some(verdict) = self.worker.leased_admission(fingerprint, now) {
+            if let Some(verdict) = self.worker.leased_admission(&check, fingerprint, now) {
                 return Triage::Answer(verdict);
             }
             check.lease = self.worker.leases.borrow_mut().has_room(now);

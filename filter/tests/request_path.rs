@@ -731,7 +731,9 @@ fn a_lease_admits_requests_of_its_kind_without_a_callout_until_spent_or_ended() 
     assert_eq!(
         report.leased,
         [sluice_protocol::LeasedAdmissions {
+            client: sluice_protocol::ClientId::ip("192.0.2.1"),
             rule: "per-client".into(),
+            tier: None,
             count: 3
         }]
     );

@@ -289,16 +289,21 @@ pub struct Report {
     /// by client, rule and tier: for the stats and alerts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cached_denials: Vec<CachedDenials>,
-    /// Requests the filter admitted from leases (the controller never saw them), by rule
-    /// of the lease's decision.
+    /// Requests the filter admitted from leases (the controller never saw them), by client,
+    /// rule of the lease's decision and tier.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub leased: Vec<LeasedAdmissions>,
 }
 
+/// Requests of one kind a filter worker admitted from a lease, by client, the rule of the
+/// lease's decision and tier: for the stats, as the controller never saw them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LeasedAdmissions {
+    pub client: ClientId,
     pub rule: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
     pub count: u64,
 }
 

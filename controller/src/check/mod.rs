@@ -180,6 +180,7 @@ async fn report(State(state): State<CheckState>, body: Bytes) -> Result<StatusCo
     }
     if let Some(recorder) = state.limiter.recorder() {
         recorder.record_cached(&snapshot, &report.cached_denials);
+        recorder.record_leased(&snapshot, &report.leased);
     }
     Ok(StatusCode::NO_CONTENT)
 }
