@@ -5,7 +5,7 @@
 //! version), so a lease only ever admits the kind of request it was granted for, under the
 //! configuration it was granted under.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use sluice_protocol::{Decision, Grant};
 
@@ -30,6 +30,9 @@ struct Held {
 #[derive(Debug, Default)]
 pub struct Leases {
     by_fingerprint: HashMap<u64, Held>,
+    /// Kinds with a check out that asked for a lease: one ask at a time per kind, so that
+    /// a worker never holds more of a kind than the controller reserved for it.
+    asking: HashSet<u64>,
 }
 
 impl Leases {
@@ -54,7 +57,7 @@ impl Leases {
         }
         // Kept even past MAX_LEASES: the lease was taken from the limit already, and
         // dropping it would lose it. Checks ask for leases only while there is room
-        // ([`Leases::has_room`]), so only those already on their way can go past.
+        // ([`Leases::may_ask`]), so only those already on their way can go past.
         self.by_fingerprint.insert(
             fingerprint,
             Held {
@@ -94,12 +97,21 @@ impl Leases {
         Some(decision)
     }
 
-    /// Whether a check may ask for another lease.
-    pub fn has_room(&mut self, now_ms: u64) -> bool {
+    /// Whether the check for `fingerprint` asks for a lease: when the worker has room for
+    /// another and no other check of the kind is out asking. Each ask is answered by
+    /// [`Leases::answered`].
+    pub fn may_ask(&mut self, fingerprint: u64, now_ms: u64) -> bool {
         if self.by_fingerprint.len() >= MAX_LEASES {
             self.sweep(now_ms);
         }
-        self.by_fingerprint.len() < MAX_LEASES
+        self.by_fingerprint.len() < MAX_LEASES && self.asking.insert(fingerprint)
+    }
+
+    /// The check for `fingerprint` was decided, or failed: the kind may ask again.
+    pub fn answered(&mut self, fingerprint: u64) {
+        if !self.asking.is_empty() {
+            self.asking.remove(&fingerprint);
+        }
     }
 
     /// Forgets the leases that ended.
@@ -111,6 +123,7 @@ impl Leases {
     /// Forgets every lease (the configuration changed: none can be used again).
     pub fn clear(&mut self) {
         self.by_fingerprint.clear();
+        self.asking.clear();
     }
 
     pub fn len(&self) -> usize {
@@ -201,15 +214,26 @@ mod tests {
         leases.hold(2, &denied, 0, 0);
         assert!(leases.is_empty());
         for fingerprint in 0..(MAX_LEASES as u64) {
-            assert!(leases.has_room(0));
+            assert!(leases.may_ask(fingerprint, 0));
             leases.hold(fingerprint, &granted(5, 1_000), 0, 0);
+            leases.answered(fingerprint);
         }
-        assert!(!leases.has_room(10), "full: no more asking");
+        assert!(!leases.may_ask(u64::MAX, 10), "full: no more asking");
         // A lease already on its way is kept all the same (it was taken from the limit).
         leases.hold(u64::MAX, &granted(5, 1_000), 0, 10);
         assert_eq!(leases.len(), MAX_LEASES + 1);
         // Ended leases make room.
-        assert!(leases.has_room(5_000));
+        assert!(leases.may_ask(1, 5_000));
         assert_eq!(leases.len(), 0);
+    }
+
+    #[test]
+    fn one_check_of_a_kind_asks_at_a_time() {
+        let mut leases = Leases::default();
+        assert!(leases.may_ask(7, 0));
+        assert!(!leases.may_ask(7, 0), "the first is still out");
+        assert!(leases.may_ask(8, 0), "another kind asks on its own");
+        leases.answered(7);
+        assert!(leases.may_ask(7, 0));
     }
 }

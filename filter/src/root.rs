@@ -183,10 +183,12 @@ impl Worker {
         sent_at_ms: Option<u64>,
         request_id: impl FnOnce() -> Option<String>,
     ) -> (Verdict, Counted) {
-        if let (Some(sent_at_ms), Some(_)) = (sent_at_ms, decision.grant) {
-            self.leases
-                .borrow_mut()
-                .hold(fingerprint, decision, sent_at_ms, host.now_ms());
+        if let Some(sent_at_ms) = sent_at_ms {
+            let mut leases = self.leases.borrow_mut();
+            leases.answered(fingerprint);
+            if decision.grant.is_some() {
+                leases.hold(fingerprint, decision, sent_at_ms, host.now_ms());
+            }
         }
         let replies = !decision.allowed && !self.config.shadow;
         let request_id = if replies { request_id() } else { None };
@@ -846,6 +848,12 @@ impl Root {
     }
 
     fn fail(&mut self, host: &dyn Host, worker: &Worker, members: Vec<Member>, failure: &Failure) {
+        {
+            let mut leases = worker.leases.borrow_mut();
+            for member in &members {
+                leases.answered(member.fingerprint);
+            }
+        }
         let modes: Vec<FailureMode> = members.iter().map(|m| m.failure_mode).collect();
         let verdicts = worker.failure_verdicts(host, failure, &modes);
         self.deliver(host, worker, members, verdicts);

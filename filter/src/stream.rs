@@ -336,7 +336,7 @@ impl Stream {
             if let Some(verdict) = self.worker.leased_admission(&check, fingerprint, now) {
                 return Triage::Answer(verdict);
             }
-            check.lease = self.worker.leases.borrow_mut().has_room(now);
+            check.lease = self.worker.leases.borrow_mut().may_ask(fingerprint, now);
         }
         self.failure_mode = self.worker.failure_mode_for(&check);
         if let Some(verdict) = self
