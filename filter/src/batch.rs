@@ -200,11 +200,17 @@ impl Batcher {
         })
     }
 
-    /// A request went away before its decision: it leaves the queue. (If it is in a batch
-    /// that is out, its verdict is simply not delivered.)
-    pub fn cancel(&mut self, context_id: u32) {
+    /// A request went away before its decision: it leaves the queue (if it is in a batch
+    /// that is out, its verdict is simply not delivered). The fingerprint of its check, if
+    /// it was still waiting: its lease ask, if it made one, will have no answer.
+    pub fn cancel(&mut self, context_id: u32) -> Option<u64> {
+        let at = self
+            .waiting
+            .iter()
+            .position(|waiting| waiting.member.context_id == context_id)?;
         self.waiting
-            .retain(|waiting| waiting.member.context_id != context_id);
+            .remove(at)
+            .map(|waiting| waiting.member.fingerprint)
     }
 
     /// The wake-up asked for with [`Registered::WakeRoot`] could not be sent: the next

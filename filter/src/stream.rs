@@ -409,9 +409,12 @@ impl Stream {
                     });
                 if let Err(why) = woken {
                     let mut batcher = self.worker.batcher.borrow_mut();
-                    batcher.cancel(self.context_id);
+                    let cancelled = batcher.cancel(self.context_id);
                     batcher.wake_failed();
                     drop(batcher);
+                    if let Some(fingerprint) = cancelled {
+                        self.worker.leases.borrow_mut().answered(fingerprint);
+                    }
                     return self.fail(
                         host,
                         &Failure::Dispatch(format!("cannot wake the batcher: {why}")),
@@ -565,7 +568,10 @@ impl Stream {
         self.settle_batched();
         match &mut self.state {
             State::Batched(_) => {
-                self.worker.batcher.borrow_mut().cancel(self.context_id);
+                let cancelled = self.worker.batcher.borrow_mut().cancel(self.context_id);
+                if let Some(fingerprint) = cancelled {
+                    self.worker.leases.borrow_mut().answered(fingerprint);
+                }
                 // Let go of the slot: the root must not answer this request any more.
                 self.state = State::Answered;
             }

@@ -784,6 +784,27 @@ fn failed_decisions_are_logged_once_a_second_with_the_count_of_the_rest() {
 }
 
 #[test]
+fn a_request_that_leaves_before_its_batch_does_not_keep_its_kind_from_asking() {
+    let view = serde_json::json!({
+        "version": 3,
+        "rules": [{ "name": "per-client", "limit": 5, "window": "10s", "leased": {} }],
+    });
+    let mut envoy = started_with_view(&plugin(serde_json::json!({})), view);
+    envoy.host.state.borrow_mut().calls.clear();
+    let peer: &[u8] = b"192.0.2.1:1";
+    let (gone, action) = envoy.request(get(b"/", &[]), &[(PEER, peer)]);
+    assert_eq!(action, Action::Pause);
+    envoy.finish(gone);
+    let (_, action) = envoy.request(get(b"/", &[]), &[(PEER, peer)]);
+    assert_eq!(action, Action::Pause);
+    envoy.run_queues();
+    let batch = envoy.calls().pop().expect("a check call");
+    let checks = checks_in(&batch.body);
+    assert_eq!(checks.len(), 1, "the first left the queue");
+    assert!(checks[0].lease, "the kind asks again");
+}
+
+#[test]
 fn a_controller_that_asks_for_no_report_gets_none() {
     let mut envoy = started_with_view(
         &plugin(serde_json::json!({})),
