@@ -7,8 +7,6 @@
 //! back for the very same check until the moment the controller named. Concurrency limits
 //! are not cached (a slot can free up at any time), nor are shadow decisions.
 
-use std::hash::{Hash, Hasher};
-
 use serde::{Deserialize, Serialize};
 use sluice_protocol::{Check, Decision, PolicyStatus, Strategy};
 
@@ -18,28 +16,9 @@ pub fn slot_key(fingerprint: u64, slots: u32) -> String {
 }
 
 /// A 64-bit fingerprint of everything the controller's decision depended on: the check and
-/// the version of the configuration it was decided under.
+/// the version of the configuration it was decided under ([`Check::decision_fingerprint`]).
 pub fn fingerprint(check: &Check, config_version: u64) -> u64 {
-    // SipHash with fixed keys: the same in every worker's VM, and a client would need a
-    // second preimage to make someone else's request look like its own.
-    let mut hasher = std::hash::DefaultHasher::new();
-    config_version.hash(&mut hasher);
-    check.client.kind.hash(&mut hasher);
-    check.client.value.hash(&mut hasher);
-    // Host names compare without case; hashed byte by byte to spare an allocation.
-    for byte in check.host.bytes() {
-        hasher.write_u8(byte.to_ascii_lowercase());
-    }
-    hasher.write_u8(0xff);
-    check.method.hash(&mut hasher);
-    check.path.hash(&mut hasher);
-    check.cost.hash(&mut hasher);
-    check.ip.hash(&mut hasher);
-    check.user.hash(&mut hasher);
-    check.api_key.hash(&mut hasher);
-    check.tier.hash(&mut hasher);
-    check.headers.hash(&mut hasher);
-    hasher.finish()
+    check.decision_fingerprint(config_version)
 }
 
 /// What a slot holds: whose denial it is, until when, and the policy to show.
