@@ -89,30 +89,29 @@ pub fn counter_of(key: &str) -> Option<(Strategy, &str)> {
 /// The key of the penalty of the limit whose key is `limit_key` (same client, same rule,
 /// same slot): `sluice:{tag}:penalty:<rule>:<client>`.
 pub fn penalty_key(limit_key: &str) -> String {
-    let mut parts = limit_key.splitn(4, ':');
-    match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(prefix), Some(tag), Some(_strategy), Some(rest)) => {
-            format!("{prefix}:{tag}:{PENALTY}:{rest}")
-        }
-        _ => format!("{limit_key}:{PENALTY}"),
-    }
+    beside(limit_key, PENALTY)
 }
 
 const PENALTY: &str = "penalty";
 
 /// The key of the set of workers holding leases on the limit whose key is `limit_key`
-/// (same slot): `sluice:{tag}:holders:<rule>:<client>`.
+/// (same slot): `sluice:{tag}:holders:<rule>:<client>`. Not a counter: a reset of the
+/// rule's counters leaves it, as the leases it describes are still held.
 pub fn lease_holders_key(limit_key: &str) -> String {
+    beside(limit_key, "holders")
+}
+
+/// A key of `kind` beside the limit whose key is `limit_key`: its strategy part replaced,
+/// so it shares the limit's client, rule and Cluster slot.
+fn beside(limit_key: &str, kind: &str) -> String {
     let mut parts = limit_key.splitn(4, ':');
     match (parts.next(), parts.next(), parts.next(), parts.next()) {
         (Some(prefix), Some(tag), Some(_strategy), Some(rest)) => {
-            format!("{prefix}:{tag}:{HOLDERS}:{rest}")
+            format!("{prefix}:{tag}:{kind}:{rest}")
         }
-        _ => format!("{limit_key}:{HOLDERS}"),
+        _ => format!("{limit_key}:{kind}"),
     }
 }
-
-const HOLDERS: &str = "holders";
 
 /// The counter of invalid credentials from `ip` (brute-force protection). Its rule part is
 /// no rule's name (`~` is not allowed in one), so no rule's reset touches it.
