@@ -147,7 +147,7 @@ impl Limiter {
             .is_some_and(|p| p.unknown_api_keys == UnknownApiKeys::Reject)
             // The emergency switch lets everything through.
             && snapshot.operations.enforce;
-        let plans: Vec<Plan<'_>> = checks
+        let mut plans: Vec<Plan<'_>> = checks
             .iter()
             .map(|check| {
                 if rejecting && unknown_api_key(&snapshot, check) {
@@ -199,9 +199,10 @@ impl Limiter {
         }
         let mut outcomes = outcomes.into_iter();
         let mut decisions: Vec<Decision> = plans
-            .iter()
+            .iter_mut()
             .map(|plan| match plan {
-                Plan::Decided(decision) => decision.clone(),
+                // Taken out, not copied: only the asked plans are needed after this.
+                Plan::Decided(decision) => std::mem::replace(decision, Decision::unlimited()),
                 Plan::Ask(asked) => {
                     // Counted above: one outcome per spec, one verdict per limit.
                     // No enforced rule: nothing was asked, nothing denies.
@@ -611,21 +612,10 @@ fn lease_quota(rule: &Rule) -> u64 {
 }
 
 /// The kind of request a lease is for: what the filter keys its leases by (the check's
-/// decision facts), hashed.
+/// decision fingerprint), without the configuration version, so that a worker's next lease
+/// of a kind replaces its reservation across a change (its old leases are dropped).
 fn lease_kind(check: &Check) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::hash::DefaultHasher::new();
-    check.client.hash(&mut hasher);
-    check.host.to_ascii_lowercase().hash(&mut hasher);
-    check.method.hash(&mut hasher);
-    check.path.hash(&mut hasher);
-    check.cost.hash(&mut hasher);
-    check.ip.hash(&mut hasher);
-    check.user.hash(&mut hasher);
-    check.api_key.hash(&mut hasher);
-    check.tier.hash(&mut hasher);
-    check.headers.hash(&mut hasher);
-    hasher.finish()
+    check.decision_fingerprint(0)
 }
 
 /// The requests a lease for this decision holds: for each limit, what was `reserved` for
