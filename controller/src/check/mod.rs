@@ -128,15 +128,10 @@ async fn release(
 /// the counting happens elsewhere.
 async fn report(State(state): State<CheckState>, body: Bytes) -> Result<StatusCode, ApiError> {
     let report: Report = parse_json(&body)?;
-    if report.invalid_tokens.len() > MAX_REPORTED_ADDRESSES {
-        return Err(ApiError::invalid(
-            "invalid_tokens",
-            format!(
-                "at most {MAX_REPORTED_ADDRESSES} addresses per report, got {}",
-                report.invalid_tokens.len()
-            ),
-        ));
-    }
+    // Every list checked before anything is counted: a refused report changes nothing.
+    at_most("invalid_tokens", "addresses", report.invalid_tokens.len())?;
+    at_most("cached_denials", "entries", report.cached_denials.len())?;
+    at_most("leased", "entries", report.leased.len())?;
     state.metrics.reports.inc();
     let now = crate::store::now_ms();
     state
@@ -144,24 +139,6 @@ async fn report(State(state): State<CheckState>, body: Bytes) -> Result<StatusCo
         .report(now, report.responses, report.server_errors);
     for address in &report.invalid_tokens {
         state.guard.strike(&address.ip, address.count);
-    }
-    if report.cached_denials.len() > MAX_REPORTED_ADDRESSES {
-        return Err(ApiError::invalid(
-            "cached_denials",
-            format!(
-                "at most {MAX_REPORTED_ADDRESSES} entries per report, got {}",
-                report.cached_denials.len()
-            ),
-        ));
-    }
-    if report.leased.len() > MAX_REPORTED_ADDRESSES {
-        return Err(ApiError::invalid(
-            "leased",
-            format!(
-                "at most {MAX_REPORTED_ADDRESSES} entries per report, got {}",
-                report.leased.len()
-            ),
-        ));
     }
     let snapshot = state.limiter.config().snapshot();
     for leased in &report.leased {
@@ -183,6 +160,17 @@ async fn report(State(state): State<CheckState>, body: Bytes) -> Result<StatusCo
         recorder.record_leased(&snapshot, &report.leased);
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A report's list `field` holds at most [`MAX_REPORTED_ADDRESSES`] `items`.
+fn at_most(field: &str, items: &str, len: usize) -> Result<(), ApiError> {
+    if len > MAX_REPORTED_ADDRESSES {
+        return Err(ApiError::invalid(
+            field,
+            format!("at most {MAX_REPORTED_ADDRESSES} {items} per report, got {len}"),
+        ));
+    }
+    Ok(())
 }
 
 /// The version as an entity tag.
