@@ -630,14 +630,20 @@ fn only_the_checks_sampled_for_the_log_carry_the_request_id() {
     );
 }
 
-#[test]
-fn a_lease_admits_requests_of_its_kind_without_a_callout_until_spent_or_ended() {
+/// The filter with a controller whose one rule is leased, its configuration read.
+fn started_with_a_leased_rule() -> MockEnvoy {
     let view = serde_json::json!({
         "version": 3,
         "rules": [{ "name": "per-client", "limit": 5, "window": "10s", "leased": {} }],
     });
-    let mut envoy = started_with_view(&plugin(serde_json::json!({})), view);
+    let envoy = started_with_view(&plugin(serde_json::json!({})), view);
     envoy.host.state.borrow_mut().calls.clear();
+    envoy
+}
+
+#[test]
+fn a_lease_admits_requests_of_its_kind_without_a_callout_until_spent_or_ended() {
+    let mut envoy = started_with_a_leased_rule();
     let peer: &[u8] = b"192.0.2.1:1";
     let (first, action) = envoy.request(get(b"/", &[]), &[(PEER, peer)]);
     assert_eq!(action, Action::Pause);
@@ -785,12 +791,7 @@ fn failed_decisions_are_logged_once_a_second_with_the_count_of_the_rest() {
 
 #[test]
 fn a_request_that_leaves_before_its_batch_does_not_keep_its_kind_from_asking() {
-    let view = serde_json::json!({
-        "version": 3,
-        "rules": [{ "name": "per-client", "limit": 5, "window": "10s", "leased": {} }],
-    });
-    let mut envoy = started_with_view(&plugin(serde_json::json!({})), view);
-    envoy.host.state.borrow_mut().calls.clear();
+    let mut envoy = started_with_a_leased_rule();
     let peer: &[u8] = b"192.0.2.1:1";
     let (gone, action) = envoy.request(get(b"/", &[]), &[(PEER, peer)]);
     assert_eq!(action, Action::Pause);

@@ -400,6 +400,17 @@ impl Envoy {
         threads.len()
     }
 
+    /// Waits (15 s at most) until `vms` of the filter's VMs (the main thread's and each
+    /// worker's) have read the controller's configuration: until then rules that match on
+    /// headers and the lists do not apply to their requests.
+    pub fn wait_until_vms_read_the_configuration(&self, vms: usize) {
+        crate::wait_until(
+            "every VM read the configuration",
+            std::time::Duration::from_secs(15),
+            || self.threads_that_logged("read configuration version") >= vms,
+        );
+    }
+
     /// A counter or gauge from Envoy's admin `/stats`.
     pub fn stat(&self, name: &str) -> Option<u64> {
         let stats = http::get(&format!(

@@ -114,11 +114,7 @@ fn envoy_for(controllers: &[&Controller], upstream: &Upstream, failure_mode: &st
 }
 
 fn every_vm_configured(envoy: &Envoy) {
-    wait_until(
-        "every VM read the configuration",
-        Duration::from_secs(15),
-        || envoy.threads_that_logged("read configuration version") >= 2,
-    );
+    envoy.wait_until_vms_read_the_configuration(2);
 }
 
 /// A controller on `redis` with its own default Redis timeout and these flags.

@@ -78,9 +78,7 @@ fn envoy(
     if controller.is_some() {
         // The lists are the controller's: the filter has them once each VM (the main
         // thread's and the worker's) has read them, on its first tick.
-        sluice_e2e::wait_until("the filter read the lists", Duration::from_secs(15), || {
-            envoy.threads_that_logged("read configuration version") >= 2
-        });
+        envoy.wait_until_vms_read_the_configuration(2);
     }
     envoy
 }

@@ -2,7 +2,7 @@
 //! filter or by Envoy's `jwt_authn`, API keys the controller maps, `X-Forwarded-For` behind
 //! trusted proxies, and the safelist and denylist.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
@@ -408,9 +408,7 @@ value = "/admin/*"
     let envoy = envoy(sluice(plugin), &controller, &upstream);
     // The lists are the controller's: the filter has them once it has read them (each VM,
     // the main thread's and the worker's, on its first tick).
-    sluice_e2e::wait_until("the filter read the lists", Duration::from_secs(15), || {
-        envoy.threads_that_logged("read configuration version") >= 2
-    });
+    envoy.wait_until_vms_read_the_configuration(2);
     for _ in 0..4 {
         let response = get(&envoy, "/public/a/b", &[]);
         assert_eq!(response.status, 200, "{response:?}");

@@ -404,11 +404,7 @@ fn a_rules_own_failure_mode_holds_for_its_requests_when_the_controller_is_gone()
     config["controller"]["config_poll_ms"] = json!(1_000);
     let envoy = envoy_with(&config, vec![controller.port], &upstream, 2);
     // Each VM (the main thread's and each worker's) logs the rules when it first reads them.
-    sluice_e2e::wait_until(
-        "every worker read the rules",
-        Duration::from_secs(15),
-        || envoy.threads_that_logged("read configuration version") >= 3,
-    );
+    envoy.wait_until_vms_read_the_configuration(3);
     let status = |path: &str| http::get(&envoy.url(path)).expect("request").status;
     assert_eq!((status("/pay/1"), status("/items")), (200, 200));
     controller.stop();
@@ -445,11 +441,7 @@ fn a_filter_told_not_to_read_rules_never_reads_them() {
         Duration::from_secs(15),
         || reader.stat("wasmcustom.sluice_config_reads").unwrap_or(0) >= 2,
     );
-    sluice_e2e::wait_until(
-        "the reader's worker read them",
-        Duration::from_secs(15),
-        || reader.threads_that_logged("read configuration version") >= 2,
-    );
+    reader.wait_until_vms_read_the_configuration(2);
     assert_eq!(blind.stat("wasmcustom.sluice_config_reads"), Some(0));
     let pro = |envoy: &Envoy| {
         http::get_with(&envoy.url("/items"), &[("x-plan", "pro")])

@@ -45,11 +45,7 @@ fn envoy(controllers: &[&Controller], upstream: &Upstream) -> Envoy {
         concurrency: 2,
         controller_http2: false,
     });
-    wait_until(
-        "every VM read the configuration",
-        Duration::from_secs(15),
-        || envoy.threads_that_logged("read configuration version") >= 2,
-    );
+    envoy.wait_until_vms_read_the_configuration(2);
     envoy
 }
 

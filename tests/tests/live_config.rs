@@ -76,11 +76,7 @@ fn changes_reach_every_controller_and_worker_within_two_seconds() {
     let second = Controller::start(BASE, Some(&url));
     let upstream = Upstream::start();
     let envoy = envoy(&[&first, &second], &upstream, 2);
-    wait_until(
-        "every VM read the configuration",
-        Duration::from_secs(15),
-        || envoy.threads_that_logged("read configuration version") >= 3,
-    );
+    envoy.wait_until_vms_read_the_configuration(3);
 
     // A tier and a key of it, made on different controllers.
     admin_json(
@@ -166,11 +162,7 @@ fn a_list_entry_stops_applying_when_it_expires() {
     let controller = Controller::start(BASE, None);
     let upstream = Upstream::start();
     let envoy = envoy(&[&controller], &upstream, 1);
-    wait_until(
-        "the filter read the configuration",
-        Duration::from_secs(15),
-        || envoy.threads_that_logged("read configuration version") >= 2,
-    );
+    envoy.wait_until_vms_read_the_configuration(2);
     let key = "temporarily-banned";
     let entry = admin_json(
         &controller,

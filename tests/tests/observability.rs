@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use sluice_e2e::controller::ControllerOptions;
 use sluice_e2e::envoy::{sluice_plugin_config, with_fields, EnvoyOptions, Filter};
 use sluice_e2e::http::{self, Response};
-use sluice_e2e::{wait_until, Controller, Envoy, RedisServer, Upstream};
+use sluice_e2e::{Controller, Envoy, RedisServer, Upstream};
 
 fn digest(key: &str) -> String {
     Sha256::digest(key.as_bytes())
@@ -111,11 +111,7 @@ fn known_traffic_reads_back_from_the_stats_api_and_each_limited_request_logs_its
             concurrency: 2,
             controller_http2: false,
         });
-        wait_until(
-            "every VM read the configuration",
-            Duration::from_secs(15),
-            || envoy.threads_that_logged("read configuration version") >= 2,
-        );
+        envoy.wait_until_vms_read_the_configuration(2);
         envoy
     };
     let envoy = envoy_of(&first);

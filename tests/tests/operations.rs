@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use sluice_e2e::controller::ControllerOptions;
 use sluice_e2e::envoy::{sluice_plugin_config, with_fields, EnvoyOptions, Filter};
 use sluice_e2e::http::{self, Response};
-use sluice_e2e::{cli, wait_until, Controller, Envoy, RedisServer, Upstream};
+use sluice_e2e::{cli, Controller, Envoy, RedisServer, Upstream};
 
 /// How soon a change must show everywhere.
 const PROPAGATION: Duration = Duration::from_secs(2);
@@ -31,11 +31,7 @@ fn envoy_with(controllers: &[&Controller], upstream: &Upstream, plugin: Value) -
         concurrency: 2,
         controller_http2: false,
     });
-    wait_until(
-        "every VM read the configuration",
-        Duration::from_secs(15),
-        || envoy.threads_that_logged("read configuration version") >= 2,
-    );
+    envoy.wait_until_vms_read_the_configuration(2);
     envoy
 }
 
