@@ -35,6 +35,13 @@ if [ ! -s "$TOKEN_FILE" ]; then
   (umask 077; printf 'sluice-demo-%s\n' "$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')" >"$TOKEN_FILE")
 fi
 ADMIN_TOKEN=$(cat "$TOKEN_FILE")
+# The check token Envoy's filter presents to the controller (the filter reads it from
+# Envoy's environment: envoy/demo.yaml's token_env); made once, like the admin token.
+CHECK_TOKEN_FILE="$LOGS/check-token"
+if [ ! -s "$CHECK_TOKEN_FILE" ]; then
+  (umask 077; printf 'sluice-check-%s\n' "$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')" >"$CHECK_TOKEN_FILE")
+fi
+CHECK_TOKEN=$(cat "$CHECK_TOKEN_FILE")
 
 controller_args=(--config controller/demo-rules.toml --listen 127.0.0.1:8081
                  --admin-listen 127.0.0.1:8082)
@@ -52,14 +59,14 @@ else
   store="the embedded store (no redis-server on the PATH; configuration in $LOGS/controller-state.json)"
 fi
 
-SLUICE_ADMIN_TOKENS="demo:admin:$ADMIN_TOKEN" \
+SLUICE_ADMIN_TOKENS="demo:admin:$ADMIN_TOKEN" SLUICE_CHECK_TOKENS="$CHECK_TOKEN" \
   target/release/sluice-controller "${controller_args[@]}" >"$LOGS/controller.log" 2>&1 &
 pids+=($!)
 target/release/sluice-demo-upstream 127.0.0.1:8080 >"$LOGS/upstream.log" 2>&1 &
 pids+=($!)
 wait_for controller http://127.0.0.1:8081/readyz
 
-"$ENVOY_BIN" -c envoy/demo.yaml --concurrency 2 --disable-hot-restart --log-level warn \
+SLUICE_CHECK_TOKEN="$CHECK_TOKEN" "$ENVOY_BIN" -c envoy/demo.yaml --concurrency 2 --disable-hot-restart --log-level warn \
   >"$LOGS/envoy.log" 2>&1 &
 pids+=($!)
 wait_for envoy http://127.0.0.1:9901/ready
@@ -68,7 +75,7 @@ cat <<MSG
 
 Sluice demo is up (counters and configuration in $store).
   Envoy      http://127.0.0.1:10000   (admin http://127.0.0.1:9901)
-  controller http://127.0.0.1:8081    (check API)
+  controller http://127.0.0.1:8081    (check API: proxies only, check token in $CHECK_TOKEN_FILE)
   admin API  http://127.0.0.1:8082/v1/admin   token: $ADMIN_TOKEN
   dashboard  http://127.0.0.1:8082/dashboard  (sign in with the token above)
   upstream   http://127.0.0.1:8080

@@ -34,6 +34,7 @@ use tokio::net::TcpListener;
 use crate::admin::auth::Tokens;
 use crate::alerts::Webhooks;
 use crate::automatic::Signals;
+use crate::check::credential::{CheckTokens, LeaseSigner};
 use crate::check::limiter::Limiter;
 use crate::config::{ConfigStore, LiveConfig, MemoryConfigStore, RedisConfigStore};
 use crate::metrics::Metrics;
@@ -136,6 +137,49 @@ pub fn admin_tokens(settings: &Settings) -> Result<Tokens, StartError> {
     Ok(tokens)
 }
 
+/// The check tokens the settings give (file and environment together). Production mode
+/// needs one: without it anyone who reaches the check address can spend any client's quota,
+/// report invalid tokens or release leases.
+pub fn check_tokens(settings: &Settings) -> Result<CheckTokens, StartError> {
+    let from_file = match &settings.check_tokens_file {
+        Some(path) => {
+            CheckTokens::from_file(path).map_err(|e| setting_error("check_tokens_file", e))?
+        }
+        None => CheckTokens::default(),
+    };
+    let from_env = match &settings.check_tokens {
+        Some(text) => CheckTokens::from_text(text).map_err(|e| setting_error("check_tokens", e))?,
+        None => CheckTokens::default(),
+    };
+    let tokens = from_file
+        .merge(from_env)
+        .map_err(|e| setting_error("check_tokens", e))?;
+    if tokens.is_empty() {
+        if settings.mode == Mode::Production {
+            return Err(setting_error(
+                "check_tokens_file",
+                "production mode needs at least one check token, the credential the proxies \
+                 present (a file of tokens, or SLUICE_CHECK_TOKENS=token; the filter's \
+                 `controller.token_env`); or run with --mode development",
+            )
+            .into());
+        }
+        tracing::warn!(
+            "NO CHECK TOKEN: the check address ({}) and the gRPC API take any caller for a \
+             proxy. Anyone who reaches them can spend any client's quota, report invalid \
+             tokens to get addresses blocked, release leases and read the lists. Give \
+             SLUICE_CHECK_TOKENS or --check-tokens-file (development mode only).",
+            settings.listen
+        );
+    } else {
+        tracing::info!(
+            tokens = tokens.len(),
+            "check address and gRPC API need a check token"
+        );
+    }
+    Ok(tokens)
+}
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
@@ -149,6 +193,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let tokens = admin_tokens(&settings)?;
+    let check_tokens = Arc::new(check_tokens(&settings)?);
     let bootstrap = match &settings.config {
         Some(path) => Some(config::file::load(path).map_err(StartError::Config)?),
         None => None,
@@ -214,6 +259,7 @@ pub async fn serve(
     });
     let limiter = Arc::new(
         Limiter::new(Arc::clone(&live), counters)
+            .with_lease_signer(LeaseSigner::new(&check_tokens))
             .with_guard(Arc::clone(&guard))
             .with_observability(Arc::clone(&metrics), recorder),
     );
@@ -242,6 +288,8 @@ pub async fn serve(
             signals,
             guard,
             metrics: Arc::clone(&metrics),
+            tokens: Arc::clone(&check_tokens),
+            reporters: Default::default(),
         },
         settings.check_metrics,
     );
@@ -272,6 +320,8 @@ pub async fn serve(
     let grpc_done = rls::listen(
         settings.grpc_listen,
         Arc::clone(&limiter),
+        check_tokens,
+        Arc::clone(&metrics),
         until_stopped(stopped.clone()),
     )
     .await?;

@@ -58,6 +58,12 @@ pub struct BreakerLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `check` (the check address) or `grpc` (Envoy's rate-limit service API).
+    pub listener: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FallbackLabels {
     /// `allow`, `deny` or `local`.
     pub fallback: String,
@@ -87,6 +93,8 @@ pub struct Metrics {
     pub leases_granted: Family<RuleLabels, Counter>,
     pub leased_requests_granted: Family<RuleLabels, Counter>,
     pub leased_admissions: Family<RuleLabels, Counter>,
+    pub unauthenticated_calls: Family<ListenerLabels, Counter>,
+    pub ignored_reports: Counter,
 }
 
 impl Default for Metrics {
@@ -240,7 +248,22 @@ impl Metrics {
             "Requests filter workers admitted from leases, as they reported them, by rule",
             leased_admissions.clone(),
         );
+        let unauthenticated_calls = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "unauthenticated_calls",
+            "Calls refused for want of a valid check token, by listener",
+            unauthenticated_calls.clone(),
+        );
+        let ignored_reports = Counter::default();
+        registry.register(
+            "filter_reports_ignored",
+            "Reports not counted: a reporter's second report in one period, or reporters past \
+             the bound",
+            ignored_reports.clone(),
+        );
         Metrics {
+            ignored_reports,
+            unauthenticated_calls,
             leases_granted,
             leased_requests_granted,
             leased_admissions,
@@ -304,6 +327,14 @@ impl Metrics {
         self.leased_requests_granted
             .get_or_create(&labels)
             .inc_by(requests);
+    }
+
+    pub fn unauthenticated_call(&self, listener: &str) {
+        self.unauthenticated_calls
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_owned(),
+            })
+            .inc();
     }
 
     pub fn leased_admissions(&self, rule: &str, requests: u64) {

@@ -88,8 +88,10 @@ use sluice_protocol::{
 use tonic::{Request, Response, Status};
 
 use crate::admin::auth::hex;
+use crate::check::credential::CheckTokens;
 use crate::check::limiter::Limiter;
 use crate::check::MAX_CHECKS_PER_CALL;
+use crate::metrics::Metrics;
 use crate::StartError;
 
 /// Most entries one descriptor may have.
@@ -577,9 +579,15 @@ impl RateLimitService for Rls {
 
 /// Binds `addr` (when the settings give one) and returns the server to run until
 /// `shutdown` completes; without an address, a server that is done at once.
+///
+/// Who may call: the proxies, with a check token in the `authorization` metadata
+/// (`Bearer <token>`; Envoy's `grpc_service.initial_metadata`), checked before the request
+/// is decoded.
 pub async fn listen(
     addr: Option<SocketAddr>,
     limiter: Arc<Limiter>,
+    tokens: Arc<CheckTokens>,
+    metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<impl std::future::Future<Output = Result<(), StartError>>, StartError> {
     let listener = match addr {
@@ -596,8 +604,25 @@ pub async fn listen(
         // Replies go out at once, as on the check address.
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let authenticate = move |request: tonic::Request<()>| {
+            let authorization = request
+                .metadata()
+                .get("authorization")
+                .map(|value| value.as_bytes());
+            if tokens.admit(authorization) {
+                Ok(request)
+            } else {
+                metrics.unauthenticated_call("grpc");
+                Err(tonic::Status::unauthenticated(
+                    "the rate-limit API needs `authorization: Bearer <check token>`",
+                ))
+            }
+        };
         tonic::transport::Server::builder()
-            .add_service(RateLimitServiceServer::new(Rls::new(limiter)))
+            .add_service(RateLimitServiceServer::with_interceptor(
+                Rls::new(limiter),
+                authenticate,
+            ))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
             .map_err(|error| StartError::Listen {

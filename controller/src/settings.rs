@@ -26,11 +26,13 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
-    /// Refuses to start without an admin token and without a store that keeps acknowledged
-    /// changes (Redis, or `--state-file` for the embedded store).
+    /// Refuses to start without an admin token, without a check token (the proxies'
+    /// credential) and without a store that keeps acknowledged changes (Redis, or
+    /// `--state-file` for the embedded store).
     Production,
-    /// Starts anyway: without tokens the admin API is not served; without a state file
-    /// changes are kept in memory only. For tests and trying things out.
+    /// Starts anyway: without admin tokens the admin API is not served; without check
+    /// tokens anyone who reaches the check address is taken for a proxy; without a state
+    /// file changes are kept in memory only. For tests and trying things out.
     Development,
 }
 
@@ -90,6 +92,11 @@ pub struct Flags {
     /// also come from SLUICE_ADMIN_TOKENS (`name:role:token;…`).
     #[arg(long, env = "SLUICE_ADMIN_TOKENS_FILE")]
     pub admin_tokens_file: Option<PathBuf>,
+    /// The check tokens the proxies present on the check address and the gRPC API
+    /// (`Authorization: Bearer`): one per line, or `sha256:<hex>`. Tokens can also come
+    /// from SLUICE_CHECK_TOKENS (`token,token`); several at once allow a rotation.
+    #[arg(long, env = "SLUICE_CHECK_TOKENS_FILE")]
+    pub check_tokens_file: Option<PathBuf>,
     /// production or development [default: production].
     #[arg(long, env = "SLUICE_MODE", value_enum)]
     pub mode: Option<Mode>,
@@ -143,6 +150,7 @@ struct FileSettings {
     config_source: Option<ConfigSource>,
     state_file: Option<PathBuf>,
     admin_tokens_file: Option<PathBuf>,
+    check_tokens_file: Option<PathBuf>,
     mode: Option<Mode>,
     config_poll_ms: Option<u64>,
     audit_length: Option<usize>,
@@ -173,6 +181,9 @@ pub struct Settings {
     pub admin_tokens_file: Option<PathBuf>,
     /// `SLUICE_ADMIN_TOKENS`, read from the environment only (a flag would show in `ps`).
     pub admin_tokens: Option<String>,
+    pub check_tokens_file: Option<PathBuf>,
+    /// `SLUICE_CHECK_TOKENS`, from the environment only.
+    pub check_tokens: Option<String>,
     pub mode: Mode,
     pub config_poll_ms: u64,
     pub audit_length: usize,
@@ -286,6 +297,8 @@ impl Settings {
             state_file: flags.state_file.or(file.state_file),
             admin_tokens_file: flags.admin_tokens_file.or(file.admin_tokens_file),
             admin_tokens: std::env::var("SLUICE_ADMIN_TOKENS").ok(),
+            check_tokens_file: flags.check_tokens_file.or(file.check_tokens_file),
+            check_tokens: std::env::var("SLUICE_CHECK_TOKENS").ok(),
             mode: flags.mode.or(file.mode).unwrap_or(Mode::Production),
             config_poll_ms: range(
                 "config_poll_ms",

@@ -270,6 +270,63 @@ struct RawController {
         deserialize_with = "whole::number"
     )]
     config_poll_ms: u64,
+    /// The check token, inline.
+    #[serde(default)]
+    token: Option<String>,
+    /// The name of the VM's environment variable that holds the check token (Envoy:
+    /// `vm_config.environment_variables`; Istio: the WasmPlugin's `vmConfig.env`).
+    #[serde(default)]
+    token_env: Option<String>,
+}
+
+/// Shortest check token accepted (the controller's bound too).
+pub const MIN_TOKEN_LENGTH: usize = 16;
+
+/// Longest check token accepted.
+pub const MAX_TOKEN_LENGTH: usize = 1_024;
+
+/// The `authorization` header every callout carries: the check token from the
+/// configuration or from the VM's environment, checked as a header value can carry it.
+fn credential(
+    controller: &RawController,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Secret>, ConfigError> {
+    let (field, token) = match (&controller.token, &controller.token_env) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "controller.token",
+                "give `token` or `token_env`, not both",
+            ))
+        }
+        (Some(token), None) => ("controller.token", token.clone()),
+        (None, Some(name)) => {
+            let token = env(name).filter(|value| !value.is_empty()).ok_or_else(|| {
+                invalid(
+                    "controller.token_env",
+                    format!(
+                        "the VM has no environment variable `{name}` (Envoy passes one with \
+                         vm_config.environment_variables.host_env_keys; Istio with the \
+                         WasmPlugin's vmConfig.env)"
+                    ),
+                )
+            })?;
+            ("controller.token_env", token)
+        }
+    };
+    // The token itself is never shown: a configuration error can end up in any log.
+    let usable = (MIN_TOKEN_LENGTH..=MAX_TOKEN_LENGTH).contains(&token.len())
+        && token.bytes().all(|b| b.is_ascii_graphic());
+    if !usable {
+        return Err(invalid(
+            field,
+            format!(
+                "the check token must be {MIN_TOKEN_LENGTH} to {MAX_TOKEN_LENGTH} visible \
+                 ASCII characters, no spaces"
+            ),
+        ));
+    }
+    Ok(Some(Secret(format!("Bearer {token}"))))
 }
 
 fn default_config_poll_ms() -> u64 {
@@ -346,6 +403,8 @@ mod whole {
 pub struct FilterConfig {
     pub controller_cluster: String,
     pub controller_authority: String,
+    /// The `authorization` value of every callout (`Bearer <check token>`), if any.
+    pub controller_credential: Option<Secret>,
     pub timeout: Duration,
     /// How often each worker reads the controller's configuration (rules, lists) with the
     /// version it holds; `None`: never (no lists, the filter's `failure_mode` for every
@@ -391,8 +450,34 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// A header value that must not be shown: its `Debug` says only that it is there.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 impl FilterConfig {
+    /// The configuration `bytes` hold, with the check token from the VM's environment
+    /// where `controller.token_env` names it.
     pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
+        Self::parse_with_env(bytes, &|name| std::env::var(name).ok())
+    }
+
+    /// [`FilterConfig::parse`] with the environment `env`.
+    pub fn parse_with_env(
+        bytes: &[u8],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
         let mut deserializer = serde_json::Deserializer::from_slice(bytes);
         let raw: RawConfig =
             serde_path_to_error::deserialize(&mut deserializer).map_err(|e| ConfigError {
@@ -400,6 +485,7 @@ impl FilterConfig {
                 message: e.inner().to_string(),
             })?;
         let controller = raw.controller;
+        let controller_credential = credential(&controller, env)?;
         if controller.cluster.trim().is_empty() {
             return Err(invalid("controller.cluster", "must name an Envoy cluster"));
         }
@@ -457,6 +543,7 @@ impl FilterConfig {
         Ok(FilterConfig {
             controller_cluster: controller.cluster,
             controller_authority: authority,
+            controller_credential,
             timeout: Duration::from_millis(controller.timeout_ms),
             config_poll: (controller.config_poll_ms > 0)
                 .then(|| Duration::from_millis(controller.config_poll_ms.max(MIN_CONFIG_POLL_MS))),
@@ -756,6 +843,59 @@ mod tests {
         assert_eq!(config.controller_authority, "ctl.local");
         assert_eq!(config.timeout, Duration::from_millis(50));
         assert_eq!(config.failure_mode, FailureMode::Deny);
+    }
+
+    #[test]
+    fn the_check_token_comes_inline_or_from_the_vms_environment() {
+        let none = FilterConfig::parse(br#"{"controller":{"cluster":"c"}}"#).unwrap();
+        assert_eq!(none.controller_credential, None);
+        let inline = FilterConfig::parse(
+            br#"{"controller":{"cluster":"c","token":"check-token-0123456789"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            inline.controller_credential.as_ref().map(Secret::expose),
+            Some("Bearer check-token-0123456789")
+        );
+        assert!(
+            !format!("{inline:?}").contains("check-token-0123456789"),
+            "the token never shows in Debug"
+        );
+        let env =
+            |name: &str| (name == "SLUICE_CHECK_TOKEN").then(|| "env-token-0123456789".into());
+        let from_env = FilterConfig::parse_with_env(
+            br#"{"controller":{"cluster":"c","token_env":"SLUICE_CHECK_TOKEN"}}"#,
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            from_env.controller_credential.as_ref().map(Secret::expose),
+            Some("Bearer env-token-0123456789")
+        );
+        let refused = [
+            (
+                r#"{"controller":{"cluster":"c","token_env":"MISSING"}}"#,
+                "controller.token_env",
+            ),
+            (
+                r#"{"controller":{"cluster":"c","token":"short"}}"#,
+                "controller.token",
+            ),
+            (
+                r#"{"controller":{"cluster":"c","token":"has a space in it 0123"}}"#,
+                "controller.token",
+            ),
+            (
+                r#"{"controller":{"cluster":"c","token":"check-token-0123456789",
+                   "token_env":"SLUICE_CHECK_TOKEN"}}"#,
+                "controller.token",
+            ),
+        ];
+        for (json, field) in refused {
+            let error = FilterConfig::parse_with_env(json.as_bytes(), &env).unwrap_err();
+            assert_eq!(error.field, field, "{json}");
+            assert!(!error.message.contains("0123456789"), "{error}");
+        }
     }
 
     /// One bad document per error, paired with the field the operator is told about.

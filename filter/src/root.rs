@@ -9,7 +9,9 @@ use std::rc::Rc;
 use sluice_protocol::config::Reported;
 use sluice_protocol::rules::{failure_mode_for, matched_headers};
 use sluice_protocol::FilterView;
-use sluice_protocol::{Check, Decision, Rule, CHECK_PATH, CONFIG_PATH, RELEASE_PATH, REPORT_PATH};
+use sluice_protocol::{
+    Check, Decision, Rule, CHECK_PATH, CONFIG_PATH, RELEASE_PATH, REPORTER_HEADER, REPORT_PATH,
+};
 
 use crate::batch::{self, Batcher, Completed, Member, Slot};
 use crate::config::{FailureMode, FilterConfig};
@@ -422,6 +424,9 @@ impl Worker {
         ];
         if body.is_some() {
             headers.push(("content-type", "application/json"));
+        }
+        if let Some(credential) = &config.controller_credential {
+            headers.push(("authorization", credential.expose()));
         }
         headers.extend_from_slice(extra);
         let timeout_ms = u32::try_from(timeout_ms).unwrap_or(u32::MAX);
@@ -944,7 +949,11 @@ impl Root {
         self.report_sent_at_ms = now;
         let sent = serde_json::to_vec(&report)
             .map_err(|e| e.to_string())
-            .and_then(|body| worker.call_controller(host, REPORT_PATH, Some(&body), &[]));
+            .and_then(|body| {
+                // The controller counts each reporter once a period.
+                let reporter = [(REPORTER_HEADER, worker.lease_holder.as_str())];
+                worker.call_controller(host, REPORT_PATH, Some(&body), &reporter)
+            });
         if let Err(why) = sent {
             worker.debug(host, || format!("could not send the report: {why}"));
         }

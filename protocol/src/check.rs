@@ -10,6 +10,19 @@ use serde::{Deserialize, Serialize};
 /// Versioned path of the check call on the controller.
 pub const CHECK_PATH: &str = "/v1/check";
 
+/// Largest body the controller reads on its check address (check, release, report). The
+/// filter splits its batches so that every call fits.
+pub const MAX_CALL_BODY_BYTES: usize = 1 << 20;
+
+/// Longest identity (client value, user, tier) or request field a check may carry. The
+/// filter replaces a longer identity by its hash before it leaves the filter, so no key,
+/// sketch or log line downstream ever holds it whole.
+pub const MAX_IDENTITY_BYTES: usize = 256;
+
+/// Longest path, host or header value a check carries (the filter cuts longer ones: rules
+/// match paths of at most `MAX_MATCH_PATH` bytes).
+pub const MAX_REQUEST_FIELD_BYTES: usize = 8 * 1024;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckRequest {
@@ -297,6 +310,9 @@ pub struct ReleaseRequest {
 /// controller cannot: its upstream's answers (for the automatic system state) and invalid
 /// tokens by address (for brute-force protection).
 pub const REPORT_PATH: &str = "/v1/report";
+
+/// The header naming the worker that sends a report (each is counted once a period).
+pub const REPORTER_HEADER: &str = "x-sluice-reporter";
 
 /// Most addresses one report names.
 pub const MAX_REPORTED_ADDRESSES: usize = 256;

@@ -21,6 +21,10 @@ pub struct Controller {
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 /// A token with the `read` role (name `viewer`).
 pub const READ_TOKEN: &str = "test-read-token-0123456789";
+/// The check token test controllers accept by default, and test Envoys hand their filter
+/// (the environment variable [`CHECK_TOKEN_ENV`]).
+pub const CHECK_TOKEN: &str = "test-check-token-0123456789";
+pub const CHECK_TOKEN_ENV: &str = "SLUICE_CHECK_TOKEN";
 
 pub fn controller_binary() -> PathBuf {
     required_file(
@@ -47,6 +51,8 @@ pub struct ControllerOptions<'a> {
     pub extra_args: Vec<String>,
     /// Whether it serves Envoy's rate-limit service API (`--grpc-listen` on a free port).
     pub grpc: bool,
+    /// The check tokens it accepts (`SLUICE_CHECK_TOKENS`); `None`: an open check address.
+    pub check_tokens: Option<String>,
 }
 
 impl<'a> ControllerOptions<'a> {
@@ -59,6 +65,7 @@ impl<'a> ControllerOptions<'a> {
             state_file: None,
             extra_args: Vec::new(),
             grpc: false,
+            check_tokens: Some(CHECK_TOKEN.to_owned()),
         }
     }
 }
@@ -93,6 +100,9 @@ impl Controller {
                 format!("test:admin:{ADMIN_TOKEN};viewer:read:{READ_TOKEN}"),
             )
             .env("RUST_LOG", options.log_filter);
+        if let Some(tokens) = &options.check_tokens {
+            command.env("SLUICE_CHECK_TOKENS", tokens);
+        }
         if !options.rules.trim().is_empty() {
             let rules_path = dir.path().join("rules.toml");
             std::fs::write(&rules_path, options.rules).expect("write rules");

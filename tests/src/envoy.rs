@@ -76,7 +76,8 @@ pub fn sluice_plugin_config(failure_mode: &str, timeout_ms: u64) -> serde_json::
         "controller": {
             "cluster": "sluice_controller",
             "authority": "sluice-controller",
-            "timeout_ms": timeout_ms
+            "timeout_ms": timeout_ms,
+            "token_env": crate::controller::CHECK_TOKEN_ENV
         },
         "failure_mode": failure_mode
     })
@@ -134,8 +135,10 @@ fn sluice_filter_yaml(plugin_config: &str, wasm: &Path) -> String {
                 vm_config:
                   vm_id: sluice
                   runtime: envoy.wasm.runtime.v8
+                  environment_variables: {{ host_env_keys: [{}] }}
                   code: {{ local: {{ filename: "{}" }} }}"#,
         plugin_config.replace('\'', "''"),
+        crate::controller::CHECK_TOKEN_ENV,
         wasm.display()
     )
 }
@@ -196,8 +199,11 @@ fn native_ratelimit_yaml(failure_mode_deny: bool, rate_limits: &str) -> String {
               timeout: 2s
               rate_limit_service:
                 transport_api_version: V3
-                grpc_service: {{ envoy_grpc: {{ cluster_name: sluice_controller }} }}
-              rate_limits:{rate_limits}"#
+                grpc_service:
+                  envoy_grpc: {{ cluster_name: sluice_controller }}
+                  initial_metadata: [{{ key: authorization, value: "Bearer {check_token}" }}]
+              rate_limits:{rate_limits}"#,
+        check_token = crate::controller::CHECK_TOKEN
     )
 }
 
@@ -269,6 +275,11 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: ingress
           use_remote_address: true
+          # As every shipped config (see envoy/demo.yaml): one spelling per path before any
+          # filter or route sees it.
+          normalize_path: true
+          merge_slashes: true
+          path_with_escaped_slashes_action: UNESCAPE_AND_REDIRECT
           route_config:
             virtual_hosts:
             - name: all
@@ -346,6 +357,10 @@ impl Envoy {
             .arg(&config_path)
             .args(["--concurrency", &concurrency.to_string()])
             .args(["--disable-hot-restart", "--log-level", level])
+            .env(
+                crate::controller::CHECK_TOKEN_ENV,
+                crate::controller::CHECK_TOKEN,
+            )
             .current_dir(repo_root());
         let mut process = Process::spawn("envoy", command, &dir.path().join("envoy.log"));
         process.wait_until_ready(
@@ -426,9 +441,23 @@ impl Envoy {
 }
 
 /// `envoy --mode validate` of a config file: loads the VM and runs the plugin's
-/// `on_configure` without binding ports.
+/// `on_configure` without binding ports (with the check token in the environment, as
+/// every test Envoy has it).
 pub fn validate(config: &Path) -> Output {
+    validate_with_env(
+        config,
+        &[(
+            crate::controller::CHECK_TOKEN_ENV,
+            crate::controller::CHECK_TOKEN,
+        )],
+    )
+}
+
+/// [`validate`] with exactly the environment variables `env` of the test's own.
+pub fn validate_with_env(config: &Path, env: &[(&str, &str)]) -> Output {
     Command::new(envoy_binary())
+        .env_remove(crate::controller::CHECK_TOKEN_ENV)
+        .envs(env.iter().copied())
         .arg("--mode")
         .arg("validate")
         .arg("-c")

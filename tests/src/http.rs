@@ -86,6 +86,18 @@ pub fn post_json(url: &str, body: &serde_json::Value) -> Result<Response, ureq::
     )
 }
 
+/// `POST url` with a JSON body and the test check token, as a filter calls the check
+/// address.
+pub fn post_check(url: &str, body: &serde_json::Value) -> Result<Response, ureq::Error> {
+    let credential = format!("Bearer {}", crate::controller::CHECK_TOKEN);
+    request(
+        "POST",
+        url,
+        &[("authorization", credential.as_str())],
+        Some(body.to_string()),
+    )
+}
+
 /// `method url` with `headers` and a JSON `body`, on a fresh connection.
 pub fn request(
     method: &str,

@@ -270,7 +270,7 @@ fn one_of_two_controllers_killed_under_load_the_survivor_decides_within_two_seco
 fn check(controller: &Controller) -> bool {
     let body =
         json!({ "checks": [{ "client": { "kind": "ip", "value": "192.0.2.7" }, "path": "/" }] });
-    let response = http::post_json(&controller.url("/v1/check"), &body).expect("an answer");
+    let response = http::post_check(&controller.url("/v1/check"), &body).expect("an answer");
     assert_eq!(response.status, 200, "{response:?}");
     response.json()["decisions"][0]["allowed"] == true
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sluice_e2e::controller::ControllerOptions;
-use sluice_e2e::http::{get, post_json};
+use sluice_e2e::http::{get, post_check};
 use sluice_e2e::{Controller, RedisServer};
 use sluice_protocol::headers::denied_body;
 use sluice_protocol::{CheckResponse, Decision, DenyReason};
@@ -27,7 +27,7 @@ fn check(path: &str, cost: u64) -> Value {
 
 /// `POST /v1/check` with `body`; the call must succeed.
 fn call(controller: &Controller, body: &Value) -> Vec<Decision> {
-    let response = post_json(&controller.url("/v1/check"), body).expect("check call");
+    let response = post_check(&controller.url("/v1/check"), body).expect("check call");
     assert_eq!(response.status, 200, "{response:?}");
     let parsed: CheckResponse = serde_json::from_value(response.json()).expect("a check reply");
     parsed.decisions
@@ -382,7 +382,7 @@ fn concurrent_checks_share_one_redis_connection() {
                 scope.spawn(move || {
                     let body = json!({ "checks": [check(&format!("/burst/{n}"), 1)] });
                     start.wait();
-                    let response = post_json(url, &body);
+                    let response = post_check(url, &body);
                     finished.fetch_add(1, Ordering::SeqCst);
                     response.expect("check call").status
                 })

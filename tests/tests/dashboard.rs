@@ -85,7 +85,7 @@ fn assert_stayed_home(page: &Page<'_>, controller: &Controller, token: &str) {
 
 fn check(controller: &Controller, ip: &str) -> bool {
     let body = json!({ "checks": [{ "client": { "kind": "ip", "value": ip }, "path": "/" }] });
-    let reply = http::post_json(&controller.url("/v1/check"), &body).expect("check answer");
+    let reply = http::post_check(&controller.url("/v1/check"), &body).expect("check answer");
     assert_eq!(reply.status, 200, "{}", reply.body);
     let answer = reply.json();
     answer["decisions"][0]["allowed"]

@@ -152,7 +152,8 @@ fn the_cost_header_makes_a_request_count_more() {
     let envoy = Envoy::start(&EnvoyOptions {
         filter: Filter::Sluice {
             plugin_config:
-                r#"{"controller":{"cluster":"sluice_controller"},"cost_header":"X-Cost"}"#
+                r#"{"controller":{"cluster":"sluice_controller","token_env":"SLUICE_CHECK_TOKEN"},
+                    "cost_header":"X-Cost"}"#
                     .to_owned(),
         },
         upstream_port: upstream.port(),

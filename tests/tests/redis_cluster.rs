@@ -292,7 +292,7 @@ scope = "global"
 fn check_status(controller: &Controller, ip: &str) -> bool {
     let body = json!({"checks":[{"client":{"kind":"ip","value":ip},"host":"api.example.com",
         "method":"GET","path":"/items","cost":1,"ip":ip}]});
-    let answer = http::post_json(&controller.url("/v1/check"), &body).expect("check call");
+    let answer = http::post_check(&controller.url("/v1/check"), &body).expect("check call");
     assert_eq!(answer.status, 200, "{answer:?}");
     answer.json()["decisions"][0]["allowed"]
         .as_bool()

@@ -35,7 +35,7 @@ fn a_frozen_redis_gets_503_store_unavailable_not_ready_and_the_failure_mode() {
         concurrency: 1,
         controller_http2: false,
     });
-    let check = || http::post_json(&controller.url("/v1/check"), &check_body()).expect("answer");
+    let check = || http::post_check(&controller.url("/v1/check"), &check_body()).expect("answer");
     assert_eq!(check().status, 200);
     assert_eq!(http::get(&envoy.url("/items")).unwrap().status, 200);
 

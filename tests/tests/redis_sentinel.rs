@@ -33,7 +33,7 @@ enum Decision {
 fn check(controller: &Controller, ip: &str) -> Decision {
     let body = json!({"checks":[{"client":{"kind":"ip","value":ip},"host":"api.example.com",
         "method":"GET","path":"/items","cost":1,"ip":ip}]});
-    match http::post_json(&controller.url("/v1/check"), &body) {
+    match http::post_check(&controller.url("/v1/check"), &body) {
         Ok(answer) if answer.status == 200 => {
             match answer.json()["decisions"][0]["allowed"].as_bool() {
                 Some(true) => Decision::Allowed,

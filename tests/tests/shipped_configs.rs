@@ -229,8 +229,10 @@ fn the_demo_tiers_follow_the_system_state_as_the_readme_says() {
 fn the_native_ratelimit_configuration_limits_as_its_comments_say() {
     let rules = std::fs::read_to_string(repo_root().join("controller/native-ratelimit-rules.toml"))
         .unwrap();
+    // The check token the shipped file's initial_metadata carries.
     let controller = Controller::start_with(&sluice_e2e::controller::ControllerOptions {
         grpc: true,
+        check_tokens: Some("sluice-demo-check-token-change-me".to_owned()),
         ..sluice_e2e::controller::ControllerOptions::new(&rules, None)
     });
     let upstream = Upstream::start();

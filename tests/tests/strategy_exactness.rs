@@ -29,7 +29,7 @@ fn every_strategy_admits_exactly_its_limit_across_two_controllers() {
                         "path": path,
                     }] });
                     start.wait();
-                    let response = http::post_json(&url, &body).expect("check call");
+                    let response = http::post_check(&url, &body).expect("check call");
                     assert_eq!(response.status, 200, "{response:?}");
                     response.json()["decisions"][0]["allowed"]
                         .as_bool()

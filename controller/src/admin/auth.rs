@@ -57,11 +57,11 @@ struct TokenEntry {
 /// Shortest token accepted: anything shorter is guessable.
 pub const MIN_TOKEN_LENGTH: usize = 16;
 
-fn digest_of(token: &str) -> [u8; 32] {
+pub(crate) fn digest_of(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-fn hex_digest(field: &str, hex: &str) -> Result<[u8; 32], String> {
+pub(crate) fn hex_digest(field: &str, hex: &str) -> Result<[u8; 32], String> {
     let refused = || format!("{field}: must be the 64 hex digits of the token's SHA-256");
     if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(refused());

@@ -10,6 +10,7 @@ use sluice_protocol::{
     PolicyStatus, Refusal, Rule, Scope, Strategy,
 };
 
+use super::credential::LeaseSigner;
 use crate::config::{LiveConfig, Snapshot};
 use crate::keys;
 use crate::metrics::Metrics;
@@ -26,6 +27,7 @@ pub struct Limiter {
     metrics: Arc<Metrics>,
     /// Stats, alerts and the log of limited requests (none: `--stats false`).
     recorder: Option<Arc<Recorder>>,
+    signer: LeaseSigner,
 }
 
 /// A check's limits as the store is asked about them: the enforced rules together (all or
@@ -81,7 +83,14 @@ impl Limiter {
             guard: None,
             metrics: Arc::new(Metrics::new()),
             recorder: None,
+            signer: LeaseSigner::default(),
         }
+    }
+
+    /// Signs the lease tokens it hands out, and refuses releases of tokens it did not sign.
+    pub fn with_lease_signer(mut self, signer: LeaseSigner) -> Self {
+        self.signer = signer;
+        self
     }
 
     /// Times store commands in `metrics` and records decisions in `recorder`.
@@ -226,6 +235,11 @@ impl Limiter {
                     .await;
             }
         }
+        for decision in &mut decisions {
+            for lease in &mut decision.leases {
+                *lease = self.signer.sign(std::mem::take(lease));
+            }
+        }
         if let Some(recorder) = &self.recorder {
             let seen: Vec<&Check> = checks.iter().map(AsRef::as_ref).collect();
             recorder.record(&snapshot, &seen, &decisions);
@@ -348,7 +362,12 @@ impl Limiter {
         let leases = tokens
             .iter()
             .enumerate()
-            .map(|(index, token)| parse_lease_token(token).ok_or(BadLease { index }))
+            .map(|(index, token)| {
+                self.signer
+                    .verify(token)
+                    .and_then(parse_lease_token)
+                    .ok_or(BadLease { index })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let mut freed = 0;
         for (key, lease_id, count) in leases {

@@ -2,25 +2,27 @@
 //! view of the configuration and its reports), with health and readiness. Nothing here takes a lock the
 //! admin surface holds: each call reads the configuration snapshot once.
 
+pub mod credential;
 pub mod limiter;
+pub mod report;
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use sluice_protocol::{
-    CheckRequest, CheckResponse, ReleaseRequest, Report, CHECK_PATH, CONFIG_PATH,
-    MAX_REPORTED_ADDRESSES, RELEASE_PATH, REPORT_PATH,
+    CheckRequest, CheckResponse, ReleaseRequest, CHECK_PATH, CONFIG_PATH, MAX_CALL_BODY_BYTES,
+    MAX_IDENTITY_BYTES, MAX_REQUEST_FIELD_BYTES, RELEASE_PATH, REPORT_PATH,
 };
 
 use crate::automatic::Signals;
-use crate::error::{parse_json, ApiError};
+use crate::error::{parse_json, ApiError, Body};
 use crate::metrics::Metrics;
 use crate::protection::Guard;
+use credential::CheckTokens;
 use limiter::{Limiter, ReleaseError};
 
 /// Most checks one call may carry.
@@ -34,15 +36,29 @@ pub struct CheckState {
     /// Invalid tokens the filters report (brute-force protection).
     pub guard: Arc<Guard>,
     pub metrics: Arc<Metrics>,
+    /// Who may call: the deployment's check tokens (none: anyone, development only).
+    pub tokens: Arc<CheckTokens>,
+    /// Who reported in the current period (each reporter counts once per period).
+    pub reporters: Arc<report::Reporters>,
 }
 
 /// The check address's routes; `/metrics` too when `with_metrics`.
+///
+/// Who may call: the proxies, with a check token. Every route that reads or changes
+/// anything (check, release, report, the configuration view) refuses a call without one
+/// before its body is read; bodies are read up to [`MAX_CALL_BODY_BYTES`]. Health and
+/// readiness stay open for probes: they read nothing and change nothing.
 pub fn app(state: CheckState, with_metrics: bool) -> Router {
     let router = Router::new()
         .route(CHECK_PATH, post(check))
         .route(RELEASE_PATH, post(release))
-        .route(REPORT_PATH, post(report))
+        .route(REPORT_PATH, post(report::report))
         .route(CONFIG_PATH, get(filter_view))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            credential::require,
+        ))
+        .layer(DefaultBodyLimit::max(MAX_CALL_BODY_BYTES))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz));
     let router = if with_metrics {
@@ -55,19 +71,11 @@ pub fn app(state: CheckState, with_metrics: bool) -> Router {
 
 async fn check(
     State(state): State<CheckState>,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Json<CheckResponse>, ApiError> {
     let began = std::time::Instant::now();
     let request: CheckRequest = parse_json(&body)?;
-    if request.checks.len() > MAX_CHECKS_PER_CALL {
-        return Err(ApiError::invalid(
-            "checks",
-            format!(
-                "at most {MAX_CHECKS_PER_CALL} checks per call, got {}",
-                request.checks.len()
-            ),
-        ));
-    }
+    bounded(&request)?;
     let response = state
         .limiter
         .check(&request)
@@ -98,7 +106,7 @@ async fn check(
 
 async fn release(
     State(state): State<CheckState>,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let request: ReleaseRequest = parse_json(&body)?;
     if request.leases.len() > MAX_CHECKS_PER_CALL {
@@ -123,51 +131,66 @@ async fn release(
     }
 }
 
-/// A filter worker's report of the last second: the upstream's answers feed the automatic
-/// system state, invalid tokens by address feed brute-force protection. Answered at once;
-/// the counting happens elsewhere.
-async fn report(State(state): State<CheckState>, body: Bytes) -> Result<StatusCode, ApiError> {
-    let report: Report = parse_json(&body)?;
-    // Every list checked before anything is counted: a refused report changes nothing.
-    at_most("invalid_tokens", "addresses", report.invalid_tokens.len())?;
-    at_most("cached_denials", "entries", report.cached_denials.len())?;
-    at_most("leased", "entries", report.leased.len())?;
-    state.metrics.reports.inc();
-    let now = crate::store::now_ms();
-    state
-        .signals
-        .report(now, report.responses, report.server_errors);
-    for address in &report.invalid_tokens {
-        state.guard.strike(&address.ip, address.count);
+/// Every bound of a check call, the first one broken named by its field: what reaches the
+/// store's keys, the stats' sketches and the logs is never longer than these.
+fn bounded(request: &CheckRequest) -> Result<(), ApiError> {
+    if request.checks.len() > MAX_CHECKS_PER_CALL {
+        return Err(ApiError::invalid(
+            "checks",
+            format!(
+                "at most {MAX_CHECKS_PER_CALL} checks per call, got {}",
+                request.checks.len()
+            ),
+        ));
     }
-    let snapshot = state.limiter.config().snapshot();
-    for leased in &report.leased {
-        // Labels only from the configuration: a rule it does not have counts as `other`.
-        let rule = if snapshot
-            .rules
-            .rules()
-            .iter()
-            .any(|rule| rule.name == leased.rule)
-        {
-            leased.rule.as_str()
-        } else {
-            "other"
-        };
-        state.metrics.leased_admissions(rule, leased.count);
+    if let Some(holder) = &request.lease_holder {
+        longest("lease_holder", holder, 64)?;
     }
-    if let Some(recorder) = state.limiter.recorder() {
-        recorder.record_cached(&snapshot, &report.cached_denials);
-        recorder.record_leased(&snapshot, &report.leased);
+    for (index, check) in request.checks.iter().enumerate() {
+        let field = |name: &str| format!("checks[{index}].{name}");
+        report::client(&field("client"), &check.client)?;
+        for (name, value) in [
+            ("ip", &check.ip),
+            ("user", &check.user),
+            ("api_key", &check.api_key),
+            ("tier", &check.tier),
+        ] {
+            if let Some(value) = value {
+                longest(&field(name), value, MAX_IDENTITY_BYTES)?;
+            }
+        }
+        longest(&field("host"), &check.host, MAX_REQUEST_FIELD_BYTES)?;
+        longest(&field("method"), &check.method, 64)?;
+        longest(&field("path"), &check.path, MAX_REQUEST_FIELD_BYTES)?;
+        if let Some(id) = &check.request_id {
+            longest(&field("request_id"), id, 128)?;
+        }
+        if check.headers.len() > MAX_MATCHED_HEADERS {
+            return Err(ApiError::invalid(
+                field("headers"),
+                format!("at most {MAX_MATCHED_HEADERS} headers"),
+            ));
+        }
+        for (name, value) in &check.headers {
+            longest(&field("headers"), name, 256)?;
+            longest(
+                &field(&format!("headers.{name}")),
+                value,
+                MAX_REQUEST_FIELD_BYTES,
+            )?;
+        }
     }
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
-/// A report's list `field` holds at most [`MAX_REPORTED_ADDRESSES`] `items`.
-fn at_most(field: &str, items: &str, len: usize) -> Result<(), ApiError> {
-    if len > MAX_REPORTED_ADDRESSES {
+/// Most headers one check carries (those the rules match on).
+const MAX_MATCHED_HEADERS: usize = 64;
+
+fn longest(field: &str, value: &str, bytes: usize) -> Result<(), ApiError> {
+    if value.len() > bytes {
         return Err(ApiError::invalid(
             field,
-            format!("at most {MAX_REPORTED_ADDRESSES} {items} per report, got {len}"),
+            format!("at most {bytes} bytes, got {}", value.len()),
         ));
     }
     Ok(())

@@ -167,6 +167,8 @@ pub async fn world_on(
                 signals: Arc::clone(&signals),
                 guard,
                 metrics: Arc::clone(&metrics),
+                tokens: Default::default(),
+                reporters: Default::default(),
             },
             true,
         ),

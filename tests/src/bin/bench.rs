@@ -1136,11 +1136,13 @@ fn check_script(dir: &std::path::Path, path: &str) -> std::path::PathBuf {
     let script = format!(
         r#"wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {token}"
 request = function()
   local body = '{{"checks":[{{"client":{{"kind":"ip","value":"10.0.' .. math.random(0, 9999) .. '"}},"path":"{path}"}}]}}'
   return wrk.format(nil, "/v1/check", nil, body)
 end
-"#
+"#,
+        token = sluice_e2e::controller::CHECK_TOKEN
     );
     let file = dir.join(format!("check{}.lua", path.replace('/', "_")));
     std::fs::write(&file, script).expect("write wrk script");
