@@ -1,10 +1,12 @@
 //! What ships in `deploy/` holds together: every manifest parses, the WasmPlugin's
 //! `pluginConfig` is a configuration the filter accepts, the names and ports the filter
 //! calls are the ones the Services and the Deployment define, the kustomizations list every
-//! file, and the OCI image `make oci` builds holds the tested `.wasm` under the digest the
-//! WasmPlugin pins. No cluster: the files are read as a cluster would read them.
+//! file, the NetworkPolicies and Istio's policies admit each of the controller's ports from
+//! its callers only, the check token goes from Secrets to the controller and to the proxies
+//! under one name, and the OCI image `make oci` builds holds the tested `.wasm` under the
+//! digest the WasmPlugin pins. No cluster: the files are read as a cluster would read them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -15,7 +17,7 @@ use sluice_controller::config::ConfigSource;
 use sluice_controller::settings::{Flags, Mode, Settings};
 use sluice_e2e::envoy::wasm_file;
 use sluice_e2e::repo_root;
-use sluice_filter::config::FilterConfig;
+use sluice_filter::config::{ConfigError, FilterConfig, Secret};
 
 fn deploy() -> PathBuf {
     repo_root().join("deploy")
@@ -25,8 +27,12 @@ fn kubernetes() -> PathBuf {
     deploy().join("kubernetes")
 }
 
+fn istio() -> PathBuf {
+    deploy().join("istio")
+}
+
 fn wasm_plugin_file() -> PathBuf {
-    deploy().join("istio/wasmplugin.yaml")
+    istio().join("wasmplugin.yaml")
 }
 
 /// Every `.yaml`/`.yml` file under `dir`, sorted.
@@ -53,20 +59,52 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
 /// The documents of a YAML file (`---` separated), as JSON: what `kubectl` sends the API
 /// server. Integers stay integers, as in that conversion.
 fn documents(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml_ng::Deserializer::from_str(&text)
+    yaml_documents(&read_text(path), &path.display().to_string())
+}
+
+/// The documents of YAML `text` (from `origin`, for messages), as JSON.
+fn yaml_documents(text: &str, origin: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(text)
         .enumerate()
         .map(|(index, document)| {
             let yaml = serde_yaml_ng::Value::deserialize(document)
-                .unwrap_or_else(|e| panic!("{} document {index}: {e}", path.display()));
-            serde_json::to_value(&yaml).unwrap_or_else(|e| {
-                panic!(
-                    "{} document {index} is not JSON-shaped: {e}",
-                    path.display()
-                )
-            })
+                .unwrap_or_else(|e| panic!("{origin} document {index}: {e}"));
+            serde_json::to_value(&yaml)
+                .unwrap_or_else(|e| panic!("{origin} document {index} is not JSON-shaped: {e}"))
         })
         .collect()
+}
+
+/// The ```` ```yaml ```` blocks of a Markdown file (indented ones too, inside list items),
+/// each parsed as one document: what a reader copies out of a README.
+fn readme_yaml_blocks(path: &Path) -> Vec<Value> {
+    let markdown = read_text(path);
+    let mut blocks = Vec::new();
+    let mut lines = markdown.lines();
+    while let Some(line) = lines.next() {
+        if line.trim_start() != "```yaml" {
+            continue;
+        }
+        let indent = line.len() - line.trim_start().len();
+        let mut block = String::new();
+        for line in lines.by_ref() {
+            if line.trim_start() == "```" {
+                break;
+            }
+            block.push_str(line.get(indent..).unwrap_or_else(|| line.trim_start()));
+            block.push('\n');
+        }
+        let origin = format!("a yaml block of {}", path.display());
+        let mut documents = yaml_documents(&block, &origin);
+        assert_eq!(documents.len(), 1, "{origin} holds one document");
+        blocks.push(documents.remove(0));
+    }
+    blocks
+}
+
+/// A file's text.
+fn read_text(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// The one document of `path`.
@@ -135,6 +173,41 @@ fn plugin_config_json() -> Value {
     wasm_plugin()["spec"]["pluginConfig"].clone()
 }
 
+/// What the `istio-proxy` container of a patched pod holds in the check token's variable
+/// (deploy/istio/README.md): a stand-in for the Secret's value.
+const PROXY_TOKEN: &str = "stand-in-check-token-0123456789";
+
+/// The filter's VM environment as Istio builds it from the WasmPlugin's `vmConfig.env`:
+/// `HOST` entries take the proxy's variable of that name from `proxy` (absent there, absent
+/// here: Istio skips it), `INLINE` ones (the default) their `value`.
+fn vm_environment(proxy: &BTreeMap<&str, &str>) -> BTreeMap<String, String> {
+    let mut vm = BTreeMap::new();
+    for entry in wasm_plugin()["spec"]["vmConfig"]["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let name = text(entry, "/name");
+        let value = match entry["valueFrom"].as_str().unwrap_or("INLINE") {
+            "HOST" => proxy.get(name).map(|value| (*value).to_owned()),
+            "INLINE" => Some(entry["value"].as_str().unwrap_or_default().to_owned()),
+            other => panic!("vmConfig.env: no valueFrom {other}"),
+        };
+        if let Some(value) = value {
+            vm.insert(name.to_owned(), value);
+        }
+    }
+    vm
+}
+
+/// The filter's own parser on `json`, in the VM of a proxy patched as the README says (its
+/// `istio-proxy` container holds the check token in the variable of the patch).
+fn parse_in_patched_proxy(json: &str) -> Result<FilterConfig, ConfigError> {
+    let (variable, _) = proxy_token_variable();
+    let vm = vm_environment(&BTreeMap::from([(variable.as_str(), PROXY_TOKEN)]));
+    FilterConfig::parse_with_env(json.as_bytes(), &|name| vm.get(name).cloned())
+}
+
 /// The controller's container in the Deployment.
 fn controller_container() -> Value {
     let containers = list(&deployment(), "/spec/template/spec/containers").clone();
@@ -142,12 +215,81 @@ fn controller_container() -> Value {
     containers.into_iter().next().unwrap()
 }
 
-/// The value of an environment variable of the controller, as the Deployment sets it.
+/// An environment variable of a container (the controller's, as the Deployment sets it).
 fn env<'a>(container: &'a Value, name: &str) -> &'a Value {
     list(container, "/env")
         .iter()
         .find(|var| var["name"] == name)
-        .unwrap_or_else(|| panic!("the controller's environment has no {name}"))
+        .unwrap_or_else(|| panic!("the environment of {} has no {name}", container["name"]))
+}
+
+/// The labels of the controller's pods.
+fn pod_labels() -> Value {
+    deployment()["spec"]["template"]["metadata"]["labels"].clone()
+}
+
+/// The container port a Service sends its (only) port to, by name.
+fn target_port(service_name: &str) -> String {
+    let service = service(service_name);
+    let ports = list(&service, "/spec/ports");
+    assert_eq!(ports.len(), 1, "{service_name} has one port");
+    text(&ports[0], "/targetPort").to_owned()
+}
+
+/// The labels the WasmPlugin selects: the pods whose proxies run the filter.
+fn proxy_selector() -> Value {
+    let selector = wasm_plugin()["spec"]["selector"]["matchLabels"].clone();
+    assert!(!selector.as_object().unwrap().is_empty());
+    selector
+}
+
+/// The keys of a JSON object.
+fn keys(value: &Value) -> BTreeSet<&str> {
+    value
+        .as_object()
+        .unwrap_or_else(|| panic!("not a map: {value}"))
+        .keys()
+        .map(String::as_str)
+        .collect()
+}
+
+/// A manifest beside the controller's (in `deploy/istio`, naming its namespace itself): it
+/// is in the controller's namespace and selects the controller's pods by `pointer`.
+fn controller_policy(path: &Path, kind: &str, name: &str, pointer: &str) -> Value {
+    let policy = resource(path, kind, name);
+    assert_eq!(
+        text(&policy, "/metadata/namespace"),
+        text(&kustomization(), "/namespace"),
+        "{kind} {name} is in the controller's namespace"
+    );
+    let selector = policy
+        .pointer(pointer)
+        .unwrap_or_else(|| panic!("{kind} {name} has no {pointer}"));
+    assert_eq!(
+        keys(selector),
+        BTreeSet::from(["matchLabels"]),
+        "{selector}"
+    );
+    assert!(
+        selects(&selector["matchLabels"], &pod_labels()),
+        "{kind} {name} selects the controller's pods"
+    );
+    policy
+}
+
+/// The port of a `redis://[:password@]host[:port][/db]` URL.
+fn redis_port(url: &str) -> u64 {
+    let rest = url
+        .strip_prefix("redis://")
+        .or_else(|| url.strip_prefix("rediss://"))
+        .unwrap_or_else(|| panic!("`{url}` is not a redis:// URL"));
+    let authority = rest.split('/').next().unwrap();
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    host_port
+        .rsplit_once(':')
+        .map_or(6379, |(_, port)| port.parse().unwrap())
 }
 
 /// The port number of the container port called `name`.
@@ -227,8 +369,12 @@ fn every_yaml_file_under_deploy_parses() {
         "kubernetes/deployment.yaml",
         "kubernetes/services.yaml",
         "kubernetes/pdb.yaml",
+        "kubernetes/networkpolicy.yaml",
         "istio/kustomization.yaml",
         "istio/wasmplugin.yaml",
+        "istio/authorizationpolicy.yaml",
+        "istio/peerauthentication.yaml",
+        "istio/networkpolicy.yaml",
     ] {
         assert!(
             files.contains(&deploy().join(expected)),
@@ -308,8 +454,13 @@ fn every_file_beside_a_kustomization_is_listed_in_it() {
 #[test]
 fn the_wasm_plugin_config_passes_the_filters_own_parser() {
     let json = serde_json::to_string(&plugin_config_json()).unwrap();
-    let config = FilterConfig::parse(json.as_bytes())
+    let config = parse_in_patched_proxy(&json)
         .unwrap_or_else(|e| panic!("the WasmPlugin's pluginConfig is refused: {e}\n{json}"));
+    assert_eq!(
+        config.controller_credential.as_ref().map(Secret::expose),
+        Some(format!("Bearer {PROXY_TOKEN}").as_str()),
+        "the filter presents the token of its proxy's variable"
+    );
     assert_eq!(
         config.controller_cluster,
         "outbound|8081||sluice-controller.sluice.svc.cluster.local"
@@ -360,7 +511,7 @@ fn the_wasm_plugin_config_passes_with_its_numbers_as_floats() {
     let floats = with_floats(&plugin_config_json());
     let json = serde_json::to_string(&floats).unwrap();
     assert!(json.contains("\"timeout_ms\":200.0"), "{json}");
-    let config = FilterConfig::parse(json.as_bytes())
+    let config = parse_in_patched_proxy(&json)
         .unwrap_or_else(|e| panic!("refused with floats: {e}\n{json}"));
     assert_eq!(config.timeout, std::time::Duration::from_millis(200));
     assert_eq!(config.config_poll, Some(std::time::Duration::from_secs(1)));
@@ -393,7 +544,7 @@ fn a_bad_plugin_config_is_refused_naming_the_field() {
         let mut config = good.clone();
         *path.iter().fold(&mut config, |value, key| &mut value[*key]) = bad;
         let json = serde_json::to_string(&config).unwrap();
-        let error = FilterConfig::parse(json.as_bytes())
+        let error = parse_in_patched_proxy(&json)
             .err()
             .unwrap_or_else(|| panic!("accepted: {json}"));
         assert_eq!(error.field, field, "{error}");
@@ -838,4 +989,430 @@ fn make_oci_pins_the_digest_of_the_image_it_built_in_the_wasm_plugin() {
             .collect()
     };
     assert_eq!(others(&written), others(&shipped));
+}
+
+/// `deploy/kubernetes/networkpolicy.yaml`: the controller's pods take the check API's port
+/// from the pods whose proxies run the filter (the WasmPlugin's label), in any namespace, the
+/// admin port from operators' pods of their own namespace, nothing else on any port; they
+/// reach the Redis URL's port and DNS, nothing else. Ports are the container's port names,
+/// the ones the Services send to.
+#[test]
+fn the_network_policy_admits_each_controller_port_from_its_callers_only() {
+    let policy = resource(
+        &kubernetes().join("networkpolicy.yaml"),
+        "NetworkPolicy",
+        "sluice-controller",
+    );
+    assert_eq!(policy["apiVersion"], "networking.k8s.io/v1");
+    let spec = &policy["spec"];
+    assert_eq!(keys(&spec["podSelector"]), BTreeSet::from(["matchLabels"]));
+    assert!(
+        selects(&spec["podSelector"]["matchLabels"], &pod_labels()),
+        "the policy selects the controller's pods"
+    );
+    let types: BTreeSet<&str> = list(spec, "/policyTypes")
+        .iter()
+        .map(|kind| kind.as_str().unwrap())
+        .collect();
+    assert_eq!(types, BTreeSet::from(["Egress", "Ingress"]));
+
+    // Who may reach each port, by the container port's name.
+    let container = controller_container();
+    let mut admitted: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for rule in list(spec, "/ingress") {
+        let from = list(rule, "/from");
+        assert!(
+            !from.is_empty(),
+            "a rule without `from` admits anyone: {rule}"
+        );
+        let ports = list(rule, "/ports");
+        assert!(
+            !ports.is_empty(),
+            "a rule without `ports` admits every port: {rule}"
+        );
+        for port in ports {
+            assert_eq!(keys(port), BTreeSet::from(["port", "protocol"]), "{port}");
+            assert_eq!(text(port, "/protocol"), "TCP");
+            // By name (a number here would be a copy that can drift): one the pod has.
+            let name = text(port, "/port");
+            container_port(&container, name);
+            admitted
+                .entry(name.to_owned())
+                .or_default()
+                .extend(from.iter().cloned());
+        }
+    }
+    let names: BTreeSet<String> = list(&container, "/ports")
+        .iter()
+        .map(|port| text(port, "/name").to_owned())
+        .collect();
+    assert_eq!(
+        admitted.keys().cloned().collect::<BTreeSet<_>>(),
+        names,
+        "every port of the controller has its callers, and no other port is open"
+    );
+
+    // The admin port (the admin Service's target): operators' pods of this namespace, by
+    // the label the README documents; a proxy is not an operator.
+    let admin = target_port("sluice-controller-admin");
+    let [operator] = admitted[&admin].as_slice() else {
+        panic!(
+            "the admin port takes one kind of caller: {:?}",
+            admitted[&admin]
+        );
+    };
+    assert_eq!(
+        keys(operator),
+        BTreeSet::from(["podSelector"]),
+        "operators from the controller's own namespace, by pod label: {operator}"
+    );
+    assert_eq!(
+        keys(&operator["podSelector"]),
+        BTreeSet::from(["matchLabels"])
+    );
+    let operator_labels = &operator["podSelector"]["matchLabels"];
+    assert!(!operator_labels.as_object().unwrap().is_empty());
+    assert!(!selects(operator_labels, &proxy_selector()));
+    let documented = read_text(&kubernetes().join("README.md"));
+    for (key, value) in operator_labels.as_object().unwrap() {
+        let label = format!("{key}={}", value.as_str().unwrap());
+        assert!(
+            documented.contains(&label),
+            "deploy/kubernetes/README.md tells operators to label their pods {label}"
+        );
+    }
+
+    // Every other port, the check Service's target among them: the proxies, anywhere.
+    let proxies = serde_json::json!({
+        "namespaceSelector": {},
+        "podSelector": { "matchLabels": proxy_selector() },
+    });
+    let check = target_port("sluice-controller");
+    assert_ne!(check, admin);
+    for (port, peers) in &admitted {
+        if *port != admin {
+            assert_eq!(peers, &vec![proxies.clone()], "who may reach port {port}");
+        }
+    }
+    assert!(admitted.contains_key(&check));
+
+    // Out: the Redis URL's port and DNS, each rule port by port.
+    let (_, literals) = config_map_generator();
+    let redis_key = text(
+        env(&container, "SLUICE_REDIS_URL"),
+        "/valueFrom/configMapKeyRef/key",
+    );
+    let redis_url = &literals.iter().find(|(key, _)| key == redis_key).unwrap().1;
+    let mut open = BTreeSet::new();
+    for rule in list(spec, "/egress") {
+        let ports = list(rule, "/ports");
+        assert!(
+            !ports.is_empty(),
+            "a rule without `ports` lets out every port: {rule}"
+        );
+        for port in ports {
+            assert_eq!(keys(port), BTreeSet::from(["port", "protocol"]), "{port}");
+            open.insert((text(port, "/protocol").to_owned(), number(port, "/port")));
+        }
+    }
+    assert_eq!(
+        open,
+        BTreeSet::from([
+            ("TCP".to_owned(), redis_port(redis_url)),
+            ("TCP".to_owned(), 53),
+            ("UDP".to_owned(), 53),
+        ]),
+        "the controller reaches Redis ({redis_url}) and DNS only"
+    );
+}
+
+/// `deploy/istio`: the controller's sidecar takes mTLS only; its AuthorizationPolicy admits
+/// the check port from the namespaces of the limited workloads (each of which the README
+/// gives the check token) and the admin port from the controller's own namespace, nothing
+/// else, by the port numbers the Deployment defines; and the sidecar may reach istiod.
+#[test]
+fn the_istio_policies_admit_proxies_and_operators_to_the_controller_only() {
+    let namespace = text(&kustomization(), "/namespace").to_owned();
+    let container = controller_container();
+
+    let peers = controller_policy(
+        &istio().join("peerauthentication.yaml"),
+        "PeerAuthentication",
+        "sluice-controller",
+        "/spec/selector",
+    );
+    assert_eq!(peers["apiVersion"], "security.istio.io/v1");
+    assert_eq!(
+        peers["spec"],
+        serde_json::json!({
+            "selector": peers["spec"]["selector"],
+            "mtls": { "mode": "STRICT" },
+        }),
+        "mTLS required on every port, no exception"
+    );
+
+    let policy = controller_policy(
+        &istio().join("authorizationpolicy.yaml"),
+        "AuthorizationPolicy",
+        "sluice-controller",
+        "/spec/selector",
+    );
+    assert_eq!(policy["apiVersion"], "security.istio.io/v1");
+    assert_eq!(text(&policy, "/spec/action"), "ALLOW");
+    let mut admitted: BTreeMap<u64, Vec<Value>> = BTreeMap::new();
+    for rule in list(&policy, "/spec/rules") {
+        assert_eq!(keys(rule), BTreeSet::from(["from", "to"]), "{rule}");
+        let mut sources = Vec::new();
+        for from in list(rule, "/from") {
+            assert_eq!(keys(from), BTreeSet::from(["source"]), "{from}");
+            let source = &from["source"];
+            assert!(!source.as_object().unwrap().is_empty(), "{rule}");
+            for (field, values) in source.as_object().unwrap() {
+                assert!(
+                    field == "namespaces" || field == "principals",
+                    "a source by mTLS identity only: {source}"
+                );
+                let values = values.as_array().unwrap();
+                assert!(!values.is_empty(), "{source}");
+                for value in values {
+                    assert!(
+                        !value.as_str().unwrap().contains('*'),
+                        "no wildcard: {source}"
+                    );
+                }
+            }
+            sources.push(source.clone());
+        }
+        assert!(
+            !sources.is_empty(),
+            "a rule without `from` admits anyone: {rule}"
+        );
+        let to = list(rule, "/to");
+        assert!(
+            !to.is_empty(),
+            "a rule without `to` admits every port: {rule}"
+        );
+        for to in to {
+            assert_eq!(keys(to), BTreeSet::from(["operation"]), "{to}");
+            assert_eq!(keys(&to["operation"]), BTreeSet::from(["ports"]), "{to}");
+            for port in list(to, "/operation/ports") {
+                let port: u64 = port.as_str().unwrap().parse().unwrap();
+                admitted
+                    .entry(port)
+                    .or_default()
+                    .extend(sources.iter().cloned());
+            }
+        }
+    }
+    let numbers: BTreeSet<u64> = list(&container, "/ports")
+        .iter()
+        .map(|port| number(port, "/containerPort"))
+        .collect();
+    assert_eq!(
+        admitted.keys().copied().collect::<BTreeSet<_>>(),
+        numbers,
+        "every port of the controller has its callers, and no other port is admitted"
+    );
+    let admin = container_port(&container, &target_port("sluice-controller-admin"));
+    assert_eq!(
+        admitted[&admin],
+        vec![serde_json::json!({ "namespaces": [namespace] })],
+        "the admin port from the controller's own namespace only"
+    );
+    let check = container_port(&container, &target_port("sluice-controller"));
+    let (proxy_secret, _) = proxy_token_secret();
+    let documented = read_text(&istio().join("README.md"));
+    for (port, sources) in &admitted {
+        if *port == admin {
+            continue;
+        }
+        assert_eq!(
+            sources, &admitted[&check],
+            "port {port} takes the callers of the check port"
+        );
+        for source in sources {
+            assert_ne!(source, &admitted[&admin][0], "proxies are not operators");
+            // Every namespace admitted is one the README gives the check token.
+            for namespace in source["namespaces"].as_array().into_iter().flatten() {
+                let step = format!(
+                    "-n {} create secret generic {proxy_secret}",
+                    namespace.as_str().unwrap()
+                );
+                assert!(
+                    documented.contains(&step),
+                    "deploy/istio/README.md: `kubectl {step}`"
+                );
+            }
+        }
+    }
+
+    // deploy/kubernetes's NetworkPolicy lets the pods reach Redis and DNS only: the
+    // sidecar's control plane, and nothing more, comes from here.
+    let network = controller_policy(
+        &istio().join("networkpolicy.yaml"),
+        "NetworkPolicy",
+        "sluice-controller-istio",
+        "/spec/podSelector",
+    );
+    assert_eq!(network["apiVersion"], "networking.k8s.io/v1");
+    assert_eq!(
+        network["spec"]["policyTypes"],
+        serde_json::json!(["Egress"]),
+        "it opens no port into the pods"
+    );
+    assert!(network["spec"].get("ingress").is_none());
+    let egress = list(&network, "/spec/egress");
+    assert_eq!(egress.len(), 1);
+    assert_eq!(
+        egress[0]["ports"],
+        serde_json::json!([{ "port": 15012, "protocol": "TCP" }])
+    );
+    let [istiod] = list(&egress[0], "/to").as_slice() else {
+        panic!("one destination: {}", egress[0]);
+    };
+    assert_eq!(
+        istiod["namespaceSelector"]["matchLabels"],
+        serde_json::json!({
+            "kubernetes.io/metadata.name": text(&wasm_plugin(), "/metadata/namespace")
+        }),
+        "istiod in Istio's namespace, the WasmPlugin's"
+    );
+    assert_eq!(
+        istiod["podSelector"]["matchLabels"],
+        serde_json::json!({ "app": "istiod" })
+    );
+}
+
+/// The variable the README's sidecar patch sets in `istio-proxy` from a Secret, and that
+/// Secret's (name, key), after checking the patch: it labels the pods the WasmPlugin
+/// selects, lets the injector fill in the sidecar, and sets one variable from a Secret.
+fn proxy_token_variable() -> (String, (String, String)) {
+    let readme_path = istio().join("README.md");
+    let patch = readme_yaml_blocks(&readme_path)
+        .into_iter()
+        .find(|block| block.to_string().contains("istio-proxy"))
+        .expect("deploy/istio/README.md shows the sidecar patch as a yaml block");
+    let template = &patch["spec"]["template"];
+    assert!(
+        selects(&proxy_selector(), &template["metadata"]["labels"]),
+        "the patch labels the pods the WasmPlugin selects"
+    );
+    let sidecar = list(template, "/spec/containers")
+        .iter()
+        .find(|container| container["name"] == "istio-proxy")
+        .expect("the patch overrides the container istio-proxy")
+        .clone();
+    assert_eq!(
+        sidecar["image"], "auto",
+        "the injector fills in the sidecar's image"
+    );
+    let [variable] = list(&sidecar, "/env").as_slice() else {
+        panic!("the patch sets one variable in istio-proxy: {sidecar}");
+    };
+    assert_eq!(
+        keys(variable),
+        BTreeSet::from(["name", "valueFrom"]),
+        "{variable}"
+    );
+    let reference = &variable["valueFrom"]["secretKeyRef"];
+    assert_ne!(reference["optional"], true, "{reference}");
+    (
+        text(variable, "/name").to_owned(),
+        (
+            text(reference, "/name").to_owned(),
+            text(reference, "/key").to_owned(),
+        ),
+    )
+}
+
+/// The Secret (name, key) the README's sidecar patch takes the check token from.
+fn proxy_token_secret() -> (String, String) {
+    proxy_token_variable().1
+}
+
+/// `kubectl create secret generic <name> --from-literal=<key>=…` appears in `readme`.
+fn tells_how_to_create(readme_path: &Path, name: &str, key: &str) {
+    let documented = read_text(readme_path);
+    let create = format!("create secret generic {name}");
+    let at = documented
+        .find(&create)
+        .unwrap_or_else(|| panic!("{}: no `{create}`", readme_path.display()));
+    let command: String = documented[at..].chars().take(300).collect();
+    assert!(
+        command.contains(&format!("--from-literal={key}=")),
+        "{}: `{create}` with the key {key}: {command}",
+        readme_path.display()
+    );
+}
+
+/// The check token: the controller reads `SLUICE_CHECK_TOKENS` from a Secret (never a value
+/// in the manifest, never optional), the WasmPlugin hands the VM the one proxy variable its
+/// `pluginConfig` names and carries no token itself, and the README's sidecar patch sets that
+/// variable from a Secret copied from the controller's. Each Secret is one a README tells
+/// how to create, with the key the manifests read.
+#[test]
+fn the_check_token_goes_from_secrets_to_the_controller_and_the_proxies() {
+    let container = controller_container();
+    for variable in list(&container, "/env") {
+        let Some(reference) = variable.pointer("/valueFrom/secretKeyRef") else {
+            continue;
+        };
+        assert_ne!(reference["optional"], true, "{variable}");
+        tells_how_to_create(
+            &kubernetes().join("README.md"),
+            text(reference, "/name"),
+            text(reference, "/key"),
+        );
+    }
+    let tokens = env(&container, "SLUICE_CHECK_TOKENS");
+    assert_eq!(
+        keys(tokens),
+        BTreeSet::from(["name", "valueFrom"]),
+        "{tokens}"
+    );
+    let reference = &tokens["valueFrom"]["secretKeyRef"];
+    let (name, key) = (text(reference, "/name"), text(reference, "/key"));
+    assert_ne!(
+        name,
+        text(
+            env(&container, "SLUICE_ADMIN_TOKENS"),
+            "/valueFrom/secretKeyRef/name"
+        ),
+        "the check token and the admin tokens apart"
+    );
+
+    let controller = &plugin_config_json()["controller"];
+    assert!(
+        controller.get("token").is_none(),
+        "no credential in the WasmPlugin: {controller}"
+    );
+    let variable = text(controller, "/token_env");
+    assert_eq!(
+        wasm_plugin()["spec"]["vmConfig"]["env"],
+        serde_json::json!([{ "name": variable, "valueFrom": "HOST" }]),
+        "the VM gets that one variable, from the proxy's environment, no value inline"
+    );
+
+    let (patched, (proxy_secret, proxy_key)) = proxy_token_variable();
+    assert_eq!(
+        patched, variable,
+        "the sidecar patch sets the variable the filter reads"
+    );
+    // A labelled pod without the patch: its proxy has no such variable, Istio hands the VM
+    // none, and the filter refuses to start, naming the field (the README says so).
+    let json = serde_json::to_string(&plugin_config_json()).unwrap();
+    let unpatched = vm_environment(&BTreeMap::new());
+    let error = FilterConfig::parse_with_env(json.as_bytes(), &|name| unpatched.get(name).cloned())
+        .expect_err("no token, no filter");
+    assert_eq!(error.field, "controller.token_env", "{error}");
+    let istio_readme = istio().join("README.md");
+    tells_how_to_create(&istio_readme, &proxy_secret, &proxy_key);
+    // The proxies' copy is taken from the controller's Secret.
+    let documented = read_text(&istio_readme);
+    for part in [format!("get secret {name}"), format!("{{.data.{key}}}")] {
+        assert!(
+            documented.contains(&part),
+            "deploy/istio/README.md copies the token from the controller's Secret: {part}"
+        );
+    }
 }
