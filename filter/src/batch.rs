@@ -7,6 +7,12 @@
 //! for a reply: it leaves at once, up to a number of batches out together, so one slow
 //! reply does not hold back every request that arrives meanwhile.
 //!
+//! A batch is bounded by bytes as well as by checks: every call body stays within the
+//! controller's [`MAX_CALL_BODY_BYTES`], however long the paths and header values of the
+//! requests in it (each check's encoded size is measured when it registers). A check that
+//! could not fit in a call even alone is refused at registration
+//! ([`Registered::TooLarge`]): only that request gets the failure mode.
+//!
 //! The root context owns every batch callout (a callout owned by a request's context is
 //! cancelled with it, and the requests behind it would wait forever). The host glue wakes
 //! the root, sends what [`Batcher::next_batch`] gives, and hands each request its verdict
@@ -16,10 +22,38 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
 
-use sluice_protocol::{Check, CheckRequest};
+use sluice_protocol::{Check, CheckRequest, MAX_CALL_BODY_BYTES};
 
 use crate::config::FailureMode;
 use crate::decision::Verdict;
+
+/// Bytes of a call body that are not checks, at most: `{"checks":[`, `]`, the separators,
+/// `"hold_delays":false` and a `lease_holder` of up to 64 bytes (the root names one of 32),
+/// with room to spare. A test holds the encoded request to it.
+pub const ENVELOPE_BYTES: usize = 256;
+
+/// Most bytes of checks (each with the comma before it) one call carries.
+pub const MAX_CHECKS_BYTES: usize = MAX_CALL_BODY_BYTES - ENVELOPE_BYTES;
+
+/// The size of `check` in a call body (JSON, as `serde_json` writes it), measured without
+/// writing it out; `usize::MAX` if it cannot be encoded.
+pub fn encoded_len(check: &Check) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 = self.0.saturating_add(bytes.len());
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    match serde_json::to_writer(&mut counter, check) {
+        Ok(()) => counter.0,
+        Err(_) => usize::MAX,
+    }
+}
 
 /// Where the root leaves a request's verdict for the request's own context to read.
 pub type Slot = Rc<RefCell<Option<Verdict>>>;
@@ -40,6 +74,8 @@ pub struct Member {
 struct Waiting {
     member: Member,
     check: Check,
+    /// What the check adds to a call body: its encoded size and a comma.
+    bytes: usize,
 }
 
 #[derive(Debug)]
@@ -71,6 +107,9 @@ pub enum Registered {
     Wait,
     /// Too many requests wait already: decide this one by the failure mode.
     Overloaded,
+    /// The check alone (`bytes`, encoded) would make a call body larger than the controller
+    /// reads: decide this one by the failure mode. It was not queued.
+    TooLarge { bytes: usize },
 }
 
 /// How many checks a batch carries and how many batches may be out at once.
@@ -88,7 +127,11 @@ pub struct Limits {
 #[derive(Debug)]
 pub struct Batcher {
     limits: Limits,
+    /// Most bytes of checks one batch carries ([`MAX_CHECKS_BYTES`] but in tests).
+    max_bytes: usize,
     waiting: VecDeque<Waiting>,
+    /// What the waiting checks add up to in call bodies.
+    waiting_bytes: usize,
     in_flight: Vec<InFlight>,
     wake_requested: bool,
     /// A reply came in since the last batch left: the next may leave though not full.
@@ -103,18 +146,36 @@ impl Batcher {
                 max_in_flight: limits.max_in_flight.max(1),
                 max_waiting: limits.max_waiting,
             },
+            max_bytes: MAX_CHECKS_BYTES,
             waiting: VecDeque::new(),
+            waiting_bytes: 0,
             in_flight: Vec::new(),
             wake_requested: false,
             reply_in: false,
         }
     }
 
+    /// The batcher with batches of at most `max_bytes` bytes of checks (for tests: every
+    /// real batcher carries [`MAX_CHECKS_BYTES`]).
+    pub fn with_max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes.min(MAX_CHECKS_BYTES);
+        self
+    }
+
     pub fn register(&mut self, member: Member, check: Check) -> Registered {
+        let bytes = encoded_len(&check).saturating_add(1);
+        if bytes > self.max_bytes {
+            return Registered::TooLarge { bytes };
+        }
         if self.waiting.len() >= self.limits.max_waiting {
             return Registered::Overloaded;
         }
-        self.waiting.push_back(Waiting { member, check });
+        self.waiting_bytes += bytes;
+        self.waiting.push_back(Waiting {
+            member,
+            check,
+            bytes,
+        });
         if self.may_send() && !self.wake_requested {
             self.wake_requested = true;
             Registered::WakeRoot
@@ -130,8 +191,13 @@ impl Batcher {
             _ if self.waiting.is_empty() => false,
             0 => true,
             out if out >= self.limits.max_in_flight => false,
-            _ => self.reply_in || self.waiting.len() >= self.limits.max_batch,
+            _ => self.reply_in || self.full_batch_waits(),
         }
+    }
+
+    /// Whether the waiting checks fill a batch, by count or by bytes.
+    fn full_batch_waits(&self) -> bool {
+        self.waiting.len() >= self.limits.max_batch || self.waiting_bytes > self.max_bytes
     }
 
     /// The root was woken (or a reply came in): the next batch to send, if one may leave
@@ -145,7 +211,17 @@ impl Batcher {
         if !may_send {
             return None;
         }
-        let size = self.waiting.len().min(self.limits.max_batch);
+        // As many as fit by count and by bytes; the first always fits (see `register`).
+        let mut size = 0;
+        let mut bytes = 0usize;
+        for waiting in self.waiting.iter().take(self.limits.max_batch) {
+            if size > 0 && bytes.saturating_add(waiting.bytes) > self.max_bytes {
+                break;
+            }
+            bytes = bytes.saturating_add(waiting.bytes);
+            size += 1;
+        }
+        self.waiting_bytes = self.waiting_bytes.saturating_sub(bytes);
         let (members, checks) = self
             .waiting
             .drain(..size)
@@ -208,9 +284,9 @@ impl Batcher {
             .waiting
             .iter()
             .position(|waiting| waiting.member.context_id == context_id)?;
-        self.waiting
-            .remove(at)
-            .map(|waiting| waiting.member.fingerprint)
+        let waiting = self.waiting.remove(at)?;
+        self.waiting_bytes = self.waiting_bytes.saturating_sub(waiting.bytes);
+        Some(waiting.member.fingerprint)
     }
 
     /// The wake-up asked for with [`Registered::WakeRoot`] could not be sent: the next
@@ -455,5 +531,105 @@ mod tests {
             batcher.register(member(4), check(4)),
             Registered::Overloaded
         );
+    }
+
+    fn long_check(n: u32, path_bytes: usize) -> Check {
+        let path = format!("/{n}/{}", "p".repeat(path_bytes));
+        Check::new(ClientId::ip(format!("10.0.0.{n}")), "", "GET", &path, 1)
+    }
+
+    /// The body the root sends for `request`, with a lease holder as long as its own.
+    fn body(mut request: CheckRequest) -> Vec<u8> {
+        request.lease_holder = Some("0123456789abcdef".repeat(2));
+        serde_json::to_vec(&request).unwrap()
+    }
+
+    #[test]
+    fn the_envelope_of_a_call_fits_in_its_allowance() {
+        for count in [1, 2, 100] {
+            let checks: Vec<Check> = (0..count).map(check).collect();
+            let counted: usize = checks.iter().map(|c| encoded_len(c) + 1).sum();
+            let request = CheckRequest {
+                checks,
+                hold_delays: false,
+                lease_holder: None,
+            };
+            let whole = body(request).len();
+            assert!(
+                whole <= counted + ENVELOPE_BYTES,
+                "{whole} > {counted} + envelope"
+            );
+            assert!(whole > counted, "the sizes are the checks' own");
+        }
+    }
+
+    #[test]
+    fn batches_are_split_by_bytes_and_a_full_one_leaves_early() {
+        let size = encoded_len(&long_check(1, 1_000)) + 1;
+        // Room for three such checks a batch.
+        let mut batcher = several_at_once(100, 2).with_max_bytes(3 * size + 10);
+        for n in 1..=4 {
+            batcher.register(member(n), long_check(n, 1_000));
+        }
+        let (first, request) = batcher.next_batch().unwrap();
+        assert_eq!(ids(&first), [1, 2, 3], "three fit, the fourth waits");
+        assert!(body(request).len() <= 3 * size + 10 + ENVELOPE_BYTES);
+        batcher.sent(1, first, 0);
+        batcher.register(member(5), long_check(5, 1_000));
+        assert!(batcher.next_batch().is_none(), "two do not fill a batch");
+        assert_eq!(
+            batcher.register(member(6), long_check(6, 1_000)),
+            Registered::Wait,
+            "no more than a batch's worth waits: it waits for a reply"
+        );
+        batcher.register(member(7), long_check(7, 1_000));
+        let (full, _) = batcher.next_batch().unwrap();
+        assert_eq!(
+            ids(&full),
+            [4, 5, 6],
+            "full by bytes: it leaves though one is out"
+        );
+        assert_eq!(batcher.waiting(), 1);
+        batcher.cancel(7);
+        assert_eq!(
+            batcher.waiting_bytes, 0,
+            "what leaves the queue leaves its count"
+        );
+    }
+
+    #[test]
+    fn a_check_too_large_for_any_call_is_refused_alone() {
+        let mut batcher = one_at_a_time(10, 100).with_max_bytes(2_000);
+        assert_eq!(batcher.register(member(1), check(1)), Registered::WakeRoot);
+        let huge = long_check(2, 3_000);
+        let bytes = encoded_len(&huge) + 1;
+        assert_eq!(
+            batcher.register(member(2), huge),
+            Registered::TooLarge { bytes }
+        );
+        let (members, _) = batcher.next_batch().unwrap();
+        assert_eq!(ids(&members), [1], "the others go on as ever");
+    }
+
+    #[test]
+    fn every_call_of_many_long_requests_stays_within_what_the_controller_reads() {
+        let mut batcher = one_at_a_time(1_024, 10_000);
+        for n in 0..400 {
+            assert_ne!(
+                batcher.register(member(n), long_check(n, 7 * 1024)),
+                Registered::Overloaded
+            );
+        }
+        let mut sent = 0;
+        let mut calls = 0;
+        while let Some((members, request)) = batcher.next_batch() {
+            assert!(body(request).len() <= MAX_CALL_BODY_BYTES);
+            sent += members.len();
+            calls += 1;
+            batcher.sent(calls, members, 0);
+            batcher.complete(calls);
+        }
+        assert_eq!(sent, 400);
+        assert!(calls >= 3, "{calls} calls");
     }
 }

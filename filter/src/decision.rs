@@ -2,8 +2,13 @@
 //! No host calls here: the host glue feeds in what Envoy reported and carries out the
 //! [`Verdict`].
 
+use std::borrow::Cow;
+
 use sluice_protocol::headers::{self, HeaderStyle, RETRY_AFTER};
-use sluice_protocol::{Check, CheckResponse, Decision, PolicyStatus, Refusal, ReleaseRequest};
+use sluice_protocol::rules::MAX_MATCH_PATH;
+use sluice_protocol::{
+    Check, CheckResponse, Decision, PolicyStatus, Refusal, ReleaseRequest, MAX_REQUEST_FIELD_BYTES,
+};
 
 use crate::config::{FailureMode, FilterConfig};
 use crate::identity::Identity;
@@ -118,14 +123,23 @@ pub fn cost_from_header(value: Option<&str>) -> u64 {
         .map_or(1, |cost| cost.clamp(1, MAX_HEADER_COST))
 }
 
-/// The check to send for a request of `identity`.
+/// The check to send for a request of `identity`. `path` is the path the filter matched
+/// (see [`normalized_path`]); the host, method and path are bounded as a check carries them
+/// (see [`bounded_field`] and [`bounded_path`]). The identities are bounded already (see
+/// [`crate::identity::bounded_identity`]).
 pub fn check_for(identity: &Identity, host: &str, method: &str, path: &str, cost: u64) -> Check {
     Check {
         ip: Some(identity.counted_ip.clone()),
         user: identity.user.clone(),
         api_key: identity.api_key.clone(),
         tier: identity.tier.clone(),
-        ..Check::new(identity.client.clone(), host, method, path_only(path), cost)
+        ..Check::new(
+            identity.client.clone(),
+            bounded_field(host),
+            bounded_to(method, MAX_METHOD_BYTES),
+            &bounded_path(path_only(path)),
+            cost,
+        )
     }
 }
 
@@ -133,6 +147,240 @@ pub fn check_for(identity: &Identity, host: &str, method: &str, path: &str, cost
 /// out keeps it out of the controller.
 pub fn path_only(path: &str) -> &str {
     path.split_once('?').map_or(path, |(path, _query)| path)
+}
+
+/// The path the filter matches exempt globs and lists on and sends to the controller: the
+/// `:path` without its query string (as [`path_only`]), normalised so that one resource has
+/// one spelling whatever the client wrote, and whether or not Envoy normalised it first
+/// (the shipped configurations have Envoy do so: `normalize_path`, `merge_slashes`):
+/// 1. a percent-encoded unreserved character (`A-Z a-z 0-9 - . _ ~`) is decoded, as RFC 3986
+///    (sections 2.3 and 6.2.2.2) makes it the same URI: `%2e` and `%2E` are `.`, so
+///    `/stats/%2e%2e/x` is `/stats/../x`. Every other escape stays as it was sent, once (no
+///    second round: `%252e` stays): in particular `%2F` and `%5C` are data, not separators
+///    (Envoy's `path_with_escaped_slashes_action` decides what they mean before the filter);
+/// 2. runs of `/` are merged into one (`//stats//x` is `/stats/x`), as most servers and
+///    path cleaners read them (nginx, Go's `path.Clean`), before
+/// 3. the `.` and `..` segments are resolved by RFC 3986's `remove_dot_segments` (section
+///    5.2.4): `/a/./b` is `/a/b`, `/stats/../x` is `/x`, and `..` never climbs above the
+///    root (`/..` is `/`).
+///
+/// The function is idempotent: what Envoy forwards after its own normalisation is left as
+/// it is, so the filter then matches exactly the path the upstream gets.
+pub fn normalized_path(raw: &str) -> Cow<'_, str> {
+    let path = path_only(raw);
+    // Most paths are already normal: no escapes, no empty and no dot segments.
+    let clean = !path.contains('%')
+        && !path.contains("//")
+        && !path.starts_with('.')
+        && !path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..");
+    if clean {
+        return Cow::Borrowed(path);
+    }
+    let decoded = decode_unreserved(path);
+    let merged = merge_slashes(&decoded);
+    Cow::Owned(remove_dot_segments(&merged))
+}
+
+fn hex_value(byte: u8) -> Option<u8> {
+    match byte {
+        b'0'..=b'9' => Some(byte - b'0'),
+        b'a'..=b'f' => Some(byte - b'a' + 10),
+        b'A'..=b'F' => Some(byte - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// `path` with every percent-encoded unreserved character decoded (once). A `%` that starts
+/// no escape stays as it is, unless the characters decoded after it would now make it one
+/// (`%%32e` would read `%2e`): it is then written `%25`, as Envoy's own normalisation does,
+/// so that decoding never makes a new escape and a second pass changes nothing.
+fn decode_unreserved(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    // Where a `%` that starts no escape went in `out`.
+    let mut stray = Vec::new();
+    let mut at = 0;
+    while let Some(&byte) = bytes.get(at) {
+        let (high, low) = (bytes.get(at + 1), bytes.get(at + 2));
+        let value = match (byte, high, low) {
+            (b'%', Some(&high), Some(&low)) => hex_value(high)
+                .zip(hex_value(low))
+                .map(|(high, low)| high * 16 + low),
+            _ => None,
+        };
+        let unreserved =
+            value.filter(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~'));
+        match (unreserved, value) {
+            (Some(decoded), _) => {
+                out.push(decoded);
+                at += 3;
+            }
+            (None, Some(_)) => {
+                // An escape of anything else stays as sent.
+                out.extend_from_slice(bytes.get(at..at + 3).unwrap_or_default());
+                at += 3;
+            }
+            (None, None) => {
+                if byte == b'%' {
+                    stray.push(out.len());
+                }
+                out.push(byte);
+                at += 1;
+            }
+        }
+    }
+    for &at in stray.iter().rev() {
+        let hex = |offset: usize| out.get(at + offset).copied().and_then(hex_value);
+        if hex(1).is_some() && hex(2).is_some() {
+            out.splice(at + 1..at + 1, *b"25");
+        }
+    }
+    // Only ASCII escapes became ASCII bytes: still UTF-8.
+    String::from_utf8(out).unwrap_or_else(|_| path.to_owned())
+}
+
+fn merge_slashes(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        if !(c == '/' && out.ends_with('/')) {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// RFC 3986, section 5.2.4.
+fn remove_dot_segments(path: &str) -> String {
+    fn drop_last_segment(output: &mut String) {
+        match output.rfind('/') {
+            Some(at) => output.truncate(at),
+            None => output.clear(),
+        }
+    }
+    let mut input = path;
+    let mut output = String::with_capacity(path.len());
+    while !input.is_empty() {
+        if let Some(rest) = input
+            .strip_prefix("../")
+            .or_else(|| input.strip_prefix("./"))
+        {
+            input = rest;
+        } else if let Some(rest) = input.strip_prefix("/.").filter(|r| r.starts_with('/')) {
+            input = rest;
+        } else if input == "/." {
+            input = "/";
+        } else if let Some(rest) = input.strip_prefix("/..").filter(|r| r.starts_with('/')) {
+            input = rest;
+            drop_last_segment(&mut output);
+        } else if input == "/.." {
+            input = "/";
+            drop_last_segment(&mut output);
+        } else if input == "." || input == ".." {
+            input = "";
+        } else {
+            // The first segment, with its leading `/` if it has one, up to the next `/`.
+            let end = input
+                .char_indices()
+                .skip(1)
+                .find(|(_, c)| *c == '/')
+                .map_or(input.len(), |(at, _)| at);
+            let (segment, rest) = (
+                input.get(..end).unwrap_or(input),
+                input.get(end..).unwrap_or(""),
+            );
+            output.push_str(segment);
+            input = rest;
+        }
+    }
+    output
+}
+
+// What makes [`bounded_path`] keep every rule's `path_prefix`: each half it keeps is longer
+// than any path a rule names.
+const _: () = assert!(MAX_MATCH_PATH < MAX_REQUEST_FIELD_BYTES / 2);
+
+/// The largest index at most `at` that is a character boundary of `text`.
+fn floor_boundary(text: &str, at: usize) -> usize {
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
+/// A host or header value as a check carries it: cut to at most [`MAX_REQUEST_FIELD_BYTES`]
+/// (at a character boundary). A rule matches these by equality (hosts without case), so
+/// only a rule naming a value longer than the cut could see a difference, and no host name
+/// or sensible header value is that long.
+pub fn bounded_field(value: &str) -> &str {
+    bounded_to(value, MAX_REQUEST_FIELD_BYTES)
+}
+
+fn bounded_to(value: &str, bytes: usize) -> &str {
+    value
+        .get(..floor_boundary(value, bytes))
+        .unwrap_or_default()
+}
+
+// The controller refuses a whole call if one of its checks has a longer method, more
+// matched headers or a longer header name (see [`unsendable`]).
+pub use sluice_protocol::{MAX_CHECK_HEADERS, MAX_HEADER_NAME_BYTES, MAX_METHOD_BYTES};
+
+/// Why the controller would refuse a call carrying `check` whatever else is in it, if it
+/// would: more matched headers than it takes, or a name too long (only possible when the
+/// rules match on more headers than that). Such a check is never put in a batch: its
+/// request alone gets the failure mode. Every other field is bounded as it is built.
+pub fn unsendable(check: &Check) -> Option<String> {
+    if check.headers.len() > MAX_CHECK_HEADERS {
+        return Some(format!(
+            "the request carries {} headers the rules match on; a check carries at most \
+             {MAX_CHECK_HEADERS} (the rules should match on fewer)",
+            check.headers.len()
+        ));
+    }
+    check
+        .headers
+        .keys()
+        .find(|name| name.len() > MAX_HEADER_NAME_BYTES)
+        .map(|name| {
+            format!(
+                "a header the rules match on has a name of {} bytes; a check carries names \
+                 of at most {MAX_HEADER_NAME_BYTES}",
+                name.len()
+            )
+        })
+}
+
+/// A path as a check carries it: a path longer than [`MAX_REQUEST_FIELD_BYTES`] keeps its
+/// first and its last `MAX_REQUEST_FIELD_BYTES / 2` bytes (at character boundaries) and
+/// loses the middle. Rules name paths of at most [`MAX_MATCH_PATH`] bytes (1 KiB), far less
+/// than either half, so for a cut path:
+/// - `path` never matches (neither the whole path nor the cut one can equal it);
+/// - `path_prefix` matches exactly as on the whole path (the head is kept);
+/// - a `path_glob` still matches if it matched the whole path with every literal
+///   character of the glob in the head or the tail: globs anchored at either end
+///   (`/static/**`, `/**/export`, `/files/*.json`, `/users/*/orders`) match as before (a
+///   `*` that spanned the cut spans a part of the same run, still without `/`). Only a
+///   glob whose literal text matched nowhere but in the dropped middle of a path over
+///   8 KiB (`/**/admin/**`) can miss it. Keeping only the head would lose every glob that
+///   ends in a literal, and a hash would lose every rule.
+///
+/// The exempt globs and the lists are matched in the filter on the whole path.
+pub fn bounded_path(path: &str) -> Cow<'_, str> {
+    if path.len() <= MAX_REQUEST_FIELD_BYTES {
+        return Cow::Borrowed(path);
+    }
+    let half = MAX_REQUEST_FIELD_BYTES / 2;
+    let head_end = floor_boundary(path, half);
+    let mut tail_start = path.len() - half;
+    while !path.is_char_boundary(tail_start) {
+        tail_start += 1;
+    }
+    let head = path.get(..head_end).unwrap_or_default();
+    let tail = path.get(tail_start..).unwrap_or_default();
+    Cow::Owned([head, tail].concat())
 }
 
 /// The body of the release call for `leases`.
@@ -652,5 +900,141 @@ mod tests {
         assert_eq!(cost_from_header(Some("lots")), 1);
         assert_eq!(cost_from_header(Some("99999999999999999999999")), 1);
         assert_eq!(cost_from_header(Some("5000000")), MAX_HEADER_COST);
+    }
+
+    #[test]
+    fn paths_are_normalised_before_anything_matches_them() {
+        let cases = [
+            ("/stats/../x", "/x"),
+            ("/stats/%2e%2e/x", "/x"),
+            ("/stats/%2E%2e/x", "/x"),
+            ("/stats/.%2e/x", "/x"),
+            ("/stats/%2e/x", "/stats/x"),
+            ("//stats//x", "/stats/x"),
+            ("/a/./b", "/a/b"),
+            ("/..", "/"),
+            ("/../../x", "/x"),
+            ("/a/b/..", "/a/"),
+            ("/a/b/.", "/a/b/"),
+            ("/a/b/../../../c", "/c"),
+            // Slashes merge before dot segments resolve, as nginx and Go read them.
+            ("/stats//../x", "/x"),
+            ("/stats/../x?next=/stats/", "/x"),
+            ("/items?q=/../", "/items"),
+            // Unreserved characters are decoded once; every other escape stays as sent.
+            ("/%61pi/%7Euser", "/api/~user"),
+            ("/stats%2F..%2Fx", "/stats%2F..%2Fx"),
+            ("/stats/%252e%252e/x", "/stats/%252e%252e/x"),
+            ("/a%2", "/a%2"),
+            ("/a%zz/..", "/"),
+            ("/p/%%/x", "/p/%%/x"),
+            // As Envoy writes it: decoding never makes a new escape.
+            ("/stats/%%32e%%32e/x", "/stats/%252e%252e/x"),
+            ("/%4%31", "/%2541"),
+            ("/caf\u{e9}/../b", "/b"),
+            ("/", "/"),
+            ("", ""),
+            ("*", "*"),
+            ("/already/normal", "/already/normal"),
+        ];
+        for (raw, normal) in cases {
+            assert_eq!(normalized_path(raw), normal, "{raw}");
+        }
+        let exempt = sluice_protocol::rules::PathPattern::new("/stats/**");
+        for sneaky in [
+            "/stats/../api/x",
+            "/stats/%2e%2e/api/x",
+            "/stats/./../api/x",
+        ] {
+            assert!(!exempt.matches(&normalized_path(sneaky)), "{sneaky}");
+        }
+        assert!(exempt.matches(&normalized_path("//stats//server_info")));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn normalising_anything_is_idempotent_and_bounding_it_never_panics(
+            path in "(/|%|[0-9a-fA-F]|\\.|\\?|[^/%?]){0,40}"
+        ) {
+            let once = normalized_path(&path).into_owned();
+            proptest::prop_assert_eq!(normalized_path(&once), once.as_str(), "{}", path);
+            let _ = bounded_path(&path);
+            let _ = bounded_field(&path);
+        }
+
+        #[test]
+        fn normalising_is_idempotent_and_leaves_no_dot_or_empty_segment(
+            path in "/[a-z./%2eE]{0,24}"
+        ) {
+            let once = normalized_path(&path).into_owned();
+            proptest::prop_assert_eq!(normalized_path(&once), once.as_str());
+            proptest::prop_assert!(!once.contains("//"), "{once}");
+            proptest::prop_assert!(
+                !once.split('/').any(|s| s == "." || s == ".."),
+                "{}", once
+            );
+            proptest::prop_assert!(once.starts_with('/'), "{once}");
+        }
+    }
+
+    #[test]
+    fn fields_are_cut_at_character_boundaries() {
+        assert_eq!(bounded_field("GET"), "GET");
+        let long = "\u{e9}".repeat(MAX_REQUEST_FIELD_BYTES);
+        let cut = bounded_field(&long);
+        assert!(cut.len() <= MAX_REQUEST_FIELD_BYTES && cut.len() >= MAX_REQUEST_FIELD_BYTES - 1);
+        assert!(long.starts_with(cut));
+    }
+
+    #[test]
+    fn a_long_path_keeps_its_ends_and_still_meets_the_rules_that_name_them() {
+        use sluice_protocol::rules::glob_matches;
+        assert_eq!(bounded_path("/short"), "/short");
+        let middle = "x".repeat(2 * MAX_REQUEST_FIELD_BYTES);
+        let path = format!("/api/v1/files/{middle}.json/export");
+        let cut = bounded_path(&path);
+        assert!(cut.len() <= MAX_REQUEST_FIELD_BYTES, "{}", cut.len());
+        assert!(cut.starts_with("/api/v1/files/xxx") && cut.ends_with("xxx.json/export"));
+        for glob in [
+            "/api/**",
+            "/api/**/export",
+            "/api/*/files/*/export",
+            "/**.json/export",
+        ] {
+            assert!(glob_matches(glob.as_bytes(), path.as_bytes()), "{glob}");
+            assert!(glob_matches(glob.as_bytes(), cut.as_bytes()), "{glob}");
+        }
+        // What the cut can change is the other way: a `/` in the dropped middle is gone, so
+        // a cut path may meet a rule the whole one did not (counted more, never less).
+        let slashes = format!("/api/{middle}/{middle}/export");
+        assert!(!glob_matches(b"/api/*/export", slashes.as_bytes()));
+        assert!(glob_matches(
+            b"/api/*/export",
+            bounded_path(&slashes).as_bytes()
+        ));
+        // Multi-byte characters are never split.
+        let wide = format!("/{}", "\u{e9}".repeat(MAX_REQUEST_FIELD_BYTES));
+        let cut = bounded_path(&wide);
+        assert!(cut.len() <= MAX_REQUEST_FIELD_BYTES);
+        assert!(cut.chars().skip(1).all(|c| c == '\u{e9}'));
+        // The check carries the cut path, host and method.
+        let identity = Identity {
+            client: sluice_protocol::ClientId::ip("10.0.0.1"),
+            ip: None,
+            counted_ip: "10.0.0.1".into(),
+            user: None,
+            tier: None,
+            api_key: None,
+            invalid_token: false,
+        };
+        let host = "h".repeat(MAX_REQUEST_FIELD_BYTES + 1);
+        let check = check_for(&identity, &host, &host, &path, 1);
+        assert_eq!(check.path, cut_of(&path));
+        assert_eq!(check.host.len(), MAX_REQUEST_FIELD_BYTES);
+        assert_eq!(check.method.len(), MAX_METHOD_BYTES);
+    }
+
+    fn cut_of(path: &str) -> String {
+        bounded_path(path).into_owned()
     }
 }

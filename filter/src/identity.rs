@@ -1,6 +1,17 @@
 //! Who the client is: the first identity found in the configured order (by default the
 //! user of a verified JWT, then an API key, then a configured header, then the client's
 //! address). The address is always established too, for rules and lists that use it.
+//!
+//! It is found in two steps, so that the denylist can be asked in between: what costs
+//! nothing to read ([`before_token`]: the address, the API key's digest, the client header)
+//! and then the token ([`with_token`]), whose signature may cost a millisecond and a half
+//! of CPU (RS256 in wasm). A client denylisted by address or key is refused before its
+//! token is looked at.
+//!
+//! No identity leaves the filter longer than [`MAX_IDENTITY_BYTES`]: a longer client header
+//! value, subject or tier is sent, listed, counted and logged as `sha256:<hex>` of its
+//! bytes (see [`bounded_identity`]), so that the controller's keys, sketches and logs never
+//! hold it whole.
 
 use std::cell::RefCell;
 use std::net::IpAddr;
@@ -12,9 +23,9 @@ use sluice_protocol::{ClientId, ClientKind};
 use crate::client::{self, IpPolicy, UNKNOWN_CLIENT};
 use crate::jwt::{self, Claims, JwtVerifier, TokenError};
 
-/// Longest client header value counted as it is; a longer one (or one that is not UTF-8)
-/// counts as the SHA-256 of its bytes.
-pub const MAX_IDENTITY_BYTES: usize = 1_024;
+/// Longest identity (client header value, subject, tier) sent as it is; a longer one (or a
+/// client header value that is not UTF-8) goes as `sha256:<hex>` of its bytes.
+pub use sluice_protocol::MAX_IDENTITY_BYTES;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -142,7 +153,23 @@ fn present(value: Option<&[u8]>) -> Option<&[u8]> {
 pub fn client_header_identity(value: &[u8]) -> String {
     match std::str::from_utf8(value) {
         Ok(text) if text.len() <= MAX_IDENTITY_BYTES => text.to_owned(),
-        _ => format!("sha256:{}", sha256_hex(value)),
+        _ => hashed_identity(value),
+    }
+}
+
+fn hashed_identity(value: &[u8]) -> String {
+    format!("sha256:{}", sha256_hex(value))
+}
+
+/// An identity (a subject or tier from a token or from `jwt_authn`) as the filter sends,
+/// lists and logs it: as it is up to [`MAX_IDENTITY_BYTES`], else `sha256:<hex>` of its
+/// bytes (71 bytes). Two values still never share a counter; a denylist entry for such a
+/// user names the digest.
+pub fn bounded_identity(value: String) -> String {
+    if value.len() <= MAX_IDENTITY_BYTES {
+        value
+    } else {
+        hashed_identity(value.as_bytes())
     }
 }
 
@@ -153,6 +180,60 @@ impl IdentityConfig {
     }
 }
 
+/// What is known of the client before its token is looked at: everything that costs no
+/// more than a hash to establish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Known {
+    pub ip: Option<IpAddr>,
+    pub counted_ip: String,
+    /// SHA-256 (hex) of the API key.
+    pub api_key: Option<String>,
+    /// The client header's value as it counts (see [`client_header_identity`]).
+    pub header: Option<String>,
+}
+
+impl Known {
+    /// The request's identity as far as it is known (no user, no tier): enough for the
+    /// denylist's addresses, networks, keys and paths.
+    pub fn identity(&self) -> Identity {
+        Identity {
+            client: ClientId::ip(self.counted_ip.clone()),
+            ip: self.ip,
+            counted_ip: self.counted_ip.clone(),
+            user: None,
+            tier: None,
+            api_key: self.api_key.clone(),
+            invalid_token: false,
+        }
+    }
+}
+
+/// The first step of [`identify`]: the address, the API key and the client header (the
+/// token and `jwt_authn`'s claims in `facts` are not looked at).
+pub fn before_token(config: &IdentityConfig, facts: &Facts<'_>) -> Known {
+    let ip = client::client_ip(facts.peer, facts.forwarded_for, &config.ip);
+    let counted_ip = ip.map_or_else(
+        || UNKNOWN_CLIENT.to_owned(),
+        |ip| client::counted_ip(ip, config.ip.ipv6_prefix),
+    );
+    let api_key = config
+        .api_key_header
+        .as_ref()
+        .and_then(|_| present(facts.api_key))
+        .map(api_key_digest);
+    let header = config
+        .client_header
+        .as_ref()
+        .and_then(|_| present(facts.client_header))
+        .map(client_header_identity);
+    Known {
+        ip,
+        counted_ip,
+        api_key,
+        header,
+    }
+}
+
 /// Identifies the client at `now_s`. Fails only for a token that is present and invalid
 /// while the configuration says to reject such requests.
 pub fn identify(
@@ -160,11 +241,23 @@ pub fn identify(
     facts: &Facts<'_>,
     now_s: u64,
 ) -> Result<Identity, Rejected> {
-    let ip = client::client_ip(facts.peer, facts.forwarded_for, &config.ip);
-    let counted_ip = ip.map_or_else(
-        || UNKNOWN_CLIENT.to_owned(),
-        |ip| client::counted_ip(ip, config.ip.ipv6_prefix),
-    );
+    with_token(config, before_token(config, facts), facts, now_s)
+}
+
+/// The second step of [`identify`]: the token (verified here, or `jwt_authn`'s claims),
+/// then the first identity in the configured order.
+pub fn with_token(
+    config: &IdentityConfig,
+    known: Known,
+    facts: &Facts<'_>,
+    now_s: u64,
+) -> Result<Identity, Rejected> {
+    let Known {
+        ip,
+        counted_ip,
+        api_key,
+        header,
+    } = known;
     let (claims, invalid_token) = match &config.jwt {
         Some(settings) => match jwt_claims(settings, facts, now_s) {
             Ok(Verified::Claims(claims)) => (Some(claims), false),
@@ -174,16 +267,6 @@ pub fn identify(
         },
         None => (None, false),
     };
-    let api_key = config
-        .api_key_header
-        .as_ref()
-        .and_then(|_| present(facts.api_key))
-        .map(api_key_digest);
-    let header_identity = config
-        .client_header
-        .as_ref()
-        .and_then(|_| present(facts.client_header))
-        .map(client_header_identity);
     let client = config
         .order
         .iter()
@@ -194,7 +277,7 @@ pub fn identify(
             Source::ApiKey => api_key
                 .as_ref()
                 .map(|digest| ClientId::new(ClientKind::ApiKey, digest.clone())),
-            Source::Header => header_identity
+            Source::Header => header
                 .as_ref()
                 .map(|value| ClientId::new(ClientKind::Header, value.clone())),
             Source::Ip => Some(ClientId::ip(counted_ip.clone())),
@@ -225,14 +308,18 @@ enum Verified {
 }
 
 /// The claims of the request's JWT: from `jwt_authn`'s metadata when configured and
-/// present, else from the token, verified here.
+/// present, else from the token, verified here. Either way bounded (see
+/// [`bounded_identity`]).
 fn jwt_claims(
     settings: &JwtSettings,
     facts: &Facts<'_>,
     now_s: u64,
 ) -> Result<Verified, TokenError> {
     if let Some(claims) = &facts.verified_claims {
-        return Ok(Verified::Claims(claims.clone()));
+        return Ok(Verified::Claims(Claims {
+            subject: bounded_identity(claims.subject.clone()),
+            tier: claims.tier.clone().map(bounded_identity),
+        }));
     }
     let Some(verifier) = &settings.verifier else {
         return Ok(Verified::NoToken);
@@ -441,6 +528,59 @@ mod tests {
             ClientId::new(ClientKind::Header, "tenant-7")
         );
         assert_eq!(who(None, Some(b"   ")).client, ClientId::ip("192.0.2.1"));
+    }
+
+    #[test]
+    fn long_claims_from_jwt_authn_are_their_digest() {
+        let config = config(OnInvalidToken::Reject);
+        let long = "s".repeat(MAX_IDENTITY_BYTES + 1);
+        let facts = Facts {
+            peer: Some("192.0.2.1:5000"),
+            verified_claims: Some(Claims {
+                subject: long.clone(),
+                tier: Some(long.clone()),
+            }),
+            ..Facts::default()
+        };
+        let identity = identify(&config, &facts, NOW).unwrap();
+        let digest = format!("sha256:{}", api_key_digest(&long));
+        assert_eq!(
+            identity.client,
+            ClientId::new(ClientKind::User, digest.clone())
+        );
+        assert_eq!(identity.user.as_deref(), Some(digest.as_str()));
+        assert_eq!(identity.tier.as_deref(), Some(digest.as_str()));
+        let exact = "s".repeat(MAX_IDENTITY_BYTES);
+        assert_eq!(bounded_identity(exact.clone()), exact);
+        assert_eq!(
+            client_header_identity(exact.as_bytes()),
+            exact,
+            "at the bound: as it is"
+        );
+    }
+
+    #[test]
+    fn what_is_known_before_the_token_costs_no_verification() {
+        let config = config(OnInvalidToken::Reject);
+        let token = bearer("k");
+        let facts = Facts {
+            peer: Some("192.0.2.1:5000"),
+            token_header: Some(&token),
+            api_key: Some(b"key-1"),
+            client_header: Some(b"tenant-7"),
+            ..Facts::default()
+        };
+        let known = before_token(&config, &facts);
+        let verifier = config.jwt.as_ref().unwrap().verifier.as_ref().unwrap();
+        assert_eq!(verifier.borrow().signature_checks(), 0, "the token waits");
+        let partial = known.identity();
+        assert_eq!(partial.counted_ip, "192.0.2.1");
+        assert_eq!(partial.api_key, Some(api_key_digest("key-1")));
+        assert_eq!(partial.user, None);
+        let whole = with_token(&config, known, &facts, NOW).unwrap();
+        assert_eq!(verifier.borrow().signature_checks(), 1);
+        assert_eq!(whole, identify(&config, &facts, NOW).unwrap());
+        assert_eq!(whole.user.as_deref(), Some("ann"));
     }
 
     #[test]

@@ -1,5 +1,16 @@
 //! Verifying JWTs inside the filter, with the algorithm pinned per key, and remembering
-//! tokens already verified (an RS256 verification costs about 1.6 ms of CPU in wasm).
+//! tokens already verified (an RS256 verification costs about 1.6 ms of CPU in wasm), and
+//! tokens already refused.
+//!
+//! The work a token can cause is bounded: it is checked only against the configured keys
+//! of the algorithm its header names (and of its `kid`, when it names one that a key has),
+//! so a token costs at most as many signature checks as there are such keys, N (one in the
+//! usual configuration of one key per algorithm, or one per `kid`). A token refused after a
+//! signature check is remembered for [`REFUSED_FOR_S`] seconds, by its SHA-256: repeating
+//! a forged token costs at most N verifications once, then a hash and a lookup. Tokens
+//! refused before any signature check (malformed, too long, an algorithm no key has) are
+//! not remembered: refusing them again costs no more than looking them up, and they must
+//! not push out the tokens whose refusal was dear.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -67,12 +78,24 @@ pub enum TokenError {
     NoSubject(String),
 }
 
+/// How long a token refused after a signature check is refused again without another one.
+/// Every refusal but `NotYetValid` holds for good (the keys and expectations are fixed for
+/// the VM's life), so this only bounds how late a token valid from a moment slightly past
+/// the leeway is taken.
+pub const REFUSED_FOR_S: u64 = 10;
+
+/// Most refused tokens remembered per worker (each about 100 bytes).
+pub const REFUSED_CACHE_SIZE: usize = 4_096;
+
 #[derive(Debug)]
 pub struct JwtVerifier {
     /// Each key with the validation of its algorithm, built once.
     keys: Vec<(VerifyingKey, Validation)>,
     expectations: Expectations,
-    cache: TokenCache,
+    cache: TokenCache<Claims>,
+    refused: TokenCache<TokenError>,
+    /// Signature checks made since the verifier was built (for the log and tests).
+    signature_checks: u64,
 }
 
 impl JwtVerifier {
@@ -88,11 +111,15 @@ impl JwtVerifier {
             keys,
             expectations,
             cache: TokenCache::new(cache_size),
+            refused: TokenCache::new(REFUSED_CACHE_SIZE),
+            signature_checks: 0,
         }
     }
 
     /// Verifies `token` at `now_s` (seconds since the epoch), or answers from the cache of
-    /// tokens verified before, which holds a token until its `exp` (plus leeway).
+    /// tokens verified before, which holds a token until its `exp` (plus leeway), or from
+    /// the cache of tokens refused after a signature check, which holds one for
+    /// [`REFUSED_FOR_S`].
     pub fn verify(&mut self, token: &str, now_s: u64) -> Result<Claims, TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::TooLong);
@@ -101,31 +128,74 @@ impl JwtVerifier {
         if let Some(claims) = self.cache.get(&digest, now_s) {
             return Ok(claims);
         }
-        let (claims, valid_until) = self.verify_uncached(token, now_s)?;
-        self.cache.insert(digest, claims.clone(), valid_until);
-        Ok(claims)
+        if let Some(error) = self.refused.get(&digest, now_s) {
+            return Err(error);
+        }
+        let (verified, checks) = self.verify_uncached(token, now_s);
+        self.signature_checks = self.signature_checks.saturating_add(checks);
+        match verified {
+            Ok((claims, valid_until)) => {
+                self.cache.insert(digest, claims.clone(), valid_until);
+                Ok(claims)
+            }
+            Err(error) => {
+                if checks > 0 {
+                    let until = now_s.saturating_add(REFUSED_FOR_S);
+                    self.refused.insert(digest, error.clone(), until);
+                }
+                Err(error)
+            }
+        }
     }
 
-    fn verify_uncached(&self, token: &str, now_s: u64) -> Result<(Claims, u64), TokenError> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+    /// Signature checks made since the verifier was built: a verification that was not
+    /// answered from a cache made at least one, at most [`JwtVerifier::most_checks_for`].
+    pub fn signature_checks(&self) -> u64 {
+        self.signature_checks
+    }
+
+    /// The keys a token of `algorithm` (with key id `kid`) is checked against, in order.
+    fn candidates<'a>(
+        &'a self,
+        algorithm: Algorithm,
+        kid: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a (VerifyingKey, Validation)> + 'a {
         // The algorithm is the key's, never the token's: a token can only pick among keys
         // configured for the algorithm it names (no `none`, no HMAC with a public key).
-        let candidates = self.keys.iter().filter(|(key, _)| {
-            key.algorithm == header.alg
-                && match (&header.kid, &key.kid) {
+        // A `kid` that a key of the algorithm has picks that key (and the keys without
+        // one); a token without a `kid` may be signed by any key of its algorithm.
+        self.keys.iter().filter(move |(key, _)| {
+            key.algorithm == algorithm
+                && match (kid, &key.kid) {
                     (Some(wanted), Some(kid)) => wanted == kid,
                     _ => true,
                 }
-        });
+        })
+    }
+
+    /// The most signature checks one token of `algorithm` (and `kid`) can cost: N, the
+    /// number of keys it is checked against.
+    pub fn most_checks_for(&self, algorithm: Algorithm, kid: Option<&str>) -> usize {
+        self.candidates(algorithm, kid).count()
+    }
+
+    /// The claims (and until when they hold), and how many signature checks it took.
+    fn verify_uncached(&self, token: &str, now_s: u64) -> (Result<(Claims, u64), TokenError>, u64) {
+        let header = match jsonwebtoken::decode_header(token) {
+            Ok(header) => header,
+            Err(e) => return (Err(TokenError::Malformed(e.to_string())), 0),
+        };
+        let mut checks = 0;
         let mut last_error = None;
-        for (key, validation) in candidates {
+        for (key, validation) in self.candidates(header.alg, header.kid.as_deref()) {
+            checks += 1;
             match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, validation) {
-                Ok(data) => return self.check_claims(&data.claims, now_s),
+                Ok(data) => return (self.check_claims(&data.claims, now_s), checks),
                 Err(error) => last_error = Some(TokenError::Invalid(error.to_string())),
             }
         }
-        Err(last_error.unwrap_or_else(|| TokenError::NoKey(format!("{:?}", header.alg))))
+        let error = last_error.unwrap_or_else(|| TokenError::NoKey(format!("{:?}", header.alg)));
+        (Err(error), checks)
     }
 
     fn check_claims(
@@ -178,19 +248,18 @@ fn validation(algorithm: Algorithm, expectations: &Expectations) -> Validation {
     validation
 }
 
-/// A claim as an identity: strings as they are, integers written out; nothing else.
+/// A claim as an identity: strings (not empty), integers written out; nothing else. A string
+/// longer than [`crate::identity::MAX_IDENTITY_BYTES`] is its digest (see
+/// [`crate::identity::bounded_identity`]), before it is cached or sent anywhere.
 fn claim_text(value: Option<&Value>) -> Option<String> {
     match value? {
-        Value::String(text) if !text.is_empty() && text.len() <= MAX_CLAIM_BYTES => {
-            Some(text.clone())
+        Value::String(text) if !text.is_empty() => {
+            Some(crate::identity::bounded_identity(text.clone()))
         }
         Value::Number(number) if number.is_u64() || number.is_i64() => Some(number.to_string()),
         _ => None,
     }
 }
-
-/// Longest subject or tier taken from a token.
-pub const MAX_CLAIM_BYTES: usize = 256;
 
 /// The bearer token of an `Authorization` value (`Bearer <token>`, any case), or the value
 /// itself for a header that carries only the token.
@@ -208,16 +277,16 @@ pub fn bearer_token(value: &str, authorization: bool) -> Option<&str> {
     (!token.is_empty()).then_some(token)
 }
 
-/// Tokens verified before, by SHA-256 of the token, each until its `exp` (plus leeway). Bounded:
-/// when full, the oldest entry goes.
+/// Tokens seen before, by SHA-256 of the token, each with what it gave (its claims, or why
+/// it was refused) until a time (seconds). Bounded: when full, the oldest entry goes.
 #[derive(Debug)]
-struct TokenCache {
+struct TokenCache<V> {
     capacity: usize,
-    entries: HashMap<[u8; 32], (Claims, u64)>,
+    entries: HashMap<[u8; 32], (V, u64)>,
     order: VecDeque<[u8; 32]>,
 }
 
-impl TokenCache {
+impl<V: Clone> TokenCache<V> {
     fn new(capacity: usize) -> Self {
         TokenCache {
             capacity,
@@ -226,9 +295,9 @@ impl TokenCache {
         }
     }
 
-    fn get(&mut self, digest: &[u8; 32], now_s: u64) -> Option<Claims> {
+    fn get(&mut self, digest: &[u8; 32], now_s: u64) -> Option<V> {
         match self.entries.get(digest) {
-            Some((claims, valid_until)) if *valid_until > now_s => Some(claims.clone()),
+            Some((value, valid_until)) if *valid_until > now_s => Some(value.clone()),
             Some(_) => {
                 self.entries.remove(digest);
                 None
@@ -237,7 +306,7 @@ impl TokenCache {
         }
     }
 
-    fn insert(&mut self, digest: [u8; 32], claims: Claims, valid_until: u64) {
+    fn insert(&mut self, digest: [u8; 32], value: V, valid_until: u64) {
         if self.capacity == 0 {
             return;
         }
@@ -249,7 +318,7 @@ impl TokenCache {
                 None => self.entries.clear(),
             }
         }
-        if self.entries.insert(digest, (claims, valid_until)).is_none() {
+        if self.entries.insert(digest, (value, valid_until)).is_none() {
             self.order.push_back(digest);
         }
         // Entries removed on expiry leave their place in `order`; drop those at the front.
@@ -501,6 +570,146 @@ mod tests {
             assert!(verifier.verify(&token, NOW).is_ok());
             assert!(verifier.cache.len() <= 2);
         }
+    }
+
+    fn rsa_key(kid: Option<&str>) -> VerifyingKey {
+        VerifyingKey {
+            kid: kid.map(str::to_owned),
+            algorithm: Algorithm::RS256,
+            key: DecodingKey::from_rsa_pem(include_bytes!("../tests/keys/rsa_public.pem")).unwrap(),
+        }
+    }
+
+    /// An RS256 token with `kid`, signed properly, then its payload changed: it names an
+    /// algorithm the keys have, and every signature check refuses it.
+    fn forged_rs256(kid: Option<&str>, subject: &str) -> String {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = kid.map(str::to_owned);
+        let private =
+            EncodingKey::from_rsa_pem(include_bytes!("../tests/keys/rsa_private.pem")).unwrap();
+        let good = encode(&header, &json!({"sub": "ann", "exp": NOW + 60}), &private).unwrap();
+        let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
+        use base64::Engine;
+        parts[1] = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(json!({"sub": subject, "exp": NOW + 60}).to_string());
+        parts.join(".")
+    }
+
+    #[test]
+    fn a_refused_token_costs_its_signature_checks_once_then_a_lookup_for_a_while() {
+        let mut verifier = verifier(vec![rsa_key(Some("rsa-1"))], expectations());
+        let forged = forged_rs256(Some("rsa-1"), "mallory");
+        let first = verifier.verify(&forged, NOW);
+        assert!(matches!(first, Err(TokenError::Invalid(_))), "{first:?}");
+        assert_eq!(verifier.signature_checks(), 1);
+        for later in 0..REFUSED_FOR_S {
+            assert_eq!(
+                verifier.verify(&forged, NOW + later),
+                first,
+                "the same refusal"
+            );
+        }
+        assert_eq!(verifier.signature_checks(), 1, "answered from memory");
+        // Forgotten after a while: checked again, and remembered again.
+        assert_eq!(verifier.verify(&forged, NOW + REFUSED_FOR_S), first);
+        assert_eq!(verifier.signature_checks(), 2);
+        // Refusals after a good signature are remembered too (expired, no subject).
+        let expired = hs_token("s3cret", json!({"sub": "ann", "exp": NOW - 100}));
+        let mut hs = verifier_with_hs();
+        for _ in 0..3 {
+            assert_eq!(hs.verify(&expired, NOW), Err(TokenError::Expired));
+        }
+        assert_eq!(hs.signature_checks(), 1);
+    }
+
+    fn verifier_with_hs() -> JwtVerifier {
+        verifier(vec![hs_key("s3cret")], expectations())
+    }
+
+    #[test]
+    fn tokens_refused_before_any_signature_check_are_not_remembered() {
+        let mut verifier = verifier(vec![rsa_key(None)], expectations());
+        let hs = hs_token("whatever", json!({"sub": "eve", "exp": NOW + 60}));
+        for token in ["not-a-token", hs.as_str(), &"a".repeat(MAX_TOKEN_BYTES + 1)] {
+            for _ in 0..2 {
+                assert!(verifier.verify(token, NOW).is_err());
+            }
+        }
+        assert_eq!(verifier.signature_checks(), 0);
+        assert_eq!(verifier.refused.len(), 0, "nothing dear to remember");
+    }
+
+    #[test]
+    fn a_token_costs_at_most_the_keys_of_its_algorithm_and_kid() {
+        let keys = vec![
+            rsa_key(Some("a")),
+            rsa_key(Some("b")),
+            rsa_key(Some("c")),
+            hs_key("s3cret"),
+        ];
+        let mut verifier = verifier(keys, expectations());
+        // Without a kid: every RS256 key, never the HS256 one.
+        assert_eq!(verifier.most_checks_for(Algorithm::RS256, None), 3);
+        verifier.verify(&forged_rs256(None, "m1"), NOW).unwrap_err();
+        assert_eq!(verifier.signature_checks(), 3);
+        // A kid a key has: that key alone; a kid none has: no check at all.
+        assert_eq!(verifier.most_checks_for(Algorithm::RS256, Some("b")), 1);
+        verifier
+            .verify(&forged_rs256(Some("b"), "m2"), NOW)
+            .unwrap_err();
+        assert_eq!(verifier.signature_checks(), 4);
+        assert_eq!(
+            verifier.verify(&forged_rs256(Some("zz"), "m3"), NOW),
+            Err(TokenError::NoKey("RS256".into()))
+        );
+        assert_eq!(verifier.signature_checks(), 4);
+        // Repeated, each costs nothing more.
+        for kid in [None, Some("b")] {
+            verifier.verify(&forged_rs256(kid, "m1"), NOW).unwrap_err();
+        }
+        verifier
+            .verify(&forged_rs256(Some("b"), "m2"), NOW)
+            .unwrap_err();
+        assert_eq!(
+            verifier.signature_checks(),
+            4 + 1,
+            "only the new (kid b, m1) one"
+        );
+    }
+
+    #[test]
+    fn remembered_refusals_are_bounded() {
+        let mut verifier = verifier(vec![rsa_key(None)], expectations());
+        let mut cache = TokenCache::new(3);
+        for n in 0u8..10 {
+            cache.insert([n; 32], TokenError::Expired, NOW + 10);
+            assert!(cache.len() <= 3);
+        }
+        assert_eq!(cache.get(&[9; 32], NOW), Some(TokenError::Expired));
+        assert_eq!(cache.get(&[0; 32], NOW), None, "the oldest went first");
+        verifier.verify(&forged_rs256(None, "x"), NOW).unwrap_err();
+        assert_eq!(verifier.refused.len(), 1);
+    }
+
+    #[test]
+    fn a_long_subject_or_tier_is_its_digest() {
+        let mut verifier = verifier_with_hs();
+        let long = "u".repeat(crate::identity::MAX_IDENTITY_BYTES + 1);
+        let exact = "t".repeat(crate::identity::MAX_IDENTITY_BYTES);
+        let token = hs_token(
+            "s3cret",
+            json!({"sub": long, "tier": exact, "exp": NOW + 60}),
+        );
+        let claims = verifier.verify(&token, NOW).unwrap();
+        assert_eq!(
+            claims.subject,
+            format!("sha256:{}", crate::identity::api_key_digest(&long))
+        );
+        assert_eq!(
+            claims.tier.as_deref(),
+            Some(exact.as_str()),
+            "at the bound: as it is"
+        );
     }
 
     #[test]

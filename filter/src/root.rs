@@ -59,10 +59,13 @@ pub enum Metric {
     CalloutRetries,
     /// Requests admitted from a lease of a leased rule's quota, without a callout.
     LeasedAdmissions,
+    /// Signatures of JWTs the filter's own verifier checked (up to 1.6 ms of CPU each for
+    /// RS256); tokens answered from its caches are not counted.
+    TokenSignatureChecks,
 }
 
 impl Metric {
-    const ALL: [Metric; 15] = [
+    const ALL: [Metric; 16] = [
         Metric::Checks,
         Metric::Allowed,
         Metric::Limited,
@@ -78,6 +81,7 @@ impl Metric {
         Metric::UnknownApiKey,
         Metric::CalloutRetries,
         Metric::LeasedAdmissions,
+        Metric::TokenSignatureChecks,
     ];
 
     pub fn name(self) -> &'static str {
@@ -97,6 +101,7 @@ impl Metric {
             Metric::UnknownApiKey => "sluice_unknown_api_key",
             Metric::CalloutRetries => "sluice_callout_retries",
             Metric::LeasedAdmissions => "sluice_leased_admissions",
+            Metric::TokenSignatureChecks => "sluice_token_signature_checks",
         }
     }
 }
@@ -346,8 +351,8 @@ impl Worker {
     }
 
     /// Takes the controller's answer to `GET /v1/config`: a new version, or `304` for the
-    /// one held.
-    fn take_view(&self, host: &dyn Host, status: Option<&str>, body: &[u8]) {
+    /// one held. `tag` is the answer's entity tag, sent back with the next read.
+    fn take_view(&self, host: &dyn Host, status: Option<&str>, body: &[u8], tag: Option<String>) {
         let view = match status {
             Some("304") => {
                 self.metrics.add(host, Metric::ConfigReads, 1);
@@ -378,7 +383,8 @@ impl Worker {
                         view.denylist.len()
                     ),
                 );
-                let view = ControllerView::from(view);
+                let mut view = ControllerView::from(view);
+                view.entity_tag = tag;
                 if self.view.borrow().version != view.version {
                     // Leases hold for the configuration they were granted under.
                     self.leases.borrow_mut().clear();
@@ -485,6 +491,9 @@ pub struct ControllerView {
     /// Whether a rule in force is leased: checks then name this worker as a lease holder,
     /// and requests look for a lease first.
     pub leased: bool,
+    /// The entity tag of the view held: the version, and protection's blocks when there
+    /// are any (they change the lists, not the version).
+    pub entity_tag: Option<String>,
 }
 
 impl Default for ControllerView {
@@ -513,8 +522,21 @@ impl From<FilterView> for ControllerView {
             enforce: view.enforce,
             limited_log_sample: view.limited_log_sample,
             leased,
+            entity_tag: None,
         }
     }
+}
+
+/// Longest entity tag taken from the controller.
+const MAX_ENTITY_TAG: usize = 64;
+
+/// The `etag` of a callout's answer, if it is one a header can carry back.
+fn entity_tag(host: &dyn Host) -> Option<String> {
+    host.header(MapType::CallResponseHeaders, "etag")
+        .ok()
+        .flatten()
+        .filter(|tag| tag.len() <= MAX_ENTITY_TAG && tag.iter().all(u8::is_ascii_graphic))
+        .and_then(|tag| String::from_utf8(tag).ok())
 }
 
 /// Whether the request that waits on `slot` is still there. Envoy may run a batch's reply
@@ -735,7 +757,8 @@ impl Root {
             if self.config_call == Some(token) {
                 self.config_call = None;
                 let (status, body) = call_response(host, body_size);
-                worker.take_view(host, status.as_deref(), &body);
+                let tag = entity_tag(host);
+                worker.take_view(host, status.as_deref(), &body, tag);
             }
             return;
         };
@@ -926,7 +949,12 @@ impl Root {
             return;
         }
         self.config_read_at_ms = now;
-        let held = worker.view.borrow().version.map(|v| format!("\"{v}\""));
+        let held = {
+            let view = worker.view.borrow();
+            view.entity_tag
+                .clone()
+                .or_else(|| view.version.map(|v| format!("\"{v}\"")))
+        };
         let extra: Vec<(&str, &str)> = held
             .as_deref()
             .map(|tag| ("if-none-match", tag))

@@ -9,6 +9,10 @@
 //! - the API key is hashed as the bytes it is, whatever its length or bytes;
 //! - the client header counts as `sha256:<hex>` of its bytes when it is not UTF-8 or longer
 //!   than [`crate::identity::MAX_IDENTITY_BYTES`], so that no two values share a counter;
+//!   a subject or tier longer than that goes as its digest too;
+//! - the path is normalised before anything is matched on it
+//!   ([`crate::decision::normalized_path`]), and the path, host, method and matched header
+//!   values a check carries are bounded ([`crate::decision::bounded_path`]);
 //! - a token or `X-Forwarded-For` that is not UTF-8 is read with U+FFFD, which no token and
 //!   no address contains: an invalid token (`on_invalid` applies), a hop that is not an
 //!   address (the search stops there);
@@ -16,7 +20,7 @@
 
 use std::rc::Rc;
 
-use sluice_protocol::{Check, CheckRequest, CHECK_PATH};
+use sluice_protocol::{Check, CheckRequest, CHECK_PATH, MAX_CALL_BODY_BYTES};
 
 use crate::batch::{Member, Registered, Slot};
 use crate::config::FailureMode;
@@ -24,8 +28,8 @@ use crate::decision::{self, Failure, ReplyKind, Verdict};
 use crate::denial;
 use crate::grpc;
 use crate::host::{Action, HeaderMap, Host, LogLevel, MapType};
-use crate::identity::{self, Facts, Identity};
-use crate::jwt::{Claims, MAX_CLAIM_BYTES};
+use crate::identity::{self, Facts, Identity, Known};
+use crate::jwt::Claims;
 use crate::lists::{self, Listing};
 use crate::root::{log, Metric, Worker, MAX_WAITING};
 
@@ -65,8 +69,9 @@ enum Triage {
     Answer(Verdict),
     /// The controller decides this check.
     Ask { check: Box<Check>, fingerprint: u64 },
-    /// Envoy would not hand over the request's headers.
-    Unreadable(Failure),
+    /// No decision can be had (Envoy would not hand over the request's headers, or the
+    /// controller would refuse its check): the failure mode, for this request alone.
+    Fail(Failure),
 }
 
 /// Envoy's `x-request-id` of the current request, for the body of a local reply; one that
@@ -171,7 +176,8 @@ impl Stream {
         }
     }
 
-    /// Subject and tier that Envoy's `jwt_authn` verified and left in the metadata.
+    /// Subject and tier that Envoy's `jwt_authn` verified and left in the metadata (bounded
+    /// by [`identity::with_token`]).
     fn verified_claims(&self, host: &dyn Host) -> Option<Claims> {
         let jwt = self.worker.config.identity.jwt.as_ref()?;
         let metadata = jwt.metadata.as_ref()?;
@@ -187,7 +193,7 @@ impl Stream {
                 .ok()
                 .flatten()
                 .and_then(|bytes| String::from_utf8(bytes).ok())
-                .filter(|text| !text.is_empty() && text.len() <= MAX_CLAIM_BYTES)
+                .filter(|text| !text.is_empty())
         };
         Some(Claims {
             subject: claim(&jwt.subject_claim)?,
@@ -195,12 +201,17 @@ impl Stream {
         })
     }
 
+    /// Who the client is, in two steps with the denylist between them: a client refused by
+    /// address, API key or path gets its 403 before its token is looked at, so that no
+    /// signature is checked for it (an RS256 check costs about 1.6 ms of Envoy's CPU).
     fn identify(
         &self,
         host: &dyn Host,
         headers: &HeaderMap,
-    ) -> Result<Identity, identity::Rejected> {
+        path: &str,
+    ) -> Result<Identity, Triage> {
         let config = &self.worker.config.identity;
+        let metrics = &self.worker.metrics;
         let peer = host
             .property(&["source", "address"])
             .ok()
@@ -211,27 +222,82 @@ impl Stream {
         } else {
             None
         };
-        let token_header = config
-            .jwt
-            .as_ref()
-            .and_then(|jwt| headers.get_lossy(&jwt.header));
         let api_key = config.api_key_header.as_ref().and_then(|h| headers.get(h));
         let client_header = config.client_header.as_ref().and_then(|h| headers.get(h));
-        let facts = Facts {
+        // Read once the denylist has had its say.
+        let token_header;
+        let mut facts = Facts {
             peer: peer.as_deref(),
             forwarded_for: forwarded_for.as_deref(),
-            token_header: token_header.as_deref(),
-            verified_claims: self.verified_claims(host),
             api_key: api_key.as_deref(),
             client_header: client_header.as_deref(),
+            ..Facts::default()
         };
-        // Only tokens need the time.
-        let now_s = if config.jwt.is_some() {
-            host.now_ms() / 1_000
-        } else {
-            0
-        };
-        identity::identify(config, &facts, now_s)
+        let known = identity::before_token(config, &facts);
+        if self.denied_before_token(host, &known, path) {
+            metrics.add(host, Metric::Denylisted, 1);
+            return Err(Triage::Answer(decision::denylisted(
+                request_id(host).as_deref(),
+            )));
+        }
+        let mut now_s = 0;
+        if let Some(jwt) = &config.jwt {
+            token_header = headers.get_lossy(&jwt.header);
+            facts.token_header = token_header.as_deref();
+            facts.verified_claims = self.verified_claims(host);
+            // Only tokens need the time.
+            now_s = host.now_ms() / 1_000;
+        }
+        let checks_before = self.signature_checks();
+        let identified = identity::with_token(config, known, &facts, now_s);
+        let checks = self.signature_checks().saturating_sub(checks_before);
+        metrics.add(host, Metric::TokenSignatureChecks, checks);
+        if checks > 0 {
+            self.worker.debug(host, || {
+                let outcome = match &identified {
+                    Ok(identity) if identity.invalid_token => "refused (passed over)".to_owned(),
+                    Ok(_) => "valid".to_owned(),
+                    Err(rejected) => format!("refused: {}", rejected.error),
+                };
+                format!("a token's signature was checked against {checks} key(s): {outcome}")
+            });
+        }
+        identified.map_err(|rejected| {
+            metrics.add(host, Metric::TokenRejected, 1);
+            self.worker.invalid_token(&rejected.counted_ip);
+            log(
+                host,
+                LogLevel::Info,
+                &format!(
+                    "refusing a request with an invalid token: {}",
+                    rejected.error
+                ),
+            );
+            Triage::Answer(decision::token_rejected(
+                &rejected.error,
+                request_id(host).as_deref(),
+            ))
+        })
+    }
+
+    /// Signature checks the filter's own JWT verifier has made on this worker.
+    fn signature_checks(&self) -> u64 {
+        self.worker
+            .config
+            .identity
+            .jwt
+            .as_ref()
+            .and_then(|jwt| jwt.verifier.as_ref())
+            .map_or(0, |verifier| verifier.borrow().signature_checks())
+    }
+
+    /// Whether the denylist refuses the request by what is known before its token.
+    fn denied_before_token(&self, host: &dyn Host, known: &Known, path: &str) -> bool {
+        let view = self.worker.view.borrow();
+        !view.denylist.is_empty()
+            && view
+                .denylist
+                .contains(&known.identity(), path, host.now_ms())
     }
 
     fn triage(&mut self, host: &dyn Host) -> Triage {
@@ -240,7 +306,7 @@ impl Stream {
         let headers = match host.header_map(MapType::RequestHeaders) {
             Ok(headers) => headers,
             Err(status) => {
-                return Triage::Unreadable(Failure::Dispatch(format!(
+                return Triage::Fail(Failure::Dispatch(format!(
                     "Envoy would not hand over the request headers ({status})"
                 )))
             }
@@ -256,28 +322,16 @@ impl Stream {
             }
         }
         let full_path = headers.get_lossy(":path").unwrap_or_default();
-        let path = decision::path_only(&full_path);
+        // One spelling per path (`/stats/../x` is `/x`), whatever the client wrote and
+        // whether or not Envoy normalised it.
+        let path = decision::normalized_path(&full_path);
+        let path = path.as_ref();
         if config.exempt.contains_path(path) {
             return Triage::Pass;
         }
-        let identity = match self.identify(host, &headers) {
+        let identity = match self.identify(host, &headers, path) {
             Ok(identity) => identity,
-            Err(rejected) => {
-                metrics.add(host, Metric::TokenRejected, 1);
-                self.worker.invalid_token(&rejected.counted_ip);
-                log(
-                    host,
-                    LogLevel::Info,
-                    &format!(
-                        "refusing a request with an invalid token: {}",
-                        rejected.error
-                    ),
-                );
-                return Triage::Answer(decision::token_rejected(
-                    &rejected.error,
-                    request_id(host).as_deref(),
-                ));
-            }
+            Err(triage) => return triage,
         };
         if identity.invalid_token {
             self.worker.invalid_token(&identity.counted_ip);
@@ -317,6 +371,7 @@ impl Stream {
         let view = self.worker.view.borrow();
         for name in view.matched_headers.iter() {
             if let Some(value) = headers.get_lossy(name) {
+                let value = decision::bounded_field(&value).to_owned();
                 check.headers.insert(name.clone(), value);
             }
         }
@@ -339,10 +394,22 @@ impl Stream {
             check.lease = self.worker.leases.borrow_mut().may_ask(fingerprint, now);
         }
         self.failure_mode = self.worker.failure_mode_for(&check);
+        // A check the controller would refuse would take its whole batch down with it.
+        if let Some(why) = decision::unsendable(&check) {
+            if check.lease {
+                self.worker.leases.borrow_mut().answered(fingerprint);
+            }
+            log(host, LogLevel::Warn, &format!("{why}: failure mode for it"));
+            return Triage::Fail(Failure::Dispatch(why));
+        }
         if let Some(verdict) = self
             .worker
             .cached_denial(host, &check, fingerprint, || request_id(host))
         {
+            if check.lease {
+                // Its lease ask goes nowhere: the kind may ask again.
+                self.worker.leases.borrow_mut().answered(fingerprint);
+            }
             return Triage::Answer(verdict);
         }
         Triage::Ask {
@@ -395,7 +462,14 @@ impl Stream {
             fingerprint,
             failure_mode: self.failure_mode,
         };
+        let asked_for_lease = check.lease;
         let registered = self.worker.batcher.borrow_mut().register(member, check);
+        // Not queued: its lease ask, if it made one, will have no answer.
+        let not_queued = |worker: &Worker| {
+            if asked_for_lease {
+                worker.leases.borrow_mut().answered(fingerprint);
+            }
+        };
         match registered {
             Registered::Wait => {}
             Registered::WakeRoot => {
@@ -422,6 +496,7 @@ impl Stream {
                 }
             }
             Registered::Overloaded => {
+                not_queued(&self.worker);
                 return self.fail(
                     host,
                     &Failure::Dispatch(format!(
@@ -429,9 +504,25 @@ impl Stream {
                     )),
                 );
             }
+            Registered::TooLarge { bytes } => {
+                not_queued(&self.worker);
+                return self.too_large(host, bytes);
+            }
         }
         self.state = State::Batched(slot);
         Action::Pause
+    }
+
+    /// A check too large for any call to the controller (only possible with very many
+    /// matched headers, as every field is bounded): this request alone gets the failure
+    /// mode, and says why.
+    fn too_large(&mut self, host: &dyn Host, bytes: usize) -> Action {
+        let why = format!(
+            "the request's check takes {bytes} bytes, more than a call to the controller \
+             carries ({MAX_CALL_BODY_BYTES} bytes)"
+        );
+        log(host, LogLevel::Warn, &format!("{why}: failure mode for it"));
+        self.fail(host, &Failure::Dispatch(why))
     }
 
     /// Without batching: a callout of its own.
@@ -443,6 +534,9 @@ impl Stream {
             lease_holder: None,
         };
         let body = match serde_json::to_vec(&request) {
+            Ok(body) if body.len() > MAX_CALL_BODY_BYTES => {
+                return self.too_large(host, body.len())
+            }
             Ok(body) => body,
             Err(error) => {
                 return self.fail(
@@ -491,7 +585,7 @@ impl Stream {
         match self.triage(host) {
             Triage::Pass => Action::Continue,
             Triage::Answer(verdict) => self.apply(host, verdict),
-            Triage::Unreadable(failure) => self.fail(host, &failure),
+            Triage::Fail(failure) => self.fail(host, &failure),
             Triage::Ask { check, fingerprint } => {
                 if self.worker.config.batching {
                     self.join_batch(host, *check, fingerprint)

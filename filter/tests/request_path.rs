@@ -883,6 +883,369 @@ fn switched_off_the_filter_lets_everything_through_even_without_an_answer() {
     assert_eq!(envoy.reply(request).map(|r| r.status), Some(503));
 }
 
+// --- what a request from the internet can make the filter do ----------------------------
+
+/// Answers every check call out (and the ones their replies send) as allowed, asserting each
+/// body fits what the controller reads; returns how many calls there were.
+fn allow_every_call(envoy: &mut MockEnvoy) -> usize {
+    let mut calls = 0;
+    while let Some(call) = envoy.calls().pop() {
+        assert!(
+            call.body.len() <= sluice_protocol::MAX_CALL_BODY_BYTES,
+            "a call of {} bytes",
+            call.body.len()
+        );
+        calls += 1;
+        envoy.answer_with(call.token, "200", &decisions_for(&call.body, |_| true));
+    }
+    calls
+}
+
+#[test]
+fn the_path_is_matched_and_sent_in_its_normal_form() {
+    let (mut envoy, _) = MockEnvoy::start(&plugin(serde_json::json!({})));
+    let limited = [
+        ("/stats/../x", "/x"),
+        ("/stats/%2e%2e/x", "/x"),
+        ("/stats/%2E./x?to=/stats/", "/x"),
+        ("/stats//../x", "/x"),
+        ("//api//./v1/../items", "/api/items"),
+        ("/%61pi/x", "/api/x"),
+    ];
+    for (raw, sent) in limited {
+        let (request, action) = envoy.request(get(raw.as_bytes(), &[]), &[(PEER, b"192.0.2.1:1")]);
+        assert_eq!(action, Action::Pause, "{raw} is limited");
+        envoy.run_queues();
+        let call = envoy.calls().pop().expect("the controller is asked");
+        assert_eq!(checks_in(&call.body)[0].path, sent, "{raw}");
+        envoy.answer_with(call.token, "200", &decisions_for(&call.body, |_| true));
+        assert!(envoy.settled(request));
+    }
+    // Exempt (`/stats/**` by default) only when the normal form is.
+    for exempt in ["//stats//server_info", "/stats/a/../b", "/x/../stats"] {
+        let (_, action) = envoy.request(get(exempt.as_bytes(), &[]), &[(PEER, b"192.0.2.1:1")]);
+        assert_eq!(action, Action::Continue, "{exempt}");
+    }
+    envoy.run_queues();
+    assert!(envoy.calls().is_empty(), "nobody asked about exempt paths");
+}
+
+const RSA_PUBLIC: &str = include_str!("keys/rsa_public.pem");
+const RSA_PRIVATE: &[u8] = include_bytes!("keys/rsa_private.pem");
+
+/// An RS256 token for key `rsa-1`, signed properly and then given another subject: every
+/// signature check refuses it.
+fn forged_rs256(subject: &str) -> String {
+    use base64::Engine;
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some("rsa-1".into());
+    let claims = serde_json::json!({ "sub": "ann", "exp": 4_000_000_000u64 });
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(RSA_PRIVATE).expect("RSA key");
+    let good = jsonwebtoken::encode(&header, &claims, &key).expect("sign");
+    let (header, rest) = good.split_once('.').expect("a JWT");
+    let (_, signature) = rest.split_once('.').expect("a JWT");
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(serde_json::json!({ "sub": subject, "exp": 4_000_000_000u64 }).to_string());
+    format!("{header}.{payload}.{signature}")
+}
+
+fn signature_checks_logged(envoy: &MockEnvoy) -> usize {
+    envoy
+        .host
+        .state
+        .borrow()
+        .logs
+        .iter()
+        .filter(|(level, line)| {
+            *level == LogLevel::Debug && line.contains("a token's signature was checked")
+        })
+        .count()
+}
+
+#[test]
+fn a_denylisted_client_gets_its_403_before_its_token_is_looked_at() {
+    let jwt = plugin(serde_json::json!({
+        "identity": {
+            "api_key_header": "x-api-key",
+            "jwt": { "keys": [{ "kid": "rsa-1", "alg": "RS256", "pem": RSA_PUBLIC }] }
+        },
+    }));
+    let view = serde_json::json!({
+        "version": 1,
+        "denylist": [
+            { "kind": "ip", "value": "192.0.2.66" },
+            { "kind": "api_key", "value": sluice_filter::identity::api_key_digest(b"banned") },
+        ],
+    });
+    let mut envoy = started_with_view(&jwt, view);
+    let token = format!("Bearer {}", forged_rs256("mallory"));
+    for (n, (peer, key)) in [
+        (&b"192.0.2.66:1"[..], &b"any"[..]),
+        (b"192.0.2.7:1", b"banned"),
+    ]
+    .iter()
+    .cycle()
+    .take(6)
+    .enumerate()
+    {
+        // Each a token of its own: no cache could answer for it.
+        let token = format!("{token}{n}");
+        let (request, _) = envoy.request(
+            get(
+                b"/items",
+                &[(b"authorization", token.as_bytes()), (b"x-api-key", key)],
+            ),
+            &[(PEER, peer)],
+        );
+        assert_eq!(envoy.reply(request).map(|r| r.status), Some(403));
+    }
+    assert_eq!(signature_checks_logged(&envoy), 0, "no token was looked at");
+    assert_eq!(envoy.host.metric("sluice_denylisted"), 6);
+    assert_eq!(envoy.host.metric("sluice_token_rejected"), 0);
+    // The same token from a client not on the list is checked, and refused.
+    let (request, _) = envoy.request(
+        get(b"/items", &[(b"authorization", token.as_bytes())]),
+        &[(PEER, b"192.0.2.7:1")],
+    );
+    assert_eq!(envoy.reply(request).map(|r| r.status), Some(401));
+    assert_eq!(signature_checks_logged(&envoy), 1);
+}
+
+#[test]
+fn a_forged_token_is_checked_once_however_often_it_comes() {
+    let jwt = plugin(serde_json::json!({
+        "identity": {
+            "jwt": { "keys": [
+                { "kid": "rsa-1", "alg": "RS256", "pem": RSA_PUBLIC },
+                { "alg": "HS256", "secret": "s" }
+            ] }
+        },
+    }));
+    let (mut envoy, started) = MockEnvoy::start(&jwt);
+    assert!(started);
+    let token = format!("Bearer {}", forged_rs256("mallory"));
+    for n in 0..20u8 {
+        let peer = format!("198.51.100.{n}:1");
+        let (request, _) = envoy.request(
+            get(b"/items", &[(b"authorization", token.as_bytes())]),
+            &[(PEER, peer.as_bytes())],
+        );
+        let reply = envoy.reply(request).expect("refused");
+        assert_eq!(reply.status, 401);
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).expect("JSON");
+        assert_eq!(body["error"], "invalid_token", "the same answer each time");
+    }
+    assert_eq!(signature_checks_logged(&envoy), 1);
+    assert_eq!(
+        envoy.host.metric("sluice_token_rejected"),
+        20,
+        "each is counted"
+    );
+    let logs = envoy.host.state.borrow().logs.clone();
+    assert!(
+        logs.iter()
+            .any(|(_, line)| line.contains("checked against 1 key(s): refused")),
+        "{logs:?}"
+    );
+}
+
+#[test]
+fn many_long_requests_go_in_calls_the_controller_can_read() {
+    let (mut envoy, _) = MockEnvoy::start(&plugin(serde_json::json!({
+        "failure_mode": "deny",
+        "max_batch_size": 1024,
+        "max_batches_in_flight": 1,
+    })));
+    let path = format!("/{}", "p".repeat(7 * 1024));
+    let requests: Vec<u32> = (0..200u32)
+        .map(|n| {
+            let peer = format!("10.{}.{}.1:1", n / 200, n % 200);
+            let (request, action) =
+                envoy.request(get(path.as_bytes(), &[]), &[(PEER, peer.as_bytes())]);
+            assert_eq!(action, Action::Pause);
+            request
+        })
+        .collect();
+    envoy.run_queues();
+    let calls = allow_every_call(&mut envoy);
+    assert!(calls >= 2, "{calls} calls for 200 checks of 7 KiB");
+    for request in requests {
+        assert!(envoy.settled(request));
+        assert_eq!(envoy.reply(request), None, "every one allowed, none failed");
+    }
+    assert_eq!(envoy.host.metric("sluice_callout_errors"), 0);
+    assert_eq!(envoy.host.metric("sluice_allowed"), 200);
+}
+
+/// Rules that match on `n` headers, `x-h0`…, and the filter started with them.
+fn started_with_header_rules(n: usize, batching: bool) -> MockEnvoy {
+    let rules: Vec<serde_json::Value> = (0..n)
+        .map(|n| {
+            serde_json::json!({
+                "name": format!("r{n}"), "limit": 5, "window": "1m",
+                "match": { "headers": [{ "name": format!("x-h{n}") }] }
+            })
+        })
+        .collect();
+    let envoy = started_with_view(
+        &plugin(serde_json::json!({ "failure_mode": "deny", "batching": batching })),
+        serde_json::json!({ "version": 1, "rules": rules }),
+    );
+    envoy.host.state.borrow_mut().calls.clear();
+    envoy
+}
+
+/// A request whose check the controller could not take fails alone (its failure mode, and a
+/// line saying why), and the next request is decided as ever.
+fn fails_alone(envoy: &mut MockEnvoy, headers_sent: &[(String, String)], why: &str) {
+    let extra: Vec<(&[u8], &[u8])> = headers_sent
+        .iter()
+        .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
+        .collect();
+    let (refused, _) = envoy.request(get(b"/", &extra), &[(PEER, b"192.0.2.1:1")]);
+    assert_eq!(
+        envoy.reply(refused).map(|r| r.status),
+        Some(503),
+        "its failure mode"
+    );
+    let (normal, _) = envoy.request(get(b"/", &[]), &[(PEER, b"192.0.2.2:1")]);
+    envoy.run_queues();
+    assert_eq!(allow_every_call(envoy), 1, "only the normal one was sent");
+    assert!(envoy.settled(normal));
+    assert_eq!(envoy.reply(normal), None);
+    let logs = envoy.host.state.borrow().logs.clone();
+    assert!(
+        logs.iter()
+            .any(|(level, line)| *level == LogLevel::Warn && line.contains(why)),
+        "{logs:?}"
+    );
+}
+
+#[test]
+fn a_check_too_large_for_any_call_fails_alone_and_says_why() {
+    // 64 header values of 8 KiB of `\`, each twice as long in JSON: more than 1 MiB.
+    let sent: Vec<(String, String)> = (0..64)
+        .map(|n| (format!("x-h{n}"), "\\".repeat(8 * 1024)))
+        .collect();
+    for batching in [true, false] {
+        let mut envoy = started_with_header_rules(64, batching);
+        fails_alone(
+            &mut envoy,
+            &sent,
+            "more than a call to the controller carries",
+        );
+    }
+}
+
+#[test]
+fn a_check_with_more_headers_than_the_controller_takes_fails_alone() {
+    let sent: Vec<(String, String)> = (0..65).map(|n| (format!("x-h{n}"), "v".into())).collect();
+    for batching in [true, false] {
+        let mut envoy = started_with_header_rules(65, batching);
+        fails_alone(&mut envoy, &sent, "a check carries at most 64");
+        // With one fewer, it is sent.
+        let (request, _) = envoy.request(
+            get(
+                b"/",
+                &sent[..64]
+                    .iter()
+                    .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
+                    .collect::<Vec<_>>(),
+            ),
+            &[(PEER, b"192.0.2.3:1")],
+        );
+        envoy.run_queues();
+        assert_eq!(allow_every_call(&mut envoy), 1);
+        assert_eq!(envoy.reply(request), None);
+    }
+}
+
+#[test]
+fn long_identities_and_fields_leave_the_filter_bounded() {
+    let config = plugin(serde_json::json!({
+        "identity": { "order": ["header", "ip"], "client_header": "x-client-id" },
+    }));
+    let mut envoy = started_with_view(
+        &config,
+        serde_json::json!({ "version": 1, "rules": [{
+            "name": "plan", "limit": 5, "window": "1m",
+            "match": { "headers": [{ "name": "x-plan" }] }
+        }] }),
+    );
+    envoy.host.state.borrow_mut().calls.clear();
+    let max = sluice_protocol::MAX_IDENTITY_BYTES;
+    let field = sluice_protocol::MAX_REQUEST_FIELD_BYTES;
+    let client = "c".repeat(max + 1);
+    let exact = "e".repeat(max);
+    let long = "v".repeat(3 * field);
+    let path = format!("/{long}");
+    for (who, expected) in [
+        (
+            client.clone(),
+            format!(
+                "sha256:{}",
+                sluice_filter::identity::api_key_digest(&client)
+            ),
+        ),
+        (exact.clone(), exact.clone()),
+    ] {
+        let (_, action) = envoy.request(
+            headers(&[
+                (b":method", long.as_bytes()),
+                (b":path", path.as_bytes()),
+                (b":authority", long.as_bytes()),
+                (b"x-client-id", who.as_bytes()),
+                (b"x-plan", long.as_bytes()),
+            ]),
+            &[(PEER, b"192.0.2.1:1")],
+        );
+        assert_eq!(action, Action::Pause);
+        envoy.run_queues();
+        let call = envoy.calls().pop().expect("a check call");
+        let check = checks_in(&call.body).remove(0);
+        assert_eq!(check.client.value, expected);
+        assert!(check.client.value.len() <= max);
+        assert!(check.path.len() <= field && check.path.starts_with("/vvv"));
+        assert_eq!(check.host.len(), field);
+        assert_eq!(
+            check.method.len(),
+            sluice_filter::decision::MAX_METHOD_BYTES
+        );
+        assert_eq!(check.headers["x-plan"].len(), field);
+        envoy.answer_with(call.token, "200", &decisions_for(&call.body, |_| true));
+    }
+}
+
+#[test]
+fn a_request_the_denial_cache_answers_does_not_keep_its_kind_from_asking_for_a_lease() {
+    let mut envoy = started_with_a_leased_rule();
+    let peer: &[u8] = b"192.0.2.1:1";
+    let lease_asked = |envoy: &mut MockEnvoy| {
+        let (request, action) = envoy.request(get(b"/", &[]), &[(PEER, peer)]);
+        assert_eq!(action, Action::Pause);
+        envoy.run_queues();
+        let batch = envoy.calls().pop().expect("a check call");
+        let asked = checks_in(&batch.body)[0].lease;
+        envoy.answer_with(batch.token, "200", &decisions_for(&batch.body, |_| false));
+        assert_eq!(envoy.reply(request).map(|r| r.status), Some(429));
+        envoy.host.state.borrow_mut().calls.clear();
+        asked
+    };
+    assert!(lease_asked(&mut envoy), "the first of its kind asks");
+    // Denied for 7 s: the next one is answered from the denial cache, without a callout.
+    let (cached, _) = envoy.request(get(b"/", &[]), &[(PEER, peer)]);
+    assert_eq!(envoy.reply(cached).map(|r| r.status), Some(429));
+    envoy.run_queues();
+    assert!(envoy.calls().is_empty(), "answered from the cache");
+    // Once the denial ends, the kind asks for a lease again.
+    envoy.tick(8_000);
+    envoy.host.state.borrow_mut().calls.clear();
+    assert!(
+        lease_asked(&mut envoy),
+        "the cached answer left no ask behind"
+    );
+}
+
 // --- generated input ------------------------------------------------------------------
 
 /// Bytes a client (or a broken host) could hand over.

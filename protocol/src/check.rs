@@ -19,9 +19,19 @@ pub const MAX_CALL_BODY_BYTES: usize = 1 << 20;
 /// sketch or log line downstream ever holds it whole.
 pub const MAX_IDENTITY_BYTES: usize = 256;
 
-/// Longest path, host or header value a check carries (the filter cuts longer ones: rules
-/// match paths of at most `MAX_MATCH_PATH` bytes).
+/// Longest path, host or header value a check carries. The filter cuts a longer host or
+/// header value, and keeps a longer path's first and last half of this (rules match paths
+/// of at most `MAX_MATCH_PATH` bytes, so exact paths, prefixes and globs anchored at either
+/// end match as before).
 pub const MAX_REQUEST_FIELD_BYTES: usize = 8 * 1024;
+
+/// Longest method a check carries (the filter cuts a longer one; no rule names one).
+pub const MAX_METHOD_BYTES: usize = 64;
+
+/// Most matched headers one check carries (rules may match on at most this many distinct
+/// headers), and the longest name of one.
+pub const MAX_CHECK_HEADERS: usize = 64;
+pub const MAX_HEADER_NAME_BYTES: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

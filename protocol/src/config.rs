@@ -114,8 +114,13 @@ pub struct AutomaticState {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum UnknownApiKeys {
-    /// They count as their own client (by digest), as any key.
+    /// They are counted by the address they come from, like a client without a key (the
+    /// default): a made-up key is no new identity, so a client that sends a fresh key with
+    /// every request is still limited. Rules scoped per API key do not count them.
     #[default]
+    ByAddress,
+    /// They count as their own client (by digest), as any key: each new key is a new
+    /// client with a quota of its own.
     Allow,
     /// They are refused with 401, and count as invalid credentials of the address.
     Reject,

@@ -747,6 +747,17 @@ impl RuleSet {
                 ));
             }
         }
+        // Every check carries the headers the rules match on: bounded, so a check is.
+        let headers = matched_headers(&rules).len();
+        if headers > crate::MAX_CHECK_HEADERS {
+            return Err(RuleError {
+                field: "rules".to_owned(),
+                message: format!(
+                    "the rules match on {headers} distinct headers; at most {}",
+                    crate::MAX_CHECK_HEADERS
+                ),
+            });
+        }
         Ok(RuleSet { rules })
     }
 
@@ -789,6 +800,37 @@ mod tests {
 
     fn check(method: &str, path: &str) -> Check {
         Check::new(ClientId::ip("10.0.0.1"), "api.example.com", method, path, 1)
+    }
+
+    #[test]
+    fn the_rules_match_on_a_bounded_number_of_headers() {
+        let on_headers = |from: usize, to: usize| {
+            rule(
+                &format!("h{from}"),
+                RuleMatch {
+                    headers: (from..to)
+                        .map(|n| HeaderMatch {
+                            name: format!("x-h{n}"),
+                            value: None,
+                        })
+                        .collect(),
+                    ..RuleMatch::default()
+                },
+            )
+        };
+        let at_the_bound = vec![on_headers(0, 40), on_headers(20, crate::MAX_CHECK_HEADERS)];
+        assert!(RuleSet::new(at_the_bound).is_ok(), "64 distinct headers");
+        let past = vec![
+            on_headers(0, 40),
+            on_headers(40, crate::MAX_CHECK_HEADERS + 1),
+        ];
+        let error = RuleSet::new(past).unwrap_err();
+        assert_eq!(error.field, "rules");
+        assert!(
+            error.message.contains("65 distinct headers"),
+            "{}",
+            error.message
+        );
     }
 
     #[test]
