@@ -4,11 +4,14 @@
 -- adds its entry to the table S) as one script, run with EVALSHA.
 --
 -- KEYS         the state of every limit of every request, request after request
---              (layout: see the strategy's file)
+--              (layout: see the strategy's file). A concurrency limit's units hash is not
+--              among them: concurrency.lua derives its name from the limit's key (same
+--              hash tag, so the same slot).
 -- ARGV[1]      now in ms since the epoch, or "" to use the Redis server's TIME (production).
 --              With an injected time, TTLs get 60 s more: Redis expires keys on its own clock.
 -- ARGV[2]      number of requests in the batch
--- then per request: number of its limits n, lease id (names concurrency slots; may be ""),
+-- then per request: number of its limits n, lease id (names the request's concurrency
+--              leases; may be ""),
 --              then per limit: strategy name, cost (0 only reads), limit, period ms, extra,
 --              penalty base ms, penalty max ms, penalty decay ms (all 0: no penalty)
 --              period: the window, or the lease for concurrency. extra: burst (token_bucket,

@@ -101,6 +101,15 @@ pub fn lease_holders_key(limit_key: &str) -> String {
     beside(limit_key, "holders")
 }
 
+/// The units in flight of the concurrency limit whose key is `limit_key` (same slot): a
+/// hash of the sum of its leases' costs and their number, beside the set of its leases
+/// (`lua/concurrency.lua`, which builds the same name from the limit's key itself):
+/// `sluice:{tag}:inflight:<rule>:<client>`. Not a counter: a reset deletes the set of
+/// leases, and the scripts then see that this hash no longer describes it and rebuild it.
+pub fn concurrency_units_key(limit_key: &str) -> String {
+    beside(limit_key, "inflight")
+}
+
 /// A key of `kind` beside the limit whose key is `limit_key`: its strategy part replaced,
 /// so it shares the limit's client, rule and Cluster slot.
 fn beside(limit_key: &str, kind: &str) -> String {
@@ -185,6 +194,11 @@ pub fn config_version_key() -> String {
 
 pub fn audit_key() -> String {
     format!("{PREFIX}:{{config}}:audit")
+}
+
+/// Brute-force protection's blocks (beside the configuration, in its slot).
+pub fn protection_blocks_key() -> String {
+    format!("{PREFIX}:{{config}}:protection:blocks")
 }
 
 /// The stats a controller published for one bucket. One hash tag for all stats keys, so a
@@ -365,6 +379,20 @@ mod tests {
         let key = limit_key(Strategy::FixedWindow, "r", Some(&client));
         assert_ne!(slot(&key), slot("foo"), "a client's braces pick no slot");
         assert_eq!(slot(&key), slot(&penalty_key(&key)));
+    }
+
+    #[test]
+    fn a_concurrency_limits_units_sit_beside_it_and_are_no_counter() {
+        let key = limit_key(Strategy::Concurrency, "slots", Some(&id("ip", "10.0.0.1")));
+        let units = concurrency_units_key(&key);
+        assert_eq!(slot(&units), slot(&key));
+        assert_eq!(units, key.replacen(":concurrency:", ":inflight:", 1));
+        assert_eq!(rule_of(&units), None);
+        // What `lua/concurrency.lua`'s units_key() does with a key of another shape.
+        assert_eq!(
+            concurrency_units_key("sluice:{model}:a-1"),
+            "sluice:{model}:a-1:inflight"
+        );
     }
 
     #[test]

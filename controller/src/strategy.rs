@@ -3,6 +3,7 @@
 //! and the property test hold them to it). Pure: the time is passed in.
 
 use std::cmp::{max, min};
+use std::collections::{BTreeSet, HashMap};
 
 use sluice_protocol::{Rule, Strategy};
 
@@ -87,10 +88,8 @@ pub enum State {
         debt: u64,
         last: u64,
     },
-    /// (lease member, expiry ms).
-    Leases {
-        leases: Vec<(String, u64)>,
-    },
+    /// A concurrency limit's leases.
+    Leases(Leases),
     /// A penalty: strikes, the end of the current cool-down, the time of the last strike.
     Penalty {
         strikes: u64,
@@ -470,19 +469,95 @@ fn leaky_bucket(
     }
 }
 
-fn concurrency(state: Option<&State>, now: u64, cost: u64, limit: u64, lease: u64) -> Peeked {
-    let live: Vec<u64> = match state {
-        Some(State::Leases { leases }) => leases
+/// A concurrency limit's leases (the twin of `lua/concurrency.lua`'s set and units hash):
+/// one entry per lease whatever its cost, and the sum of their costs, so that a grant and a
+/// release are O(log n) and each lease's expiry is dealt with once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Leases {
+    /// (lease id, cost) → expiry ms: the script's member `<lease id>=<cost>` and its score.
+    expiry_of: HashMap<(String, u64), u64>,
+    /// The same leases as (expiry ms, lease id, cost), earliest first.
+    by_expiry: BTreeSet<(u64, String, u64)>,
+    /// The sum of their costs.
+    units: u64,
+}
+
+impl Leases {
+    /// How many leases are kept (expired ones included until [`forget_expired`]).
+    pub fn len(&self) -> usize {
+        self.by_expiry.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_expiry.is_empty()
+    }
+
+    /// The leases that expired by `now`, earliest first.
+    fn expired(&self, now: u64) -> impl Iterator<Item = &(u64, String, u64)> {
+        self.by_expiry
             .iter()
-            .map(|(_, expiry)| *expiry)
-            .filter(|&expiry| expiry > now)
-            .collect(),
-        _ => Vec::new(),
+            .take_while(move |(expiry, _, _)| *expiry <= now)
+    }
+
+    /// Units held at `now`: O(leases expired and not yet forgotten).
+    fn live_units(&self, now: u64) -> u64 {
+        let gone: u64 = self.expired(now).map(|(_, _, cost)| *cost).sum();
+        self.units.saturating_sub(gone)
+    }
+
+    fn forget_expired(&mut self, now: u64) {
+        while let Some((expiry, _, _)) = self.by_expiry.first() {
+            if *expiry > now {
+                break;
+            }
+            if let Some((_, id, cost)) = self.by_expiry.pop_first() {
+                self.expiry_of.remove(&(id, cost));
+                self.units = self.units.saturating_sub(cost);
+            }
+        }
+    }
+
+    /// A lease of `cost` until `expiry`. A lease id already held with this cost (never,
+    /// for the controller's random ids) only moves its expiry, as the script's ZADD does.
+    fn add(&mut self, id: &str, cost: u64, expiry: u64) {
+        match self.expiry_of.insert((id.to_owned(), cost), expiry) {
+            Some(before) => {
+                self.by_expiry.remove(&(before, id.to_owned(), cost));
+            }
+            None => self.units = self.units.saturating_add(cost),
+        }
+        self.by_expiry.insert((expiry, id.to_owned(), cost));
+    }
+
+    /// Gives back the lease `id` of `cost` if it is held at `now`; returns the units freed.
+    fn release(&mut self, id: &str, cost: u64, now: u64) -> u64 {
+        let lease = (id.to_owned(), cost);
+        match self.expiry_of.get(&lease) {
+            Some(&expiry) if expiry > now => {
+                self.expiry_of.remove(&lease);
+                self.by_expiry.remove(&(expiry, lease.0, cost));
+                self.units = self.units.saturating_sub(cost);
+                cost
+            }
+            _ => 0,
+        }
+    }
+}
+
+fn concurrency(state: Option<&State>, now: u64, cost: u64, limit: u64, lease: u64) -> Peeked {
+    let leases = match state {
+        Some(State::Leases(leases)) => Some(leases),
+        _ => None,
     };
-    let count = live.len() as u64;
+    let count = leases.map_or(0, |l| l.live_units(now));
     let ok = count.saturating_add(cost) <= limit;
     let after = if ok { count + cost } else { count };
-    let mut earliest = live.iter().copied().min();
+    let mut earliest = leases.and_then(|l| {
+        l.by_expiry
+            .iter()
+            .map(|(expiry, _, _)| *expiry)
+            .find(|&expiry| expiry > now)
+    });
     if ok && cost > 0 && earliest.is_none_or(|e| now + lease < e) {
         earliest = Some(now + lease);
     }
@@ -490,11 +565,10 @@ fn concurrency(state: Option<&State>, now: u64, cost: u64, limit: u64, lease: u6
         Some(expiry) if after > 0 => expiry - now,
         _ => 0,
     };
-    let latest = live
-        .iter()
-        .copied()
-        .max()
-        .map_or(now + lease, |l| max(l, now + lease));
+    // An expired lease's expiry is before now + lease: only live ones can be later.
+    let latest = leases
+        .and_then(|l| l.by_expiry.last())
+        .map_or(now + lease, |(l, _, _)| max(*l, now + lease));
     Peeked {
         verdict: verdict(ok, limit.saturating_sub(after), reset, min(reset, 1_000)),
         commit: Some((
@@ -528,23 +602,107 @@ pub fn apply(commit: Commit, state: &mut Option<State>, lease_id: &str) {
             count,
         } => {
             let mut leases = match state.take() {
-                Some(State::Leases { leases }) => leases,
-                _ => Vec::new(),
+                Some(State::Leases(leases)) => leases,
+                _ => Leases::default(),
             };
-            leases.retain(|(_, expiry)| *expiry > at);
-            leases.extend((1..=count).map(|n| (format!("{lease_id}:{n}"), at + lease_ms)));
-            *state = Some(State::Leases { leases });
+            leases.forget_expired(at);
+            leases.add(lease_id, count, at + lease_ms);
+            *state = Some(State::Leases(leases));
         }
     }
 }
 
-/// Gives back a lease; returns how many slots it freed.
-pub fn release(state: &mut Option<State>, lease_id: &str, count: u64) -> u64 {
-    let Some(State::Leases { leases }) = state else {
-        return 0;
-    };
-    let members: Vec<String> = (1..=count).map(|n| format!("{lease_id}:{n}")).collect();
-    let before = leases.len();
-    leases.retain(|(member, _)| !members.contains(member));
-    (before - leases.len()) as u64
+/// Forgets the concurrency leases that expired by `now` (the twin of the sweep
+/// `lua/concurrency.lua` does before it counts): each lease is forgotten once, so a check
+/// does not pay again for leases that expired long ago. Other states are left alone.
+pub fn forget_expired(state: &mut Option<State>, now: u64) {
+    if let Some(State::Leases(leases)) = state {
+        leases.forget_expired(now);
+    }
+}
+
+/// Gives back the lease `lease_id` granted for `count` units (`lua/release.lua`); returns
+/// the units it freed: `count` while it is held at `now`, 0 once it has expired or was
+/// released. O(log n), whatever the count.
+pub fn release(state: &mut Option<State>, lease_id: &str, count: u64, now: u64) -> u64 {
+    match state {
+        Some(State::Leases(leases)) => leases.release(lease_id, count, now),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slots(limit: u64) -> Params {
+        Params {
+            strategy: Strategy::Concurrency,
+            limit,
+            period_ms: 30_000,
+            extra: 0,
+            penalty: None,
+        }
+    }
+
+    /// Checks a request of `cost` at `now` and, as the stores do, applies it when admitted
+    /// and not free.
+    fn take(state: &mut Option<State>, limit: u64, now: u64, cost: u64, id: &str) -> Verdict {
+        let peeked = peek(&slots(limit), state.as_ref(), now, cost);
+        if let (true, true, Some((commit, _))) = (peeked.verdict.ok, cost > 0, peeked.commit) {
+            apply(commit, state, id);
+        }
+        peeked.verdict
+    }
+
+    fn leases(state: &Option<State>) -> &Leases {
+        match state {
+            Some(State::Leases(leases)) => leases,
+            other => panic!("not leases: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_lease_is_one_entry_whatever_its_cost_and_goes_back_whole() {
+        let mut state = None;
+        let v = take(&mut state, 2_000_000, 1_000, 1_000_000, "a");
+        assert_eq!((v.ok, v.remaining), (true, 1_000_000));
+        assert_eq!(leases(&state).len(), 1);
+        assert_eq!(release(&mut state, "a", 1_000_000, 1_001), 1_000_000);
+        assert!(leases(&state).is_empty());
+        assert_eq!(release(&mut state, "a", 1_000_000, 1_002), 0, "a replay");
+        assert_eq!(
+            take(&mut state, 2_000_000, 1_003, 0, "").remaining,
+            2_000_000
+        );
+    }
+
+    #[test]
+    fn a_release_names_the_cost_it_was_granted() {
+        let mut state = None;
+        take(&mut state, 10, 1_000, 3, "a");
+        assert_eq!(release(&mut state, "a", 1, 1_001), 0);
+        assert_eq!(release(&mut state, "a", 4, 1_001), 0);
+        assert_eq!(take(&mut state, 10, 1_001, 0, "").remaining, 7);
+    }
+
+    #[test]
+    fn expired_leases_give_their_units_back_once() {
+        let mut state = None;
+        take(&mut state, 5, 1_000, 3, "a");
+        take(&mut state, 5, 2_000, 2, "b");
+        assert!(!take(&mut state, 5, 30_999, 1, "c").ok);
+        // a expires at 31 000: its 3 units come back, before and after it is forgotten.
+        assert_eq!(take(&mut state, 5, 31_000, 0, "").remaining, 3);
+        assert_eq!(
+            release(&mut state, "a", 3, 31_000),
+            0,
+            "expired: nothing to free"
+        );
+        forget_expired(&mut state, 31_000);
+        assert_eq!(leases(&state).len(), 1);
+        assert_eq!(take(&mut state, 5, 31_000, 0, "").remaining, 3);
+        assert_eq!(release(&mut state, "b", 2, 31_000), 2);
+        assert_eq!(take(&mut state, 5, 31_000, 0, "").remaining, 5);
+    }
 }

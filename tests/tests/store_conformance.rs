@@ -324,6 +324,209 @@ async fn concurrency_holds_slots_until_released_or_expired(s: Subject) {
     assert_eq!(s.one(&spec).await, verdict(true, 1, 30_000, 0));
 }
 
+/// Calls of `command` (lower case) the server has run since its stats were last reset,
+/// counting those a script made (`INFO commandstats`).
+fn command_calls(connection: &mut ::redis::Connection, command: &str) -> u64 {
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query(connection)
+        .unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().unwrap())
+}
+
+fn reset_command_stats(connection: &mut ::redis::Connection) {
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(connection)
+        .unwrap();
+}
+
+/// The members of a concurrency limit's sorted set, and its units hash.
+fn concurrency_state(
+    connection: &mut ::redis::Connection,
+    spec: &LimitSpec,
+) -> (Vec<String>, std::collections::BTreeMap<String, String>) {
+    let members: Vec<String> = ::redis::cmd("ZRANGE")
+        .arg(&spec.key)
+        .arg(0)
+        .arg(-1)
+        .query(connection)
+        .unwrap();
+    let units: std::collections::BTreeMap<String, String> = ::redis::cmd("HGETALL")
+        .arg(sluice_controller::keys::concurrency_units_key(&spec.key))
+        .query(connection)
+        .unwrap();
+    (members, units)
+}
+
+fn units_hash(units: u64, leases: u64) -> std::collections::BTreeMap<String, String> {
+    [("units", units), ("leases", leases)]
+        .into_iter()
+        .map(|(field, value)| (field.to_owned(), value.to_string()))
+        .collect()
+}
+
+/// A lease is one member whatever its cost: a grant of a million units is one ZADD, and its
+/// release one ZREM, not a loop over the million (the loop held Redis about a second, timed
+/// out the controller's store calls and opened its circuit breaker). On Redis the structure
+/// and the commands run are looked at; every store must answer the same.
+async fn concurrency_a_lease_of_a_million_is_one_lease(s: Subject) {
+    let spec = costing(limit(Concurrency, 2_000_000, 30_000, 0), 1_000_000);
+    let read = costing(spec.clone(), 0);
+    let lease = lease_id();
+    let mut redis = s.redis.as_ref().map(RedisServer::connection);
+    if let Some(connection) = redis.as_mut() {
+        reset_command_stats(connection);
+    }
+    let granted_at = std::time::Instant::now();
+    let granted = s
+        .store
+        .check(std::slice::from_ref(&spec), &lease)
+        .await
+        .unwrap();
+    assert_eq!(granted.verdicts[0], verdict(true, 1_000_000, 30_000, 0));
+    if let Some(connection) = redis.as_mut() {
+        assert_eq!(command_calls(connection, "zadd"), 1, "the grant: one ZADD");
+        let members: u64 = ::redis::cmd("ZCARD")
+            .arg(&spec.key)
+            .query(connection)
+            .unwrap();
+        assert_eq!(members, 1, "one member for the lease");
+        assert_eq!(
+            concurrency_state(connection, &spec),
+            (vec![format!("{lease}=1000000")], units_hash(1_000_000, 1)),
+            "one member for the lease, its cost in the units hash"
+        );
+        // The units hash expires with the set: at the lease's end (plus the injected
+        // time's minute).
+        let units = LimitSpec {
+            key: sluice_controller::keys::concurrency_units_key(&spec.key),
+            ..spec.clone()
+        };
+        for (key, what) in [(&spec, "the set of leases"), (&units, "the units hash")] {
+            let ttl = 30_000 + INJECTED_TIME_TTL_EXTRA;
+            assert_pttl(connection, key, ttl, granted_at, what);
+        }
+    }
+    assert_eq!(s.one(&read).await, verdict(true, 1_000_000, 30_000, 0));
+    assert!(!s.one(&costing(spec.clone(), 1_000_001)).await.ok);
+
+    if let Some(connection) = redis.as_mut() {
+        reset_command_stats(connection);
+    }
+    assert_eq!(
+        s.store.release(&spec.key, &lease, 1_000_000).await.unwrap(),
+        1_000_000
+    );
+    if let Some(connection) = redis.as_mut() {
+        let scripts = command_calls(connection, "evalsha") + command_calls(connection, "eval");
+        assert!(scripts >= 1, "the release ran as a script");
+        assert_eq!(
+            command_calls(connection, "zrem"),
+            1,
+            "the release: one ZREM"
+        );
+        let exists: u64 = ::redis::cmd("EXISTS")
+            .arg(&spec.key)
+            .arg(sluice_controller::keys::concurrency_units_key(&spec.key))
+            .query(connection)
+            .unwrap();
+        assert_eq!(exists, 0, "nothing held, nothing kept");
+    }
+    assert_eq!(s.one(&read).await, verdict(true, 2_000_000, 0, 0));
+    assert_eq!(
+        s.store.release(&spec.key, &lease, 1_000_000).await.unwrap(),
+        0,
+        "a replayed release frees nothing"
+    );
+    assert_eq!(s.one(&read).await.remaining, 2_000_000);
+}
+
+/// A release frees its own lease once; replayed, or naming a cost its lease was not granted
+/// with, it frees nothing, and the other leases stay held.
+async fn concurrency_a_replayed_release_frees_nothing(s: Subject) {
+    let spec = limit(Concurrency, 10, 30_000, 0);
+    let read = costing(spec.clone(), 0);
+    let (a, b) = (lease_id(), lease_id());
+    for (lease, cost) in [(&a, 3), (&b, 4)] {
+        let granted = s
+            .store
+            .check(std::slice::from_ref(&costing(spec.clone(), cost)), lease)
+            .await
+            .unwrap();
+        assert!(granted.allowed());
+    }
+    assert_eq!(s.one(&read).await.remaining, 3);
+    for wrong in [1, 2, 4, 1_000_000] {
+        assert_eq!(
+            s.store.release(&spec.key, &a, wrong).await.unwrap(),
+            0,
+            "a's lease named with cost {wrong}"
+        );
+    }
+    assert_eq!(s.store.release(&spec.key, &a, 3).await.unwrap(), 3);
+    assert_eq!(s.one(&read).await.remaining, 6);
+    for _ in 0..3 {
+        assert_eq!(
+            s.store.release(&spec.key, &a, 3).await.unwrap(),
+            0,
+            "replayed"
+        );
+    }
+    assert_eq!(s.one(&read).await.remaining, 6, "b still holds its 4");
+    assert_eq!(s.store.release(&spec.key, &b, 4).await.unwrap(), 4);
+    assert_eq!(s.one(&read).await.remaining, 10);
+}
+
+/// A lease that is never given back expires, and its units come back, once: its late
+/// release frees nothing more, before and after a check has swept it.
+async fn concurrency_an_expired_leases_units_come_back(s: Subject) {
+    let spec = limit(Concurrency, 5, 10_000, 0);
+    let read = costing(spec.clone(), 0);
+    let (a, b, c) = (lease_id(), lease_id(), lease_id());
+    let take = |lease: &str, cost| {
+        let spec = costing(spec.clone(), cost);
+        let store = Arc::clone(&s.store);
+        let lease = lease.to_owned();
+        async move {
+            store
+                .check(std::slice::from_ref(&spec), &lease)
+                .await
+                .unwrap()
+                .verdicts[0]
+        }
+    };
+    assert_eq!(take(&a, 3).await, verdict(true, 2, 10_000, 0));
+    s.advance(4_000);
+    assert_eq!(take(&b, 2).await, verdict(true, 0, 6_000, 0));
+    assert_eq!(take(&c, 1).await, verdict(false, 0, 6_000, 1_000));
+    s.advance(6_000);
+    // a expired, unreleased: its 3 units are back; b's 2 are held for 4 s more.
+    assert_eq!(
+        s.store.release(&spec.key, &a, 3).await.unwrap(),
+        0,
+        "released after it expired, before any check swept it"
+    );
+    assert_eq!(s.one(&read).await, verdict(true, 3, 4_000, 0));
+    assert_eq!(
+        s.store.release(&spec.key, &a, 3).await.unwrap(),
+        0,
+        "released after a check swept it"
+    );
+    assert_eq!(take(&c, 3).await, verdict(true, 0, 4_000, 0));
+    assert!(!take(&lease_id(), 1).await.ok);
+    s.advance(4_000);
+    assert_eq!(s.one(&read).await, verdict(true, 2, 6_000, 0));
+    s.advance(6_000);
+    assert_eq!(s.one(&read).await, verdict(true, 5, 0, 0));
+    assert_eq!(s.store.release(&spec.key, &c, 3).await.unwrap(), 0);
+    assert_eq!(s.one(&read).await.remaining, 5);
+}
+
 // ---- every strategy -------------------------------------------------------------------------
 
 /// One limit of each strategy, each admitting `limit_value` requests at once (with the
@@ -812,6 +1015,9 @@ every_store!(
     leaky_bucket_delays_until_the_slot_then_denies,
     leaky_bucket_without_delay_is_a_plain_rate,
     concurrency_holds_slots_until_released_or_expired,
+    concurrency_a_lease_of_a_million_is_one_lease,
+    concurrency_a_replayed_release_frees_nothing,
+    concurrency_an_expired_leases_units_come_back,
     several_limits_are_all_or_nothing,
     cost_counts_and_zero_cost_only_reads,
     cost_above_capacity_is_denied_and_consumes_nothing,
@@ -910,6 +1116,139 @@ async fn redis_keys_expire_when_their_state_no_longer_matters() {
             );
         }
     }
+}
+
+/// Upgrade: a set of the layout before this one (one member `<lease id>:<n>` per unit, no
+/// units hash) counts one unit a member; a release of such a lease of cost 1 frees it, a
+/// costlier one is left to expire; new leases go beside the old members.
+#[tokio::test]
+async fn redis_concurrency_reads_the_layout_of_one_member_per_unit() {
+    let s = Subject::redis();
+    let mut connection = s.redis.as_ref().expect("a redis subject").connection();
+    let spec = limit(Concurrency, 10, 30_000, 0);
+    let read = costing(spec.clone(), 0);
+    let (a, b) = (lease_id(), lease_id());
+    // What the scripts before left: a of cost 3 and b of cost 1, taken at START for 30 s.
+    let expiry = START + 30_000;
+    let _: () = ::redis::pipe()
+        .cmd("ZADD")
+        .arg(&spec.key)
+        .arg(&[
+            (expiry, format!("{a}:1")),
+            (expiry, format!("{a}:2")),
+            (expiry, format!("{a}:3")),
+            (expiry, format!("{b}:1")),
+        ])
+        .ignore()
+        .cmd("PEXPIRE")
+        .arg(&spec.key)
+        .arg(30_000 + INJECTED_TIME_TTL_EXTRA)
+        .ignore()
+        .query(&mut connection)
+        .unwrap();
+    assert_eq!(s.one(&read).await, verdict(true, 6, 30_000, 0));
+    assert_eq!(
+        concurrency_state(&mut connection, &spec).1,
+        units_hash(4, 4)
+    );
+    assert_eq!(s.store.release(&spec.key, &b, 1).await.unwrap(), 1, "b");
+    assert_eq!(
+        s.store.release(&spec.key, &b, 1).await.unwrap(),
+        0,
+        "b again"
+    );
+    assert_eq!(
+        s.store.release(&spec.key, &a, 3).await.unwrap(),
+        0,
+        "a costlier lease of the old layout is left to expire"
+    );
+    assert_eq!(s.one(&read).await.remaining, 7);
+    s.advance(1_000);
+    let c = lease_id();
+    let granted = s
+        .store
+        .check(std::slice::from_ref(&costing(spec.clone(), 2)), &c)
+        .await
+        .unwrap();
+    assert_eq!(granted.verdicts[0], verdict(true, 5, 29_000, 0));
+    assert_eq!(
+        concurrency_state(&mut connection, &spec),
+        (
+            vec![
+                format!("{a}:1"),
+                format!("{a}:2"),
+                format!("{a}:3"),
+                format!("{c}=2")
+            ],
+            units_hash(5, 4)
+        )
+    );
+    s.advance(29_000);
+    assert_eq!(s.one(&read).await, verdict(true, 8, 1_000, 0), "a expired");
+    assert_eq!(
+        concurrency_state(&mut connection, &spec),
+        (vec![format!("{c}=2")], units_hash(2, 1))
+    );
+}
+
+/// The units hash follows changes to the set that the scripts did not make: a reset deletes
+/// the set and leaves the hash (which must then count nothing), a controller of the old
+/// layout adds members while old and new controllers run side by side, the hash is lost.
+#[tokio::test]
+async fn redis_concurrency_units_follow_changes_made_outside_the_scripts() {
+    let s = Subject::redis();
+    let mut connection = s.redis.as_ref().expect("a redis subject").connection();
+    let spec = limit(Concurrency, 10, 30_000, 0);
+    let read = costing(spec.clone(), 0);
+    let take = |lease: &str, cost| {
+        let spec = costing(spec.clone(), cost);
+        let store = Arc::clone(&s.store);
+        let lease = lease.to_owned();
+        async move {
+            store
+                .check(std::slice::from_ref(&spec), &lease)
+                .await
+                .unwrap()
+                .allowed()
+        }
+    };
+    let a = lease_id();
+    assert!(take(&a, 4).await);
+    let reset = s.store.delete_keys(std::slice::from_ref(&spec.key)).await;
+    assert_eq!(reset.unwrap(), 1);
+    assert_eq!(s.one(&read).await, verdict(true, 10, 0, 0), "after a reset");
+    assert_eq!(
+        concurrency_state(&mut connection, &spec),
+        (Vec::new(), std::collections::BTreeMap::new()),
+        "the units hash left by the reset is gone"
+    );
+    assert_eq!(s.store.release(&spec.key, &a, 4).await.unwrap(), 0);
+
+    let b = lease_id();
+    assert!(take(&b, 3).await);
+    // An old controller's lease of cost 2.
+    let _: () = ::redis::cmd("ZADD")
+        .arg(&spec.key)
+        .arg(&[(START + 30_000, "old:1"), (START + 30_000, "old:2")])
+        .query(&mut connection)
+        .unwrap();
+    assert_eq!(s.one(&read).await.remaining, 5, "3 new and 2 old units");
+    assert_eq!(
+        concurrency_state(&mut connection, &spec).1,
+        units_hash(5, 3)
+    );
+    let _: () = ::redis::cmd("DEL")
+        .arg(sluice_controller::keys::concurrency_units_key(&spec.key))
+        .query(&mut connection)
+        .unwrap();
+    assert_eq!(s.one(&read).await.remaining, 5, "the lost hash rebuilt");
+    assert_eq!(s.store.release(&spec.key, &b, 3).await.unwrap(), 3);
+    assert_eq!(
+        concurrency_state(&mut connection, &spec).1,
+        units_hash(2, 2),
+        "the release kept the hash"
+    );
+    assert_eq!(s.one(&read).await.remaining, 8);
 }
 
 /// On the server's `TIME` (production), a key's TTL is the state's own horizon, without

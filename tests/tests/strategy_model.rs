@@ -228,3 +228,107 @@ fn leaky_bucket_matches_the_model() {
 fn concurrency_matches_the_model() {
     stores_and_model_agree(Algorithm::Concurrency);
 }
+
+/// A concurrency lease as the model keeps it: (lease id, cost, expiry ms).
+type ModelLease = (String, u64, u64);
+
+/// Concurrency with releases: random checks, each possibly after the release of the lease an
+/// earlier step asked for (as its signed token names it: key, lease id, cost), some of them
+/// released again. Both stores must free what the model frees (a held lease's cost; nothing
+/// once it expired or was released) and give the same verdicts.
+#[test]
+fn concurrency_with_releases_matches_the_model() {
+    let redis = RedisServer::start();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _in_runtime = runtime.enter();
+    let clock = ManualClock::starting_at(START);
+    let on_redis: Arc<dyn Store> = Arc::new(
+        RedisStore::new(&redis.url(), Duration::from_secs(2))
+            .unwrap()
+            .with_clock(clock.clone()),
+    );
+    let mut runner = TestRunner::new(Config {
+        cases: 40,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    // (ms to advance, which of two keys, cost, the step whose lease to release first)
+    let operations = prop::collection::vec(
+        (
+            prop_oneof![Just(0u64), 0u64..50, 0u64..2_500],
+            0usize..2,
+            prop_oneof![Just(0u64), Just(1), Just(1), Just(2), Just(3), Just(5)],
+            prop::option::weighted(0.6, 0usize..50),
+        ),
+        1..50,
+    );
+    let result = runner.run(
+        &(params_for(Algorithm::Concurrency), operations),
+        |(params, operations)| {
+            clock.set(START);
+            let in_memory = MemoryStore::new(clock.clone());
+            let keys = [
+                unique_name("sluice:{model}:concurrency:a"),
+                unique_name("sluice:{model}:concurrency:b"),
+            ];
+            let mut models: [Vec<ModelLease>; 2] = [Vec::new(), Vec::new()];
+            let mut asked: Vec<(usize, String, u64)> = Vec::new();
+            for (step, (advance, key, cost, release)) in operations.into_iter().enumerate() {
+                clock.advance(advance);
+                let now = clock_now(&clock);
+                if let Some((of, lease, granted)) = release.and_then(|r| asked.get(r)).cloned() {
+                    let expected = models[of]
+                        .iter()
+                        .position(|(id, c, expiry)| *id == lease && *c == granted && *expiry > now)
+                        .map_or(0, |held| models[of].remove(held).1);
+                    let (memory, redis) = runtime.block_on(async {
+                        (
+                            in_memory.release(&keys[of], &lease, granted).await,
+                            on_redis.release(&keys[of], &lease, granted).await,
+                        )
+                    });
+                    let (memory, redis) = (memory.unwrap(), redis.unwrap());
+                    prop_assert_eq!(memory, redis, "stores free differently at step {}", step);
+                    prop_assert_eq!(memory, expected, "model frees differently at step {}", step);
+                }
+                let spec = LimitSpec {
+                    key: keys[key].clone(),
+                    params,
+                    cost,
+                };
+                let lease = format!("{step:032x}");
+                let (memory, redis) = runtime.block_on(async {
+                    let limits = std::slice::from_ref(&spec);
+                    (
+                        in_memory.check(limits, &lease).await,
+                        on_redis.check(limits, &lease).await,
+                    )
+                });
+                let (memory, redis) = (memory.unwrap(), redis.unwrap());
+                prop_assert_eq!(&memory, &redis, "stores differ at step {}", step);
+                let model = &mut models[key];
+                model.retain(|(_, _, expiry)| *expiry > now);
+                let held: u64 = model.iter().map(|(_, cost, _)| cost).sum();
+                let admitted = held + cost <= params.limit;
+                prop_assert_eq!(memory.allowed(), admitted, "model differs at step {}", step);
+                prop_assert_eq!(
+                    memory.verdicts[0].remaining,
+                    params.limit - if admitted { held + cost } else { held },
+                    "remaining differs from the model at step {}",
+                    step
+                );
+                if admitted && cost > 0 {
+                    model.push((lease.clone(), cost, now + params.period_ms));
+                }
+                asked.push((key, lease, cost));
+            }
+            Ok::<(), TestCaseError>(())
+        },
+    );
+    if let Err(failure) = result {
+        panic!("concurrency with releases: {failure}");
+    }
+}

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use sluice_protocol::Strategy;
 
 use super::{CheckSpec, LimitSpec, Outcome, Reservation, Store, StoreError};
 use crate::keys;
@@ -137,6 +138,16 @@ impl MemoryStore {
             entries.by_key.retain(|_, entry| entry.expires_at > now);
             entries.next_sweep_at = now.saturating_add(SWEEP_EVERY_MS);
         }
+        // As the script does first: a concurrency limit forgets its expired leases, each
+        // once, so that no later check counts them again.
+        for limit in limits
+            .iter()
+            .filter(|limit| limit.params.strategy == Strategy::Concurrency)
+        {
+            if let Some(entry) = entries.by_key.get_mut(&limit.key) {
+                strategy::forget_expired(&mut entry.state, now);
+            }
+        }
         // No allocation for the common case of limits without a penalty.
         let penalty_keys: Vec<Option<String>> =
             if limits.iter().any(|limit| limit.params.penalty.is_some()) {
@@ -252,7 +263,7 @@ impl Store for MemoryStore {
         let mut entries = self.lock();
         Ok(match entries.by_key.get_mut(key) {
             Some(entry) if entry.expires_at > now => {
-                strategy::release(&mut entry.state, lease_id, count)
+                strategy::release(&mut entry.state, lease_id, count, now)
             }
             _ => 0,
         })

@@ -261,8 +261,14 @@ impl Store for RedisStore {
         let freed: i64 = self
             .release
             .key(key)
+            .key(crate::keys::concurrency_units_key(key))
             .arg(lease_id)
             .arg(count)
+            .arg(
+                self.clock
+                    .as_ref()
+                    .map_or_else(String::new, |c| c.now_ms().to_string()),
+            )
             .invoke_async(&mut self.connection.clone())
             .await?;
         Ok(freed.max(0) as u64)
