@@ -15,6 +15,7 @@ pub mod check;
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod listener;
 pub mod metrics;
 pub mod protection;
 pub mod rls;
@@ -27,9 +28,6 @@ pub mod strategy;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-
-use axum::serve::ListenerExt;
-use tokio::net::TcpListener;
 
 use crate::admin::auth::Tokens;
 use crate::alerts::Webhooks;
@@ -180,12 +178,6 @@ pub fn check_tokens(settings: &Settings) -> Result<CheckTokens, StartError> {
     Ok(tokens)
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Listen { addr, source })
-}
-
 /// Opens the stores, loads the configuration, and serves the check and admin APIs (and
 /// Envoy's rate-limit service API, when asked for) until `shutdown` completes.
 pub async fn serve(
@@ -273,15 +265,14 @@ pub async fn serve(
         let _ = stopped.wait_for(|stop| *stop).await;
     };
 
-    let check_listener = bind(settings.listen).await?;
+    // Each listener's caps and timeouts (listener.rs).
+    let check_limits = listener::Limits::check(&settings);
+    let admin_limits = listener::Limits::admin(&settings);
+    let grpc_limits = listener::Limits::grpc(&settings);
+    listener::warn_if_files_short(&settings);
+
+    let check_listener = listener::bind(settings.listen).await?;
     tracing::info!(addr = %settings.listen, "check API listening");
-    // Replies go out at once: Envoy waits on each one (Nagle would hold a reply written in
-    // parts until the previous part is acknowledged).
-    let check_listener = check_listener.tap_io(|stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {error}");
-        }
-    });
     let check_app = check::app(
         check::CheckState {
             limiter: Arc::clone(&limiter),
@@ -290,11 +281,17 @@ pub async fn serve(
             metrics: Arc::clone(&metrics),
             tokens: Arc::clone(&check_tokens),
             reporters: Default::default(),
+            views: Default::default(),
         },
         settings.check_metrics,
     );
-    let check_server = axum::serve(check_listener, check_app)
-        .with_graceful_shutdown(until_stopped(stopped.clone()));
+    let check_server = listener::serve(
+        check_listener,
+        check_app,
+        check_limits,
+        Arc::clone(&metrics),
+        stopped.clone(),
+    );
 
     let admin_server = if tokens.is_empty() {
         tracing::warn!(
@@ -303,7 +300,7 @@ pub async fn serve(
         );
         None
     } else {
-        let admin_listener = bind(settings.admin_listen).await?;
+        let admin_listener = listener::bind(settings.admin_listen).await?;
         tracing::info!(addr = %settings.admin_listen, "admin API listening");
         let admin_app = admin::app(admin::AdminState {
             config: Arc::clone(&live),
@@ -312,35 +309,32 @@ pub async fn serve(
             metrics: Arc::clone(&metrics),
             stopping: admin::Stopping::on(stopped.clone()),
         });
-        Some(
-            axum::serve(admin_listener, admin_app)
-                .with_graceful_shutdown(until_stopped(stopped.clone())),
-        )
+        Some(listener::serve(
+            admin_listener,
+            admin_app,
+            admin_limits,
+            Arc::clone(&metrics),
+            stopped.clone(),
+        ))
     };
     let grpc_done = rls::listen(
         settings.grpc_listen,
+        grpc_limits,
         Arc::clone(&limiter),
         check_tokens,
         Arc::clone(&metrics),
         until_stopped(stopped.clone()),
     )
     .await?;
-    let listen = settings.listen;
     let check_done = async move {
-        check_server.await.map_err(|source| StartError::Listen {
-            addr: listen,
-            source,
-        })
+        check_server.await;
+        Ok::<(), StartError>(())
     };
-    let admin_listen = settings.admin_listen;
     let admin_done = async move {
-        match admin_server {
-            Some(server) => server.await.map_err(|source| StartError::Listen {
-                addr: admin_listen,
-                source,
-            }),
-            None => Ok(()),
+        if let Some(server) = admin_server {
+            server.await;
         }
+        Ok::<(), StartError>(())
     };
     let served = tokio::try_join!(check_done, admin_done, grpc_done).map(|_| ());
     watcher.abort();

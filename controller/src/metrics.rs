@@ -59,7 +59,8 @@ pub struct BreakerLabels {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
-    /// `check` (the check address) or `grpc` (Envoy's rate-limit service API).
+    /// `check` (the check address), `admin` (the admin API) or `grpc` (Envoy's rate-limit
+    /// service API).
     pub listener: String,
 }
 
@@ -95,6 +96,9 @@ pub struct Metrics {
     pub leased_admissions: Family<RuleLabels, Counter>,
     pub unauthenticated_calls: Family<ListenerLabels, Counter>,
     pub ignored_reports: Counter,
+    // -- The listeners' connections (listener.rs) --
+    pub connections_open: Family<ListenerLabels, Gauge>,
+    pub connections_refused: Family<ListenerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -261,6 +265,20 @@ impl Metrics {
              the bound",
             ignored_reports.clone(),
         );
+        // -- The listeners' connections (listener.rs) --
+        let connections_open = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "connections_open",
+            "Connections open, by listener",
+            connections_open.clone(),
+        );
+        let connections_refused = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed as soon as accepted because the listener held as many as it \
+             may, by listener",
+            connections_refused.clone(),
+        );
         Metrics {
             ignored_reports,
             unauthenticated_calls,
@@ -287,6 +305,8 @@ impl Metrics {
             breaker_state,
             breaker_transitions,
             fallback_decisions,
+            connections_open,
+            connections_refused,
         }
     }
 
@@ -369,6 +389,15 @@ impl Metrics {
         self.webhooks
             .get_or_create(&WebhookLabels {
                 result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A connection closed at once: `listener` held as many as it may.
+    pub fn connection_refused(&self, listener: &str) {
+        self.connections_refused
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_owned(),
             })
             .inc();
     }

@@ -5,20 +5,26 @@
 //!
 //! Counting is off the check path: strikes go into a bounded queue, and once a second one
 //! task counts them in the counters' store (a fixed window per address, shared by every
-//! controller on the same Redis) and makes one configuration change for every address
-//! that went over, which reaches the filters like any denylist entry. The same change
-//! drops the entries protection made that have expired.
+//! controller on the same Redis) and blocks every address that went over.
+//!
+//! Blocks live beside the configuration, in its store, not in it: at most [`MAX_BLOCKS`] at
+//! once, each ending by itself. A flood of blocks therefore changes no version (the filters'
+//! denial caches and leases are kept), writes nothing to the operators' audit log, and
+//! cannot grow the view every worker reads past its bound. Every controller reads them once
+//! a second and serves them in the filters' denylist (`GET /v1/config`, whose entity tag
+//! then names them too). Each block is logged and counted.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_protocol::config::{ConfigDocument, ListEntry, ListKind, Protection};
+use arc_swap::ArcSwap;
+use sluice_protocol::config::{ConfigDocument, ListEntry, ListItem, ListKind, Protection};
 use sluice_protocol::Strategy;
 use tokio::sync::mpsc;
 
-use crate::config::validate::{format_rfc3339, format_rfc3339_ms, list_value, rfc3339_ms};
+use crate::config::validate::{list_value, rfc3339_ms};
 use crate::config::{Author, Change, ChangeError, LiveConfig};
 use crate::keys;
 use crate::metrics::Metrics;
@@ -32,11 +38,46 @@ pub const REASON_PREFIX: &str = "protection:";
 const QUEUE: usize = 4_096;
 /// Addresses counted in one round; the rest wait for the next.
 const MAX_ADDRESSES_PER_ROUND: usize = 10_000;
+/// Most blocks in force at once, across the controllers of a store: about 200 KB of view
+/// for every worker to read. Past it, addresses over the threshold are not blocked (logged
+/// and counted): a flood from that many addresses is beyond what a denylist answers.
+pub const MAX_BLOCKS: usize = 4_096;
+
+/// The blocks in force as this controller last read them, with a tag that changes when
+/// they do (0 when there are none).
+#[derive(Debug, Default)]
+pub struct BlockSet {
+    pub items: Vec<ListItem>,
+    pub tag: u64,
+}
+
+impl BlockSet {
+    fn of(blocks: Vec<(String, u64)>) -> BlockSet {
+        use std::hash::{Hash, Hasher};
+        if blocks.is_empty() {
+            return BlockSet::default();
+        }
+        let mut hasher = std::hash::DefaultHasher::new();
+        blocks.hash(&mut hasher);
+        BlockSet {
+            items: blocks
+                .into_iter()
+                .map(|(value, ends)| ListItem {
+                    kind: ListKind::Ip,
+                    value,
+                    expires_at_ms: Some(ends),
+                })
+                .collect(),
+            tag: hasher.finish().max(1),
+        }
+    }
+}
 
 pub struct Guard {
     strikes: mpsc::Sender<(String, u64)>,
     metrics: Arc<Metrics>,
     pub dropped: AtomicU64,
+    blocks: ArcSwap<BlockSet>,
 }
 
 impl Guard {
@@ -52,6 +93,26 @@ impl Guard {
         self.metrics.invalid_credentials.inc_by(count);
         if self.strikes.try_send((address, count)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The blocks in force, as last read from the store.
+    pub fn blocks(&self) -> Arc<BlockSet> {
+        self.blocks.load_full()
+    }
+
+    /// Reads the blocks in force from the configuration's store.
+    pub async fn refresh(&self, live: &LiveConfig, now: u64) {
+        match live.store().blocks(now, MAX_BLOCKS).await {
+            Ok(blocks) => {
+                let next = BlockSet::of(blocks);
+                if next.tag != self.blocks.load().tag {
+                    self.blocks.store(Arc::new(next));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "brute-force protection could not read its blocks")
+            }
         }
     }
 }
@@ -73,7 +134,9 @@ pub fn start(
         strikes,
         metrics: Arc::clone(&metrics),
         dropped: AtomicU64::new(0),
+        blocks: ArcSwap::from_pointee(BlockSet::default()),
     });
+    let task_guard = Arc::clone(&guard);
     let task = tokio::spawn(async move {
         let mut pending: HashMap<String, u64> = HashMap::new();
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
@@ -90,7 +153,7 @@ pub fn start(
                 },
                 _ = ticker.tick() => {
                     let strikes = std::mem::take(&mut pending);
-                    round(&live, store.as_ref(), &metrics, strikes, now_ms()).await;
+                    round(&task_guard, &live, store.as_ref(), &metrics, strikes, now_ms()).await;
                 }
             }
         }
@@ -98,9 +161,11 @@ pub fn start(
     (guard, task)
 }
 
-/// Counts `strikes` and makes the change that blocks the addresses over the threshold and
-/// releases expired blocks.
+/// Counts `strikes`, blocks the addresses over the threshold, and reads the blocks in
+/// force into `guard`. Entries an earlier version of protection put in the configuration's
+/// denylist are dropped when they expire.
 pub async fn round(
+    guard: &Guard,
     live: &LiveConfig,
     store: &dyn Store,
     metrics: &Metrics,
@@ -108,79 +173,97 @@ pub async fn round(
     now: u64,
 ) {
     let snapshot = live.snapshot();
-    let Some(protection) = snapshot.document.protection.clone() else {
-        return;
-    };
-    let over = match over_threshold(store, &protection, strikes).await {
-        Ok(over) => over,
-        Err(error) => {
-            tracing::warn!(%error, "brute-force protection could not count invalid credentials");
-            Vec::new()
-        }
-    };
-    let blocking: Vec<(String, u64)> = over
-        .into_iter()
-        .filter(|(ip, _)| !blocked(&snapshot.document, ip, now))
-        .collect();
-    let expired = expired_blocks(&snapshot.document, now);
-    if blocking.is_empty() && expired == 0 {
+    if let Some(protection) = snapshot.document.protection.clone() {
+        let over = match over_threshold(store, &protection, strikes).await {
+            Ok(over) => over,
+            Err(error) => {
+                tracing::warn!(%error, "brute-force protection could not count invalid credentials");
+                Vec::new()
+            }
+        };
+        // An operator's entry already answers for its address.
+        let over: Vec<(String, u64)> = over
+            .into_iter()
+            .filter(|(ip, _)| !blocked(&snapshot.document, ip, now))
+            .collect();
+        block_all(live, metrics, &protection, &over, now).await;
+    }
+    release_legacy(live, now).await;
+    guard.refresh(live, now).await;
+}
+
+/// Blocks each of `over` (address, invalid credentials this round) for the block time.
+async fn block_all(
+    live: &LiveConfig,
+    metrics: &Metrics,
+    protection: &Protection,
+    over: &[(String, u64)],
+    now: u64,
+) {
+    if over.is_empty() {
         return;
     }
-    let target = match blocking.as_slice() {
-        [(ip, _)] => ip.clone(),
-        [] => format!("{expired} expired"),
-        many => format!("{} addresses", many.len()),
+    let block_ms = protection.block.millis();
+    let ends = now.saturating_add(block_ms);
+    let asked: Vec<(String, u64)> = over.iter().map(|(ip, _)| (ip.clone(), ends)).collect();
+    let added = match live.store().add_blocks(&asked, now, MAX_BLOCKS).await {
+        Ok(added) => added,
+        Err(error) => {
+            tracing::warn!(%error, "brute-force protection could not block addresses");
+            return;
+        }
     };
+    for (ip, count) in over {
+        if added.contains(ip) {
+            metrics.protection_blocks.inc();
+            tracing::warn!(
+                target: "sluice::protection",
+                ip = ip.as_str(),
+                invalid_credentials = count,
+                block_ms,
+                threshold = protection.invalid_credentials,
+                window_ms = protection.window.millis(),
+                "blocked an address that kept presenting invalid credentials"
+            );
+        }
+    }
+    let unblocked = over.len().saturating_sub(added.len());
+    if unblocked > 0 {
+        tracing::debug!(
+            unblocked,
+            "addresses over the threshold already blocked, or past the bound of {MAX_BLOCKS} blocks"
+        );
+    }
+}
+
+/// Drops the expired entries protection used to write into the configuration's denylist
+/// (before its blocks lived beside it), in one change.
+async fn release_legacy(live: &LiveConfig, now: u64) {
+    if expired_blocks(&live.snapshot().document, now) == 0 {
+        return;
+    }
     let author = Author {
         actor: "protection",
-        action: if blocking.is_empty() {
-            "protection.release"
-        } else {
-            "protection.block"
-        },
-        target: &target,
+        action: "protection.release",
+        target: "expired blocks",
     };
-    let block_ms = protection.block.millis();
     let made = live
         .change(&author, None, |current| {
             let mut document = current.document.clone();
             let released = release_expired(&mut document, now);
-            let mut blocked_now = Vec::new();
-            for (ip, count) in &blocking {
-                if block(&mut document, &protection, ip, *count, now) {
-                    blocked_now.push(serde_json::json!({ "ip": ip, "invalid_credentials": count }));
-                }
-            }
-            if blocked_now.is_empty() && released.is_empty() {
+            if released.is_empty() {
                 return Err(ChangeError::Conflict("nothing to change".into()));
             }
             Ok(Change {
                 document,
                 operations: current.operations.clone(),
-                detail: serde_json::json!({
-                    "blocked": blocked_now, "released": released, "block_ms": block_ms,
-                    "threshold": protection.invalid_credentials,
-                    "window_ms": protection.window.millis(),
-                }),
+                detail: serde_json::json!({ "released": released }),
             })
         })
         .await;
     match made {
-        Ok(_) => {
-            for (ip, count) in &blocking {
-                metrics.protection_blocks.inc();
-                tracing::warn!(
-                    ip = ip.as_str(),
-                    invalid_credentials = count,
-                    block_ms,
-                    "blocked an address that kept presenting invalid credentials"
-                );
-            }
-        }
-        Err(ChangeError::Conflict(_)) => {}
-        Err(error) => {
-            tracing::warn!(%error, "brute-force protection could not change the denylist")
-        }
+        Ok(_) | Err(ChangeError::Conflict(_)) => {}
+        Err(error) => tracing::warn!(%error, "brute-force protection could not tidy the denylist"),
     }
 }
 
@@ -263,60 +346,28 @@ fn release_expired(document: &mut ConfigDocument, now: u64) -> Vec<String> {
     released
 }
 
-/// Denylists `ip` for the block; `false` when it is denylisted already (by anyone).
-fn block(
-    document: &mut ConfigDocument,
-    protection: &Protection,
-    ip: &str,
-    count: u64,
-    now: u64,
-) -> bool {
-    if blocked(document, ip, now) {
-        return false;
-    }
-    // An expired entry of an operator's for the same address makes way.
-    document
-        .denylist
-        .retain(|entry| !(entry.kind == ListKind::Ip && entry.value == ip));
-    document.denylist.push(ListEntry {
-        kind: ListKind::Ip,
-        value: ip.to_owned(),
-        expires_at: Some(format_rfc3339_ms(
-            now.saturating_add(protection.block.millis()),
-        )),
-        reason: Some(format!(
-            "{REASON_PREFIX} more than {} invalid credentials within {} ({count} in the last \
-             second)",
-            protection.invalid_credentials, protection.window
-        )),
-        created_at: Some(format_rfc3339(now)),
-    });
-    true
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_protocol::rules::Window;
+    use crate::config::validate::{format_rfc3339, format_rfc3339_ms};
 
-    fn protection() -> Protection {
-        Protection {
-            invalid_credentials: 5,
-            window: Window::from_millis(60_000).unwrap(),
-            block: Window::from_millis(600_000).unwrap(),
-            unknown_api_keys: Default::default(),
+    fn legacy_block(ip: &str, ends: u64) -> ListEntry {
+        ListEntry {
+            kind: ListKind::Ip,
+            value: ip.into(),
+            expires_at: Some(format_rfc3339_ms(ends)),
+            reason: Some(format!("{REASON_PREFIX} more than 5 invalid credentials")),
+            created_at: None,
         }
     }
 
     #[test]
-    fn a_block_is_added_once_and_released_when_it_expires() {
+    fn legacy_blocks_in_the_denylist_are_released_when_they_expire() {
         let now = 1_800_000_000_000;
         let mut document = ConfigDocument::default();
-        assert!(block(&mut document, &protection(), "192.0.2.7/32", 3, now));
-        assert!(
-            !block(&mut document, &protection(), "192.0.2.7/32", 3, now + 1),
-            "once"
-        );
+        document
+            .denylist
+            .push(legacy_block("192.0.2.7/32", now + 600_000));
         assert!(blocked(&document, "192.0.2.7/32", now + 599_999));
         assert!(
             !blocked(&document, "192.0.2.7/32", now + 600_000),
@@ -343,11 +394,18 @@ mod tests {
         });
         assert_eq!(release_expired(&mut document, now), Vec::<String>::new());
         assert_eq!(document.denylist.len(), 1);
-        assert!(
-            block(&mut document, &protection(), "192.0.2.9/32", 6, now),
-            "expired: blocks"
-        );
-        assert_eq!(document.denylist.len(), 1, "the expired entry made way");
+    }
+
+    #[test]
+    fn a_block_sets_tag_names_its_content() {
+        assert_eq!(BlockSet::of(Vec::new()).tag, 0);
+        let one = BlockSet::of(vec![("192.0.2.1/32".into(), 5)]);
+        let same = BlockSet::of(vec![("192.0.2.1/32".into(), 5)]);
+        let other = BlockSet::of(vec![("192.0.2.2/32".into(), 5)]);
+        assert_ne!(one.tag, 0);
+        assert_eq!(one.tag, same.tag);
+        assert_ne!(one.tag, other.tag);
+        assert_eq!(one.items[0].expires_at_ms, Some(5));
     }
 
     #[test]

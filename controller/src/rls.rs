@@ -582,16 +582,23 @@ impl RateLimitService for Rls {
 ///
 /// Who may call: the proxies, with a check token in the `authorization` metadata
 /// (`Bearer <token>`; Envoy's `grpc_service.initial_metadata`), checked before the request
-/// is decoded.
+/// is decoded. What a caller may hold: `limits` (connections, HTTP/2's preface in time, a
+/// peer that reads its answers), and the `GRPC_*` bounds of [`crate::listener`] (streams,
+/// calls in flight, message size, a call's time, pings, a connection's age).
 pub async fn listen(
     addr: Option<SocketAddr>,
+    limits: crate::listener::Limits,
     limiter: Arc<Limiter>,
     tokens: Arc<CheckTokens>,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<impl std::future::Future<Output = Result<(), StartError>>, StartError> {
+    use crate::listener::{
+        GRPC_MAX_CONNECTION_AGE, GRPC_MAX_MESSAGE_BYTES, GRPC_MAX_STREAMS, GRPC_REQUEST_TIMEOUT,
+        H2_PING_INTERVAL, H2_PING_TIMEOUT,
+    };
     let listener = match addr {
-        Some(addr) => Some((addr, crate::bind(addr).await?)),
+        Some(addr) => Some((addr, crate::listener::bind(addr).await?)),
         None => None,
     };
     if let Some((addr, _)) = &listener {
@@ -601,9 +608,8 @@ pub async fn listen(
         let Some((addr, listener)) = listener else {
             return Ok(());
         };
-        // Replies go out at once, as on the check address.
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        // Within the cap, TCP_NODELAY (replies go out at once, as on the check address).
+        let incoming = crate::listener::incoming(listener, limits, Arc::clone(&metrics));
         let authenticate = move |request: tonic::Request<()>| {
             let authorization = request
                 .metadata()
@@ -618,9 +624,19 @@ pub async fn listen(
                 ))
             }
         };
+        let service = RateLimitServiceServer::new(Rls::new(limiter))
+            .max_decoding_message_size(GRPC_MAX_MESSAGE_BYTES);
         tonic::transport::Server::builder()
-            .add_service(RateLimitServiceServer::with_interceptor(
-                Rls::new(limiter),
+            .timeout(GRPC_REQUEST_TIMEOUT)
+            .max_concurrent_streams(GRPC_MAX_STREAMS)
+            .concurrency_limit_per_connection(GRPC_MAX_STREAMS as usize)
+            .http2_keepalive_interval(Some(H2_PING_INTERVAL))
+            .http2_keepalive_timeout(Some(H2_PING_TIMEOUT))
+            // No `max_connection_age_grace`: with it tonic skips the graceful close and
+            // drops the connection at age + grace.
+            .max_connection_age(GRPC_MAX_CONNECTION_AGE)
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                service,
                 authenticate,
             ))
             .serve_with_incoming_shutdown(incoming, shutdown)

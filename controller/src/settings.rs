@@ -131,6 +131,23 @@ pub struct Flags {
     /// The name the Sentinels know the master by.
     #[arg(long, env = "SLUICE_REDIS_SENTINEL_MASTER")]
     pub redis_sentinel_master: Option<String>,
+    // -- The listeners' bounds (listener.rs) --
+    /// How long a connection may take to send its first request and an HTTP/1.1 request's
+    /// head (on the check address its body too), and how long an idle HTTP/1.1 connection is
+    /// kept; on the gRPC API, how long a connection may take to send HTTP/2's preface
+    /// [default: 5000].
+    #[arg(long, env = "SLUICE_HEADER_READ_TIMEOUT_MS")]
+    pub header_read_timeout_ms: Option<u64>,
+    /// Connections the check address holds at once; more are closed as they come
+    /// [default: 1024].
+    #[arg(long, env = "SLUICE_CHECK_MAX_CONNECTIONS")]
+    pub check_max_connections: Option<usize>,
+    /// Connections the admin API holds at once [default: 128].
+    #[arg(long, env = "SLUICE_ADMIN_MAX_CONNECTIONS")]
+    pub admin_max_connections: Option<usize>,
+    /// Connections the gRPC API holds at once [default: 256].
+    #[arg(long, env = "SLUICE_GRPC_MAX_CONNECTIONS")]
+    pub grpc_max_connections: Option<usize>,
 }
 
 /// The settings file: the same settings as the flags, snake_case.
@@ -161,6 +178,10 @@ struct FileSettings {
     redis_cluster_nodes: Option<Vec<String>>,
     redis_sentinels: Option<Vec<String>>,
     redis_sentinel_master: Option<String>,
+    header_read_timeout_ms: Option<u64>,
+    check_max_connections: Option<usize>,
+    admin_max_connections: Option<usize>,
+    grpc_max_connections: Option<usize>,
 }
 
 /// Checked settings, ready to run on.
@@ -196,6 +217,11 @@ pub struct Settings {
     /// Sentinels naming the master `redis_sentinel_master` (empty: no Sentinel).
     pub redis_sentinels: Vec<String>,
     pub redis_sentinel_master: Option<String>,
+    /// The listeners' bounds (listener.rs).
+    pub header_read_timeout_ms: u64,
+    pub check_max_connections: usize,
+    pub admin_max_connections: usize,
+    pub grpc_max_connections: usize,
 }
 
 /// A setting that cannot be used, named as flag, variable and file key.
@@ -325,6 +351,42 @@ impl Settings {
             redis_cluster_nodes: or_file(flags.redis_cluster_nodes, file.redis_cluster_nodes),
             redis_sentinels: or_file(flags.redis_sentinels, file.redis_sentinels),
             redis_sentinel_master: flags.redis_sentinel_master.or(file.redis_sentinel_master),
+            header_read_timeout_ms: range(
+                "header_read_timeout_ms",
+                flags
+                    .header_read_timeout_ms
+                    .or(file.header_read_timeout_ms)
+                    .unwrap_or(crate::listener::HEADER_READ_TIMEOUT_MS),
+                100,
+                60_000,
+            )?,
+            check_max_connections: range(
+                "check_max_connections",
+                flags
+                    .check_max_connections
+                    .or(file.check_max_connections)
+                    .unwrap_or(crate::listener::CHECK_MAX_CONNECTIONS),
+                1,
+                1_000_000,
+            )?,
+            admin_max_connections: range(
+                "admin_max_connections",
+                flags
+                    .admin_max_connections
+                    .or(file.admin_max_connections)
+                    .unwrap_or(crate::listener::ADMIN_MAX_CONNECTIONS),
+                1,
+                1_000_000,
+            )?,
+            grpc_max_connections: range(
+                "grpc_max_connections",
+                flags
+                    .grpc_max_connections
+                    .or(file.grpc_max_connections)
+                    .unwrap_or(crate::listener::GRPC_MAX_CONNECTIONS),
+                1,
+                1_000_000,
+            )?,
         };
         settings.check_redis_topology()?;
         settings.check()?;
@@ -713,6 +775,48 @@ mod tests {
             "setting `redis_cluster_nodes` (--redis-cluster-nodes, SLUICE_REDIS_CLUSTER_NODES): \
              each entry must be a redis:// or rediss:// URL, got \"localhost:7000\""
         );
+    }
+
+    #[test]
+    fn the_listeners_bounds_have_defaults_and_ranges() {
+        let settings = resolve(&["--mode", "development"]).unwrap();
+        assert_eq!(settings.header_read_timeout_ms, 5_000);
+        assert_eq!(settings.check_max_connections, 1_024);
+        assert_eq!(settings.admin_max_connections, 128);
+        assert_eq!(settings.grpc_max_connections, 256);
+        let dir = tempfile_dir();
+        let file = dir.join("settings.toml");
+        std::fs::write(
+            &file,
+            "mode = \"development\"\nheader_read_timeout_ms = 800\ncheck_max_connections = 3\n",
+        )
+        .unwrap();
+        let settings = resolve(&[
+            "--settings",
+            file.to_str().unwrap(),
+            "--grpc-max-connections",
+            "7",
+        ])
+        .unwrap();
+        assert_eq!(settings.header_read_timeout_ms, 800, "from the file");
+        assert_eq!(settings.check_max_connections, 3, "from the file");
+        assert_eq!(settings.grpc_max_connections, 7, "the flag");
+        for (args, setting) in [
+            (
+                &["--header-read-timeout-ms", "99"],
+                "header_read_timeout_ms",
+            ),
+            (&["--check-max-connections", "0"], "check_max_connections"),
+            (&["--admin-max-connections", "0"], "admin_max_connections"),
+            (
+                &["--grpc-max-connections", "1000001"],
+                "grpc_max_connections",
+            ),
+        ] {
+            let args = [&["--mode", "development"][..], &args[..]].concat();
+            let error = resolve(&args).unwrap_err();
+            assert_eq!(error.setting, setting, "{args:?}: {error}");
+        }
     }
 
     fn tempfile_dir() -> PathBuf {

@@ -2363,6 +2363,23 @@ impl sluice_controller::config::ConfigStore for HeldCommit {
     async fn durability(&self) -> Result<(), String> {
         self.inner.durability().await
     }
+
+    async fn add_blocks(
+        &self,
+        blocks: &[(String, u64)],
+        now_ms: u64,
+        most: usize,
+    ) -> Result<Vec<String>, sluice_controller::store::StoreError> {
+        self.inner.add_blocks(blocks, now_ms, most).await
+    }
+
+    async fn blocks(
+        &self,
+        now_ms: u64,
+        most: usize,
+    ) -> Result<Vec<(String, u64)>, sluice_controller::store::StoreError> {
+        self.inner.blocks(now_ms, most).await
+    }
 }
 
 /// Two changes at once: the first one's commit answers late, after the second was made on

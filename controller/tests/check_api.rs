@@ -168,12 +168,14 @@ async fn shadow_rules_report_but_never_block() {
 }
 
 /// The controller knows API keys by digest: a known key counts as its user and carries
-/// its tier into matching; an unknown key counts as itself.
+/// its tier into matching; an unknown key is no identity by default (it is counted by its
+/// address), and counts as itself with `unknown_api_keys = "allow"`.
 #[tokio::test]
 async fn api_keys_map_to_user_and_tier() {
     let digest = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
-    let (router, _clock) = router(&format!(
-        r#"
+    let config = |extra: &str| {
+        format!(
+            r#"
         [[rules]]
         name = "gold"
         limit = 2
@@ -186,13 +188,21 @@ async fn api_keys_map_to_user_and_tier() {
         limit = 5
         window = "1m"
 
+        [[rules]]
+        name = "per-address"
+        scope = "ip"
+        limit = 50
+        window = "1m"
+
         [[api_keys]]
         sha256 = "{digest}"
         user = "acme"
         tier = "gold"
+        {extra}
         "#
-    ))
-    .await;
+        )
+    };
+    let (router, _clock) = router(&config("")).await;
     let with_key = |key: &str| {
         json!({ "checks": [{ "client": { "kind": "api_key", "value": key },
                               "api_key": key, "ip": "10.0.0.1", "path": "/" }] })
@@ -211,10 +221,39 @@ async fn api_keys_map_to_user_and_tier() {
     let decision = &body["decisions"][0];
     assert_eq!(decision["allowed"], true);
     assert_eq!(
-        decision["policy"]["rule"], "per-key",
-        "no tier: gold does not apply"
+        decision["policy"]["rule"], "per-address",
+        "counted by its address only: {decision}"
     );
-    assert!(decision["others"].as_array().is_none());
+    assert!(decision["others"].as_array().is_none(), "{decision}");
+    // A fresh made-up key each time is the same client: the address's count goes on (two
+    // admitted requests with the known key, the unknown one, and this one).
+    let (_, body) = post(&router, "/v1/check", with_key(&"01".repeat(32))).await;
+    assert_eq!(body["decisions"][0]["policy"]["remaining"], 46, "{body}");
+
+    let allowing = config(
+        r#"
+        [protection]
+        invalid_credentials = 10
+        window = "1m"
+        block = "1m"
+        unknown_api_keys = "allow""#,
+    );
+    let (allowing, _clock) = self::router(&allowing).await;
+    let (_, body) = post(&allowing, "/v1/check", with_key(&unknown)).await;
+    let decision = &body["decisions"][0];
+    let rules: Vec<&Value> = std::iter::once(&decision["policy"]["rule"])
+        .chain(
+            decision["others"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|o| &o["rule"]),
+        )
+        .collect();
+    assert!(
+        rules.contains(&&json!("per-key")),
+        "with allow, the key is a client of its own: {decision}"
+    );
 }
 
 /// The filter reads its view of the configuration (rules, lists) with the version it holds;

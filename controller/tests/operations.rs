@@ -462,12 +462,16 @@ fn denylisted(view: &Value) -> Vec<String> {
 async fn an_address_over_the_threshold_is_blocked_then_released_and_its_neighbour_never() {
     let world = world(PROTECTED).await;
     let (live, counters, metrics) = (&world.live, world.counters.as_ref(), &world.metrics);
+    let guard = world.guard.as_ref();
     let now = now_ms();
     let strikes = |pairs: &[(&str, u64)]| -> HashMap<String, u64> {
         pairs.iter().map(|(ip, n)| ((*ip).to_owned(), *n)).collect()
     };
+    let version = get(&world, "/v1/admin/version").await["version"].clone();
+    let audit_before = audit_newest(&world).await;
     // Three invalid credentials are allowed within the window (the neighbour sends three).
     protection::round(
+        guard,
         live,
         counters,
         metrics,
@@ -475,11 +479,11 @@ async fn an_address_over_the_threshold_is_blocked_then_released_and_its_neighbou
         now,
     )
     .await;
-    let view = call(&world.check, "GET", "/v1/config", None, &[], None)
-        .await
-        .json();
-    assert_eq!(denylisted(&view), Vec::<String>::new());
+    let first = call(&world.check, "GET", "/v1/config", None, &[], None).await;
+    assert_eq!(denylisted(&first.json()), Vec::<String>::new());
+    let unblocked_tag = first.etag.clone().expect("an etag");
     protection::round(
+        guard,
         live,
         counters,
         metrics,
@@ -487,16 +491,38 @@ async fn an_address_over_the_threshold_is_blocked_then_released_and_its_neighbou
         now + 1_000,
     )
     .await;
-    let view = call(&world.check, "GET", "/v1/config", None, &[], None)
-        .await
-        .json();
+    // The filter holding the view without the block reads it again: the tag names blocks.
+    let reread = call(
+        &world.check,
+        "GET",
+        "/v1/config",
+        None,
+        &[("if-none-match", unblocked_tag.as_str())],
+        None,
+    )
+    .await;
+    assert_eq!(reread.status, StatusCode::OK);
+    let view = reread.json();
     assert_eq!(denylisted(&view), ["192.0.2.7/32"], "{view}");
     let expires = view["denylist"][0]["expires_at_ms"].as_u64().unwrap();
-    assert!((now + 1_000 + 600_000 - 1_000..=now + 1_000 + 600_000).contains(&expires));
-    let entry = audit_newest(&world).await;
-    assert_eq!(entry["actor"], "protection", "{entry}");
-    assert_eq!(entry["action"], "protection.block");
-    assert_eq!(entry["change"]["blocked"][0]["ip"], "192.0.2.7/32");
+    assert_eq!(expires, now + 1_000 + 600_000);
+    // Blocks live beside the configuration: no version, no audit entry, and the view says
+    // the version the denial caches and leases are keyed by is the same.
+    assert_eq!(view["version"], version);
+    assert_eq!(get(&world, "/v1/admin/version").await["version"], version);
+    assert_eq!(audit_newest(&world).await, audit_before, "no audit entry");
+    let blocked_tag = reread.etag.clone().expect("an etag");
+    assert_ne!(blocked_tag, unblocked_tag);
+    let again = call(
+        &world.check,
+        "GET",
+        "/v1/config",
+        None,
+        &[("if-none-match", blocked_tag.as_str())],
+        None,
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::NOT_MODIFIED);
     let scraped = call(&world.admin, "GET", "/metrics", None, &[], None)
         .await
         .text;
@@ -505,8 +531,8 @@ async fn an_address_over_the_threshold_is_blocked_then_released_and_its_neighbou
         "{scraped}"
     );
     // Still blocked, more strikes change nothing.
-    let version = get(&world, "/v1/admin/version").await["version"].clone();
     protection::round(
+        guard,
         live,
         counters,
         metrics,
@@ -514,16 +540,71 @@ async fn an_address_over_the_threshold_is_blocked_then_released_and_its_neighbou
         now + 2_000,
     )
     .await;
-    assert_eq!(get(&world, "/v1/admin/version").await["version"], version);
-    // The block's end: the entry goes, in a change of its own.
-    protection::round(live, counters, metrics, HashMap::new(), expires).await;
+    let view = call(&world.check, "GET", "/v1/config", None, &[], None)
+        .await
+        .json();
+    assert_eq!(denylisted(&view), ["192.0.2.7/32"], "{view}");
+    assert_eq!(
+        view["denylist"][0]["expires_at_ms"], expires,
+        "not extended"
+    );
+    // The block's end: it is gone from the view, still with no change of version.
+    protection::round(guard, live, counters, metrics, HashMap::new(), expires).await;
     let view = call(&world.check, "GET", "/v1/config", None, &[], None)
         .await
         .json();
     assert_eq!(denylisted(&view), Vec::<String>::new(), "released");
-    let entry = audit_newest(&world).await;
-    assert_eq!(entry["action"], "protection.release", "{entry}");
-    assert_eq!(entry["change"]["released"], json!(["192.0.2.7/32"]));
+    assert_eq!(get(&world, "/v1/admin/version").await["version"], version);
+}
+
+/// A flood of blocks (thousands of distinct addresses, IPv6 included) stays within its
+/// bound, changes no version, writes nothing to the audit log, and the view stays bounded.
+#[tokio::test]
+async fn a_flood_of_blocks_stays_within_its_bound_and_leaves_the_configuration_alone() {
+    let world = world(PROTECTED).await;
+    let version = get(&world, "/v1/admin/version").await["version"].clone();
+    let audit_before = audit_newest(&world).await;
+    let now = now_ms();
+    let flood: HashMap<String, u64> = (0..3_000u32)
+        .map(|n| {
+            (
+                format!("10.{}.{}.{}/32", n >> 16, (n >> 8) & 255, n & 255),
+                4,
+            )
+        })
+        .chain((0..3_000u32).map(|n| (format!("2001:db8:{n:x}::/64"), 4)))
+        .collect();
+    protection::round(
+        &world.guard,
+        &world.live,
+        world.counters.as_ref(),
+        &world.metrics,
+        flood,
+        now,
+    )
+    .await;
+    let view = call(&world.check, "GET", "/v1/config", None, &[], None)
+        .await
+        .json();
+    let blocked = denylisted(&view);
+    assert_eq!(blocked.len(), protection::MAX_BLOCKS, "bounded");
+    assert!(
+        blocked.iter().any(|ip| ip.contains(':')),
+        "IPv6 blocked too"
+    );
+    assert_eq!(view["version"], version);
+    assert_eq!(get(&world, "/v1/admin/version").await["version"], version);
+    assert_eq!(audit_newest(&world).await, audit_before, "no audit entry");
+    let scraped = call(&world.admin, "GET", "/metrics", None, &[], None)
+        .await
+        .text;
+    assert!(
+        scraped.contains(&format!(
+            "sluice_protection_blocks_total {}",
+            protection::MAX_BLOCKS
+        )),
+        "{scraped}"
+    );
 }
 
 #[tokio::test]

@@ -310,14 +310,22 @@ static_resources:
         upstream = endpoints_yaml(&[options.upstream_port]),
         controllers = endpoints_yaml(&controller_ports),
         controller_health = CONTROLLER_HEALTH,
+        // Idle connections closed by Envoy before the controller closes them, as in every
+        // shipped config.
         controller_protocol = if options.controller_http2 {
             r#"
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        common_http_protocol_options: { idle_timeout: 4s }
         explicit_http_config: { http2_protocol_options: {} }"#
         } else {
-            ""
+            r#"
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        common_http_protocol_options: { idle_timeout: 4s }
+        explicit_http_config: { http_protocol_options: {} }"#
         },
     )
 }

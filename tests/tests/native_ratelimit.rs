@@ -184,6 +184,13 @@ impl Client {
                 RateLimitServiceClient::connect(format!("http://127.0.0.1:{}", self.port))
                     .await
                     .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            // As Envoy sends it (grpc_service.initial_metadata).
+            let mut request = tonic::Request::new(request);
+            let credential = format!("Bearer {}", sluice_e2e::controller::CHECK_TOKEN);
+            request.metadata_mut().insert(
+                "authorization",
+                credential.parse().expect("a metadata value"),
+            );
             client
                 .should_rate_limit(request)
                 .await
@@ -334,6 +341,13 @@ window = "1h"
 [[api_keys]]
 sha256 = "9b1f6b1b4c1ac3f4e6b5b6d7f1c0d2b3a4e5f60718293a4b5c6d7e8f9a0b1c2d"
 user = "placeholder"
+
+# Unknown keys count as clients of their own here (by default they count by address).
+[protection]
+invalid_credentials = 1000
+window = "1m"
+block = "1m"
+unknown_api_keys = "allow"
 "#;
 
 /// One descriptor from `x-api-key` (as `api_key`, hashed by the controller) and one from
@@ -395,11 +409,16 @@ fn descriptors_map_to_the_documented_identities() {
 }
 
 /// The Sluice filter and Envoy's own filter, each in its own Envoy, count an API key on one
-/// counter: the controller hashes the key as the filter does.
+/// counter: the controller hashes the key as the filter does, and knows it as its user.
 #[test]
 fn the_wasm_filter_and_the_native_filter_share_a_clients_counter() {
     let redis = RedisServer::start();
-    let controller = controller(&per_client(4, "1h"), &redis);
+    let known = format!(
+        "{}\n[[api_keys]]\nsha256 = \"{}\"\nuser = \"shared\"\n",
+        per_client(4, "1h"),
+        sluice_filter::identity::api_key_digest("shared-key")
+    );
+    let controller = controller(&known, &redis);
     let upstream = Upstream::start();
     let native = envoy_asking(
         vec![controller.grpc()],

@@ -457,6 +457,7 @@ fn an_address_guessing_credentials_is_blocked_then_released_and_its_neighbour_ne
     let redis = RedisServer::start();
     let config = protected();
     let controller = Controller::start_with(&ControllerOptions::new(&config, Some(&redis.url())));
+    let version_before = controller.config_version();
     let upstream = Upstream::start();
     let envoy = envoy_with(
         &[&controller],
@@ -514,15 +515,15 @@ fn an_address_guessing_credentials_is_blocked_then_released_and_its_neighbour_ne
             as_good("203.0.113.5") == 403
         },
     );
-    let entry = audit(&controller)
-        .into_iter()
-        .find(|entry| entry["action"] == "protection.block")
-        .expect("an audit line");
-    assert_eq!(entry["actor"], "protection");
-    assert_eq!(
-        entry["change"]["blocked"][0]["ip"], "203.0.113.5/32",
-        "{entry}"
+    // Blocks live beside the configuration: no audit entry, no new version; the filters
+    // read them with the lists (the view, as a filter reads it, with the check token).
+    assert!(
+        audit(&controller)
+            .iter()
+            .all(|entry| entry["actor"] != "protection"),
+        "no audit entry"
     );
+    assert_eq!(controller.config_version(), version_before);
     let scraped = http::get(&controller.admin_url("/metrics"))
         .expect("scrape")
         .body;
@@ -530,16 +531,19 @@ fn an_address_guessing_credentials_is_blocked_then_released_and_its_neighbour_ne
         scraped.contains("sluice_protection_blocks_total 1"),
         "{scraped}"
     );
-    // Released when the block's entry expires, not before. The block may have begun while
-    // the last attempts were still answered (the filter learns of it up to a poll later), so
-    // the entry's own expiry is the reference, not the moment the test first saw a 403.
-    let denylist = controller
-        .admin("GET", "/v1/admin/lists/denylist", None)
-        .json();
-    let expires_at = denylist[0]["entry"]["expires_at"]
-        .as_str()
-        .and_then(|at| humantime::parse_rfc3339(at).ok())
-        .unwrap_or_else(|| panic!("a block with an expiry: {denylist}"));
+    let view = filter_view(&controller);
+    let block = view["denylist"]
+        .as_array()
+        .and_then(|list| list.iter().find(|e| e["value"] == "203.0.113.5/32"))
+        .unwrap_or_else(|| panic!("the block in the filters' view: {view}"))
+        .clone();
+    // Released when the block ends, not before. The block may have begun while the last
+    // attempts were still answered (the filter learns of it up to a poll later), so the
+    // block's own end is the reference, not the moment the test first saw a 403.
+    let ends_ms = block["expires_at_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("a block with an end: {block}"));
+    let expires_at = std::time::UNIX_EPOCH + Duration::from_millis(ends_ms);
     let until_expiry = expires_at
         .duration_since(SystemTime::now())
         .unwrap_or_default();
@@ -558,11 +562,24 @@ fn an_address_guessing_credentials_is_blocked_then_released_and_its_neighbour_ne
         early <= Duration::from_millis(100),
         "released {early:?} before the block's expiry"
     );
-    // The expired entry is tidied away.
-    within(Duration::from_secs(3), "the block's entry removed", || {
-        controller
-            .admin("GET", "/v1/admin/lists/denylist", None)
-            .json()
-            == json!([])
-    });
+    // The ended block is gone from the view.
+    within(
+        Duration::from_secs(3),
+        "the block gone from the view",
+        || filter_view(&controller)["denylist"] == json!([]),
+    );
+    assert_eq!(controller.config_version(), version_before);
+}
+
+/// `GET /v1/config` as a filter reads it.
+fn filter_view(controller: &Controller) -> Value {
+    let credential = format!("Bearer {}", sluice_e2e::controller::CHECK_TOKEN);
+    http::request(
+        "GET",
+        &controller.url("/v1/config"),
+        &[("authorization", credential.as_str())],
+        None,
+    )
+    .expect("the view")
+    .json()
 }

@@ -4,12 +4,18 @@
 //! this controller's counts of the last seconds ([`crate::stats::Recorder::tallies`]): nothing
 //! is added to the check path. The stream ends when the controller stops, so an open
 //! dashboard never holds a graceful shutdown up.
+//!
+//! A token may have [`PER_TOKEN`] streams open at once, and the admin API serves
+//! [`IN_ALL`]; past either, `429 too_many_streams` names the limit. A client that stops
+//! reading its stream is dropped by the listener ([`crate::listener::WRITE_STALL`]).
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use sluice_protocol::admin::{StatsBody, StatsEvent};
@@ -23,7 +29,91 @@ use crate::stats::{self, RateMeter, Recorder, Window};
 /// How often an event goes out.
 pub const INTERVAL: Duration = Duration::from_secs(1);
 
+/// Streams one token may have open at once: a person's few dashboard tabs. A token that
+/// opens more is a script gone wrong, or a stolen token.
+pub const PER_TOKEN: usize = 4;
+
+/// Streams the admin API serves at once, every token together. Each reads the stats (and
+/// the store's shared counts) once a second and holds a connection: 64 keeps that to 64
+/// reads a second, and to half of the admin API's connections
+/// ([`crate::listener::ADMIN_MAX_CONNECTIONS`]), so that calls, probes and scrapes still
+/// find a place when every stream is open.
+pub const IN_ALL: usize = 64;
+
+/// The streams open, by admin API and token name. An admin API is named by its token set
+/// (the address of `AdminState::tokens`): every stream holds its API's state, so that
+/// address cannot be reused while any of its streams is open; an API without streams has
+/// no entry. (Per API, not per process, so that APIs built side by side in tests count
+/// apart.)
+static OPEN: Mutex<BTreeMap<usize, Open>> = Mutex::new(BTreeMap::new());
+
+#[derive(Default)]
+struct Open {
+    all: usize,
+    by_token: BTreeMap<String, usize>,
+}
+
+/// One open stream's place, given back when the stream is dropped.
+struct Slot {
+    api: usize,
+    token: String,
+}
+
+impl Slot {
+    fn take(state: &AdminState, token: &str) -> Result<Slot, ApiError> {
+        let api = Arc::as_ptr(&state.tokens) as usize;
+        let mut open = OPEN.lock().unwrap_or_else(PoisonError::into_inner);
+        let (all, mine) = open.get(&api).map_or((0, 0), |open| {
+            (open.all, open.by_token.get(token).copied().unwrap_or(0))
+        });
+        if mine >= PER_TOKEN {
+            return Err(too_many(format!(
+                "the token `{token}` has {mine} stats streams open, the most one token may have \
+                 ({PER_TOKEN}): close one (a dashboard tab) first"
+            )));
+        }
+        if all >= IN_ALL {
+            return Err(too_many(format!(
+                "the admin API serves {all} stats streams, the most it serves at once \
+                 ({IN_ALL}): try again later"
+            )));
+        }
+        let entry = open.entry(api).or_default();
+        entry.all += 1;
+        *entry.by_token.entry(token.to_owned()).or_default() += 1;
+        Ok(Slot {
+            api,
+            token: token.to_owned(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = OPEN.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(entry) = open.get_mut(&self.api) else {
+            return;
+        };
+        entry.all = entry.all.saturating_sub(1);
+        if let Some(mine) = entry.by_token.get_mut(&self.token) {
+            *mine = mine.saturating_sub(1);
+            if *mine == 0 {
+                entry.by_token.remove(&self.token);
+            }
+        }
+        if entry.all == 0 {
+            open.remove(&self.api);
+        }
+    }
+}
+
+fn too_many(message: String) -> ApiError {
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_streams", message)
+}
+
 struct Feed {
+    /// First, so that it is given back before the state (and its token set) is dropped.
+    _slot: Slot,
     state: AdminState,
     recorder: Arc<Recorder>,
     window: Window,
@@ -85,13 +175,18 @@ impl Feed {
                                              the controller stops",
                content_type = "text/event-stream", body = StatsEvent),
               (status = 400, body = sluice_protocol::admin::ErrorBody),
-              (status = 409, body = sluice_protocol::admin::ErrorBody)),
+              (status = 409, body = sluice_protocol::admin::ErrorBody),
+              (status = 429, description = "`too_many_streams`: the token has 4 streams open, \
+                                            or the admin API serves 64",
+               body = sluice_protocol::admin::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_stats_stream(
     State(state): State<AdminState>,
-    _: Reader,
+    Reader(caller): Reader,
     ValidQuery(query): ValidQuery<StatsQuery>,
 ) -> Result<Response, ApiError> {
+    // Before the stats are read: a refused stream costs nothing.
+    let slot = Slot::take(&state, &caller.name)?;
     // A bad question, or a controller without stats, is answered as JSON, before any event.
     let first = gather(&state, &query).await?;
     let Some(recorder) = state.limiter.recorder().cloned() else {
@@ -104,6 +199,7 @@ pub async fn get_stats_stream(
     // The first tick completes at once: the first event is `first`.
     ticks.reset();
     let feed = Feed {
+        _slot: slot,
         stopping: state.stopping.clone(),
         state,
         recorder,

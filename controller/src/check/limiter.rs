@@ -149,11 +149,7 @@ impl Limiter {
             .iter()
             .map(|check| resolve_api_key(&snapshot, check))
             .collect();
-        let rejecting = snapshot
-            .document
-            .protection
-            .as_ref()
-            .is_some_and(|p| p.unknown_api_keys == UnknownApiKeys::Reject)
+        let rejecting = unknown_keys_policy(&snapshot) == UnknownApiKeys::Reject
             // The emergency switch lets everything through.
             && snapshot.operations.enforce;
         let mut plans: Vec<Plan<'_>> = checks
@@ -516,15 +512,39 @@ fn unknown_api_key(snapshot: &Snapshot, check: &Check) -> bool {
         .is_some_and(|key| !snapshot.api_keys.contains_key(key))
 }
 
-/// The check as the rules see it: an API key the controller knows stands for its user
-/// (who then is the client) and tier; a JWT's own user and tier win over the key's.
-fn resolve_api_key<'c>(snapshot: &Snapshot, check: &'c Check) -> Cow<'c, Check> {
-    let Some(grant) = check
-        .api_key
+/// What happens to API keys the configuration does not know (`protection.unknown_api_keys`,
+/// counted by address when not said).
+fn unknown_keys_policy(snapshot: &Snapshot) -> UnknownApiKeys {
+    snapshot
+        .document
+        .protection
         .as_ref()
-        .and_then(|key| snapshot.api_keys.get(key))
-    else {
+        .map(|p| p.unknown_api_keys)
+        .unwrap_or_default()
+}
+
+/// The check as the rules see it: an API key the controller knows stands for its user
+/// (who then is the client) and tier; a JWT's own user and tier win over the key's. An
+/// unknown key is, by default, no identity: the client is counted by its address.
+fn resolve_api_key<'c>(snapshot: &Snapshot, check: &'c Check) -> Cow<'c, Check> {
+    let Some(key) = check.api_key.as_ref() else {
         return Cow::Borrowed(check);
+    };
+    let Some(grant) = snapshot.api_keys.get(key) else {
+        if unknown_keys_policy(snapshot) != UnknownApiKeys::ByAddress {
+            return Cow::Borrowed(check);
+        }
+        let mut by_address = check.clone();
+        by_address.api_key = None;
+        if by_address.client.is(ClientKind::ApiKey) {
+            by_address.client = ClientId::ip(
+                by_address
+                    .ip
+                    .clone()
+                    .unwrap_or_else(|| "unknown".to_owned()),
+            );
+        }
+        return Cow::Owned(by_address);
     };
     let mut resolved = check.clone();
     if resolved.user.is_none() {

@@ -14,14 +14,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use sluice_protocol::{
-    CheckRequest, CheckResponse, ReleaseRequest, CHECK_PATH, CONFIG_PATH, MAX_CALL_BODY_BYTES,
-    MAX_IDENTITY_BYTES, MAX_REQUEST_FIELD_BYTES, RELEASE_PATH, REPORT_PATH,
+    CheckRequest, CheckResponse, FilterView, ReleaseRequest, CHECK_PATH, CONFIG_PATH,
+    MAX_CALL_BODY_BYTES, MAX_CHECK_HEADERS, MAX_HEADER_NAME_BYTES, MAX_IDENTITY_BYTES,
+    MAX_METHOD_BYTES, MAX_REQUEST_FIELD_BYTES, RELEASE_PATH, REPORT_PATH,
 };
 
 use crate::automatic::Signals;
 use crate::error::{parse_json, ApiError, Body};
 use crate::metrics::Metrics;
-use crate::protection::Guard;
+use crate::protection::{BlockSet, Guard};
 use credential::CheckTokens;
 use limiter::{Limiter, ReleaseError};
 
@@ -40,6 +41,8 @@ pub struct CheckState {
     pub tokens: Arc<CheckTokens>,
     /// Who reported in the current period (each reporter counts once per period).
     pub reporters: Arc<report::Reporters>,
+    /// The filter's view with protection's blocks.
+    pub views: Arc<ViewsWithBlocks>,
 }
 
 /// The check address's routes; `/metrics` too when `with_metrics`.
@@ -160,19 +163,19 @@ fn bounded(request: &CheckRequest) -> Result<(), ApiError> {
             }
         }
         longest(&field("host"), &check.host, MAX_REQUEST_FIELD_BYTES)?;
-        longest(&field("method"), &check.method, 64)?;
+        longest(&field("method"), &check.method, MAX_METHOD_BYTES)?;
         longest(&field("path"), &check.path, MAX_REQUEST_FIELD_BYTES)?;
         if let Some(id) = &check.request_id {
             longest(&field("request_id"), id, 128)?;
         }
-        if check.headers.len() > MAX_MATCHED_HEADERS {
+        if check.headers.len() > MAX_CHECK_HEADERS {
             return Err(ApiError::invalid(
                 field("headers"),
-                format!("at most {MAX_MATCHED_HEADERS} headers"),
+                format!("at most {MAX_CHECK_HEADERS} headers"),
             ));
         }
         for (name, value) in &check.headers {
-            longest(&field("headers"), name, 256)?;
+            longest(&field("headers"), name, MAX_HEADER_NAME_BYTES)?;
             longest(
                 &field(&format!("headers.{name}")),
                 value,
@@ -182,9 +185,6 @@ fn bounded(request: &CheckRequest) -> Result<(), ApiError> {
     }
     Ok(())
 }
-
-/// Most headers one check carries (those the rules match on).
-const MAX_MATCHED_HEADERS: usize = 64;
 
 fn longest(field: &str, value: &str, bytes: usize) -> Result<(), ApiError> {
     if value.len() > bytes {
@@ -201,11 +201,15 @@ pub fn etag(version: u64) -> String {
     format!("\"{version}\"")
 }
 
-/// What the filter needs of the configuration (rules, lists), built once per version. The
-/// filter asks with the version it holds (`If-None-Match`): unchanged, it gets `304`.
+/// What the filter needs of the configuration (rules, lists), built once per version, with
+/// protection's blocks in its denylist. The entity tag is the version, and the blocks' tag
+/// when there are any: a block changes what the filters read, not the version their denial
+/// caches and leases are keyed by. The filter asks with the tag it holds (`If-None-Match`):
+/// unchanged, it gets `304`.
 async fn filter_view(State(state): State<CheckState>, headers: HeaderMap) -> Response {
     let snapshot = state.limiter.config().snapshot();
-    let tag = etag(snapshot.version);
+    let blocks = state.guard.blocks();
+    let tag = view_tag(snapshot.version, blocks.tag);
     let unchanged = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|value| value.to_str().ok())
@@ -213,14 +217,51 @@ async fn filter_view(State(state): State<CheckState>, headers: HeaderMap) -> Res
     if unchanged {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response();
     }
+    let body = if blocks.items.is_empty() {
+        snapshot.filter_view.clone()
+    } else {
+        state.views.with_blocks(&snapshot, &blocks)
+    };
     (
         [
             (header::ETAG, tag),
             (header::CONTENT_TYPE, "application/json".to_owned()),
         ],
-        snapshot.filter_view.clone(),
+        body,
     )
         .into_response()
+}
+
+fn view_tag(version: u64, blocks: u64) -> String {
+    if blocks == 0 {
+        etag(version)
+    } else {
+        format!("\"{version}.{blocks:016x}\"")
+    }
+}
+
+/// The filter's view with protection's blocks, built once per version and set of blocks.
+#[derive(Default)]
+pub struct ViewsWithBlocks {
+    built: arc_swap::ArcSwapOption<(u64, u64, Vec<u8>)>,
+}
+
+impl ViewsWithBlocks {
+    fn with_blocks(&self, snapshot: &crate::config::Snapshot, blocks: &BlockSet) -> Vec<u8> {
+        if let Some(built) = self.built.load().as_ref() {
+            if built.0 == snapshot.version && built.1 == blocks.tag {
+                return built.2.clone();
+            }
+        }
+        let Ok(mut view) = serde_json::from_slice::<FilterView>(&snapshot.filter_view) else {
+            return snapshot.filter_view.clone();
+        };
+        view.denylist.extend(blocks.items.iter().cloned());
+        let body = serde_json::to_vec(&view).unwrap_or_else(|_| snapshot.filter_view.clone());
+        self.built
+            .store(Some(Arc::new((snapshot.version, blocks.tag, body.clone()))));
+        body
+    }
 }
 
 async fn metrics(State(state): State<CheckState>) -> Response {

@@ -3,6 +3,7 @@
 //! change is committed only if the configuration is still at the version it was made from,
 //! together with its audit entry, atomically.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -63,6 +64,19 @@ pub trait ConfigStore: Send + Sync {
 
     /// Whether an acknowledged change survives a crash of the store, and if not, why.
     async fn durability(&self) -> Result<(), String>;
+
+    /// Adds brute-force protection's `blocks` (address, end in ms), keeping at most `most`
+    /// at once; returns the addresses blocked by this call. Blocks are not part of the
+    /// configuration: no version, no audit entry.
+    async fn add_blocks(
+        &self,
+        blocks: &[(String, u64)],
+        now_ms: u64,
+        most: usize,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// The blocks in force at `now_ms` (address, end in ms), at most `most`.
+    async fn blocks(&self, now_ms: u64, most: usize) -> Result<Vec<(String, u64)>, StoreError>;
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<String, StoreError> {
@@ -75,6 +89,7 @@ pub struct RedisConfigStore {
     connection: RedisConnection,
     target_for_logs: String,
     commit: Script,
+    block: Script,
     audit_length: usize,
 }
 
@@ -102,6 +117,7 @@ impl RedisConfigStore {
             connection,
             target_for_logs: target.describe(),
             commit: Script::new(include_str!("../../../lua/config_commit.lua")),
+            block: Script::new(include_str!("../../../lua/protection_block.lua")),
             audit_length: audit_length.max(1),
         }
     }
@@ -189,6 +205,40 @@ impl ConfigStore for RedisConfigStore {
         Ok(())
     }
 
+    async fn add_blocks(
+        &self,
+        blocks: &[(String, u64)],
+        now_ms: u64,
+        most: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        if blocks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = self.block.key(keys::protection_blocks_key());
+        invocation.arg(now_ms).arg(most);
+        for (address, ends) in blocks {
+            invocation.arg(address).arg(*ends);
+        }
+        Ok(invocation
+            .invoke_async(&mut self.connection.clone())
+            .await?)
+    }
+
+    async fn blocks(&self, now_ms: u64, most: usize) -> Result<Vec<(String, u64)>, StoreError> {
+        let held: Vec<(String, u64)> = redis::cmd("ZRANGE")
+            .arg(keys::protection_blocks_key())
+            .arg(format!("({now_ms}"))
+            .arg("+inf")
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(most)
+            .arg("WITHSCORES")
+            .query_async(&mut self.connection.clone())
+            .await?;
+        Ok(held)
+    }
+
     async fn durability(&self) -> Result<(), String> {
         let settings: Result<Vec<String>, _> = redis::cmd("CONFIG")
             .arg("GET")
@@ -232,6 +282,9 @@ pub struct MemoryConfigStore {
     held: Mutex<Held>,
     state_file: Option<PathBuf>,
     audit_length: usize,
+    /// Protection's blocks: address → end (ms). Not written to the state file: a block
+    /// is short-lived, and a restart ends it.
+    blocks: Mutex<BTreeMap<String, u64>>,
 }
 
 impl MemoryConfigStore {
@@ -252,6 +305,7 @@ impl MemoryConfigStore {
             held: Mutex::new(held),
             state_file,
             audit_length: audit_length.max(1),
+            blocks: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -350,5 +404,36 @@ impl ConfigStore for MemoryConfigStore {
                     .to_owned(),
             ),
         }
+    }
+
+    async fn add_blocks(
+        &self,
+        blocks: &[(String, u64)],
+        now_ms: u64,
+        most: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut held = self.blocks.lock().unwrap_or_else(PoisonError::into_inner);
+        held.retain(|_, ends| *ends > now_ms);
+        let mut added = Vec::new();
+        for (address, ends) in blocks {
+            if held.len() >= most {
+                break;
+            }
+            if *ends > now_ms && !held.contains_key(address) {
+                held.insert(address.clone(), *ends);
+                added.push(address.clone());
+            }
+        }
+        Ok(added)
+    }
+
+    async fn blocks(&self, now_ms: u64, most: usize) -> Result<Vec<(String, u64)>, StoreError> {
+        let held = self.blocks.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(held
+            .iter()
+            .filter(|(_, ends)| **ends > now_ms)
+            .take(most)
+            .map(|(address, ends)| (address.clone(), *ends))
+            .collect())
     }
 }

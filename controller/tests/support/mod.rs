@@ -36,6 +36,7 @@ pub struct World {
     pub signals: Arc<Signals>,
     pub metrics: Arc<Metrics>,
     pub recorder: Arc<Recorder>,
+    pub guard: Arc<protection::Guard>,
 }
 
 /// A controller started from the configuration `toml` (TOML; empty for none).
@@ -165,10 +166,11 @@ pub async fn world_on(
             CheckState {
                 limiter: Arc::clone(&limiter),
                 signals: Arc::clone(&signals),
-                guard,
+                guard: Arc::clone(&guard),
                 metrics: Arc::clone(&metrics),
                 tokens: Default::default(),
                 reporters: Default::default(),
+                views: Default::default(),
             },
             true,
         ),
@@ -185,6 +187,7 @@ pub async fn world_on(
         signals,
         metrics,
         recorder,
+        guard,
     }
 }
 
