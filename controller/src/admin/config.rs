@@ -1,6 +1,7 @@
 //! The whole configuration: its version, an export in the schema files use (TOML, YAML or
 //! JSON), and an import that validates everything first and applies all of it, as one
-//! version, or nothing.
+//! version, or nothing. Both run off the threads that answer checks ([`super::offload`]);
+//! an import nested deeper than [`super::depth::MAX_DEPTH`] is refused before it is parsed.
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -84,7 +85,11 @@ pub async fn import(
     })?;
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::invalid("", "the configuration is not UTF-8"))?;
+    super::depth::check(text.as_bytes(), format)?;
     let document = file::parse(text, format)?;
+    // The parse may have taken seconds: if the request limit ran out meanwhile (and the
+    // client was told 408), the import stops here, before it changes anything.
+    tokio::task::yield_now().await;
     let author = Author {
         actor: &caller.name,
         action: "config.import",

@@ -11,9 +11,11 @@ use sluice_protocol::config::{ConfigDocument, Tier};
 use sluice_protocol::Rule;
 
 use super::auth::{Admin, Reader};
-use super::{document_writable, if_match, missing, versioned, with_document, AdminState};
+use super::{
+    document_writable, if_match, json_body, missing, versioned, with_document, AdminState,
+};
 use crate::config::{Author, ChangeError, FieldError};
-use crate::error::{parse_json, ApiError, Body};
+use crate::error::{ApiError, Body};
 
 /// What rules and tiers have in common here.
 trait Named: Clone + Serialize + DeserializeOwned {
@@ -94,7 +96,7 @@ async fn put<T: Named>(
     body: &[u8],
 ) -> Result<Response, ApiError> {
     document_writable(state)?;
-    let entity: T = parse_json(body)?;
+    let entity: T = json_body(body)?;
     if let Some(name) = replace {
         if entity.name() != name {
             return Err(ApiError::invalid(

@@ -9,10 +9,12 @@ use sluice_protocol::admin::{ApiKeyBody, ApiKeyUpdate, NewApiKey};
 use sluice_protocol::config::ApiKey;
 
 use super::auth::{hex, Admin, Reader};
-use super::{document_writable, if_match, missing, versioned, with_document, AdminState};
+use super::{
+    document_writable, if_match, json_body, missing, versioned, with_document, AdminState,
+};
 use crate::config::validate::{self, FieldError};
 use crate::config::{Author, ChangeError};
-use crate::error::{parse_json, ApiError, Body};
+use crate::error::{ApiError, Body};
 
 /// A new key: `sk_` and 32 random bytes in hex.
 fn new_key() -> Result<String, ApiError> {
@@ -94,7 +96,7 @@ pub async fn create(
     Body(body): Body,
 ) -> Result<Response, ApiError> {
     document_writable(&state)?;
-    let request: NewApiKey = parse_json(&body)?;
+    let request: NewApiKey = json_body(&body)?;
     let (key, sha256) = match &request.sha256 {
         Some(digest) => (None, validate::digest("sha256", digest)?),
         None => {
@@ -162,7 +164,7 @@ pub async fn update(
     Body(body): Body,
 ) -> Result<Response, ApiError> {
     document_writable(&state)?;
-    let update: ApiKeyUpdate = parse_json(&body)?;
+    let update: ApiKeyUpdate = json_body(&body)?;
     let digest = sha256.to_ascii_lowercase();
     let author = Author {
         actor: &caller.name,

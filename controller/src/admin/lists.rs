@@ -10,10 +10,10 @@ use sluice_protocol::admin::{ListEntryBody, NewListEntry};
 use sluice_protocol::config::{ConfigDocument, ListEntry, ListName};
 
 use super::auth::{hex, Admin, Reader};
-use super::{document_writable, if_match, versioned, with_document, AdminState};
+use super::{document_writable, if_match, json_body, versioned, with_document, AdminState};
 use crate::config::validate;
 use crate::config::{Author, ChangeError};
-use crate::error::{parse_json, ApiError, Body};
+use crate::error::{ApiError, Body};
 use crate::store::now_ms;
 
 pub fn entry_id(list: ListName, entry: &ListEntry) -> String {
@@ -156,7 +156,7 @@ pub async fn add(
 ) -> Result<Response, ApiError> {
     let list = parse_list(&list)?;
     document_writable(&state)?;
-    let entry = new_entry(parse_json(&request)?)?;
+    let entry = new_entry(json_body(&request)?)?;
     let id = entry_id(list, &entry);
     let author = Author {
         actor: &caller.name,

@@ -3,15 +3,20 @@
 //! state, the audit log, and the OpenAPI document that describes all of it. Every route but
 //! the OpenAPI document (which holds no data) needs a bearer token ([`auth`]); changes need
 //! the `admin` role. Nothing here is on the
-//! check path: a change builds a new snapshot and swaps it in ([`crate::config::LiveConfig`]).
+//! check path: a change builds a new snapshot and swaps it in ([`crate::config::LiveConfig`]),
+//! and every request under [`sluice_protocol::admin::ADMIN_PREFIX`] is handled off the
+//! threads that answer checks ([`offload`]). Every document it reads is refused if nested
+//! deeper than [`depth::MAX_DEPTH`], before it is parsed.
 
 pub mod auth;
 mod config;
 mod counters;
 mod dashboard;
+pub mod depth;
 mod entities;
 mod keys;
 mod lists;
+pub mod offload;
 pub mod openapi;
 mod stats;
 mod stream;
@@ -25,6 +30,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tower_http::timeout::TimeoutLayer;
 
@@ -37,7 +43,9 @@ use auth::Tokens;
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 /// Largest configuration an import may carry.
 pub const MAX_IMPORT_BYTES: usize = 16 << 20;
-/// Longest an admin request may take.
+/// Longest an admin request may take: the layer that enforces it is outside every other,
+/// and the handlers run off the runtime's workers ([`offload`]), so that a handler busy
+/// parsing does not keep the timer from firing.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
@@ -121,7 +129,11 @@ pub fn app(state: AdminState) -> Router {
         .route("/audit", get(system::audit))
         .route("/whoami", get(system::whoami))
         .route("/openapi.json", get(openapi::serve))
-        .method_not_allowed_fallback(crate::error::method_not_allowed);
+        .method_not_allowed_fallback(crate::error::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            offload::places(),
+            offload::off_the_workers,
+        ));
     Router::new()
         .nest(prefix, api)
         .route("/healthz", get(crate::check::healthz))
@@ -157,6 +169,13 @@ pub fn versioned<T: Serialize>(status: StatusCode, version: u64, body: &T) -> Re
         response.headers_mut().insert(header::ETAG, tag);
     }
     response
+}
+
+/// A JSON body, refused before it is parsed if nested deeper than [`depth::MAX_DEPTH`];
+/// a parse error names the field.
+pub fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    depth::check(body, crate::config::file::Format::Json)?;
+    crate::error::parse_json(body)
 }
 
 /// The version a change was made from (`If-Match: "12"`), if the caller names one.

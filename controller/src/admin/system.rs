@@ -9,9 +9,9 @@ use sluice_protocol::admin::{
 };
 
 use super::auth::{Admin, Reader};
-use super::{if_match, versioned, AdminState};
+use super::{if_match, json_body, versioned, AdminState};
 use crate::config::{Author, Change};
-use crate::error::{parse_json, ApiError, Body, ValidQuery};
+use crate::error::{ApiError, Body, ValidQuery};
 
 #[utoipa::path(get, path = "/v1/admin/state", tag = "state",
     responses((status = 200, description = "The state, since when, whether the signal drives it, and the emergency switch", body = Operations)),
@@ -49,7 +49,7 @@ pub async fn set_state(
     headers: HeaderMap,
     Body(body): Body,
 ) -> Result<Response, ApiError> {
-    let wanted: StateBody = parse_json(&body)?;
+    let wanted: StateBody = json_body(&body)?;
     if wanted.state.is_none() && wanted.automatic.is_none() {
         return Err(ApiError::invalid(
             "state",
@@ -134,7 +134,7 @@ pub async fn set_enforcement(
     headers: HeaderMap,
     Body(body): Body,
 ) -> Result<Response, ApiError> {
-    let wanted: EnforcementBody = parse_json(&body)?;
+    let wanted: EnforcementBody = json_body(&body)?;
     let switch = if wanted.enforce { "on" } else { "off" };
     let target = match &wanted.rule {
         Some(rule) => format!("{rule} {switch}"),
