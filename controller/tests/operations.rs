@@ -267,13 +267,59 @@ async fn reports_feed_the_signal_and_bad_ones_are_refused_naming_the_field() {
     assert_eq!(body["field"], "responses", "{body}");
 }
 
+/// One reporter (one filter worker) is counted once a second, and at most what one worker
+/// can see: a flood of reports from it, or one report past the bound, cannot make the signal
+/// say more than its own traffic did.
+#[tokio::test]
+async fn one_reporter_is_counted_once_a_second_and_at_most_what_it_can_see() {
+    let world = world(AUTOMATIC).await;
+    // Within one wall-clock second, if the second turns meanwhile the first report of the
+    // next one counts too: at most two seconds' worth.
+    for _ in 0..50 {
+        let (status, _) = post_report_as(
+            &world,
+            Some("worker-a"),
+            json!({ "responses": 1_000, "server_errors": 1_000 }),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+    let (responses, errors) = world.signals.over(now_ms(), 10_000);
+    assert!(
+        (1_000..=2_000).contains(&responses) && errors == responses,
+        "one worker's flood counted as {responses} answers"
+    );
+    // Another worker counts for its own share.
+    let (status, _) = post_report_as(&world, Some("worker-b"), json!({ "responses": 500 })).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(world.signals.over(now_ms(), 10_000).0, responses + 500);
+    // One report past what one worker can see is refused whole.
+    let (status, body) = post_report_as(
+        &world,
+        Some("worker-c"),
+        json!({ "responses": 1_000_000, "server_errors": 1_000_000 }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["field"], "responses", "{body}");
+    assert_eq!(world.signals.over(now_ms(), 10_000).0, responses + 500);
+}
+
 async fn post_report(world: &World, body: Value) -> (StatusCode, Value) {
+    post_report_as(world, None, body).await
+}
+
+async fn post_report_as(world: &World, reporter: Option<&str>, body: Value) -> (StatusCode, Value) {
+    let headers: Vec<(&str, &str)> = reporter
+        .map(|name| ("x-sluice-reporter", name))
+        .into_iter()
+        .collect();
     let reply = call(
         &world.check,
         "POST",
         "/v1/report",
         None,
-        &[],
+        &headers,
         Some(&body.to_string()),
     )
     .await;

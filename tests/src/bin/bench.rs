@@ -548,10 +548,26 @@ fn filter_cost_scenario(settings: &Settings) -> String {
     // Another build of the filter (`make bench BASELINE=<git ref>`), beside this one in the
     // same run: the ratio between them is what a change did.
     let baseline = std::env::var_os("BENCH_BASELINE_WASM").map(std::path::PathBuf::from);
+    // A build from before the check token knows no `token_env` and sends no credential: it
+    // asks a controller (same Redis, same rules) whose check address is open, so the ratio
+    // between the two includes what the credential costs.
+    let open_controller = baseline.as_ref().map(|_| {
+        Controller::start_with(&ControllerOptions {
+            log_filter: "warn",
+            check_tokens: None,
+            ..ControllerOptions::new(rules, Some(&redis.url()))
+        })
+    });
     let baseline_specs = baseline.iter().flat_map(|wasm| {
-        let from = |extra: serde_json::Value| Filter::SluiceBuild {
-            plugin_config: with_fields(sluice_plugin_config("deny", 1_000), extra).to_string(),
-            wasm: wasm.clone(),
+        let from = |extra: serde_json::Value| {
+            let mut plugin = with_fields(sluice_plugin_config("deny", 1_000), extra);
+            if let Some(controller) = plugin["controller"].as_object_mut() {
+                controller.remove("token_env");
+            }
+            Filter::SluiceBuild {
+                plugin_config: plugin.to_string(),
+                wasm: wasm.clone(),
+            }
         };
         [
             (
@@ -564,26 +580,25 @@ fn filter_cost_scenario(settings: &Settings) -> String {
             ),
         ]
     });
+    let asked_by = |name: &str| -> &Controller {
+        match (name, &open_controller) {
+            (WITHOUT_STATS, _) => &without_stats,
+            (name, Some(open)) if name.starts_with("baseline build") => open,
+            _ => &controller,
+        }
+    };
     let configurations: Vec<(&str, Envoy)> = specs
         .into_iter()
         .chain(baseline_specs)
         .map(|(name, filter)| {
             let asks = !matches!(filter, Filter::None);
-            let asked = if name == WITHOUT_STATS {
-                &without_stats
-            } else {
-                &controller
-            };
+            let asked = asked_by(name);
             let envoy = one_worker_envoy(filter, &upstream, asks.then_some(asked), false);
             (name, envoy)
         })
         .collect();
     let (runs, costs) = costed_rounds(settings, "filter", &configurations, |index| {
-        let asked = if configurations.get(index).map(|(name, _)| *name) == Some(WITHOUT_STATS) {
-            &without_stats
-        } else {
-            &controller
-        };
+        let asked = asked_by(configurations.get(index).map_or("", |(name, _)| *name));
         [Some(asked.pid()), Some(redis.pid())]
     });
     let mut report = table(
