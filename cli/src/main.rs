@@ -12,8 +12,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sluice_protocol::admin::{
-    ApiKeyBody, AuditBody, CountersBody, EnforcementStatus, ListEntryBody, Operations, ResetBody,
-    VersionBody, WhoAmIBody,
+    ApiKeyBody, AuditBody, BlocksBody, CountersBody, EnforcementStatus, ListEntryBody, Operations,
+    ResetBody, VersionBody, WhoAmIBody,
 };
 use sluice_protocol::config::{ApiKey, ListKind, Tier};
 use sluice_protocol::Rule;
@@ -52,6 +52,14 @@ struct Cli {
     if_match: Option<u64>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Subcommand)]
+enum ProtectionCommand {
+    /// The addresses blocked now, and until when.
+    Blocks,
+    /// Ends the block of an address now.
+    Lift { ip: String },
 }
 
 #[derive(Subcommand)]
@@ -99,6 +107,9 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Brute-force protection's blocks: the addresses blocked now, and lifting one.
+    #[command(subcommand)]
+    Protection(ProtectionCommand),
     /// The whole configuration, as files hold it.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -373,6 +384,21 @@ fn run(cli: &Cli, client: &Client) -> Result<String, Failure> {
         Command::Allow(command) => list(client, "safelist", command, &out),
         Command::Deny(command) => list(client, "denylist", command, &out),
         Command::Counters(command) => counters(client, command, &out),
+        Command::Protection(ProtectionCommand::Blocks) => {
+            out(client.get("/protection/blocks")?, &|body| {
+                let blocks: BlocksBody = parse(body)?;
+                let rows: Vec<Vec<String>> = blocks
+                    .blocks
+                    .iter()
+                    .map(|block| vec![block.ip.clone(), block.until.clone()])
+                    .collect();
+                Ok(render(&["IP", "UNTIL"], &rows))
+            })
+        }
+        Command::Protection(ProtectionCommand::Lift { ip }) => {
+            let answer = client.delete(&format!("/protection/blocks/{}", encode(ip)))?;
+            out(answer, &|_| Ok(format!("block of {ip} lifted\n")))
+        }
         Command::State(command) => {
             let answer = match command {
                 StateCommand::Get => client.get("/state")?,

@@ -2380,6 +2380,13 @@ impl sluice_controller::config::ConfigStore for HeldCommit {
     ) -> Result<Vec<(String, u64)>, sluice_controller::store::StoreError> {
         self.inner.blocks(now_ms, most).await
     }
+
+    async fn remove_block(
+        &self,
+        address: &str,
+    ) -> Result<bool, sluice_controller::store::StoreError> {
+        self.inner.remove_block(address).await
+    }
 }
 
 /// Two changes at once: the first one's commit answers late, after the second was made on

@@ -47,6 +47,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("delete", "/v1/admin/lists/{list}/{id}"),
     ("get", "/v1/admin/counters"),
     ("delete", "/v1/admin/counters"),
+    ("get", "/v1/admin/protection/blocks"),
+    ("delete", "/v1/admin/protection/blocks/{ip}"),
     ("get", "/v1/admin/state"),
     ("put", "/v1/admin/state"),
     ("get", "/v1/admin/enforcement"),

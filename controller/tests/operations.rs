@@ -594,6 +594,10 @@ async fn an_address_over_the_threshold_is_blocked_then_released_and_its_neighbou
         view["denylist"][0]["expires_at_ms"], expires,
         "not extended"
     );
+    // Operators see it, with its end.
+    let listed = get(&world, "/v1/admin/protection/blocks").await;
+    assert_eq!(listed["blocks"][0]["ip"], "192.0.2.7/32", "{listed}");
+    assert!(listed["blocks"][0]["until"].is_string(), "{listed}");
     // The block's end: it is gone from the view, still with no change of version.
     protection::round(guard, live, counters, metrics, HashMap::new(), expires).await;
     let view = call(&world.check, "GET", "/v1/config", None, &[], None)
@@ -601,6 +605,86 @@ async fn an_address_over_the_threshold_is_blocked_then_released_and_its_neighbou
         .json();
     assert_eq!(denylisted(&view), Vec::<String>::new(), "released");
     assert_eq!(get(&world, "/v1/admin/version").await["version"], version);
+}
+
+/// An operator lifts a block at once (recorded in the audit log); a reader may not, and an
+/// address that is not blocked is a 404.
+#[tokio::test]
+async fn an_operator_lifts_a_block() {
+    let world = world(PROTECTED).await;
+    let now = now_ms();
+    let strikes: HashMap<String, u64> = [("198.51.100.20/32".to_owned(), 4)].into();
+    protection::round(
+        &world.guard,
+        &world.live,
+        world.counters.as_ref(),
+        &world.metrics,
+        strikes,
+        now,
+    )
+    .await;
+    let view = call(&world.check, "GET", "/v1/config", None, &[], None)
+        .await
+        .json();
+    assert_eq!(denylisted(&view), ["198.51.100.20/32"], "{view}");
+    let as_reader = call(
+        &world.admin,
+        "DELETE",
+        "/v1/admin/protection/blocks/198.51.100.20",
+        Some(support::READ_TOKEN),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(as_reader.status, StatusCode::FORBIDDEN);
+    let lifted = call(
+        &world.admin,
+        "DELETE",
+        "/v1/admin/protection/blocks/198.51.100.20",
+        Some(ADMIN_TOKEN),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(lifted.status, StatusCode::NO_CONTENT, "{}", lifted.text);
+    let entry = audit_newest(&world).await;
+    assert_eq!(entry["action"], "protection.lift", "{entry}");
+    assert_eq!(entry["change"]["ip"], "198.51.100.20/32", "{entry}");
+    // Every controller reads the blocks once a second; this one at its next round.
+    protection::round(
+        &world.guard,
+        &world.live,
+        world.counters.as_ref(),
+        &world.metrics,
+        HashMap::new(),
+        now + 1_000,
+    )
+    .await;
+    let view = call(&world.check, "GET", "/v1/config", None, &[], None)
+        .await
+        .json();
+    assert_eq!(denylisted(&view), Vec::<String>::new(), "{view}");
+    let again = call(
+        &world.admin,
+        "DELETE",
+        "/v1/admin/protection/blocks/198.51.100.20",
+        Some(ADMIN_TOKEN),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND);
+    let bad = call(
+        &world.admin,
+        "DELETE",
+        "/v1/admin/protection/blocks/not-an-address",
+        Some(ADMIN_TOKEN),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert_eq!(bad.json()["field"], "ip");
 }
 
 /// A flood of blocks (thousands of distinct addresses, IPv6 included) stays within its

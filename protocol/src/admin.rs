@@ -102,6 +102,21 @@ pub struct CountersBody {
     pub counters: Vec<PolicyStatus>,
 }
 
+/// `GET /v1/admin/protection/blocks`: the addresses brute-force protection blocks now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BlocksBody {
+    pub blocks: Vec<Block>,
+}
+
+/// One address protection blocks, until when (RFC 3339).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Block {
+    pub ip: String,
+    pub until: String,
+}
+
 /// `DELETE /v1/admin/counters`: how many counters were reset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

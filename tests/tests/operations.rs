@@ -531,6 +531,10 @@ fn an_address_guessing_credentials_is_blocked_then_released_and_its_neighbour_ne
         scraped.contains("sluice_protection_blocks_total 1"),
         "{scraped}"
     );
+    // Operators see it through the CLI (the admin API reads it from Redis).
+    let listed =
+        cli::run(&controller, &["protection", "blocks"]).expect("sluice protection blocks");
+    assert!(listed.contains("203.0.113.5/32"), "{listed}");
     let view = filter_view(&controller);
     let block = view["denylist"]
         .as_array()

@@ -18,6 +18,7 @@ mod keys;
 mod lists;
 pub mod offload;
 pub mod openapi;
+mod protection;
 mod stats;
 mod stream;
 pub mod system;
@@ -28,7 +29,7 @@ use std::time::Duration;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -118,6 +119,8 @@ pub fn app(state: AdminState) -> Router {
         .route("/lists/{list}", get(lists::list).post(lists::add))
         .route("/lists/{list}/{id}", get(lists::get).delete(lists::remove))
         .route("/counters", get(counters::inspect).delete(counters::reset))
+        .route("/protection/blocks", get(protection::list))
+        .route("/protection/blocks/{ip}", delete(protection::lift))
         .route("/state", get(system::get_state).put(system::set_state))
         .route(
             "/enforcement",

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{config, counters, entities, keys, lists, stats, stream, system};
+use super::{config, counters, entities, keys, lists, protection, stats, stream, system};
 
 struct BearerAuth;
 
@@ -83,7 +83,7 @@ impl Modify for BearerAuth {
         entities::delete_tier,
         keys::list, keys::create, keys::get, keys::update, keys::delete,
         lists::list, lists::add, lists::get, lists::remove,
-        counters::inspect, counters::reset,
+        counters::inspect, counters::reset, protection::list, protection::lift,
         system::get_state, system::set_state, system::get_enforcement, system::set_enforcement,
         system::audit, system::whoami, stats::get_stats, stats::get_hints, stream::get_stats_stream,
     ),
@@ -92,6 +92,7 @@ impl Modify for BearerAuth {
         (name = "config", description = "The whole configuration: version, export, import"),
         (name = "rules"), (name = "tiers"), (name = "api-keys"), (name = "lists"),
         (name = "counters"), (name = "state"), (name = "stats"), (name = "audit"),
+        (name = "protection", description = "Brute-force protection's blocks, beside the configuration"),
     )
 )]
 pub struct AdminApi;

@@ -77,6 +77,9 @@ pub trait ConfigStore: Send + Sync {
 
     /// The blocks in force at `now_ms` (address, end in ms), at most `most`.
     async fn blocks(&self, now_ms: u64, most: usize) -> Result<Vec<(String, u64)>, StoreError>;
+
+    /// Ends the block of `address` now; whether there was one.
+    async fn remove_block(&self, address: &str) -> Result<bool, StoreError>;
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<String, StoreError> {
@@ -237,6 +240,15 @@ impl ConfigStore for RedisConfigStore {
             .query_async(&mut self.connection.clone())
             .await?;
         Ok(held)
+    }
+
+    async fn remove_block(&self, address: &str) -> Result<bool, StoreError> {
+        let removed: u64 = redis::cmd("ZREM")
+            .arg(keys::protection_blocks_key())
+            .arg(address)
+            .query_async(&mut self.connection.clone())
+            .await?;
+        Ok(removed > 0)
     }
 
     async fn durability(&self) -> Result<(), String> {
@@ -435,5 +447,10 @@ impl ConfigStore for MemoryConfigStore {
             .take(most)
             .map(|(address, ends)| (address.clone(), *ends))
             .collect())
+    }
+
+    async fn remove_block(&self, address: &str) -> Result<bool, StoreError> {
+        let mut held = self.blocks.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(held.remove(address).is_some())
     }
 }
