@@ -270,9 +270,27 @@ pub async fn serve(
     let admin_limits = listener::Limits::admin(&settings);
     let grpc_limits = listener::Limits::grpc(&settings);
     listener::warn_if_files_short(&settings);
+    // TLS on the listeners, when asked for: its files are read and checked before any
+    // listener is bound, and a bad one stops the start naming its setting.
+    let tls = listener::Tls::load(&settings)?;
+    match &tls {
+        Some(tls) => tracing::info!(
+            client_certificates = if settings.tls_client_ca_file.is_some() {
+                "required on the check address and the gRPC API"
+            } else {
+                "not asked for"
+            },
+            admin_tls = tls.admin.is_some(),
+            "the listeners speak TLS only"
+        ),
+        None => tracing::info!(
+            "no TLS on the listeners: the check and admin tokens cross the network in clear \
+             unless the network protects them (a mesh's mTLS); see --tls-cert-file"
+        ),
+    }
 
     let check_listener = listener::bind(settings.listen).await?;
-    tracing::info!(addr = %settings.listen, "check API listening");
+    tracing::info!(addr = %settings.listen, tls = tls.is_some(), "check API listening");
     let check_app = check::app(
         check::CheckState {
             limiter: Arc::clone(&limiter),
@@ -289,6 +307,7 @@ pub async fn serve(
         check_listener,
         check_app,
         check_limits,
+        tls.as_ref().map(|tls| tls.check.clone()),
         Arc::clone(&metrics),
         stopped.clone(),
     );
@@ -301,18 +320,25 @@ pub async fn serve(
         None
     } else {
         let admin_listener = listener::bind(settings.admin_listen).await?;
-        tracing::info!(addr = %settings.admin_listen, "admin API listening");
+        let admin_tls = tls.as_ref().and_then(|tls| tls.admin.clone());
+        tracing::info!(
+            addr = %settings.admin_listen,
+            tls = admin_tls.is_some(),
+            "admin API listening"
+        );
         let admin_app = admin::app(admin::AdminState {
             config: Arc::clone(&live),
             limiter: Arc::clone(&limiter),
             tokens: Arc::new(tokens),
             metrics: Arc::clone(&metrics),
             stopping: admin::Stopping::on(stopped.clone()),
+            streams: Default::default(),
         });
         Some(listener::serve(
             admin_listener,
             admin_app,
             admin_limits,
+            admin_tls,
             Arc::clone(&metrics),
             stopped.clone(),
         ))
@@ -320,6 +346,7 @@ pub async fn serve(
     let grpc_done = rls::listen(
         settings.grpc_listen,
         grpc_limits,
+        tls.map(|tls| tls.grpc),
         Arc::clone(&limiter),
         check_tokens,
         Arc::clone(&metrics),

@@ -20,7 +20,7 @@ pub mod offload;
 pub mod openapi;
 mod protection;
 mod stats;
-mod stream;
+pub mod stream;
 pub mod system;
 
 use std::sync::Arc;
@@ -57,6 +57,8 @@ pub struct AdminState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Ends the event streams when the controller stops.
     pub stopping: Stopping,
+    /// The stats streams open (bounded per token and in all).
+    pub streams: Arc<stream::OpenStreams>,
 }
 
 /// Whether the controller is stopping: long answers (the stats stream) end when it is, so

@@ -40,12 +40,10 @@ pub const PER_TOKEN: usize = 4;
 /// find a place when every stream is open.
 pub const IN_ALL: usize = 64;
 
-/// The streams open, by admin API and token name. An admin API is named by its token set
-/// (the address of `AdminState::tokens`): every stream holds its API's state, so that
-/// address cannot be reused while any of its streams is open; an API without streams has
-/// no entry. (Per API, not per process, so that APIs built side by side in tests count
-/// apart.)
-static OPEN: Mutex<BTreeMap<usize, Open>> = Mutex::new(BTreeMap::new());
+/// The stats streams an admin API has open, in all and by token name. Part of the API's
+/// state: each stream holds its place until it is dropped.
+#[derive(Default)]
+pub struct OpenStreams(Mutex<Open>);
 
 #[derive(Default)]
 struct Open {
@@ -55,34 +53,35 @@ struct Open {
 
 /// One open stream's place, given back when the stream is dropped.
 struct Slot {
-    api: usize,
+    streams: Arc<OpenStreams>,
     token: String,
 }
 
 impl Slot {
     fn take(state: &AdminState, token: &str) -> Result<Slot, ApiError> {
-        let api = Arc::as_ptr(&state.tokens) as usize;
-        let mut open = OPEN.lock().unwrap_or_else(PoisonError::into_inner);
-        let (all, mine) = open.get(&api).map_or((0, 0), |open| {
-            (open.all, open.by_token.get(token).copied().unwrap_or(0))
-        });
+        let mut open = state
+            .streams
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mine = open.by_token.get(token).copied().unwrap_or(0);
         if mine >= PER_TOKEN {
             return Err(too_many(format!(
                 "the token `{token}` has {mine} stats streams open, the most one token may have \
                  ({PER_TOKEN}): close one (a dashboard tab) first"
             )));
         }
-        if all >= IN_ALL {
+        if open.all >= IN_ALL {
             return Err(too_many(format!(
-                "the admin API serves {all} stats streams, the most it serves at once \
-                 ({IN_ALL}): try again later"
+                "the admin API serves {} stats streams, the most it serves at once \
+                 ({IN_ALL}): try again later",
+                open.all
             )));
         }
-        let entry = open.entry(api).or_default();
-        entry.all += 1;
-        *entry.by_token.entry(token.to_owned()).or_default() += 1;
+        open.all += 1;
+        *open.by_token.entry(token.to_owned()).or_default() += 1;
         Ok(Slot {
-            api,
+            streams: Arc::clone(&state.streams),
             token: token.to_owned(),
         })
     }
@@ -90,19 +89,17 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut open = OPEN.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(entry) = open.get_mut(&self.api) else {
-            return;
-        };
-        entry.all = entry.all.saturating_sub(1);
-        if let Some(mine) = entry.by_token.get_mut(&self.token) {
+        let mut open = self
+            .streams
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        open.all = open.all.saturating_sub(1);
+        if let Some(mine) = open.by_token.get_mut(&self.token) {
             *mine = mine.saturating_sub(1);
             if *mine == 0 {
-                entry.by_token.remove(&self.token);
+                open.by_token.remove(&self.token);
             }
-        }
-        if entry.all == 0 {
-            open.remove(&self.api);
         }
     }
 }
@@ -112,7 +109,6 @@ fn too_many(message: String) -> ApiError {
 }
 
 struct Feed {
-    /// First, so that it is given back before the state (and its token set) is dropped.
     _slot: Slot,
     state: AdminState,
     recorder: Arc<Recorder>,

@@ -147,7 +147,18 @@ impl LiveConfig {
             return Ok(());
         }
         let stored = self.store.load().await?;
-        self.install(stored);
+        if stored.version <= self.snapshot().version {
+            return Ok(());
+        }
+        // Validating and compiling a large configuration takes a while: not on the workers
+        // the check path runs on.
+        let version = stored.version;
+        let built = tokio::task::spawn_blocking(move || {
+            Snapshot::build(version, stored.document, stored.operations)
+        })
+        .await
+        .map_err(|e| StoreError::Reply(format!("building the configuration failed: {e}")))?;
+        self.install(version, built);
         Ok(())
     }
 
@@ -227,13 +238,12 @@ impl LiveConfig {
         installed
     }
 
-    /// Swaps in the stored configuration if it is newer than ours.
-    fn install(&self, stored: Stored) {
-        if stored.version <= self.snapshot().version {
+    /// Swaps in the stored configuration `version`, as built, if it is newer than ours.
+    fn install(&self, version: u64, built: Result<Snapshot, FieldError>) {
+        if version <= self.snapshot().version {
             return;
         }
-        let version = stored.version;
-        match Snapshot::build(version, stored.document, stored.operations) {
+        match built {
             Ok(snapshot) => {
                 if let Ok(mut invalid) = self.invalid.lock() {
                     *invalid = None;

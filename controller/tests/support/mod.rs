@@ -180,6 +180,7 @@ pub async fn world_on(
             tokens: Arc::new(tokens),
             metrics: Arc::clone(&metrics),
             stopping: Default::default(),
+            streams: Default::default(),
         }),
         live,
         clock,
