@@ -18,7 +18,8 @@ use crate::store::RedisTarget;
 pub enum LogFormat {
     /// For people: one line per event, fields as `key=value`.
     Text,
-    /// For collectors: one JSON object per line (`timestamp`, `level`, `target`, `fields`).
+    /// For collectors: one JSON object per line (`timestamp`, `level`, `target`, and the
+    /// event's fields beside them, `message` among them).
     Json,
 }
 
@@ -148,6 +149,22 @@ pub struct Flags {
     /// Connections the gRPC API holds at once [default: 256].
     #[arg(long, env = "SLUICE_GRPC_MAX_CONNECTIONS")]
     pub grpc_max_connections: Option<usize>,
+    // -- TLS on the listeners (listener.rs) --
+    /// The certificate chain (PEM, the listeners' own certificate first) the listeners
+    /// present; with --tls-key-file, the check address, the gRPC API and the admin API
+    /// speak TLS only [default: no TLS].
+    #[arg(long, env = "SLUICE_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert-file.
+    #[arg(long, env = "SLUICE_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// CA certificates (PEM): the check address and the gRPC API then require a client
+    /// certificate issued by one of them (mTLS) [default: no client certificate asked].
+    #[arg(long, env = "SLUICE_TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Whether the admin API speaks TLS too when the other listeners do [default: true].
+    #[arg(long, env = "SLUICE_ADMIN_TLS")]
+    pub admin_tls: Option<bool>,
 }
 
 /// The settings file: the same settings as the flags, snake_case.
@@ -182,6 +199,10 @@ struct FileSettings {
     check_max_connections: Option<usize>,
     admin_max_connections: Option<usize>,
     grpc_max_connections: Option<usize>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+    tls_client_ca_file: Option<PathBuf>,
+    admin_tls: Option<bool>,
 }
 
 /// Checked settings, ready to run on.
@@ -222,6 +243,13 @@ pub struct Settings {
     pub check_max_connections: usize,
     pub admin_max_connections: usize,
     pub grpc_max_connections: usize,
+    /// TLS on the listeners (listener.rs, [`crate::listener::Tls`]): the certificate chain
+    /// and its key (both or neither), the CA of the client certificates the check address
+    /// and the gRPC API require (mTLS), and whether the admin API speaks TLS too.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub tls_client_ca_file: Option<PathBuf>,
+    pub admin_tls: bool,
 }
 
 /// A setting that cannot be used, named as flag, variable and file key.
@@ -387,6 +415,10 @@ impl Settings {
                 1,
                 1_000_000,
             )?,
+            tls_cert_file: flags.tls_cert_file.or(file.tls_cert_file),
+            tls_key_file: flags.tls_key_file.or(file.tls_key_file),
+            tls_client_ca_file: flags.tls_client_ca_file.or(file.tls_client_ca_file),
+            admin_tls: flags.admin_tls.or(file.admin_tls).unwrap_or(true),
         };
         settings.check_redis_topology()?;
         settings.check()?;
@@ -446,6 +478,7 @@ impl Settings {
                 "`file` needs a configuration file (--config)",
             ));
         }
+        self.check_tls()?;
         if self.mode == Mode::Production
             && self.config_redis().is_none()
             && self.state_file.is_none()
@@ -457,6 +490,37 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+}
+
+// -- TLS on the listeners -----------------------------------------------------------------
+
+impl Settings {
+    /// Whether the check address and the gRPC API speak TLS (the admin API too, unless
+    /// `admin_tls` is false).
+    pub fn tls(&self) -> bool {
+        self.tls_cert_file.is_some()
+    }
+
+    /// A certificate with its key, or neither; a client CA only with them.
+    /// What the files hold is read, and checked, by [`crate::listener::Tls::load`].
+    fn check_tls(&self) -> Result<(), SettingError> {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) => Err(setting_error(
+                "tls_key_file",
+                "tls_cert_file needs the certificate's private key (tls_key_file)",
+            )),
+            (None, Some(_)) => Err(setting_error(
+                "tls_cert_file",
+                "tls_key_file needs the certificate it is the key of (tls_cert_file)",
+            )),
+            (None, None) if self.tls_client_ca_file.is_some() => Err(setting_error(
+                "tls_client_ca_file",
+                "client certificates are asked for only over TLS: give tls_cert_file and \
+                 tls_key_file too",
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -814,6 +878,41 @@ mod tests {
             ),
         ] {
             let args = [&["--mode", "development"][..], &args[..]].concat();
+            let error = resolve(&args).unwrap_err();
+            assert_eq!(error.setting, setting, "{args:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn tls_needs_a_certificate_and_its_key() {
+        let settings = resolve(&["--mode", "development"]).unwrap();
+        assert!(!settings.tls(), "off unless asked for");
+        assert!(
+            settings.admin_tls,
+            "the admin API follows the others by default"
+        );
+        let dir = tempfile_dir();
+        let file = dir.join("settings.toml");
+        std::fs::write(
+            &file,
+            "mode = \"development\"\ntls_cert_file = \"c.pem\"\ntls_key_file = \"k.pem\"\n\
+             tls_client_ca_file = \"ca.pem\"\nadmin_tls = false\n",
+        )
+        .unwrap();
+        let settings = resolve(&["--settings", file.to_str().unwrap()]).unwrap();
+        assert!(settings.tls());
+        assert_eq!(settings.tls_key_file, Some(PathBuf::from("k.pem")));
+        assert_eq!(settings.tls_client_ca_file, Some(PathBuf::from("ca.pem")));
+        assert!(!settings.admin_tls, "from the file");
+        for (args, setting) in [
+            (&["--tls-cert-file", "c.pem"][..], "tls_key_file"),
+            (&["--tls-key-file", "k.pem"][..], "tls_cert_file"),
+            (
+                &["--tls-client-ca-file", "ca.pem"][..],
+                "tls_client_ca_file",
+            ),
+        ] {
+            let args = [&["--mode", "development"][..], args].concat();
             let error = resolve(&args).unwrap_err();
             assert_eq!(error.setting, setting, "{args:?}: {error}");
         }
