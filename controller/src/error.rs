@@ -13,6 +13,9 @@ use crate::store::StoreError;
 pub struct ApiError {
     pub status: StatusCode,
     pub body: ErrorBody,
+    /// The configuration's version, sent as the answer's `ETag` (a `409 version_mismatch`
+    /// names the current one, so a client can retry without reading it again).
+    pub version: Option<u64>,
 }
 
 impl ApiError {
@@ -24,6 +27,7 @@ impl ApiError {
                 field: None,
                 message: message.into(),
             },
+            version: None,
         }
     }
 
@@ -73,6 +77,7 @@ impl From<ChangeError> for ApiError {
                     ),
                 );
                 error.body.field = Some("If-Match".to_owned());
+                error.version = Some(current);
                 error
             }
             ChangeError::NotFound(message) => ApiError::not_found(message),
@@ -84,7 +89,13 @@ impl From<ChangeError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body)).into_response()
+        let mut response = (self.status, Json(self.body)).into_response();
+        if let Some(version) = self.version {
+            if let Ok(tag) = axum::http::HeaderValue::from_str(&crate::check::etag(version)) {
+                response.headers_mut().insert(axum::http::header::ETAG, tag);
+            }
+        }
+        response
     }
 }
 
@@ -101,8 +112,10 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
 /// The field an error is about: its path, or for a field that is missing, that field (the
 /// path then names the object that lacks it).
 pub fn field_of(path: &str, message: &str) -> String {
-    let missing = message
-        .strip_prefix("missing field `")
+    // serde names a missing or repeated field in its message, not in the path.
+    let missing = ["missing field `", "duplicate field `"]
+        .iter()
+        .find_map(|prefix| message.strip_prefix(prefix))
         .and_then(|rest| rest.split_once('`'))
         .map(|(name, _)| name);
     match (path, missing) {
