@@ -283,9 +283,14 @@ impl Worker {
             .ok()??;
         let policy = denial::lookup(&bytes, fingerprint, host.now_ms())?;
         self.metrics.add(host, Metric::DenialCacheHits, 1);
+        // Before the worker's first read of the configuration (its first second) the cache,
+        // shared by every worker, may already answer: the controller always wants those.
         let (reported, sample) = {
             let view = self.view.borrow();
-            (view.report.cached_denials, view.limited_log_sample)
+            (
+                view.version.is_none() || view.report.cached_denials,
+                view.limited_log_sample,
+            )
         };
         if reported {
             let mut tally = self.tally.borrow_mut();

@@ -1515,3 +1515,29 @@ fn the_filter_does_not_depend_on_the_proxy_wasm_sdk() {
         "the SDK is in the workspace again"
     );
 }
+
+#[test]
+fn denials_answered_from_the_cache_before_the_first_configuration_read_are_reported() {
+    let (mut envoy, configured) = MockEnvoy::start(&plugin(serde_json::json!({})));
+    assert!(configured);
+    let peer: &[u8] = b"192.0.2.1:1";
+    let (first, _) = envoy.request(get(b"/", &[]), &[(PEER, peer)]);
+    envoy.run_queues();
+    let batch = envoy.calls().pop().expect("a check call");
+    envoy.answer_with(batch.token, "200", &decisions_for(&batch.body, |_| false));
+    assert_eq!(envoy.reply(first).map(|r| r.status), Some(429));
+    envoy.host.state.borrow_mut().calls.clear();
+    // The worker has not read the controller's configuration yet: the cache answers anyway.
+    let (cached, _) = envoy.request(get(b"/", &[]), &[(PEER, peer)]);
+    assert_eq!(envoy.reply(cached).map(|r| r.status), Some(429));
+    envoy.run_queues();
+    assert!(envoy.calls().is_empty(), "answered from the cache");
+    envoy.tick(1_000);
+    let report = envoy
+        .calls()
+        .into_iter()
+        .find(|call| path_of(call) == "/v1/report")
+        .expect("a report of the cached denial");
+    let body: serde_json::Value = serde_json::from_slice(&report.body).expect("JSON");
+    assert_eq!(body["cached_denials"][0]["count"], 1, "{body}");
+}
