@@ -412,7 +412,14 @@ fn a_rules_own_failure_mode_holds_for_its_requests_when_the_controller_is_gone()
         assert_eq!(status("/pay/1"), 503, "the payments rule says deny");
         assert_eq!(status("/items"), 200, "the filter's own mode says allow");
     }
-    assert!(envoy.log().contains("with a failure mode of their own"));
+    // Every read logs the count, also when it is zero: this one names the one rule.
+    assert!(
+        envoy
+            .log()
+            .contains("2 rules (1 with a failure mode of their own)"),
+        "{}",
+        envoy.log()
+    );
 }
 
 /// `config_poll_ms: 0`: the filter never reads the rules, so a rule that matches a header

@@ -84,7 +84,10 @@ fn now_ms() -> u64 {
 /// Sleeps until 100 ms into the next window; returns its start (ms since the epoch).
 fn next_window() -> u64 {
     let start = (now_ms() / WINDOW_MS + 1) * WINDOW_MS;
-    std::thread::sleep(Duration::from_millis(start + 100 - now_ms()));
+    // A stall past the boundary must not underflow: then there is nothing to wait for.
+    std::thread::sleep(Duration::from_millis(
+        (start + 100).saturating_sub(now_ms()),
+    ));
     start
 }
 
