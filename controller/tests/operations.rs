@@ -256,10 +256,20 @@ async fn reports_feed_the_signal_and_bad_ones_are_refused_naming_the_field() {
     let (status, _) = post_report(&world, json!({ "responses": 10, "server_errors": 3 })).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(world.signals.over(now_ms(), 10_000), (10, 3));
-    let many: Vec<Value> = (0..300)
-        .map(|i| json!({ "ip": format!("10.0.{}.{}", i / 256, i % 256), "count": 1 }))
-        .collect();
-    let (status, body) = post_report(&world, json!({ "invalid_tokens": many })).await;
+    // At most 256 addresses a report: 256 are taken, 257 refused whole.
+    let addresses = |n: usize| -> Vec<Value> {
+        (0..n)
+            .map(|i| json!({ "ip": format!("10.0.{}.{}", i / 256, i % 256), "count": 1 }))
+            .collect()
+    };
+    let (status, body) = post_report_as(
+        &world,
+        Some("another-worker"),
+        json!({ "invalid_tokens": addresses(256) }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let (status, body) = post_report(&world, json!({ "invalid_tokens": addresses(257) })).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["field"], "invalid_tokens", "{body}");
     let (status, body) = post_report(&world, json!({ "responses": -1 })).await;

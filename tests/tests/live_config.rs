@@ -197,6 +197,13 @@ fn a_list_entry_stops_applying_when_it_expires() {
         now + Duration::from_millis(100) >= expiry,
         "it stopped before {expires_at}"
     );
+    // And on time: the filter checks the entry's expiry on each request, by its own clock
+    // (a second of margin for a loaded machine).
+    assert!(
+        now <= expiry + Duration::from_millis(1_000),
+        "it stopped only {:?} after {expires_at}",
+        now.duration_since(expiry).unwrap_or_default()
+    );
     let config = controller.admin("GET", "/v1/admin/lists/denylist", None);
     assert_eq!(
         config.json().as_array().map(Vec::len),
