@@ -477,11 +477,11 @@ pub fn verdict_for_decision(
 /// A 429 for a denial the filter remembers (see `denial`), with the time left.
 pub fn cached_denial(
     style: HeaderStyle,
-    policy: &PolicyStatus,
+    shown: &crate::denial::Shown,
     request_id: Option<&str>,
 ) -> Verdict {
-    let rate_headers = headers::for_policies(style, policy, std::iter::once(policy));
-    too_many_requests(rate_headers, policy, request_id)
+    let rate_headers = headers::for_policies(style, &shown.policy, shown.policies());
+    too_many_requests(rate_headers, &shown.policy, request_id)
 }
 
 fn too_many_requests(
@@ -868,7 +868,11 @@ mod tests {
             serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"],
             "forbidden"
         );
-        let cached = cached_denial(HeaderStyle::Both, &status_with_retry(700), None);
+        let shown = crate::denial::Shown {
+            policy: status_with_retry(700),
+            others: Vec::new(),
+        };
+        let cached = cached_denial(HeaderStyle::Both, &shown, None);
         let Verdict::Reply {
             status, headers, ..
         } = cached

@@ -21,12 +21,29 @@ pub fn fingerprint(check: &Check, config_version: u64) -> u64 {
     check.decision_fingerprint(config_version)
 }
 
-/// What a slot holds: whose denial it is, until when, and the policy to show.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What a slot holds: whose denial it is, until when, when it was decided, and what the
+/// controller's 429 showed (every rule that applied), so that a cached 429 is the
+/// controller's, with its times counted down.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub fingerprint: u64,
     pub until_ms: u64,
+    pub decided_ms: u64,
+    pub shown: Shown,
+}
+
+/// The statuses of a denial: the one that speaks for it, and the others that applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shown {
     pub policy: PolicyStatus,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub others: Vec<PolicyStatus>,
+}
+
+impl Shown {
+    pub fn policies(&self) -> impl Iterator<Item = &PolicyStatus> + Clone {
+        std::iter::once(&self.policy).chain(&self.others)
+    }
 }
 
 /// The entry to cache for a decision made at `now_ms`, if it may be cached.
@@ -39,35 +56,46 @@ pub fn entry_for(fingerprint: u64, decision: &Decision, now_ms: u64) -> Option<E
     cacheable.then(|| Entry {
         fingerprint,
         until_ms: now_ms.saturating_add(policy.retry_after_ms),
-        policy: policy.clone(),
+        decided_ms: now_ms,
+        shown: Shown {
+            policy: policy.clone(),
+            others: decision.others.clone(),
+        },
     })
 }
 
 pub fn encode(entry: &Entry) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(160);
+    let mut bytes = Vec::with_capacity(256);
     bytes.extend_from_slice(&entry.fingerprint.to_le_bytes());
     bytes.extend_from_slice(&entry.until_ms.to_le_bytes());
-    // The policy is read only on a hit; it goes after the fixed part.
-    if serde_json::to_writer(&mut bytes, &entry.policy).is_err() {
+    bytes.extend_from_slice(&entry.decided_ms.to_le_bytes());
+    // The statuses are read only on a hit; they go after the fixed part.
+    if serde_json::to_writer(&mut bytes, &entry.shown).is_err() {
         return Vec::new();
     }
     bytes
 }
 
-/// The policy of a slot's entry if it is this fingerprint's and still holds at `now_ms`,
-/// with the time left shown to the client.
-pub fn lookup(bytes: &[u8], fingerprint: u64, now_ms: u64) -> Option<PolicyStatus> {
+/// What a slot's entry shows if it is this fingerprint's and still holds at `now_ms`: the
+/// controller's statuses with the time since counted off every reset, and the time left
+/// as the retry.
+pub fn lookup(bytes: &[u8], fingerprint: u64, now_ms: u64) -> Option<Shown> {
     let stored = u64::from_le_bytes(bytes.get(0..8)?.try_into().ok()?);
     let until_ms = u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
     if stored != fingerprint || until_ms <= now_ms {
         return None;
     }
-    let mut policy: PolicyStatus = serde_json::from_slice(bytes.get(16..)?).ok()?;
+    let decided_ms = u64::from_le_bytes(bytes.get(16..24)?.try_into().ok()?);
+    let mut shown: Shown = serde_json::from_slice(bytes.get(24..)?).ok()?;
+    let elapsed = now_ms.saturating_sub(decided_ms);
     let left = until_ms - now_ms;
-    policy.retry_after_ms = left;
-    policy.reset_ms = left;
-    policy.remaining = 0;
-    Some(policy)
+    shown.policy.retry_after_ms = left;
+    for status in std::iter::once(&mut shown.policy).chain(shown.others.iter_mut()) {
+        status.reset_ms = status.reset_ms.saturating_sub(elapsed);
+    }
+    // A reset never comes before the retry it allows.
+    shown.policy.reset_ms = shown.policy.reset_ms.max(left);
+    Some(shown)
 }
 
 #[cfg(test)]
@@ -102,7 +130,7 @@ mod tests {
         let fp = fingerprint(&check("10.0.0.1"), 7);
         let entry = entry_for(fp, &denial(Strategy::FixedWindow, 800), 10_000).unwrap();
         let bytes = encode(&entry);
-        let hit = lookup(&bytes, fp, 10_300).unwrap();
+        let hit = lookup(&bytes, fp, 10_300).unwrap().policy;
         assert_eq!(hit.retry_after_ms, 500);
         assert_eq!(hit.rule, "r");
         assert_eq!(
@@ -114,6 +142,34 @@ mod tests {
             lookup(&bytes, fingerprint(&check("10.0.0.2"), 7), 10_300),
             None
         );
+    }
+
+    /// A cached 429 shows what the controller's did: every rule that applied, each reset
+    /// counted down by the time since, a bucket's reset kept apart from its retry.
+    #[test]
+    fn a_cached_denial_shows_every_rule_with_its_times_counted_down() {
+        let fp = fingerprint(&check("10.0.0.1"), 7);
+        let mut decision = denial(Strategy::TokenBucket, 800);
+        if let Some(policy) = decision.policy.as_mut() {
+            policy.reset_ms = 5_000;
+        }
+        decision.others = vec![PolicyStatus {
+            rule: "daily".into(),
+            remaining: 90,
+            reset_ms: 60_000,
+            ..denial(Strategy::FixedWindow, 0).policy.unwrap()
+        }];
+        let bytes = encode(&entry_for(fp, &decision, 10_000).unwrap());
+        let shown = lookup(&bytes, fp, 10_300).unwrap();
+        assert_eq!(shown.policy.retry_after_ms, 500);
+        assert_eq!(
+            shown.policy.reset_ms, 4_700,
+            "the bucket's own reset, counted down"
+        );
+        assert_eq!(shown.others.len(), 1);
+        assert_eq!(shown.others[0].rule, "daily");
+        assert_eq!(shown.others[0].remaining, 90);
+        assert_eq!(shown.others[0].reset_ms, 59_700);
     }
 
     #[test]

@@ -281,7 +281,7 @@ impl Worker {
         let bytes = host
             .shared_data(&denial::slot_key(fingerprint, slots))
             .ok()??;
-        let policy = denial::lookup(&bytes, fingerprint, host.now_ms())?;
+        let shown = denial::lookup(&bytes, fingerprint, host.now_ms())?;
         self.metrics.add(host, Metric::DenialCacheHits, 1);
         // Before the worker's first read of the configuration (its first second) the cache,
         // shared by every worker, may already answer: the controller always wants those.
@@ -301,7 +301,7 @@ impl Worker {
             };
             tally.cached_denial(
                 &check.client,
-                &policy.rule,
+                &shown.policy.rule,
                 check.tier.as_deref(),
                 request_id,
             );
@@ -309,7 +309,7 @@ impl Worker {
         self.count(host, [Counted::Limited]);
         Some(decision::cached_denial(
             self.config.headers,
-            &policy,
+            &shown,
             request_id().as_deref(),
         ))
     }

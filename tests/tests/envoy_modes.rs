@@ -233,6 +233,92 @@ fn the_denial_cache_answers_repeat_offenders_without_callouts() {
     );
 }
 
+/// A 429 the denial cache answers is the controller's 429: every rule that applied in its
+/// headers, the same body, only the times counted down (and a token bucket's reset kept
+/// apart from its retry).
+#[test]
+fn a_cached_429_is_the_controllers_429_with_its_times_counted_down() {
+    let rules = r#"
+        [[rules]]
+        name = "per-client"
+        strategy = "token_bucket"
+        limit = 2
+        window = "1h"
+
+        [[rules]]
+        name = "hourly"
+        limit = 100
+        window = "1h"
+    "#;
+    let controller = Controller::start(rules, None);
+    let upstream = Upstream::start();
+    let envoy = envoy_with(
+        &plugin(json!({ "headers": "both" })),
+        vec![controller.port],
+        &upstream,
+        1,
+    );
+    assert_eq!((get(&envoy).status, get(&envoy).status), (200, 200));
+    let from_controller = get(&envoy);
+    assert_eq!(checks_served(&controller), 3);
+    let from_cache = get(&envoy);
+    assert_eq!(
+        checks_served(&controller),
+        3,
+        "the fourth came from the cache"
+    );
+    assert_eq!(envoy.stat("wasmcustom.sluice_denial_cache_hits"), Some(1));
+    for reply in [&from_controller, &from_cache] {
+        assert_eq!(reply.status, 429, "{reply:?}");
+    }
+    // The same headers, by name and (for those that do not count down) by value.
+    let names = |reply: &Response| -> Vec<String> {
+        let mut names: Vec<String> = reply
+            .headers
+            .iter()
+            .map(|(name, _)| name.to_ascii_lowercase())
+            .filter(|name| name != "date" && name != "content-length")
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names(&from_cache), names(&from_controller));
+    for same in [
+        "ratelimit-policy",
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+    ] {
+        assert_eq!(
+            from_cache.header(same),
+            from_controller.header(same),
+            "{same}: {from_controller:?} / {from_cache:?}"
+        );
+    }
+    // Both rules, in the IETF header, on both.
+    for reply in [&from_controller, &from_cache] {
+        let ratelimit = reply.header("ratelimit").unwrap_or_default();
+        assert!(
+            ratelimit.contains("\"per-client\"") && ratelimit.contains("\"hourly\""),
+            "{reply:?}"
+        );
+    }
+    // The same body but for the times and the request id.
+    let comparable = |reply: &Response| {
+        let mut body = reply.json();
+        for key in ["reset", "retry_after", "request_id", "message"] {
+            body.as_object_mut().map(|b| b.remove(key));
+        }
+        body
+    };
+    assert_eq!(comparable(&from_cache), comparable(&from_controller));
+    // A bucket's reset (when it is full again) stays its own, not its retry.
+    assert!(
+        from_cache.number("x-ratelimit-reset") > from_cache.number("retry-after"),
+        "{from_cache:?}"
+    );
+    assert!(from_cache.number("x-ratelimit-reset") <= from_controller.number("x-ratelimit-reset"));
+}
+
 /// One request of the load: when it was sent and answered, and how.
 struct Sample {
     sent: Instant,
