@@ -25,11 +25,22 @@
 //! ([`H2_PING_TIMEOUT`]); on the check and admin addresses one that starts no request for
 //! [`H2_IDLE`] is closed gracefully (GOAWAY), on the gRPC API a connection is closed
 //! gracefully at [`GRPC_MAX_CONNECTION_AGE`].
+//!
+//! With `tls_cert_file` and `tls_key_file` ([`Tls`]) every listener speaks TLS only (1.2 or
+//! 1.3, rustls), with the one certificate: the check token and the admin tokens never cross
+//! the network in clear. With `tls_client_ca_file` the check address and the gRPC API also
+//! require a client certificate issued by that CA (mTLS): only the proxies hold one. The
+//! admin API never asks for one (its callers are people, browsers, Prometheus and probes,
+//! each with an admin token or calling only the open routes), and can be left without TLS
+//! (`admin_tls = false`). A TLS handshake is part of a connection's first request: it
+//! must be over within the header-read timeout, and the connection holds its place under
+//! the cap from the moment it is accepted.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -45,13 +56,20 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::gauge::Gauge;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::metrics::{ListenerLabels, Metrics};
-use crate::settings::Settings;
+use crate::settings::{setting_error, SettingError, Settings};
 use crate::StartError;
 
 /// Default of `header_read_timeout_ms`. Envoy writes a whole request at once, and a person's
@@ -134,7 +152,8 @@ pub struct Limits {
     pub name: &'static str,
     pub max_connections: usize,
     /// The first request, an HTTP/1.1 head, an idle HTTP/1.1 connection; on the gRPC API,
-    /// HTTP/2's preface.
+    /// HTTP/2's preface. A TLS handshake counts in the time of the first request (or of
+    /// the preface).
     pub header_read: Duration,
     /// How long a request's body may take to arrive, from its head (`None`: the app bounds
     /// its requests itself).
@@ -297,7 +316,6 @@ impl Gate {
                     _permit: place,
                     open: self.open.clone(),
                 },
-                preface: None,
                 write_stall: WRITE_STALL,
                 stall: None,
                 stalling: false,
@@ -330,14 +348,11 @@ impl Drop for Place {
     }
 }
 
-/// An accepted connection, holding its place, that fails a write the peer leaves waiting
-/// for [`WRITE_STALL`], and (on the gRPC API) a read that leaves HTTP/2's preface unsent
-/// past its deadline.
-pub struct Guarded {
+/// An accepted TCP connection, holding its place, that fails a write the peer leaves
+/// waiting for [`WRITE_STALL`].
+struct Guarded {
     io: TcpStream,
     _place: Place,
-    /// Bytes of the preface still to come, and by when.
-    preface: Option<(usize, Pin<Box<Sleep>>)>,
     /// [`WRITE_STALL`], but in tests.
     write_stall: Duration,
     stall: Option<Pin<Box<Sleep>>>,
@@ -346,10 +361,6 @@ pub struct Guarded {
 }
 
 impl Guarded {
-    fn expect_preface(&mut self, within: Duration) {
-        self.preface = Some((H2_PREFACE_BYTES, Box::pin(tokio::time::sleep(within))));
-    }
-
     /// `polled` from a write: a write left waiting starts the stall timer, one that moved
     /// stops it.
     fn timed<T>(
@@ -386,28 +397,7 @@ impl AsyncRead for Guarded {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        let Some((missing, deadline)) = &mut this.preface else {
-            return polled;
-        };
-        match polled {
-            Poll::Ready(Ok(())) => {
-                *missing = missing.saturating_sub(buf.filled().len() - before);
-                if *missing == 0 {
-                    this.preface = None;
-                }
-                Poll::Ready(Ok(()))
-            }
-            Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
-                Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the peer did not send HTTP/2's preface in time",
-                )))
-            }
-            other => other,
-        }
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
@@ -449,38 +439,456 @@ impl AsyncWrite for Guarded {
     }
 }
 
-impl tonic::transport::server::Connected for Guarded {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+// -- TLS -----------------------------------------------------------------------------------
+
+/// ALPN of the check and admin addresses: both protocols they serve (hyper's builder tells
+/// them apart by HTTP/2's preface either way).
+const ALPN_HTTP: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+/// ALPN of the gRPC API: HTTP/2 only. A client that offers only other protocols is refused
+/// in the handshake (RFC 7301); one that offers none is served.
+const ALPN_GRPC: &[&[u8]] = &[b"h2"];
+
+/// The listeners' TLS, from `tls_cert_file`, `tls_key_file`, `tls_client_ca_file` and
+/// `admin_tls`: one certificate for every listener (they are one service, under one name;
+/// a second certificate would be a second thing to renew), client certificates required on
+/// the check address and the gRPC API when a client CA is given, never on the admin API.
+/// Read once at start: a renewed certificate takes a restart.
+#[derive(Clone)]
+pub struct Tls {
+    pub check: TlsListener,
+    pub grpc: TlsListener,
+    /// `None` with `admin_tls = false`.
+    pub admin: Option<TlsListener>,
+}
+
+/// One listener's TLS: its configuration, and when it last warned of failed handshakes.
+#[derive(Clone)]
+pub struct TlsListener(Arc<TlsSide>);
+
+struct TlsSide {
+    acceptor: TlsAcceptor,
+    last_warning: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Tls {
+    /// The TLS the settings ask for (`None`: none), its files read and checked: an
+    /// unreadable file, one without PEM of the kind it should hold, a key that is not the
+    /// certificate's or a CA rustls cannot use stops the start, naming the setting.
+    pub fn load(settings: &Settings) -> Result<Option<Tls>, SettingError> {
+        let (Some(cert_file), Some(key_file)) = (&settings.tls_cert_file, &settings.tls_key_file)
+        else {
+            return Ok(None);
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain = read_certificates("tls_cert_file", cert_file)?;
+        let key = read_key(key_file)?;
+        provider
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| {
+                setting_error(
+                    "tls_key_file",
+                    format!("{}: not a usable private key: {e}", key_file.display()),
+                )
+            })?;
+        let clients = match &settings.tls_client_ca_file {
+            Some(path) => Some(client_verifier(path, &provider)?),
+            None => None,
+        };
+        let config = |verifier: Option<&Arc<dyn ClientCertVerifier>>,
+                      alpn: &[&[u8]]|
+         -> Result<TlsListener, SettingError> {
+            let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+                .map_err(|e| setting_error("tls_cert_file", e.to_string()))?;
+            let builder = match verifier {
+                Some(verifier) => builder.with_client_cert_verifier(Arc::clone(verifier)),
+                None => builder.with_no_client_auth(),
+            };
+            let mut config = builder
+                .with_single_cert(chain.clone(), key.clone_key())
+                .map_err(|e| match e {
+                    rustls::Error::InconsistentKeys(_) => setting_error(
+                        "tls_key_file",
+                        format!(
+                            "{} is not the key of the certificate in {} (the first of its \
+                             chain)",
+                            key_file.display(),
+                            cert_file.display()
+                        ),
+                    ),
+                    other => setting_error(
+                        "tls_cert_file",
+                        format!("{}: not a usable certificate: {other}", cert_file.display()),
+                    ),
+                })?;
+            config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
+            Ok(TlsListener(Arc::new(TlsSide {
+                acceptor: TlsAcceptor::from(Arc::new(config)),
+                last_warning: std::sync::Mutex::new(None),
+            })))
+        };
+        Ok(Some(Tls {
+            check: config(clients.as_ref(), ALPN_HTTP)?,
+            grpc: config(clients.as_ref(), ALPN_GRPC)?,
+            admin: if settings.admin_tls {
+                Some(config(None, ALPN_HTTP)?)
+            } else {
+                None
+            },
+        }))
+    }
+}
+
+/// Every certificate (PEM) in `path`, the setting `setting`'s file.
+fn read_certificates(
+    setting: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, SettingError> {
+    let text = read_pem_file(setting, path)?;
+    let certificates = CertificateDer::pem_slice_iter(&text)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| setting_error(setting, format!("{}: not PEM: {e}", path.display())))?;
+    if certificates.is_empty() {
+        return Err(setting_error(
+            setting,
+            format!(
+                "{} holds no certificate (PEM, `-----BEGIN CERTIFICATE-----`)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(certificates)
+}
+
+/// The first private key (PEM: PKCS#8, PKCS#1 or SEC1) in `tls_key_file`.
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, SettingError> {
+    let text = read_pem_file("tls_key_file", path)?;
+    PrivateKeyDer::from_pem_slice(&text).map_err(|e| {
+        let message = match e {
+            rustls::pki_types::pem::Error::NoItemsFound => format!(
+                "{} holds no private key (PEM, `-----BEGIN PRIVATE KEY-----`, `… RSA PRIVATE \
+                 KEY-----` or `… EC PRIVATE KEY-----`)",
+                path.display()
+            ),
+            other => format!("{}: not PEM: {other}", path.display()),
+        };
+        setting_error("tls_key_file", message)
+    })
+}
+
+/// The largest PEM file read: a long chain or a bundle of CAs is a few tens of kilobytes.
+const MAX_PEM_BYTES: u64 = 1 << 20;
+
+fn read_pem_file(setting: &'static str, path: &Path) -> Result<Vec<u8>, SettingError> {
+    use std::io::Read;
+    let cannot =
+        |e: io::Error| setting_error(setting, format!("cannot read {}: {e}", path.display()));
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .map_err(cannot)?
+        .take(MAX_PEM_BYTES + 1)
+        .read_to_end(&mut text)
+        .map_err(cannot)?;
+    if text.len() as u64 > MAX_PEM_BYTES {
+        return Err(setting_error(
+            setting,
+            format!(
+                "{} is over {MAX_PEM_BYTES} bytes: not a PEM file",
+                path.display()
+            ),
+        ));
+    }
+    Ok(text)
+}
+
+/// Client certificates issued by a CA of `tls_client_ca_file`, required.
+fn client_verifier(
+    path: &Path,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, SettingError> {
+    let mut roots = RootCertStore::empty();
+    for certificate in read_certificates("tls_client_ca_file", path)? {
+        roots.add(certificate).map_err(|e| {
+            setting_error(
+                "tls_client_ca_file",
+                format!("{}: not a usable CA certificate: {e}", path.display()),
+            )
+        })?;
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
+        .build()
+        .map_err(|e| setting_error("tls_client_ca_file", format!("{}: {e}", path.display())))
+}
+
+impl TlsListener {
+    /// Logs a failed handshake: each at debug, and a warning at most once a minute, for
+    /// a caller whose certificate (or trust in the controller's) does not match is a
+    /// deployment's mistake that someone must see. A peer that closed without a word (a
+    /// TCP probe, a scan) is not one.
+    fn failed(&self, listener: &'static str, peer: Option<SocketAddr>, error: &io::Error) {
+        let peer = peer.map_or_else(|| "?".to_owned(), |peer| peer.to_string());
+        tracing::debug!(listener, %peer, "TLS handshake failed: {error}");
+        if error.kind() == io::ErrorKind::UnexpectedEof {
+            return;
+        }
+        let now = Instant::now();
+        {
+            let Ok(mut last) = self.0.last_warning.lock() else {
+                return;
+            };
+            if last.is_some_and(|last| now.duration_since(last) < WARN_EVERY) {
+                return;
+            }
+            *last = Some(now);
+        }
+        tracing::warn!(
+            listener,
+            %peer,
+            "TLS handshake failed: {error} (a caller without a certificate the controller \
+             trusts, or that does not trust the controller's, or not speaking TLS; at most \
+             one warning a minute, every failure at debug)"
+        );
+    }
+}
+
+// -- A connection as its protocol reads it -------------------------------------------------
+
+/// What [`Wire`] reads and writes once its handshake is over.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// TCP, or TLS over it.
+enum Wire {
+    Plain(Guarded),
+    /// The TLS handshake, run by the connection's first reads and writes.
+    Handshake(Box<tokio_rustls::Accept<Guarded>>, TlsListener),
+    Tls(Box<tokio_rustls::server::TlsStream<Guarded>>),
+    /// The handshake failed (the error was returned once).
+    Failed,
+}
+
+impl Wire {
+    /// The stream to read and write, once the handshake (if any) is over.
+    fn poll_stream(
+        &mut self,
+        cx: &mut Context<'_>,
+        listener: &'static str,
+        peer: Option<SocketAddr>,
+    ) -> Poll<io::Result<Pin<&mut dyn Stream>>> {
+        if let Wire::Handshake(accept, tls) = self {
+            match ready!(Pin::new(accept.as_mut()).poll(cx)) {
+                Ok(stream) => *self = Wire::Tls(Box::new(stream)),
+                Err(error) => {
+                    tls.failed(listener, peer, &error);
+                    *self = Wire::Failed;
+                    return Poll::Ready(Err(error));
+                }
+            }
+        }
+        Poll::Ready(match self {
+            Wire::Plain(io) => Ok(Pin::new(io)),
+            Wire::Tls(io) => Ok(Pin::new(io.as_mut())),
+            Wire::Handshake(..) | Wire::Failed => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the TLS handshake failed",
+            )),
+        })
+    }
+}
+
+/// An accepted connection as its protocol reads it: over TCP or TLS (whose handshake runs
+/// as the connection is first read or written), holding its place under the cap. On the
+/// gRPC API the handshake and HTTP/2's preface must be over within the header-read timeout
+/// ([`Accepted::expect_preface`]); on the check and admin addresses the whole first request
+/// must be (the deadline of [`serve`]'s connections).
+pub struct Accepted {
+    wire: Wire,
+    listener: &'static str,
+    info: TcpConnectInfo,
+    /// Bytes of the preface still to come (after the handshake), and by when.
+    preface: Option<(usize, Pin<Box<Sleep>>)>,
+}
+
+impl Accepted {
+    fn new(io: Guarded, tls: Option<&TlsListener>, listener: &'static str) -> Accepted {
+        let info = io.io.connect_info();
+        let wire = match tls {
+            Some(tls) => Wire::Handshake(Box::new(tls.0.acceptor.accept(io)), tls.clone()),
+            None => Wire::Plain(io),
+        };
+        Accepted {
+            wire,
+            listener,
+            info,
+            preface: None,
+        }
+    }
+
+    fn expect_preface(&mut self, within: Duration) {
+        self.preface = Some((H2_PREFACE_BYTES, Box::pin(tokio::time::sleep(within))));
+    }
+
+    /// `polled` from a read of `read` bytes or a write: while the preface is awaited, a
+    /// read or write left waiting past its deadline fails.
+    fn before_preface<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+        read: usize,
+    ) -> Poll<io::Result<T>> {
+        let Some((missing, deadline)) = &mut self.preface else {
+            return polled;
+        };
+        match polled {
+            Poll::Ready(Ok(value)) => {
+                *missing = missing.saturating_sub(read);
+                if *missing == 0 {
+                    self.preface = None;
+                }
+                Poll::Ready(Ok(value))
+            }
+            Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the peer did not finish the TLS handshake and send HTTP/2's preface in \
+                     time",
+                )))
+            }
+            other => other,
+        }
+    }
+}
+
+impl AsyncRead for Accepted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = match this
+            .wire
+            .poll_stream(cx, this.listener, this.info.remote_addr)
+        {
+            Poll::Ready(Ok(stream)) => stream.poll_read(cx, buf),
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => Poll::Pending,
+        };
+        let read = buf.filled().len() - before;
+        this.before_preface(cx, polled, read)
+    }
+}
+
+impl AsyncWrite for Accepted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = match this
+            .wire
+            .poll_stream(cx, this.listener, this.info.remote_addr)
+        {
+            Poll::Ready(Ok(stream)) => stream.poll_write(cx, buf),
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => Poll::Pending,
+        };
+        this.before_preface(cx, polled, 0)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = match this
+            .wire
+            .poll_stream(cx, this.listener, this.info.remote_addr)
+        {
+            Poll::Ready(Ok(stream)) => stream.poll_write_vectored(cx, bufs),
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => Poll::Pending,
+        };
+        this.before_preface(cx, polled, 0)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.wire {
+            Wire::Plain(io) => io.is_write_vectored(),
+            Wire::Tls(io) => io.is_write_vectored(),
+            Wire::Handshake(..) | Wire::Failed => false,
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = match this
+            .wire
+            .poll_stream(cx, this.listener, this.info.remote_addr)
+        {
+            Poll::Ready(Ok(stream)) => stream.poll_flush(cx),
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => Poll::Pending,
+        };
+        this.before_preface(cx, polled, 0)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().wire {
+            Wire::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Wire::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+            // Nothing to close gracefully: dropping the connection closes it.
+            Wire::Handshake(..) | Wire::Failed => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl Connected for Accepted {
+    type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
+        self.info.clone()
     }
 }
 
 /// The gRPC API's connections, for tonic (`serve_with_incoming_shutdown`): within the cap,
-/// each to send HTTP/2's preface within the header-read timeout.
+/// over TLS when `tls` is given, each to finish its handshake and send HTTP/2's preface
+/// within the header-read timeout. The handshake runs in the connection's own task, not
+/// here: a peer that never finishes one holds up no other.
 pub fn incoming(
     listener: TcpListener,
     limits: Limits,
+    tls: Option<TlsListener>,
     metrics: Arc<Metrics>,
-) -> impl futures_util::Stream<Item = io::Result<Guarded>> {
+) -> impl futures_util::Stream<Item = io::Result<Accepted>> {
     let gate = Gate::new(limits, metrics);
-    futures_util::stream::unfold((listener, gate), |(listener, mut gate)| async move {
-        let mut connection = gate.accept(&listener).await;
-        connection.expect_preface(gate.limits.header_read);
-        Some((Ok(connection), (listener, gate)))
-    })
+    futures_util::stream::unfold(
+        (listener, gate, tls),
+        |(listener, mut gate, tls)| async move {
+            let io = gate.accept(&listener).await;
+            let mut connection = Accepted::new(io, tls.as_ref(), gate.limits.name);
+            connection.expect_preface(gate.limits.header_read);
+            Some((Ok(connection), (listener, gate, tls)))
+        },
+    )
 }
 
 // -- Serving an axum app -------------------------------------------------------------------
 
-/// Serves `app` on `listener` within `limits` until `stopped` holds `true`; then accepts no
-/// more, asks every connection to close once its answers are out, and returns when they all
-/// have (as `axum::serve`'s graceful shutdown does).
+/// Serves `app` on `listener` within `limits` (over TLS when `tls` is given) until
+/// `stopped` holds `true`; then accepts no more, asks every connection to close once its
+/// answers are out, and returns when they all have (as `axum::serve`'s graceful shutdown
+/// does).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    tls: Option<TlsListener>,
     metrics: Arc<Metrics>,
     mut stopped: watch::Receiver<bool>,
 ) {
@@ -510,7 +918,7 @@ pub async fn serve(
             stopped: stopped.clone(),
             _open: connections.clone(),
         };
-        tokio::spawn(connection.run(io));
+        tokio::spawn(connection.run(Accepted::new(io, tls.as_ref(), limits.name)));
     }
     drop(listener);
     drop(connections);
@@ -526,7 +934,7 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(mut self, io: Guarded) {
+    async fn run(mut self, io: Accepted) {
         let activity = Arc::new(Activity::default());
         let service = PerRequest {
             app: self.app.clone(),
@@ -535,7 +943,8 @@ impl Connection {
         };
         let connection = self.builder.serve_connection(TokioIo::new(io), service);
         let mut connection = std::pin::pin!(connection);
-        // First the first request's deadline; then, each time it passes, the idle one.
+        // First the first request's deadline (a TLS handshake included); then, each time it
+        // passes, the idle one.
         let deadline = tokio::time::sleep(self.limits.header_read);
         let mut deadline = std::pin::pin!(deadline);
         let mut seen = 0;
@@ -556,7 +965,8 @@ impl Connection {
                     let started = activity.started.load(Ordering::Relaxed);
                     if started == 0 {
                         // Nothing asked yet: neither HTTP/1.1's head timer nor HTTP/2's pings
-                        // run before the protocol is known and its handshake done.
+                        // run before the protocol is known and its handshakes (TLS, HTTP/2)
+                        // are done.
                         tracing::debug!(
                             listener = self.limits.name,
                             "connection closed: no request within the header-read timeout"
@@ -790,35 +1200,39 @@ mod tests {
     }
 
     /// A connection to a peer that reads nothing, as the server holds it.
-    async fn unread(stall: Duration, preface: Option<Duration>) -> (Guarded, TcpStream) {
+    async fn unread(stall: Duration) -> (Guarded, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let peer = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (io, _) = listener.accept().await.unwrap();
         let places = Arc::new(Semaphore::new(1));
-        let mut guarded = Guarded {
+        let guarded = Guarded {
             io,
             _place: Place {
                 _permit: places.try_acquire_owned().unwrap(),
                 open: Gauge::default(),
             },
-            preface: None,
             write_stall: stall,
             stall: None,
             stalling: false,
         };
-        if let Some(within) = preface {
-            guarded.expect_preface(within);
-        }
         (guarded, peer)
+    }
+
+    /// The same, as the gRPC API holds it: HTTP/2's preface due `within`.
+    async fn unread_preface(within: Duration) -> (Accepted, TcpStream) {
+        let (guarded, peer) = unread(WRITE_STALL).await;
+        let mut accepted = Accepted::new(guarded, None, "test");
+        accepted.expect_preface(within);
+        (accepted, peer)
     }
 
     #[tokio::test]
     async fn a_peer_that_reads_nothing_is_dropped_after_the_stall() {
         use tokio::io::AsyncWriteExt;
         let stall = Duration::from_millis(300);
-        let (mut guarded, _peer) = unread(stall, None).await;
+        let (mut guarded, _peer) = unread(stall).await;
         let chunk = vec![0u8; 64 << 10];
         let mut last_progress = Instant::now();
         let error = loop {
@@ -835,7 +1249,7 @@ mod tests {
     async fn the_preface_must_come_in_time() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let within = Duration::from_millis(300);
-        let (mut guarded, mut peer) = unread(WRITE_STALL, Some(within)).await;
+        let (mut guarded, mut peer) = unread_preface(within).await;
         let started = Instant::now();
         peer.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
         let mut buffer = [0u8; 64];
@@ -844,7 +1258,7 @@ mod tests {
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
         assert!(started.elapsed() >= within);
 
-        let (mut guarded, mut peer) = unread(WRITE_STALL, Some(within)).await;
+        let (mut guarded, mut peer) = unread_preface(within).await;
         peer.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
             .await
             .unwrap();
@@ -859,6 +1273,57 @@ mod tests {
         tokio::time::sleep(within * 2).await;
         peer.write_all(b"later").await.unwrap();
         assert_eq!(guarded.read(&mut buffer).await.unwrap(), 5);
+    }
+
+    /// Settings with TLS files `cert`, `key` and maybe `client_ca`.
+    fn tls_settings(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Settings {
+        Settings::resolve(crate::settings::Flags {
+            mode: Some(crate::settings::Mode::Development),
+            tls_cert_file: Some(cert.to_path_buf()),
+            tls_key_file: Some(key.to_path_buf()),
+            tls_client_ca_file: client_ca.map(Path::to_path_buf),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn tls_files_that_cannot_serve_name_their_setting() {
+        let dir = std::env::temp_dir().join(format!("sluice-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("missing.pem");
+        let text = dir.join("text.pem");
+        std::fs::write(&text, "not a certificate\n").unwrap();
+        let big = dir.join("big.pem");
+        std::fs::write(&big, vec![b'a'; (MAX_PEM_BYTES + 1) as usize]).unwrap();
+        let error = |settings: Settings| match Tls::load(&settings) {
+            Ok(_) => panic!("loaded"),
+            Err(error) => error,
+        };
+        let e = error(tls_settings(&missing, &text, None));
+        assert_eq!(e.setting, "tls_cert_file");
+        assert!(e.message.starts_with("cannot read "), "{e}");
+        let e = error(tls_settings(&text, &text, None));
+        assert_eq!(e.setting, "tls_cert_file");
+        assert!(e
+            .message
+            .ends_with("holds no certificate (PEM, `-----BEGIN CERTIFICATE-----`)"));
+        let e = error(tls_settings(&big, &text, None));
+        assert_eq!(e.setting, "tls_cert_file");
+        assert!(e.message.contains("is over 1048576 bytes"), "{e}");
+        assert!(
+            Tls::load(
+                &Settings::resolve(crate::settings::Flags {
+                    mode: Some(crate::settings::Mode::Development),
+                    ..Default::default()
+                })
+                .unwrap()
+            )
+            .unwrap()
+            .is_none(),
+            "no TLS unless asked for"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

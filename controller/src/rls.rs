@@ -588,6 +588,7 @@ impl RateLimitService for Rls {
 pub async fn listen(
     addr: Option<SocketAddr>,
     limits: crate::listener::Limits,
+    tls: Option<crate::listener::TlsListener>,
     limiter: Arc<Limiter>,
     tokens: Arc<CheckTokens>,
     metrics: Arc<Metrics>,
@@ -602,14 +603,15 @@ pub async fn listen(
         None => None,
     };
     if let Some((addr, _)) = &listener {
-        tracing::info!(%addr, "Envoy rate-limit service (gRPC) listening");
+        tracing::info!(%addr, tls = tls.is_some(), "Envoy rate-limit service (gRPC) listening");
     }
     Ok(async move {
         let Some((addr, listener)) = listener else {
             return Ok(());
         };
-        // Within the cap, TCP_NODELAY (replies go out at once, as on the check address).
-        let incoming = crate::listener::incoming(listener, limits, Arc::clone(&metrics));
+        // Within the cap, TCP_NODELAY (replies go out at once, as on the check address),
+        // over TLS when asked for (ALPN `h2`).
+        let incoming = crate::listener::incoming(listener, limits, tls, Arc::clone(&metrics));
         let authenticate = move |request: tonic::Request<()>| {
             let authorization = request
                 .metadata()

@@ -13,8 +13,86 @@ pub struct Controller {
     /// The port of Envoy's rate-limit service API (gRPC), when asked for
     /// ([`ControllerOptions::grpc`]).
     pub grpc_port: Option<u16>,
+    /// TLS on its listeners, when asked for ([`ControllerOptions::tls`]).
+    pub tls: Option<ControllerTls>,
     process: Process,
     _dir: tempfile::TempDir,
+}
+
+/// TLS on a test controller's listeners (`--tls-cert-file`, `--tls-key-file`,
+/// `--tls-client-ca-file`), and what the harness's own calls (readiness, the admin API)
+/// trust and present.
+#[derive(Debug, Clone)]
+pub struct ControllerTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// `--tls-client-ca-file`: the check address and the gRPC API require a client
+    /// certificate of this CA.
+    pub client_ca_file: Option<PathBuf>,
+    /// The CA the harness trusts the controller's certificate by.
+    pub ca_file: PathBuf,
+    /// The certificate and key the harness presents (under mTLS, on the check address).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl ControllerTls {
+    /// An HTTPS client for the harness's own calls: trusting `ca_file`, presenting
+    /// `client_cert`, every status an answer.
+    pub fn agent(&self) -> ureq::Agent {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        };
+        let ca = ureq::tls::Certificate::from_pem(&read(&self.ca_file)).expect("the CA (PEM)");
+        let client_cert = self.client_cert.as_ref().map(|(cert, key)| {
+            let cert = ureq::tls::Certificate::from_pem(&read(cert)).expect("certificate (PEM)");
+            let key = ureq::tls::PrivateKey::from_pem(&read(key)).expect("key (PEM)");
+            ureq::tls::ClientCert::new_with_certs(&[cert], key)
+        });
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::new_with_certs(&[ca]))
+            .client_cert(client_cert)
+            .build();
+        ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .max_idle_connections(0)
+            .build()
+            .into()
+    }
+
+    /// `method url` with `headers` and a JSON `body`, over [`ControllerTls::agent`].
+    pub fn request(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<String>,
+    ) -> Result<crate::http::Response, ureq::Error> {
+        let mut request = ureq::http::Request::builder().method(method).uri(url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if body.is_some() {
+            request = request.header("content-type", "application/json");
+        }
+        let request = request
+            .body(body.unwrap_or_default())
+            .map_err(|e| ureq::Error::BadUri(e.to_string()))?;
+        let response = self.agent().run(request)?;
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
+        let body = response.into_body().read_to_string()?;
+        Ok(crate::http::Response {
+            status,
+            headers,
+            body,
+        })
+    }
 }
 
 /// The admin token every test controller accepts (role `admin`, name `test`).
@@ -53,6 +131,8 @@ pub struct ControllerOptions<'a> {
     pub grpc: bool,
     /// The check tokens it accepts (`SLUICE_CHECK_TOKENS`); `None`: an open check address.
     pub check_tokens: Option<String>,
+    /// TLS on its listeners; `None` (the default): none.
+    pub tls: Option<ControllerTls>,
 }
 
 impl<'a> ControllerOptions<'a> {
@@ -66,6 +146,7 @@ impl<'a> ControllerOptions<'a> {
             extra_args: Vec::new(),
             grpc: false,
             check_tokens: Some(CHECK_TOKEN.to_owned()),
+            tls: None,
         }
     }
 }
@@ -121,28 +202,55 @@ impl Controller {
         if let Some(grpc_port) = grpc_port {
             command.args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")]);
         }
+        if let Some(tls) = &options.tls {
+            command.arg("--tls-cert-file").arg(&tls.cert_file);
+            command.arg("--tls-key-file").arg(&tls.key_file);
+            if let Some(ca) = &tls.client_ca_file {
+                command.arg("--tls-client-ca-file").arg(ca);
+            }
+        }
         command.args(&options.extra_args);
         let mut process = Process::spawn("controller", command, &dir.path().join("controller.log"));
-        process.wait_until_ready(
-            &format!("http://127.0.0.1:{port}/readyz"),
-            Duration::from_secs(20),
-        );
+        match &options.tls {
+            None => process.wait_until_ready(
+                &format!("http://127.0.0.1:{port}/readyz"),
+                Duration::from_secs(20),
+            ),
+            Some(tls) => {
+                let ready = format!("https://127.0.0.1:{port}/readyz");
+                crate::wait_until("controller", Duration::from_secs(20), || {
+                    process.assert_running();
+                    tls.request("GET", &ready, &[], None)
+                        .is_ok_and(|r| r.status == 200)
+                });
+            }
+        }
         Controller {
             port,
             admin_port,
             grpc_port,
+            tls: options.tls.clone(),
             process,
             _dir: dir,
         }
     }
 
+    /// A URL of the check address (`https` with TLS).
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("{}://127.0.0.1:{}{path}", self.scheme(), self.port)
     }
 
-    /// A URL of the admin API (`/v1/admin/rules`).
+    /// A URL of the admin API (`/v1/admin/rules`; `https` with TLS).
     pub fn admin_url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.admin_port)
+        format!("{}://127.0.0.1:{}{path}", self.scheme(), self.admin_port)
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// An admin API call with the admin token: `method` on `path`, with a JSON body.
@@ -153,18 +261,27 @@ impl Controller {
         body: Option<&serde_json::Value>,
     ) -> crate::http::Response {
         let token = format!("Bearer {ADMIN_TOKEN}");
-        crate::http::request(
-            method,
-            &self.admin_url(path),
-            &[("authorization", token.as_str())],
-            body.map(serde_json::Value::to_string),
-        )
+        let headers = [("authorization", token.as_str())];
+        let body = body.map(serde_json::Value::to_string);
+        match &self.tls {
+            None => crate::http::request(method, &self.admin_url(path), &headers, body),
+            Some(tls) => tls.request(method, &self.admin_url(path), &headers, body),
+        }
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// `GET path` on the check address (over TLS, as [`ControllerTls::agent`], when it
+    /// speaks TLS).
+    pub fn get(&self, path: &str) -> Result<crate::http::Response, ureq::Error> {
+        match &self.tls {
+            None => crate::http::get(&self.url(path)),
+            Some(tls) => tls.request("GET", &self.url(path), &[], None),
+        }
     }
 
     /// The version of the configuration this controller runs on (its `/readyz` says).
     pub fn config_version(&self) -> u64 {
-        crate::http::get(&self.url("/readyz"))
+        self.get("/readyz")
             .ok()
             .and_then(|r| r.json()["config_version"].as_u64())
             .unwrap_or(0)

@@ -253,8 +253,69 @@ pub const CONTROLLER_HEALTH: &str = r#"
       max_ejection_time: 10s
       max_ejection_percent: 50"#;
 
+/// TLS from Envoy to the `sluice_controller` cluster (`envoy.transport_sockets.tls`), for a
+/// controller started with `--tls-cert-file` ([`Envoy::start_with_controller_tls`]). The
+/// cluster's health checks go over it too.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// The CA Envoy trusts the controller's certificate by (`validation_context.trusted_ca`).
+    pub ca_file: PathBuf,
+    /// The name Envoy sends (`sni`) and requires among the certificate's DNS names
+    /// (`match_typed_subject_alt_names`: without it Envoy takes any certificate of the CA).
+    pub server_name: String,
+    /// Envoy's client certificate and key (`tls_certificates`), for a controller that
+    /// requires one (`--tls-client-ca-file`).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// The `sluice_controller` cluster's `transport_socket` for `tls`, at the cluster's
+/// indentation.
+pub fn upstream_tls_yaml(tls: &UpstreamTls) -> String {
+    let client_cert = tls
+        .client_cert
+        .as_ref()
+        .map(|(cert, key)| {
+            format!(
+                r#"
+          tls_certificates:
+          - certificate_chain: {{ filename: "{}" }}
+            private_key: {{ filename: "{}" }}"#,
+                cert.display(),
+                key.display()
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        r#"
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: {server_name}
+        common_tls_context:
+          tls_params: {{ tls_minimum_protocol_version: TLSv1_2 }}
+          validation_context:
+            trusted_ca: {{ filename: "{ca}" }}
+            match_typed_subject_alt_names:
+            - san_type: DNS
+              matcher: {{ exact: {server_name} }}{client_cert}"#,
+        server_name = tls.server_name,
+        ca = tls.ca_file.display(),
+    )
+}
+
 /// The whole bootstrap configuration for one test Envoy.
 pub fn config_yaml(options: &EnvoyOptions, listen_port: u16, admin_port: u16) -> String {
+    config_yaml_with_tls(options, None, listen_port, admin_port)
+}
+
+/// [`config_yaml`], with TLS to the controllers when `tls` is given.
+pub fn config_yaml_with_tls(
+    options: &EnvoyOptions,
+    tls: Option<&UpstreamTls>,
+    listen_port: u16,
+    admin_port: u16,
+) -> String {
     // A cluster needs at least one endpoint to be valid; port 9 (discard) refuses.
     let controller_ports = if options.controller_ports.is_empty() {
         vec![9]
@@ -300,7 +361,7 @@ static_resources:
       - lb_endpoints:{upstream}
   - name: sluice_controller
     type: STATIC
-    connect_timeout: 0.25s{controller_protocol}{controller_health}
+    connect_timeout: 0.25s{controller_protocol}{controller_health}{controller_tls}
     load_assignment:
       cluster_name: sluice_controller
       endpoints:
@@ -310,6 +371,7 @@ static_resources:
         upstream = endpoints_yaml(&[options.upstream_port]),
         controllers = endpoints_yaml(&controller_ports),
         controller_health = CONTROLLER_HEALTH,
+        controller_tls = tls.map(upstream_tls_yaml).unwrap_or_default(),
         // Idle connections closed by Envoy before the controller closes them, as in every
         // shipped config.
         controller_protocol = if options.controller_http2 {
@@ -347,6 +409,13 @@ impl Envoy {
         let (port, admin_port) = (free_port(), free_port());
         let config = config_yaml(options, port, admin_port);
         Envoy::launch(&config, port, admin_port, options.concurrency, level)
+    }
+
+    /// [`Envoy::start`], its callouts to the controllers (and their health checks) over TLS.
+    pub fn start_with_controller_tls(options: &EnvoyOptions, tls: &UpstreamTls) -> Envoy {
+        let (port, admin_port) = (free_port(), free_port());
+        let config = config_yaml_with_tls(options, Some(tls), port, admin_port);
+        Envoy::launch(&config, port, admin_port, options.concurrency, "info")
     }
 
     /// Starts Envoy on a ready-made configuration whose listener is `port` and admin
