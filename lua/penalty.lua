@@ -6,7 +6,8 @@
 -- strike).
 -- P.cooling: ms of cool-down left at now (0: none).
 -- P.strike: one more strike at now; returns the new cool-down in ms:
---   min(max, base * 2^(strikes - 1)), after forgiving one strike per `decay` since the last.
+--   min(max, base * 2^(strikes - 1)), after forgiving one strike per `decay` since the last
+--   cool-down ended (a client refused all through its cool-down is not forgiven for it).
 local P = {}
 
 function P.cooling(key, now)
@@ -15,11 +16,11 @@ function P.cooling(key, now)
 end
 
 function P.strike(key, now, base, max, decay)
-  local stored = redis.call('HMGET', key, 's', 'l')
+  local stored = redis.call('HMGET', key, 's', 'u')
   local strikes = tonumber(stored[1] or '0')
-  local last = tonumber(stored[2] or now)
+  local cooled = tonumber(stored[2] or now)
   -- The clock may have gone back: no time has passed, nothing is forgiven.
-  local forgiven = U.floor_div(math.max(0, now - last), decay)
+  local forgiven = U.floor_div(math.max(0, now - cooled), decay)
   strikes = math.max(0, strikes - forgiven) + 1
   -- Doubling past 2^40 of anything is past any max: stop there (exact in Lua numbers).
   local cooldown = base * 2 ^ math.min(strikes - 1, 40)

@@ -109,12 +109,14 @@ pub fn cooling(state: Option<&State>, now: u64) -> u64 {
 /// One more strike at `now` (the twin of `lua/penalty.lua`): the penalty's new state, the
 /// cool-down it starts, and how long the state matters (its TTL).
 pub fn strike(penalty: &PenaltyParams, state: Option<&State>, now: u64) -> (State, u64, u64) {
-    let (strikes, last) = match state {
-        Some(&State::Penalty { strikes, last, .. }) => (strikes, last),
+    // Strikes are forgiven for time without a denial: counted from the end of the last
+    // cool-down, not from the strike (a client refused all through it was not forgiven).
+    let (strikes, cooled) = match state {
+        Some(&State::Penalty { strikes, until, .. }) => (strikes, until),
         _ => (0, now),
     };
     // The clock may have gone back: no time has passed, nothing is forgiven.
-    let forgiven = now.saturating_sub(last) / penalty.decay_ms.max(1);
+    let forgiven = now.saturating_sub(cooled) / penalty.decay_ms.max(1);
     let strikes = strikes.saturating_sub(forgiven) + 1;
     let doubled = u128::from(penalty.base_ms) << (strikes - 1).min(40);
     let cooldown = sat(doubled.min(u128::from(penalty.max_ms)));

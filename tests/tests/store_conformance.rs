@@ -817,6 +817,23 @@ async fn a_penalty_doubles_while_the_limit_is_hit_and_decays_after(s: Subject) {
     assert_eq!(s.one(&spec).await, cooling(0, 2_000), "forgiven");
 }
 
+/// A cool-down is time with denials: a client that strikes again as soon as it ends is not
+/// forgiven for it, even when it is longer than the decay (it used to be, and the
+/// cool-downs never grew past a few times the decay).
+async fn a_client_struck_at_the_end_of_each_cool_down_is_not_forgiven_for_it(s: Subject) {
+    // Cool-downs of 2 s doubling to 32 s; one strike forgiven per 3 s without a denial.
+    let spec = with_penalty(limit(FixedWindow, 1, 1_000, 0), 2_000, 32_000, 3_000);
+    assert!(s.one(&spec).await.ok);
+    let mut cool = 2_000;
+    assert_eq!(s.one(&spec).await, cooling(0, cool));
+    for _ in 0..4 {
+        s.advance(cool);
+        assert!(s.one(&spec).await.ok, "the cool-down is over");
+        cool = (cool * 2).min(32_000);
+        assert_eq!(s.one(&spec).await, cooling(0, cool), "not forgiven");
+    }
+}
+
 async fn a_penalty_strikes_only_the_limit_that_denied(s: Subject) {
     let penalised = with_penalty(limit(FixedWindow, 5, 60_000, 0), 10_000, 60_000, 60_000);
     let strict = limit(FixedWindow, 1, 60_000, 0);
@@ -1029,6 +1046,7 @@ every_store!(
     a_batch_is_decided_in_order,
     a_penalty_doubles_while_the_limit_is_hit_and_decays_after,
     a_penalty_strikes_only_the_limit_that_denied,
+    a_client_struck_at_the_end_of_each_cool_down_is_not_forgiven_for_it,
     a_read_during_a_cool_down_reports_the_limit_as_it_is,
     a_limit_lowered_below_the_count_denies_with_nothing_remaining,
     lease_reservations_split_the_quota_and_never_exceed_it,
