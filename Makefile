@@ -13,13 +13,13 @@ WASM := target/$(WASM_TARGET)/release/sluice_filter.wasm
 # put a Python process between us and Envoy's signals).
 ENVOY_BIN = $(abspath $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/envoy/_bin/envoy)))
 
-.PHONY: all build wasm oci controller run test lint unit e2e bench tools wasm-target envoy redis clean wrk schemathesis chromium
+.PHONY: all build wasm oci controller run test lint unit e2e bench tools wasm-target envoy redis clean wrk schemathesis chromium openssl
 
 all: build
 
 ## Tools ---------------------------------------------------------------------------------
 
-tools: wasm-target envoy redis schemathesis chromium
+tools: wasm-target envoy redis schemathesis chromium openssl
 
 wasm-target:
 	@rustup target list --installed | grep -qx '$(WASM_TARGET)' || rustup target add $(WASM_TARGET)
@@ -44,6 +44,10 @@ redis:
 
 wrk:
 	@command -v wrk >/dev/null || scripts/install-packages.sh wrk
+
+# The TLS tests make their certificates with the openssl command.
+openssl:
+	@command -v openssl >/dev/null || scripts/install-packages.sh openssl
 
 # The dashboard's tests (tests/tests/dashboard.rs) drive a real headless Chromium over the
 # DevTools protocol, through a pipe: no WebDriver, no Node. chromium-driver comes with it
