@@ -179,18 +179,29 @@ impl Client {
     }
 
     fn call(&self, request: RateLimitRequest) -> Result<RateLimitResponse, tonic::Status> {
+        // As Envoy sends it (grpc_service.initial_metadata).
+        let credential = format!("Bearer {}", sluice_e2e::controller::CHECK_TOKEN);
+        self.call_as(request, Some(&credential))
+    }
+
+    /// A call with `credential` as its `authorization` metadata, or none.
+    fn call_as(
+        &self,
+        request: RateLimitRequest,
+        credential: Option<&str>,
+    ) -> Result<RateLimitResponse, tonic::Status> {
         self.runtime.block_on(async {
             let mut client =
                 RateLimitServiceClient::connect(format!("http://127.0.0.1:{}", self.port))
                     .await
                     .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-            // As Envoy sends it (grpc_service.initial_metadata).
             let mut request = tonic::Request::new(request);
-            let credential = format!("Bearer {}", sluice_e2e::controller::CHECK_TOKEN);
-            request.metadata_mut().insert(
-                "authorization",
-                credential.parse().expect("a metadata value"),
-            );
+            if let Some(credential) = credential {
+                request.metadata_mut().insert(
+                    "authorization",
+                    credential.parse().expect("a metadata value"),
+                );
+            }
             client
                 .should_rate_limit(request)
                 .await
@@ -258,6 +269,17 @@ fn the_grpc_api_answers_per_descriptor_and_refuses_with_the_field_named() {
     );
     let remaining: Vec<u32> = answer.statuses.iter().map(|s| s.limit_remaining).collect();
     assert_eq!(remaining, [6, 2]);
+    // Without the check token, or with another, the call is refused before Redis is asked.
+    let scripts_before = scripts();
+    for credential in [None, Some("Bearer not-the-check-token-0123456789")] {
+        let refused = client.call_as(call.clone(), credential).unwrap_err();
+        assert_eq!(
+            refused.code(),
+            tonic::Code::Unauthenticated,
+            "{credential:?}"
+        );
+    }
+    assert_eq!(scripts(), scripts_before, "nothing reached Redis");
     let answer = client.call(call.clone()).expect("an answer");
     let codes: Vec<i32> = answer.statuses.iter().map(|s| s.code).collect();
     assert_eq!(codes, [Code::Ok as i32, Code::OverLimit as i32]);
