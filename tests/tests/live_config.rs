@@ -72,8 +72,14 @@ fn admin_json(controller: &Controller, method: &str, path: &str, body: Value) ->
 fn changes_reach_every_controller_and_worker_within_two_seconds() {
     let redis = RedisServer::start_durable();
     let url = redis.url();
-    let first = Controller::start(BASE, Some(&url));
-    let second = Controller::start(BASE, Some(&url));
+    // The controllers' own default poll (500 ms): the README's "every controller within 1 s".
+    let default_poll = || {
+        Controller::start_with(&ControllerOptions {
+            config_poll_ms: 500,
+            ..ControllerOptions::new(BASE, Some(&url))
+        })
+    };
+    let (first, second) = (default_poll(), default_poll());
     let upstream = Upstream::start();
     let envoy = envoy(&[&first, &second], &upstream, 2);
     envoy.wait_until_vms_read_the_configuration(3);
@@ -101,6 +107,16 @@ fn changes_reach_every_controller_and_worker_within_two_seconds() {
         first.config_version() >= version && second.config_version() >= version
     });
     println!("both controllers on version {version} after {took:?}");
+    assert!(
+        took <= Duration::from_secs(1),
+        "every controller within 1 s: {took:?}"
+    );
+    // Every Envoy VM (the main thread's and both workers') reads it within 2 s.
+    let read = format!("read configuration version {version} from the controller");
+    let took = within_propagation("every Envoy VM reads the new version", || {
+        envoy.threads_that_logged(&read) >= 3
+    });
+    println!("every Envoy VM on version {version} after {took:?}");
     // Through Envoy (both workers, both controllers by round robin): exactly the tier's 5.
     let statuses: Vec<u16> = (0..8).map(|_| get_with_key(&envoy, &key).status).collect();
     assert_eq!(
