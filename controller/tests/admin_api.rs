@@ -1568,26 +1568,60 @@ async fn a_configuration_managed_by_a_file_is_read_only_here() {
     }
 }
 
+/// `head` and `tail` with spaces between, `total` bytes in all.
+fn padded(head: &str, tail: &str, total: usize) -> String {
+    format!(
+        "{head}{}{tail}",
+        " ".repeat(total - head.len() - tail.len())
+    )
+}
+
+/// A body is taken up to its limit to the byte (1 MiB; an import 16 MiB), and refused one
+/// byte past it, changing nothing.
 #[tokio::test]
 async fn bodies_are_limited_but_an_import_may_be_larger() {
+    use sluice_controller::admin::{MAX_BODY_BYTES, MAX_IMPORT_BYTES};
     let world = world(START).await;
-    let padding = " ".repeat(2 << 20);
-    let big_rule = format!("{{\"name\":\"b\",\"limit\":1,\"window\":\"1s\"{padding}}}");
+    let rule = |name: &str, total: usize| {
+        padded(
+            &format!("{{\"name\":\"{name}\",\"limit\":1,\"window\":\"1s\""),
+            "}",
+            total,
+        )
+    };
     let before = seen(&world).await;
     let reply = Ask::new("POST", "/v1/admin/rules")
-        .text(big_rule)
+        .text(rule("over", MAX_BODY_BYTES + 1))
         .send(&world)
         .await;
     assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(reply.json()["error"], "too_large");
     assert_eq!(seen(&world).await, before);
-    let big_import =
-        format!("{{\"rules\":[{{\"name\":\"b\",\"limit\":1,\"window\":\"1s\"}}]{padding}}}");
+    let reply = Ask::new("POST", "/v1/admin/rules")
+        .text(rule("at-the-limit", MAX_BODY_BYTES))
+        .send(&world)
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text);
+    let import = |total: usize| {
+        padded(
+            r#"{"rules":[{"name":"b","limit":1,"window":"1s"}]"#,
+            "}",
+            total,
+        )
+    };
+    let version = seen(&world).await;
     let reply = Ask::new("PUT", "/v1/admin/config")
-        .text(big_import)
+        .text(import(MAX_IMPORT_BYTES + 1))
+        .send(&world)
+        .await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(seen(&world).await, version);
+    let reply = Ask::new("PUT", "/v1/admin/config")
+        .text(import(MAX_IMPORT_BYTES))
         .send(&world)
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
-    assert_eq!(reply.json(), json!({ "version": 2 }));
+    assert_eq!(reply.json(), json!({ "version": 3 }));
 }
 
 /// Every refusal has the API's one error shape, `{"error","field","message"}` as JSON: the
