@@ -134,6 +134,8 @@ pub struct ControllerOptions<'a> {
     /// How often it reads the configuration's version (`--config-poll-ms`): 100 ms, so that
     /// changes show within a tenth of a second; the controller's default is 500.
     pub config_poll_ms: u64,
+    /// More environment variables, as given.
+    pub env: Vec<(String, String)>,
     /// TLS on its listeners; `None` (the default): none.
     pub tls: Option<ControllerTls>,
 }
@@ -150,6 +152,7 @@ impl<'a> ControllerOptions<'a> {
             grpc: false,
             check_tokens: Some(CHECK_TOKEN.to_owned()),
             config_poll_ms: 100,
+            env: Vec::new(),
             tls: None,
         }
     }
@@ -188,6 +191,7 @@ impl Controller {
         if let Some(tokens) = &options.check_tokens {
             command.env("SLUICE_CHECK_TOKENS", tokens);
         }
+        command.envs(options.env.iter().map(|(name, value)| (name, value)));
         if !options.rules.trim().is_empty() {
             let rules_path = dir.path().join("rules.toml");
             std::fs::write(&rules_path, options.rules).expect("write rules");
