@@ -102,7 +102,11 @@ fn rules(extra: &str) -> String {
     let banned = sluice_filter::identity::api_key_digest("banned-key".as_bytes());
     format!(
         "[[rules]]\nname = \"per-client\"\nlimit = 3\nwindow = \"1h\"\n{extra}\n\
-         [[denylist]]\nkind = \"api_key\"\nvalue = \"{banned}\"\n"
+         [[denylist]]\nkind = \"api_key\"\nvalue = \"{banned}\"\n\
+         # Each API key is a client of its own here (by default an unknown key counts by\n\
+         # its address).\n\
+         [protection]\ninvalid_credentials = 1000\nwindow = \"1m\"\nblock = \"1m\"\n\
+         unknown_api_keys = \"allow\"\n"
     )
 }
 
