@@ -26,6 +26,33 @@ window = "1m"
 
 /// Long enough for a loaded machine; every wait polls and ends as soon as it holds.
 const WAIT: Duration = Duration::from_secs(30);
+/// How long what must not follow a click is watched for: a click's request leaves the page
+/// at once, and the page records it (and the controller answers it) within milliseconds.
+const QUIET: Duration = Duration::from_secs(2);
+
+/// Checks `unchanged` every 50 ms for [`QUIET`], failing with `what` and its message the
+/// first time it does not hold.
+#[track_caller]
+fn stays_so_for_a_while(what: &str, mut unchanged: impl FnMut() -> Result<(), String>) {
+    let until = std::time::Instant::now() + QUIET;
+    loop {
+        if let Err(change) = unchanged() {
+            panic!("{what}: {change}");
+        }
+        if std::time::Instant::now() >= until {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The methods of the requests the page sent to URLs ending in `suffix`.
+fn methods_sent(page: &Page<'_>, suffix: &str) -> Vec<String> {
+    page.sent(suffix)
+        .into_iter()
+        .map(|(method, _)| method)
+        .collect()
+}
 
 /// Opens the dashboard and signs in with `token`, as a person would: typing it in.
 fn open<'a>(browser: &'a Browser, controller: &Controller, token: &str) -> Page<'a> {
@@ -206,16 +233,33 @@ fn a_rule_made_and_edited_in_the_form_is_in_the_controllers_configuration() {
     assert_eq!(rule["limit"], 43, "{rule}");
     assert_eq!(rule["window"], "30s", "the rest is kept: {rule}");
 
-    // Delete asks once more, then deletes.
-    page.click("#rules tr[data-rule=\"from-the-form\"] button.delete");
-    assert_eq!(
-        controller
-            .admin("GET", "/v1/admin/rules/from-the-form", None)
-            .status,
-        200,
-        "one click does not delete"
+    // Delete asks once more, then deletes. The first click's handler has run once the
+    // button asks; from then on no DELETE leaves the page and the rule stays.
+    let delete = "#rules tr[data-rule=\"from-the-form\"] button.delete";
+    page.click(delete);
+    page.wait_for(
+        "the delete button asking once more",
+        WAIT,
+        &format!(
+            "(b => b && b.dataset.armed === '1' && b.textContent === 'really delete?')\
+             (document.querySelector({}))",
+            json!(delete)
+        ),
     );
-    page.click("#rules tr[data-rule=\"from-the-form\"] button.delete");
+    stays_so_for_a_while("one click does not delete", || {
+        let sent = methods_sent(&page, "/v1/admin/rules/from-the-form");
+        if sent.iter().any(|method| method == "DELETE") {
+            return Err(format!("the page sent {sent:?}"));
+        }
+        match controller
+            .admin("GET", "/v1/admin/rules/from-the-form", None)
+            .status
+        {
+            200 => Ok(()),
+            status => Err(format!("the rule answers {status}")),
+        }
+    });
+    page.click(delete);
     page.wait_for(
         "the rule gone from the page",
         WAIT,
@@ -423,10 +467,25 @@ fn the_read_role_sees_everything_and_every_change_is_disabled() {
         .eval("document.querySelector('.read-only-note').hidden")
         .as_bool()
         .unwrap_or(true));
-    // A disabled button does nothing when clicked.
+    // A disabled button does nothing when clicked: no request leaves the page (the API
+    // would refuse the read role anyway, so the state alone could not tell), the state
+    // stays, and the page shows no error.
     page.click("#state-degraded");
-    let state = controller.admin("GET", "/v1/admin/state", None).json();
-    assert_eq!(state["state"], "NORMAL", "{state}");
+    stays_so_for_a_while("a disabled button does nothing", || {
+        let sent = methods_sent(&page, "/v1/admin/state");
+        if sent.iter().any(|method| method != "GET") {
+            return Err(format!("the page sent {sent:?} to /v1/admin/state"));
+        }
+        let error = page.text("#state-error");
+        if !error.is_empty() {
+            return Err(format!("the page shows {error:?}"));
+        }
+        let state = controller.admin("GET", "/v1/admin/state", None).json();
+        if state["state"] != "NORMAL" {
+            return Err(format!("the state is {state}"));
+        }
+        Ok(())
+    });
     assert_stayed_home(&page, &controller, READ_TOKEN);
 }
 

@@ -1,7 +1,8 @@
 //! The whole path, for real: a client → Envoy running the built `.wasm` → the controller
 //! binary → redis-server (or the embedded store) → headers or a 429.
 
-use std::net::TcpListener;
+use std::io::ErrorKind;
+use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -190,12 +191,46 @@ fn exactly_the_limit_is_admitted_across_workers_and_controllers() {
     }
 }
 
-/// A port with nothing listening: the callout fails fast with a synthesized 503.
-fn refused_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
-    port
+/// A loopback port that refuses connections for as long as it lives, and that no one else
+/// can take meanwhile: the callout to it fails fast with a synthesized 503.
+///
+/// The port is the local end of a connection of the test's own (to a listener of its own).
+/// Nothing listens on it, so the kernel answers a connection to it with a reset; and it
+/// stays bound while the connection lives, so neither a `bind(0)` nor a bind to it (even
+/// with `SO_REUSEADDR`, which this socket does not set) can have it. A port freed by
+/// dropping a listener, by contrast, can be handed to the next process that binds port 0,
+/// and a controller cluster pointed at it would reach whatever listens there.
+struct RefusedPort {
+    port: u16,
+    _connection: (TcpListener, TcpStream, TcpStream),
+}
+
+impl RefusedPort {
+    fn hold() -> RefusedPort {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a listener");
+        let ours = TcpStream::connect(listener.local_addr().expect("its address"))
+            .expect("a connection to it");
+        let (theirs, _) = listener.accept().expect("the connection accepted");
+        let port = ours.local_addr().expect("the local end").port();
+        let refused = TcpStream::connect(("127.0.0.1", port));
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.kind() == ErrorKind::ConnectionRefused),
+            "a connection to the held port {port} was not refused: {refused:?}"
+        );
+        let taken = TcpListener::bind(("127.0.0.1", port));
+        assert!(
+            taken
+                .as_ref()
+                .is_err_and(|e| e.kind() == ErrorKind::AddrInUse),
+            "the held port {port} could be bound again: {taken:?}"
+        );
+        RefusedPort {
+            port,
+            _connection: (listener, ours, theirs),
+        }
+    }
 }
 
 fn envoy_with_controller_port(port: u16, failure_mode: &str, timeout_ms: u64) -> (Envoy, Upstream) {
@@ -218,7 +253,8 @@ fn timed_get(envoy: &Envoy) -> (Response, Duration) {
 
 #[test]
 fn controller_down_fails_open_in_allow_mode_with_a_log_line() {
-    let (envoy, _upstream) = envoy_with_controller_port(refused_port(), "allow", 300);
+    let refused = RefusedPort::hold();
+    let (envoy, _upstream) = envoy_with_controller_port(refused.port, "allow", 300);
     for _ in 0..3 {
         let (response, elapsed) = timed_get(&envoy);
         assert_eq!(response.status, 200, "{response:?}");
@@ -234,7 +270,8 @@ fn controller_down_fails_open_in_allow_mode_with_a_log_line() {
 
 #[test]
 fn controller_down_fails_closed_in_deny_mode_with_503() {
-    let (envoy, _upstream) = envoy_with_controller_port(refused_port(), "deny", 300);
+    let refused = RefusedPort::hold();
+    let (envoy, _upstream) = envoy_with_controller_port(refused.port, "deny", 300);
     let (response, elapsed) = timed_get(&envoy);
     assert_eq!(response.status, 503, "{response:?}");
     assert_eq!(response.json()["error"], "rate_limiter_unavailable");

@@ -45,7 +45,7 @@ fn envoy(controllers: &[&Controller], upstream: &Upstream) -> Envoy {
         concurrency: 2,
         controller_http2: false,
     });
-    envoy.wait_until_vms_read_the_configuration(2);
+    envoy.wait_until_vms_read_the_configuration(3);
     envoy
 }
 

@@ -111,7 +111,7 @@ fn known_traffic_reads_back_from_the_stats_api_and_each_limited_request_logs_its
             concurrency: 2,
             controller_http2: false,
         });
-        envoy.wait_until_vms_read_the_configuration(2);
+        envoy.wait_until_vms_read_the_configuration(3);
         envoy
     };
     let envoy = envoy_of(&first);

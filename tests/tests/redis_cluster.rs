@@ -289,14 +289,28 @@ window = "1h"
 scope = "global"
 "#;
 
-fn check_status(controller: &Controller, ip: &str) -> bool {
+/// One check of `ip`: its decision (`allowed`, the rule that speaks for it and what that
+/// rule has left).
+fn decide(controller: &Controller, ip: &str) -> (bool, String, u64) {
     let body = json!({"checks":[{"client":{"kind":"ip","value":ip},"host":"api.example.com",
         "method":"GET","path":"/items","cost":1,"ip":ip}]});
     let answer = http::post_check(&controller.url("/v1/check"), &body).expect("check call");
     assert_eq!(answer.status, 200, "{answer:?}");
-    answer.json()["decisions"][0]["allowed"]
-        .as_bool()
-        .expect("a decision")
+    let decision = &answer.json()["decisions"][0];
+    (
+        decision["allowed"].as_bool().expect("a decision"),
+        decision["policy"]["rule"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        decision["policy"]["remaining"]
+            .as_u64()
+            .expect("a remaining count"),
+    )
+}
+
+fn check_status(controller: &Controller, ip: &str) -> bool {
+    decide(controller, ip).0
 }
 
 #[test]
@@ -331,9 +345,18 @@ fn the_live_configuration_is_shared_on_the_cluster() {
         Duration::from_secs(10),
         || second.config_version() > version,
     );
-    assert!(
-        check_status(&second, "192.0.2.1"),
-        "the raised limit admits"
+    // Three of five counted, the fourth denied by the old limit (a denial counts nothing):
+    // the raised limit admits two more, then the client is spent.
+    let spent: Vec<(bool, String, u64)> = (0..3).map(|_| decide(&second, "192.0.2.1")).collect();
+    let per_client = |allowed: bool, remaining: u64| (allowed, "per-client".to_owned(), remaining);
+    assert_eq!(
+        spent,
+        [
+            per_client(true, 1),
+            per_client(true, 0),
+            per_client(false, 0)
+        ],
+        "the raised limit admits up to 5, then denies"
     );
 
     // A reset scans every master and is recorded in the audit log (MULTI in `{config}`).
@@ -342,5 +365,10 @@ fn the_live_configuration_is_shared_on_the_cluster() {
     let audit = second.admin("GET", "/v1/admin/audit", None).json();
     let text = audit.to_string();
     assert!(text.contains("rule:per-client"), "{text}");
-    assert!(check_status(&second, "192.0.2.1"), "reset: admitted again");
+    // Without the reset the spent client would be denied; with it, its counter starts over.
+    assert_eq!(
+        decide(&second, "192.0.2.1"),
+        per_client(true, 4),
+        "reset: admitted again, with the whole limit but this request left"
+    );
 }

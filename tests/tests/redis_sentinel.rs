@@ -2,8 +2,10 @@
 //! Sentinels, real processes): the master is killed while checks flow straight to the
 //! controller's check API; the controller follows the master the Sentinels promote. The
 //! decisions made during the failover are counted and printed (allowed, denied, errors,
-//! the longest time without a decision); what is asserted is only that checks were decided
-//! before, failed for a while at most, and are decided by the new master after.
+//! the longest time without a decision); what is asserted is that checks were decided
+//! before, failed for a while at most, are decided by the new master after, and that a
+//! client spent long before the kill is still spent on the new master (its counter came
+//! over with the replica).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,21 +13,31 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sluice_e2e::controller::ControllerOptions;
-use sluice_e2e::redis_cluster::{calls, MASTER_NAME};
+use sluice_e2e::redis_cluster::{calls, query, MASTER_NAME};
 use sluice_e2e::{http, wait_until, Controller, RedisSentinels};
 
+/// A log over the last hour, not a window aligned to the clock: no boundary can fall during
+/// the test and hand the spent client a new quota.
 const RULES: &str = r#"
 [[rules]]
 name = "per-client"
+strategy = "sliding_window_log"
 limit = 5
 window = "1h"
 "#;
 
+/// A decision, with what the rule had left after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Decision {
-    Allowed,
-    Denied,
+    Allowed { remaining: u64 },
+    Denied { remaining: u64 },
     Error,
+}
+
+impl Decision {
+    fn decided(self) -> bool {
+        self != Decision::Error
+    }
 }
 
 /// One check of `ip`: the controller's decision, or an error (a `503` while the store is
@@ -35,14 +47,30 @@ fn check(controller: &Controller, ip: &str) -> Decision {
         "method":"GET","path":"/items","cost":1,"ip":ip}]});
     match http::post_check(&controller.url("/v1/check"), &body) {
         Ok(answer) if answer.status == 200 => {
-            match answer.json()["decisions"][0]["allowed"].as_bool() {
-                Some(true) => Decision::Allowed,
-                Some(false) => Decision::Denied,
-                None => Decision::Error,
+            let decision = &answer.json()["decisions"][0];
+            match (
+                decision["allowed"].as_bool(),
+                decision["policy"]["remaining"].as_u64(),
+            ) {
+                (Some(true), Some(remaining)) => Decision::Allowed { remaining },
+                (Some(false), Some(remaining)) => Decision::Denied { remaining },
+                _ => Decision::Error,
             }
         }
         _ => Decision::Error,
     }
+}
+
+/// One entry of the load's log: when the answer came, whether it was for the spent
+/// client, and the decision.
+type Entry = (Instant, bool, Decision);
+
+/// How far into the replication stream the server at `port` is (`master_repl_offset`).
+fn replication_offset(port: u16) -> Option<u64> {
+    let info: String = query(port, &["INFO", "replication"]).ok()?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("master_repl_offset:"))
+        .and_then(|offset| offset.trim().parse().ok())
 }
 
 #[test]
@@ -64,29 +92,30 @@ fn the_controller_follows_the_master_through_a_failover() {
     let controller = Arc::new(Controller::start_with(&options));
 
     // Load: alternately a new client (admitted) and one spent client (denied after 5).
-    let log: Arc<Mutex<Vec<(Instant, Decision)>>> = Arc::default();
+    let log: Arc<Mutex<Vec<Entry>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
         let (controller, log, stop) = (controller.clone(), log.clone(), stop.clone());
         std::thread::spawn(move || {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let ip = if n % 2 == 0 {
-                    format!("fresh-{n}")
-                } else {
+                let hot = n % 2 == 1;
+                let ip = if hot {
                     "hot".to_owned()
+                } else {
+                    format!("fresh-{n}")
                 };
                 let decision = check(&controller, &ip);
-                log.lock().unwrap().push((Instant::now(), decision));
+                log.lock().unwrap().push((Instant::now(), hot, decision));
                 n += 1;
             }
         })
     };
-    let decided = |log: &Mutex<Vec<(Instant, Decision)>>, since: Option<Instant>| {
+    let decided = |log: &Mutex<Vec<Entry>>, since: Option<Instant>| {
         log.lock()
             .unwrap()
             .iter()
-            .filter(|(at, d)| since.is_none_or(|s| *at > s) && *d != Decision::Error)
+            .filter(|(at, _, d)| since.is_none_or(|s| *at > s) && d.decided())
             .count()
     };
     wait_until(
@@ -95,6 +124,36 @@ fn the_controller_follows_the_master_through_a_failover() {
         || decided(&log, None) >= 100,
     );
     assert!(calls(old_master, "evalsha") > 0, "the first master counted");
+    // The spent client was admitted 5 times, then denied, all before the kill; what its
+    // counter says after the failover is what came over with the replica.
+    {
+        let log = log.lock().unwrap();
+        let hot: Vec<Decision> = log
+            .iter()
+            .filter(|(_, hot, d)| *hot && d.decided())
+            .map(|(_, _, d)| *d)
+            .collect();
+        let admitted: Vec<Decision> = (0..5)
+            .rev()
+            .map(|remaining| Decision::Allowed { remaining })
+            .collect();
+        assert!(hot.len() > 10, "{hot:?}");
+        assert_eq!(hot[..5], admitted, "the first 5 admitted");
+        assert!(
+            hot[5..]
+                .iter()
+                .all(|d| *d == Decision::Denied { remaining: 0 }),
+            "then denied: {hot:?}"
+        );
+    }
+    // Replication is asynchronous: the replica has the spent client's counter once it has
+    // everything the master had written by now.
+    let written = replication_offset(old_master).expect("the master's offset");
+    wait_until(
+        "the replica caught up with the master",
+        Duration::from_secs(10),
+        || replication_offset(replica).is_some_and(|offset| offset >= written),
+    );
 
     let killed_at = Instant::now();
     world.kill_master();
@@ -114,36 +173,65 @@ fn the_controller_follows_the_master_through_a_failover() {
     assert!(calls(replica, "evalsha") > 0, "the new master counts");
 
     let log = log.lock().unwrap();
-    let during: Vec<&(Instant, Decision)> = log.iter().filter(|(at, _)| *at >= killed_at).collect();
-    let count = |what: Decision| during.iter().filter(|(_, d)| *d == what).count();
+    let during: Vec<&Entry> = log.iter().filter(|(at, _, _)| *at >= killed_at).collect();
+    let count = |allowed: bool| {
+        during
+            .iter()
+            .filter(|(_, _, d)| match d {
+                Decision::Allowed { .. } => allowed,
+                Decision::Denied { .. } => !allowed,
+                Decision::Error => false,
+            })
+            .count()
+    };
+    let errors = during.iter().filter(|(_, _, d)| !d.decided()).count();
     let mut longest_gap = Duration::ZERO;
     let mut last_decision = killed_at;
-    for (at, decision) in &during {
-        if *decision != Decision::Error {
+    for (at, _, decision) in &during {
+        if decision.decided() {
             longest_gap = longest_gap.max(at.duration_since(last_decision));
             last_decision = *at;
         }
     }
     let first_after = during
         .iter()
-        .find(|(_, d)| *d != Decision::Error)
-        .map(|(at, _)| at.duration_since(killed_at));
+        .find(|(_, _, d)| d.decided())
+        .map(|(at, _, _)| at.duration_since(killed_at));
     println!(
         "failover: sentinels named the replica {promoted_after:?} after the kill; first decision \
-         after the kill at {first_after:?}; from the kill to the end: {} allowed, {} denied, {} \
-         errors (503 from the controller), longest time without a decision {longest_gap:?}",
-        count(Decision::Allowed),
-        count(Decision::Denied),
-        count(Decision::Error),
+         after the kill at {first_after:?}; from the kill to the end: {} allowed, {} denied, \
+         {errors} errors (503 from the controller), longest time without a decision \
+         {longest_gap:?}",
+        count(true),
+        count(false),
     );
-    assert!(count(Decision::Allowed) > 0 && count(Decision::Denied) > 0);
-    // After the failover the hot client is still denied: its counter came over with the
-    // replica (replication is asynchronous: the last writes before the kill may not have).
-    let end = log.len();
+    // Every decision after the kill is what the counters that came over say: a new client
+    // is admitted with 4 left; the spent client is denied with none left, from its first
+    // decision on the new master on (a lost counter would admit it 5 times more).
+    let fresh: Vec<Decision> = during
+        .iter()
+        .filter(|(_, hot, d)| !*hot && d.decided())
+        .map(|(_, _, d)| *d)
+        .collect();
+    let hot: Vec<Decision> = during
+        .iter()
+        .filter(|(_, hot, d)| *hot && d.decided())
+        .map(|(_, _, d)| *d)
+        .collect();
     assert!(
-        log[end.saturating_sub(10)..]
+        fresh.len() >= 40 && hot.len() >= 40,
+        "decisions after the kill: {} for new clients, {} for the spent one",
+        fresh.len(),
+        hot.len()
+    );
+    assert!(
+        fresh
             .iter()
-            .any(|(_, d)| *d == Decision::Denied),
-        "the spent client stays denied"
+            .all(|d| *d == Decision::Allowed { remaining: 4 }),
+        "a new client is admitted with 4 left: {fresh:?}"
+    );
+    assert!(
+        hot.iter().all(|d| *d == Decision::Denied { remaining: 0 }),
+        "the spent client stays denied, with nothing left: {hot:?}"
     );
 }

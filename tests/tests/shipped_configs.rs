@@ -141,19 +141,75 @@ fn start_shipped(file: &str, others: &[(u16, u16)]) -> Envoy {
     Envoy::start_with_config(&config, port, admin_port, 1)
 }
 
-/// Waits for a 10 s window aligned to the epoch (the shipped rules') with at least 4 s of it
-/// left, so that the requests that follow cannot straddle a boundary (which resets the count).
-fn wait_for_a_fresh_window() {
-    sluice_e2e::wait_until(
-        "a 10 s window with 4 s left",
-        std::time::Duration::from_secs(11),
-        || {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            now.as_millis() % 10_000 < 6_000
-        },
+fn epoch_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis()
+}
+
+/// Runs `requests` inside one window of `window_ms` aligned to the epoch (the shipped
+/// rules' fixed windows, on the clock the controller shares with this test), and gives what
+/// they saw. Each attempt starts in the first 40% of a window no earlier attempt sent a
+/// request in; an attempt whose requests straddled a boundary (which resets the count)
+/// shows nothing and is made again in the next window, so a slow machine costs time, not
+/// a false failure, and what is asserted on is always one window's count.
+fn in_one_window<T: std::fmt::Debug>(window_ms: u128, mut requests: impl FnMut() -> T) -> T {
+    const ATTEMPTS: usize = 5;
+    let mut touched: Option<u128> = None;
+    for _ in 0..ATTEMPTS {
+        sluice_e2e::wait_until(
+            "the start of a window no attempt has used",
+            std::time::Duration::from_millis(3 * window_ms as u64),
+            || {
+                let now = epoch_ms();
+                touched.is_none_or(|window| now / window_ms > window)
+                    && now % window_ms < window_ms * 2 / 5
+            },
+        );
+        let began = epoch_ms();
+        let seen = requests();
+        let ended = epoch_ms();
+        if began / window_ms == ended / window_ms {
+            return seen;
+        }
+        eprintln!(
+            "the requests took {} ms and straddled a {window_ms} ms window: {seen:?}; again",
+            ended - began
+        );
+        touched = Some(ended / window_ms);
+    }
+    panic!("{ATTEMPTS} attempts, none inside one {window_ms} ms window");
+}
+
+/// `n` requests to `path` (with `headers`), one after another.
+fn send(envoy: &Envoy, path: &str, headers: &[(&str, &str)], n: usize) -> Vec<http::Response> {
+    (0..n)
+        .map(|_| http::get_with(&envoy.url(path), headers).expect("through envoy"))
+        .collect()
+}
+
+/// Five requests from one anonymous client (within one 10 s window) pass with
+/// `x-ratelimit-remaining` counting down, and the sixth is limited by `policy`.
+fn assert_five_then_limited(responses: &[http::Response], policy: &str) {
+    let seen: Vec<(u16, Option<&str>)> = responses
+        .iter()
+        .map(|r| (r.status, r.header("x-ratelimit-remaining")))
+        .collect();
+    assert_eq!(
+        seen[..5],
+        [
+            (200, Some("4")),
+            (200, Some("3")),
+            (200, Some("2")),
+            (200, Some("1")),
+            (200, Some("0"))
+        ],
+        "5 pass, counting down: {responses:?}"
     );
+    let limited = &responses[5];
+    assert_eq!(limited.status, 429, "{limited:?}");
+    assert_eq!(limited.json()["policy"], policy);
 }
 
 /// Five requests from one anonymous client pass with headers counting down, the sixth is
@@ -162,15 +218,8 @@ fn wait_for_a_fresh_window() {
 fn the_demo_configuration_limits_as_the_readme_says() {
     let (_controller, _upstream, envoy) = demo();
 
-    wait_for_a_fresh_window();
-    for remaining in (0..5).rev() {
-        let response = http::get(&envoy.url("/anything")).unwrap();
-        assert_eq!(response.status, 200, "{response:?}");
-        assert_eq!(response.number("x-ratelimit-remaining"), remaining);
-    }
-    let limited = http::get(&envoy.url("/anything")).unwrap();
-    assert_eq!(limited.status, 429, "{limited:?}");
-    assert_eq!(limited.json()["policy"], "per-client");
+    let responses = in_one_window(10_000, || send(&envoy, "/anything", &[], 6));
+    assert_five_then_limited(&responses, "per-client");
 }
 
 /// The README's worked example: the demo's free key bursts to 20 and gets 2 when DEGRADED,
@@ -245,15 +294,8 @@ fn the_native_ratelimit_configuration_limits_as_its_comments_say() {
         ],
     );
 
-    wait_for_a_fresh_window();
-    for remaining in (0..5).rev() {
-        let response = http::get(&envoy.url("/anything")).unwrap();
-        assert_eq!(response.status, 200, "{response:?}\n{}", envoy.log());
-        assert_eq!(response.number("x-ratelimit-remaining"), remaining);
-    }
-    let limited = http::get(&envoy.url("/anything")).unwrap();
-    assert_eq!(limited.status, 429, "{limited:?}");
-    assert_eq!(limited.json()["policy"], "per-address");
+    let responses = in_one_window(10_000, || send(&envoy, "/anything", &[], 6));
+    assert_five_then_limited(&responses, "per-address");
 
     let with_key = |key: &str| {
         http::get_with(&envoy.url("/hello"), &[("x-api-key", key)]).expect("through envoy")
@@ -272,24 +314,13 @@ fn the_native_ratelimit_configuration_limits_as_its_comments_say() {
     assert_eq!(unknown.status, 429, "{unknown:?}");
     assert_eq!(unknown.json()["error"], "invalid_api_key");
 
-    // 2 a second, windows aligned to the second: start with 600 ms of one left.
-    sluice_e2e::wait_until(
-        "a second with 600 ms left",
-        std::time::Duration::from_secs(2),
-        || {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            now.as_millis() % 1_000 < 400
-        },
-    );
-    let expensive: Vec<u16> = (0..3)
-        .map(|_| {
-            http::get_with(&envoy.url("/expensive"), &[("x-api-key", "demo-pro-key")])
-                .unwrap()
-                .status
-        })
-        .collect();
+    // 2 a second for everyone, in windows aligned to the second.
+    let expensive: Vec<u16> = in_one_window(1_000, || {
+        send(&envoy, "/expensive", &[("x-api-key", "demo-pro-key")], 3)
+            .iter()
+            .map(|response| response.status)
+            .collect::<Vec<u16>>()
+    });
     assert_eq!(
         expensive,
         [200, 200, 429],
