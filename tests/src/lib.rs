@@ -3,6 +3,7 @@
 //! waited for by polling and killed when dropped.
 
 pub mod browser;
+pub mod certs;
 pub mod cli;
 pub mod controller;
 pub mod delay_proxy;
