@@ -5,6 +5,9 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 
 ENVOY_VERSION := 1.40.0
+# The release before this one (tag v0.1.0), whose filter and controller the version-skew
+# tests run against this tree's: a commit, so a checkout without tags has it too.
+PREVIOUS_RELEASE := b56047afa2af4cd87c975caff45f6201c584305e
 SCHEMATHESIS_VERSION := 4.32.5
 VENV := .venv
 WASM_TARGET := wasm32-wasip1
@@ -13,13 +16,13 @@ WASM := target/$(WASM_TARGET)/release/sluice_filter.wasm
 # put a Python process between us and Envoy's signals).
 ENVOY_BIN = $(abspath $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/envoy/_bin/envoy)))
 
-.PHONY: all build wasm oci controller run test lint unit e2e bench tools wasm-target envoy redis clean wrk schemathesis chromium openssl
+.PHONY: all build wasm oci controller run test lint unit e2e bench tools wasm-target envoy redis clean wrk schemathesis chromium openssl prometheus
 
 all: build
 
 ## Tools ---------------------------------------------------------------------------------
 
-tools: wasm-target envoy redis schemathesis chromium openssl
+tools: wasm-target envoy redis schemathesis chromium openssl prometheus
 
 wasm-target:
 	@rustup target list --installed | grep -qx '$(WASM_TARGET)' || rustup target add $(WASM_TARGET)
@@ -48,6 +51,11 @@ wrk:
 # The TLS tests make their certificates with the openssl command.
 openssl:
 	@command -v openssl >/dev/null || scripts/install-packages.sh openssl
+
+# The monitoring kit's tests (tests/tests/monitoring.rs) run promtool and a real Prometheus
+# (Debian's package; nothing is started by installing it without systemd).
+prometheus:
+	@command -v promtool >/dev/null || scripts/install-packages.sh prometheus
 
 # The dashboard's tests (tests/tests/dashboard.rs) drive a real headless Chromium over the
 # DevTools protocol, through a pipe: no WebDriver, no Node. chromium-driver comes with it
@@ -88,16 +96,21 @@ unit:
 	cargo test --workspace --exclude sluice-e2e --locked
 
 # End-to-end: the release .wasm in a real Envoy, the controller binary, a real redis-server.
+# The version-skew tests also run the previous release's filter and controller, built once
+# from its git ref (UPGRADING.md).
 e2e: tools wasm
 	cargo build -p sluice-controller -p sluice-cli --locked
-	ENVOY_BIN=$(ENVOY_BIN) cargo test -p sluice-e2e --locked
+	ENVOY_BIN=$(ENVOY_BIN) \
+		SLUICE_PREVIOUS_WASM=$$(scripts/build-at-ref.sh $(PREVIOUS_RELEASE) filter) \
+		SLUICE_PREVIOUS_CONTROLLER_BIN=$$(scripts/build-at-ref.sh $(PREVIOUS_RELEASE) controller) \
+		cargo test -p sluice-e2e --locked
 
 ## Benchmark -----------------------------------------------------------------------------
 
 # `make bench BASELINE=<git ref>` also runs the filter as built at that ref, in the same run.
 bench: tools wrk build
 	ENVOY_BIN=$(ENVOY_BIN) SLUICE_CONTROLLER_BIN=$(CURDIR)/target/release/sluice-controller \
-		$(if $(BASELINE),BENCH_BASELINE_WASM=$$(scripts/build-baseline-wasm.sh $(BASELINE))) \
+		$(if $(BASELINE),BENCH_BASELINE_WASM=$$(scripts/build-at-ref.sh $(BASELINE) filter)) \
 		target/release/sluice-bench $(PART)
 
 clean:

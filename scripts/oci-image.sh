@@ -13,7 +13,8 @@
 # same .wasm always gives the same digest (fixed mtime and owner, one entry, gzip -n).
 #
 # Prints the manifest's digest (hex, what a WasmPlugin's `sha256` must be for an oci:// URL)
-# on stdout and writes it into deploy/istio/wasmplugin.yaml, unless --no-update.
+# on stdout and writes it into the WasmPlugins of deploy/istio (the sidecars' and the
+# gateway's), unless --no-update.
 set -euo pipefail
 
 usage() {
@@ -21,7 +22,8 @@ usage() {
 usage: scripts/oci-image.sh [--wasm FILE] [--out DIR] [--plugin FILE] [--no-update]
   --wasm FILE   the filter (default target/wasm32-wasip1/release/sluice_filter.wasm)
   --out DIR     where the OCI image layout goes (default target/oci; replaced)
-  --plugin FILE the WasmPlugin to write the digest into (default deploy/istio/wasmplugin.yaml)
+  --plugin FILE a WasmPlugin to write the digest into; may be given more than once (default
+                deploy/istio/wasmplugin.yaml and deploy/istio/gateway/wasmplugin.yaml)
   --no-update   do not write the digest into the WasmPlugin
 EOF
 }
@@ -29,18 +31,20 @@ EOF
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 wasm=$root/target/wasm32-wasip1/release/sluice_filter.wasm
 out=$root/target/oci
-plugin=$root/deploy/istio/wasmplugin.yaml
+plugins=()
 update=1
 while (($#)); do
     case $1 in
         --wasm) wasm=${2:?--wasm needs a file}; shift 2 ;;
         --out) out=${2:?--out needs a directory}; shift 2 ;;
-        --plugin) plugin=${2:?--plugin needs a file}; shift 2 ;;
+        --plugin) plugins+=("${2:?--plugin needs a file}"); shift 2 ;;
         --no-update) update=0; shift ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; exit 2 ;;
     esac
 done
+
+((${#plugins[@]})) || plugins=("$root/deploy/istio/wasmplugin.yaml" "$root/deploy/istio/gateway/wasmplugin.yaml")
 
 say() { echo "oci-image: $*" >&2; }
 die() { say "$*"; exit 1; }
@@ -103,10 +107,14 @@ mv "$work/layout" "$out"
 
 if ((update)); then
     line='^([[:space:]]*sha256:[[:space:]]*)[0-9a-f]{64}[[:space:]]*$'
-    count=$(grep -cE "$line" "$plugin" || true)
-    ((count == 1)) || die "$plugin: expected one \`sha256: <64 hex digits>\` line, found $count"
-    sed -E -i "s/$line/\\1$manifest/" "$plugin"
-    say "wrote the digest into ${plugin#"$root"/}"
+    for plugin in "${plugins[@]}"; do
+        count=$(grep -cE "$line" "$plugin" || true)
+        ((count == 1)) || die "$plugin: expected one \`sha256: <64 hex digits>\` line, found $count"
+    done
+    for plugin in "${plugins[@]}"; do
+        sed -E -i "s/$line/\\1$manifest/" "$plugin"
+        say "wrote the digest into ${plugin#"$root"/}"
+    done
 fi
 
 say "image: ${out#"$root"/} (tag $version), manifest sha256:$manifest"

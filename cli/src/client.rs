@@ -1,42 +1,116 @@
 //! The admin API over HTTP: one request at a time, every status an answer, errors shown in
-//! the API's own words (`field: message`).
+//! the API's own words (`status: field: message`). [`Api`] is the one call the commands
+//! make, so that the read-modify-write loop ([`crate::merge`]) can be tried against a
+//! scripted controller.
 
+use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use sluice_protocol::admin::{ErrorBody, ADMIN_PREFIX};
 
-pub struct Client {
-    base: String,
-    token: Option<String>,
-    if_match: Option<u64>,
-    agent: ureq::Agent,
-}
+use crate::exit::Failure;
 
-/// A successful answer: the version its `ETag` names, and the body.
+/// A successful answer: the configuration version its `ETag` names, and the body.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
     pub version: Option<u64>,
     pub body: String,
 }
 
-#[derive(Debug)]
-pub struct Failure(pub String);
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+impl Answer {
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, Failure> {
+        parse(&self.body)
     }
 }
 
-impl Answer {
-    pub fn json<T: DeserializeOwned>(&self) -> Result<T, Failure> {
-        serde_json::from_str(&self.body).map_err(|e| {
-            Failure(format!(
-                "the controller's answer does not read ({e}): {}",
-                self.body
-            ))
-        })
+/// Reads an answer's body, or says it does not read.
+pub fn parse<T: DeserializeOwned>(body: &str) -> Result<T, Failure> {
+    serde_json::from_str(body).map_err(|e| {
+        Failure::refused(format!(
+            "the controller's answer does not read ({e}): {body}"
+        ))
+    })
+}
+
+/// A call that got no answer a command can use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The controller could not be reached, or its answer could not be read.
+    Unreachable(String),
+    /// It answered with a status of 400 or more.
+    Status {
+        status: u16,
+        /// The API's error body, when the answer is one.
+        error: Option<ErrorBody>,
+        /// The body as it came.
+        raw: String,
+        /// The configuration's version, when the answer names it (a `409 version_mismatch`
+        /// does).
+        version: Option<u64>,
+    },
+}
+
+impl Refusal {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Refusal::Status { status, .. } => Some(*status),
+            Refusal::Unreachable(_) => None,
+        }
     }
+
+    /// The API's error code (`version_mismatch`, `conflict`, `not_found`…).
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Refusal::Status {
+                error: Some(error), ..
+            } => Some(&error.error),
+            _ => None,
+        }
+    }
+}
+
+impl From<Refusal> for Failure {
+    /// `status: field: message`, or `status: message` when the error names no field.
+    fn from(refusal: Refusal) -> Failure {
+        match refusal {
+            Refusal::Unreachable(message) => Failure::refused(message),
+            Refusal::Status {
+                status, error, raw, ..
+            } => {
+                let said = match error {
+                    Some(ErrorBody {
+                        field: Some(field),
+                        message,
+                        ..
+                    }) => format!("{field}: {message}"),
+                    Some(error) => error.message,
+                    None => raw,
+                };
+                Failure::refused(format!("{status}: {said}"))
+            }
+        }
+    }
+}
+
+/// The one call every command makes: `method` on `path` (under `/v1/admin`), with a body
+/// of a media type, and `If-Match: "version"` when a version is given.
+pub trait Api {
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, String)>,
+        if_match: Option<u64>,
+    ) -> Result<Answer, Refusal>;
+}
+
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    /// `--if-match`: sent with every change a command makes in one call.
+    if_match: Option<u64>,
+    agent: ureq::Agent,
 }
 
 impl Client {
@@ -54,72 +128,156 @@ impl Client {
         }
     }
 
-    /// `method` on `path` (under /v1/admin) with a body of `content_type`; a status of 400
-    /// or more is a [`Failure`] naming the field the API named.
-    pub fn send(
+    /// The version `--if-match` gave, if it did.
+    pub fn pinned(&self) -> Option<u64> {
+        self.if_match
+    }
+
+    fn request(
         &self,
         method: &str,
         path: &str,
-        body: Option<(&str, String)>,
-    ) -> Result<Answer, Failure> {
+        content_type: Option<&str>,
+        if_match: Option<u64>,
+    ) -> Result<ureq::http::request::Builder, Refusal> {
         let url = format!("{}{ADMIN_PREFIX}{path}", self.base);
         let method_name = ureq::http::Method::from_bytes(method.as_bytes())
-            .map_err(|e| Failure(format!("{method}: {e}")))?;
+            .map_err(|e| Refusal::Unreachable(format!("{method}: {e}")))?;
         let mut request = ureq::http::Request::builder().method(method_name).uri(&url);
         if let Some(token) = &self.token {
             request = request.header("authorization", format!("Bearer {token}"));
         }
-        if let (Some(version), true) = (self.if_match, method != "GET") {
+        if let Some(version) = if_match {
             request = request.header("if-match", format!("\"{version}\""));
         }
-        let (content_type, text) = body.unwrap_or(("application/json", String::new()));
-        if !text.is_empty() {
+        if let Some(content_type) = content_type {
             request = request.header("content-type", content_type);
         }
-        let request = request
-            .body(text)
-            .map_err(|e| Failure(format!("{url}: {e}")))?;
-        let mut response = self
-            .agent
-            .run(request)
-            .map_err(|e| Failure(format!("cannot reach the controller at {}: {e}", self.base)))?;
-        let status = response.status().as_u16();
-        let version = response
-            .headers()
-            .get("etag")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim_matches('"').parse().ok());
-        let body = response
-            .body_mut()
-            .read_to_string()
-            .map_err(|e| Failure(format!("{url}: {e}")))?;
-        if status >= 400 {
-            let said = serde_json::from_str::<ErrorBody>(&body)
-                .map(|e| match e.field {
-                    Some(field) => format!("{field}: {}", e.message),
-                    None => e.message,
-                })
-                .unwrap_or(body);
-            return Err(Failure(format!("{status}: {said}")));
-        }
-        Ok(Answer { version, body })
+        Ok(request)
     }
 
-    pub fn get(&self, path: &str) -> Result<Answer, Failure> {
-        self.send("GET", path, None)
+    fn unreachable(&self, error: impl std::fmt::Display) -> Refusal {
+        Refusal::Unreachable(format!(
+            "cannot reach the controller at {}: {error}",
+            self.base
+        ))
     }
 
-    pub fn delete(&self, path: &str) -> Result<Answer, Failure> {
-        self.send("DELETE", path, None)
+    pub fn get(&self, path: &str) -> Result<Answer, Refusal> {
+        self.call("GET", path, None, None)
     }
 
+    /// A `DELETE`, with `--if-match` when it was given.
+    pub fn delete(&self, path: &str) -> Result<Answer, Refusal> {
+        self.call("DELETE", path, None, self.if_match)
+    }
+
+    /// A JSON body, with `--if-match` when it was given.
     pub fn json(
         &self,
         method: &str,
         path: &str,
         body: &serde_json::Value,
-    ) -> Result<Answer, Failure> {
-        self.send(method, path, Some(("application/json", body.to_string())))
+    ) -> Result<Answer, Refusal> {
+        self.call(
+            method,
+            path,
+            Some(("application/json", body.to_string())),
+            self.if_match,
+        )
+    }
+
+    /// `GET path` as server-sent events: `on_event(event, data)` for each event until it
+    /// returns `false` or the controller ends the stream (`Ok(false)` then). No time limit:
+    /// a stream is open for as long as it is read.
+    pub fn events(
+        &self,
+        path: &str,
+        mut on_event: impl FnMut(&str, &str) -> bool,
+    ) -> Result<bool, Refusal> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        let request = self
+            .request("GET", path, None, None)?
+            .header("accept", "text/event-stream")
+            .body(())
+            .map_err(|e| self.unreachable(e))?;
+        let mut response = agent.run(request).map_err(|e| self.unreachable(e))?;
+        let status = response.status().as_u16();
+        if status >= 400 {
+            let raw = response
+                .body_mut()
+                .read_to_string()
+                .map_err(|e| self.unreachable(e))?;
+            return Err(refusal(status, raw, None));
+        }
+        let reader = BufReader::new(response.body_mut().as_reader());
+        let (mut event, mut data) = (String::new(), String::new());
+        for line in reader.lines() {
+            let line = line.map_err(|e| self.unreachable(e))?;
+            if line.is_empty() {
+                if !data.is_empty() && !on_event(&event, &data) {
+                    return Ok(true);
+                }
+                event.clear();
+                data.clear();
+            } else if let Some(name) = line.strip_prefix("event:") {
+                name.trim().clone_into(&mut event);
+            } else if let Some(text) = line.strip_prefix("data:") {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(text.strip_prefix(' ').unwrap_or(text));
+            }
+            // `:` lines are the stream's keep-alive comments.
+        }
+        Ok(false)
+    }
+}
+
+fn refusal(status: u16, raw: String, version: Option<u64>) -> Refusal {
+    Refusal::Status {
+        status,
+        error: serde_json::from_str::<ErrorBody>(&raw).ok(),
+        raw,
+        version,
+    }
+}
+
+impl Api for Client {
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, String)>,
+        if_match: Option<u64>,
+    ) -> Result<Answer, Refusal> {
+        let (content_type, text) = match body {
+            Some((content_type, text)) => (Some(content_type), text),
+            None => (None, String::new()),
+        };
+        let request = self
+            .request(method, path, content_type, if_match)?
+            .body(text)
+            .map_err(|e| self.unreachable(e))?;
+        let mut response = self.agent.run(request).map_err(|e| self.unreachable(e))?;
+        let status = response.status().as_u16();
+        let version = response
+            .headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim_start_matches("W/").trim_matches('"').parse().ok());
+        let body = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| self.unreachable(e))?;
+        if status >= 400 {
+            return Err(refusal(status, body, version));
+        }
+        Ok(Answer { version, body })
     }
 }
 

@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod alerts;
 pub mod automatic;
+pub mod build;
 pub mod check;
 pub mod config;
 pub mod error;

@@ -65,6 +65,38 @@ pub struct ListenerLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReleaseLabels {
+    /// The filter's release from its `user-agent` (`0.2.0`); `unknown` for a filter that
+    /// names none (0.1.0), `other` past [`MAX_FILTER_RELEASES`] distinct ones.
+    pub release: String,
+}
+
+/// Most distinct filter releases counted apart: a rollout spans two or three, and the
+/// label comes from what a proxy sends.
+pub const MAX_FILTER_RELEASES: usize = 8;
+
+/// The release a filter names in its `user-agent` (`sluice-filter/0.2.0`): a semantic
+/// version, with at most a short pre-release part, or `unknown`.
+pub fn filter_release(user_agent: Option<&str>) -> &str {
+    let Some(release) = user_agent.and_then(|agent| agent.strip_prefix("sluice-filter/")) else {
+        return "unknown";
+    };
+    let (core, pre) = release.split_once('-').unwrap_or((release, ""));
+    let numbers: Vec<&str> = core.split('.').collect();
+    let semantic = numbers.len() == 3
+        && numbers
+            .iter()
+            .all(|n| (1..=6).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_digit()))
+        && pre.len() <= 16
+        && pre.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.');
+    if semantic {
+        release
+    } else {
+        "unknown"
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FallbackLabels {
     /// `allow`, `deny` or `local`.
     pub fallback: String,
@@ -99,6 +131,8 @@ pub struct Metrics {
     // -- The listeners' connections (listener.rs) --
     pub connections_open: Family<ListenerLabels, Gauge>,
     pub connections_refused: Family<ListenerLabels, Counter>,
+    filter_config_reads: Family<ReleaseLabels, Counter>,
+    filter_releases_seen: std::sync::Mutex<Vec<String>>,
 }
 
 impl Default for Metrics {
@@ -173,6 +207,14 @@ impl Metrics {
             "store_errors",
             "Counters' store commands that failed",
             store_errors.clone(),
+        );
+        registry.register(
+            "build",
+            "The controller's software release and the commit it was built from (always 1)",
+            prometheus_client::metrics::info::Info::new([
+                ("version", crate::build::VERSION),
+                ("commit", crate::build::COMMIT),
+            ]),
         );
         let config_version = Gauge::default();
         registry.register(
@@ -265,6 +307,13 @@ impl Metrics {
              the bound",
             ignored_reports.clone(),
         );
+        let filter_config_reads = Family::<ReleaseLabels, Counter>::default();
+        registry.register(
+            "filter_config_reads",
+            "Configuration reads by filter workers (each polls about once a second), by the \
+             filter's release: how far a rollout has come",
+            filter_config_reads.clone(),
+        );
         // -- The listeners' connections (listener.rs) --
         let connections_open = Family::<ListenerLabels, Gauge>::default();
         registry.register(
@@ -280,6 +329,8 @@ impl Metrics {
             connections_refused.clone(),
         );
         Metrics {
+            filter_config_reads,
+            filter_releases_seen: std::sync::Mutex::new(Vec::new()),
             ignored_reports,
             unauthenticated_calls,
             leases_granted,
@@ -347,6 +398,25 @@ impl Metrics {
         self.leased_requests_granted
             .get_or_create(&labels)
             .inc_by(requests);
+    }
+
+    /// A filter worker read the configuration (`GET /v1/config`), naming its release in
+    /// `user_agent`.
+    pub fn filter_config_read(&self, user_agent: Option<&str>) {
+        let release = filter_release(user_agent);
+        let release = match self.filter_releases_seen.lock() {
+            Ok(seen) if seen.iter().any(|known| known == release) => release,
+            Ok(mut seen) if seen.len() < MAX_FILTER_RELEASES => {
+                seen.push(release.to_owned());
+                release
+            }
+            _ => "other",
+        };
+        self.filter_config_reads
+            .get_or_create(&ReleaseLabels {
+                release: release.to_owned(),
+            })
+            .inc();
     }
 
     pub fn unauthenticated_call(&self, listener: &str) {
@@ -422,4 +492,47 @@ pub fn exposition(metrics: &Metrics) -> axum::response::Response {
         metrics.render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_filter_release_is_a_short_semantic_version_or_unknown() {
+        assert_eq!(filter_release(Some("sluice-filter/0.2.0")), "0.2.0");
+        assert_eq!(
+            filter_release(Some("sluice-filter/1.10.3-rc.1")),
+            "1.10.3-rc.1"
+        );
+        for odd in [
+            None,
+            Some("curl/8.0"),
+            Some("sluice-filter/"),
+            Some("sluice-filter/0.2"),
+            Some("sluice-filter/0.2.x"),
+            Some("sluice-filter/0.2.0-\u{0}"),
+            Some("sluice-filter/1234567.0.0"),
+            Some("sluice-filter/0.2.0-aaaaaaaaaaaaaaaaa"),
+        ] {
+            assert_eq!(filter_release(odd), "unknown", "{odd:?}");
+        }
+    }
+
+    #[test]
+    fn filter_releases_past_the_bound_are_counted_as_other() {
+        let metrics = Metrics::new();
+        for patch in 0..MAX_FILTER_RELEASES + 3 {
+            metrics.filter_config_read(Some(&format!("sluice-filter/0.2.{patch}")));
+        }
+        metrics.filter_config_read(Some("sluice-filter/0.2.0"));
+        let text = metrics.render();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|line| line.starts_with("sluice_filter_config_reads_total{"))
+            .collect();
+        assert_eq!(series.len(), MAX_FILTER_RELEASES + 1, "{series:?}");
+        assert!(series.contains(&"sluice_filter_config_reads_total{release=\"0.2.0\"} 2"));
+        assert!(series.contains(&"sluice_filter_config_reads_total{release=\"other\"} 3"));
+    }
 }

@@ -41,6 +41,7 @@ pub enum Mode {
 #[command(
     name = "sluice-controller",
     version,
+    long_version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SLUICE_COMMIT"), ")"),
     about = "Sluice rate-limit controller"
 )]
 pub struct Flags {

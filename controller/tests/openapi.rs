@@ -24,6 +24,7 @@ const WRITE: &str = "SLUICE_WRITE_OPENAPI";
 /// annotation, listed in `AdminApi`): the tests below hold the three together.
 const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/admin/version"),
+    ("get", "/v1/admin/build"),
     ("get", "/v1/admin/config"),
     ("put", "/v1/admin/config"),
     ("get", "/v1/admin/rules"),
@@ -171,6 +172,90 @@ async fn the_document_describes_every_route_but_itself() {
         missing.is_empty() && extra.is_empty(),
         "served but not described: {missing:?}; described but not in ROUTES: {extra:?}"
     );
+}
+
+/// Every operation of the document: (method, path, operation).
+fn operations(document: &Value) -> Vec<(String, String, &Value)> {
+    let mut all = Vec::new();
+    for (path, item) in document["paths"].as_object().expect("paths") {
+        for (method, operation) in item.as_object().expect("operations") {
+            if ["get", "put", "post", "delete", "patch"].contains(&method.as_str()) {
+                all.push((method.clone(), path.clone(), operation));
+            }
+        }
+    }
+    all
+}
+
+/// Client generators name a function after each `operationId`: every operation has one, in
+/// camelCase, no two alike; and a one-line `summary`.
+#[tokio::test]
+async fn every_operation_has_a_unique_id_and_a_summary() {
+    let document = document().await;
+    let mut seen: std::collections::BTreeMap<String, String> = Default::default();
+    for (method, path, operation) in operations(&document) {
+        let id = operation["operationId"].as_str().unwrap_or_default();
+        assert!(
+            !id.is_empty()
+                && id.starts_with(|c: char| c.is_ascii_lowercase())
+                && id.chars().all(|c| c.is_ascii_alphanumeric()),
+            "{method} {path}: operationId {id:?} is not camelCase"
+        );
+        if let Some(other) = seen.insert(id.to_owned(), format!("{method} {path}")) {
+            panic!("operationId {id:?} names both {other} and {method} {path}");
+        }
+        let summary = operation["summary"].as_str().unwrap_or_default();
+        assert!(
+            !summary.trim().is_empty() && !summary.contains('\n'),
+            "{method} {path} has no one-line summary: {summary:?}"
+        );
+    }
+    assert_eq!(seen.len(), ROUTES.len() - 1, "{seen:?}");
+}
+
+/// The table the ids and summaries come from names the document's operations, and only
+/// them (a stale entry would name an operation that is gone).
+#[tokio::test]
+async fn the_operations_table_is_the_document() {
+    let document = document().await;
+    let table: BTreeSet<(String, String, String)> = sluice_controller::admin::openapi::OPERATIONS
+        .iter()
+        .map(|(method, path, id, _)| ((*method).into(), (*path).into(), (*id).into()))
+        .collect();
+    let described: BTreeSet<(String, String, String)> = operations(&document)
+        .into_iter()
+        .map(|(method, path, operation)| {
+            let id = operation["operationId"].as_str().unwrap_or_default().into();
+            (method, path, id)
+        })
+        .collect();
+    assert_eq!(table, described);
+}
+
+/// A path parameter is one the path names; every other is a query or header parameter,
+/// required only when it cannot be left out.
+#[tokio::test]
+async fn parameters_are_where_the_server_reads_them() {
+    let document = document().await;
+    for (method, path, operation) in operations(&document) {
+        for parameter in operation["parameters"].as_array().into_iter().flatten() {
+            let name = parameter["name"].as_str().expect("a name");
+            let named = path.contains(&format!("{{{name}}}"));
+            let place = parameter["in"].as_str().expect("in");
+            assert_eq!(
+                place == "path",
+                named,
+                "{method} {path}: parameter {name} is `in: {place}`"
+            );
+            if place == "query" {
+                assert_eq!(
+                    parameter["required"],
+                    json!(false),
+                    "{method} {path}: query parameter {name} may be left out"
+                );
+            }
+        }
+    }
 }
 
 /// A path with its parameters filled in, for a request.

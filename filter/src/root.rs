@@ -13,6 +13,10 @@ use sluice_protocol::{
     Check, Decision, Rule, CHECK_PATH, CONFIG_PATH, RELEASE_PATH, REPORTER_HEADER, REPORT_PATH,
 };
 
+/// This build's release (the workspace's semantic version), as its log and callouts name it.
+pub const FILTER_VERSION: &str = env!("CARGO_PKG_VERSION");
+const FILTER_USER_AGENT: &str = concat!("sluice-filter/", env!("CARGO_PKG_VERSION"));
+
 use crate::batch::{self, Batcher, Completed, Member, Slot};
 use crate::config::{FailureMode, FilterConfig};
 use crate::decision::{self, Counted, Failure, Verdict};
@@ -363,14 +367,27 @@ impl Worker {
                 self.metrics.add(host, Metric::ConfigReads, 1);
                 return;
             }
-            Some("200") => {
-                serde_json::from_slice::<FilterView>(body).map_err(|e| format!("malformed ({e})"))
-            }
+            Some("200") => FilterView::from_json(body).map_err(|e| format!("malformed ({e})")),
             other => Err(format!("status {}", other.unwrap_or("(none)"))),
         };
         match view {
-            Ok(view) => {
+            Ok((view, ignored)) => {
                 self.metrics.add(host, Metric::ConfigReads, 1);
+                if !ignored.is_empty() {
+                    // A controller a release ahead: what it adds waits for this filter's
+                    // upgrade, and the operator should know that it does.
+                    log(
+                        host,
+                        LogLevel::Info,
+                        &format!(
+                            "configuration version {} carries fields this filter does not know \
+                             (a newer controller); they are ignored until the filter is \
+                             upgraded: {}",
+                            view.version,
+                            ignored.join(", ")
+                        ),
+                    );
+                }
                 let own = view
                     .rules
                     .iter()
@@ -436,6 +453,8 @@ impl Worker {
         if body.is_some() {
             headers.push(("content-type", "application/json"));
         }
+        // Which release asks, for the controller's log and an operator mid-upgrade.
+        headers.push(("user-agent", FILTER_USER_AGENT));
         if let Some(credential) = &config.controller_credential {
             headers.push(("authorization", credential.expose()));
         }
@@ -691,6 +710,14 @@ impl Root {
             max_waiting: MAX_WAITING,
         });
         let metrics = Metrics::define(host);
+        log(
+            host,
+            LogLevel::Info,
+            &format!(
+                "sluice filter {FILTER_VERSION} configured (controller {})",
+                config.controller_authority
+            ),
+        );
         self.worker = Some(Rc::new(Worker {
             config,
             batcher: RefCell::new(batcher),

@@ -237,6 +237,17 @@ pub enum Role {
     Admin,
 }
 
+/// `GET /v1/admin/build`: which build of the controller answers (not the configuration's
+/// version).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BuildBody {
+    /// The software's release, a semantic version (`0.2.0`).
+    pub version: String,
+    /// The commit it was built from, or `unknown`.
+    pub commit: String,
+}
+
 /// `GET /v1/admin/whoami`: the token's name and role.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -2,6 +2,11 @@
 //!
 //! It is batch-shaped: one `POST` carries a list of checks and the reply carries one decision
 //! per check, in the same order. The filter may send one check per call or many.
+//!
+//! Every type here ignores fields it does not know, in both directions: Envoys and the
+//! controller Deployment roll out independently, and a release that adds a field to a call
+//! or a reply must not put the other side's requests into the failure mode (UPGRADING.md).
+//! Bounds, not strictness, protect the controller from what a proxy sends.
 
 use std::collections::BTreeMap;
 
@@ -34,7 +39,6 @@ pub const MAX_CHECK_HEADERS: usize = 64;
 pub const MAX_HEADER_NAME_BYTES: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CheckRequest {
     pub checks: Vec<Check>,
     /// Whether the controller holds its answer until a leaky bucket's slot (the default).
@@ -60,7 +64,6 @@ fn is_true(value: &bool) -> bool {
 
 /// One request's worth of question: who is asking, for what, at what cost.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Check {
     pub client: ClientId,
     #[serde(default)]
@@ -172,7 +175,6 @@ fn default_cost() -> u64 {
 /// (`user`, `api_key`, `header` or `ip`, see [`ClientKind`]), `value` is the identity itself.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(deny_unknown_fields)]
 pub struct ClientId {
     pub kind: String,
     pub value: String,
@@ -216,14 +218,12 @@ impl ClientId {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CheckResponse {
     pub decisions: Vec<Decision>,
 }
 
 /// The answer to one check. `policy` is absent when no rule applied to the request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Decision {
     pub allowed: bool,
     /// The limit that speaks for the decision (see [`PolicyStatus`]).
@@ -311,7 +311,6 @@ pub const RELEASE_PATH: &str = "/v1/release";
 
 /// Hands back concurrency slots (the `leases` of decisions) when requests end.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ReleaseRequest {
     pub leases: Vec<String>,
 }
@@ -328,7 +327,6 @@ pub const REPORTER_HEADER: &str = "x-sluice-reporter";
 pub const MAX_REPORTED_ADDRESSES: usize = 256;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Report {
     /// Upstream responses since the last report (the filter's own local replies not counted).
     #[serde(default)]
@@ -352,7 +350,6 @@ pub struct Report {
 /// Requests of one kind a filter worker admitted from a lease, by client, the rule of the
 /// lease's decision and tier: for the stats, as the controller never saw them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct LeasedAdmissions {
     pub client: ClientId,
     pub rule: String,
@@ -362,7 +359,6 @@ pub struct LeasedAdmissions {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CachedDenials {
     pub client: ClientId,
     pub rule: String,
@@ -375,7 +371,6 @@ pub struct CachedDenials {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AddressCount {
     pub ip: String,
     pub count: u64,
@@ -385,7 +380,6 @@ pub struct AddressCount {
 /// every limit allowed, the most restrictive one.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PolicyStatus {
     pub rule: String,
     pub strategy: crate::rules::Strategy,
@@ -452,13 +446,35 @@ mod tests {
         assert_eq!(again, parsed);
     }
 
+    /// A call and a reply from a release ahead, with a field new at every level: read as
+    /// this release knows them, nothing lost.
     #[test]
-    fn unknown_fields_are_refused() {
-        let json = r#"{"checks":[],"extra":1}"#;
-        let err = serde_json::from_str::<CheckRequest>(json)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("extra"), "{err}");
+    fn calls_and_replies_from_a_newer_release_are_read_ignoring_the_fields_they_add() {
+        let call = r#"{"checks":[{"client":{"kind":"ip","value":"10.0.0.1","zone":"eu"},
+            "path":"/a","cost":2,"priority":"high"}],"extra":1}"#;
+        let parsed: CheckRequest = serde_json::from_str(call).unwrap();
+        assert_eq!(parsed.checks[0].client, ClientId::ip("10.0.0.1"));
+        assert_eq!(
+            (parsed.checks[0].path.as_str(), parsed.checks[0].cost),
+            ("/a", 2)
+        );
+        let reply = r#"{"decisions":[{"allowed":false,"why":"x","policy":{"rule":"r",
+            "strategy":"fixed_window","limit":5,"remaining":0,"reset_ms":900,
+            "retry_after_ms":900,"window_ms":1000,"quota_unit":"tokens"}}],"served_by":"c-2"}"#;
+        let parsed: CheckResponse = serde_json::from_str(reply).unwrap();
+        let policy = parsed.decisions[0].policy.as_ref().unwrap();
+        assert!(!parsed.decisions[0].allowed);
+        assert_eq!(
+            (policy.rule.as_str(), policy.limit, policy.retry_after_ms),
+            ("r", 5, 900)
+        );
+        let report = r#"{"responses":3,"server_errors":1,"latency":{"p99":5},
+            "invalid_tokens":[{"ip":"10.0.0.9","count":2,"first":1}]}"#;
+        let parsed: Report = serde_json::from_str(report).unwrap();
+        assert_eq!((parsed.responses, parsed.invalid_tokens[0].count), (3, 2));
+        let release: ReleaseRequest =
+            serde_json::from_str(r#"{"leases":["l1"],"reason":"done"}"#).unwrap();
+        assert_eq!(release.leases, ["l1"]);
     }
 
     #[test]

@@ -315,6 +315,106 @@ fn is_zero(value: &f64) -> bool {
     *value == 0.0
 }
 
+/// How many distinct unknown fields a view may carry before the filter refuses it: each
+/// costs one more pass over the view, and a controller a release ahead adds a handful.
+pub const MAX_UNKNOWN_VIEW_FIELDS: usize = 32;
+
+impl FilterView {
+    /// Reads the view as a filter must when the controller may be a release ahead: a field
+    /// this build does not know (in the view, a rule, a match, a list item) is dropped
+    /// wherever it appears, and named in the second value (`rules[].match.new_field`), so
+    /// the filter can say once what it ignored. The rule schema stays strict for what
+    /// operators write (files and the admin API); only this reader is lenient.
+    pub fn from_json(bytes: &[u8]) -> Result<(FilterView, Vec<String>), String> {
+        let mut value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let mut ignored = Vec::new();
+        loop {
+            let error = match serde_path_to_error::deserialize::<_, FilterView>(&value) {
+                Ok(view) => return Ok((view, ignored)),
+                Err(error) => error,
+            };
+            let message = error.inner().to_string();
+            let unknown = message
+                .strip_prefix("unknown field `")
+                .and_then(|rest| rest.split_once('`'))
+                .map(|(name, _)| name.to_owned());
+            let segments: Vec<_> = error.path().iter().cloned().collect();
+            let Some((unknown, (_, parents))) = unknown.zip(segments.split_last()) else {
+                return Err(format!("{}: {message}", error.path()));
+            };
+            if ignored.len() == MAX_UNKNOWN_VIEW_FIELDS {
+                return Err(format!(
+                    "more than {MAX_UNKNOWN_VIEW_FIELDS} fields this filter does not know"
+                ));
+            }
+            let mut removed = 0;
+            drop_field(&mut value, parents, &unknown, &mut removed);
+            if removed == 0 {
+                return Err(format!("{}: {message}", error.path()));
+            }
+            ignored.push(field_pattern(parents, &unknown));
+        }
+    }
+}
+
+/// Removes `field` from every object at `path`, read with every sequence index as "each
+/// element": a field new in one rule is new in all of them, and one pass drops them all.
+fn drop_field(
+    value: &mut serde_json::Value,
+    path: &[serde_path_to_error::Segment],
+    field: &str,
+    removed: &mut usize,
+) {
+    use serde_path_to_error::Segment;
+    let Some((first, rest)) = path.split_first() else {
+        if let Some(object) = value.as_object_mut() {
+            *removed += usize::from(object.remove(field).is_some());
+        }
+        return;
+    };
+    match (first, value) {
+        (Segment::Seq { .. }, serde_json::Value::Array(items)) => {
+            for item in items {
+                drop_field(item, rest, field, removed);
+            }
+        }
+        (Segment::Map { key }, serde_json::Value::Object(object)) => {
+            if let Some(inner) = object.get_mut(key) {
+                drop_field(inner, rest, field, removed);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `rules[].match.field`: where a dropped field was, with indices left out.
+fn field_pattern(path: &[serde_path_to_error::Segment], field: &str) -> String {
+    use serde_path_to_error::Segment;
+    let mut pattern = String::new();
+    for segment in path {
+        match segment {
+            Segment::Seq { .. } => pattern.push_str("[]"),
+            Segment::Map { key } => {
+                if !pattern.is_empty() {
+                    pattern.push('.');
+                }
+                pattern.push_str(key);
+            }
+            Segment::Enum { variant } => {
+                pattern.push('.');
+                pattern.push_str(variant);
+            }
+            Segment::Unknown => pattern.push_str(".?"),
+        }
+    }
+    if !pattern.is_empty() {
+        pattern.push('.');
+    }
+    pattern.push_str(field);
+    pattern
+}
+
 fn enforcing() -> bool {
     true
 }
@@ -376,5 +476,55 @@ mod tests {
         assert_eq!(again, document);
         let err = serde_json::from_str::<ConfigDocument>(r#"{"rulez":[]}"#).unwrap_err();
         assert!(err.to_string().contains("rulez"), "{err}");
+    }
+
+    /// What a controller a release ahead might send: a field new to the view, to every
+    /// rule, to a match and to a list item.
+    const VIEW_FROM_A_NEWER_CONTROLLER: &str = r#"{
+        "version": 7,
+        "rollout": {"wave": 2},
+        "rules": [
+            { "name": "a", "limit": 10, "window": "1m", "weight": 3,
+              "match": { "path_prefix": "/api", "query": {"x": "1"} } },
+            { "name": "b", "limit": 5, "window": "1s", "weight": 1 }
+        ],
+        "denylist": [{ "kind": "ip", "value": "10.0.0.1", "source": "feed" }]
+    }"#;
+
+    #[test]
+    fn a_view_with_fields_this_filter_does_not_know_is_read_without_them_and_they_are_named() {
+        let (view, ignored) = FilterView::from_json(VIEW_FROM_A_NEWER_CONTROLLER.as_bytes())
+            .expect("a newer controller's view");
+        assert_eq!(view.version, 7);
+        assert_eq!(view.rules.len(), 2);
+        assert_eq!(view.rules[0].limit, 10);
+        assert_eq!(view.rules[1].name, "b");
+        assert_eq!(view.denylist.len(), 1);
+        let mut ignored = ignored;
+        ignored.sort();
+        // The view and its list items always ignored what they did not know; the rule
+        // schema is the strict one, and what is dropped from it is named.
+        assert_eq!(ignored, ["rules[].match.query", "rules[].weight"]);
+        // The schema operators write stays strict.
+        let strict = serde_json::from_str::<FilterView>(VIEW_FROM_A_NEWER_CONTROLLER);
+        assert!(strict.is_err());
+    }
+
+    #[test]
+    fn a_view_that_is_wrong_not_newer_is_still_refused_naming_the_field() {
+        let wrong_type =
+            br#"{"version": 1, "rules": [{"name": "a", "limit": "ten", "window": "1m"}]}"#;
+        let error = FilterView::from_json(wrong_type).unwrap_err();
+        assert!(error.starts_with("rules[0].limit:"), "{error}");
+        let many: String = (0..=MAX_UNKNOWN_VIEW_FIELDS)
+            .map(|n| format!(r#""new_{n}": 1, "#))
+            .collect();
+        let view = format!(
+            r#"{{"version": 1, "rules": [{{{many}"name": "a", "limit": 1, "window": "1s"}}]}}"#
+        );
+        let error = FilterView::from_json(view.as_bytes());
+        assert!(error.unwrap_err().contains("more than 32"));
+        assert!(FilterView::from_json(b"not json").is_err());
+        assert!(FilterView::from_json(br#"{"version": 1, "rules": 3}"#).is_err());
     }
 }

@@ -138,6 +138,8 @@ pub struct ControllerOptions<'a> {
     pub env: Vec<(String, String)>,
     /// TLS on its listeners; `None` (the default): none.
     pub tls: Option<ControllerTls>,
+    /// Another build of the controller (the previous release's); `None`: this tree's.
+    pub binary: Option<&'a std::path::Path>,
 }
 
 impl<'a> ControllerOptions<'a> {
@@ -154,6 +156,7 @@ impl<'a> ControllerOptions<'a> {
             config_poll_ms: 100,
             env: Vec::new(),
             tls: None,
+            binary: None,
         }
     }
 }
@@ -176,7 +179,11 @@ impl Controller {
     pub fn start_with(options: &ControllerOptions<'_>) -> Controller {
         let dir = tempfile::tempdir().expect("temp dir");
         let (port, admin_port) = (free_port(), free_port());
-        let mut command = Command::new(controller_binary());
+        let mut command = Command::new(
+            options
+                .binary
+                .map_or_else(controller_binary, std::path::Path::to_path_buf),
+        );
         command
             .args(["--mode", "development"])
             .args(["--listen", &format!("127.0.0.1:{port}")])

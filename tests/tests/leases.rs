@@ -1,7 +1,8 @@
 //! Lease mode through real Envoys with the real `.wasm`, two controllers and one Redis:
 //! the bound holds per window under far more demand than the limit, an exact rule beside
-//! the leased one stays exact, a killed Envoy strands no more than its leases, and a lowered
-//! limit takes the leases back within 2 s.
+//! the leased one stays exact, a killed Envoy strands no more than its leases, a lowered
+//! limit takes the leases back within 2 s, and a request is served from a lease only when
+//! every enforced rule that applies to it is leased and no shadow rule applies.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -283,4 +284,223 @@ fn metric(controller: &Controller, series: &str) -> u64 {
         .find_map(|line| line.strip_prefix(series))
         .and_then(|value| value.trim().parse::<f64>().ok())
         .map_or(0, |value| value as u64)
+}
+
+/// One request matching several rules: a leased one beside an exact one (`/mixed`), beside a
+/// shadow one (`/shadowed`), and two leased ones (`/double`). The limit that binds is 10 on
+/// each path; the other rule's is higher (or in shadow), so the one that binds is known.
+const ONE_REQUEST_MANY_RULES: &str = r#"
+[[rules]]
+name = "mixed-leased"
+limit = 40
+window = "1h"
+match = { path = "/mixed" }
+leased = { share_percent = 50 }
+
+[[rules]]
+name = "mixed-exact"
+limit = 10
+window = "1h"
+match = { path = "/mixed" }
+
+[[rules]]
+name = "shadowed-leased"
+limit = 10
+window = "1h"
+match = { path = "/shadowed" }
+leased = { share_percent = 50 }
+
+[[rules]]
+name = "shadowed-watch"
+limit = 3
+window = "1h"
+shadow = true
+match = { path = "/shadowed" }
+
+[[rules]]
+name = "double-wide"
+limit = 40
+window = "1h"
+match = { path = "/double" }
+leased = { share_percent = 50 }
+
+[[rules]]
+name = "double-narrow"
+limit = 10
+window = "1h"
+match = { path = "/double" }
+leased = { share_percent = 50 }
+"#;
+
+/// The sum of a controller's series `name` whose labels include every pair of `labels`
+/// (over the others, such as the tier).
+fn metric_sum(controller: &Controller, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let scraped = http::get(&controller.admin_url("/metrics"))
+        .expect("scrape")
+        .body;
+    scraped
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
+            series_name == name
+                && labels
+                    .iter()
+                    .all(|(label, value)| series_labels.contains(&format!("{label}=\"{value}\"")))
+        })
+        .filter_map(|(_, value)| value.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// The checks the controller has received (its batch-size histogram's sum), whether one
+/// call carried them or many.
+fn checks_received(controller: &Controller) -> u64 {
+    metric_sum(controller, "sluice_check_call_checks_sum", &[]) as u64
+}
+
+fn leases_granted(controller: &Controller) -> u64 {
+    metric_sum(controller, "sluice_leases_granted_total", &[]) as u64
+}
+
+/// `n` requests to `path`, one after the other: their statuses.
+fn statuses(envoy: &Envoy, path: &str, n: usize) -> Vec<u16> {
+    (0..n)
+        .map(|_| http::get(&envoy.url(path)).expect("through envoy").status)
+        .collect()
+}
+
+/// A request is served from a lease only when every enforced rule that applies to it is
+/// leased and no shadow rule applies: seen from the controller, which receives a check for
+/// every request of `/mixed` (leased + exact) and `/shadowed` (leased + shadow) and grants
+/// no lease for them, and fewer checks than requests for `/double` (two leased rules),
+/// whose other requests the worker admitted from leases. Every path admits exactly its
+/// limit, one request after another through one worker.
+#[test]
+fn a_request_is_leased_only_when_every_enforced_rule_is_leased_and_no_shadow_rule_applies() {
+    let _turn = one_at_a_time();
+    // The windows are hours, aligned to the clock: none may end during the test.
+    const HOUR_MS: u64 = 3_600_000;
+    if HOUR_MS - now_ms() % HOUR_MS < 60_000 {
+        sleep_until((now_ms() / HOUR_MS + 1) * HOUR_MS + 100);
+    }
+    let redis = RedisServer::start();
+    let controller = Controller::start(ONE_REQUEST_MANY_RULES, Some(&redis.url()));
+    let upstream = Upstream::start();
+    let envoy = Envoy::start(&EnvoyOptions {
+        filter: Filter::sluice_with(&sluice_plugin_config("deny", 2_000)),
+        upstream_port: upstream.port(),
+        controller_ports: vec![controller.port],
+        concurrency: 1,
+        controller_http2: false,
+    });
+    // The main thread's VM and the worker's.
+    envoy.wait_until_vms_read_the_configuration(2);
+    let window_at_start = now_ms() / HOUR_MS;
+
+    // (a) A leased rule and an exact one: every request is checked, no lease is granted,
+    // and the exact rule's limit holds exactly.
+    let before = checks_received(&controller);
+    assert_eq!(statuses(&envoy, "/mixed", 10), vec![200; 10], "/mixed");
+    assert_eq!(
+        checks_received(&controller) - before,
+        10,
+        "/mixed: a check for every request"
+    );
+    assert_eq!(statuses(&envoy, "/mixed", 1), vec![429], "/mixed: the 11th");
+
+    // (b) A leased rule and a shadow one: every request is checked (the shadow rule counts
+    // each), no lease is granted, and the leased rule's limit holds exactly.
+    let before = checks_received(&controller);
+    assert_eq!(
+        statuses(&envoy, "/shadowed", 10),
+        vec![200; 10],
+        "/shadowed"
+    );
+    assert_eq!(
+        checks_received(&controller) - before,
+        10,
+        "/shadowed: a check for every request"
+    );
+    let watched = |outcome: &str| {
+        metric_sum(
+            &controller,
+            "sluice_decisions_total",
+            &[("rule", "shadowed-watch"), ("outcome", outcome)],
+        ) as u64
+    };
+    // The decisions' metrics are brought up to date once a second.
+    wait_until(
+        "the shadow rule's decisions are counted",
+        Duration::from_secs(5),
+        || watched("allowed") + watched("shadow_limited") >= 10,
+    );
+    assert_eq!(
+        (watched("allowed"), watched("shadow_limited")),
+        (3, 7),
+        "the shadow rule judged every request"
+    );
+    assert_eq!(
+        statuses(&envoy, "/shadowed", 1),
+        vec![429],
+        "/shadowed: the 11th"
+    );
+    assert_eq!(
+        leases_granted(&controller),
+        0,
+        "no lease for /mixed or /shadowed"
+    );
+    assert_eq!(
+        leased_admissions(&envoy),
+        0,
+        "nothing admitted from a lease"
+    );
+
+    // (c) Two leased rules: the worker asks, is granted a lease, and admits from it
+    // without a check; what it admits from leases and what the controller decided add up
+    // to the requests, and the narrower limit holds exactly.
+    let before = checks_received(&controller);
+    assert_eq!(statuses(&envoy, "/double", 10), vec![200; 10], "/double");
+    let checked = checks_received(&controller) - before;
+    assert!(leases_granted(&controller) > 0, "a lease for /double");
+    assert!(checked < 10, "/double: {checked} checks for 10 requests");
+    // The lease is spent: the 11th is checked, and refused.
+    assert_eq!(
+        statuses(&envoy, "/double", 1),
+        vec![429],
+        "/double: the 11th"
+    );
+    assert_eq!(
+        checks_received(&controller) - before,
+        checked + 1,
+        "/double: the 11th was checked"
+    );
+    // The worker counts what its leases admitted when it next sends a batch or ticks.
+    wait_until(
+        "the worker counts what its leases admitted",
+        Duration::from_secs(5),
+        || checked + leased_admissions(&envoy) >= 10,
+    );
+    let from_leases = leased_admissions(&envoy);
+    eprintln!("/double: {checked} checked, {from_leases} admitted from leases");
+    assert_eq!(checked + from_leases, 10, "every request checked or leased");
+    assert_eq!(
+        metric_sum(
+            &controller,
+            "sluice_leased_requests_granted_total",
+            &[("rule", "double-narrow")]
+        ) as u64
+            + metric_sum(
+                &controller,
+                "sluice_leased_requests_granted_total",
+                &[("rule", "double-wide")]
+            ) as u64,
+        from_leases,
+        "the leases held what the worker admitted from them, no more"
+    );
+    assert_eq!(
+        now_ms() / HOUR_MS,
+        window_at_start,
+        "the window did not end"
+    );
 }

@@ -35,6 +35,11 @@ fn wasm_plugin_file() -> PathBuf {
     istio().join("wasmplugin.yaml")
 }
 
+/// The same filter in Istio's ingress gateway, applied on its own.
+fn gateway_wasm_plugin_file() -> PathBuf {
+    istio().join("gateway/wasmplugin.yaml")
+}
+
 /// Every `.yaml`/`.yml` file under `dir`, sorted.
 fn yaml_files(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
@@ -162,7 +167,11 @@ fn service(name: &str) -> Value {
 }
 
 fn wasm_plugin() -> Value {
-    let plugin = document(&wasm_plugin_file());
+    wasm_plugin_at(&wasm_plugin_file())
+}
+
+fn wasm_plugin_at(path: &Path) -> Value {
+    let plugin = document(path);
     assert_eq!(plugin["apiVersion"], "extensions.istio.io/v1alpha1");
     assert_eq!(plugin["kind"], "WasmPlugin");
     plugin
@@ -390,7 +399,7 @@ fn every_yaml_file_under_deploy_parses() {
     }
     // What the kustomizations apply are Kubernetes objects: each names its API, its kind
     // and itself.
-    for dir in [kubernetes(), deploy().join("istio")] {
+    for dir in [kubernetes(), istio(), istio().join("gateway")] {
         let kustomization = document(&dir.join("kustomization.yaml"));
         assert_eq!(kustomization["kind"], "Kustomization");
         for resource in list(&kustomization, "/resources") {
@@ -430,6 +439,9 @@ fn every_file_beside_a_kustomization_is_listed_in_it() {
             .unwrap()
             .map(|entry| entry.unwrap().file_name().into_string().unwrap())
             .filter(|name| name != "kustomization.yaml" && name != "README.md")
+            // A folder with a kustomization of its own is applied on its own (and checked
+            // in its turn).
+            .filter(|name| !dir.join(name).join("kustomization.yaml").is_file())
             .collect();
         assert_eq!(
             listed,
@@ -686,6 +698,17 @@ fn the_deployment_probes_and_ports_agree_with_the_services() {
         .expect("the Dockerfile's controller stage");
     assert!(controller_stage.contains("USER 65532:65532"));
     assert!(controller_stage.contains("EXPOSE 8081 8082"));
+    // No configuration is built into the image (the demo's API keys are public): whoever
+    // runs it gives one, as the Deployment (a ConfigMap) and docker-compose.yml (the demo
+    // file, mounted) do.
+    assert!(
+        !controller_stage.contains("SLUICE_CONFIG"),
+        "{controller_stage}"
+    );
+    assert!(!controller_stage.contains(".toml"), "{controller_stage}");
+    let compose = std::fs::read_to_string(repo_root().join("docker-compose.yml")).unwrap();
+    assert!(compose.contains("./controller/demo-rules.toml:/etc/sluice/rules.toml:ro"));
+    assert!(compose.contains("SLUICE_CONFIG: /etc/sluice/rules.toml"));
     let pod = &deployment["spec"]["template"]["spec"];
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(number(pod, "/securityContext/runAsUser"), 65532);
@@ -952,18 +975,27 @@ fn the_oci_image_holds_exactly_the_tested_wasm() {
 #[test]
 fn make_oci_pins_the_digest_of_the_image_it_built_in_the_wasm_plugin() {
     let dir = tempfile::tempdir().unwrap();
-    let plugin = dir.path().join("wasmplugin.yaml");
-    let shipped = std::fs::read_to_string(wasm_plugin_file()).unwrap();
-    std::fs::write(&plugin, &shipped).unwrap();
-    let output = Command::new(repo_root().join("scripts/oci-image.sh"))
+    // The sidecars' WasmPlugin and the gateway's, as shipped.
+    let plugins: Vec<(PathBuf, String)> = [wasm_plugin_file(), gateway_wasm_plugin_file()]
+        .iter()
+        .enumerate()
+        .map(|(n, shipped)| {
+            let copy = dir.path().join(format!("wasmplugin-{n}.yaml"));
+            let text = std::fs::read_to_string(shipped).unwrap();
+            std::fs::write(&copy, &text).unwrap();
+            (copy, text)
+        })
+        .collect();
+    let mut command = Command::new(repo_root().join("scripts/oci-image.sh"));
+    command
         .arg("--wasm")
         .arg(wasm_file())
         .arg("--out")
-        .arg(dir.path().join("oci"))
-        .arg("--plugin")
-        .arg(&plugin)
-        .output()
-        .expect("run scripts/oci-image.sh");
+        .arg(dir.path().join("oci"));
+    for (copy, _) in &plugins {
+        command.arg("--plugin").arg(copy);
+    }
+    let output = command.output().expect("run scripts/oci-image.sh");
     assert!(
         output.status.success(),
         "{}",
@@ -972,23 +1004,25 @@ fn make_oci_pins_the_digest_of_the_image_it_built_in_the_wasm_plugin() {
     let digest = String::from_utf8_lossy(&output.stdout).trim().to_owned();
     let (_image, built) = build_image();
     assert_eq!(digest, built, "the same .wasm, the same image");
-    let written = std::fs::read_to_string(&plugin).unwrap();
-    let pinned: Value = serde_yaml_ng::from_str(&written).unwrap();
-    assert_eq!(text(&pinned, "/spec/sha256"), digest);
     let wasm = std::fs::read(wasm_file()).unwrap();
     assert_ne!(
         digest,
         sha256_hex(&wasm),
         "the image manifest's digest, not the .wasm's"
     );
-    // Nothing else in the file changed.
+    // Nothing else in the files changed.
     let others = |text: &str| -> Vec<String> {
         text.lines()
             .filter(|line| !line.trim_start().starts_with("sha256:"))
             .map(str::to_owned)
             .collect()
     };
-    assert_eq!(others(&written), others(&shipped));
+    for (copy, shipped) in &plugins {
+        let written = std::fs::read_to_string(copy).unwrap();
+        let pinned: Value = serde_yaml_ng::from_str(&written).unwrap();
+        assert_eq!(text(&pinned, "/spec/sha256"), digest, "{}", copy.display());
+        assert_eq!(others(&written), others(shipped));
+    }
 }
 
 /// `deploy/kubernetes/networkpolicy.yaml`: the controller's pods take the check API's port
@@ -1415,4 +1449,76 @@ fn the_check_token_goes_from_secrets_to_the_controller_and_the_proxies() {
             "deploy/istio/README.md copies the token from the controller's Secret: {part}"
         );
     }
+}
+
+/// The gateway's WasmPlugin runs the sidecars' image with the sidecars' configuration, but
+/// is matched where a gateway carries requests (CLIENT: with SERVER it would select the
+/// gateway and never run), takes the client's address as an edge proxy sees it, and may
+/// call the controller.
+#[test]
+fn the_gateway_wasm_plugin_runs_the_sidecars_filter_where_the_gateway_carries_requests() {
+    let sidecar = wasm_plugin();
+    let gateway = wasm_plugin_at(&gateway_wasm_plugin_file());
+    assert_eq!(text(&gateway, "/metadata/namespace"), "istio-system");
+    assert_ne!(
+        text(&gateway, "/metadata/name"),
+        text(&sidecar, "/metadata/name"),
+        "two WasmPlugins of one name in one namespace would replace each other"
+    );
+    let spec = &gateway["spec"];
+    assert_eq!(spec["match"], serde_json::json!([{ "mode": "CLIENT" }]));
+    assert_eq!(
+        spec["selector"]["matchLabels"],
+        serde_json::json!({ "istio": "ingressgateway" })
+    );
+    for same in [
+        "/url",
+        "/sha256",
+        "/phase",
+        "/priority",
+        "/failStrategy",
+        "/type",
+        "/pluginName",
+        "/vmConfig",
+        "/imagePullPolicy",
+    ] {
+        assert_eq!(
+            gateway["spec"].pointer(same),
+            sidecar["spec"].pointer(same),
+            "spec{same} differs from the sidecars' WasmPlugin"
+        );
+    }
+    // The filter's configuration is the sidecars' but for the client's address.
+    let (mut gateway_config, mut sidecar_config) = (
+        spec["pluginConfig"].clone(),
+        sidecar["spec"]["pluginConfig"].clone(),
+    );
+    let gateway_ip = gateway_config["identity"]["ip"].take();
+    sidecar_config["identity"]["ip"].take();
+    assert_eq!(gateway_config, sidecar_config);
+    let json = serde_json::to_string(&spec["pluginConfig"]).unwrap();
+    let config = parse_in_patched_proxy(&json)
+        .unwrap_or_else(|e| panic!("the gateway's pluginConfig is refused: {e}\n{json}"));
+    // An Istio gateway's connection manager runs with use_remote_address: Envoy appends the
+    // peer to X-Forwarded-For, and that entry is the peer's.
+    assert!(config.identity.ip.envoy_appends, "{gateway_ip}");
+    // The gateway's namespace may call the check port.
+    let policy = resource(
+        &istio().join("authorizationpolicy.yaml"),
+        "AuthorizationPolicy",
+        "sluice-controller",
+    );
+    let check_port_sources: Vec<&Value> = list(&policy, "/spec/rules")
+        .iter()
+        .filter(|rule| rule["to"][0]["operation"]["ports"] == serde_json::json!(["8081"]))
+        .flat_map(|rule| rule["from"].as_array().into_iter().flatten())
+        .collect();
+    assert!(
+        check_port_sources
+            .iter()
+            .any(|from| from["source"]["namespaces"]
+                .as_array()
+                .is_some_and(|names| names.iter().any(|n| n == "istio-system"))),
+        "{check_port_sources:?}"
+    );
 }

@@ -76,6 +76,71 @@ fn every_shipped_envoy_config_validates() {
     }
 }
 
+/// README, "Hostile input": every shipped config sets the wasm filter's `failure_policy:
+/// FAIL_RELOAD` with a backoff of 0.5–10 s, so that a VM that panicked is replaced instead of
+/// failing every later request on its worker (tests/tests/envoy_hostile_bytes.rs shows the
+/// reload itself, with the tests' Envoy, which sets the same).
+#[test]
+fn every_shipped_sluice_filter_reloads_a_failed_vm_with_the_documented_backoff() {
+    let mut filters = 0;
+    for path in shipped_envoy_configs() {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+        let listeners = config["static_resources"]["listeners"]
+            .as_sequence()
+            .unwrap();
+        let wasm_filters = listeners
+            .iter()
+            .flat_map(|listener| {
+                listener["filter_chains"]
+                    .as_sequence()
+                    .into_iter()
+                    .flatten()
+            })
+            .flat_map(|chain| chain["filters"].as_sequence().into_iter().flatten())
+            .flat_map(|filter| {
+                filter["typed_config"]["http_filters"]
+                    .as_sequence()
+                    .into_iter()
+                    .flatten()
+            })
+            .filter(|filter| filter["name"].as_str() == Some("envoy.filters.http.wasm"));
+        for filter in wasm_filters {
+            filters += 1;
+            let wasm = &filter["typed_config"]["config"];
+            let file = path.display();
+            assert_eq!(
+                wasm["failure_policy"].as_str(),
+                Some("FAIL_RELOAD"),
+                "{file}"
+            );
+            let backoff = &wasm["reload_config"]["backoff"];
+            assert_eq!(backoff["base_interval"].as_str(), Some("0.5s"), "{file}");
+            assert_eq!(backoff["max_interval"].as_str(), Some("10s"), "{file}");
+        }
+    }
+    assert_eq!(
+        filters, 2,
+        "the demo's and docker-compose's Envoy run the Sluice filter"
+    );
+    // And the tests' Envoy runs it the same way.
+    let tested = envoy::config_yaml(
+        &envoy::EnvoyOptions {
+            filter: envoy::Filter::sluice("deny", 1_000),
+            upstream_port: 1,
+            controller_ports: vec![2],
+            concurrency: 1,
+            controller_http2: false,
+        },
+        3,
+        4,
+    );
+    assert!(tested.contains("failure_policy: FAIL_RELOAD"));
+    assert!(
+        tested.contains("reload_config: { backoff: { base_interval: 0.5s, max_interval: 10s } }")
+    );
+}
+
 fn cluster<'a>(config: &'a serde_yaml_ng::Value, name: &str) -> &'a serde_yaml_ng::Value {
     config["static_resources"]["clusters"]
         .as_sequence()

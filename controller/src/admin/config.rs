@@ -25,6 +25,7 @@ pub async fn version(State(state): State<AdminState>, _: Reader) -> Response {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ExportQuery {
     /// `json` (default), `toml` or `yaml`.

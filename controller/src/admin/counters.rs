@@ -18,6 +18,7 @@ use crate::error::{ApiError, ValidQuery};
 /// `api_key` (the key's digest), `header`, `tier`) and its value; optionally one rule, and
 /// the client's tier (for rules that count by tier).
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct CounterQuery {
     pub kind: Option<String>,
@@ -73,6 +74,7 @@ fn known_rule(state: &AdminState, rule: Option<&str>) -> Result<(), ApiError> {
 
 #[utoipa::path(get, path = "/v1/admin/counters", tag = "counters", params(CounterQuery),
     responses((status = 200, body = CountersBody), (status = 400, body = sluice_protocol::admin::ErrorBody),
+              (status = 404, description = "There is no such rule", body = sluice_protocol::admin::ErrorBody),
               (status = 503, body = sluice_protocol::admin::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn inspect(
@@ -97,6 +99,7 @@ pub async fn inspect(
 
 #[utoipa::path(delete, path = "/v1/admin/counters", tag = "counters", params(CounterQuery),
     responses((status = 200, body = ResetBody), (status = 400, body = sluice_protocol::admin::ErrorBody),
+              (status = 404, description = "There is no such rule", body = sluice_protocol::admin::ErrorBody),
               (status = 503, body = sluice_protocol::admin::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn reset(

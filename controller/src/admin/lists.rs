@@ -145,6 +145,7 @@ pub async fn get(
     params(("list" = ListName, Path),
            ("If-Match" = Option<String>, Header, description = "The version the change was made from")),
     responses((status = 201, body = ListEntryBody), (status = 400, body = sluice_protocol::admin::ErrorBody),
+              (status = 404, description = "There is no such list", body = sluice_protocol::admin::ErrorBody),
               (status = 409, body = sluice_protocol::admin::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn add(

@@ -87,6 +87,7 @@ pub fn app(state: AdminState) -> Router {
     let prefix = sluice_protocol::admin::ADMIN_PREFIX;
     let api = Router::new()
         .route("/version", get(config::version))
+        .route("/build", get(system::build))
         .route(
             "/config",
             get(config::export)

@@ -2,10 +2,11 @@
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use sluice_protocol::admin::{
-    AuditBody, EnforcementBody, EnforcementStatus, Operations, StateBody, SystemState, WhoAmIBody,
+    AuditBody, BuildBody, EnforcementBody, EnforcementStatus, Operations, StateBody, SystemState,
+    WhoAmIBody,
 };
 
 use super::auth::{Admin, Reader};
@@ -182,6 +183,7 @@ pub async fn set_enforcement(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// Most entries, newest first (default 100, at most 1000).
@@ -205,6 +207,20 @@ pub async fn audit(
         .map_err(|e| ApiError::store_unavailable(&e))?;
     let version = state.config.snapshot().version;
     Ok(versioned(StatusCode::OK, version, &AuditBody { entries }))
+}
+
+/// Which build of the controller answers: the software's release and commit, for the
+/// upgrade order in UPGRADING.md (the configuration's version is `GET /v1/admin/version`).
+#[utoipa::path(get, path = "/v1/admin/build", tag = "audit", operation_id = "getBuild",
+    summary = "The controller's software version and commit",
+    responses((status = 200, body = BuildBody), (status = 401, body = sluice_protocol::admin::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn build(_: Reader) -> Response {
+    let body = BuildBody {
+        version: crate::build::VERSION.to_owned(),
+        commit: crate::build::COMMIT.to_owned(),
+    };
+    (StatusCode::OK, axum::Json(body)).into_response()
 }
 
 #[utoipa::path(get, path = "/v1/admin/whoami", tag = "audit",

@@ -207,6 +207,11 @@ pub fn etag(version: u64) -> String {
 /// caches and leases are keyed by. The filter asks with the tag it holds (`If-None-Match`):
 /// unchanged, it gets `304`.
 async fn filter_view(State(state): State<CheckState>, headers: HeaderMap) -> Response {
+    state.metrics.filter_config_read(
+        headers
+            .get(header::USER_AGENT)
+            .and_then(|agent| agent.to_str().ok()),
+    );
     let snapshot = state.limiter.config().snapshot();
     let blocks = state.guard.blocks();
     let tag = view_tag(snapshot.version, blocks.tag);

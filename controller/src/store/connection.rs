@@ -296,15 +296,9 @@ impl SentinelConnection {
         Ok(master)
     }
 
-    /// Forgets `master` if it is still the current one and `error` says it may no longer
-    /// be the master.
-    fn after(&self, master: &Arc<Master>, error: &RedisError) {
-        let failover = error.is_io_error()
-            || error.is_connection_refusal()
-            || error.is_connection_dropped()
-            || error.is_timeout()
-            || error.kind() == redis::ErrorKind::Server(ServerErrorKind::ReadOnly)
-            || error.kind() == redis::ErrorKind::Server(ServerErrorKind::MasterDown);
+    /// Forgets `master` if it is still the current one and its answer says it may no
+    /// longer be the master ([`fails_over`], [`replies_fail_over`]).
+    fn after(&self, master: &Arc<Master>, failover: bool) {
         if failover {
             let current = self.inner.master.load();
             if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, master)) {
@@ -312,6 +306,33 @@ impl SentinelConnection {
             }
         }
     }
+}
+
+/// Whether an error is one a failover explains: refused, dropped, timed out, or a reply
+/// `READONLY` (the old master came back as a replica) or `MASTERDOWN` (a replica whose
+/// master is gone).
+fn fails_over(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_refusal()
+        || error.is_connection_dropped()
+        || error.is_timeout()
+        || error.kind() == redis::ErrorKind::Server(ServerErrorKind::ReadOnly)
+        || error.kind() == redis::ErrorKind::Server(ServerErrorKind::MasterDown)
+}
+
+/// Whether replies carry a `READONLY` or `MASTERDOWN` error. The `redis` crate hands a
+/// server's error reply back as a value (`Value::ServerError`), not as an `Err`: the
+/// caller's `query_async` makes it one, after the connection has answered.
+fn replies_fail_over<'a>(replies: impl IntoIterator<Item = &'a Value>) -> bool {
+    replies.into_iter().any(|reply| match reply {
+        Value::ServerError(error) => matches!(
+            error.kind(),
+            Some(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
+        ),
+        // A transaction's replies, one level down.
+        Value::Array(replies) => replies_fail_over(replies),
+        _ => false,
+    })
 }
 
 impl ConnectionLike for RedisConnection {
@@ -324,9 +345,11 @@ impl ConnectionLike for RedisConnection {
             RedisConnection::Sentinel(sentinel) => Box::pin(async move {
                 let master = sentinel.master().await?;
                 let answer = master.connection.clone().req_packed_command(cmd).await;
-                if let Err(error) = &answer {
-                    sentinel.after(&master, error);
-                }
+                let failover = match &answer {
+                    Ok(reply) => replies_fail_over([reply]),
+                    Err(error) => fails_over(error),
+                };
+                sentinel.after(&master, failover);
                 answer
             }),
         }
@@ -356,9 +379,11 @@ impl ConnectionLike for RedisConnection {
                     .clone()
                     .req_packed_commands(pipeline, offset, count)
                     .await;
-                if let Err(error) = &answer {
-                    sentinel.after(&master, error);
-                }
+                let failover = match &answer {
+                    Ok(replies) => replies_fail_over(replies),
+                    Err(error) => fails_over(error),
+                };
+                sentinel.after(&master, failover);
                 answer
             }),
         }
@@ -401,6 +426,23 @@ e5 127.0.0.1:7005@17005 master - 0 0 0 connected
                 ("127.0.0.1".to_owned(), 7002)
             ]
         );
+    }
+
+    #[test]
+    fn readonly_and_masterdown_replies_fail_over_and_other_replies_do_not() {
+        let reply = |bytes: &[u8]| redis::parse_redis_value(bytes).expect("a reply");
+        let readonly = reply(b"-READONLY You can't write against a read only replica.\r\n");
+        let masterdown = reply(b"-MASTERDOWN Link with MASTER is down\r\n");
+        let other = reply(b"-ERR wrong number of arguments\r\n");
+        let fine = reply(b":1\r\n");
+        assert!(replies_fail_over([&readonly]));
+        assert!(replies_fail_over([&fine, &masterdown]));
+        assert!(replies_fail_over([&Value::Array(vec![
+            fine.clone(),
+            readonly
+        ])]));
+        assert!(!replies_fail_over([&other, &fine]));
+        assert!(!replies_fail_over([]));
     }
 
     #[test]
