@@ -138,6 +138,16 @@ async fn the_scrape_parses_with_conventional_names_and_counters_only_grow() {
                 }
             }
             "gauge" => {}
+            // OpenMetrics' info: one sample, `{name}_info{labels} 1` (sluice_build_info).
+            "info" => assert!(
+                first
+                    .samples
+                    .iter()
+                    .any(|s| s.metric == format!("{name}_info")
+                        && matches!(s.value, prometheus_parse::Value::Untyped(v)
+                            | prometheus_parse::Value::Gauge(v) if v == 1.0)),
+                "{name}: an info family has one `_info` sample of 1"
+            ),
             other => panic!("{name}: unexpected type {other}"),
         }
         if name.contains("duration") {
