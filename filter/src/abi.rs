@@ -9,8 +9,13 @@
 //!   enum in an `extern` signature would be undefined behaviour on a code it lacks;
 //! - flags from Envoy arrive as integers, never as `bool`, for the same reason;
 //! - nothing Envoy hands over is assumed to be UTF-8;
-//! - only the callbacks the filter uses are exported: Envoy skips the others, which spares
-//!   a call into the VM per body chunk.
+//! - every callback a host may call is exported, also those the filter has nothing to do
+//!   in: ngx_wasm_module calls the body, trailer, `on_done` and foreign-function callbacks
+//!   without checking that they exist (a missing one kills the nginx worker). They return
+//!   at once (a body callback runs per body chunk in Envoy);
+//! - nothing is imported whose signature hosts disagree on: `proxy_get_log_level` is
+//!   `(i32)->i32` in Envoy and `(i32,i32)->i32` (a stub that traps) in ngx_wasm_module, so
+//!   the log level comes from the plugin configuration instead.
 
 #![allow(unsafe_code)]
 
@@ -20,12 +25,12 @@ use std::ptr::null_mut;
 use std::rc::Rc;
 
 use crate::dispatch::{Dispatcher, Event};
+use crate::flavour::Portable;
 use crate::host::{property_path, BufferType, HeaderMap, Host, LogLevel, MapType, Status};
 
 #[link(wasm_import_module = "env")]
 extern "C" {
     fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
-    fn proxy_get_log_level(return_level: *mut u32) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     fn proxy_get_buffer_bytes(
@@ -141,7 +146,7 @@ fn returned_buffer(
     }
 }
 
-/// The host inside Envoy.
+/// The host the module runs in (Envoy, or another proxy-wasm host: `flavour.rs` adapts).
 pub struct EnvoyHost;
 
 const STREAM_REQUEST: u32 = 0;
@@ -151,13 +156,6 @@ impl Host for EnvoyHost {
     fn log(&self, level: LogLevel, message: &str) {
         // SAFETY: a pointer and length of a live string.
         let _ = unsafe { proxy_log(level as u32, message.as_ptr(), message.len()) };
-    }
-
-    fn log_level(&self) -> LogLevel {
-        let mut level: u32 = LogLevel::Info as u32;
-        // SAFETY: a pointer to a live u32.
-        let code = unsafe { proxy_get_log_level(&mut level) };
-        Status::check(code).map_or(LogLevel::Info, |()| LogLevel::from_code(level))
     }
 
     fn now_ms(&self) -> u64 {
@@ -275,18 +273,19 @@ impl Host for EnvoyHost {
         Ok(token)
     }
 
-    fn shared_data(&self, key: &str) -> Result<Option<Vec<u8>>, Status> {
+    fn shared_data_with_cas(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, Status> {
         let mut cas: u32 = 0;
-        returned_buffer(|data, size| {
+        let value = returned_buffer(|data, size| {
             // SAFETY: a live string and out-pointers to live locals.
             unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), data, size, &mut cas) }
-        })
+        })?;
+        Ok(value.map(|value| (value, cas)))
     }
 
-    fn set_shared_data(&self, key: &str, value: &[u8]) -> Result<(), Status> {
-        // SAFETY: pointers and lengths of live buffers; cas 0 writes unconditionally.
+    fn set_shared_data_if(&self, key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
+        // SAFETY: pointers and lengths of live buffers.
         Status::check(unsafe {
-            proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), 0)
+            proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas)
         })
     }
 
@@ -309,7 +308,7 @@ impl Host for EnvoyHost {
         })
     }
 
-    fn set_tick_period_ms(&self, period_ms: u32) -> Result<(), Status> {
+    fn set_tick_period_ms(&self, _root_context_id: u32, period_ms: u32) -> Result<(), Status> {
         // SAFETY: no pointers.
         Status::check(unsafe { proxy_set_tick_period_milliseconds(period_ms) })
     }
@@ -330,7 +329,8 @@ impl Host for EnvoyHost {
 }
 
 thread_local! {
-    static DISPATCHER: RefCell<Dispatcher> = RefCell::new(Dispatcher::new(Rc::new(EnvoyHost)));
+    static DISPATCHER: RefCell<Dispatcher> =
+        RefCell::new(Dispatcher::new(Rc::new(Portable::new(EnvoyHost))));
     /// Events that arrived while the dispatcher was busy (Envoy calling back into the VM
     /// from inside a host call): carried out when the outer callback returns.
     static DEFERRED: RefCell<VecDeque<Event>> = const { RefCell::new(VecDeque::new()) };
@@ -480,3 +480,35 @@ pub extern "C" fn proxy_on_log(context_id: u32) {
 pub extern "C" fn proxy_on_delete(context_id: u32) {
     handle(Event::Delete { context_id });
 }
+
+// Callbacks the filter has nothing to do in, exported because a host may call them
+// unchecked (see the module's notes). Each answers at once: Continue, or "done".
+
+#[no_mangle]
+pub extern "C" fn proxy_on_request_body(_context_id: u32, _body_size: usize, _end: u32) -> u32 {
+    0
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_response_body(_context_id: u32, _body_size: usize, _end: u32) -> u32 {
+    0
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_request_trailers(_context_id: u32, _num_trailers: usize) -> u32 {
+    0
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_response_trailers(_context_id: u32, _num_trailers: usize) -> u32 {
+    0
+}
+
+/// 1: the context is done now (with 0 Envoy would hold it until `proxy_done`).
+#[no_mangle]
+pub extern "C" fn proxy_on_done(_context_id: u32) -> u32 {
+    1
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_foreign_function(_context_id: u32, _function_id: u32, _size: usize) {}

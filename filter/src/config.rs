@@ -15,6 +15,7 @@ use sluice_protocol::headers::HeaderStyle;
 
 use crate::client::{IpPolicy, ProxyTrust};
 use crate::grpc;
+use crate::host::{Flavour, LogLevel};
 use crate::identity::{IdentityConfig, JwtMetadata, JwtSettings, OnInvalidToken, Source};
 use crate::jwt::{Expectations, JwtVerifier, VerifyingKey};
 use crate::lists::List;
@@ -57,6 +58,33 @@ struct RawConfig {
     grpc_status: RawGrpcStatus,
     #[serde(default)]
     test_only_abort_header: Option<String>,
+    /// The proxy-wasm host: `envoy` or `ngx`; absent, the filter finds out at start.
+    #[serde(default)]
+    host: Option<Flavour>,
+    #[serde(default)]
+    log_level: RawLogLevel,
+}
+
+/// The lowest level of the lines the filter sends to the host's log.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawLogLevel {
+    Debug,
+    #[default]
+    Info,
+    Warn,
+    Error,
+}
+
+impl From<RawLogLevel> for LogLevel {
+    fn from(level: RawLogLevel) -> Self {
+        match level {
+            RawLogLevel::Debug => LogLevel::Debug,
+            RawLogLevel::Info => LogLevel::Info,
+            RawLogLevel::Warn => LogLevel::Warn,
+            RawLogLevel::Error => LogLevel::Error,
+        }
+    }
 }
 
 /// The gRPC status of each kind of local reply, by name or number (see [`crate::grpc`]).
@@ -431,6 +459,10 @@ pub struct FilterConfig {
     /// Tests only: a request carrying this header aborts the VM, so that tests can show
     /// what Envoy's `failure_policy` does with a VM that failed. Never set it in production.
     pub test_only_abort_header: Option<String>,
+    /// The host named by the configuration; `None`: probed at start (`flavour::probe`).
+    pub host: Option<Flavour>,
+    /// Lines below this level are neither formatted nor sent to the host.
+    pub log_level: LogLevel,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -561,6 +593,8 @@ impl FilterConfig {
             test_only_abort_header: raw
                 .test_only_abort_header
                 .map(|name| name.to_ascii_lowercase()),
+            host: raw.host,
+            log_level: raw.log_level.into(),
         })
     }
 }
@@ -833,6 +867,29 @@ mod tests {
         assert!(config.batching);
         assert_eq!(config.max_batch_size, 128);
         assert_eq!(config.max_batches_in_flight, 4);
+        assert_eq!(config.host, None, "probed at start");
+        assert_eq!(config.log_level, LogLevel::Info);
+    }
+
+    #[test]
+    fn host_and_log_level_are_taken_by_name() {
+        let config = FilterConfig::parse(
+            br#"{"controller":{"cluster":"127.0.0.1:8081"},"host":"ngx","log_level":"debug"}"#,
+        )
+        .unwrap();
+        assert_eq!(config.host, Some(Flavour::Ngx));
+        assert_eq!(config.log_level, LogLevel::Debug);
+        assert_eq!(config.controller_authority, "127.0.0.1:8081");
+        let envoy = FilterConfig::parse(br#"{"controller":{"cluster":"c"},"host":"envoy"}"#);
+        assert_eq!(envoy.unwrap().host, Some(Flavour::Envoy));
+        for (bad, field) in [
+            (r#""host":"kong""#, "host"),
+            (r#""log_level":"verbose""#, "log_level"),
+        ] {
+            let json = format!(r#"{{"controller":{{"cluster":"c"}},{bad}}}"#);
+            let error = FilterConfig::parse(json.as_bytes()).unwrap_err();
+            assert_eq!(error.field, field, "{error}");
+        }
     }
 
     #[test]

@@ -69,19 +69,6 @@ pub enum LogLevel {
     Critical = 5,
 }
 
-impl LogLevel {
-    pub fn from_code(code: u32) -> LogLevel {
-        match code {
-            0 => LogLevel::Trace,
-            1 => LogLevel::Debug,
-            2 => LogLevel::Info,
-            3 => LogLevel::Warn,
-            4 => LogLevel::Error,
-            _ => LogLevel::Critical,
-        }
-    }
-}
-
 /// What a stream callback tells Envoy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -104,12 +91,34 @@ pub enum BufferType {
     PluginConfiguration = 7,
 }
 
-/// Everything the filter asks of Envoy.
+/// Which proxy-wasm host the filter runs in: where hosts differ, the filter does what the
+/// one it runs in needs (see `flavour.rs`). Decided once, at `on_configure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavour {
+    #[default]
+    Envoy,
+    /// Kong's ngx_wasm_module (nginx, Kong Gateway 3.4+).
+    Ngx,
+}
+
+/// Everything the filter asks of Envoy (or another proxy-wasm host).
 pub trait Host {
     /// Best effort: there is nobody to tell when the host refuses a log line.
     fn log(&self, level: LogLevel, message: &str);
-    /// The lowest level Envoy logs now (so that lines below it are not even formatted).
-    fn log_level(&self) -> LogLevel;
+    /// The lowest level the filter sends to the host's log (the plugin configuration's
+    /// `log_level`: the host still filters by its own level). Not asked of the host: hosts
+    /// disagree on `proxy_get_log_level`'s signature, so the filter does not import it.
+    fn log_level(&self) -> LogLevel {
+        LogLevel::Info
+    }
+    /// The host the filter runs in (Envoy until configured otherwise).
+    fn flavour(&self) -> Flavour {
+        Flavour::Envoy
+    }
+    /// Takes the host's flavour and the log level from the plugin configuration, once, at
+    /// `on_configure`. Only the portable layer (`flavour::Portable`) keeps them.
+    fn adopt(&self, _flavour: Flavour, _log_level: LogLevel) {}
     /// Milliseconds since the epoch by Envoy's clock; 0 if Envoy will not say.
     fn now_ms(&self) -> u64;
     fn buffer(&self, buffer: BufferType, max_size: usize) -> Result<Option<Vec<u8>>, Status>;
@@ -140,12 +149,24 @@ pub trait Host {
         body: &[u8],
         timeout_ms: u32,
     ) -> Result<u32, Status>;
-    fn shared_data(&self, key: &str) -> Result<Option<Vec<u8>>, Status>;
-    fn set_shared_data(&self, key: &str, value: &[u8]) -> Result<(), Status>;
+    /// A shared-data value and its CAS; `None` when the key is absent.
+    fn shared_data_with_cas(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, Status>;
+    /// Writes `value` if the key's CAS is still `cas`. What `cas` 0 means differs: Envoy
+    /// writes unconditionally, ngx_wasm_module only if the key is absent.
+    fn set_shared_data_if(&self, key: &str, value: &[u8], cas: u32) -> Result<(), Status>;
+    fn shared_data(&self, key: &str) -> Result<Option<Vec<u8>>, Status> {
+        Ok(self.shared_data_with_cas(key)?.map(|(value, _)| value))
+    }
+    /// Writes `value` whatever the key holds (last writer wins).
+    fn set_shared_data(&self, key: &str, value: &[u8]) -> Result<(), Status> {
+        self.set_shared_data_if(key, value, 0)
+    }
     fn register_shared_queue(&self, name: &str) -> Result<u32, Status>;
     fn enqueue_shared_queue(&self, queue_id: u32, value: &[u8]) -> Result<(), Status>;
     fn dequeue_shared_queue(&self, queue_id: u32) -> Result<Option<Vec<u8>>, Status>;
-    fn set_tick_period_ms(&self, period_ms: u32) -> Result<(), Status>;
+    /// Sets the tick period of the current context, the root `root_context_id` (named for
+    /// the portable layer's bookkeeping; the ABI call acts on the current context).
+    fn set_tick_period_ms(&self, root_context_id: u32, period_ms: u32) -> Result<(), Status>;
     fn define_counter(&self, name: &str) -> Result<u32, Status>;
     fn increment_metric(&self, metric_id: u32, by: i64) -> Result<(), Status>;
 }
@@ -166,8 +187,9 @@ fn le_u32(bytes: &[u8], at: usize) -> Option<usize> {
 }
 
 impl HeaderMap {
-    /// Reads Envoy's serialisation; `None` if the bytes do not hold a whole map.
-    pub fn parse(bytes: Vec<u8>) -> Option<HeaderMap> {
+    /// Reads Envoy's serialisation; `None` if the bytes do not hold a whole map. Names are
+    /// made lower-case (Envoy's already are; ngx_wasm_module keeps the client's case).
+    pub fn parse(mut bytes: Vec<u8>) -> Option<HeaderMap> {
         if bytes.is_empty() {
             return Some(HeaderMap::default());
         }
@@ -188,6 +210,9 @@ impl HeaderMap {
             let value = value_start..value_start.checked_add(value_len)?;
             if value.end >= bytes.len() {
                 return None;
+            }
+            if let Some(name) = bytes.get_mut(name.clone()) {
+                name.make_ascii_lowercase();
             }
             data = value.end + 1;
             entries.push((name, value));

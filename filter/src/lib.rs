@@ -13,6 +13,7 @@ pub mod config;
 pub mod decision;
 pub mod denial;
 pub mod dispatch;
+pub mod flavour;
 pub mod grpc;
 pub mod host;
 pub mod identity;

@@ -21,7 +21,8 @@ use crate::batch::{self, Batcher, Completed, Member, Slot};
 use crate::config::{FailureMode, FilterConfig};
 use crate::decision::{self, Counted, Failure, Verdict};
 use crate::denial;
-use crate::host::{BufferType, Host, LogLevel, MapType};
+use crate::flavour;
+use crate::host::{BufferType, Flavour, Host, LogLevel, MapType};
 use crate::lease::Leases;
 use crate::lists::List;
 use crate::report::Tally;
@@ -143,9 +144,9 @@ pub struct Worker {
     /// Callouts requests made of their own (batching off), by token: Envoy delivers every
     /// reply to the root context, which hands these on.
     stream_calls: RefCell<HashMap<u32, u32>>,
-    /// Whether Envoy logs at debug now (read on each tick): debug lines are formatted only
-    /// then.
-    debug: Cell<bool>,
+    /// Concurrency leases to give back from the next tick (ngx_wasm_module: a callout from
+    /// `on_log` traps there).
+    pending_releases: RefCell<Vec<String>>,
     /// Checks counted for the log sample (see [`Worker::sampled_for_log`]).
     checks_seen: Cell<u64>,
     /// Quota leased to this worker (leased rules only).
@@ -174,9 +175,9 @@ impl Worker {
         sluice_protocol::sampled(seen, share)
     }
 
-    /// Logs `message()` at debug, if Envoy logs debug lines at the moment.
+    /// Logs `message()` at debug, if the configuration's `log_level` asks for debug lines.
     pub fn debug(&self, host: &dyn Host, message: impl FnOnce() -> String) {
-        if self.debug.get() {
+        if host.log_level() <= LogLevel::Debug {
             host.log(LogLevel::Debug, &message());
         }
     }
@@ -479,6 +480,15 @@ impl Worker {
         self.stream_calls.borrow_mut().remove(&token)
     }
 
+    /// Gives back the concurrency leases of a request that ended (from its `on_log`): at
+    /// once in Envoy; from the root's next tick where a callout from `on_log` traps.
+    pub fn release_at_end(&self, host: &dyn Host, leases: Vec<String>) {
+        match host.flavour() {
+            Flavour::Envoy => self.release(host, leases),
+            Flavour::Ngx => self.pending_releases.borrow_mut().extend(leases),
+        }
+    }
+
     pub fn release(&self, host: &dyn Host, leases: Vec<String>) {
         if leases.is_empty() {
             return;
@@ -678,13 +688,28 @@ impl Root {
                 return false;
             }
         };
-        let config = match FilterConfig::parse(&bytes) {
+        let mut config = match FilterConfig::parse(&bytes) {
             Ok(config) => config,
             Err(error) => {
                 log(host, LogLevel::Error, &error.to_string());
                 return false;
             }
         };
+        // Named, or found out without a call that could trap (`flavour::probe`).
+        let flavour = config.host.unwrap_or_else(|| flavour::probe(host));
+        host.adopt(flavour, config.log_level);
+        if flavour == Flavour::Ngx && config.batching {
+            // Its shared queues must be declared in nginx's configuration (ours have names
+            // unique per VM) and never call `on_queue_ready`; nor can the root resume a
+            // request there. One callout per request works.
+            log(
+                host,
+                LogLevel::Info,
+                "batching is off: ngx_wasm_module cannot wake a root context from a request; \
+                 each request makes its own callout",
+            );
+            config.batching = false;
+        }
         let wake_queue = if config.batching {
             // One queue per worker VM: a queue wakes the root that registered it, so the
             // name must differ between VMs. Workers start at the same moment and may read
@@ -714,8 +739,12 @@ impl Root {
             host,
             LogLevel::Info,
             &format!(
-                "sluice filter {FILTER_VERSION} configured (controller {})",
-                config.controller_authority
+                "sluice filter {FILTER_VERSION} configured (controller {}, host {})",
+                config.controller_authority,
+                match flavour {
+                    Flavour::Envoy => "envoy",
+                    Flavour::Ngx => "ngx",
+                }
             ),
         );
         self.worker = Some(Rc::new(Worker {
@@ -726,7 +755,7 @@ impl Root {
             view: RefCell::new(ControllerView::default()),
             tally: RefCell::new(Tally::default()),
             stream_calls: RefCell::new(HashMap::new()),
-            debug: Cell::new(host.log_level() <= LogLevel::Debug),
+            pending_releases: RefCell::new(Vec::new()),
             checks_seen: Cell::new(0),
             leases: RefCell::new(Leases::default()),
             leased_uncounted: Cell::new(0),
@@ -734,7 +763,7 @@ impl Root {
             // Random per VM, as the queue's name: unique among every worker of every Envoy.
             lease_holder: format!("{:016x}{:016x}", random_u64(), random_u64()),
         }));
-        let _ = host.set_tick_period_ms(WATCHDOG_TICK_MS);
+        let _ = host.set_tick_period_ms(self.context_id, WATCHDOG_TICK_MS);
         true
     }
 
@@ -750,7 +779,8 @@ impl Root {
         let Some(worker) = self.worker.clone() else {
             return;
         };
-        worker.debug.set(host.log_level() <= LogLevel::Debug);
+        let releases = std::mem::take(&mut *worker.pending_releases.borrow_mut());
+        worker.release(host, releases);
         self.read_config_when_due(host, &worker);
         self.report_when_due(host, &worker);
         worker.leases.borrow_mut().sweep(host.now_ms());
@@ -961,7 +991,7 @@ impl Root {
             worker.release(host, orphaned_leases);
         }
         if !self.delayed.is_empty() {
-            let _ = host.set_tick_period_ms(DELAY_TICK_MS);
+            let _ = host.set_tick_period_ms(self.context_id, DELAY_TICK_MS);
         }
     }
 
@@ -1031,7 +1061,7 @@ impl Root {
             false
         });
         if self.delayed.is_empty() {
-            let _ = host.set_tick_period_ms(WATCHDOG_TICK_MS);
+            let _ = host.set_tick_period_ms(self.context_id, WATCHDOG_TICK_MS);
         }
     }
 }

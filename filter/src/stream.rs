@@ -27,7 +27,7 @@ use crate::config::FailureMode;
 use crate::decision::{self, Failure, ReplyKind, Verdict};
 use crate::denial;
 use crate::grpc;
-use crate::host::{Action, HeaderMap, Host, LogLevel, MapType};
+use crate::host::{Action, Flavour, HeaderMap, Host, LogLevel, MapType};
 use crate::identity::{self, Facts, Identity, Known};
 use crate::jwt::Claims;
 use crate::lists::{self, Listing};
@@ -361,9 +361,17 @@ impl Stream {
             Some(name) => decision::cost_from_header(headers.get_utf8(name).as_deref()),
             None => 1,
         };
+        // ngx_wasm_module's `:authority` is its own server name and port: the client's is
+        // in `host` there.
+        let authority = match host.flavour() {
+            Flavour::Envoy => headers.get_lossy(":authority"),
+            Flavour::Ngx => headers
+                .get_lossy("host")
+                .or_else(|| headers.get_lossy(":authority")),
+        };
         let mut check = decision::check_for(
             &identity,
-            &headers.get_lossy(":authority").unwrap_or_default(),
+            &authority.unwrap_or_default(),
             &headers.get_lossy(":method").unwrap_or_default(),
             path,
             cost,
@@ -671,7 +679,7 @@ impl Stream {
             }
             State::Admitted { leases, .. } => {
                 let leases = std::mem::take(leases);
-                self.worker.release(host, leases);
+                self.worker.release_at_end(host, leases);
             }
             _ => {}
         }

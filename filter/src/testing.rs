@@ -2,13 +2,22 @@
 //! sets (any bytes, any status), and [`MockEnvoy`] drives the [`Dispatcher`] through the
 //! callbacks in the order Envoy makes them. It is what lets the request path, not only its
 //! parts, be tested and fuzzed without Envoy.
+//!
+//! The mock behaves as Envoy does, or, with [`MockState::profile`] set to
+//! [`Flavour::Ngx`], as Kong's ngx_wasm_module does where the two differ: a second tick
+//! period, a shared queue, a callout from `on_log` or from the response headers, and
+//! `proxy_continue_stream` from the root context trap (recorded in [`MockState::traps`]);
+//! `set_effective_context` is a no-op; CAS 0 does not overwrite; `on_queue_ready` never
+//! comes; a callout's reply runs in the context that made it; callout targets are
+//! `host:port`.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 
 use crate::dispatch::{Dispatcher, Event};
-use crate::host::{Action, BufferType, HeaderMap, Host, LogLevel, MapType, Status};
+use crate::flavour::Portable;
+use crate::host::{Action, BufferType, Flavour, HeaderMap, Host, LogLevel, MapType, Status};
 
 /// A callout the filter made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +25,8 @@ pub struct Call {
     pub token: u32,
     /// The context the reply goes to: the root, whichever context made the call.
     pub owner: u32,
+    /// The context that was current when the call was made.
+    pub caller: u32,
     pub cluster: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
@@ -52,6 +63,18 @@ pub enum HostCall {
 
 #[derive(Debug, Default)]
 pub struct MockState {
+    /// Which host the mock behaves as.
+    pub profile: Flavour,
+    /// Host calls that would have trapped in the profile's host (killing the VM, or the
+    /// nginx worker): a test of a profile expects none.
+    pub traps: Vec<String>,
+    /// Whether the current callback is one in which ngx_wasm_module refuses a callout
+    /// (`on_log`, the response headers).
+    pub in_log_or_response: bool,
+    /// Every tick period the host was given, in order.
+    pub tick_periods: Vec<u32>,
+    /// The contexts that set a non-zero tick period.
+    pub ticking: Vec<u32>,
     pub now_ms: u64,
     pub plugin_configuration: Vec<u8>,
     /// The worker's root context: every callout belongs to it, as in Envoy.
@@ -72,6 +95,9 @@ pub struct MockState {
     /// The response being delivered: serialised headers and body.
     pub call_response: (Vec<u8>, Vec<u8>),
     pub shared_data: HashMap<String, Vec<u8>>,
+    /// Each shared-data key's CAS (a key written by a test directly has none: 0).
+    pub shared_cas: HashMap<String, u32>,
+    next_cas: u32,
     /// Registered queues: name, owning root, items.
     pub queues: Vec<(String, u32, VecDeque<Vec<u8>>)>,
     pub tick_period_ms: u32,
@@ -96,6 +122,16 @@ impl MockHost {
 
     fn effective(&self) -> u32 {
         self.state.borrow().effective
+    }
+
+    fn ngx(&self) -> bool {
+        self.state.borrow().profile == Flavour::Ngx
+    }
+
+    /// Notes a call that would trap, and answers what the filter would see if it did not.
+    fn trap(&self, why: &str) -> Status {
+        self.state.borrow_mut().traps.push(why.to_owned());
+        Status::InternalFailure
     }
 
     /// The value of counter `name` (`sluice_checks`), 0 if never counted.
@@ -123,10 +159,6 @@ impl Host for MockHost {
             .borrow_mut()
             .logs
             .push((level, message.to_owned()));
-    }
-
-    fn log_level(&self) -> LogLevel {
-        LogLevel::Trace
     }
 
     fn now_ms(&self) -> u64 {
@@ -222,6 +254,9 @@ impl Host for MockHost {
     fn resume_request(&self) -> Result<(), Status> {
         self.fails(HostCall::Resume)?;
         let effective = self.effective();
+        if self.ngx() && effective == self.state.borrow().root {
+            return Err(self.trap("proxy_continue_stream from the root context"));
+        }
         let mut state = self.state.borrow_mut();
         if !state.live.contains(&effective) {
             return Err(Status::BadArgument);
@@ -232,6 +267,10 @@ impl Host for MockHost {
 
     fn set_effective_context(&self, context_id: u32) -> Result<(), Status> {
         self.fails(HostCall::SetEffectiveContext)?;
+        if self.ngx() {
+            // A no-op that answers Ok, whatever the id.
+            return Ok(());
+        }
         let mut state = self.state.borrow_mut();
         if !state.live.contains(&context_id) {
             return Err(Status::BadArgument);
@@ -248,13 +287,27 @@ impl Host for MockHost {
         timeout_ms: u32,
     ) -> Result<u32, Status> {
         self.fails(HostCall::HttpCall)?;
+        if self.ngx() {
+            if self.state.borrow().in_log_or_response {
+                return Err(self.trap("proxy_dispatch_http_call from on_log or response headers"));
+            }
+            // No clusters: the upstream is `host:port`.
+            let port = cluster
+                .rsplit_once(':')
+                .map(|(_, port)| port.parse::<u16>());
+            if !matches!(port, Some(Ok(_))) {
+                return Err(Status::BadArgument);
+            }
+        }
         let mut state = self.state.borrow_mut();
         state.next_token += 1;
         let token = state.next_token;
         let owner = state.root;
+        let caller = state.effective;
         state.calls.push(Call {
             token,
             owner,
+            caller,
             cluster: cluster.to_owned(),
             headers: owned_pairs(headers),
             body: body.to_vec(),
@@ -263,21 +316,42 @@ impl Host for MockHost {
         Ok(token)
     }
 
-    fn shared_data(&self, key: &str) -> Result<Option<Vec<u8>>, Status> {
+    fn shared_data_with_cas(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, Status> {
         self.fails(HostCall::SharedData)?;
-        Ok(self.state.borrow().shared_data.get(key).cloned())
+        let state = self.state.borrow();
+        let cas = state.shared_cas.get(key).copied().unwrap_or(0);
+        Ok(state.shared_data.get(key).map(|value| (value.clone(), cas)))
     }
 
-    fn set_shared_data(&self, key: &str, value: &[u8]) -> Result<(), Status> {
+    fn set_shared_data_if(&self, key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
         self.fails(HostCall::SetSharedData)?;
-        self.state
-            .borrow_mut()
+        let ngx = self.ngx();
+        let mut state = self.state.borrow_mut();
+        let current = state
             .shared_data
-            .insert(key.to_owned(), value.to_vec());
+            .contains_key(key)
+            .then(|| state.shared_cas.get(key).copied().unwrap_or(0));
+        let takes = match (current, cas) {
+            // Envoy: 0 writes whatever is there; ngx: only where nothing is.
+            (None, 0) => true,
+            (Some(_), 0) => !ngx,
+            (current, cas) => current == Some(cas),
+        };
+        if !takes {
+            return Err(Status::CasMismatch);
+        }
+        state.next_cas += 1;
+        let next = state.next_cas;
+        state.shared_cas.insert(key.to_owned(), next);
+        state.shared_data.insert(key.to_owned(), value.to_vec());
         Ok(())
     }
 
     fn register_shared_queue(&self, name: &str) -> Result<u32, Status> {
+        if self.ngx() {
+            // Only queues nginx's configuration declares (`shm_queue`) may be registered.
+            return Err(self.trap("proxy_register_shared_queue of an undeclared queue"));
+        }
         let mut state = self.state.borrow_mut();
         let owner = state.effective;
         state.queues.push((name.to_owned(), owner, VecDeque::new()));
@@ -300,8 +374,27 @@ impl Host for MockHost {
         Ok(queue.2.pop_front())
     }
 
-    fn set_tick_period_ms(&self, period_ms: u32) -> Result<(), Status> {
-        self.state.borrow_mut().tick_period_ms = period_ms;
+    fn set_tick_period_ms(&self, _root_context_id: u32, period_ms: u32) -> Result<(), Status> {
+        if self.ngx() {
+            let (root, effective, ticking) = {
+                let state = self.state.borrow();
+                let ticking = state.ticking.contains(&state.effective);
+                (state.root, state.effective, ticking)
+            };
+            if effective != root {
+                return Err(self.trap("proxy_set_tick_period_milliseconds outside the root"));
+            }
+            if ticking && period_ms != 0 {
+                return Err(self.trap("a second proxy_set_tick_period_milliseconds"));
+            }
+        }
+        let mut state = self.state.borrow_mut();
+        state.tick_period_ms = period_ms;
+        state.tick_periods.push(period_ms);
+        if period_ms != 0 {
+            let effective = state.effective;
+            state.ticking.push(effective);
+        }
         Ok(())
     }
 
@@ -329,7 +422,8 @@ impl Host for MockHost {
 /// Envoy as the filter sees it: one worker with one root context, requests created and
 /// called back in Envoy's order.
 pub struct MockEnvoy {
-    pub host: Rc<MockHost>,
+    /// The mock, as the filter sees it (through the portable layer).
+    pub host: Rc<Portable<MockHost>>,
     dispatcher: Dispatcher,
     pub root: u32,
     next_context: u32,
@@ -339,7 +433,13 @@ impl MockEnvoy {
     /// A worker whose root was created and configured with `plugin_configuration`; the
     /// flag says whether the filter took the configuration.
     pub fn start(plugin_configuration: &[u8]) -> (MockEnvoy, bool) {
-        let host = Rc::new(MockHost::default());
+        Self::start_as(Flavour::Envoy, plugin_configuration)
+    }
+
+    /// [`MockEnvoy::start`] on a mock that behaves as the host `profile` does.
+    pub fn start_as(profile: Flavour, plugin_configuration: &[u8]) -> (MockEnvoy, bool) {
+        let host = Rc::new(Portable::new(MockHost::default()));
+        host.state.borrow_mut().profile = profile;
         host.state.borrow_mut().plugin_configuration = plugin_configuration.to_vec();
         host.state.borrow_mut().now_ms = 1_800_000_000_000;
         host.state.borrow_mut().root = 1;
@@ -359,9 +459,15 @@ impl MockEnvoy {
         (envoy, configured)
     }
 
+    /// Host calls that would have trapped in the profile's host.
+    pub fn traps(&self) -> Vec<String> {
+        self.host.state.borrow().traps.clone()
+    }
+
     /// Starts a callback for `context_id`: host calls act on it until it says otherwise.
     fn enter(&mut self, context_id: u32) {
         let mut state = self.host.state.borrow_mut();
+        state.in_log_or_response = false;
         state.live.insert(context_id);
         state.current = context_id;
         state.effective = context_id;
@@ -394,6 +500,10 @@ impl MockEnvoy {
 
     /// Runs `on_queue_ready` for every queue with items waiting.
     pub fn run_queues(&mut self) {
+        if self.host.state.borrow().profile == Flavour::Ngx {
+            // ngx_wasm_module never calls `on_queue_ready`.
+            return;
+        }
         let ready: Vec<(u32, u32)> = {
             let state = self.host.state.borrow();
             state
@@ -428,9 +538,20 @@ impl MockEnvoy {
             };
             let call = state.calls.remove(index);
             state.call_response = (headers, body.clone());
-            call.owner
+            call
         };
-        self.enter(owner);
+        // Envoy runs the reply in the root context; ngx_wasm_module names the root but runs
+        // it in the context that made the call (if it is still there).
+        let Call { owner, caller, .. } = owner;
+        let ngx = self.host.state.borrow().profile == Flavour::Ngx;
+        if ngx {
+            if !self.host.state.borrow().live.contains(&caller) {
+                return;
+            }
+            self.enter(caller);
+        } else {
+            self.enter(owner);
+        }
         self.dispatcher.handle(Event::CallResponse {
             context_id: owner,
             token,
@@ -459,6 +580,7 @@ impl MockEnvoy {
     /// own local reply passing through).
     pub fn respond(&mut self, context_id: u32) -> Action {
         self.enter(context_id);
+        self.host.state.borrow_mut().in_log_or_response = true;
         self.dispatcher.stream_event(Event::ResponseHeaders {
             context_id,
             end_of_stream: true,
@@ -468,6 +590,7 @@ impl MockEnvoy {
     /// The request ends (completed, or the client left): `on_log`, then the context goes.
     pub fn finish(&mut self, context_id: u32) {
         self.enter(context_id);
+        self.host.state.borrow_mut().in_log_or_response = true;
         self.dispatcher.handle(Event::Log { context_id });
         self.dispatcher.handle(Event::Delete { context_id });
         self.host.state.borrow_mut().live.remove(&context_id);

@@ -11,7 +11,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use proptest::prelude::*;
-use sluice_filter::host::{Action, HeaderMap, LogLevel, Status};
+use sluice_filter::host::{Action, Flavour, HeaderMap, LogLevel, Status};
 use sluice_filter::testing::{HostCall, MockEnvoy};
 use sluice_protocol::{CheckRequest, CheckResponse, Decision, PolicyStatus, Strategy as Algorithm};
 
@@ -969,6 +969,7 @@ fn a_denylisted_client_gets_its_403_before_its_token_is_looked_at() {
             "api_key_header": "x-api-key",
             "jwt": { "keys": [{ "kid": "rsa-1", "alg": "RS256", "pem": RSA_PUBLIC }] }
         },
+        "log_level": "debug",
     }));
     let view = serde_json::json!({
         "version": 1,
@@ -1020,6 +1021,7 @@ fn a_forged_token_is_checked_once_however_often_it_comes() {
                 { "alg": "HS256", "secret": "s" }
             ] }
         },
+        "log_level": "debug",
     }));
     let (mut envoy, started) = MockEnvoy::start(&jwt);
     assert!(started);
@@ -1388,8 +1390,15 @@ fn configs() -> Vec<Vec<u8>> {
     ]
 }
 
-fn run(config: &[u8], ops: Vec<Op>) {
-    let (mut envoy, configured) = MockEnvoy::start(config);
+fn run(profile: Flavour, config: &[u8], ops: Vec<Op>) {
+    let config = match profile {
+        Flavour::Envoy => config.to_vec(),
+        // ngx_wasm_module has no clusters: its callout target is `host:port`.
+        Flavour::Ngx => String::from_utf8_lossy(config)
+            .replace("\"sluice_controller\"", "\"127.0.0.1:8081\"")
+            .into_bytes(),
+    };
+    let (mut envoy, configured) = MockEnvoy::start_as(profile, &config);
     assert!(configured);
     let mut live: Vec<(u32, Action)> = Vec::new();
     for op in ops {
@@ -1480,6 +1489,11 @@ fn run(config: &[u8], ops: Vec<Op>) {
         envoy.finish(context);
     }
     assert_eq!(envoy.contexts().1, 0, "every stream context was deleted");
+    assert_eq!(
+        envoy.traps(),
+        Vec::<String>::new(),
+        "nothing traps on {profile:?}"
+    );
 }
 
 proptest! {
@@ -1488,10 +1502,13 @@ proptest! {
     #[test]
     fn no_bytes_from_envoy_break_the_request_path(
         config in 0usize..4,
+        ngx in any::<bool>(),
         ops in proptest::collection::vec(op(), 1..40),
     ) {
         let configs = configs();
-        run(&configs[config], ops);
+        // The same runs on a mock that behaves as Kong's ngx_wasm_module where it differs.
+        let profile = if ngx { Flavour::Ngx } else { Flavour::Envoy };
+        run(profile, &configs[config], ops);
     }
 }
 

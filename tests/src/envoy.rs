@@ -22,6 +22,51 @@ pub fn envoy_binary() -> PathBuf {
     )
 }
 
+/// The older Envoys the filter is also tested on (`make older-envoys` installs them):
+/// `SLUICE_OLDER_ENVOYS` (paths separated by `:`), else every `.venv/envoy-<version>`. None
+/// found fails the caller: a version matrix that silently shrinks to one version tests
+/// nothing.
+pub fn older_envoy_binaries() -> Vec<PathBuf> {
+    let listed = std::env::var("SLUICE_OLDER_ENVOYS").ok();
+    let mut found: Vec<PathBuf> = match listed.filter(|list| !list.trim().is_empty()) {
+        Some(list) => list.split(':').map(|path| repo_root().join(path)).collect(),
+        None => std::fs::read_dir(repo_root().join(".venv"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|venv| venv.file_name().to_string_lossy().starts_with("envoy-"))
+            .filter_map(|venv| {
+                std::fs::read_dir(venv.path().join("lib"))
+                    .ok()?
+                    .flatten()
+                    .map(|python| python.path().join("site-packages/envoy/_bin/envoy"))
+                    .find(|candidate| candidate.is_file())
+            })
+            .collect(),
+    };
+    found.sort();
+    assert!(
+        !found.is_empty() && found.iter().all(|path| path.is_file()),
+        "older Envoys not found: {found:?} (set SLUICE_OLDER_ENVOYS or run `make older-envoys`)"
+    );
+    found
+}
+
+/// The version an Envoy binary reports (`1.36.2`), from `envoy --version`.
+pub fn binary_version(binary: &Path) -> String {
+    let output = Command::new(binary)
+        .arg("--version")
+        .output()
+        .expect("run envoy --version");
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.split('/')
+        .find(|part| {
+            part.split('.').count() == 3 && part.chars().all(|c| c.is_ascii_digit() || c == '.')
+        })
+        .unwrap_or_else(|| panic!("no version in {text:?}"))
+        .to_owned()
+}
+
 /// The filter built for Envoy (`make wasm` builds it).
 pub fn wasm_file() -> PathBuf {
     required_file(
@@ -408,27 +453,69 @@ impl Envoy {
     pub fn start_logging(options: &EnvoyOptions, level: &str) -> Envoy {
         let (port, admin_port) = (free_port(), free_port());
         let config = config_yaml(options, port, admin_port);
-        Envoy::launch(&config, port, admin_port, options.concurrency, level)
+        Envoy::launch(
+            &envoy_binary(),
+            &config,
+            port,
+            admin_port,
+            options.concurrency,
+            level,
+        )
+    }
+
+    /// [`Envoy::start`] with another Envoy binary than the project's (an older version).
+    pub fn start_binary(binary: &Path, options: &EnvoyOptions) -> Envoy {
+        let (port, admin_port) = (free_port(), free_port());
+        let config = config_yaml(options, port, admin_port);
+        Envoy::launch(
+            binary,
+            &config,
+            port,
+            admin_port,
+            options.concurrency,
+            "info",
+        )
     }
 
     /// [`Envoy::start`], its callouts to the controllers (and their health checks) over TLS.
     pub fn start_with_controller_tls(options: &EnvoyOptions, tls: &UpstreamTls) -> Envoy {
         let (port, admin_port) = (free_port(), free_port());
         let config = config_yaml_with_tls(options, Some(tls), port, admin_port);
-        Envoy::launch(&config, port, admin_port, options.concurrency, "info")
+        Envoy::launch(
+            &envoy_binary(),
+            &config,
+            port,
+            admin_port,
+            options.concurrency,
+            "info",
+        )
     }
 
     /// Starts Envoy on a ready-made configuration whose listener is `port` and admin
     /// `admin_port`, from the repository root (shipped configs use paths relative to it).
     pub fn start_with_config(config: &str, port: u16, admin_port: u16, concurrency: u32) -> Envoy {
-        Envoy::launch(config, port, admin_port, concurrency, "info")
+        Envoy::launch(
+            &envoy_binary(),
+            config,
+            port,
+            admin_port,
+            concurrency,
+            "info",
+        )
     }
 
-    fn launch(config: &str, port: u16, admin_port: u16, concurrency: u32, level: &str) -> Envoy {
+    fn launch(
+        binary: &Path,
+        config: &str,
+        port: u16,
+        admin_port: u16,
+        concurrency: u32,
+        level: &str,
+    ) -> Envoy {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("envoy.yaml");
         std::fs::write(&config_path, config).expect("write config");
-        let mut command = Command::new(envoy_binary());
+        let mut command = Command::new(binary);
         command
             .arg("-c")
             .arg(&config_path)
@@ -530,9 +617,25 @@ pub fn validate(config: &Path) -> Output {
     )
 }
 
+/// [`validate`] with another Envoy binary than the project's (an older version).
+pub fn validate_with_binary(binary: &Path, config: &Path) -> Output {
+    validate_as(
+        binary,
+        config,
+        &[(
+            crate::controller::CHECK_TOKEN_ENV,
+            crate::controller::CHECK_TOKEN,
+        )],
+    )
+}
+
 /// [`validate`] with exactly the environment variables `env` of the test's own.
 pub fn validate_with_env(config: &Path, env: &[(&str, &str)]) -> Output {
-    Command::new(envoy_binary())
+    validate_as(&envoy_binary(), config, env)
+}
+
+fn validate_as(binary: &Path, config: &Path, env: &[(&str, &str)]) -> Output {
+    Command::new(binary)
         .env_remove(crate::controller::CHECK_TOKEN_ENV)
         .envs(env.iter().copied())
         .arg("--mode")

@@ -399,6 +399,11 @@ fn forged(kid: Option<&str>, subject: &str) -> String {
 
 /// Two RS256 keys (one named, one not) and an HS256 one; behind one trusted proxy (the test
 /// client), so that each request can come from an address of its own.
+/// The filter's own debug lines (its `log_level`), for Envoy to log at debug.
+fn logging_at_debug(plugin: Value) -> Value {
+    with_fields(plugin, json!({ "log_level": "debug" }))
+}
+
 fn jwt_plugin() -> Value {
     with_fields(
         sluice_plugin_config("deny", 2_000),
@@ -442,7 +447,10 @@ fn get_as(envoy: &Envoy, client: &str, token: &str) -> RawResponse {
 fn a_burst_of_one_forged_token_is_checked_once() {
     let controller = Controller::start("", None);
     let upstream = Upstream::start();
-    let envoy = Envoy::start_logging(&options(&jwt_plugin(), controller.port, &upstream), "debug");
+    let envoy = Envoy::start_logging(
+        &options(&logging_at_debug(jwt_plugin()), controller.port, &upstream),
+        "debug",
+    );
     let token = forged(None, "mallory");
     let burst = Arc::new(Barrier::new(30));
     let port = envoy.port;
@@ -493,7 +501,10 @@ fn a_denylisted_clients_tokens_are_never_checked() {
     let lists = "[[denylist]]\nkind = \"ip\"\nvalue = \"203.0.113.66\"\n";
     let controller = Controller::start(lists, None);
     let upstream = Upstream::start();
-    let envoy = Envoy::start_logging(&options(&jwt_plugin(), controller.port, &upstream), "debug");
+    let envoy = Envoy::start_logging(
+        &options(&logging_at_debug(jwt_plugin()), controller.port, &upstream),
+        "debug",
+    );
     envoy.wait_until_vms_read_the_configuration(2);
     let banned = "203.0.113.66";
     let tokens = [

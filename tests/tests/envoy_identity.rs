@@ -272,7 +272,7 @@ fn api_keys_count_as_the_user_and_tier_the_controller_knows() {
     let upstream = Upstream::start();
     let plugin = with(
         sluice_plugin_config("deny", 1_000),
-        json!({ "identity": { "api_key_header": "x-api-key" } }),
+        json!({ "identity": { "api_key_header": "x-api-key" }, "log_level": "debug" }),
     );
     // Logs at debug, where a leak would show first. (Envoy's own debug log prints every
     // request header, the key among them: only the filter's lines are Sluice's.)

