@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use sluice_protocol::config::Reported;
+use sluice_protocol::rule_index::RuleIndex;
 use sluice_protocol::rules::{failure_mode_for, matched_headers};
 use sluice_protocol::FilterView;
 use sluice_protocol::{
@@ -327,7 +328,15 @@ impl Worker {
         if !view.enforce {
             return FailureMode::Allow;
         }
-        failure_mode_for(view.rules.iter(), check, self.config.failure_mode)
+        let candidates = if view.failure_rules.is_empty() {
+            Vec::new()
+        } else {
+            view.failure_index.candidates(check)
+        };
+        let rules = candidates
+            .into_iter()
+            .filter_map(|position| view.failure_rules.get(position as usize));
+        failure_mode_for(rules, check, self.config.failure_mode)
     }
 
     /// The verdicts of requests (by their failure modes) whose callout failed; counted and
@@ -511,6 +520,10 @@ pub struct ControllerView {
     /// `None` until the first read.
     pub version: Option<u64>,
     pub rules: Vec<Rule>,
+    /// The rules that name a failure mode, and their index: every request asks them which
+    /// failure mode is its own, so it must not walk every rule.
+    failure_rules: Vec<Rule>,
+    failure_index: RuleIndex,
     /// The request headers the rules match on, sent with each check.
     pub matched_headers: Vec<String>,
     pub safelist: List,
@@ -546,8 +559,16 @@ impl From<FilterView> for ControllerView {
             .rules
             .iter()
             .any(|rule| rule.leased.is_some() && !rule.shadow);
+        let failure_rules: Vec<Rule> = view
+            .rules
+            .iter()
+            .filter(|rule| rule.failure_mode.is_some())
+            .cloned()
+            .collect();
         ControllerView {
             version: Some(view.version),
+            failure_index: RuleIndex::new(failure_rules.iter().map(|rule| &rule.matcher)),
+            failure_rules,
             matched_headers: matched_headers(&view.rules),
             rules: view.rules,
             safelist: List::from_items(&view.safelist),

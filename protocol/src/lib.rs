@@ -7,6 +7,7 @@ pub mod check;
 pub mod config;
 pub mod duration;
 pub mod headers;
+pub mod rule_index;
 pub mod rules;
 
 pub use check::{

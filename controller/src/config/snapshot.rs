@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use sluice_protocol::admin::{Operations, SystemState};
 use sluice_protocol::config::{ConfigDocument, FilterView, ListEntry, ListItem, Reported};
+use sluice_protocol::rule_index::RuleIndex;
 use sluice_protocol::rules::DEFAULT_TIER;
 use sluice_protocol::{Check, Rule, RuleSet};
 
@@ -29,6 +30,9 @@ pub struct Snapshot {
     pub rules: RuleSet,
     /// The rules as checks apply them now: each in shadow while enforcement is off.
     effective: Vec<Rule>,
+    /// The effective rules by host and path literal: a check is matched against the few
+    /// that could apply to it, however many rules there are.
+    index: RuleIndex,
     /// For each rule (in order), its form for each tier (with the tier's limits of the
     /// current state) when it counts by tier.
     by_tier: Vec<HashMap<String, Rule>>,
@@ -111,6 +115,7 @@ impl Snapshot {
             operations,
             document,
             rules: validated.rules,
+            index: RuleIndex::new(effective.iter().map(|rule| &rule.matcher)),
             effective,
             by_tier,
             api_keys,
@@ -126,6 +131,7 @@ impl Snapshot {
             document: ConfigDocument::default(),
             rules: RuleSet::default(),
             effective: Vec::new(),
+            index: RuleIndex::default(),
             by_tier: Vec::new(),
             api_keys: HashMap::new(),
             filter_view: serde_json::to_vec(&FilterView::default()).unwrap_or_default(),
@@ -136,13 +142,18 @@ impl Snapshot {
     /// Every rule that applies to `check`, in configuration order, each as it counts the
     /// check's client (with the limits of its tier, for a rule that counts by tier).
     pub fn rules_for<'a>(&'a self, check: &'a Check) -> impl Iterator<Item = &'a Rule> + 'a {
-        self.effective
-            .iter()
-            .zip(&self.by_tier)
-            .filter(move |(rule, _)| rule.applies_to(check))
-            .map(move |(rule, by_tier)| {
-                let tier = check.tier.as_deref().unwrap_or(DEFAULT_TIER);
-                by_tier.get(tier).unwrap_or(rule)
+        let tier = check.tier.as_deref().unwrap_or(DEFAULT_TIER);
+        self.index
+            .candidates(check)
+            .into_iter()
+            .filter_map(move |position| {
+                let position = position as usize;
+                let rule = self.effective.get(position)?;
+                if !rule.applies_to(check) {
+                    return None;
+                }
+                let by_tier = self.by_tier.get(position)?;
+                Some(by_tier.get(tier).unwrap_or(rule))
             })
     }
 

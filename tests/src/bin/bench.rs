@@ -166,6 +166,9 @@ fn main() {
     if matches!(part.as_str(), "all" | "filter") {
         report.push_str(&filter_cost_scenario(&settings));
     }
+    if matches!(part.as_str(), "all" | "filter" | "rules") {
+        report.push_str(&rule_matching_native());
+    }
     if matches!(part.as_str(), "all" | "leases") {
         report.push_str(&lease_scenario(&settings));
     }
@@ -177,7 +180,7 @@ fn main() {
     }
     assert!(
         !report.is_empty(),
-        "unknown part {part:?}: use envoy, attack, filter, leases, strategies, cluster or all"
+        "unknown part {part:?}: use envoy, attack, filter, rules, leases, strategies, cluster or all"
     );
     println!("{report}");
     let out = sluice_e2e::repo_root().join("target/bench");
@@ -873,6 +876,91 @@ fn lease_accuracy(upstream: &Upstream) -> String {
 
 /// The filter's own work per request, natively (the same code and optimisation level as the
 /// `.wasm`, without V8): what of Envoy's time the filter's Rust could at most win back.
+/// The controller's rule matching (`Snapshot::rules_for`) per check, natively, with 1 to
+/// 10,000 rules in force: a third for exact paths, a third for path prefixes, a third for a
+/// host each with a glob, and one for every request. Beside it, in the same run, a scan of
+/// every rule (what matching cost before the index). The ratio is to 100 rules, the first
+/// size at which requests find a rule of each kind.
+fn rule_matching_native() -> String {
+    use serde_json::json;
+    use sluice_controller::config::snapshot::Snapshot;
+    use sluice_protocol::admin::Operations;
+    use sluice_protocol::config::ConfigDocument;
+    use sluice_protocol::Check;
+    const CHECKS: usize = 4_096;
+    let rule = |n: usize, matcher: serde_json::Value| json!({ "name": format!("r{n}"), "limit": 1_000, "window": "1m", "match": matcher });
+    let check = |host: &str, path: String| -> Check {
+        serde_json::from_value(json!({
+            "client": { "kind": "ip", "value": "192.0.2.1" },
+            "host": host, "method": "GET", "path": path,
+        }))
+        .expect("a check")
+    };
+    let mut table = "### Rule matching per check, natively (the controller's snapshot)\n\n| rules in force | indexed ns per check | ratio to 100 rules | scan of every rule, ns per check | rules matched per check |\n|---:|---:|---:|---:|---:|\n".to_owned();
+    let mut rows = Vec::new();
+    for count in [1usize, 100, 1_000, 10_000] {
+        let mut rules = vec![rule(0, json!({}))];
+        rules.extend((1..count).map(|n| match n % 3 {
+            0 => rule(n, json!({ "path": format!("/api/items/{}", n / 3) })),
+            1 => rule(n, json!({ "path_prefix": format!("/teams/{}/", n / 3) })),
+            _ => rule(
+                n,
+                json!({ "host": format!("h{}.test", n / 3), "path_glob": "/v1/*/x" }),
+            ),
+        }));
+        let document: ConfigDocument =
+            serde_json::from_value(json!({ "rules": rules })).expect("a configuration");
+        // Requests to a rule of every kind that exists at this size, and to none but the
+        // rule for all: the same rules matched per check at every size from 100 on.
+        let ids = (count / 3).max(1);
+        let checks: Vec<Check> = (0..CHECKS)
+            .map(|n| match n % 4 {
+                0 => check("any.test", format!("/api/items/{}", 1 + n % ids)),
+                1 => check("any.test", format!("/teams/{}/members", n % ids)),
+                2 => check(&format!("h{}.test", n % ids), "/v1/users/x".to_owned()),
+                _ => check("any.test", format!("/elsewhere/{n}")),
+            })
+            .collect();
+        let snapshot = Snapshot::build(1, document, Operations::default()).expect("valid");
+        // One pass to warm up, then timed passes (fewer for the scan, whose passes are long).
+        let time = |matched: &dyn Fn(&Check) -> usize, rounds: usize| {
+            checks.iter().for_each(|check| {
+                std::hint::black_box(matched(check));
+            });
+            let mut total = 0usize;
+            let began = Instant::now();
+            for _ in 0..rounds {
+                for check in &checks {
+                    total += matched(std::hint::black_box(check));
+                }
+            }
+            let checks_run = (rounds * CHECKS) as f64;
+            (
+                began.elapsed().as_nanos() as f64 / checks_run,
+                total as f64 / checks_run,
+            )
+        };
+        let (indexed_ns, matched) = time(&|check| snapshot.rules_for(check).count(), 20);
+        let scan_rounds = (20_000 / count).clamp(1, 20);
+        let (scan_ns, scanned) = time(&|check| snapshot.rules.matching(check).count(), scan_rounds);
+        assert_eq!(
+            matched, scanned,
+            "the index and the scan match the same rules"
+        );
+        rows.push((count, indexed_ns, scan_ns, matched));
+    }
+    // From 100 rules on, each request matches the same rules: the flatness is measured there.
+    let base = rows.get(1).map_or(1.0, |row| row.1);
+    for (count, indexed_ns, scan_ns, matched) in rows {
+        table.push_str(&format!(
+            "| {count} | {indexed_ns:.0} | {:.2} | {scan_ns:.0} | {matched:.2} |\n",
+            indexed_ns / base
+        ));
+    }
+    table.push('\n');
+    table
+}
+
 fn filter_core_native() -> String {
     use sluice_filter::{decision, denial, identity};
     const BATCH: usize = 17;
