@@ -39,6 +39,9 @@ $(VENV)/.envoy-$(ENVOY_VERSION):
 # each in a virtualenv of its own inside $(VENV) (so git ignores it), ~37 MB each. (PyPI's
 # 1.38.3 is a "Modified" build without V8: it cannot load the filter.)
 OLDER_ENVOY_VERSIONS := 1.36.2 1.37.0
+# The suites `make e2e` runs again on the oldest of them, whole.
+OLDEST_ENVOY := $(firstword $(OLDER_ENVOY_VERSIONS))
+OLDEST_ENVOY_SUITES := envoy_strategies envoy_identity envoy_hostile_bytes live_config envoy_modes envoy_grpc
 
 older-envoys: $(foreach v,$(OLDER_ENVOY_VERSIONS),$(VENV)/envoy-$(v)/.installed)
 
@@ -118,6 +121,9 @@ e2e: tools wasm
 		SLUICE_PREVIOUS_CONTROLLER_BIN=$$(scripts/build-at-ref.sh $(PREVIOUS_RELEASE) controller) \
 		SLUICE_OLDER_ENVOYS=$$(ls $(foreach v,$(OLDER_ENVOY_VERSIONS),$(CURDIR)/$(VENV)/envoy-$(v)/lib/python3*/site-packages/envoy/_bin/envoy) | paste -sd:) \
 		cargo test -p sluice-e2e --locked
+	@echo "== the same suites on Envoy $(OLDEST_ENVOY): $(OLDEST_ENVOY_SUITES)"
+	ENVOY_BIN=$$(ls $(CURDIR)/$(VENV)/envoy-$(OLDEST_ENVOY)/lib/python3*/site-packages/envoy/_bin/envoy) \
+		cargo test -p sluice-e2e --locked $(foreach suite,$(OLDEST_ENVOY_SUITES),--test $(suite))
 
 ## Benchmark -----------------------------------------------------------------------------
 

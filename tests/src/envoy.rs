@@ -52,6 +52,20 @@ pub fn older_envoy_binaries() -> Vec<PathBuf> {
     found
 }
 
+/// [`binary_version`], asked once per binary and test process.
+fn cached_version(binary: &Path) -> String {
+    static VERSIONS: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+    let mut versions = VERSIONS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, version)) = versions.iter().find(|(path, _)| path == binary) {
+        return version.clone();
+    }
+    let version = binary_version(binary);
+    versions.push((binary.to_owned(), version.clone()));
+    version
+}
+
 /// The version an Envoy binary reports (`1.36.2`), from `envoy --version`.
 pub fn binary_version(binary: &Path) -> String {
     let output = Command::new(binary)
@@ -512,6 +526,8 @@ impl Envoy {
         concurrency: u32,
         level: &str,
     ) -> Envoy {
+        // Shown with a failing test's output: which Envoy it ran on.
+        eprintln!("Envoy {} ({})", cached_version(binary), binary.display());
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("envoy.yaml");
         std::fs::write(&config_path, config).expect("write config");
