@@ -344,3 +344,46 @@ fn the_module_exports_every_callback_and_imports_nothing_hosts_disagree_on() {
         "{imports:?}"
     );
 }
+
+/// The README's import table ("Envoy versions and other proxy-wasm hosts") says what the
+/// filter does when a host refuses each import: it must name every import of the module,
+/// and nothing the module does not import.
+#[test]
+fn the_module_imports_exactly_what_the_readme_import_table_lists() {
+    let module = std::fs::read(wasm_file()).expect("read the .wasm");
+    let imports = section_names(&module, 2);
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
+    let header = "| import | used for |";
+    let table: Vec<String> = readme
+        .lines()
+        .skip_while(|line| !line.starts_with(header))
+        .skip(2)
+        .take_while(|line| line.starts_with("| `"))
+        .filter_map(|line| {
+            let name = line.strip_prefix("| `")?;
+            Some(name[..name.find('`')?].to_owned())
+        })
+        .collect();
+    assert!(
+        table.len() >= 20,
+        "README's import table (the rows after `{header}`) has only {} rows: {table:?}",
+        table.len()
+    );
+    for import in &imports {
+        let name = import
+            .split_once('.')
+            .map_or(import.as_str(), |(_, name)| name);
+        assert!(
+            table.iter().any(|row| row == name),
+            "the module imports {import}, README's import table has no row \"| `{name}` |\""
+        );
+    }
+    for row in &table {
+        assert!(
+            imports
+                .iter()
+                .any(|import| import.split_once('.').map(|(_, name)| name) == Some(row.as_str())),
+            "README's import table lists `{row}`, the module does not import it: {imports:?}"
+        );
+    }
+}
