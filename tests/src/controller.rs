@@ -316,6 +316,21 @@ impl Controller {
         self.process.log()
     }
 
+    /// Checks this controller served, from its log (a line per call, with its `checks=`).
+    pub fn checks_served(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|line| line.contains("check call served"))
+            .map(|line| {
+                line.split("checks=")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .unwrap_or(1)
+            })
+            .sum()
+    }
+
     pub fn stop(&mut self) {
         self.process.stop();
     }

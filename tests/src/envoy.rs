@@ -66,6 +66,62 @@ fn cached_version(binary: &Path) -> String {
     version
 }
 
+/// Every Envoy config shipped in `envoy/`, in name order.
+pub fn shipped_configs() -> Vec<PathBuf> {
+    let mut configs: Vec<PathBuf> = std::fs::read_dir(repo_root().join("envoy"))
+        .expect("envoy/ exists")
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .collect();
+    configs.sort();
+    assert!(
+        configs.len() >= 3,
+        "expected the demo, compose and native rate-limit configs, found {configs:?}"
+    );
+    configs
+}
+
+/// `text` with `from` replaced by `to`, which must occur exactly `times` times: a config
+/// that drifted from what the test expects fails loudly instead of testing something else.
+pub fn replace_exactly(text: &str, from: &str, to: &str, times: usize) -> String {
+    assert_eq!(
+        text.matches(from).count(),
+        times,
+        "expected {times}× {from:?} in the config"
+    );
+    text.replace(from, to)
+}
+
+/// A shipped config with its `.wasm` path pointed at the freshly built filter; a config
+/// without the Sluice filter (Envoy's own rate-limit filter asking over gRPC) as it is.
+pub fn with_built_wasm(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).expect("read config");
+    if !text.contains("envoy.filters.http.wasm") {
+        assert!(
+            text.contains("envoy.filters.http.ratelimit"),
+            "{} has neither the Sluice filter nor Envoy's rate-limit filter",
+            path.display()
+        );
+        return text;
+    }
+    let shipped_wasm = text
+        .lines()
+        .find_map(|line| {
+            line.split_once("filename: \"")?
+                .1
+                .split_once('"')
+                .map(|(file, _)| file)
+        })
+        .unwrap_or_else(|| panic!("{} loads no .wasm file", path.display()));
+    assert!(
+        shipped_wasm.ends_with("sluice_filter.wasm"),
+        "{shipped_wasm}"
+    );
+    let quoted = format!("\"{shipped_wasm}\"");
+    replace_exactly(&text, &quoted, &format!("\"{}\"", wasm_file().display()), 1)
+}
+
 /// The version an Envoy binary reports (`1.36.2`), from `envoy --version`.
 pub fn binary_version(binary: &Path) -> String {
     let output = Command::new(binary)
@@ -465,20 +521,15 @@ impl Envoy {
 
     /// [`Envoy::start`] with Envoy's (and the filter's) log at `level` (`debug`, `trace`…).
     pub fn start_logging(options: &EnvoyOptions, level: &str) -> Envoy {
-        let (port, admin_port) = (free_port(), free_port());
-        let config = config_yaml(options, port, admin_port);
-        Envoy::launch(
-            &envoy_binary(),
-            &config,
-            port,
-            admin_port,
-            options.concurrency,
-            level,
-        )
+        Envoy::start_on(&envoy_binary(), options, level)
     }
 
     /// [`Envoy::start`] with another Envoy binary than the project's (an older version).
     pub fn start_binary(binary: &Path, options: &EnvoyOptions) -> Envoy {
+        Envoy::start_on(binary, options, "info")
+    }
+
+    fn start_on(binary: &Path, options: &EnvoyOptions, level: &str) -> Envoy {
         let (port, admin_port) = (free_port(), free_port());
         let config = config_yaml(options, port, admin_port);
         Envoy::launch(
@@ -487,7 +538,7 @@ impl Envoy {
             port,
             admin_port,
             options.concurrency,
-            "info",
+            level,
         )
     }
 

@@ -38,21 +38,6 @@ fn get(envoy: &Envoy) -> Response {
     http::get(&envoy.url("/items")).expect("request through envoy")
 }
 
-fn checks_served(controller: &Controller) -> usize {
-    controller
-        .log()
-        .lines()
-        .filter(|line| line.contains("check call served"))
-        .map(|line| {
-            line.split("checks=")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|n| n.parse::<usize>().ok())
-                .unwrap_or(1)
-        })
-        .sum()
-}
-
 #[test]
 fn each_header_style_is_written_on_allowed_and_denied_responses() {
     let upstream = Upstream::start();
@@ -188,7 +173,7 @@ fn the_denial_cache_answers_repeat_offenders_without_callouts() {
         "{statuses:?}"
     );
     assert_eq!(
-        checks_served(&cached),
+        cached.checks_served(),
         3,
         "two admitted, one denial, then the cache"
     );
@@ -208,7 +193,7 @@ fn the_denial_cache_answers_repeat_offenders_without_callouts() {
     );
     let statuses: Vec<u16> = (0..30).map(|_| get(&envoy).status).collect();
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 28);
-    assert_eq!(checks_served(&uncached), 30);
+    assert_eq!(uncached.checks_served(), 30);
 
     // Two workers share the cache: a denial learned on one is known on the other.
     let shared = Controller::start(&per_client(2), None);
@@ -227,7 +212,7 @@ fn the_denial_cache_answers_repeat_offenders_without_callouts() {
         "both workers took requests: {per_worker:?}"
     );
     assert_eq!(
-        checks_served(&shared),
+        shared.checks_served(),
         3,
         "two admitted and one denial, whichever worker it was on"
     );
@@ -260,10 +245,10 @@ fn a_cached_429_is_the_controllers_429_with_its_times_counted_down() {
     );
     assert_eq!((get(&envoy).status, get(&envoy).status), (200, 200));
     let from_controller = get(&envoy);
-    assert_eq!(checks_served(&controller), 3);
+    assert_eq!(controller.checks_served(), 3);
     let from_cache = get(&envoy);
     assert_eq!(
-        checks_served(&controller),
+        controller.checks_served(),
         3,
         "the fourth came from the cache"
     );

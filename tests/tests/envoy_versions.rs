@@ -4,12 +4,12 @@
 //! validated by each. Every line of output and every failure names the Envoy version.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use sluice_e2e::envoy::{
-    self, binary_version, envoy_binary, older_envoy_binaries, sluice_plugin_config, wasm_file,
-    EnvoyOptions, Filter,
+    self, binary_version, envoy_binary, older_envoy_binaries, shipped_configs,
+    sluice_plugin_config, wasm_file, with_built_wasm, EnvoyOptions, Filter,
 };
 use sluice_e2e::http::{self, Response};
 use sluice_e2e::{repo_root, wait_until, Controller, Envoy, Upstream};
@@ -86,22 +86,6 @@ fn answer(response: &Response) -> Answer {
     }
 }
 
-/// Checks served by `controller` (from its log).
-fn checks_served(controller: &Controller) -> usize {
-    controller
-        .log()
-        .lines()
-        .filter(|line| line.contains("check call served"))
-        .map(|line| {
-            line.split("checks=")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|n| n.parse::<usize>().ok())
-                .unwrap_or(1)
-        })
-        .sum()
-}
-
 /// Allow, allow, 429 and then the denial cache, through `binary` with batching on: the
 /// answers, after the test checked the configuration read and the cache.
 fn run(binary: &Path) -> Vec<Answer> {
@@ -159,7 +143,7 @@ fn run(binary: &Path) -> Vec<Answer> {
         "Envoy {version}"
     );
     assert_eq!(
-        checks_served(&controller),
+        controller.checks_served(),
         3,
         "Envoy {version}: two admitted, one denied, then the cache"
     );
@@ -195,35 +179,9 @@ fn older_envoys_answer_as_envoy_1_40_does() {
     }
 }
 
-/// A shipped config with its `.wasm` path pointed at the freshly built filter (as
-/// shipped_configs.rs does); one without the Sluice filter as it is.
-fn with_built_wasm(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).expect("read config");
-    let Some(shipped) = text.lines().find_map(|line| {
-        line.split_once("filename: \"")?
-            .1
-            .split_once('"')
-            .map(|(file, _)| file.to_owned())
-    }) else {
-        return text;
-    };
-    assert!(shipped.ends_with("sluice_filter.wasm"), "{shipped}");
-    text.replace(
-        &format!("\"{shipped}\""),
-        &format!("\"{}\"", wasm_file().display()),
-    )
-}
-
 #[test]
 fn every_shipped_envoy_config_validates_on_older_envoys() {
-    let mut configs: Vec<PathBuf> = std::fs::read_dir(repo_root().join("envoy"))
-        .expect("envoy/ exists")
-        .flatten()
-        .map(|entry| entry.path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
-        .collect();
-    configs.sort();
-    assert!(configs.len() >= 3, "{configs:?}");
+    let configs = shipped_configs();
     let dir = tempfile::tempdir().expect("temp dir");
     for binary in older_envoy_binaries() {
         let version = binary_version(&binary);

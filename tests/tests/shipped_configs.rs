@@ -1,69 +1,12 @@
 //! What ships in `envoy/` and `controller/` works as shipped.
 
-use std::path::{Path, PathBuf};
-
-use sluice_e2e::envoy::{self, wasm_file};
+use sluice_e2e::envoy::{self, replace_exactly, shipped_configs, with_built_wasm};
 use sluice_e2e::{free_port, http, repo_root, Controller, Envoy, Upstream};
-
-fn shipped_envoy_configs() -> Vec<PathBuf> {
-    let mut configs: Vec<PathBuf> = std::fs::read_dir(repo_root().join("envoy"))
-        .expect("envoy/ exists")
-        .flatten()
-        .map(|entry| entry.path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
-        .collect();
-    configs.sort();
-    assert!(
-        configs.len() >= 3,
-        "expected the demo, compose and native rate-limit configs, found {configs:?}"
-    );
-    configs
-}
-
-/// `text` with `from` replaced by `to`, which must occur exactly `times` times: a config
-/// that drifted from what the test expects fails loudly instead of testing something else.
-fn replace_exactly(text: &str, from: &str, to: &str, times: usize) -> String {
-    assert_eq!(
-        text.matches(from).count(),
-        times,
-        "expected {times}× {from:?} in the config"
-    );
-    text.replace(from, to)
-}
-
-/// A shipped config with its `.wasm` path pointed at the freshly built filter; a config
-/// without the Sluice filter (Envoy's own rate-limit filter asking over gRPC) as it is.
-fn with_built_wasm(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).expect("read config");
-    if !text.contains("envoy.filters.http.wasm") {
-        assert!(
-            text.contains("envoy.filters.http.ratelimit"),
-            "{} has neither the Sluice filter nor Envoy's rate-limit filter",
-            path.display()
-        );
-        return text;
-    }
-    let shipped_wasm = text
-        .lines()
-        .find_map(|line| {
-            line.split_once("filename: \"")?
-                .1
-                .split_once('"')
-                .map(|(file, _)| file)
-        })
-        .unwrap_or_else(|| panic!("{} loads no .wasm file", path.display()));
-    assert!(
-        shipped_wasm.ends_with("sluice_filter.wasm"),
-        "{shipped_wasm}"
-    );
-    let quoted = format!("\"{shipped_wasm}\"");
-    replace_exactly(&text, &quoted, &format!("\"{}\"", wasm_file().display()), 1)
-}
 
 #[test]
 fn every_shipped_envoy_config_validates() {
     let dir = tempfile::tempdir().unwrap();
-    for config in shipped_envoy_configs() {
+    for config in shipped_configs() {
         let checked = dir.path().join(config.file_name().unwrap());
         std::fs::write(&checked, with_built_wasm(&config)).unwrap();
         let output = envoy::validate(&checked);
@@ -83,7 +26,7 @@ fn every_shipped_envoy_config_validates() {
 #[test]
 fn every_shipped_sluice_filter_reloads_a_failed_vm_with_the_documented_backoff() {
     let mut filters = 0;
-    for path in shipped_envoy_configs() {
+    for path in shipped_configs() {
         let text = std::fs::read_to_string(&path).unwrap();
         let config: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
         let listeners = config["static_resources"]["listeners"]
