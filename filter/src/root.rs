@@ -328,12 +328,9 @@ impl Worker {
         if !view.enforce {
             return FailureMode::Allow;
         }
-        let candidates = if view.failure_rules.is_empty() {
-            Vec::new()
-        } else {
-            view.failure_index.candidates(check)
-        };
-        let rules = candidates
+        let rules = view
+            .failure_index
+            .candidates(check)
             .into_iter()
             .filter_map(|position| view.failure_rules.get(position as usize));
         failure_mode_for(rules, check, self.config.failure_mode)

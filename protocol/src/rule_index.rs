@@ -38,7 +38,10 @@ impl PathIndex {
     /// Appends the rules that could match `path`, in ascending order.
     fn collect(&self, path: &str, found: &mut Vec<u32>) {
         let start = found.len();
-        if let Some(rules) = self.exact.get(path) {
+        let exact = (!self.exact.is_empty())
+            .then(|| self.exact.get(path))
+            .flatten();
+        if let Some(rules) = exact {
             found.extend_from_slice(rules);
         }
         self.literals.collect(path.as_bytes(), found);
@@ -70,7 +73,11 @@ impl RuleIndex {
         let mut found = Vec::new();
         let path = check.path.as_str();
         self.any_host.collect(path, &mut found);
-        let host_tree = if check.host.bytes().any(|b| b.is_ascii_uppercase()) {
+        // Most configurations name no host (and the filter's index is often empty): no
+        // hashing for a lookup that cannot find anything.
+        let host_tree = if self.by_host.is_empty() {
+            None
+        } else if check.host.bytes().any(|b| b.is_ascii_uppercase()) {
             self.by_host.get(&check.host.to_ascii_lowercase())
         } else {
             self.by_host.get(check.host.as_str())
