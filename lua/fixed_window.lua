@@ -28,3 +28,16 @@ function S.fixed_window.commit(key, now, cost, limit, window, extra, v)
     U.expire(key, v.reset)
   end
 end
+
+-- refund (lease_return.lua): gives back up to `units` a lease counted in the window that
+-- starts at `counted_in`, while that window lasts; never below 0. The TTL stays the window's.
+function S.fixed_window.refund(key, now, units, limit, window, burst, counted_in)
+  local stored = redis.call('HMGET', key, 's', 'c')
+  local start, count = tonumber(stored[1]), tonumber(stored[2]) or 0
+  if start ~= counted_in or now >= start + window or count == 0 then
+    return 0
+  end
+  local given = math.min(units, count)
+  redis.call('HSET', key, 'c', count - given)
+  return given
+end

@@ -24,3 +24,17 @@ function S.gcra.commit(key, now, cost, limit, window, burst, v)
   redis.call('HSET', key, 'd', v.debt, 't', v.last)
   U.expire(key, v.reset)
 end
+
+-- refund (lease_return.lua): takes back up to `units` requests' worth of the debt a lease
+-- ran up, down to none. No key: no debt.
+function S.gcra.refund(key, now, units, limit, window, burst)
+  if redis.call('EXISTS', key) == 0 then
+    return 0
+  end
+  local debt, last = U.debt_now(key, now, limit)
+  local back = math.min(units * window, debt)
+  local after = debt - back
+  redis.call('HSET', key, 'd', after, 't', last)
+  U.expire(key, U.ceil_div(after, limit))
+  return U.floor_div(back, window)
+end

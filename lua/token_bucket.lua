@@ -30,3 +30,20 @@ function S.token_bucket.commit(key, now, cost, limit, window, burst, v)
   redis.call('HSET', key, 'u', v.units, 't', v.last)
   U.expire(key, v.reset)
 end
+
+-- refund (lease_return.lua): puts back up to `units` tokens a lease took, no fuller than the
+-- burst. No key: the bucket is full already.
+function S.token_bucket.refund(key, now, units, limit, window, burst)
+  local stored = redis.call('HMGET', key, 'u', 't')
+  if not stored[1] then
+    return 0
+  end
+  local capacity = burst * window
+  local stored_last = tonumber(stored[2])
+  local held = math.min(capacity, tonumber(stored[1]) + math.max(0, now - stored_last) * limit)
+  local back = math.min(units * window, capacity - held)
+  local after = held + back
+  redis.call('HSET', key, 'u', after, 't', math.max(stored_last, now))
+  U.expire(key, U.ceil_div(capacity - after, limit))
+  return U.floor_div(back, window)
+end

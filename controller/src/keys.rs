@@ -101,6 +101,13 @@ pub fn lease_holders_key(limit_key: &str) -> String {
     beside(limit_key, "holders")
 }
 
+/// The key of the set of grants whose unused quota was given back to the limit whose key is
+/// `limit_key` (same slot; `lua/lease_return.lua`): `sluice:{tag}:refunded:<rule>:<client>`.
+/// A grant is returned once: a replay finds it here and gives nothing back.
+pub fn lease_refunds_key(limit_key: &str) -> String {
+    beside(limit_key, "refunded")
+}
+
 /// The units in flight of the concurrency limit whose key is `limit_key` (same slot): a
 /// hash of the sum of its leases' costs and their number, beside the set of its leases
 /// (`lua/concurrency.lua`, which builds the same name from the limit's key itself):

@@ -253,6 +253,7 @@ pub async fn serve(
     let limiter = Arc::new(
         Limiter::new(Arc::clone(&live), counters)
             .with_lease_signer(LeaseSigner::new(&check_tokens))
+            .with_grant_signer(LeaseSigner::for_grants(&check_tokens))
             .with_guard(Arc::clone(&guard))
             .with_observability(Arc::clone(&metrics), recorder),
     );

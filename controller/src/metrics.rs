@@ -125,6 +125,7 @@ pub struct Metrics {
     pub fallback_decisions: Family<FallbackLabels, Counter>,
     pub leases_granted: Family<RuleLabels, Counter>,
     pub leased_requests_granted: Family<RuleLabels, Counter>,
+    pub leased_requests_returned: Family<RuleLabels, Counter>,
     pub leased_admissions: Family<RuleLabels, Counter>,
     pub unauthenticated_calls: Family<ListenerLabels, Counter>,
     pub ignored_reports: Counter,
@@ -288,6 +289,12 @@ impl Metrics {
             "Requests the granted leases may admit, by rule",
             leased_requests_granted.clone(),
         );
+        let leased_requests_returned = Family::<RuleLabels, Counter>::default();
+        registry.register(
+            "leased_requests_returned",
+            "Requests' worth of lease quota that workers gave back unused, by rule",
+            leased_requests_returned.clone(),
+        );
         let leased_admissions = Family::<RuleLabels, Counter>::default();
         registry.register(
             "leased_admissions",
@@ -335,6 +342,7 @@ impl Metrics {
             unauthenticated_calls,
             leases_granted,
             leased_requests_granted,
+            leased_requests_returned,
             leased_admissions,
             registry,
             state_transitions,
@@ -397,6 +405,15 @@ impl Metrics {
         self.leases_granted.get_or_create(&labels).inc();
         self.leased_requests_granted
             .get_or_create(&labels)
+            .inc_by(requests);
+    }
+
+    /// A worker gave back `requests`' worth of a lease of `rule` unused.
+    pub fn lease_returned(&self, rule: &str, requests: u64) {
+        self.leased_requests_returned
+            .get_or_create(&RuleLabels {
+                rule: rule.to_owned(),
+            })
             .inc_by(requests);
     }
 

@@ -626,6 +626,93 @@ pub fn forget_expired(state: &mut Option<State>, now: u64) {
 /// Gives back the lease `lease_id` granted for `count` units (`lua/release.lua`); returns
 /// the units it freed: `count` while it is held at `now`, 0 once it has expired or was
 /// released. O(log n), whatever the count.
+/// What a refund did to a limit: its new state, how long that state matters (its TTL), and
+/// how many of the units asked it gave back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refunded {
+    pub state: State,
+    pub ttl_ms: u64,
+    pub given: u64,
+}
+
+/// Gives back `units` (in request costs) that a lease took from a limit and did not use: the
+/// twin of `refund` in `lua/fixed_window.lua`, `lua/token_bucket.lua` and `lua/gcra.lua`.
+/// Never more than the state holds taken, so the limit admits no more than it would have
+/// had the lease never been taken: a fixed window only within the window the lease was
+/// counted in (`counted_in`, that window's start: the quota of a window that ended is gone
+/// with it), a bucket up to full, GCRA's debt down to none. `None` when nothing is given
+/// (no state, another window, or a strategy that cannot be leased).
+pub fn refund(
+    params: &Params,
+    state: Option<&State>,
+    now: u64,
+    units: u64,
+    counted_in: u64,
+) -> Option<Refunded> {
+    let Params {
+        limit,
+        period_ms: window,
+        extra: burst,
+        ..
+    } = *params;
+    if limit == 0 || window == 0 || units == 0 {
+        return None;
+    }
+    let (w, rate) = (u128::from(window), u128::from(limit));
+    match (params.strategy, state) {
+        (Strategy::FixedWindow, Some(&State::Window { start, count })) => {
+            let ends = start.saturating_add(window);
+            if start != counted_in || now >= ends || count == 0 {
+                return None;
+            }
+            let given = min(units, count);
+            Some(Refunded {
+                state: State::Window {
+                    start,
+                    count: count - given,
+                },
+                ttl_ms: ends - now,
+                given,
+            })
+        }
+        (
+            Strategy::TokenBucket,
+            Some(&State::Bucket {
+                units: stored,
+                last,
+            }),
+        ) => {
+            let capacity = u128::from(burst) * w;
+            let (elapsed, last) = elapsed_since(Some(last), now);
+            let held = min(capacity, u128::from(stored) + u128::from(elapsed) * rate);
+            let back = min(u128::from(units) * w, capacity - held);
+            let after = held + back;
+            Some(Refunded {
+                state: State::Bucket {
+                    units: sat(after),
+                    last,
+                },
+                ttl_ms: ceil_div(capacity - after, rate),
+                given: floor_div(back, w),
+            })
+        }
+        (Strategy::Gcra, Some(State::Debt { .. })) => {
+            let (debt, last) = debt_now(state, now, rate);
+            let back = min(u128::from(units) * w, debt);
+            let after = debt - back;
+            Some(Refunded {
+                state: State::Debt {
+                    debt: sat(after),
+                    last,
+                },
+                ttl_ms: ceil_div(after, rate),
+                given: floor_div(back, w),
+            })
+        }
+        _ => None,
+    }
+}
+
 pub fn release(state: &mut Option<State>, lease_id: &str, count: u64, now: u64) -> u64 {
     match state {
         Some(State::Leases(leases)) => leases.release(lease_id, count, now),

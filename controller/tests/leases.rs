@@ -38,6 +38,22 @@ fn checks(holder: Option<&str>, path: &str, count: usize) -> Value {
     body
 }
 
+/// A decision's grant without its token (which holds a random id and a signature).
+fn grant(decision: &Value) -> Value {
+    let mut grant = decision["grant"].clone();
+    if let Some(grant) = grant.as_object_mut() {
+        let token = grant.remove("token");
+        assert!(
+            token
+                .as_ref()
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.starts_with("g|")),
+            "a grant carries the token to give it back: {token:?}"
+        );
+    }
+    grant
+}
+
 async fn decide(router: &axum::Router, body: Value) -> Vec<Value> {
     let (status, reply) = post(router, "/v1/check", body).await;
     assert_eq!(status, StatusCode::OK, "{reply}");
@@ -51,7 +67,7 @@ async fn a_lease_is_its_share_of_the_quota_taken_from_the_limit() {
     world.clock.set(MINUTE + 15_000);
     let first = decide(&world.check, checks(Some("worker-a"), "/hot", 1)).await;
     assert_eq!(first[0]["allowed"], true);
-    assert_eq!(first[0]["grant"], json!({ "units": 10, "ttl_ms": 45_000 }));
+    assert_eq!(grant(&first[0]), json!({ "units": 10, "ttl_ms": 45_000 }));
     assert_eq!(
         first[0]["policy"]["remaining"], 199,
         "the request's own view: the lease is the asking worker's"
@@ -91,7 +107,7 @@ async fn no_lease_beyond_what_is_left_nor_past_the_window_nor_for_exact_rules() 
     // 59.5 s into the minute: a lease may last 500 ms, to the window's end.
     world.clock.set(MINUTE + 59_500);
     let decided = decide(&world.check, checks(Some("w"), "/hot", 1)).await;
-    assert_eq!(decided[0]["grant"], json!({ "units": 10, "ttl_ms": 500 }));
+    assert_eq!(grant(&decided[0]), json!({ "units": 10, "ttl_ms": 500 }));
     // An exact rule's check never carries a lease.
     let exact = decide(&world.check, checks(Some("w"), "/exact", 3)).await;
     assert!(exact.iter().all(|d| d.get("grant").is_none()));
@@ -133,7 +149,7 @@ leased = {}
     .await;
     // A first lease holds 16: the worker's traffic is not known yet.
     let bucket = decide(&world.check, checks(Some("w"), "/bucket", 1)).await;
-    assert_eq!(bucket[0]["grant"], json!({ "units": 16, "ttl_ms": 1_000 }));
+    assert_eq!(grant(&bucket[0]), json!({ "units": 16, "ttl_ms": 1_000 }));
     let after = decide(&world.check, checks(None, "/bucket", 1)).await;
     assert_eq!(after[0]["policy"]["remaining"], 400 - 1 - 16 - 1);
     // Spent in 100 ms: the next holds a second of that, within the quota of 10 % (40).
@@ -189,4 +205,88 @@ async fn what_the_filters_admitted_from_leases_is_in_the_stats_and_the_metrics()
         metrics.contains(r#"sluice_leased_admissions_total{rule="hot"} 7"#),
         "{metrics}"
     );
+}
+
+async fn give_back(router: &axum::Router, returns: Value) -> (StatusCode, Value) {
+    post(
+        router,
+        "/v1/release",
+        json!({ "leases": [], "returns": returns }),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_lease_given_back_returns_its_unused_quota_once_and_only_as_granted() {
+    let world = world(LEASED).await;
+    world.clock.set(MINUTE + 15_000);
+    let first = decide(&world.check, checks(Some("worker-a"), "/hot", 1)).await;
+    let token = first[0]["grant"]["token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let remaining = || async {
+        decide(&world.check, checks(None, "/hot", 1)).await[0]["policy"]["remaining"]
+            .as_u64()
+            .expect("remaining")
+    };
+    assert_eq!(remaining().await, 188, "1 + a lease of 10 + this one");
+
+    let (status, reply) = give_back(&world.check, json!([{ "grant": token, "unused": 11 }])).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{reply}");
+    assert_eq!(reply["field"], "returns[0].unused", "{reply}");
+
+    let (status, reply) = give_back(&world.check, json!([{ "grant": token, "unused": 7 }])).await;
+    assert_eq!(
+        (status, &reply["returned"]),
+        (StatusCode::OK, &json!([7])),
+        "{reply}"
+    );
+    assert_eq!(remaining().await, 194, "7 back, one more counted");
+    let (status, reply) = give_back(&world.check, json!([{ "grant": token, "unused": 7 }])).await;
+    assert_eq!(
+        (status, &reply["returned"]),
+        (StatusCode::OK, &json!([0])),
+        "a replay"
+    );
+
+    let forged = token.replacen("|10|", "|999|", 1);
+    let unsigned = token
+        .rsplit_once('|')
+        .map(|(t, _)| t.to_owned())
+        .expect("signed");
+    let (status, reply) = give_back(
+        &world.check,
+        json!([{ "grant": forged, "unused": 500 }, { "grant": unsigned, "unused": 5 }]),
+    )
+    .await;
+    assert_eq!(
+        (status, &reply["returned"]),
+        (StatusCode::OK, &json!([0, 0])),
+        "tokens this controller did not sign give nothing back: {reply}"
+    );
+    assert_eq!(remaining().await, 193);
+
+    // A lease that ended gives nothing back: its window's quota went with it.
+    let again = decide(&world.check, checks(Some("worker-b"), "/hot", 1)).await;
+    let late = again[0]["grant"]["token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    world.clock.set(MINUTE + 60_000);
+    let (_, reply) = give_back(&world.check, json!([{ "grant": late, "unused": 1 }])).await;
+    assert_eq!(reply["returned"], json!([0]), "{reply}");
+
+    let metrics = world.metrics.render();
+    assert!(
+        metrics.contains(r#"sluice_leased_requests_returned_total{rule="hot"} 7"#),
+        "{metrics}"
+    );
+    let (status, reply) = give_back(
+        &world.check,
+        json!([{ "grant": "x".repeat(4 * 1024 + 1), "unused": 1 }]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{reply}");
+    assert_eq!(reply["field"], "returns[0].grant", "{reply}");
 }

@@ -7,7 +7,8 @@ use std::borrow::Cow;
 use sluice_protocol::headers::{self, HeaderStyle, RETRY_AFTER};
 use sluice_protocol::rules::MAX_MATCH_PATH;
 use sluice_protocol::{
-    Check, CheckResponse, Decision, PolicyStatus, Refusal, ReleaseRequest, MAX_REQUEST_FIELD_BYTES,
+    Check, CheckResponse, Decision, LeaseReturn, PolicyStatus, Refusal, ReleaseRequest,
+    MAX_REQUEST_FIELD_BYTES,
 };
 
 use crate::config::{FailureMode, FilterConfig};
@@ -383,9 +384,10 @@ pub fn bounded_path(path: &str) -> Cow<'_, str> {
     Cow::Owned([head, tail].concat())
 }
 
-/// The body of the release call for `leases`.
-pub fn release_request(leases: Vec<String>) -> Vec<u8> {
-    serde_json::to_vec(&ReleaseRequest { leases }).unwrap_or_default()
+/// The body of the release call for concurrency slots (`leases`) and leases' unused quota
+/// (`returns`).
+pub fn release_request(leases: Vec<String>, returns: Vec<LeaseReturn>) -> Vec<u8> {
+    serde_json::to_vec(&ReleaseRequest { leases, returns }).unwrap_or_default()
 }
 
 /// The decisions in a reply to a check call of `expected` checks, one per check.
@@ -833,7 +835,8 @@ mod tests {
             panic!("{verdict:?}")
         };
         assert_eq!(leases, ["lease-a"]);
-        let release: ReleaseRequest = serde_json::from_slice(&release_request(leases)).unwrap();
+        let release: ReleaseRequest =
+            serde_json::from_slice(&release_request(leases, Vec::new())).unwrap();
         assert_eq!(release.leases, ["lease-a"]);
     }
 

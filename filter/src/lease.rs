@@ -7,11 +7,16 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sluice_protocol::{Decision, Grant};
+use sluice_protocol::{Decision, LeaseReturn};
 
 /// Leases one worker asks for at most: past it, checks ask for none (they are decided as
 /// they come) until ended leases are swept.
 pub const MAX_LEASES: usize = 4_096;
+
+/// A lease not spent this long after its grant is given back: it was sized to last about a
+/// second of its kind's traffic, so the traffic has at least halved (or stopped). Its next
+/// request asks again, for a lease sized to the traffic as it is now.
+pub const RETURN_AFTER_MS: u64 = 2_000;
 
 #[derive(Debug)]
 struct Held {
@@ -25,6 +30,25 @@ struct Held {
     granted_at_ms: u64,
     /// The decision that came with it, for the rate-limit headers.
     decision: Decision,
+    /// The grants' tokens (from a controller that gives them) and their units, oldest
+    /// first: what gives the unused part back.
+    grants: Vec<(String, u64)>,
+}
+
+impl Held {
+    /// Returns of what is left, newest grant first (an older grant's window may have fewer
+    /// of its requests left to give back to).
+    fn returns(self) -> impl Iterator<Item = LeaseReturn> {
+        let mut left = self.left;
+        self.grants
+            .into_iter()
+            .rev()
+            .filter_map(move |(grant, units)| {
+                let unused = left.min(units);
+                left -= unused;
+                (unused > 0).then_some(LeaseReturn { grant, unused })
+            })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -38,9 +62,11 @@ pub struct Leases {
 impl Leases {
     /// Keeps the lease that came with `decision` (for a check sent at `sent_at_ms`).
     pub fn hold(&mut self, fingerprint: u64, decision: &Decision, sent_at_ms: u64, now_ms: u64) {
-        let Some(Grant { units, ttl_ms }) = decision.grant else {
+        let Some(grant) = &decision.grant else {
             return;
         };
+        let (units, ttl_ms) = (grant.units, grant.ttl_ms);
+        let token = grant.token.clone().map(|token| (token, units));
         if units == 0 || !decision.allowed {
             return;
         }
@@ -52,6 +78,7 @@ impl Leases {
             if now_ms < held.ends_at_ms && held.left > 0 {
                 held.left = held.left.saturating_add(units);
                 held.ends_at_ms = held.ends_at_ms.max(ends_at_ms);
+                held.grants.extend(token);
                 return;
             }
         }
@@ -69,6 +96,7 @@ impl Leases {
                     grant: None,
                     ..decision.clone()
                 },
+                grants: token.into_iter().collect(),
             },
         );
     }
@@ -120,10 +148,35 @@ impl Leases {
             .retain(|_, held| now_ms < held.ends_at_ms && held.left > 0);
     }
 
-    /// Forgets every lease (the configuration changed: none can be used again).
-    pub fn clear(&mut self) {
-        self.by_fingerprint.clear();
+    /// Takes out the leases still live but not spent [`RETURN_AFTER_MS`] after their
+    /// grant, and gives what they have left back.
+    pub fn returns_due(&mut self, now_ms: u64) -> Vec<LeaseReturn> {
+        let due: Vec<u64> = self
+            .by_fingerprint
+            .iter()
+            .filter(|(_, held)| {
+                now_ms < held.ends_at_ms
+                    && held.left > 0
+                    && !held.grants.is_empty()
+                    && now_ms.saturating_sub(held.granted_at_ms) >= RETURN_AFTER_MS
+            })
+            .map(|(fingerprint, _)| *fingerprint)
+            .collect();
+        due.into_iter()
+            .filter_map(|fingerprint| self.by_fingerprint.remove(&fingerprint))
+            .flat_map(Held::returns)
+            .collect()
+    }
+
+    /// Forgets every lease (the configuration changed: none can be used again), giving back
+    /// what the live ones have left.
+    pub fn clear(&mut self, now_ms: u64) -> Vec<LeaseReturn> {
         self.asking.clear();
+        self.by_fingerprint
+            .drain()
+            .filter(|(_, held)| now_ms < held.ends_at_ms)
+            .flat_map(|(_, held)| held.returns())
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -137,11 +190,15 @@ impl Leases {
 
 #[cfg(test)]
 mod tests {
-    use sluice_protocol::{PolicyStatus, Strategy};
+    use sluice_protocol::{Grant, PolicyStatus, Strategy};
 
     use super::*;
 
     fn granted(units: u64, ttl_ms: u64) -> Decision {
+        with_token(units, ttl_ms, None)
+    }
+
+    fn with_token(units: u64, ttl_ms: u64, token: Option<&str>) -> Decision {
         Decision {
             policy: Some(PolicyStatus {
                 rule: "hot".into(),
@@ -154,7 +211,11 @@ mod tests {
                 delay_ms: 0,
                 reason: None,
             }),
-            grant: Some(Grant { units, ttl_ms }),
+            grant: Some(Grant {
+                units,
+                ttl_ms,
+                token: token.map(str::to_owned),
+            }),
             ..Decision::unlimited()
         }
     }
@@ -235,5 +296,66 @@ mod tests {
         assert!(leases.may_ask(8, 0), "another kind asks on its own");
         leases.answered(7);
         assert!(leases.may_ask(7, 0));
+    }
+
+    fn returned(grant: &str, unused: u64) -> LeaseReturn {
+        LeaseReturn {
+            grant: grant.to_owned(),
+            unused,
+        }
+    }
+
+    #[test]
+    fn a_lease_not_spent_two_seconds_after_its_grant_gives_its_rest_back_newest_grant_first() {
+        let mut leases = Leases::default();
+        leases.hold(7, &with_token(10, 60_000, Some("g1")), 1_000, 1_000);
+        leases.hold(7, &with_token(4, 60_000, Some("g2")), 1_100, 1_100);
+        leases.hold(8, &with_token(5, 60_000, Some("busy")), 2_500, 2_500);
+        for _ in 0..6 {
+            assert!(leases.admit(7, 2_000).is_some());
+        }
+        assert_eq!(leases.returns_due(2_999), [], "not yet two seconds");
+        assert_eq!(
+            leases.returns_due(3_000),
+            [returned("g2", 4), returned("g1", 4)],
+            "8 of 14 left: the newest grant's 4, then 4 of the oldest's"
+        );
+        assert_eq!(
+            leases.admit(7, 3_001),
+            None,
+            "given back: the kind asks again"
+        );
+        assert_eq!(leases.len(), 1, "the younger lease is kept");
+        assert_eq!(leases.returns_due(10_000), [returned("busy", 5)]);
+    }
+
+    #[test]
+    fn leases_without_tokens_or_ended_give_nothing_back() {
+        let mut leases = Leases::default();
+        leases.hold(1, &granted(10, 60_000), 0, 0);
+        leases.hold(2, &with_token(10, 1_000, Some("ended")), 0, 0);
+        assert_eq!(leases.returns_due(5_000), []);
+        assert_eq!(leases.len(), 2, "swept by the tick, not returned");
+        leases.hold(3, &with_token(10, 60_000, Some("spent")), 0, 0);
+        for _ in 0..10 {
+            assert!(leases.admit(3, 10).is_some());
+        }
+        assert_eq!(leases.returns_due(5_000), []);
+    }
+
+    #[test]
+    fn a_configuration_change_gives_back_every_live_lease() {
+        let mut leases = Leases::default();
+        leases.hold(1, &with_token(10, 60_000, Some("a")), 0, 0);
+        leases.hold(2, &with_token(3, 1_000, Some("ended")), 0, 0);
+        assert!(leases.may_ask(9, 0));
+        assert!(leases.admit(1, 100).is_some());
+        assert_eq!(
+            leases.clear(1_500),
+            [returned("a", 9)],
+            "at once, not two seconds on"
+        );
+        assert!(leases.is_empty());
+        assert!(leases.may_ask(9, 600), "asks forgotten too");
     }
 }

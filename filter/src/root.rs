@@ -11,12 +11,15 @@ use sluice_protocol::rule_index::RuleIndex;
 use sluice_protocol::rules::{failure_mode_for, matched_headers};
 use sluice_protocol::FilterView;
 use sluice_protocol::{
-    Check, Decision, Rule, CHECK_PATH, CONFIG_PATH, RELEASE_PATH, REPORTER_HEADER, REPORT_PATH,
+    Check, Decision, LeaseReturn, Rule, CHECK_PATH, CONFIG_PATH, RELEASE_PATH, REPORTER_HEADER,
+    REPORT_PATH,
 };
 
 /// This build's release (the workspace's semantic version), as its log and callouts name it.
 pub const FILTER_VERSION: &str = env!("CARGO_PKG_VERSION");
 const FILTER_USER_AGENT: &str = concat!("sluice-filter/", env!("CARGO_PKG_VERSION"));
+/// Lease returns one release call carries at most (the controller's bound on a call).
+const MAX_RETURNS_PER_CALL: usize = 1_024;
 
 use crate::batch::{self, Batcher, Completed, Member, Slot};
 use crate::config::{FailureMode, FilterConfig};
@@ -148,6 +151,8 @@ pub struct Worker {
     /// Concurrency leases to give back from the next tick (ngx_wasm_module: a callout from
     /// `on_log` traps there).
     pending_releases: RefCell<Vec<String>>,
+    /// Leases' unused quota to give back with the next tick's release call.
+    pending_returns: RefCell<Vec<LeaseReturn>>,
     /// Checks counted for the log sample (see [`Worker::sampled_for_log`]).
     checks_seen: Cell<u64>,
     /// Quota leased to this worker (leased rules only).
@@ -416,7 +421,25 @@ impl Worker {
                 view.entity_tag = tag;
                 if self.view.borrow().version != view.version {
                     // Leases hold for the configuration they were granted under.
-                    self.leases.borrow_mut().clear();
+                    // What they hold unused goes back at once (from the next tick where
+                    // a callout from a callout's answer may trap).
+                    let returns = self.leases.borrow_mut().clear(host.now_ms());
+                    if !returns.is_empty() {
+                        let unused: u64 = returns.iter().map(|r| r.unused).sum();
+                        log(
+                            host,
+                            LogLevel::Info,
+                            &format!(
+                                "configuration version {} drops this worker's leases: giving \
+                                 back {unused} requests' worth unused",
+                                view.version.unwrap_or(0)
+                            ),
+                        );
+                    }
+                    match host.flavour() {
+                        Flavour::Envoy => self.release(host, Vec::new(), returns),
+                        Flavour::Ngx => self.pending_returns.borrow_mut().extend(returns),
+                    }
                 }
                 *self.view.borrow_mut() = view;
             }
@@ -490,21 +513,23 @@ impl Worker {
     /// once in Envoy; from the root's next tick where a callout from `on_log` traps.
     pub fn release_at_end(&self, host: &dyn Host, leases: Vec<String>) {
         match host.flavour() {
-            Flavour::Envoy => self.release(host, leases),
+            Flavour::Envoy => self.release(host, leases, Vec::new()),
             Flavour::Ngx => self.pending_releases.borrow_mut().extend(leases),
         }
     }
 
-    pub fn release(&self, host: &dyn Host, leases: Vec<String>) {
-        if leases.is_empty() {
+    /// Gives back concurrency slots (`leases`) and leases' unused quota (`returns`) in one
+    /// call.
+    pub fn release(&self, host: &dyn Host, leases: Vec<String>, returns: Vec<LeaseReturn>) {
+        if leases.is_empty() && returns.is_empty() {
             return;
         }
-        let body = decision::release_request(leases);
+        let body = decision::release_request(leases, returns);
         if let Err(status) = self.call_controller(host, RELEASE_PATH, Some(&body), &[]) {
             log(
                 host,
                 LogLevel::Warn,
-                &format!("could not release concurrency slots ({status}); they free themselves when their lease expires"),
+                &format!("could not release concurrency slots or give leases back ({status}); slots free themselves when their lease expires, leased quota stays spent"),
             );
         }
     }
@@ -774,6 +799,7 @@ impl Root {
             tally: RefCell::new(Tally::default()),
             stream_calls: RefCell::new(HashMap::new()),
             pending_releases: RefCell::new(Vec::new()),
+            pending_returns: RefCell::new(Vec::new()),
             checks_seen: Cell::new(0),
             leases: RefCell::new(Leases::default()),
             leased_uncounted: Cell::new(0),
@@ -798,7 +824,14 @@ impl Root {
             return;
         };
         let releases = std::mem::take(&mut *worker.pending_releases.borrow_mut());
-        worker.release(host, releases);
+        let mut returns = std::mem::take(&mut *worker.pending_returns.borrow_mut());
+        returns.extend(worker.leases.borrow_mut().returns_due(host.now_ms()));
+        // As many as the controller takes in one call; the rest with the next tick.
+        if returns.len() > MAX_RETURNS_PER_CALL {
+            let later = returns.split_off(MAX_RETURNS_PER_CALL);
+            worker.pending_returns.borrow_mut().extend(later);
+        }
+        worker.release(host, releases, returns);
         self.read_config_when_due(host, &worker);
         self.report_when_due(host, &worker);
         worker.leases.borrow_mut().sweep(host.now_ms());
@@ -1006,7 +1039,7 @@ impl Root {
             }
         }
         if !orphaned_leases.is_empty() && host.set_effective_context(self.context_id).is_ok() {
-            worker.release(host, orphaned_leases);
+            worker.release(host, orphaned_leases, Vec::new());
         }
         if !self.delayed.is_empty() {
             let _ = host.set_tick_period_ms(self.context_id, DELAY_TICK_MS);

@@ -660,6 +660,7 @@ fn a_lease_admits_requests_of_its_kind_without_a_callout_until_spent_or_ended() 
             allowed: true,
             policy: Some(status(true)),
             grant: Some(sluice_protocol::Grant {
+                token: None,
                 units: 2,
                 ttl_ms: 1_000,
             }),
@@ -711,6 +712,7 @@ fn a_lease_admits_requests_of_its_kind_without_a_callout_until_spent_or_ended() 
                 allowed: true,
                 policy: Some(status(true)),
                 grant: Some(sluice_protocol::Grant {
+                    token: None,
                     units: 100,
                     ttl_ms: 1_000,
                 }),

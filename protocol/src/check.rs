@@ -253,10 +253,16 @@ pub struct Decision {
 /// worker admits up to `units` (in request costs) of requests with the same decision facts
 /// (its denial-cache fingerprint: client, request line, the headers rules match on, the
 /// configuration version) without asking, for `ttl_ms` from when it sent the check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// `token`, when the controller sends one, lets the worker give back what the lease has not
+/// admitted (a [`LeaseReturn`] in its release call): signed by the controller, it names the
+/// limits the lease was taken from and may be presented once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grant {
     pub units: u64,
     pub ttl_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// Why a request was refused for who it is.
@@ -309,11 +315,26 @@ pub enum DenyReason {
 /// Versioned path of the release call.
 pub const RELEASE_PATH: &str = "/v1/release";
 
-/// Hands back concurrency slots (the `leases` of decisions) when requests end.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Hands back concurrency slots (the `leases` of decisions) when requests end, and the
+/// unused part of leases of quota (`returns`) that a worker will not use.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReleaseRequest {
+    #[serde(default)]
     pub leases: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub returns: Vec<LeaseReturn>,
 }
+
+/// Quota of a lease that its worker gives back: `unused` of the requests its [`Grant`]
+/// (named by the grant's `token`) admits at most.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseReturn {
+    pub grant: String,
+    pub unused: u64,
+}
+
+/// Bytes of a grant's token the controller reads, at most.
+pub const MAX_GRANT_TOKEN_BYTES: usize = 4 * 1024;
 
 /// Versioned path where each filter worker reports, once a second, what it saw that the
 /// controller cannot: its upstream's answers (for the automatic system state) and invalid

@@ -12,10 +12,10 @@ pub mod rules;
 
 pub use check::{
     sampled, AddressCount, CachedDenials, Check, CheckRequest, CheckResponse, ClientId, ClientKind,
-    Decision, DenyReason, Grant, LeasedAdmissions, PolicyStatus, Refusal, ReleaseRequest, Report,
-    CHECK_PATH, MAX_CALL_BODY_BYTES, MAX_CHECK_HEADERS, MAX_HEADER_NAME_BYTES, MAX_IDENTITY_BYTES,
-    MAX_METHOD_BYTES, MAX_REPORTED_ADDRESSES, MAX_REQUEST_FIELD_BYTES, RELEASE_PATH,
-    REPORTER_HEADER, REPORT_PATH,
+    Decision, DenyReason, Grant, LeaseReturn, LeasedAdmissions, PolicyStatus, Refusal,
+    ReleaseRequest, Report, CHECK_PATH, MAX_CALL_BODY_BYTES, MAX_CHECK_HEADERS,
+    MAX_GRANT_TOKEN_BYTES, MAX_HEADER_NAME_BYTES, MAX_IDENTITY_BYTES, MAX_METHOD_BYTES,
+    MAX_REPORTED_ADDRESSES, MAX_REQUEST_FIELD_BYTES, RELEASE_PATH, REPORTER_HEADER, REPORT_PATH,
 };
 pub use config::{
     Alerts, ApiKey, AutomaticState, ConfigDocument, FilterView, ListEntry, ListItem, ListKind,

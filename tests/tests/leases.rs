@@ -504,3 +504,108 @@ fn a_request_is_leased_only_when_every_enforced_rule_is_leased_and_no_shadow_rul
         "the window did not end"
     );
 }
+
+/// What the fixed window of the global rule `rule` has counted, read from Redis.
+fn counted_in_redis(redis: &RedisServer, rule: &str) -> u64 {
+    let mut connection = redis.connection();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("sluice:*:fixed_window:{rule}:*"))
+        .query(&mut connection)
+        .expect("keys");
+    keys.iter()
+        .map(|key| {
+            let count: Option<u64> = redis::cmd("HGET")
+                .arg(key)
+                .arg("c")
+                .query(&mut connection)
+                .expect("hget");
+            count.unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Quota a worker holds unused comes back to the key: a lease not spent 2 s after its grant
+/// is given back at the worker's next tick (its demand dropped: here, to nothing), and a
+/// configuration change gives back every lease the worker holds as soon as it reads it.
+#[test]
+fn unused_lease_quota_returns_to_the_key_when_demand_drops_or_the_configuration_changes() {
+    let _turn = one_at_a_time();
+    let redis = RedisServer::start();
+    let config = r#"
+[[rules]]
+name = "idle"
+limit = 1000
+window = "1h"
+scope = "global"
+match = { path = "/idle" }
+leased = { share_percent = 50 }
+"#;
+    let controller = Controller::start(config, Some(&redis.url()));
+    let upstream = Upstream::start();
+    // The configuration read every 200 ms: a change reaches the workers well before the
+    // 2 s a lease is kept for its traffic, so the two ways back are told apart.
+    let envoy = Envoy::start(&EnvoyOptions {
+        filter: Filter::sluice_with(&{
+            let mut plugin = sluice_plugin_config("deny", 2_000);
+            plugin["controller"]["config_poll_ms"] = json!(200);
+            plugin
+        }),
+        upstream_port: upstream.port(),
+        controller_ports: vec![controller.port],
+        concurrency: 2,
+        controller_http2: false,
+    });
+    envoy.wait_until_vms_read_the_configuration(3);
+
+    assert_eq!(statuses(&envoy, "/idle", 1), [200]);
+    let granted_at = std::time::Instant::now();
+    assert_eq!(
+        counted_in_redis(&redis, "idle"),
+        17,
+        "the request and its worker's first lease of 16"
+    );
+    wait_until(
+        "the unused lease given back",
+        Duration::from_secs(6),
+        || counted_in_redis(&redis, "idle") == 1,
+    );
+    assert!(
+        granted_at.elapsed() >= Duration::from_millis(1_500),
+        "given back {:?} after the grant: a lease is kept 2 s for its traffic",
+        granted_at.elapsed()
+    );
+    assert_eq!(
+        metric(
+            &controller,
+            "sluice_leased_requests_returned_total{rule=\"idle\"}"
+        ),
+        16
+    );
+
+    assert_eq!(statuses(&envoy, "/idle", 1), [200]);
+    let granted_at = std::time::Instant::now();
+    assert_eq!(counted_in_redis(&redis, "idle"), 18, "a new lease of 16");
+    let rule = json!({
+        "name": "other", "limit": 5, "window": "1m", "match": { "path": "/other" },
+    });
+    let reply = controller.admin("POST", "/v1/admin/rules", Some(&rule));
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    wait_until(
+        "the lease given back after the change",
+        Duration::from_secs(4),
+        || counted_in_redis(&redis, "idle") == 2,
+    );
+    let log = envoy.log();
+    assert!(
+        log.contains("drops this worker's leases: giving back 16 requests' worth unused"),
+        "the change, not the 2 s rule, gave the lease back ({:?} after its grant)",
+        granted_at.elapsed()
+    );
+    assert_eq!(
+        metric(
+            &controller,
+            "sluice_leased_requests_returned_total{rule=\"idle\"}"
+        ),
+        32
+    );
+}

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_controller::store::{
-    CheckSpec, LimitSpec, ManualClock, MemoryStore, Outcome, RedisStore, RedisTarget, Reservation,
-    Store,
+    CheckSpec, LimitSpec, ManualClock, MemoryStore, Outcome, RedisStore, RedisTarget, Refund,
+    Reservation, Store,
 };
 use sluice_controller::strategy::{Params, PenaltyParams, Verdict};
 use sluice_e2e::{unique_name, RedisCluster, RedisServer};
@@ -990,6 +990,133 @@ async fn lease_reservations_end_with_their_lease(s: Subject) {
     );
 }
 
+fn refund_of(spec: &LimitSpec, units: u64, counted_in: u64, grant: &str, holder: &str) -> Refund {
+    Refund {
+        key: spec.key.clone(),
+        params: spec.params,
+        units,
+        counted_in,
+        grant: grant.to_owned(),
+        remember_ms: 60_000,
+        holder: holder.to_owned(),
+    }
+}
+
+impl Subject {
+    async fn refund(&self, refunds: &[Refund]) -> Vec<u64> {
+        self.store.refund(refunds).await.expect("store answers")
+    }
+
+    async fn remaining(&self, spec: &LimitSpec) -> u64 {
+        self.check(&[costing(spec.clone(), 0)]).await.verdicts[0].remaining
+    }
+}
+
+async fn a_returned_lease_gives_its_unused_quota_back_once_and_only_in_its_window(s: Subject) {
+    let spec = limit(FixedWindow, 100, 60_000, 0);
+    let window = START - START % 60_000;
+    assert!(
+        s.check(&[costing(spec.clone(), 40)]).await.allowed(),
+        "a lease of 40"
+    );
+    assert_eq!(
+        s.refund(&[refund_of(&spec, 30, window, "g1", "w")]).await,
+        [30]
+    );
+    assert_eq!(s.remaining(&spec).await, 90, "30 of the 40 back");
+    assert_eq!(
+        s.refund(&[refund_of(&spec, 30, window, "g1", "w")]).await,
+        [0],
+        "a replayed return gives nothing"
+    );
+    assert_eq!(s.remaining(&spec).await, 90);
+    assert_eq!(
+        s.refund(&[refund_of(&spec, 1_000, window, "g2", "w")])
+            .await,
+        [10],
+        "never more than the window counted"
+    );
+    assert_eq!(s.remaining(&spec).await, 100);
+    assert_eq!(
+        s.refund(&[refund_of(&spec, 5, window - 60_000, "g3", "w")])
+            .await,
+        [0],
+        "a lease counted in another window gives nothing to this one"
+    );
+    assert!(s.check(&[costing(spec.clone(), 50)]).await.allowed());
+    s.advance(60_000);
+    assert!(
+        s.check(&[costing(spec.clone(), 20)]).await.allowed(),
+        "the next window"
+    );
+    assert_eq!(
+        s.refund(&[refund_of(&spec, 50, window, "g4", "w")]).await,
+        [0],
+        "the window the lease was counted in has ended: its quota went with it"
+    );
+    assert_eq!(s.remaining(&spec).await, 80);
+}
+
+async fn a_returned_lease_fills_a_bucket_no_further_than_it_was(s: Subject) {
+    let bucket = limit(TokenBucket, 10, 1_000, 20);
+    assert!(s.check(&[costing(bucket.clone(), 15)]).await.allowed());
+    assert_eq!(
+        s.refund(&[refund_of(&bucket, 10, 0, "b1", "w")]).await,
+        [10]
+    );
+    assert_eq!(s.remaining(&bucket).await, 15);
+    s.advance(200);
+    assert_eq!(
+        s.refund(&[refund_of(&bucket, 100, 0, "b2", "w")]).await,
+        [3],
+        "17 after 200 ms of refill: 3 to full"
+    );
+    assert_eq!(s.remaining(&bucket).await, 20);
+
+    let gcra = limit(Gcra, 10, 1_000, 5);
+    assert!(s.check(&[costing(gcra.clone(), 5)]).await.allowed());
+    assert_eq!(s.remaining(&gcra).await, 0);
+    assert_eq!(s.refund(&[refund_of(&gcra, 3, 0, "c1", "w")]).await, [3]);
+    assert_eq!(s.remaining(&gcra).await, 3);
+    assert_eq!(
+        s.refund(&[refund_of(&gcra, 3, 0, "c1", "w")]).await,
+        [0],
+        "a replay"
+    );
+    assert_eq!(
+        s.refund(&[refund_of(&gcra, 10, 0, "c2", "w")]).await,
+        [2],
+        "down to no debt, no further"
+    );
+    assert_eq!(s.remaining(&gcra).await, 5);
+    let untouched = limit(Gcra, 10, 1_000, 5);
+    assert_eq!(
+        s.refund(&[refund_of(&untouched, 3, 0, "c3", "w")]).await,
+        [0],
+        "nothing taken, nothing to give back"
+    );
+    assert_eq!(s.remaining(&untouched).await, 5);
+}
+
+async fn a_returned_lease_ends_its_holders_reservation(s: Subject) {
+    let spec = limit(FixedWindow, 100, 60_000, 0);
+    let holders = sluice_controller::keys::lease_holders_key(&spec.key);
+    assert_eq!(
+        s.reserve(&[reservation(&holders, "a", 60_000, 10)]).await,
+        [10]
+    );
+    assert_eq!(
+        s.reserve(&[reservation(&holders, "b", 60_000, 10)]).await,
+        [0]
+    );
+    s.refund(&[refund_of(&spec, 0, 0, "r1", "a")]).await;
+    assert_eq!(
+        s.reserve(&[reservation(&holders, "b", 60_000, 10)]).await,
+        [10],
+        "a gave its lease back: b may hold the whole quota"
+    );
+}
+
 macro_rules! every_store {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
@@ -1052,6 +1179,9 @@ every_store!(
     lease_reservations_split_the_quota_and_never_exceed_it,
     lease_reservations_end_with_their_lease,
     a_lease_is_sized_by_its_holders_traffic,
+    a_returned_lease_gives_its_unused_quota_back_once_and_only_in_its_window,
+    a_returned_lease_fills_a_bucket_no_further_than_it_was,
+    a_returned_lease_ends_its_holders_reservation,
 );
 
 // ---- Redis on its own clock ------------------------------------------------------------------

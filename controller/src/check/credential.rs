@@ -130,6 +130,8 @@ impl CheckTokens {
 #[derive(Clone, Default)]
 pub struct LeaseSigner {
     keys: Vec<[u8; 32]>,
+    /// Without keys, refuse every token instead of taking it unsigned.
+    refuse_unsigned: bool,
 }
 
 /// Bytes of the signature kept in a token (128 bits, hex).
@@ -148,7 +150,47 @@ impl LeaseSigner {
                 hasher.finalize().into()
             })
             .collect();
-        LeaseSigner { keys }
+        LeaseSigner {
+            keys,
+            refuse_unsigned: false,
+        }
+    }
+
+    /// The signer of grant tokens (what lets a worker give a lease's unused quota back).
+    /// Keyed like the lease tokens' (under a label of its own), so that any controller of
+    /// the deployment takes a return; but never unsigned: a forged return would give back
+    /// quota that was never taken, lifting a limit. Without check tokens the key is this
+    /// process's own, so a return reaches only the controller that granted the lease (at
+    /// another it is refused, and the lease's quota stays spent as before returns existed).
+    pub fn for_grants(tokens: &CheckTokens) -> Self {
+        use sha2::{Digest, Sha256};
+        let keys: Vec<[u8; 32]> = if tokens.0.is_empty() {
+            let mut key = [0u8; 32];
+            // No randomness (never on the platforms this runs on): a fixed key would let
+            // anyone forge returns, so none can be verified.
+            if getrandom::fill(&mut key).is_err() {
+                return LeaseSigner {
+                    keys: Vec::new(),
+                    refuse_unsigned: true,
+                };
+            }
+            vec![key]
+        } else {
+            tokens
+                .0
+                .iter()
+                .map(|digest| {
+                    let mut hasher = Sha256::new();
+                    hasher.update(b"sluice grant token key\0");
+                    hasher.update(digest);
+                    hasher.finalize().into()
+                })
+                .collect()
+        };
+        LeaseSigner {
+            keys,
+            refuse_unsigned: true,
+        }
     }
 
     fn mac(key: &[u8; 32], token: &str) -> [u8; SIGNATURE_BYTES] {
@@ -176,7 +218,7 @@ impl LeaseSigner {
     /// The token a signed one carries, if one of the keys signed it.
     pub fn verify<'a>(&self, signed: &'a str) -> Option<&'a str> {
         if self.keys.is_empty() {
-            return Some(signed);
+            return (!self.refuse_unsigned).then_some(signed);
         }
         let (token, signature) = signed.rsplit_once('|')?;
         let presented = hex_digest_16(signature)?;

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use sluice_protocol::config::UnknownApiKeys;
 use sluice_protocol::{
     Check, CheckRequest, CheckResponse, ClientId, ClientKind, Decision, DenyReason, Grant,
-    PolicyStatus, Refusal, Rule, Scope, Strategy,
+    LeaseReturn, PolicyStatus, Refusal, Rule, Scope, Strategy,
 };
 
-use super::credential::LeaseSigner;
+use super::credential::{CheckTokens, LeaseSigner};
+use super::grant::{self, GrantToken, GrantedLimit};
 use crate::config::{LiveConfig, Snapshot};
 use crate::keys;
 use crate::metrics::Metrics;
@@ -28,6 +29,8 @@ pub struct Limiter {
     /// Stats, alerts and the log of limited requests (none: `--stats false`).
     recorder: Option<Arc<Recorder>>,
     signer: LeaseSigner,
+    /// Signs grant tokens (see `grant`): never without a key.
+    grant_signer: LeaseSigner,
 }
 
 /// A check's limits as the store is asked about them: the enforced rules together (all or
@@ -67,10 +70,20 @@ pub struct BadLease {
     pub index: usize,
 }
 
+/// A return that asks back more than its grant holds.
+#[derive(Debug, thiserror::Error)]
+#[error("returns[{index}].unused: {why}")]
+pub struct BadReturn {
+    pub index: usize,
+    pub why: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReleaseError {
     #[error(transparent)]
     BadLease(#[from] BadLease),
+    #[error(transparent)]
+    BadReturn(#[from] BadReturn),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -84,7 +97,15 @@ impl Limiter {
             metrics: Arc::new(Metrics::new()),
             recorder: None,
             signer: LeaseSigner::default(),
+            grant_signer: LeaseSigner::for_grants(&CheckTokens::default()),
         }
+    }
+
+    /// Signs the grant tokens it hands out (with which workers give leases' unused quota
+    /// back), and takes returns only of tokens signed so.
+    pub fn with_grant_signer(mut self, signer: LeaseSigner) -> Self {
+        self.grant_signer = signer;
+        self
     }
 
     /// Signs the lease tokens it hands out, and refuses releases of tokens it did not sign.
@@ -308,8 +329,8 @@ impl Limiter {
             Ok(_) | Err(_) => return,
         };
         let mut reserved = reserved.into_iter();
-        let mut grants: Vec<(usize, u64, u64, Vec<LimitSpec>)> = Vec::new();
-        for (index, asked, ttl_ms, _) in wanted {
+        let mut grants: Vec<(usize, u64, u64, Vec<LimitSpec>, String)> = Vec::new();
+        for (index, asked, ttl_ms, kind) in wanted {
             let of_check: Vec<u64> = reserved.by_ref().take(asked.enforced.len()).collect();
             let units = lease_units(asked, &decisions[index], &of_check);
             if units == 0 {
@@ -323,14 +344,14 @@ impl Limiter {
                     ..spec.clone()
                 })
                 .collect();
-            grants.push((index, units, ttl_ms, specs));
+            grants.push((index, units, ttl_ms, specs, format!("{holder}.{kind:016x}")));
         }
         if grants.is_empty() {
             return;
         }
         let batch: Vec<CheckSpec<'_>> = grants
             .iter()
-            .map(|(_, _, _, specs)| CheckSpec {
+            .map(|(_, _, _, specs, _)| CheckSpec {
                 limits: specs,
                 lease_id: "",
             })
@@ -338,19 +359,109 @@ impl Limiter {
         let Ok(outcomes) = self.timed("lease", self.store.check_batch(&batch)).await else {
             return;
         };
-        for ((index, units, ttl_ms, _), outcome) in grants.iter().zip(outcomes) {
+        for ((index, units, ttl_ms, specs, leaseholder), outcome) in grants.iter().zip(outcomes) {
             if !outcome.allowed() {
                 continue;
             }
             let decision = &mut decisions[*index];
+            let token = self.grant_token(decision, *units, *ttl_ms, specs, &outcome, leaseholder);
             decision.grant = Some(Grant {
                 units: *units,
                 ttl_ms: *ttl_ms,
+                token: Some(token),
             });
             if let Some(policy) = &decision.policy {
                 self.metrics.lease_granted(&policy.rule, *units);
             }
         }
+    }
+
+    /// The signed token with which the worker can give back what a lease of `units`
+    /// requests, taken as `specs` (the store's `outcome`), leaves unused.
+    fn grant_token(
+        &self,
+        decision: &Decision,
+        units: u64,
+        ttl_ms: u64,
+        specs: &[LimitSpec],
+        outcome: &Outcome,
+        leaseholder: &str,
+    ) -> String {
+        let store_now = self.store.now_ms();
+        let limits = specs
+            .iter()
+            .zip(&outcome.verdicts)
+            .map(|(spec, verdict)| GrantedLimit {
+                key: &spec.key,
+                params: spec.params,
+                cost: spec.cost / units.max(1),
+                counted_in: if spec.params.strategy == Strategy::FixedWindow {
+                    grant::counted_in(store_now, verdict.reset_ms, spec.params.period_ms)
+                } else {
+                    0
+                },
+            })
+            .collect();
+        let id = new_lease_id();
+        let token = GrantToken {
+            id: &id,
+            until_ms: store_now.saturating_add(ttl_ms),
+            rule: decision.policy.as_ref().map_or("", |policy| &policy.rule),
+            units,
+            limits,
+            holder: leaseholder,
+        };
+        self.grant_signer.sign(token.encode())
+    }
+
+    /// Gives back what leases left unused, by their grants' tokens: per return, the
+    /// requests' worth of quota given back (0 for a token this deployment did not sign, a
+    /// lease that has ended, or a grant returned before). `unused` beyond what the grant
+    /// holds is refused, naming the return.
+    pub async fn return_leases(&self, returns: &[LeaseReturn]) -> Result<Vec<u64>, ReleaseError> {
+        let now_ms = self.store.now_ms();
+        let mut refunds = Vec::new();
+        let mut of_return: Vec<(usize, usize, u64, &str)> = Vec::new();
+        for (index, returned) in returns.iter().enumerate() {
+            let Some(token) = self
+                .grant_signer
+                .verify(&returned.grant)
+                .and_then(GrantToken::parse)
+            else {
+                continue;
+            };
+            if returned.unused > token.units {
+                return Err(ReleaseError::BadReturn(BadReturn {
+                    index,
+                    why: format!(
+                        "{} unused of a lease of {} requests",
+                        returned.unused, token.units
+                    ),
+                }));
+            }
+            if returned.unused == 0 || now_ms >= token.until_ms {
+                continue;
+            }
+            let first = refunds.len();
+            let cost = token.limits.first().map_or(1, |limit| limit.cost.max(1));
+            refunds.extend(token.refunds(returned.unused, now_ms));
+            of_return.push((index, first, cost, token.rule));
+        }
+        let mut given = vec![0; returns.len()];
+        if refunds.is_empty() {
+            return Ok(given);
+        }
+        let refunded = self
+            .timed("lease_return", self.store.refund(&refunds))
+            .await?;
+        for (index, first, cost, rule) in of_return {
+            let requests = refunded.get(first).copied().unwrap_or(0) / cost;
+            given[index] = requests;
+            if requests > 0 {
+                self.metrics.lease_returned(rule, requests);
+            }
+        }
+        Ok(given)
     }
 
     /// Gives back the slots named by lease tokens; returns how many were still held.

@@ -3,6 +3,7 @@
 //! admin surface holds: each call reads the configuration snapshot once.
 
 pub mod credential;
+pub mod grant;
 pub mod limiter;
 pub mod report;
 
@@ -15,8 +16,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use sluice_protocol::{
     CheckRequest, CheckResponse, FilterView, ReleaseRequest, CHECK_PATH, CONFIG_PATH,
-    MAX_CALL_BODY_BYTES, MAX_CHECK_HEADERS, MAX_HEADER_NAME_BYTES, MAX_IDENTITY_BYTES,
-    MAX_METHOD_BYTES, MAX_REQUEST_FIELD_BYTES, RELEASE_PATH, REPORT_PATH,
+    MAX_CALL_BODY_BYTES, MAX_CHECK_HEADERS, MAX_GRANT_TOKEN_BYTES, MAX_HEADER_NAME_BYTES,
+    MAX_IDENTITY_BYTES, MAX_METHOD_BYTES, MAX_REQUEST_FIELD_BYTES, RELEASE_PATH, REPORT_PATH,
 };
 
 use crate::automatic::Signals;
@@ -121,13 +122,48 @@ async fn release(
             ),
         ));
     }
-    match state.limiter.release(&request.leases).await {
-        Ok(freed) => {
-            tracing::debug!(leases = request.leases.len(), freed, "release call served");
-            Ok(Json(serde_json::json!({ "released": freed })))
+    if request.returns.len() > MAX_CHECKS_PER_CALL {
+        return Err(ApiError::invalid(
+            "returns",
+            format!(
+                "at most {MAX_CHECKS_PER_CALL} returns per call, got {}",
+                request.returns.len()
+            ),
+        ));
+    }
+    if let Some(index) = request
+        .returns
+        .iter()
+        .position(|returned| returned.grant.len() > MAX_GRANT_TOKEN_BYTES)
+    {
+        return Err(ApiError::invalid(
+            format!("returns[{index}].grant"),
+            format!("at most {MAX_GRANT_TOKEN_BYTES} bytes"),
+        ));
+    }
+    let outcome = async {
+        let freed = state.limiter.release(&request.leases).await?;
+        let returned = state.limiter.return_leases(&request.returns).await?;
+        Ok::<_, ReleaseError>((freed, returned))
+    };
+    match outcome.await {
+        Ok((freed, returned)) => {
+            tracing::debug!(
+                leases = request.leases.len(),
+                freed,
+                returns = request.returns.len(),
+                "release call served"
+            );
+            Ok(Json(
+                serde_json::json!({ "released": freed, "returned": returned }),
+            ))
         }
         Err(ReleaseError::BadLease(bad)) => Err(ApiError::invalid(
             format!("leases[{}]", bad.index),
+            bad.to_string(),
+        )),
+        Err(ReleaseError::BadReturn(bad)) => Err(ApiError::invalid(
+            format!("returns[{}].unused", bad.index),
             bad.to_string(),
         )),
         Err(ReleaseError::Store(error)) => Err(ApiError::store_unavailable(&error)),

@@ -24,7 +24,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use super::{now_ms, CheckSpec, MemoryStore, Outcome, Reservation, Store, StoreError, SystemClock};
+use super::{
+    now_ms, CheckSpec, MemoryStore, Outcome, Refund, Reservation, Store, StoreError, SystemClock,
+};
 use crate::metrics::Metrics;
 use crate::strategy::Verdict;
 
@@ -378,6 +380,19 @@ impl Store for GuardedStore {
             Err(error)
         })
         .await
+    }
+
+    async fn refund(&self, refunds: &[Refund]) -> Result<Vec<u64>, StoreError> {
+        // Leases are granted by the store only, so only the store can take them back.
+        self.guarded(
+            self.store.refund(refunds),
+            |error| async move { Err(error) },
+        )
+        .await
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.store.now_ms()
     }
 
     /// A readiness check probes an open circuit too, so that it closes without traffic.

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use sluice_protocol::Strategy;
 
-use super::{CheckSpec, LimitSpec, Outcome, Reservation, Store, StoreError};
+use super::{CheckSpec, LimitSpec, Outcome, Refund, Reservation, Store, StoreError};
 use crate::keys;
 use crate::strategy::{self, State};
 
@@ -103,6 +103,9 @@ struct Reserved {
 #[derive(Default)]
 struct Reservations {
     by_key: HashMap<String, HashMap<String, Reserved>>,
+    /// The twin of the `refunded` sets of `lua/lease_return.lua`: (limit key, grant) →
+    /// until when a replay of that grant's return is refused.
+    refunded: HashMap<(String, String), u64>,
     next_sweep_at: u64,
 }
 
@@ -281,6 +284,7 @@ impl Store for MemoryStore {
                 held.retain(|_, held| held.ends > now);
                 !held.is_empty()
             });
+            reservations.refunded.retain(|_, until| *until > now);
             reservations.next_sweep_at = now.saturating_add(SWEEP_EVERY_MS);
         }
         Ok(asked
@@ -317,6 +321,62 @@ impl Store for MemoryStore {
                 units
             })
             .collect())
+    }
+
+    async fn refund(&self, refunds: &[Refund]) -> Result<Vec<u64>, StoreError> {
+        let now = self.clock.now_ms();
+        let mut entries = self.lock();
+        let mut reservations = self
+            .reservations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(refunds
+            .iter()
+            .map(|refund| {
+                if let Some(held) = reservations
+                    .by_key
+                    .get_mut(&keys::lease_holders_key(&refund.key))
+                {
+                    held.remove(&refund.holder);
+                }
+                let marker = (refund.key.clone(), refund.grant.clone());
+                if reservations
+                    .refunded
+                    .get(&marker)
+                    .is_some_and(|&until| until > now)
+                {
+                    return 0;
+                }
+                reservations
+                    .refunded
+                    .insert(marker, now.saturating_add(refund.remember_ms.max(1)));
+                let Some(entry) = entries
+                    .by_key
+                    .get_mut(&refund.key)
+                    .filter(|entry| entry.expires_at > now)
+                else {
+                    return 0;
+                };
+                match strategy::refund(
+                    &refund.params,
+                    entry.state.as_ref(),
+                    now,
+                    refund.units,
+                    refund.counted_in,
+                ) {
+                    Some(refunded) => {
+                        entry.state = Some(refunded.state);
+                        entry.expires_at = now.saturating_add(refunded.ttl_ms.max(1));
+                        refunded.given
+                    }
+                    None => 0,
+                }
+            })
+            .collect())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

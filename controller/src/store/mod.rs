@@ -37,6 +37,26 @@ pub struct Reservation {
     pub quota: u64,
 }
 
+/// Quota a lease took from one limit and gives back unused (see [`crate::strategy::refund`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refund {
+    /// The limit's key.
+    pub key: String,
+    pub params: Params,
+    /// What to give back, in request costs.
+    pub units: u64,
+    /// A fixed window's start when the lease was counted in it (0 for the buckets).
+    pub counted_in: u64,
+    /// The grant this comes from: each key takes one refund per grant, so a replayed return
+    /// gives nothing back.
+    pub grant: String,
+    /// How long a replay of the grant must be refused: until its token ends.
+    pub remember_ms: u64,
+    /// The holder whose reservation on the key ends with the return
+    /// ([`crate::keys::lease_holders_key`]).
+    pub holder: String,
+}
+
 /// One request's limits, as a store checks them within a batch.
 #[derive(Debug, Clone, Copy)]
 pub struct CheckSpec<'a> {
@@ -134,6 +154,17 @@ pub trait Store: Send + Sync {
     /// with a live reservation on the key, and no holder gets more than the others leave
     /// (`lua/lease_reserve.lua`).
     async fn reserve_leases(&self, asked: &[Reservation]) -> Result<Vec<u64>, StoreError>;
+
+    /// Gives back what leases took and did not use, one answer per refund: the units given
+    /// back (0 for a grant already returned to that key, or a window that ended). Each
+    /// refund also ends its holder's reservation on the key.
+    async fn refund(&self, refunds: &[Refund]) -> Result<Vec<u64>, StoreError>;
+
+    /// Now, by the clock the store's scripts count time on, as well as the controller can
+    /// tell (the Redis server's clock is this machine's, within what NTP keeps them apart).
+    fn now_ms(&self) -> u64 {
+        now_ms()
+    }
 
     /// Whether the store answers.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use redis::{Script, ScriptInvocation};
 
 use super::connection::{RedisConnection, RedisTarget};
-use super::{CheckSpec, Clock, LimitSpec, Outcome, Reservation, Store, StoreError};
+use super::{CheckSpec, Clock, LimitSpec, Outcome, Refund, Reservation, Store, StoreError};
 use crate::strategy::Verdict;
 
 /// `lua/check.lua` after the prelude, the penalty and every strategy it dispatches to.
@@ -33,6 +33,14 @@ const CHECK: &str = concat!(
 );
 const RELEASE: &str = include_str!("../../../lua/release.lua");
 const LEASE_RESERVE: &str = include_str!("../../../lua/lease_reserve.lua");
+/// `lua/lease_return.lua` after the prelude and the strategies that can be leased.
+const LEASE_RETURN: &str = concat!(
+    include_str!("../../../lua/prelude.lua"),
+    include_str!("../../../lua/fixed_window.lua"),
+    include_str!("../../../lua/token_bucket.lua"),
+    include_str!("../../../lua/gcra.lua"),
+    include_str!("../../../lua/lease_return.lua"),
+);
 
 pub struct RedisStore {
     /// A multiplexed connection that reconnects by itself; cloning shares it.
@@ -41,6 +49,7 @@ pub struct RedisStore {
     check: Script,
     release: Script,
     lease_reserve: Script,
+    lease_return: Script,
     /// Tests only: a clock whose time replaces Redis `TIME`.
     clock: Option<Arc<dyn Clock>>,
 }
@@ -61,6 +70,7 @@ impl RedisStore {
             check: Script::new(CHECK),
             release: Script::new(RELEASE),
             lease_reserve: Script::new(LEASE_RESERVE),
+            lease_return: Script::new(LEASE_RETURN),
             clock: None,
         })
     }
@@ -310,6 +320,57 @@ impl Store for RedisStore {
             reserved.extend(reply);
         }
         Ok(reserved)
+    }
+
+    async fn refund(&self, refunds: &[Refund]) -> Result<Vec<u64>, StoreError> {
+        let now = self
+            .clock
+            .as_ref()
+            .map_or_else(String::new, |c| c.now_ms().to_string());
+        // On a cluster each refund is its own call (its own slot); returns are rare.
+        let groups: Vec<&[Refund]> = if self.connection.is_cluster() {
+            refunds.chunks(1).collect()
+        } else {
+            vec![refunds]
+        };
+        let mut given = Vec::with_capacity(refunds.len());
+        for group in groups.into_iter().filter(|group| !group.is_empty()) {
+            let mut invocation = self.lease_return.prepare_invoke();
+            invocation.arg(&now);
+            for refund in group {
+                invocation
+                    .key(&refund.key)
+                    .key(crate::keys::lease_refunds_key(&refund.key))
+                    .key(crate::keys::lease_holders_key(&refund.key))
+                    .arg(refund.params.strategy.as_str())
+                    .arg(refund.units)
+                    .arg(refund.params.limit)
+                    .arg(refund.params.period_ms)
+                    .arg(refund.params.extra)
+                    .arg(refund.counted_in)
+                    .arg(&refund.grant)
+                    .arg(refund.remember_ms)
+                    .arg(&refund.holder);
+            }
+            let reply: Vec<u64> = invocation
+                .invoke_async(&mut self.connection.clone())
+                .await?;
+            if reply.len() != group.len() {
+                return Err(StoreError::Reply(format!(
+                    "{} refunds answered for {} asked",
+                    reply.len(),
+                    group.len()
+                )));
+            }
+            given.extend(reply);
+        }
+        Ok(given)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock
+            .as_ref()
+            .map_or_else(super::now_ms, |clock| clock.now_ms())
     }
 
     async fn delete_keys(&self, keys: &[String]) -> Result<u64, StoreError> {
