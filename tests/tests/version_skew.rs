@@ -171,3 +171,39 @@ fn this_controller_reads_a_newer_filters_calls_ignoring_the_fields_they_add() {
     let reply = http::post_check(&controller.url("/v1/report"), &report).expect("report");
     assert!(reply.status < 300, "{reply:?}");
 }
+
+/// The previous release's filter in front of this controller under lease mode: this
+/// controller's grants carry a token (to give unused quota back) inside `grant`, where the
+/// previous release takes unknown fields; it admits from the leases as before, and nothing
+/// falls to the failure mode.
+#[test]
+fn the_previous_releases_filter_takes_this_controllers_leases() {
+    let wasm = previous_release("SLUICE_PREVIOUS_WASM", "filter");
+    let rules = r#"
+[[rules]]
+name = "hot"
+limit = 1000
+window = "1h"
+scope = "global"
+match = { path = "/hot" }
+leased = { share_percent = 50 }
+"#;
+    let controller = Controller::start(rules, None);
+    let upstream = Upstream::start();
+    let envoy = envoy(controller.port, &upstream, Some(&wasm));
+    envoy.wait_until_vms_read_the_configuration(2);
+    for _ in 0..40 {
+        let response = http::get(&envoy.url("/hot")).expect("request through envoy");
+        assert_eq!(response.status, 200, "{response:?}\n{}", envoy.log());
+    }
+    let leased = envoy
+        .stat("wasmcustom.sluice_leased_admissions")
+        .unwrap_or(0);
+    assert!(
+        leased >= 16,
+        "admitted from this controller's leases: {leased}\n{}",
+        envoy.log()
+    );
+    assert_eq!(envoy.stat("wasmcustom.sluice_failure_allowed"), Some(0));
+    assert_eq!(envoy.stat("wasmcustom.sluice_failure_denied"), Some(0));
+}
