@@ -16,7 +16,7 @@ WASM := target/$(WASM_TARGET)/release/sluice_filter.wasm
 # put a Python process between us and Envoy's signals).
 ENVOY_BIN = $(abspath $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/envoy/_bin/envoy)))
 
-.PHONY: all build wasm oci controller run test lint unit e2e bench tools wasm-target envoy redis clean wrk schemathesis chromium openssl prometheus older-envoys
+.PHONY: all build wasm oci controller run test lint unit e2e bench tools wasm-target envoy redis clean wrk schemathesis chromium openssl prometheus older-envoys valgrind
 
 all: build
 
@@ -63,6 +63,10 @@ redis:
 
 wrk:
 	@command -v wrk >/dev/null || scripts/install-packages.sh wrk
+
+# The benchmark counts the filter's instructions per request with callgrind.
+valgrind:
+	@command -v valgrind >/dev/null || scripts/install-packages.sh valgrind
 
 # The TLS tests make their certificates with the openssl command.
 openssl:
@@ -128,7 +132,7 @@ e2e: tools wasm
 ## Benchmark -----------------------------------------------------------------------------
 
 # `make bench BASELINE=<git ref>` also runs the filter as built at that ref, in the same run.
-bench: tools wrk build
+bench: tools wrk valgrind build
 	ENVOY_BIN=$(ENVOY_BIN) SLUICE_CONTROLLER_BIN=$(CURDIR)/target/release/sluice-controller \
 		$(if $(BASELINE),BENCH_BASELINE_WASM=$$(scripts/build-at-ref.sh $(BASELINE) filter)) \
 		target/release/sluice-bench $(PART)

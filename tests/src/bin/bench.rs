@@ -156,6 +156,16 @@ fn main() {
         connections: setting("BENCH_CONNECTIONS", 50),
     };
     let part = std::env::args().nth(1).unwrap_or_else(|| "all".to_owned());
+    // Run under callgrind by `filter_core_instructions`: one stage, nothing else.
+    if part == "filter-core-count" {
+        let stage = std::env::args().nth(2).unwrap_or_default();
+        let rounds = std::env::args()
+            .nth(3)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        FilterCore::new().run_stage(&stage, rounds);
+        return;
+    }
     let mut report = String::new();
     if matches!(part.as_str(), "all" | "envoy") {
         report.push_str(&envoy_scenarios(&settings));
@@ -168,6 +178,9 @@ fn main() {
     }
     if matches!(part.as_str(), "all" | "filter" | "rules") {
         report.push_str(&rule_matching_native());
+    }
+    if matches!(part.as_str(), "all" | "rules") {
+        report.push_str(&rules_through_envoy(&settings));
     }
     if matches!(part.as_str(), "all" | "leases") {
         report.push_str(&lease_scenario(&settings));
@@ -614,6 +627,100 @@ fn filter_cost_scenario(settings: &Settings) -> String {
     report
 }
 
+/// The whole check path at 1, 100, 1,000 and 10,000 rules in force: each size's controller
+/// (its own Redis: a controller takes the configuration its store holds) holds that many
+/// rules, each on one exact path, and each request goes to one of those paths at random, so
+/// every check matches one rule of all of them and counts its own key. Beside them, bare
+/// Envoy and the exempt filter (the floor), one worker, saturated.
+fn rules_through_envoy(settings: &Settings) -> String {
+    const SIZES: [usize; 4] = [1, 100, 1_000, 10_000];
+    let rules_text = |count: usize| -> String {
+        (0..count)
+            .map(|n| {
+                format!(
+                    "[[rules]]\nname = \"r{n}\"\nlimit = 1000000000000\nwindow = \"1h\"\nmatch = {{ path = \"/api/items/{n}\" }}\n\n"
+                )
+            })
+            .collect()
+    };
+    let upstream = Upstream::start();
+    let stores: Vec<RedisServer> = SIZES.iter().map(|_| RedisServer::start()).collect();
+    let controllers: Vec<Controller> = SIZES
+        .iter()
+        .zip(&stores)
+        .map(|(count, redis)| {
+            Controller::start_logging(&rules_text(*count), Some(&redis.url()), "warn")
+        })
+        .collect();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let scripts: Vec<std::path::PathBuf> = SIZES
+        .iter()
+        .map(|count| {
+            let file = dir.path().join(format!("rules-{count}.lua"));
+            let script = format!(
+                "request = function()\n  return wrk.format(nil, \"/api/items/\" .. math.random(0, {}))\nend\n",
+                count - 1
+            );
+            std::fs::write(&file, script).expect("write wrk script");
+            file
+        })
+        .collect();
+    let sluice = |extra: serde_json::Value| {
+        Filter::sluice_with(&with_fields(sluice_plugin_config("deny", 1_000), extra))
+    };
+    let names: Vec<String> = SIZES
+        .iter()
+        .map(|&count| {
+            let plural = if count == 1 { "" } else { "s" };
+            format!("Sluice batched, {count} rule{plural} in force")
+        })
+        .collect();
+    let mut configurations: Vec<(&str, Envoy)> = vec![
+        (
+            "(a) Envoy, no limiter",
+            one_worker_envoy(Filter::None, &upstream, None, false),
+        ),
+        (
+            "Sluice, every path exempt (the floor)",
+            one_worker_envoy(
+                sluice(serde_json::json!({ "exempt_paths": ["/**"] })),
+                &upstream,
+                Some(&controllers[0]),
+                false,
+            ),
+        ),
+    ];
+    for (name, controller) in names.iter().zip(&controllers) {
+        configurations.push((
+            name.as_str(),
+            one_worker_envoy(
+                sluice(serde_json::json!({})),
+                &upstream,
+                Some(controller),
+                false,
+            ),
+        ));
+    }
+    let (runs, costs) = costed_scripted_rounds(
+        settings,
+        "rules",
+        &configurations,
+        |index| match index.checked_sub(2) {
+            Some(size) => [Some(controllers[size].pid()), Some(stores[size].pid())],
+            None => [None, None],
+        },
+        // The first two take the largest size's requests.
+        |index| Some(scripts[index.checked_sub(2).unwrap_or(SIZES.len() - 1)].as_path()),
+    );
+    let mut report = table(
+        "The check path by the number of rules in force, one worker, saturated (ratio to (a))",
+        &configurations,
+        &runs,
+    );
+    report.push_str(&cost_table(&configurations, &costs));
+    report
+}
+
 /// A wrk script: each request from one of 5000 clients (by `x-client`), at random.
 fn many_clients_script(dir: &std::path::Path) -> std::path::PathBuf {
     let script = r#"request = function()
@@ -975,51 +1082,115 @@ fn rule_matching_native() -> String {
     table
 }
 
-fn filter_core_native() -> String {
-    use sluice_filter::{decision, denial, identity};
-    const BATCH: usize = 17;
-    const ROUNDS: usize = 20_000;
-    let config = sluice_filter::config::FilterConfig::parse(br#"{"controller":{"cluster":"c"}}"#)
-        .expect("plugin config");
-    let decision_json = r#"{"allowed":true,"policy":{"rule":"bench","strategy":"fixed_window","limit":1000000000000,"remaining":999999999000,"reset_ms":41000,"retry_after_ms":0,"window_ms":3600000}}"#;
-    let reply = format!(
-        r#"{{"decisions":[{}]}}"#,
-        vec![decision_json; BATCH].join(",")
-    );
-    let facts = identity::Facts {
-        peer: Some("127.0.0.1:50123"),
-        forwarded_for: None,
-        token_header: None,
-        verified_claims: None,
-        api_key: None,
-        client_header: None,
-    };
-    let mut spent = [Duration::ZERO; 4];
-    for _ in 0..ROUNDS {
-        let began = Instant::now();
-        let checks: Vec<_> = (0..BATCH)
+/// The filter's own work on a batch of checks, stage by stage, natively: what
+/// [`filter_core_native`] times and [`filter_core_instructions`] counts.
+struct FilterCore {
+    config: sluice_filter::config::FilterConfig,
+    reply: String,
+}
+
+/// Checks per batch in [`FilterCore`]: about what a saturated worker sends per callout.
+const CORE_BATCH: usize = 17;
+/// The stages of [`FilterCore`], as the tables name them and `filter-core-count` takes them.
+const CORE_STAGES: [(&str, &str); 4] = [
+    ("build", "identify, build the check, fingerprint it"),
+    ("encode", "encode the batch (JSON)"),
+    ("decode", "decode the reply (JSON)"),
+    ("verdict", "verdict and response headers"),
+];
+
+impl FilterCore {
+    fn new() -> Self {
+        let config =
+            sluice_filter::config::FilterConfig::parse(br#"{"controller":{"cluster":"c"}}"#)
+                .expect("plugin config");
+        let decision_json = r#"{"allowed":true,"policy":{"rule":"bench","strategy":"fixed_window","limit":1000000000000,"remaining":999999999000,"reset_ms":41000,"retry_after_ms":0,"window_ms":3600000}}"#;
+        let reply = format!(
+            r#"{{"decisions":[{}]}}"#,
+            vec![decision_json; CORE_BATCH].join(",")
+        );
+        FilterCore { config, reply }
+    }
+
+    fn build(&self) -> Vec<sluice_protocol::Check> {
+        use sluice_filter::{decision, denial, identity};
+        let facts = identity::Facts {
+            peer: Some("127.0.0.1:50123"),
+            forwarded_for: None,
+            token_header: None,
+            verified_claims: None,
+            api_key: None,
+            client_header: None,
+        };
+        (0..CORE_BATCH)
             .map(|_| {
-                let identity = identity::identify(&config.identity, &facts, 0).expect("identity");
+                let identity =
+                    identity::identify(&self.config.identity, &facts, 0).expect("identity");
                 let check = decision::check_for(&identity, "127.0.0.1:10000", "GET", "/bench", 1);
                 std::hint::black_box(denial::slot_key(denial::fingerprint(&check, 1), 4096));
                 check
             })
-            .collect();
-        let built = Instant::now();
-        let body = serde_json::to_vec(&sluice_protocol::CheckRequest {
+            .collect()
+    }
+
+    fn encode(&self, checks: Vec<sluice_protocol::Check>) -> Vec<u8> {
+        serde_json::to_vec(&sluice_protocol::CheckRequest {
             checks,
             hold_delays: false,
             lease_holder: None,
         })
-        .expect("encode");
-        std::hint::black_box(&body);
-        let encoded = Instant::now();
-        let decisions =
-            decision::decisions_from_reply(Some("200"), reply.as_bytes(), BATCH).expect("decode");
-        let decoded = Instant::now();
-        for decided in &decisions {
-            std::hint::black_box(decision::verdict_for_decision(&config, decided, None));
+        .expect("encode")
+    }
+
+    fn decode(&self) -> Vec<sluice_protocol::Decision> {
+        sluice_filter::decision::decisions_from_reply(
+            Some("200"),
+            self.reply.as_bytes(),
+            CORE_BATCH,
+        )
+        .expect("decode")
+    }
+
+    fn verdict(&self, decisions: &[sluice_protocol::Decision]) {
+        for decided in decisions {
+            std::hint::black_box(sluice_filter::decision::verdict_for_decision(
+                &self.config,
+                decided,
+                None,
+            ));
         }
+    }
+
+    /// `rounds` batches of one stage alone (its inputs made once, before): what callgrind
+    /// counts for `sluice-bench filter-core-count <stage> <rounds>`.
+    fn run_stage(&self, stage: &str, rounds: usize) {
+        let checks = self.build();
+        let decisions = self.decode();
+        for _ in 0..rounds {
+            match stage {
+                "build" => drop(std::hint::black_box(self.build())),
+                "encode" => drop(std::hint::black_box(self.encode(checks.clone()))),
+                "decode" => drop(std::hint::black_box(self.decode())),
+                "verdict" => self.verdict(&decisions),
+                other => panic!("no stage {other}"),
+            }
+        }
+    }
+}
+
+fn filter_core_native() -> String {
+    const ROUNDS: usize = 20_000;
+    let core = FilterCore::new();
+    let mut spent = [Duration::ZERO; 4];
+    for _ in 0..ROUNDS {
+        let began = Instant::now();
+        let checks = core.build();
+        let built = Instant::now();
+        std::hint::black_box(core.encode(checks));
+        let encoded = Instant::now();
+        let decisions = core.decode();
+        let decoded = Instant::now();
+        core.verdict(&decisions);
         let settled = Instant::now();
         for (total, part) in spent.iter_mut().zip([
             built - began,
@@ -1030,24 +1201,60 @@ fn filter_core_native() -> String {
             *total += part;
         }
     }
-    let per_request = |d: Duration| d.as_nanos() as f64 / (ROUNDS * BATCH) as f64;
-    let mut table = format!("### The filter's own work per request, natively (batches of {BATCH})\n\n| step | ns per request |\n|---|---:|\n");
-    for (step, total) in [
-        "identify, build the check, fingerprint it",
-        "encode the batch (JSON)",
-        "decode the reply (JSON)",
-        "verdict and response headers",
-    ]
-    .iter()
-    .zip(spent)
-    {
-        table.push_str(&format!("| {step} | {:.0} |\n", per_request(total)));
+    let per_request = |d: Duration| d.as_nanos() as f64 / (ROUNDS * CORE_BATCH) as f64;
+    let instructions = filter_core_instructions();
+    let mut table = format!("### The filter's own work per request, natively (batches of {CORE_BATCH})\n\nInstructions are counted by callgrind (the same on every run: what a change to this code did, beside the noise the times carry).\n\n| step | ns per request | instructions per request |\n|---|---:|---:|\n");
+    let counted = |i: usize| {
+        instructions
+            .as_ref()
+            .map_or_else(|| "–".to_owned(), |counts| format!("{:.0}", counts[i]))
+    };
+    for (i, ((_, step), total)) in CORE_STAGES.iter().zip(spent).enumerate() {
+        table.push_str(&format!(
+            "| {step} | {:.0} | {} |\n",
+            per_request(total),
+            counted(i)
+        ));
     }
     table.push_str(&format!(
-        "| all | {:.0} |\n\n",
-        per_request(spent.iter().sum())
+        "| all | {:.0} | {} |\n\n",
+        per_request(spent.iter().sum()),
+        instructions.as_ref().map_or_else(
+            || "– (valgrind not found)".to_owned(),
+            |counts| format!("{:.0}", counts.iter().sum::<f64>())
+        )
     ));
     table
+}
+
+/// Instructions per request of each [`CORE_STAGES`] stage, counted by callgrind: this
+/// binary run under valgrind twice per stage (`filter-core-count`), with `ROUNDS` and twice
+/// as many batches, so that everything but the stage's own work cancels out. `None` without
+/// valgrind.
+fn filter_core_instructions() -> Option<Vec<f64>> {
+    const ROUNDS: usize = 200;
+    let me = std::env::current_exe().ok()?;
+    let count = |stage: &str, rounds: usize| -> Option<f64> {
+        let output = Command::new("valgrind")
+            .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
+            .arg(&me)
+            .args(["filter-core-count", stage, &rounds.to_string()])
+            .output()
+            .ok()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        stderr
+            .lines()
+            .find_map(|line| line.split("Collected :").nth(1))
+            .and_then(|n| n.trim().parse().ok())
+    };
+    CORE_STAGES
+        .iter()
+        .map(|(stage, _)| {
+            let once = count(stage, ROUNDS)?;
+            let twice = count(stage, 2 * ROUNDS)?;
+            Some((twice - once) / (ROUNDS * CORE_BATCH) as f64)
+        })
+        .collect()
 }
 
 fn attack_scenario(settings: &Settings) -> String {
