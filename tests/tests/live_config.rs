@@ -126,11 +126,6 @@ fn changes_reach_every_controller_and_worker_within_two_seconds() {
     );
     let limited = get_with_key(&envoy, &key);
     assert_eq!(limited.number("x-ratelimit-limit"), 5, "{limited:?}");
-    let per_worker = envoy.connections_per_worker(2);
-    assert!(
-        per_worker.iter().all(|n| *n > 0),
-        "both workers served: {per_worker:?}"
-    );
 
     // A client being denied (and remembered in the denial cache) is admitted within 2 s of
     // its limit being raised.
@@ -171,6 +166,15 @@ fn changes_reach_every_controller_and_worker_within_two_seconds() {
         get_with_key(&envoy, &key).status == 429
     });
     println!("the key back to its limit {took:?} after the entry was removed");
+    // The kernel spreads new connections over the workers at random: over the test's
+    // requests (each on a connection of its own) both served, so the counts above held
+    // across workers. Checked at the end, over 16 requests or more: after the 9 keyed ones
+    // alone, one worker took them all once in a CI run (a 1-in-256 chance).
+    let per_worker = envoy.connections_per_worker(2);
+    assert!(
+        per_worker.iter().all(|n| *n > 0),
+        "both workers served: {per_worker:?}"
+    );
 }
 
 #[test]
