@@ -30,20 +30,7 @@
 -- it. When one denies, none counts it, and the others report their state as it is (cost 0).
 -- Requests are decided in order: a later one sees what an earlier one consumed.
 
-local now
-local ttl_extra = 0
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-  ttl_extra = 60000
-else
-  local time = redis.call('TIME')
-  now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-end
-
-local function expire(key, ttl)
-  redis.call('PEXPIRE', key, math.max(1, ttl) + ttl_extra)
-end
-U.expire = expire
+local now = U.clock(ARGV[1])
 
 local function peek(l, cost)
   if l.penalty_key and cost > 0 then

@@ -20,19 +20,7 @@
 -- reservation is deleted (it holds nothing now); the limit's state as its strategy's
 -- `refund` says.
 
-local now
-local ttl_extra = 0
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-  ttl_extra = 60000
-else
-  local time = redis.call('TIME')
-  now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-end
-
-function U.expire(key, ttl)
-  redis.call('PEXPIRE', key, math.max(1, ttl) + ttl_extra)
-end
+local now = U.clock(ARGV[1])
 
 local reply = {}
 for i = 1, #KEYS / 3 do
@@ -49,8 +37,8 @@ for i = 1, #KEYS / 3 do
   redis.call('HDEL', holders, holder)
   local given = 0
   if redis.call('SADD', refunded, grant) == 1 then
-    if redis.call('PTTL', refunded) < remember + ttl_extra then
-      redis.call('PEXPIRE', refunded, math.max(1, remember) + ttl_extra)
+    if redis.call('PTTL', refunded) < remember then
+      U.expire(refunded, remember)
     end
     if limit > 0 and period > 0 and units > 0 then
       given = strategy.refund(key, now, units, limit, period, extra, counted_in)

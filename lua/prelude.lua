@@ -47,3 +47,20 @@ function U.debt_now(key, now, limit)
   local debt = math.max(0, tonumber(stored[1]) - math.max(0, now - stored_last) * limit)
   return debt, math.max(stored_last, now)
 end
+
+-- The time a script counts on, in ms since the epoch: `injected` (ARGV[1]: tests give one)
+-- or, when it is "", the Redis server's TIME (production). Also sets U.expire, which keeps a
+-- key for `ttl` ms; with an injected time 60 s more, as Redis expires keys on its own clock.
+function U.clock(injected)
+  local now, ttl_extra
+  if injected ~= '' then
+    now, ttl_extra = tonumber(injected), 60000
+  else
+    local time = redis.call('TIME')
+    now, ttl_extra = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000), 0
+  end
+  U.expire = function(key, ttl)
+    redis.call('PEXPIRE', key, math.max(1, ttl) + ttl_extra)
+  end
+  return now
+end

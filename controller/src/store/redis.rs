@@ -88,6 +88,48 @@ impl RedisStore {
         self
     }
 
+    /// Runs `script` for `items` whose keys are each in one slot (a limit's key and those
+    /// beside it): all in one call on a single Redis, one call per item on a Cluster. The
+    /// time goes first (see `lua/prelude.lua`'s `U.clock`), then what `add` puts in for each
+    /// item. One number per item, in order.
+    async fn per_slot<T: Sync>(
+        &self,
+        script: &Script,
+        items: &[T],
+        what: &str,
+        add: impl Fn(&mut ScriptInvocation<'_>, &T),
+    ) -> Result<Vec<u64>, StoreError> {
+        let now = self
+            .clock
+            .as_ref()
+            .map_or_else(String::new, |c| c.now_ms().to_string());
+        let groups: Vec<&[T]> = if self.connection.is_cluster() {
+            items.chunks(1).collect()
+        } else {
+            vec![items]
+        };
+        let mut replies = Vec::with_capacity(items.len());
+        for group in groups.into_iter().filter(|group| !group.is_empty()) {
+            let mut invocation = script.prepare_invoke();
+            invocation.arg(&now);
+            for item in group {
+                add(&mut invocation, item);
+            }
+            let reply: Vec<u64> = invocation
+                .invoke_async(&mut self.connection.clone())
+                .await?;
+            if reply.len() != group.len() {
+                return Err(StoreError::Reply(format!(
+                    "{} {what} answered for {} asked",
+                    reply.len(),
+                    group.len()
+                )));
+            }
+            replies.extend(reply);
+        }
+        Ok(replies)
+    }
+
     /// One call of `lua/check.lua` for `checks`.
     fn invocation(&self, checks: &[CheckSpec<'_>]) -> ScriptInvocation<'_> {
         let mut invocation = self.check.prepare_invoke();
@@ -285,59 +327,29 @@ impl Store for RedisStore {
     }
 
     async fn reserve_leases(&self, asked: &[Reservation]) -> Result<Vec<u64>, StoreError> {
-        let now = self
-            .clock
-            .as_ref()
-            .map_or_else(String::new, |c| c.now_ms().to_string());
-        // On a cluster each reservation is its own call (its own slot); a lease is granted
-        // for many requests, so this runs rarely.
-        let groups: Vec<&[Reservation]> = if self.connection.is_cluster() {
-            asked.chunks(1).collect()
-        } else {
-            vec![asked]
-        };
-        let mut reserved = Vec::with_capacity(asked.len());
-        for group in groups.into_iter().filter(|group| !group.is_empty()) {
-            let mut invocation = self.lease_reserve.prepare_invoke();
-            invocation.arg(&now);
-            for reservation in group {
+        // A lease is granted for many requests, so this runs rarely.
+        self.per_slot(
+            &self.lease_reserve,
+            asked,
+            "reservations",
+            |invocation, reservation| {
                 invocation
                     .key(&reservation.key)
                     .arg(&reservation.holder)
                     .arg(reservation.ttl_ms)
                     .arg(reservation.quota);
-            }
-            let reply: Vec<u64> = invocation
-                .invoke_async(&mut self.connection.clone())
-                .await?;
-            if reply.len() != group.len() {
-                return Err(StoreError::Reply(format!(
-                    "{} reservations for {} asked",
-                    reply.len(),
-                    group.len()
-                )));
-            }
-            reserved.extend(reply);
-        }
-        Ok(reserved)
+            },
+        )
+        .await
     }
 
     async fn refund(&self, refunds: &[Refund]) -> Result<Vec<u64>, StoreError> {
-        let now = self
-            .clock
-            .as_ref()
-            .map_or_else(String::new, |c| c.now_ms().to_string());
-        // On a cluster each refund is its own call (its own slot); returns are rare.
-        let groups: Vec<&[Refund]> = if self.connection.is_cluster() {
-            refunds.chunks(1).collect()
-        } else {
-            vec![refunds]
-        };
-        let mut given = Vec::with_capacity(refunds.len());
-        for group in groups.into_iter().filter(|group| !group.is_empty()) {
-            let mut invocation = self.lease_return.prepare_invoke();
-            invocation.arg(&now);
-            for refund in group {
+        // Returns are rarer still: one per lease at most.
+        self.per_slot(
+            &self.lease_return,
+            refunds,
+            "refunds",
+            |invocation, refund| {
                 invocation
                     .key(&refund.key)
                     .key(crate::keys::lease_refunds_key(&refund.key))
@@ -351,20 +363,9 @@ impl Store for RedisStore {
                     .arg(&refund.grant)
                     .arg(refund.remember_ms)
                     .arg(&refund.holder);
-            }
-            let reply: Vec<u64> = invocation
-                .invoke_async(&mut self.connection.clone())
-                .await?;
-            if reply.len() != group.len() {
-                return Err(StoreError::Reply(format!(
-                    "{} refunds answered for {} asked",
-                    reply.len(),
-                    group.len()
-                )));
-            }
-            given.extend(reply);
-        }
-        Ok(given)
+            },
+        )
+        .await
     }
 
     fn now_ms(&self) -> u64 {
