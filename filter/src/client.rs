@@ -2,7 +2,7 @@
 //! `X-Forwarded-For` that no trusted proxy wrote, so that a client cannot pick its identity
 //! by writing the header itself.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::IpNet;
 
@@ -114,7 +114,7 @@ pub fn client_ip(
 /// (`2001:db8:1:2::/64`).
 pub fn counted_ip(ip: IpAddr, ipv6_prefix: u8) -> String {
     match ip {
-        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V4(v4) => dotted_quad(v4),
         IpAddr::V6(v6) if ipv6_prefix >= 128 => v6.to_string(),
         IpAddr::V6(v6) => {
             let prefix = u32::from(ipv6_prefix.min(128));
@@ -123,6 +123,26 @@ pub fn counted_ip(ip: IpAddr, ipv6_prefix: u8) -> String {
             format!("{network}/{prefix}")
         }
     }
+}
+
+/// An IPv4 address as `Ipv4Addr`'s `Display` writes it, without the formatting machinery:
+/// this runs for every request identified by address, where `Display` costs about 1,300
+/// instructions (`make bench`'s instruction counts) and this a tenth of that.
+fn dotted_quad(v4: Ipv4Addr) -> String {
+    let mut text = String::with_capacity(15);
+    for (index, octet) in v4.octets().into_iter().enumerate() {
+        if index > 0 {
+            text.push('.');
+        }
+        if octet >= 100 {
+            text.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            text.push(char::from(b'0' + octet / 10 % 10));
+        }
+        text.push(char::from(b'0' + octet % 10));
+    }
+    text
 }
 
 #[cfg(test)]
@@ -251,5 +271,27 @@ mod tests {
         assert_eq!(counted_ip(ip("2001:db8:1:2::1"), 128), "2001:db8:1:2::1");
         assert_eq!(counted_ip(ip("2001:db8::1"), 0), "::/0");
         assert_eq!(counted_ip(ip("192.0.2.7"), 64), "192.0.2.7");
+    }
+
+    #[test]
+    fn a_dotted_quad_is_what_display_writes() {
+        for octet in 0..=255u8 {
+            for other in [0u8, 1, 9, 10, 99, 100, 199, 255] {
+                for v4 in [
+                    Ipv4Addr::new(octet, other, octet, other),
+                    Ipv4Addr::new(other, octet, other, octet),
+                ] {
+                    assert_eq!(dotted_quad(v4), v4.to_string());
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_dotted_quad_is_what_display_writes(bits: u32) {
+            let v4 = Ipv4Addr::from(bits);
+            proptest::prop_assert_eq!(dotted_quad(v4), v4.to_string());
+        }
     }
 }
