@@ -40,8 +40,16 @@ impl HeaderStyle {
 
 /// A Structured Field string (RFC 9651 §3.3.3): quoted, with `"` and `\` escaped and
 /// anything outside printable ASCII dropped.
+#[cfg(test)]
 fn sf_string(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
+    let mut out = String::new();
+    push_sf_string(&mut out, text);
+    out
+}
+
+/// Appends `text` to `out` as a Structured Field string (see [`sf_string`]).
+fn push_sf_string(out: &mut String, text: &str) {
+    out.reserve(text.len() + 2);
     out.push('"');
     for c in text.chars().filter(|c| (' '..='~').contains(c)) {
         if c == '"' || c == '\\' {
@@ -50,45 +58,56 @@ fn sf_string(text: &str) -> String {
         out.push(c);
     }
     out.push('"');
+}
+
+/// One list member per policy, `, ` between them, each written by `member` straight into
+/// the field (the headers are built for every request: no string per member, no join).
+fn sf_list<'a>(
+    policies: impl IntoIterator<Item = &'a PolicyStatus>,
+    member: impl Fn(&mut String, &PolicyStatus) -> std::fmt::Result,
+) -> String {
+    let mut out = String::with_capacity(48);
+    for (index, policy) in policies.into_iter().enumerate() {
+        if index > 0 {
+            out.push_str(", ");
+        }
+        push_sf_string(&mut out, &policy.rule);
+        // Writing to a String cannot fail.
+        let _ = member(&mut out, policy);
+    }
     out
 }
 
 /// `RateLimit-Policy`: each limit's quota `q` and window `w` in seconds (at least 1), with
 /// the quota unit `qu` where it is not requests: `"per-ip";q=100;w=60`.
 pub fn ratelimit_policy<'a>(policies: impl IntoIterator<Item = &'a PolicyStatus>) -> String {
-    let items: Vec<String> = policies
-        .into_iter()
-        .map(|policy| {
-            let mut item = format!(
-                "{};q={};w={}",
-                sf_string(&policy.rule),
-                policy.limit,
-                ceil_seconds(policy.window_ms).max(1)
-            );
-            if policy.strategy == Strategy::Concurrency {
-                item.push_str(";qu=\"concurrent-requests\"");
-            }
-            item
-        })
-        .collect();
-    items.join(", ")
+    use std::fmt::Write;
+    sf_list(policies, |out, policy| {
+        write!(
+            out,
+            ";q={};w={}",
+            policy.limit,
+            ceil_seconds(policy.window_ms).max(1)
+        )?;
+        if policy.strategy == Strategy::Concurrency {
+            out.push_str(";qu=\"concurrent-requests\"");
+        }
+        Ok(())
+    })
 }
 
 /// `RateLimit`: each limit's remaining quota `r` and seconds `t` until it is whole again:
 /// `"per-ip";r=42;t=17`.
 pub fn ratelimit<'a>(policies: impl IntoIterator<Item = &'a PolicyStatus>) -> String {
-    let items: Vec<String> = policies
-        .into_iter()
-        .map(|policy| {
-            format!(
-                "{};r={};t={}",
-                sf_string(&policy.rule),
-                policy.remaining,
-                ceil_seconds(policy.reset_ms)
-            )
-        })
-        .collect();
-    items.join(", ")
+    use std::fmt::Write;
+    sf_list(policies, |out, policy| {
+        write!(
+            out,
+            ";r={};t={}",
+            policy.remaining,
+            ceil_seconds(policy.reset_ms)
+        )
+    })
 }
 
 /// The rate-limit headers of a decision in `style`: `speaking` is the limit the legacy
