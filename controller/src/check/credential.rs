@@ -139,21 +139,26 @@ const SIGNATURE_BYTES: usize = 16;
 
 impl LeaseSigner {
     pub fn new(tokens: &CheckTokens) -> Self {
+        LeaseSigner {
+            keys: Self::derived_keys(tokens, b"sluice lease token key\0"),
+            refuse_unsigned: false,
+        }
+    }
+
+    /// One key per check token, derived under `label` (so that each kind of token the
+    /// controller signs has keys of its own).
+    fn derived_keys(tokens: &CheckTokens, label: &[u8]) -> Vec<[u8; 32]> {
         use sha2::{Digest, Sha256};
-        let keys = tokens
+        tokens
             .0
             .iter()
             .map(|digest| {
                 let mut hasher = Sha256::new();
-                hasher.update(b"sluice lease token key\0");
+                hasher.update(label);
                 hasher.update(digest);
                 hasher.finalize().into()
             })
-            .collect();
-        LeaseSigner {
-            keys,
-            refuse_unsigned: false,
-        }
+            .collect()
     }
 
     /// The signer of grant tokens (what lets a worker give a lease's unused quota back).
@@ -163,7 +168,6 @@ impl LeaseSigner {
     /// process's own, so a return reaches only the controller that granted the lease (at
     /// another it is refused, and the lease's quota stays spent as before returns existed).
     pub fn for_grants(tokens: &CheckTokens) -> Self {
-        use sha2::{Digest, Sha256};
         let keys: Vec<[u8; 32]> = if tokens.0.is_empty() {
             let mut key = [0u8; 32];
             // No randomness (never on the platforms this runs on): a fixed key would let
@@ -176,16 +180,7 @@ impl LeaseSigner {
             }
             vec![key]
         } else {
-            tokens
-                .0
-                .iter()
-                .map(|digest| {
-                    let mut hasher = Sha256::new();
-                    hasher.update(b"sluice grant token key\0");
-                    hasher.update(digest);
-                    hasher.finalize().into()
-                })
-                .collect()
+            Self::derived_keys(tokens, b"sluice grant token key\0")
         };
         LeaseSigner {
             keys,
