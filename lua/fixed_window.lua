@@ -41,3 +41,17 @@ function S.fixed_window.refund(key, now, units, limit, window, burst, counted_in
   redis.call('HSET', key, 'c', count - given)
   return given
 end
+
+-- charge (charge.lua): counts `units` a request used beyond its reservation in the window
+-- that is current now, past the limit if need be (the usage happened).
+function S.fixed_window.charge(key, now, units, limit, window)
+  local start = now - (now % window)
+  local stored = redis.call('HMGET', key, 's', 'c')
+  local stored_start = tonumber(stored[1])
+  if stored_start and stored_start >= start then
+    redis.call('HSET', key, 'c', (tonumber(stored[2]) or 0) + units)
+  else
+    redis.call('HSET', key, 's', start, 'c', units)
+    U.expire(key, start + window - now)
+  end
+end

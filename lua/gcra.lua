@@ -38,3 +38,12 @@ function S.gcra.refund(key, now, units, limit, window, burst)
   U.expire(key, U.ceil_div(after, limit))
   return U.floor_div(back, window)
 end
+
+-- charge (charge.lua): adds `units` requests' worth a request used beyond its reservation
+-- to the debt, past the burst if need be. No key: no debt.
+function S.gcra.charge(key, now, units, limit, window, burst)
+  local debt, last = U.debt_now(key, now, limit)
+  local after = debt + units * window
+  redis.call('HSET', key, 'd', after, 't', last)
+  U.expire(key, U.ceil_div(after, limit))
+end

@@ -47,3 +47,26 @@ function S.token_bucket.refund(key, now, units, limit, window, burst)
   U.expire(key, U.ceil_div(capacity - after, limit))
   return U.floor_div(back, window)
 end
+
+-- charge (charge.lua): takes `units` tokens a request used beyond its reservation. Short of
+-- tokens, the bucket stays empty until the shortfall has flowed in (its time of last update
+-- moves ahead by that long). No key: a full bucket.
+function S.token_bucket.charge(key, now, units, limit, window, burst)
+  local capacity = burst * window
+  local stored = redis.call('HMGET', key, 'u', 't')
+  local held, last = capacity, now
+  if stored[1] then
+    local stored_last = tonumber(stored[2])
+    held = math.min(capacity, tonumber(stored[1]) + math.max(0, now - stored_last) * limit)
+    last = math.max(stored_last, now)
+  end
+  local need = units * window
+  local after = 0
+  if held >= need then
+    after = held - need
+  else
+    last = last + U.ceil_div(need - held, limit)
+  end
+  redis.call('HSET', key, 'u', after, 't', last)
+  U.expire(key, U.ceil_div(capacity - after, limit) + (last - now))
+end

@@ -101,9 +101,10 @@ pub fn lease_holders_key(limit_key: &str) -> String {
     beside(limit_key, "holders")
 }
 
-/// The key of the set of grants whose unused quota was given back to the limit whose key is
-/// `limit_key` (same slot; `lua/lease_return.lua`): `sluice:{tag}:refunded:<rule>:<client>`.
-/// A grant is returned once: a replay finds it here and gives nothing back.
+/// The key of the set of grants whose unused quota was given back, and of usage
+/// reservations settled, on the limit whose key is `limit_key` (same slot;
+/// `lua/lease_return.lua`, `lua/charge.lua`): `sluice:{tag}:refunded:<rule>:<client>`. Each
+/// is settled once: a replay finds it here and gives back or charges nothing.
 pub fn lease_refunds_key(limit_key: &str) -> String {
     beside(limit_key, "refunded")
 }

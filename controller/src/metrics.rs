@@ -40,6 +40,14 @@ pub struct RuleLabels {
     pub rule: String,
 }
 
+/// What happened to units of a usage rule: `reserved` at admission, `returned` (reserved
+/// and not used), `charged` (used beyond the reservation, charged in full).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UsageLabels {
+    pub rule: String,
+    pub units: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SystemStateLabels {
     pub state: String,
@@ -127,6 +135,7 @@ pub struct Metrics {
     pub leased_requests_granted: Family<RuleLabels, Counter>,
     pub leased_requests_returned: Family<RuleLabels, Counter>,
     pub leased_admissions: Family<RuleLabels, Counter>,
+    pub usage_units: Family<UsageLabels, Counter>,
     pub unauthenticated_calls: Family<ListenerLabels, Counter>,
     pub ignored_reports: Counter,
     // -- The listeners' connections (listener.rs) --
@@ -301,6 +310,13 @@ impl Metrics {
             "Requests filter workers admitted from leases, as they reported them, by rule",
             leased_admissions.clone(),
         );
+        let usage_units = Family::<UsageLabels, Counter>::default();
+        registry.register(
+            "usage_units",
+            "Units of usage rules, by rule: reserved at admission, returned when the response \
+             used less, charged beyond the reservation when it used more",
+            usage_units.clone(),
+        );
         let unauthenticated_calls = Family::<ListenerLabels, Counter>::default();
         registry.register(
             "unauthenticated_calls",
@@ -344,6 +360,7 @@ impl Metrics {
             leased_requests_granted,
             leased_requests_returned,
             leased_admissions,
+            usage_units,
             registry,
             state_transitions,
             protection_blocks,
@@ -406,6 +423,18 @@ impl Metrics {
         self.leased_requests_granted
             .get_or_create(&labels)
             .inc_by(requests);
+    }
+
+    /// `units` of the usage rule `rule` were `what` (`reserved`, `returned`, `charged`).
+    pub fn usage(&self, rule: &str, what: &'static str, units: u64) {
+        if units > 0 {
+            self.usage_units
+                .get_or_create(&UsageLabels {
+                    rule: rule.to_owned(),
+                    units: what,
+                })
+                .inc_by(units);
+        }
     }
 
     /// A worker gave back `requests`' worth of a lease of `rule` unused.

@@ -535,8 +535,10 @@ impl RateLimitService for Rls {
         let call = CheckRequest {
             checks,
             hold_delays: true,
-            // Envoy's rate-limit filter decides every request here: nothing to lease to.
+            // Envoy's rate-limit filter decides every request here: nothing to lease to,
+            // and nobody to settle usage: a usage rule charges its reservation whole.
             lease_holder: None,
+            settles: false,
         };
         let decided = self.limiter.check(&call).await.map_err(|error| {
             tracing::warn!(%error, "store unavailable");

@@ -713,6 +713,93 @@ pub fn refund(
     }
 }
 
+/// Charges `units` (in request costs) a request used beyond what it reserved: the twin of
+/// `charge` in `lua/fixed_window.lua`, `lua/token_bucket.lua` and `lua/gcra.lua`. Charged in
+/// full whatever the limit holds (the usage happened): a fixed window counts it in the
+/// window that is current now, past its limit if need be; a bucket goes into debt (empty,
+/// and refilling only from a later time); GCRA's debt grows past its burst. Each admits
+/// the client again only once the overdraft is paid. `None` for a strategy that cannot
+/// settle usage.
+pub fn charge(params: &Params, state: Option<&State>, now: u64, units: u64) -> Option<Charged> {
+    let Params {
+        limit,
+        period_ms: window,
+        extra: burst,
+        ..
+    } = *params;
+    if limit == 0 || window == 0 || units == 0 {
+        return None;
+    }
+    let (w, rate) = (u128::from(window), u128::from(limit));
+    match params.strategy {
+        Strategy::FixedWindow => {
+            let current = now - now % window;
+            // A stored window later than now (the clock went back) keeps counting.
+            let (start, count) = match state {
+                Some(&State::Window { start, count }) if start >= current => (start, count),
+                _ => (current, 0),
+            };
+            Some(Charged {
+                state: State::Window {
+                    start,
+                    count: count.saturating_add(units),
+                },
+                ttl_ms: start + window - now,
+            })
+        }
+        Strategy::TokenBucket => {
+            let capacity = u128::from(burst) * w;
+            let (held, last) = match state {
+                Some(&State::Bucket {
+                    units: stored,
+                    last,
+                }) => {
+                    let (elapsed, last) = elapsed_since(Some(last), now);
+                    (
+                        min(capacity, u128::from(stored) + u128::from(elapsed) * rate),
+                        last,
+                    )
+                }
+                _ => (capacity, now),
+            };
+            let need = u128::from(units) * w;
+            // Short of tokens: the bucket stays empty until the shortfall has flowed in.
+            let (after, last) = if held >= need {
+                (held - need, last)
+            } else {
+                (0, last.saturating_add(ceil_div(need - held, rate)))
+            };
+            let ttl_ms = ceil_div(capacity - after, rate).saturating_add(last.saturating_sub(now));
+            Some(Charged {
+                state: State::Bucket {
+                    units: sat(after),
+                    last,
+                },
+                ttl_ms,
+            })
+        }
+        Strategy::Gcra => {
+            let (debt, last) = debt_now(state, now, rate);
+            let after = debt + u128::from(units) * w;
+            Some(Charged {
+                state: State::Debt {
+                    debt: sat(after),
+                    last,
+                },
+                ttl_ms: ceil_div(after, rate),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// What a charge did to a limit: its new state and how long that state matters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Charged {
+    pub state: State,
+    pub ttl_ms: u64,
+}
+
 pub fn release(state: &mut Option<State>, lease_id: &str, count: u64, now: u64) -> u64 {
     match state {
         Some(State::Leases(leases)) => leases.release(lease_id, count, now),
@@ -749,6 +836,64 @@ mod tests {
             Some(State::Leases(leases)) => leases,
             other => panic!("not leases: {other:?}"),
         }
+    }
+
+    fn usage_limit(strategy: Strategy) -> Params {
+        Params {
+            strategy,
+            limit: 100,
+            period_ms: 1_000,
+            extra: 100,
+            penalty: None,
+        }
+    }
+
+    /// Admits `cost` at `now` as the stores do; whether it was admitted.
+    fn admit(params: &Params, state: &mut Option<State>, now: u64, cost: u64) -> bool {
+        let peeked = peek(params, state.as_ref(), now, cost);
+        if let (true, Some((commit, _))) = (peeked.verdict.ok, peeked.commit) {
+            apply(commit, state, "");
+        }
+        peeked.verdict.ok
+    }
+
+    #[test]
+    fn usage_beyond_what_is_left_is_charged_in_full_and_paid_before_the_next_admission() {
+        for strategy in [Strategy::FixedWindow, Strategy::TokenBucket, Strategy::Gcra] {
+            let params = usage_limit(strategy);
+            let mut state = None;
+            assert!(admit(&params, &mut state, 10_000, 60), "{strategy:?}");
+            // The response said 160: 100 more than reserved, 60 past the limit.
+            let charged = charge(&params, state.as_ref(), 10_000, 100).unwrap();
+            state = Some(charged.state);
+            assert!(charged.ttl_ms > 0);
+            assert!(
+                !admit(&params, &mut state, 10_001, 1),
+                "{strategy:?}: overdrawn"
+            );
+            if strategy == Strategy::FixedWindow {
+                // The next window starts afresh: the overdraft was this window's.
+                assert!(admit(&params, &mut state, 11_000, 100));
+            } else {
+                // 160 used of a bucket of 100 refilled at 100/s: 60 owed, so 1 is there
+                // again after 610 ms and not before.
+                assert!(!admit(&params, &mut state, 10_609, 1), "{strategy:?}");
+                assert!(admit(&params, &mut state, 10_610, 1), "{strategy:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_charge_on_a_fresh_limit_counts_from_full() {
+        for strategy in [Strategy::FixedWindow, Strategy::TokenBucket, Strategy::Gcra] {
+            let params = usage_limit(strategy);
+            let mut state = Some(charge(&params, None, 5_500, 30).unwrap().state);
+            assert!(admit(&params, &mut state, 5_500, 70), "{strategy:?}");
+            assert!(!admit(&params, &mut state, 5_500, 1), "{strategy:?}");
+        }
+        let unsettled = usage_limit(Strategy::SlidingWindowCounter);
+        assert!(charge(&unsettled, None, 5_500, 30).is_none());
+        assert!(charge(&usage_limit(Strategy::Gcra), None, 5_500, 0).is_none());
     }
 
     #[test]

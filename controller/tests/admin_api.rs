@@ -1193,6 +1193,21 @@ async fn bad_bodies_are_refused_naming_the_field() {
             Some("burst"),
         ),
         (
+            rule(json!({ "name": "b", "limit": 9, "window": "1s",
+                         "usage": { "response_header": "x used", "reserve": 1 } })),
+            Some("usage.response_header"),
+        ),
+        (
+            rule(json!({ "name": "b", "limit": 9, "window": "1s",
+                         "usage": { "json_pointer": "/t", "reserve": 1, "max": 5, "unreported": 6 } })),
+            Some("usage.unreported"),
+        ),
+        (
+            rule(json!({ "name": "b", "limit": 9, "window": "1s",
+                         "usage": { "json_pointer": "/t", "reserve": 1, "estimate": 6 } })),
+            Some("usage.estimate"),
+        ),
+        (
             rule(json!({ "name": "b", "limit": 1, "window": "1s", "strategy": "magic" })),
             Some("strategy"),
         ),

@@ -457,6 +457,18 @@ pub extern "C" fn proxy_on_response_headers(
 }
 
 #[no_mangle]
+pub extern "C" fn proxy_on_response_body(context_id: u32, body_size: usize, end: u32) -> u32 {
+    let event = Event::ResponseBody {
+        context_id,
+        body_size,
+        end_of_stream: flag(end),
+    };
+    dispatch(event, 0, |dispatcher, event| {
+        dispatcher.stream_event(event) as u32
+    })
+}
+
+#[no_mangle]
 pub extern "C" fn proxy_on_http_call_response(
     context_id: u32,
     token: u32,
@@ -486,11 +498,6 @@ pub extern "C" fn proxy_on_delete(context_id: u32) {
 
 #[no_mangle]
 pub extern "C" fn proxy_on_request_body(_context_id: u32, _body_size: usize, _end: u32) -> u32 {
-    0
-}
-
-#[no_mangle]
-pub extern "C" fn proxy_on_response_body(_context_id: u32, _body_size: usize, _end: u32) -> u32 {
     0
 }
 

@@ -9,9 +9,10 @@
 //!
 //! A batch is bounded by bytes as well as by checks: every call body stays within the
 //! controller's [`MAX_CALL_BODY_BYTES`], however long the paths and header values of the
-//! requests in it (each check's encoded size is measured when it registers). A check that
-//! could not fit in a call even alone is refused at registration
-//! ([`Registered::TooLarge`]): only that request gets the failure mode.
+//! requests in it. Each check is encoded once, when it registers: its size is known from
+//! then on, and the call body is those encodings put together. A check that could not fit
+//! in a call even alone is refused at registration ([`Registered::TooLarge`]): only that
+//! request gets the failure mode.
 //!
 //! The root context owns every batch callout (a callout owned by a request's context is
 //! cancelled with it, and the requests behind it would wait forever). The host glue wakes
@@ -22,37 +23,41 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
 
-use sluice_protocol::{Check, CheckRequest, MAX_CALL_BODY_BYTES};
+use sluice_protocol::{Check, MAX_CALL_BODY_BYTES};
 
 use crate::config::FailureMode;
 use crate::decision::Verdict;
 
 /// Bytes of a call body that are not checks, at most: `{"checks":[`, `]`, the separators,
-/// `"hold_delays":false` and a `lease_holder` of up to 64 bytes (the root names one of 32),
-/// with room to spare. A test holds the encoded request to it.
+/// `"hold_delays":false`, `"settles":true` and a `lease_holder` of up to 64 bytes (the root
+/// names one of 32), with room to spare. A test holds the encoded request to it.
 pub const ENVELOPE_BYTES: usize = 256;
 
 /// Most bytes of checks (each with the comma before it) one call carries.
 pub const MAX_CHECKS_BYTES: usize = MAX_CALL_BODY_BYTES - ENVELOPE_BYTES;
 
-/// The size of `check` in a call body (JSON, as `serde_json` writes it), measured without
-/// writing it out; `usize::MAX` if it cannot be encoded.
-pub fn encoded_len(check: &Check) -> usize {
-    struct Counter(usize);
-    impl std::io::Write for Counter {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0 = self.0.saturating_add(bytes.len());
-            Ok(bytes.len())
+/// The call body of a batch: the checks, each as it was encoded when it registered, inside
+/// the envelope [`sluice_protocol::CheckRequest`] is written with (`hold_delays` false: a
+/// batching filter holds a leaky bucket's delay itself; `lease_holder` when the worker takes
+/// leases; `settles`: the filter settles usage reservations). A test holds it to what
+/// `serde_json` writes for the same request.
+pub fn call_body(checks: &[Vec<u8>], lease_holder: Option<&str>) -> Vec<u8> {
+    let checks_bytes: usize = checks.iter().map(|check| check.len() + 1).sum();
+    let mut body = Vec::with_capacity(checks_bytes + ENVELOPE_BYTES);
+    body.extend_from_slice(br#"{"checks":["#);
+    for (i, check) in checks.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
         }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
+        body.extend_from_slice(check);
     }
-    let mut counter = Counter(0);
-    match serde_json::to_writer(&mut counter, check) {
-        Ok(()) => counter.0,
-        Err(_) => usize::MAX,
+    body.extend_from_slice(br#"],"hold_delays":false"#);
+    if let Some(holder) = lease_holder {
+        body.extend_from_slice(br#","lease_holder":"#);
+        body.extend_from_slice(serde_json::Value::from(holder).to_string().as_bytes());
     }
+    body.extend_from_slice(br#","settles":true}"#);
+    body
 }
 
 /// Where the root leaves a request's verdict for the request's own context to read.
@@ -73,9 +78,22 @@ pub struct Member {
 #[derive(Debug)]
 struct Waiting {
     member: Member,
-    check: Check,
+    /// The check as it goes into the call body (JSON).
+    encoded: Vec<u8>,
+}
+
+impl Waiting {
     /// What the check adds to a call body: its encoded size and a comma.
-    bytes: usize,
+    fn bytes(&self) -> usize {
+        self.encoded.len() + 1
+    }
+}
+
+/// A batch that may leave: who is in it, and its call body.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub members: Vec<Member>,
+    pub body: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -162,8 +180,12 @@ impl Batcher {
         self
     }
 
-    pub fn register(&mut self, member: Member, check: Check) -> Registered {
-        let bytes = encoded_len(&check).saturating_add(1);
+    pub fn register(&mut self, member: Member, check: &Check) -> Registered {
+        let Ok(encoded) = serde_json::to_vec(check) else {
+            return Registered::TooLarge { bytes: usize::MAX };
+        };
+        let waiting = Waiting { member, encoded };
+        let bytes = waiting.bytes();
         if bytes > self.max_bytes {
             return Registered::TooLarge { bytes };
         }
@@ -171,11 +193,7 @@ impl Batcher {
             return Registered::Overloaded;
         }
         self.waiting_bytes += bytes;
-        self.waiting.push_back(Waiting {
-            member,
-            check,
-            bytes,
-        });
+        self.waiting.push_back(waiting);
         if self.may_send() && !self.wake_requested {
             self.wake_requested = true;
             Registered::WakeRoot
@@ -201,10 +219,10 @@ impl Batcher {
     }
 
     /// The root was woken (or a reply came in): the next batch to send, if one may leave
-    /// (see [`Batcher::may_send`]). The caller sends it and reports with [`Batcher::sent`]
-    /// (or, if it could not, gives its members the failure mode), and asks again until
-    /// there is none.
-    pub fn next_batch(&mut self) -> Option<(Vec<Member>, CheckRequest)> {
+    /// (see [`Batcher::may_send`]), its body naming `lease_holder` if the worker takes
+    /// leases. The caller sends it and reports with [`Batcher::sent`] (or, if it could not,
+    /// gives its members the failure mode), and asks again until there is none.
+    pub fn next_batch(&mut self, lease_holder: Option<&str>) -> Option<Outgoing> {
         self.wake_requested = false;
         let may_send = self.may_send();
         self.reply_in = false;
@@ -215,27 +233,22 @@ impl Batcher {
         let mut size = 0;
         let mut bytes = 0usize;
         for waiting in self.waiting.iter().take(self.limits.max_batch) {
-            if size > 0 && bytes.saturating_add(waiting.bytes) > self.max_bytes {
+            if size > 0 && bytes.saturating_add(waiting.bytes()) > self.max_bytes {
                 break;
             }
-            bytes = bytes.saturating_add(waiting.bytes);
+            bytes = bytes.saturating_add(waiting.bytes());
             size += 1;
         }
         self.waiting_bytes = self.waiting_bytes.saturating_sub(bytes);
-        let (members, checks) = self
+        let (members, checks): (Vec<Member>, Vec<Vec<u8>>) = self
             .waiting
             .drain(..size)
-            .map(|waiting| (waiting.member, waiting.check))
+            .map(|waiting| (waiting.member, waiting.encoded))
             .unzip();
-        Some((
+        Some(Outgoing {
             members,
-            CheckRequest {
-                checks,
-                hold_delays: false,
-                // Named by the root when the view has leased rules.
-                lease_holder: None,
-            },
-        ))
+            body: call_body(&checks, lease_holder),
+        })
     }
 
     pub fn sent(&mut self, token: u32, members: Vec<Member>, now_ms: u64) {
@@ -285,7 +298,7 @@ impl Batcher {
             .iter()
             .position(|waiting| waiting.member.context_id == context_id)?;
         let waiting = self.waiting.remove(at)?;
-        self.waiting_bytes = self.waiting_bytes.saturating_sub(waiting.bytes);
+        self.waiting_bytes = self.waiting_bytes.saturating_sub(waiting.bytes());
         Some(waiting.member.fingerprint)
     }
 
@@ -317,7 +330,7 @@ impl Batcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_protocol::ClientId;
+    use sluice_protocol::{CheckRequest, ClientId};
 
     fn check(n: u32) -> Check {
         Check::new(ClientId::ip(format!("10.0.0.{n}")), "", "GET", "/", 1)
@@ -357,46 +370,54 @@ mod tests {
     #[test]
     fn a_lone_request_wakes_the_root_and_goes_alone() {
         let mut batcher = one_at_a_time(10, 100);
-        assert_eq!(batcher.register(member(1), check(1)), Registered::WakeRoot);
-        let (members, request) = batcher.next_batch().unwrap();
+        assert_eq!(batcher.register(member(1), &check(1)), Registered::WakeRoot);
+        let Outgoing { members, body } = batcher.next_batch(None).unwrap();
         assert_eq!(ids(&members), [1]);
+        let request: CheckRequest = serde_json::from_slice(&body).unwrap();
         assert_eq!(request.checks, [check(1)]);
         assert!(
             !request.hold_delays,
             "the filter holds delayed requests itself"
         );
+        assert_eq!(request.lease_holder, None);
     }
 
     #[test]
     fn requests_gather_while_a_batch_is_out_and_leave_together_in_order() {
         let mut batcher = one_at_a_time(10, 100);
-        batcher.register(member(1), check(1));
-        let (members, _) = batcher.next_batch().unwrap();
+        batcher.register(member(1), &check(1));
+        let Outgoing { members, body: _ } = batcher.next_batch(None).unwrap();
         batcher.sent(77, members, 0);
         for n in 2..=4 {
-            assert_eq!(batcher.register(member(n), check(n)), Registered::Wait);
+            assert_eq!(batcher.register(member(n), &check(n)), Registered::Wait);
         }
         assert!(
-            batcher.next_batch().is_none(),
+            batcher.next_batch(None).is_none(),
             "only one batch out at a time"
         );
         assert_eq!(ids(&batcher.complete(77).unwrap()), [1]);
-        let (members, request) = batcher.next_batch().unwrap();
+        let Outgoing { members, body } = batcher.next_batch(None).unwrap();
         assert_eq!(ids(&members), [2, 3, 4]);
-        assert_eq!(request.checks, [check(2), check(3), check(4)]);
+        assert_eq!(checks_in(&body), [check(2), check(3), check(4)]);
     }
 
     #[test]
     fn batches_are_capped_and_the_rest_waits() {
         let mut batcher = one_at_a_time(2, 100);
         for n in 1..=5 {
-            batcher.register(member(n), check(n));
+            batcher.register(member(n), &check(n));
         }
-        let (first, _) = batcher.next_batch().unwrap();
+        let Outgoing {
+            members: first,
+            body: _,
+        } = batcher.next_batch(None).unwrap();
         assert_eq!(ids(&first), [1, 2]);
         batcher.sent(1, first, 0);
         batcher.complete(1);
-        let (second, _) = batcher.next_batch().unwrap();
+        let Outgoing {
+            members: second,
+            body: _,
+        } = batcher.next_batch(None).unwrap();
         assert_eq!(ids(&second), [3, 4]);
         assert_eq!(batcher.waiting(), 1);
     }
@@ -404,32 +425,32 @@ mod tests {
     #[test]
     fn only_one_wake_up_is_asked_for_until_the_root_runs() {
         let mut batcher = one_at_a_time(10, 100);
-        assert_eq!(batcher.register(member(1), check(1)), Registered::WakeRoot);
-        assert_eq!(batcher.register(member(2), check(2)), Registered::Wait);
-        let (members, _) = batcher.next_batch().unwrap();
+        assert_eq!(batcher.register(member(1), &check(1)), Registered::WakeRoot);
+        assert_eq!(batcher.register(member(2), &check(2)), Registered::Wait);
+        let Outgoing { members, body: _ } = batcher.next_batch(None).unwrap();
         assert_eq!(ids(&members), [1, 2]);
         batcher.sent(5, members, 0);
         batcher.complete(5);
-        assert!(batcher.next_batch().is_none());
-        assert_eq!(batcher.register(member(3), check(3)), Registered::WakeRoot);
+        assert!(batcher.next_batch(None).is_none());
+        assert_eq!(batcher.register(member(3), &check(3)), Registered::WakeRoot);
     }
 
     #[test]
     fn a_request_that_leaves_is_not_sent() {
         let mut batcher = one_at_a_time(10, 100);
-        batcher.register(member(1), check(1));
-        batcher.register(member(2), check(2));
+        batcher.register(member(1), &check(1));
+        batcher.register(member(2), &check(2));
         batcher.cancel(1);
-        let (members, request) = batcher.next_batch().unwrap();
+        let Outgoing { members, body } = batcher.next_batch(None).unwrap();
         assert_eq!(ids(&members), [2]);
-        assert_eq!(request.checks.len(), 1);
+        assert_eq!(checks_in(&body), [check(2)]);
     }
 
     #[test]
     fn replies_for_other_tokens_are_not_the_batch() {
         let mut batcher = one_at_a_time(10, 100);
-        batcher.register(member(1), check(1));
-        let (members, _) = batcher.next_batch().unwrap();
+        batcher.register(member(1), &check(1));
+        let Outgoing { members, body: _ } = batcher.next_batch(None).unwrap();
         batcher.sent(9, members, 0);
         assert!(batcher.complete(8).is_none());
         assert_eq!(batcher.in_flight(), 1);
@@ -439,36 +460,45 @@ mod tests {
     #[test]
     fn a_batch_that_was_not_sent_frees_the_way() {
         let mut batcher = one_at_a_time(10, 100);
-        batcher.register(member(1), check(1));
-        let _ = batcher.next_batch().unwrap();
-        assert_eq!(batcher.register(member(2), check(2)), Registered::WakeRoot);
+        batcher.register(member(1), &check(1));
+        let _ = batcher.next_batch(None).unwrap();
+        assert_eq!(batcher.register(member(2), &check(2)), Registered::WakeRoot);
     }
 
     #[test]
     fn while_a_batch_is_out_only_a_full_one_leaves_early_up_to_the_most_in_flight() {
         let mut batcher = several_at_once(2, 2);
-        batcher.register(member(1), check(1));
-        let (first, _) = batcher.next_batch().unwrap();
+        batcher.register(member(1), &check(1));
+        let Outgoing {
+            members: first,
+            body: _,
+        } = batcher.next_batch(None).unwrap();
         batcher.sent(1, first, 0);
-        assert_eq!(batcher.register(member(2), check(2)), Registered::Wait);
+        assert_eq!(batcher.register(member(2), &check(2)), Registered::Wait);
         assert!(
-            batcher.next_batch().is_none(),
+            batcher.next_batch(None).is_none(),
             "half a batch waits for a reply"
         );
         assert_eq!(
-            batcher.register(member(3), check(3)),
+            batcher.register(member(3), &check(3)),
             Registered::WakeRoot,
             "a full batch wakes the root"
         );
-        let (second, _) = batcher.next_batch().unwrap();
+        let Outgoing {
+            members: second,
+            body: _,
+        } = batcher.next_batch(None).unwrap();
         assert_eq!(ids(&second), [2, 3]);
         batcher.sent(2, second, 0);
-        batcher.register(member(4), check(4));
-        assert_eq!(batcher.register(member(5), check(5)), Registered::Wait);
-        assert!(batcher.next_batch().is_none(), "two are out already");
+        batcher.register(member(4), &check(4));
+        assert_eq!(batcher.register(member(5), &check(5)), Registered::Wait);
+        assert!(batcher.next_batch(None).is_none(), "two are out already");
         assert_eq!(batcher.in_flight(), 2);
         assert_eq!(ids(&batcher.complete(2).unwrap()), [2, 3]);
-        let (third, _) = batcher.next_batch().unwrap();
+        let Outgoing {
+            members: third,
+            body: _,
+        } = batcher.next_batch(None).unwrap();
         assert_eq!(ids(&third), [4, 5]);
         batcher.sent(3, third, 0);
         assert_eq!(ids(&batcher.complete(1).unwrap()), [1]);
@@ -479,26 +509,35 @@ mod tests {
     #[test]
     fn a_reply_lets_the_next_batch_leave_unfilled_though_another_is_out() {
         let mut batcher = several_at_once(10, 2);
-        batcher.register(member(1), check(1));
-        let (first, _) = batcher.next_batch().unwrap();
+        batcher.register(member(1), &check(1));
+        let Outgoing {
+            members: first,
+            body: _,
+        } = batcher.next_batch(None).unwrap();
         batcher.sent(1, first, 0);
-        batcher.register(member(2), check(2));
+        batcher.register(member(2), &check(2));
         // A full batch of 10 leaves early and stays out.
         for n in 3..=12 {
-            batcher.register(member(n), check(n));
+            batcher.register(member(n), &check(n));
         }
-        let (full, _) = batcher.next_batch().unwrap();
+        let Outgoing {
+            members: full,
+            body: _,
+        } = batcher.next_batch(None).unwrap();
         assert_eq!(ids(&full), (2..=11).collect::<Vec<_>>());
         batcher.sent(2, full, 0);
-        batcher.register(member(13), check(13));
-        assert!(batcher.next_batch().is_none());
+        batcher.register(member(13), &check(13));
+        assert!(batcher.next_batch(None).is_none());
         batcher.complete(1);
-        let (next, _) = batcher.next_batch().unwrap();
+        let Outgoing {
+            members: next,
+            body: _,
+        } = batcher.next_batch(None).unwrap();
         assert_eq!(ids(&next), [12, 13], "the reply lets them go");
         batcher.sent(3, next, 0);
-        batcher.register(member(14), check(14));
+        batcher.register(member(14), &check(14));
         assert!(
-            batcher.next_batch().is_none(),
+            batcher.next_batch(None).is_none(),
             "one unfilled batch per reply, and two are out"
         );
     }
@@ -507,8 +546,8 @@ mod tests {
     fn every_overdue_batch_is_given_up_and_the_others_stay() {
         let mut batcher = several_at_once(1, 3);
         for (n, sent_at) in [(1, 0), (2, 500), (3, 2_000)] {
-            batcher.register(member(n), check(n));
-            let (members, _) = batcher.next_batch().unwrap();
+            batcher.register(member(n), &check(n));
+            let Outgoing { members, body: _ } = batcher.next_batch(None).unwrap();
             batcher.sent(n, members, sent_at);
         }
         assert_eq!(ids(&batcher.overdue(2_001, 1_000)), [1, 2]);
@@ -519,16 +558,16 @@ mod tests {
     #[test]
     fn overdue_batches_are_given_up_and_the_queue_is_bounded() {
         let mut batcher = one_at_a_time(10, 2);
-        batcher.register(member(1), check(1));
-        let (members, _) = batcher.next_batch().unwrap();
+        batcher.register(member(1), &check(1));
+        let Outgoing { members, body: _ } = batcher.next_batch(None).unwrap();
         batcher.sent(3, members, 1_000);
         assert!(batcher.overdue(1_500, 1_000).is_empty());
         assert_eq!(ids(&batcher.overdue(2_001, 1_000)), [1]);
         assert_eq!(batcher.in_flight(), 0);
-        batcher.register(member(2), check(2));
-        batcher.register(member(3), check(3));
+        batcher.register(member(2), &check(2));
+        batcher.register(member(3), &check(3));
         assert_eq!(
-            batcher.register(member(4), check(4)),
+            batcher.register(member(4), &check(4)),
             Registered::Overloaded
         );
     }
@@ -538,23 +577,53 @@ mod tests {
         Check::new(ClientId::ip(format!("10.0.0.{n}")), "", "GET", &path, 1)
     }
 
-    /// The body the root sends for `request`, with a lease holder as long as its own.
-    fn body(mut request: CheckRequest) -> Vec<u8> {
-        request.lease_holder = Some("0123456789abcdef".repeat(2));
-        serde_json::to_vec(&request).unwrap()
+    /// A lease holder as long as the one the root names.
+    const HOLDER: &str = "0123456789abcdef0123456789abcdef";
+
+    /// What a check adds to a call body: its encoding and a comma.
+    fn encoded_len(check: &Check) -> usize {
+        serde_json::to_vec(check).unwrap().len() + 1
+    }
+
+    fn checks_in(body: &[u8]) -> Vec<Check> {
+        serde_json::from_slice::<CheckRequest>(body).unwrap().checks
+    }
+
+    #[test]
+    fn a_call_body_is_what_serde_writes_for_the_same_request() {
+        for count in [0, 1, 2, 17] {
+            let checks: Vec<Check> = (0..count).map(check).collect();
+            let encoded: Vec<Vec<u8>> = checks
+                .iter()
+                .map(|check| serde_json::to_vec(check).unwrap())
+                .collect();
+            for holder in [None, Some(HOLDER), Some("a \"quoted\" holder\n")] {
+                let request = CheckRequest {
+                    checks: checks.clone(),
+                    hold_delays: false,
+                    lease_holder: holder.map(str::to_owned),
+                    settles: true,
+                };
+                assert_eq!(
+                    String::from_utf8(call_body(&encoded, holder)).unwrap(),
+                    serde_json::to_string(&request).unwrap(),
+                    "{count} checks, holder {holder:?}"
+                );
+            }
+        }
     }
 
     #[test]
     fn the_envelope_of_a_call_fits_in_its_allowance() {
         for count in [1, 2, 100] {
-            let checks: Vec<Check> = (0..count).map(check).collect();
-            let counted: usize = checks.iter().map(|c| encoded_len(c) + 1).sum();
-            let request = CheckRequest {
-                checks,
-                hold_delays: false,
-                lease_holder: None,
-            };
-            let whole = body(request).len();
+            let mut batcher = one_at_a_time(1_000, 1_000);
+            let counted: usize = (0..count).map(|n| encoded_len(&check(n))).sum();
+            for n in 0..count {
+                batcher.register(member(n), &check(n));
+            }
+            let Outgoing { members, body } = batcher.next_batch(Some(HOLDER)).unwrap();
+            assert_eq!(members.len(), count as usize);
+            let whole = body.len();
             assert!(
                 whole <= counted + ENVELOPE_BYTES,
                 "{whole} > {counted} + envelope"
@@ -565,25 +634,34 @@ mod tests {
 
     #[test]
     fn batches_are_split_by_bytes_and_a_full_one_leaves_early() {
-        let size = encoded_len(&long_check(1, 1_000)) + 1;
+        let size = encoded_len(&long_check(1, 1_000));
         // Room for three such checks a batch.
         let mut batcher = several_at_once(100, 2).with_max_bytes(3 * size + 10);
         for n in 1..=4 {
-            batcher.register(member(n), long_check(n, 1_000));
+            batcher.register(member(n), &long_check(n, 1_000));
         }
-        let (first, request) = batcher.next_batch().unwrap();
+        let Outgoing {
+            members: first,
+            body,
+        } = batcher.next_batch(None).unwrap();
         assert_eq!(ids(&first), [1, 2, 3], "three fit, the fourth waits");
-        assert!(body(request).len() <= 3 * size + 10 + ENVELOPE_BYTES);
+        assert!(body.len() <= 3 * size + 10 + ENVELOPE_BYTES);
         batcher.sent(1, first, 0);
-        batcher.register(member(5), long_check(5, 1_000));
-        assert!(batcher.next_batch().is_none(), "two do not fill a batch");
+        batcher.register(member(5), &long_check(5, 1_000));
+        assert!(
+            batcher.next_batch(None).is_none(),
+            "two do not fill a batch"
+        );
         assert_eq!(
-            batcher.register(member(6), long_check(6, 1_000)),
+            batcher.register(member(6), &long_check(6, 1_000)),
             Registered::Wait,
             "no more than a batch's worth waits: it waits for a reply"
         );
-        batcher.register(member(7), long_check(7, 1_000));
-        let (full, _) = batcher.next_batch().unwrap();
+        batcher.register(member(7), &long_check(7, 1_000));
+        let Outgoing {
+            members: full,
+            body: _,
+        } = batcher.next_batch(None).unwrap();
         assert_eq!(
             ids(&full),
             [4, 5, 6],
@@ -600,14 +678,14 @@ mod tests {
     #[test]
     fn a_check_too_large_for_any_call_is_refused_alone() {
         let mut batcher = one_at_a_time(10, 100).with_max_bytes(2_000);
-        assert_eq!(batcher.register(member(1), check(1)), Registered::WakeRoot);
+        assert_eq!(batcher.register(member(1), &check(1)), Registered::WakeRoot);
         let huge = long_check(2, 3_000);
-        let bytes = encoded_len(&huge) + 1;
+        let bytes = encoded_len(&huge);
         assert_eq!(
-            batcher.register(member(2), huge),
+            batcher.register(member(2), &huge),
             Registered::TooLarge { bytes }
         );
-        let (members, _) = batcher.next_batch().unwrap();
+        let Outgoing { members, body: _ } = batcher.next_batch(None).unwrap();
         assert_eq!(ids(&members), [1], "the others go on as ever");
     }
 
@@ -616,14 +694,14 @@ mod tests {
         let mut batcher = one_at_a_time(1_024, 10_000);
         for n in 0..400 {
             assert_ne!(
-                batcher.register(member(n), long_check(n, 7 * 1024)),
+                batcher.register(member(n), &long_check(n, 7 * 1024)),
                 Registered::Overloaded
             );
         }
         let mut sent = 0;
         let mut calls = 0;
-        while let Some((members, request)) = batcher.next_batch() {
-            assert!(body(request).len() <= MAX_CALL_BODY_BYTES);
+        while let Some(Outgoing { members, body }) = batcher.next_batch(Some(HOLDER)) {
+            assert!(body.len() <= MAX_CALL_BODY_BYTES);
             sent += members.len();
             calls += 1;
             batcher.sent(calls, members, 0);

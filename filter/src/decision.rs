@@ -7,8 +7,8 @@ use std::borrow::Cow;
 use sluice_protocol::headers::{self, HeaderStyle, RETRY_AFTER};
 use sluice_protocol::rules::MAX_MATCH_PATH;
 use sluice_protocol::{
-    Check, CheckResponse, Decision, LeaseReturn, PolicyStatus, Refusal, ReleaseRequest,
-    MAX_REQUEST_FIELD_BYTES,
+    Check, CheckResponse, Decision, LeaseReturn, PolicyStatus, Refusal, ReleaseRequest, Settlement,
+    UsageReservation, MAX_REQUEST_FIELD_BYTES,
 };
 
 use crate::config::{FailureMode, FilterConfig};
@@ -27,6 +27,8 @@ pub enum Verdict {
         response_headers: Headers,
         leases: Vec<String>,
         delay_ms: u64,
+        /// Usage rules' reservations, settled with what the response says it used.
+        usage: Vec<UsageReservation>,
     },
     /// Answer the client directly: `status`, `headers` and the JSON `body` for HTTP; for
     /// gRPC (see [`crate::grpc`]) the status `kind` maps to, the short plain `message` as
@@ -62,6 +64,7 @@ impl Verdict {
             response_headers: Vec::new(),
             leases: Vec::new(),
             delay_ms: 0,
+            usage: Vec::new(),
         }
     }
 }
@@ -384,10 +387,19 @@ pub fn bounded_path(path: &str) -> Cow<'_, str> {
     Cow::Owned([head, tail].concat())
 }
 
-/// The body of the release call for concurrency slots (`leases`) and leases' unused quota
-/// (`returns`).
-pub fn release_request(leases: Vec<String>, returns: Vec<LeaseReturn>) -> Vec<u8> {
-    serde_json::to_vec(&ReleaseRequest { leases, returns }).unwrap_or_default()
+/// The body of the release call for concurrency slots (`leases`), leases' unused quota
+/// (`returns`) and usage reservations (`settlements`).
+pub fn release_request(
+    leases: Vec<String>,
+    returns: Vec<LeaseReturn>,
+    settlements: Vec<Settlement>,
+) -> Vec<u8> {
+    serde_json::to_vec(&ReleaseRequest {
+        leases,
+        returns,
+        settlements,
+    })
+    .unwrap_or_default()
 }
 
 /// The decisions in a reply to a check call of `expected` checks, one per check.
@@ -453,6 +465,7 @@ pub fn verdict_for_decision(
             response_headers: Vec::new(),
             leases: decision.leases.clone(),
             delay_ms: 0,
+            usage: decision.usage.clone(),
         };
         return (verdict, Counted::Allowed);
     };
@@ -467,6 +480,7 @@ pub fn verdict_for_decision(
             response_headers: rate_headers,
             leases: decision.leases.clone(),
             delay_ms: if decision.allowed { policy.delay_ms } else { 0 },
+            usage: decision.usage.clone(),
         };
         return (verdict, counted);
     }
@@ -836,7 +850,7 @@ mod tests {
         };
         assert_eq!(leases, ["lease-a"]);
         let release: ReleaseRequest =
-            serde_json::from_slice(&release_request(leases, Vec::new())).unwrap();
+            serde_json::from_slice(&release_request(leases, Vec::new(), Vec::new())).unwrap();
         assert_eq!(release.leases, ["lease-a"]);
     }
 

@@ -36,6 +36,11 @@ pub enum Event {
         context_id: u32,
         end_of_stream: bool,
     },
+    ResponseBody {
+        context_id: u32,
+        body_size: usize,
+        end_of_stream: bool,
+    },
     CallResponse {
         context_id: u32,
         token: u32,
@@ -85,6 +90,16 @@ impl Dispatcher {
                 .streams
                 .get_mut(&context_id)
                 .map_or(Action::Continue, |stream| stream.on_response_headers(host)),
+            Event::ResponseBody {
+                context_id,
+                body_size,
+                end_of_stream,
+            } => self
+                .streams
+                .get_mut(&context_id)
+                .map_or(Action::Continue, |stream| {
+                    stream.on_response_body(host, body_size, end_of_stream)
+                }),
             other => {
                 self.handle(other);
                 Action::Continue
@@ -160,6 +175,12 @@ impl Dispatcher {
             Event::Delete { context_id } => {
                 if self.streams.remove(&context_id).is_none() {
                     self.roots.remove(&context_id);
+                }
+            }
+            // That piece of the body has passed unread: what the body says is unknown.
+            Event::ResponseBody { context_id, .. } => {
+                if let Some(stream) = self.streams.get_mut(&context_id) {
+                    stream.body_missed();
                 }
             }
             // Answered already (Continue) when they could not be handled at once; carrying

@@ -24,6 +24,7 @@ pub mod report;
 pub mod root;
 pub mod stream;
 pub mod testing;
+pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
 mod abi;

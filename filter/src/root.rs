@@ -11,8 +11,8 @@ use sluice_protocol::rule_index::RuleIndex;
 use sluice_protocol::rules::{failure_mode_for, matched_headers};
 use sluice_protocol::FilterView;
 use sluice_protocol::{
-    Check, Decision, LeaseReturn, Rule, CHECK_PATH, CONFIG_PATH, RELEASE_PATH, REPORTER_HEADER,
-    REPORT_PATH,
+    Check, Decision, LeaseReturn, Rule, Settlement, CHECK_PATH, CONFIG_PATH,
+    MAX_SETTLEMENTS_PER_CALL, RELEASE_PATH, REPORTER_HEADER, REPORT_PATH,
 };
 
 /// This build's release (the workspace's semantic version), as its log and callouts name it.
@@ -20,8 +20,14 @@ pub const FILTER_VERSION: &str = env!("CARGO_PKG_VERSION");
 const FILTER_USER_AGENT: &str = concat!("sluice-filter/", env!("CARGO_PKG_VERSION"));
 /// Lease returns one release call carries at most (the controller's bound on a call).
 const MAX_RETURNS_PER_CALL: usize = 1_024;
+/// Settlements waiting that make Envoy's worker send them at once rather than with its
+/// next tick (within the controller's [`MAX_SETTLEMENTS_PER_CALL`]).
+const SETTLEMENTS_BATCH: usize = 256;
+/// Most settlements a worker keeps waiting; beyond it (a host that calls out only from its
+/// tick, under a load of usage rules) the oldest are dropped and their reservations stand.
+const MAX_PENDING_SETTLEMENTS: usize = 8 * MAX_SETTLEMENTS_PER_CALL;
 
-use crate::batch::{self, Batcher, Completed, Member, Slot};
+use crate::batch::{self, Batcher, Completed, Member, Outgoing, Slot};
 use crate::config::{FailureMode, FilterConfig};
 use crate::decision::{self, Counted, Failure, Verdict};
 use crate::denial;
@@ -153,6 +159,8 @@ pub struct Worker {
     pending_releases: RefCell<Vec<String>>,
     /// Leases' unused quota to give back with the next tick's release call.
     pending_returns: RefCell<Vec<LeaseReturn>>,
+    /// Usage reservations to settle with the next release call.
+    pending_settlements: RefCell<Vec<Settlement>>,
     /// Checks counted for the log sample (see [`Worker::sampled_for_log`]).
     checks_seen: Cell<u64>,
     /// Quota leased to this worker (leased rules only).
@@ -437,7 +445,7 @@ impl Worker {
                         );
                     }
                     match host.flavour() {
-                        Flavour::Envoy => self.release(host, Vec::new(), returns),
+                        Flavour::Envoy => self.release(host, Vec::new(), returns, Vec::new()),
                         Flavour::Ngx => self.pending_returns.borrow_mut().extend(returns),
                     }
                 }
@@ -510,26 +518,62 @@ impl Worker {
     }
 
     /// Gives back the concurrency leases of a request that ended (from its `on_log`): at
-    /// once in Envoy; from the root's next tick where a callout from `on_log` traps.
-    pub fn release_at_end(&self, host: &dyn Host, leases: Vec<String>) {
+    /// once in Envoy; from the root's next tick where a callout from `on_log` traps. Its
+    /// usage settlements wait for the next release call: the tick's, or Envoy's at once when
+    /// [`SETTLEMENTS_BATCH`] wait.
+    pub fn release_at_end(&self, host: &dyn Host, leases: Vec<String>, settled: Vec<Settlement>) {
+        let settlements = {
+            let mut pending = self.pending_settlements.borrow_mut();
+            pending.extend(settled);
+            if pending.len() > MAX_PENDING_SETTLEMENTS {
+                let dropped = pending.len() - MAX_PENDING_SETTLEMENTS;
+                pending.drain(..dropped);
+                log(
+                    host,
+                    LogLevel::Warn,
+                    &format!("{dropped} usage settlements dropped (too many waiting): their reservations stand as charged"),
+                );
+            }
+            let send_now = host.flavour() == Flavour::Envoy && pending.len() >= SETTLEMENTS_BATCH;
+            if send_now {
+                let count = pending.len().min(MAX_SETTLEMENTS_PER_CALL);
+                pending.drain(..count).collect()
+            } else {
+                Vec::new()
+            }
+        };
         match host.flavour() {
-            Flavour::Envoy => self.release(host, leases, Vec::new()),
+            Flavour::Envoy => self.release(host, leases, Vec::new(), settlements),
             Flavour::Ngx => self.pending_releases.borrow_mut().extend(leases),
         }
     }
 
-    /// Gives back concurrency slots (`leases`) and leases' unused quota (`returns`) in one
-    /// call.
-    pub fn release(&self, host: &dyn Host, leases: Vec<String>, returns: Vec<LeaseReturn>) {
-        if leases.is_empty() && returns.is_empty() {
+    /// The settlements for the tick's release call, as many as one call carries.
+    fn settlements_due(&self) -> Vec<Settlement> {
+        let mut pending = self.pending_settlements.borrow_mut();
+        let count = pending.len().min(MAX_SETTLEMENTS_PER_CALL);
+        pending.drain(..count).collect()
+    }
+
+    /// Gives back concurrency slots (`leases`) and leases' unused quota (`returns`), and
+    /// settles usage reservations, in one call.
+    pub fn release(
+        &self,
+        host: &dyn Host,
+        leases: Vec<String>,
+        returns: Vec<LeaseReturn>,
+        settlements: Vec<Settlement>,
+    ) {
+        if leases.is_empty() && returns.is_empty() && settlements.is_empty() {
             return;
         }
-        let body = decision::release_request(leases, returns);
+        let settling = settlements.len();
+        let body = decision::release_request(leases, returns, settlements);
         if let Err(status) = self.call_controller(host, RELEASE_PATH, Some(&body), &[]) {
             log(
                 host,
                 LogLevel::Warn,
-                &format!("could not release concurrency slots or give leases back ({status}); slots free themselves when their lease expires, leased quota stays spent"),
+                &format!("could not release concurrency slots, give leases back or settle {settling} usage reservations ({status}); slots free themselves when their lease expires, leased quota stays spent, reservations stand as charged"),
             );
         }
     }
@@ -800,6 +844,7 @@ impl Root {
             stream_calls: RefCell::new(HashMap::new()),
             pending_releases: RefCell::new(Vec::new()),
             pending_returns: RefCell::new(Vec::new()),
+            pending_settlements: RefCell::new(Vec::new()),
             checks_seen: Cell::new(0),
             leases: RefCell::new(Leases::default()),
             leased_uncounted: Cell::new(0),
@@ -831,7 +876,7 @@ impl Root {
             let later = returns.split_off(MAX_RETURNS_PER_CALL);
             worker.pending_returns.borrow_mut().extend(later);
         }
-        worker.release(host, releases, returns);
+        worker.release(host, releases, returns, worker.settlements_due());
         self.read_config_when_due(host, &worker);
         self.report_when_due(host, &worker);
         worker.leases.borrow_mut().sweep(host.now_ms());
@@ -960,22 +1005,18 @@ impl Root {
     /// outlives any one request.
     fn send_next_batch(&mut self, host: &dyn Host, worker: &Worker) {
         worker.count_leased(host);
+        let leased = worker.view.borrow().leased;
+        let lease_holder = leased.then_some(worker.lease_holder.as_str());
         loop {
-            let next = worker.batcher.borrow_mut().next_batch();
-            let Some((members, mut request)) = next else {
+            let next = worker.batcher.borrow_mut().next_batch(lease_holder);
+            let Some(Outgoing { members, body }) = next else {
                 return;
             };
-            if worker.view.borrow().leased {
-                request.lease_holder = Some(worker.lease_holder.clone());
-            }
-            let sent = serde_json::to_vec(&request)
-                .map_err(|e| format!("cannot encode the batch: {e}"))
-                .and_then(|body| {
-                    host.set_effective_context(self.context_id)
-                        .map_err(|status| status.to_string())?;
-                    let token = worker.call_controller(host, CHECK_PATH, Some(&body), &[])?;
-                    Ok((token, body))
-                });
+            let sent = host
+                .set_effective_context(self.context_id)
+                .map_err(|status| status.to_string())
+                .and_then(|()| worker.call_controller(host, CHECK_PATH, Some(&body), &[]))
+                .map(|token| (token, body));
             match sent {
                 Ok((token, body)) => worker.batcher.borrow_mut().sent_retriable(
                     token,
@@ -1010,10 +1051,16 @@ impl Root {
         verdicts: Vec<Verdict>,
     ) {
         let mut orphaned_leases = Vec::new();
+        let mut orphaned_settlements = Vec::new();
         for (member, verdict) in members.into_iter().zip(verdicts) {
             if !still_here(&member.slot) || host.set_effective_context(member.context_id).is_err() {
-                if let Verdict::Continue { leases, .. } = verdict {
+                if let Verdict::Continue { leases, usage, .. } = verdict {
                     orphaned_leases.extend(leases);
+                    // Never went upstream: nothing was used.
+                    orphaned_settlements.extend(usage.into_iter().map(|reserved| Settlement {
+                        reservation: reserved.token,
+                        used: 0,
+                    }));
                 }
                 continue;
             }
@@ -1038,8 +1085,14 @@ impl Root {
                 }
             }
         }
+        if !orphaned_settlements.is_empty() {
+            worker
+                .pending_settlements
+                .borrow_mut()
+                .extend(orphaned_settlements);
+        }
         if !orphaned_leases.is_empty() && host.set_effective_context(self.context_id).is_ok() {
-            worker.release(host, orphaned_leases, Vec::new());
+            worker.release(host, orphaned_leases, Vec::new(), Vec::new());
         }
         if !self.delayed.is_empty() {
             let _ = host.set_tick_period_ms(self.context_id, DELAY_TICK_MS);

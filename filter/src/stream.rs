@@ -27,11 +27,12 @@ use crate::config::FailureMode;
 use crate::decision::{self, Failure, ReplyKind, Verdict};
 use crate::denial;
 use crate::grpc;
-use crate::host::{Action, Flavour, HeaderMap, Host, LogLevel, MapType};
+use crate::host::{Action, BufferType, Flavour, HeaderMap, Host, LogLevel, MapType};
 use crate::identity::{self, Facts, Identity, Known};
 use crate::jwt::Claims;
 use crate::lists::{self, Listing};
 use crate::root::{log, Metric, Worker, MAX_WAITING};
+use crate::usage::{Meter, MAX_BODY_CHUNK_BYTES};
 
 /// Longest `x-request-id` echoed in a local reply's body.
 const MAX_REQUEST_ID_BYTES: usize = 128;
@@ -44,10 +45,12 @@ enum State {
     },
     /// In a batch; the root leaves the verdict in the slot.
     Batched(Slot),
-    /// Going upstream; these headers go on the response, these leases go back at the end.
+    /// Going upstream; these headers go on the response, these leases go back at the end,
+    /// and the usage rules' reservations settle with what the response says.
     Admitted {
         headers: decision::Headers,
         leases: Vec<String>,
+        meter: Option<Meter>,
     },
     /// Answered locally; the local reply already carries its headers.
     Answered,
@@ -432,11 +435,13 @@ impl Stream {
             Verdict::Continue {
                 response_headers,
                 leases,
+                usage,
                 ..
             } => {
                 self.state = State::Admitted {
                     headers: response_headers,
                     leases,
+                    meter: Meter::new(usage),
                 };
                 Action::Continue
             }
@@ -471,7 +476,7 @@ impl Stream {
             failure_mode: self.failure_mode,
         };
         let asked_for_lease = check.lease;
-        let registered = self.worker.batcher.borrow_mut().register(member, check);
+        let registered = self.worker.batcher.borrow_mut().register(member, &check);
         // Not queued: its lease ask, if it made one, will have no answer.
         let not_queued = |worker: &Worker| {
             if asked_for_lease {
@@ -540,6 +545,7 @@ impl Stream {
             hold_delays: true,
             // Leases are for batching workers (a lease's life starts when its batch left).
             lease_holder: None,
+            settles: true,
         };
         let body = match serde_json::to_vec(&request) {
             Ok(body) if body.len() > MAX_CALL_BODY_BYTES => {
@@ -576,10 +582,12 @@ impl Stream {
             Some(Verdict::Continue {
                 response_headers,
                 leases,
+                usage,
                 ..
             }) => State::Admitted {
                 headers: response_headers,
                 leases,
+                meter: Meter::new(usage),
             },
             Some(Verdict::Reply { .. }) => State::Answered,
             None => return,
@@ -655,9 +663,47 @@ impl Stream {
                 .flatten();
             self.worker.tally.borrow_mut().response(status.as_deref());
         }
-        if let State::Admitted { headers, .. } = &self.state {
-            for (name, value) in headers {
+        if let State::Admitted { headers, meter, .. } = &mut self.state {
+            if let Some(meter) = meter {
+                meter.on_response_headers(|name| {
+                    let value = host.header(MapType::ResponseHeaders, name).ok()??;
+                    String::from_utf8(value).ok()
+                });
+            }
+            for (name, value) in headers.iter() {
                 let _ = host.replace_header(MapType::ResponseHeaders, name, value);
+            }
+        }
+        Action::Continue
+    }
+
+    /// A piece of the response body passed while the filter could not read it.
+    pub fn body_missed(&mut self) {
+        if let State::Admitted {
+            meter: Some(meter), ..
+        } = &mut self.state
+        {
+            meter.body_unreadable();
+        }
+    }
+
+    /// A piece of the response body passes: read for usage when a reservation needs it,
+    /// never held back.
+    pub fn on_response_body(&mut self, host: &dyn Host, body_size: usize, end: bool) -> Action {
+        if let State::Admitted {
+            meter: Some(meter), ..
+        } = &mut self.state
+        {
+            if meter.reads_body() {
+                let chunk = if body_size > MAX_BODY_CHUNK_BYTES {
+                    None
+                } else {
+                    host.buffer(BufferType::HttpResponseBody, body_size).ok()
+                };
+                match chunk {
+                    Some(chunk) => meter.on_body(&chunk.unwrap_or_default(), end),
+                    None => meter.body_unreadable(),
+                }
             }
         }
         Action::Continue
@@ -677,9 +723,10 @@ impl Stream {
                 // Let go of the slot: the root must not answer this request any more.
                 self.state = State::Answered;
             }
-            State::Admitted { leases, .. } => {
+            State::Admitted { leases, meter, .. } => {
                 let leases = std::mem::take(leases);
-                self.worker.release_at_end(host, leases);
+                let settlements = meter.take().map(Meter::settlements).unwrap_or_default();
+                self.worker.release_at_end(host, leases, settlements);
             }
             _ => {}
         }

@@ -94,6 +94,8 @@ pub struct MockState {
     next_token: u32,
     /// The response being delivered: serialised headers and body.
     pub call_response: (Vec<u8>, Vec<u8>),
+    /// The piece of a response body passing now.
+    pub response_body: Vec<u8>,
     pub shared_data: HashMap<String, Vec<u8>>,
     /// Each shared-data key's CAS (a key written by a test directly has none: 0).
     pub shared_cas: HashMap<String, u32>,
@@ -171,6 +173,7 @@ impl Host for MockHost {
         let bytes = match buffer {
             BufferType::PluginConfiguration => &state.plugin_configuration,
             BufferType::CallResponseBody => &state.call_response.1,
+            BufferType::HttpResponseBody => &state.response_body,
         };
         Ok(Some(bytes.iter().take(max_size).copied().collect()))
     }
@@ -584,6 +587,17 @@ impl MockEnvoy {
         self.dispatcher.stream_event(Event::ResponseHeaders {
             context_id,
             end_of_stream: true,
+        })
+    }
+
+    /// A piece of a request's response body passes the filter.
+    pub fn respond_body(&mut self, context_id: u32, piece: &[u8], end_of_stream: bool) -> Action {
+        self.enter(context_id);
+        self.host.state.borrow_mut().response_body = piece.to_vec();
+        self.dispatcher.stream_event(Event::ResponseBody {
+            context_id,
+            body_size: piece.len(),
+            end_of_stream,
         })
     }
 

@@ -420,6 +420,100 @@ fn a_stream_gives_its_concurrency_leases_back_when_it_ends() {
 }
 
 #[test]
+fn a_response_settles_its_usage_reservations_with_what_it_says_at_the_next_tick() {
+    use sluice_protocol::{ReleaseRequest, Settlement, UsageReservation, UsageSource};
+    let (mut envoy, _) = MockEnvoy::start(&plugin(serde_json::json!({})));
+    let reserved = |token: &str, from: UsageSource| UsageReservation {
+        rule: "tokens".into(),
+        reserved: 500,
+        from,
+        max: 100_000,
+        unreported: 500,
+        token: token.into(),
+    };
+    let admit_with = |body: &[u8], prefix: &str| {
+        let request: CheckRequest = serde_json::from_slice(body).expect("a check call");
+        assert!(request.settles, "the filter says it settles");
+        let decisions = (0..request.checks.len())
+            .map(|i| Decision {
+                usage: vec![
+                    reserved(
+                        &format!("{prefix}{i}-body"),
+                        UsageSource::JsonPointer("/usage/total_tokens".into()),
+                    ),
+                    reserved(
+                        &format!("{prefix}{i}-header"),
+                        UsageSource::ResponseHeader("x-used".into()),
+                    ),
+                ],
+                ..Decision::unlimited()
+            })
+            .collect();
+        serde_json::to_vec(&CheckResponse { decisions }).expect("encode")
+    };
+    let settled = |envoy: &MockEnvoy| -> Vec<Settlement> {
+        envoy
+            .calls()
+            .iter()
+            .filter(|c| path_of(c) == "/v1/release")
+            .flat_map(|c| {
+                serde_json::from_slice::<ReleaseRequest>(&c.body)
+                    .expect("a release")
+                    .settlements
+            })
+            .collect()
+    };
+    let (stream, _) = envoy.request(get(b"/v1/chat/completions", &[]), &[(PEER, b"192.0.2.1:1")]);
+    envoy.run_queues();
+    let batch = envoy.calls().pop().expect("a batch");
+    envoy.answer_with(batch.token, "200", &admit_with(&batch.body, "a"));
+    envoy.host.state.borrow_mut().response_headers.insert(
+        stream,
+        vec![
+            ("content-type".into(), "application/json".into()),
+            ("x-used".into(), "7".into()),
+        ],
+    );
+    assert_eq!(envoy.respond(stream), Action::Continue);
+    let body =
+        br#"{"id":"x","usage":{"prompt_tokens":30,"completion_tokens":12,"total_tokens":42}}"#;
+    let (first, rest) = body.split_at(25);
+    assert_eq!(envoy.respond_body(stream, first, false), Action::Continue);
+    assert_eq!(envoy.respond_body(stream, rest, true), Action::Continue);
+    envoy.finish(stream);
+
+    // Gone before its answer: it never went upstream, so it used nothing.
+    let (early, _) = envoy.request(get(b"/v1/chat/completions", &[]), &[(PEER, b"192.0.2.2:1")]);
+    envoy.run_queues();
+    let batch = envoy
+        .calls()
+        .into_iter()
+        .rfind(|c| path_of(c) == "/v1/check")
+        .expect("a batch");
+    envoy.finish(early);
+    envoy.answer_with(batch.token, "200", &admit_with(&batch.body, "b"));
+
+    assert!(settled(&envoy).is_empty(), "settlements wait for the tick");
+    envoy.tick(1_000);
+    let mut got: Vec<(String, u64)> = settled(&envoy)
+        .into_iter()
+        .map(|s| (s.reservation, s.used))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("a0-body".to_owned(), 42),
+            ("a0-header".to_owned(), 7),
+            ("b0-body".to_owned(), 0),
+            ("b0-header".to_owned(), 0),
+        ]
+    );
+    envoy.tick(1_000);
+    assert_eq!(settled(&envoy).len(), 4, "each settles once");
+}
+
+#[test]
 fn callbacks_for_contexts_the_filter_does_not_know_are_ignored() {
     let (mut envoy, _) = MockEnvoy::start(&plugin(serde_json::json!({})));
     envoy.answer_with(999, "200", b"{}");
@@ -1308,8 +1402,15 @@ enum Op {
     Tick {
         ms: u64,
     },
-    /// The oldest live request ends (done, or its client left).
-    Finish,
+    /// The oldest live request ends (done, or its client left), its response typed as an
+    /// event stream or JSON, and carrying `body` (cut into pieces of `cut` bytes) and these
+    /// bytes as its usage header.
+    Finish {
+        event_stream: bool,
+        body: Vec<u8>,
+        cut: usize,
+        usage_header: String,
+    },
     Fail {
         call: HostCall,
         on: bool,
@@ -1344,7 +1445,9 @@ fn op() -> impl Strategy<Value = Op> {
         3 => any::<u32>().prop_map(|allow_mask| Op::AnswerDecisions { allow_mask }),
         1 => (hostile_bytes(), hostile_bytes()).prop_map(|(status, body)| Op::AnswerGarbage { status, body }),
         2 => (0u64..3_000).prop_map(|ms| Op::Tick { ms }),
-        2 => Just(Op::Finish),
+        2 => (any::<bool>(), hostile_bytes(), 1usize..16, "[ -~]{0,24}").prop_map(
+            |(event_stream, body, cut, usage_header)| Op::Finish { event_stream, body, cut, usage_header }
+        ),
         1 => (host_call(), any::<bool>()).prop_map(|(call, on)| Op::Fail { call, on }),
         1 => hostile_bytes().prop_map(|value| Op::GarbleSharedData { value }),
     ]
@@ -1392,6 +1495,32 @@ fn configs() -> Vec<Vec<u8>> {
     ]
 }
 
+/// `reply` (a check call's answer) with usage reservations on every other allowed decision,
+/// one read from the body and one from a header, as `mask` picks.
+fn with_usage(reply: &[u8], mask: u32) -> Vec<u8> {
+    use sluice_protocol::{UsageReservation, UsageSource};
+    let mut response: CheckResponse = serde_json::from_slice(reply).expect("a reply");
+    for (i, decision) in response.decisions.iter_mut().enumerate() {
+        if decision.allowed && (mask >> (i % 32)) & 2 == 2 {
+            decision.usage = [
+                UsageSource::JsonPointer("/usage/total_tokens".into()),
+                UsageSource::ResponseHeader("x-used".into()),
+            ]
+            .into_iter()
+            .map(|from| UsageReservation {
+                rule: "tokens".into(),
+                reserved: 10,
+                from,
+                max: 1_000,
+                unreported: 10,
+                token: format!("r{i}"),
+            })
+            .collect();
+        }
+    }
+    serde_json::to_vec(&response).expect("encode")
+}
+
 fn run(profile: Flavour, config: &[u8], ops: Vec<Op>) {
     let config = match profile {
         Flavour::Envoy => config.to_vec(),
@@ -1427,7 +1556,10 @@ fn run(profile: Flavour, config: &[u8], ops: Vec<Op>) {
                         match serde_json::from_slice::<CheckRequest>(&call.body) {
                             Ok(_) => (
                                 "200",
-                                decisions_for(&call.body, |i| allow_mask >> (i % 32) & 1 == 1),
+                                with_usage(
+                                    &decisions_for(&call.body, |i| allow_mask >> (i % 32) & 1 == 1),
+                                    allow_mask,
+                                ),
                             ),
                             Err(_) => ("200", br#"{"released":1}"#.to_vec()),
                         }
@@ -1442,10 +1574,31 @@ fn run(profile: Flavour, config: &[u8], ops: Vec<Op>) {
                 }
             }
             Op::Tick { ms } => envoy.tick(ms),
-            Op::Finish => {
+            Op::Finish {
+                event_stream,
+                body,
+                cut,
+                usage_header,
+            } => {
                 if !live.is_empty() {
                     let (context, _) = live.remove(0);
+                    let content_type = if event_stream {
+                        "text/event-stream"
+                    } else {
+                        "application/json"
+                    };
+                    envoy.host.state.borrow_mut().response_headers.insert(
+                        context,
+                        vec![
+                            ("content-type".into(), content_type.into()),
+                            ("x-used".into(), usage_header),
+                        ],
+                    );
                     envoy.respond(context);
+                    let pieces: Vec<&[u8]> = body.chunks(cut).collect();
+                    for (i, piece) in pieces.iter().enumerate() {
+                        envoy.respond_body(context, piece, i + 1 == pieces.len());
+                    }
                     envoy.finish(context);
                 }
             }

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::usage::{Settlement, UsageReservation};
 use serde::{Deserialize, Serialize};
 
 /// Versioned path of the check call on the controller.
@@ -52,6 +53,11 @@ pub struct CheckRequest {
     /// lease is granted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_holder: Option<String>,
+    /// The asker settles usage rules' reservations when responses end: only then may its
+    /// decisions carry [`UsageReservation`]s (an asker that does not settle is charged each
+    /// reservation whole).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub settles: bool,
 }
 
 fn yes() -> bool {
@@ -247,6 +253,10 @@ pub struct Decision {
     /// this one itself (see [`Grant`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<Grant>,
+    /// What the request holds of usage rules' limits until its response says what it used:
+    /// the filter settles each when the response ends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub usage: Vec<UsageReservation>,
 }
 
 /// A lease of quota, already taken from every limit the request counted against: the
@@ -285,6 +295,7 @@ impl Decision {
             leases: Vec::new(),
             refused: None,
             grant: None,
+            usage: Vec::new(),
         }
     }
 
@@ -323,6 +334,9 @@ pub struct ReleaseRequest {
     pub leases: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub returns: Vec<LeaseReturn>,
+    /// Usage reservations settled with what responses reported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub settlements: Vec<Settlement>,
 }
 
 /// Quota of a lease that its worker gives back: `unused` of the requests its [`Grant`]

@@ -9,6 +9,7 @@ pub mod duration;
 pub mod headers;
 pub mod rule_index;
 pub mod rules;
+pub mod usage;
 
 pub use check::{
     sampled, AddressCount, CachedDenials, Check, CheckRequest, CheckResponse, ClientId, ClientKind,
@@ -23,4 +24,8 @@ pub use config::{
 };
 pub use rules::{
     FailureMode, HeaderMatch, Leased, Penalty, Rule, RuleMatch, RuleSet, Scope, Strategy, LEASABLE,
+    USAGE_STRATEGIES,
+};
+pub use usage::{
+    Settlement, Usage, UsageReservation, UsageSource, MAX_SETTLEMENTS_PER_CALL, MAX_USAGE,
 };

@@ -10,6 +10,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::check::Check;
 use crate::duration;
+use crate::usage::Usage;
 
 /// Rate-limiting algorithm of a rule; the check call carries which one answered.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -342,6 +343,11 @@ pub struct Rule {
     /// the worker admits from without asking (`fixed_window`, `token_bucket`, `gcra`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leased: Option<Leased>,
+    /// Counts what each request used, as its response says (LLM tokens, credits): a
+    /// reservation is taken when the request is admitted and settled when its response
+    /// ends (`fixed_window`, `token_bucket`, `gcra`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
 }
 
 /// How a leased rule shares out its quota. A worker's lease is taken from the key's quota
@@ -383,6 +389,12 @@ const DEFAULT_LEASE_TTL_MS: u64 = 1_000;
 /// request came (a lease would have to be placed in time), a leaky bucket schedules each
 /// request, and concurrency counts requests in flight.
 pub const LEASABLE: [Strategy; 3] = [Strategy::FixedWindow, Strategy::TokenBucket, Strategy::Gcra];
+
+/// Strategies that can settle usage after the response: for the same reason as
+/// [`LEASABLE`], what a reservation took can be given back, and usage beyond it charged, as
+/// a count. A sliding window would have to place the difference in time, a leaky bucket
+/// has already scheduled the request, and concurrency counts requests, not units.
+pub const USAGE_STRATEGIES: [Strategy; 3] = LEASABLE;
 
 /// A progressive penalty: each time the rule denies a client (outside a cool-down), the
 /// client's strikes grow by one and it may not pass for `base × 2^(strikes − 1)`, at most
@@ -650,6 +662,42 @@ impl Rule {
                 ));
             }
         }
+        if let Some(usage) = &self.usage {
+            if !USAGE_STRATEGIES.contains(&self.strategy) {
+                return Err((
+                    "usage",
+                    format!(
+                        "only fixed_window, token_bucket and gcra can settle usage, not {strategy}"
+                    ),
+                ));
+            }
+            let conflict = [
+                ("leased", self.leased.is_some()),
+                ("cost", self.cost.is_some()),
+                ("shadow", self.shadow),
+            ];
+            if let Some((field, _)) = conflict.iter().find(|(_, set)| *set) {
+                return Err((
+                    "usage",
+                    format!(
+                        "cannot be combined with {field}: a usage rule's cost is what each \
+                         response reports"
+                    ),
+                ));
+            }
+            usage.validate()?;
+            if usage.reserve > self.capacity() {
+                return Err((
+                    "usage.reserve",
+                    format!(
+                        "{} is more than the rule ever admits at once ({}): every request \
+                         would be refused",
+                        usage.reserve,
+                        self.capacity()
+                    ),
+                ));
+            }
+        }
         if self.strategy == Strategy::LeakyBucket && self.max_delay.is_none() {
             return Err((
                 "max_delay",
@@ -794,6 +842,7 @@ mod tests {
             tier_limits: false,
             penalty: None,
             leased: None,
+            usage: None,
         }
     }
 
@@ -1103,6 +1152,8 @@ mod tests {
             r#"{"name":"a","strategy":"leaky_bucket","limit":5,"window":"1s","max_delay":"0s"}"#,
             r#"{"name":"a","strategy":"concurrency","limit":5,"lease":"30s"}"#,
             r#"{"name":"a","strategy":"concurrency","limit":5}"#,
+            r#"{"name":"a","limit":5,"window":"1s","usage":{"json_pointer":"/usage/total_tokens","reserve":5}}"#,
+            r#"{"name":"a","strategy":"gcra","limit":5,"window":"1s","burst":9,"usage":{"response_header":"x-used","reserve":9}}"#,
         ];
         for json in cases {
             let rule: Rule = serde_json::from_str(json).unwrap();
@@ -1123,6 +1174,26 @@ mod tests {
     #[test]
     fn strategy_fields_are_checked() {
         let cases = [
+            (
+                r#"{"name":"a","strategy":"sliding_window_counter","limit":5,"window":"1s","usage":{"json_pointer":"/t","reserve":1}}"#,
+                "rules[0].usage",
+            ),
+            (
+                r#"{"name":"a","limit":5,"window":"1s","cost":2,"usage":{"json_pointer":"/t","reserve":1}}"#,
+                "rules[0].usage",
+            ),
+            (
+                r#"{"name":"a","limit":5,"window":"1s","leased":{},"usage":{"json_pointer":"/t","reserve":1}}"#,
+                "rules[0].usage",
+            ),
+            (
+                r#"{"name":"a","limit":5,"window":"1s","usage":{"json_pointer":"/t","reserve":6}}"#,
+                "rules[0].usage.reserve",
+            ),
+            (
+                r#"{"name":"a","limit":5,"window":"1s","usage":{"json_pointer":"t","reserve":1}}"#,
+                "rules[0].usage.json_pointer",
+            ),
             (r#"{"name":"a","limit":5}"#, "rules[0].window"),
             (
                 r#"{"name":"a","strategy":"concurrency","limit":5,"window":"1s"}"#,

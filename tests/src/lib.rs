@@ -8,6 +8,7 @@ pub mod cli;
 pub mod controller;
 pub mod delay_proxy;
 pub mod envoy;
+pub mod fake_llm;
 pub mod fixtures;
 pub mod http;
 pub mod newer_controller;

@@ -5,15 +5,20 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::extract::Path;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 
 /// The service itself: `200 hello from upstream` on every path and method; `/slow/{ms}`
 /// answers the same after `ms` milliseconds (at most 10 s); `/status/{code}` answers with
 /// that status (an upstream in trouble, for the automatic system state); `/binary-headers`
-/// with response header values that are not UTF-8.
+/// with response header values that are not UTF-8; `POST /v1/chat/completions` is a fake
+/// OpenAI-compatible model server (see [`crate::fake_llm`]).
 pub fn app() -> Router {
     Router::new()
+        .route(
+            "/v1/chat/completions",
+            post(crate::fake_llm::chat_completions),
+        )
         .route("/slow/{ms}", get(slow))
         .route("/status/{code}", get(status))
         .route("/binary-headers", get(binary_headers))

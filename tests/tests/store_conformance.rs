@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_controller::store::{
-    CheckSpec, LimitSpec, ManualClock, MemoryStore, Outcome, RedisStore, RedisTarget, Refund,
-    Reservation, Store,
+    Charge, CheckSpec, LimitSpec, ManualClock, MemoryStore, Outcome, RedisStore, RedisTarget,
+    Refund, Reservation, Store,
 };
 use sluice_controller::strategy::{Params, PenaltyParams, Verdict};
 use sluice_e2e::{unique_name, RedisCluster, RedisServer};
@@ -1117,6 +1117,98 @@ async fn a_returned_lease_ends_its_holders_reservation(s: Subject) {
     );
 }
 
+fn charge_of(spec: &LimitSpec, units: u64, reservation: &str) -> Charge {
+    Charge {
+        key: spec.key.clone(),
+        params: spec.params,
+        units,
+        reservation: reservation.to_owned(),
+        remember_ms: 60_000,
+    }
+}
+
+impl Subject {
+    async fn charge(&self, charges: &[Charge]) -> Vec<u64> {
+        self.store.charge(charges).await.expect("store answers")
+    }
+}
+
+async fn usage_beyond_a_reservation_is_charged_in_full_once_in_the_current_window(s: Subject) {
+    let spec = limit(FixedWindow, 100, 60_000, 0);
+    assert!(
+        s.check(&[costing(spec.clone(), 60)]).await.allowed(),
+        "reserved 60"
+    );
+    assert_eq!(
+        s.charge(&[charge_of(&spec, 70, "r1")]).await,
+        [70],
+        "used 130"
+    );
+    assert_eq!(s.remaining(&spec).await, 0, "130 counted of 100");
+    assert!(!s.one(&costing(spec.clone(), 1)).await.ok, "overdrawn");
+    assert_eq!(
+        s.charge(&[charge_of(&spec, 70, "r1")]).await,
+        [0],
+        "a replayed settlement charges nothing"
+    );
+    assert_eq!(
+        s.refund(&[refund_of(&spec, 10, START - START % 60_000, "r1", "")])
+            .await,
+        [0],
+        "nor gives back: a reservation settles once, as a charge or as a refund"
+    );
+    s.advance(60_000);
+    assert_eq!(
+        s.remaining(&spec).await,
+        100,
+        "the next window starts afresh"
+    );
+    assert_eq!(
+        s.charge(&[charge_of(&spec, 30, "r2")]).await,
+        [30],
+        "settled after its window ended: charged to the current one"
+    );
+    assert_eq!(s.remaining(&spec).await, 70);
+}
+
+async fn usage_beyond_a_reservation_puts_a_bucket_in_debt(s: Subject) {
+    let bucket = limit(TokenBucket, 10, 1_000, 20);
+    assert!(s.check(&[costing(bucket.clone(), 15)]).await.allowed());
+    assert_eq!(s.charge(&[charge_of(&bucket, 10, "b1")]).await, [10]);
+    assert_eq!(
+        s.remaining(&bucket).await,
+        0,
+        "5 left, 10 more used: 5 owed"
+    );
+    s.advance(599);
+    assert!(
+        !s.one(&costing(bucket.clone(), 1)).await.ok,
+        "the 5 owed first"
+    );
+    s.advance(1);
+    assert!(
+        s.one(&costing(bucket.clone(), 1)).await.ok,
+        "then one refilled"
+    );
+
+    let gcra = limit(Gcra, 10, 1_000, 5);
+    assert_eq!(
+        s.charge(&[charge_of(&gcra, 8, "c1")]).await,
+        [8],
+        "a charge on a limit with nothing taken yet"
+    );
+    assert_eq!(s.remaining(&gcra).await, 0, "3 past the burst of 5");
+    s.advance(399);
+    assert!(!s.one(&costing(gcra.clone(), 1)).await.ok);
+    s.advance(1);
+    assert!(s.one(&costing(gcra.clone(), 1)).await.ok);
+    assert_eq!(
+        s.charge(&[charge_of(&gcra, 8, "c1")]).await,
+        [0],
+        "a replay"
+    );
+}
+
 macro_rules! every_store {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
@@ -1147,6 +1239,8 @@ macro_rules! every_store {
 }
 
 every_store!(
+    usage_beyond_a_reservation_is_charged_in_full_once_in_the_current_window,
+    usage_beyond_a_reservation_puts_a_bucket_in_debt,
     fixed_window_counts_down_and_denies_until_the_boundary,
     fixed_window_lets_twice_the_limit_through_across_a_boundary,
     sliding_log_counts_each_request_for_one_window,

@@ -1,14 +1,16 @@
-//! Grant tokens: what a worker presents to give a lease's unused quota back. The controller
-//! that grants a lease writes into its token everything a return needs (the limits the lease
-//! was taken from, as the store counted them, and until when it holds) and signs it, so a
-//! return needs no configuration (the rule may be gone: a configuration change is when
-//! workers return most) and names nothing the controller did not grant.
+//! Grant tokens: what a worker presents to give a lease's unused quota back, or to settle a
+//! usage rule's reservation. The controller that grants a lease (or takes a reservation)
+//! writes into its token everything a return needs (the limits it was taken from, as the
+//! store counted them, and until when it holds) and signs it, so a return needs no
+//! configuration (the rule may be gone: a configuration change is when workers return
+//! most) and names nothing the controller did not grant.
 //!
-//! Layout before the signature: `g|<grant id>|<until ms>|<rule>|<units>|<limits>|<holder>`,
-//! the limits `;`-separated, each `<key>,<strategy>,<limit>,<period ms>,<extra>,<cost>,
-//! <counted in>`. The holder is last: it is the worker's own name, of any bytes.
+//! Layout before the signature: `<kind>|<id>|<until ms>|<rule>|<units>|<limits>|<holder>`,
+//! the kind `g` for a lease's grant and `r` for a reservation, the limits `;`-separated,
+//! each `<key>,<strategy>,<limit>,<period ms>,<extra>,<cost>,<counted in>`. The holder is
+//! last: it is the worker's own name, of any bytes (empty for a reservation).
 
-use sluice_protocol::Strategy;
+use sluice_protocol::{Strategy, MAX_USAGE};
 
 use crate::keys;
 use crate::store::Refund;
@@ -16,6 +18,31 @@ use crate::strategy::Params;
 
 /// Requests one grant holds at most (a lease is about a second of one worker's traffic).
 const MAX_UNITS: u64 = 1_000_000_000;
+
+/// What a token stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// A lease of requests: what it did not admit may be given back.
+    Lease,
+    /// A usage rule's reservation: settled once with what the response reported.
+    Reservation,
+}
+
+impl TokenKind {
+    fn prefix(self) -> &'static str {
+        match self {
+            TokenKind::Lease => "g",
+            TokenKind::Reservation => "r",
+        }
+    }
+
+    fn most_units(self) -> u64 {
+        match self {
+            TokenKind::Lease => MAX_UNITS,
+            TokenKind::Reservation => MAX_USAGE,
+        }
+    }
+}
 /// Limits one grant names at most: the enforced rules of one request.
 const MAX_LIMITS: usize = 64;
 
@@ -32,6 +59,7 @@ pub struct GrantedLimit<'a> {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GrantToken<'a> {
+    pub kind: TokenKind,
     pub id: &'a str,
     /// When the lease ends, by the store's clock: a return after it gives nothing back.
     pub until_ms: u64,
@@ -62,7 +90,8 @@ impl GrantToken<'_> {
             })
             .collect();
         format!(
-            "g|{}|{}|{}|{}|{}|{}",
+            "{}|{}|{}|{}|{}|{}|{}",
+            self.kind.prefix(),
             self.id,
             self.until_ms,
             self.rule,
@@ -75,9 +104,11 @@ impl GrantToken<'_> {
     /// A verified token's fields; `None` when it is not one this module wrote.
     pub fn parse(token: &str) -> Option<GrantToken<'_>> {
         let mut parts = token.splitn(7, '|');
-        if parts.next()? != "g" {
-            return None;
-        }
+        let kind = match parts.next()? {
+            "g" => TokenKind::Lease,
+            "r" => TokenKind::Reservation,
+            _ => return None,
+        };
         let id = parts.next()?;
         let until_ms = parts.next()?.parse().ok()?;
         let rule = parts.next()?;
@@ -90,9 +121,10 @@ impl GrantToken<'_> {
         let holder = parts.next()?;
         let well_formed = id.len() == 32
             && id.bytes().all(|b| b.is_ascii_hexdigit())
-            && (1..=MAX_UNITS).contains(&units)
+            && (1..=kind.most_units()).contains(&units)
             && (1..=MAX_LIMITS).contains(&limits.len());
         well_formed.then_some(GrantToken {
+            kind,
             id,
             until_ms,
             rule,
@@ -173,6 +205,7 @@ mod tests {
 
     fn token<'a>(keys: &'a [String], holder: &'a str) -> GrantToken<'a> {
         GrantToken {
+            kind: TokenKind::Lease,
             id: "0123456789abcdef0123456789abcdef",
             until_ms: 1_800_000_060_000,
             rule: "hot",
@@ -215,6 +248,14 @@ mod tests {
             let text = written.encode();
             assert_eq!(GrantToken::parse(&text), Some(written), "{text}");
         }
+        let reservation = GrantToken {
+            kind: TokenKind::Reservation,
+            units: MAX_USAGE,
+            ..token(&keys, "")
+        };
+        let text = reservation.encode();
+        assert!(text.starts_with("r|"));
+        assert_eq!(GrantToken::parse(&text), Some(reservation));
     }
 
     #[test]

@@ -7,17 +7,18 @@ use std::sync::Arc;
 use sluice_protocol::config::UnknownApiKeys;
 use sluice_protocol::{
     Check, CheckRequest, CheckResponse, ClientId, ClientKind, Decision, DenyReason, Grant,
-    LeaseReturn, PolicyStatus, Refusal, Rule, Scope, Strategy,
+    LeaseReturn, PolicyStatus, Refusal, Rule, Scope, Settlement, Strategy, UsageReservation,
+    MAX_USAGE,
 };
 
 use super::credential::{CheckTokens, LeaseSigner};
-use super::grant::{self, GrantToken, GrantedLimit};
+use super::grant::{self, GrantToken, GrantedLimit, TokenKind};
 use crate::config::{LiveConfig, Snapshot};
 use crate::keys;
 use crate::metrics::Metrics;
 use crate::protection::Guard;
 use crate::stats::Recorder;
-use crate::store::{CheckSpec, LimitSpec, Outcome, Reservation, Store, StoreError};
+use crate::store::{Charge, CheckSpec, LimitSpec, Outcome, Reservation, Store, StoreError};
 use crate::strategy::{Params, Verdict};
 
 pub struct Limiter {
@@ -61,6 +62,19 @@ impl Asked<'_> {
                 lease_id: &self.lease_id,
             }))
     }
+}
+
+/// How long after admission a usage reservation may be settled: longer than any response a
+/// proxy lets stream. Later, the reservation stands as charged.
+pub const SETTLE_WITHIN_MS: u64 = 60 * 60 * 1_000;
+
+/// What settling each reservation did: units given back (it used less than reserved) and
+/// units charged (it used more), 0 and 0 for a settlement that was not taken (a token this
+/// deployment did not sign, one settled before, or one past [`SETTLE_WITHIN_MS`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Settled {
+    pub returned: Vec<u64>,
+    pub charged: Vec<u64>,
 }
 
 /// A lease token the filter sent back that this controller did not hand out.
@@ -242,7 +256,12 @@ impl Limiter {
                         verdicts: Vec::new(),
                     });
                     let shadow: Vec<Outcome> = outcomes.by_ref().take(asked.shadow.len()).collect();
-                    decide(asked, &enforced, &shadow)
+                    let mut decision = decide(asked, &enforced, &shadow);
+                    // Counted: every enforced limit took its reservation.
+                    if request.settles && enforced.denied_by.is_none() {
+                        decision.usage = self.usage_reservations(asked, &enforced);
+                    }
+                    decision
                 }
             })
             .collect();
@@ -404,6 +423,7 @@ impl Limiter {
             .collect();
         let id = new_lease_id();
         let token = GrantToken {
+            kind: TokenKind::Lease,
             id: &id,
             until_ms: store_now.saturating_add(ttl_ms),
             rule: decision.policy.as_ref().map_or("", |policy| &policy.rule),
@@ -412,6 +432,126 @@ impl Limiter {
             holder: leaseholder,
         };
         self.grant_signer.sign(token.encode())
+    }
+
+    /// The reservations an admitted check holds of its enforced usage rules, each with the
+    /// signed token its settlement presents.
+    fn usage_reservations(&self, asked: &Asked<'_>, enforced: &Outcome) -> Vec<UsageReservation> {
+        asked
+            .enforced
+            .iter()
+            .zip(&asked.enforced_specs)
+            .zip(&enforced.verdicts)
+            .filter_map(|((rule, spec), verdict)| {
+                let usage = rule.usage.as_ref()?;
+                let from = usage.source()?;
+                let store_now = self.store.now_ms();
+                let id = new_lease_id();
+                let token = GrantToken {
+                    kind: TokenKind::Reservation,
+                    id: &id,
+                    until_ms: store_now.saturating_add(SETTLE_WITHIN_MS),
+                    rule: &rule.name,
+                    units: spec.cost,
+                    limits: vec![GrantedLimit {
+                        key: &spec.key,
+                        params: spec.params,
+                        cost: 1,
+                        counted_in: if spec.params.strategy == Strategy::FixedWindow {
+                            grant::counted_in(store_now, verdict.reset_ms, spec.params.period_ms)
+                        } else {
+                            0
+                        },
+                    }],
+                    holder: "",
+                };
+                self.metrics.usage(&rule.name, "reserved", spec.cost);
+                Some(UsageReservation {
+                    rule: rule.name.clone(),
+                    reserved: spec.cost,
+                    from,
+                    max: usage.max(),
+                    unreported: usage.unreported(),
+                    token: self.grant_signer.sign(token.encode()),
+                })
+            })
+            .collect()
+    }
+
+    /// Settles usage reservations with what their responses reported: what was reserved
+    /// and not used goes back to the limit (within the window it was counted in, for a
+    /// fixed window), what was used beyond the reservation is charged in full. Each
+    /// reservation settles once; `used` is clamped to [`MAX_USAGE`].
+    pub async fn settle(&self, settlements: &[Settlement]) -> Result<Settled, StoreError> {
+        let now_ms = self.store.now_ms();
+        let mut refunds = Vec::new();
+        let mut charges = Vec::new();
+        // Per settlement: the rule, and where its refund or charge is.
+        let mut taken: Vec<(usize, String, Result<usize, usize>)> = Vec::new();
+        for (index, settlement) in settlements.iter().enumerate() {
+            let Some(token) = self
+                .grant_signer
+                .verify(&settlement.reservation)
+                .and_then(GrantToken::parse)
+                .filter(|token| token.kind == TokenKind::Reservation)
+            else {
+                continue;
+            };
+            let Some(limit) = token.limits.first() else {
+                continue;
+            };
+            if now_ms >= token.until_ms {
+                continue;
+            }
+            let used = settlement.used.min(MAX_USAGE);
+            let remember_ms = token.until_ms.saturating_sub(now_ms).saturating_add(60_000);
+            let at = if used > token.units {
+                charges.push(Charge {
+                    key: limit.key.to_owned(),
+                    params: limit.params,
+                    units: used - token.units,
+                    reservation: token.id.to_owned(),
+                    remember_ms,
+                });
+                Err(charges.len() - 1)
+            } else {
+                // Nothing to give back still settles it: a replay then changes nothing.
+                refunds.extend(token.refunds(token.units - used, now_ms));
+                Ok(refunds.len() - 1)
+            };
+            taken.push((index, token.rule.to_owned(), at));
+        }
+        let mut settled = Settled {
+            returned: vec![0; settlements.len()],
+            charged: vec![0; settlements.len()],
+        };
+        let returned = if refunds.is_empty() {
+            Vec::new()
+        } else {
+            self.timed("usage_return", self.store.refund(&refunds))
+                .await?
+        };
+        let charged = if charges.is_empty() {
+            Vec::new()
+        } else {
+            self.timed("usage_charge", self.store.charge(&charges))
+                .await?
+        };
+        for (index, rule, at) in taken {
+            match at {
+                Ok(at) => {
+                    let units = returned.get(at).copied().unwrap_or(0);
+                    settled.returned[index] = units;
+                    self.metrics.usage(&rule, "returned", units);
+                }
+                Err(at) => {
+                    let units = charged.get(at).copied().unwrap_or(0);
+                    settled.charged[index] = units;
+                    self.metrics.usage(&rule, "charged", units);
+                }
+            }
+        }
+        Ok(settled)
     }
 
     /// Gives back what leases left unused, by their grants' tokens: per return, the
@@ -427,6 +567,7 @@ impl Limiter {
                 .grant_signer
                 .verify(&returned.grant)
                 .and_then(GrantToken::parse)
+                .filter(|token| token.kind == TokenKind::Lease)
             else {
                 continue;
             };
@@ -681,7 +822,11 @@ fn plan<'r>(snapshot: &'r Snapshot, check: &'r Check) -> Plan<'r> {
         return Plan::Decided(Decision::unlimited());
     }
     let spec = |rule: &Rule, identity: &Option<ClientId>| {
-        let cost = rule.cost.unwrap_or(check.cost);
+        // A usage rule takes its reservation now; the response settles the rest.
+        let cost = match &rule.usage {
+            Some(usage) => usage.reserve,
+            None => rule.cost.unwrap_or(check.cost),
+        };
         LimitSpec {
             key: keys::limit_key(rule.strategy, &rule.name, identity.as_ref()),
             params: Params::of(rule),
@@ -902,6 +1047,7 @@ fn decide(asked: &Asked<'_>, enforced: &Outcome, shadow: &[Outcome]) -> Decision
         leases,
         refused: None,
         grant: None,
+        usage: Vec::new(),
     }
 }
 

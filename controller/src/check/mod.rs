@@ -17,7 +17,8 @@ use axum::{Json, Router};
 use sluice_protocol::{
     CheckRequest, CheckResponse, FilterView, ReleaseRequest, CHECK_PATH, CONFIG_PATH,
     MAX_CALL_BODY_BYTES, MAX_CHECK_HEADERS, MAX_GRANT_TOKEN_BYTES, MAX_HEADER_NAME_BYTES,
-    MAX_IDENTITY_BYTES, MAX_METHOD_BYTES, MAX_REQUEST_FIELD_BYTES, RELEASE_PATH, REPORT_PATH,
+    MAX_IDENTITY_BYTES, MAX_METHOD_BYTES, MAX_REQUEST_FIELD_BYTES, MAX_SETTLEMENTS_PER_CALL,
+    MAX_USAGE, RELEASE_PATH, REPORT_PATH,
 };
 
 use crate::automatic::Signals;
@@ -141,22 +142,49 @@ async fn release(
             format!("at most {MAX_GRANT_TOKEN_BYTES} bytes"),
         ));
     }
+    if request.settlements.len() > MAX_SETTLEMENTS_PER_CALL {
+        return Err(ApiError::invalid(
+            "settlements",
+            format!(
+                "at most {MAX_SETTLEMENTS_PER_CALL} settlements per call, got {}",
+                request.settlements.len()
+            ),
+        ));
+    }
+    for (index, settlement) in request.settlements.iter().enumerate() {
+        if settlement.reservation.len() > MAX_GRANT_TOKEN_BYTES {
+            return Err(ApiError::invalid(
+                format!("settlements[{index}].reservation"),
+                format!("at most {MAX_GRANT_TOKEN_BYTES} bytes"),
+            ));
+        }
+        if settlement.used > MAX_USAGE {
+            return Err(ApiError::invalid(
+                format!("settlements[{index}].used"),
+                format!("at most {MAX_USAGE}"),
+            ));
+        }
+    }
     let outcome = async {
         let freed = state.limiter.release(&request.leases).await?;
         let returned = state.limiter.return_leases(&request.returns).await?;
-        Ok::<_, ReleaseError>((freed, returned))
+        let settled = state.limiter.settle(&request.settlements).await?;
+        Ok::<_, ReleaseError>((freed, returned, settled))
     };
     match outcome.await {
-        Ok((freed, returned)) => {
+        Ok((freed, returned, settled)) => {
             tracing::debug!(
                 leases = request.leases.len(),
                 freed,
                 returns = request.returns.len(),
+                settlements = request.settlements.len(),
                 "release call served"
             );
-            Ok(Json(
-                serde_json::json!({ "released": freed, "returned": returned }),
-            ))
+            Ok(Json(serde_json::json!({
+                "released": freed,
+                "returned": returned,
+                "settled": settled,
+            })))
         }
         Err(ReleaseError::BadLease(bad)) => Err(ApiError::invalid(
             format!("leases[{}]", bad.index),

@@ -25,7 +25,8 @@ use async_trait::async_trait;
 use serde::Deserialize;
 
 use super::{
-    now_ms, CheckSpec, MemoryStore, Outcome, Refund, Reservation, Store, StoreError, SystemClock,
+    now_ms, Charge, CheckSpec, MemoryStore, Outcome, Refund, Reservation, Store, StoreError,
+    SystemClock,
 };
 use crate::metrics::Metrics;
 use crate::strategy::Verdict;
@@ -386,6 +387,15 @@ impl Store for GuardedStore {
         // Leases are granted by the store only, so only the store can take them back.
         self.guarded(
             self.store.refund(refunds),
+            |error| async move { Err(error) },
+        )
+        .await
+    }
+
+    async fn charge(&self, charges: &[Charge]) -> Result<Vec<u64>, StoreError> {
+        // Reservations are the store's too: a fallback never held them.
+        self.guarded(
+            self.store.charge(charges),
             |error| async move { Err(error) },
         )
         .await

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use sluice_protocol::Strategy;
 
-use super::{CheckSpec, LimitSpec, Outcome, Refund, Reservation, Store, StoreError};
+use super::{Charge, CheckSpec, LimitSpec, Outcome, Refund, Reservation, Store, StoreError};
 use crate::keys;
 use crate::strategy::{self, State};
 
@@ -319,6 +319,49 @@ impl Store for MemoryStore {
                     },
                 );
                 units
+            })
+            .collect())
+    }
+
+    async fn charge(&self, charges: &[Charge]) -> Result<Vec<u64>, StoreError> {
+        let now = self.clock.now_ms();
+        let mut entries = self.lock();
+        let mut reservations = self
+            .reservations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(charges
+            .iter()
+            .map(|charge| {
+                let marker = (charge.key.clone(), charge.reservation.clone());
+                if reservations
+                    .refunded
+                    .get(&marker)
+                    .is_some_and(|&until| until > now)
+                {
+                    return 0;
+                }
+                reservations
+                    .refunded
+                    .insert(marker, now.saturating_add(charge.remember_ms.max(1)));
+                let live = entries
+                    .by_key
+                    .get(&charge.key)
+                    .filter(|entry| entry.expires_at > now)
+                    .and_then(|entry| entry.state.as_ref());
+                match strategy::charge(&charge.params, live, now, charge.units) {
+                    Some(charged) => {
+                        entries.by_key.insert(
+                            charge.key.clone(),
+                            Entry {
+                                state: Some(charged.state),
+                                expires_at: now.saturating_add(charged.ttl_ms.max(1)),
+                            },
+                        );
+                        charge.units
+                    }
+                    None => 0,
+                }
             })
             .collect())
     }

@@ -57,6 +57,22 @@ pub struct Refund {
     pub holder: String,
 }
 
+/// Usage a request reported beyond its reservation, charged in full
+/// ([`crate::strategy::charge`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Charge {
+    /// The limit's key.
+    pub key: String,
+    pub params: Params,
+    /// What to charge, in request costs.
+    pub units: u64,
+    /// The reservation this settles: a key takes one settlement per reservation (a refund,
+    /// under [`Refund::grant`], or a charge), so a replayed settlement charges nothing.
+    pub reservation: String,
+    /// How long a replay must be refused.
+    pub remember_ms: u64,
+}
+
 /// One request's limits, as a store checks them within a batch.
 #[derive(Debug, Clone, Copy)]
 pub struct CheckSpec<'a> {
@@ -159,6 +175,10 @@ pub trait Store: Send + Sync {
     /// back (0 for a grant already returned to that key, or a window that ended). Each
     /// refund also ends its holder's reservation on the key.
     async fn refund(&self, refunds: &[Refund]) -> Result<Vec<u64>, StoreError>;
+
+    /// Charges usage beyond reservations, one answer per charge: the units charged (0 for
+    /// a reservation already settled on that key, or a strategy that cannot settle usage).
+    async fn charge(&self, charges: &[Charge]) -> Result<Vec<u64>, StoreError>;
 
     /// Now, by the clock the store's scripts count time on, as well as the controller can
     /// tell (the Redis server's clock is this machine's, within what NTP keeps them apart).

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use redis::{Script, ScriptInvocation};
 
 use super::connection::{RedisConnection, RedisTarget};
-use super::{CheckSpec, Clock, LimitSpec, Outcome, Refund, Reservation, Store, StoreError};
+use super::{Charge, CheckSpec, Clock, LimitSpec, Outcome, Refund, Reservation, Store, StoreError};
 use crate::strategy::Verdict;
 
 /// `lua/check.lua` after the prelude, the penalty and every strategy it dispatches to.
@@ -42,6 +42,15 @@ const LEASE_RETURN: &str = concat!(
     include_str!("../../../lua/lease_return.lua"),
 );
 
+/// `lua/charge.lua` after the prelude and the strategies that can settle usage.
+const CHARGE: &str = concat!(
+    include_str!("../../../lua/prelude.lua"),
+    include_str!("../../../lua/fixed_window.lua"),
+    include_str!("../../../lua/token_bucket.lua"),
+    include_str!("../../../lua/gcra.lua"),
+    include_str!("../../../lua/charge.lua"),
+);
+
 pub struct RedisStore {
     /// A multiplexed connection that reconnects by itself; cloning shares it.
     connection: RedisConnection,
@@ -50,6 +59,7 @@ pub struct RedisStore {
     release: Script,
     lease_reserve: Script,
     lease_return: Script,
+    charge: Script,
     /// Tests only: a clock whose time replaces Redis `TIME`.
     clock: Option<Arc<dyn Clock>>,
 }
@@ -71,6 +81,7 @@ impl RedisStore {
             release: Script::new(RELEASE),
             lease_reserve: Script::new(LEASE_RESERVE),
             lease_return: Script::new(LEASE_RETURN),
+            charge: Script::new(CHARGE),
             clock: None,
         })
     }
@@ -365,6 +376,22 @@ impl Store for RedisStore {
                     .arg(&refund.holder);
             },
         )
+        .await
+    }
+
+    async fn charge(&self, charges: &[Charge]) -> Result<Vec<u64>, StoreError> {
+        self.per_slot(&self.charge, charges, "charges", |invocation, charge| {
+            invocation
+                .key(&charge.key)
+                .key(crate::keys::lease_refunds_key(&charge.key))
+                .arg(charge.params.strategy.as_str())
+                .arg(charge.units)
+                .arg(charge.params.limit)
+                .arg(charge.params.period_ms)
+                .arg(charge.params.extra)
+                .arg(&charge.reservation)
+                .arg(charge.remember_ms);
+        })
         .await
     }
 

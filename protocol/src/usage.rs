@@ -1,0 +1,246 @@
+//! Usage known only from the response (LLM tokens, credits an upstream reports): a rule
+//! with [`Usage`] reserves an estimate when it admits a request, and the filter settles
+//! the reservation when the response ends, with what the response says was used. The
+//! controller puts everything the filter needs to read and settle into the decision
+//! ([`UsageReservation`]), so the filter reads a response only for requests that hold one.
+
+use serde::{Deserialize, Serialize};
+
+/// Most a response may report (and a reservation hold): a clamp, not a limit.
+pub const MAX_USAGE: u64 = 1_000_000_000_000;
+/// Longest JSON pointer a rule may name.
+pub const MAX_POINTER_BYTES: usize = 256;
+/// Most settlements one release call carries.
+pub const MAX_SETTLEMENTS_PER_CALL: usize = 1_024;
+
+/// Where a response says what its request used, and what is reserved until it does.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Usage {
+    /// A response header holding a whole number (`x-usage-tokens`). One of
+    /// `response_header` and `json_pointer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_header: Option<String>,
+    /// An RFC 6901 pointer into the JSON response body (`/usage/total_tokens`); in a
+    /// `text/event-stream` reply, into each event's `data`, the last event that has it
+    /// counting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_pointer: Option<String>,
+    /// Units reserved when a request is admitted, taken from the limit like a cost.
+    pub reserve: u64,
+    /// The most one response may report: larger figures count as this (default and at
+    /// most 10^12).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u64>,
+    /// Units charged when the response does not say (no header, no figure in the body,
+    /// a body that is not JSON or too large to read, a stream cut before its usage);
+    /// default: the reservation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreported: Option<u64>,
+}
+
+impl Usage {
+    pub fn source(&self) -> Option<UsageSource> {
+        match (&self.response_header, &self.json_pointer) {
+            (Some(header), None) => Some(UsageSource::ResponseHeader(header.to_ascii_lowercase())),
+            (None, Some(pointer)) => Some(UsageSource::JsonPointer(pointer.clone())),
+            _ => None,
+        }
+    }
+
+    pub fn max(&self) -> u64 {
+        self.max.unwrap_or(MAX_USAGE)
+    }
+
+    pub fn unreported(&self) -> u64 {
+        self.unreported.unwrap_or(self.reserve)
+    }
+
+    /// The first field that is wrong, and why.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        match (&self.response_header, &self.json_pointer) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err((
+                    "usage",
+                    "set one of response_header and json_pointer".into(),
+                ))
+            }
+            (Some(header), None) => {
+                let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+                if header.is_empty()
+                    || header.len() > crate::MAX_HEADER_NAME_BYTES
+                    || !header.bytes().all(token)
+                {
+                    return Err((
+                        "usage.response_header",
+                        format!("`{header}` is not a header name"),
+                    ));
+                }
+            }
+            (None, Some(pointer)) => {
+                if !pointer.starts_with('/') || pointer.len() > MAX_POINTER_BYTES {
+                    return Err((
+                        "usage.json_pointer",
+                        format!(
+                            "`{pointer}` must start with `/` and be at most \
+                             {MAX_POINTER_BYTES} bytes"
+                        ),
+                    ));
+                }
+                if !valid_escapes(pointer) {
+                    return Err((
+                        "usage.json_pointer",
+                        format!("`{pointer}`: `~` must be followed by 0 or 1 (RFC 6901)"),
+                    ));
+                }
+            }
+        }
+        if self.max() > MAX_USAGE || self.max() == 0 {
+            return Err(("usage.max", format!("must be from 1 to {MAX_USAGE}")));
+        }
+        if self.reserve == 0 || self.reserve > self.max() {
+            return Err((
+                "usage.reserve",
+                format!("must be from 1 to usage.max ({})", self.max()),
+            ));
+        }
+        if self.unreported() > self.max() {
+            return Err((
+                "usage.unreported",
+                format!("must be at most usage.max ({})", self.max()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn valid_escapes(pointer: &str) -> bool {
+    let bytes = pointer.as_bytes();
+    bytes
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b != b'~' || matches!(bytes.get(i + 1), Some(b'0' | b'1')))
+}
+
+/// Where the filter reads a response's usage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageSource {
+    /// A response header (lower case).
+    ResponseHeader(String),
+    /// A JSON pointer into the body, or into each event of an event stream.
+    JsonPointer(String),
+}
+
+/// What an admitted request holds of a usage rule's limit until it settles: sent in the
+/// decision to a filter that said it settles ([`crate::Check::settles`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReservation {
+    pub rule: String,
+    pub reserved: u64,
+    pub from: UsageSource,
+    /// Larger reported figures count as this.
+    pub max: u64,
+    /// What is charged when the response does not say.
+    pub unreported: u64,
+    /// Signed by the controller: names the limit and the reservation, settles once.
+    pub token: String,
+}
+
+/// A reservation settled: the response said `used` (clamped to the reservation's `max`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settlement {
+    pub reservation: String,
+    pub used: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(header: Option<&str>, pointer: Option<&str>, reserve: u64) -> Usage {
+        Usage {
+            response_header: header.map(str::to_owned),
+            json_pointer: pointer.map(str::to_owned),
+            reserve,
+            max: None,
+            unreported: None,
+        }
+    }
+
+    #[test]
+    fn exactly_one_source_is_named() {
+        assert_eq!(usage(None, None, 1).validate().unwrap_err().0, "usage");
+        assert_eq!(
+            usage(Some("x-tokens"), Some("/usage/total_tokens"), 1)
+                .validate()
+                .unwrap_err()
+                .0,
+            "usage"
+        );
+        assert!(usage(Some("X-Tokens"), None, 1).validate().is_ok());
+        assert_eq!(
+            usage(Some("X-Tokens"), None, 1).source(),
+            Some(UsageSource::ResponseHeader("x-tokens".into()))
+        );
+        assert!(usage(None, Some("/usage/total_tokens"), 1)
+            .validate()
+            .is_ok());
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases = [
+            (usage(Some("x tokens"), None, 1), "usage.response_header"),
+            (usage(Some(""), None, 1), "usage.response_header"),
+            (usage(None, Some("usage"), 1), "usage.json_pointer"),
+            (usage(None, Some("/a~2b"), 1), "usage.json_pointer"),
+            (usage(None, Some("/a~"), 1), "usage.json_pointer"),
+            (
+                usage(None, Some(&format!("/{}", "a".repeat(300))), 1),
+                "usage.json_pointer",
+            ),
+            (usage(None, Some("/t"), 0), "usage.reserve"),
+            (
+                Usage {
+                    max: Some(10),
+                    ..usage(None, Some("/t"), 11)
+                },
+                "usage.reserve",
+            ),
+            (
+                Usage {
+                    max: Some(MAX_USAGE + 1),
+                    ..usage(None, Some("/t"), 1)
+                },
+                "usage.max",
+            ),
+            (
+                Usage {
+                    max: Some(10),
+                    unreported: Some(11),
+                    ..usage(None, Some("/t"), 1)
+                },
+                "usage.unreported",
+            ),
+        ];
+        for (usage, field) in cases {
+            assert_eq!(usage.validate().unwrap_err().0, field, "{usage:?}");
+        }
+        assert!(usage(None, Some("/a~0b/c~1d"), 5).validate().is_ok());
+    }
+
+    #[test]
+    fn what_is_charged_unreported_defaults_to_the_reservation() {
+        assert_eq!(usage(None, Some("/t"), 300).unreported(), 300);
+        assert_eq!(
+            Usage {
+                unreported: Some(0),
+                ..usage(None, Some("/t"), 300)
+            }
+            .unreported(),
+            0
+        );
+    }
+}
