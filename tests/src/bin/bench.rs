@@ -629,16 +629,19 @@ fn filter_cost_scenario(settings: &Settings) -> String {
 
 /// The whole check path at 1, 100, 1,000 and 10,000 rules in force: each size's controller
 /// (its own Redis: a controller takes the configuration its store holds) holds that many
-/// rules, each on one exact path, and each request goes to one of those paths at random, so
-/// every check matches one rule of all of them and counts its own key. Beside them, bare
-/// Envoy and the exempt filter (the floor), one worker, saturated.
+/// rules, each on its own path prefix. Each request comes from one of 10,000 clients at
+/// random, and a client's path falls under one rule's prefix, so every check matches one
+/// rule of all of them and every size counts the same 10,000 keys: only matching differs
+/// between the sizes, not how widely the store's writes spread. Beside them, bare Envoy and
+/// the exempt filter (the floor), one worker, saturated.
 fn rules_through_envoy(settings: &Settings) -> String {
     const SIZES: [usize; 4] = [1, 100, 1_000, 10_000];
+    const CLIENTS: usize = 10_000;
     let rules_text = |count: usize| -> String {
         (0..count)
             .map(|n| {
                 format!(
-                    "[[rules]]\nname = \"r{n}\"\nlimit = 1000000000000\nwindow = \"1h\"\nmatch = {{ path = \"/api/items/{n}\" }}\n\n"
+                    "[[rules]]\nname = \"r{n}\"\nlimit = 1000000000000\nwindow = \"1h\"\nmatch = {{ path_prefix = \"/api/items/{n}/\" }}\n\n"
                 )
             })
             .collect()
@@ -657,16 +660,23 @@ fn rules_through_envoy(settings: &Settings) -> String {
         .iter()
         .map(|count| {
             let file = dir.path().join(format!("rules-{count}.lua"));
+            // 10,000 clients whatever the number of rules: each client's requests match one
+            // rule, so every size counts 10,000 keys and only matching differs.
             let script = format!(
-                "request = function()\n  return wrk.format(nil, \"/api/items/\" .. math.random(0, {}))\nend\n",
-                count - 1
+                "request = function()\n  local client = math.random(0, {CLIENTS} - 1)\n  return wrk.format(nil, \"/api/items/\" .. (client % {count}) .. \"/\" .. client, {{ [\"x-client\"] = \"client-\" .. client }})\nend\n"
             );
             std::fs::write(&file, script).expect("write wrk script");
             file
         })
         .collect();
     let sluice = |extra: serde_json::Value| {
-        Filter::sluice_with(&with_fields(sluice_plugin_config("deny", 1_000), extra))
+        let identity = serde_json::json!({
+            "identity": { "client_header": "x-client", "order": ["header", "ip"] }
+        });
+        Filter::sluice_with(&with_fields(
+            with_fields(sluice_plugin_config("deny", 1_000), identity),
+            extra,
+        ))
     };
     let names: Vec<String> = SIZES
         .iter()
