@@ -458,6 +458,9 @@ pub extern "C" fn proxy_on_response_headers(
 
 #[no_mangle]
 pub extern "C" fn proxy_on_response_body(context_id: u32, body_size: usize, end: u32) -> u32 {
+    if !crate::usage::any_body_meter() {
+        return 0;
+    }
     let event = Event::ResponseBody {
         context_id,
         body_size,

@@ -12,7 +12,21 @@
 //! is not JSON, an error page, a stream cut before its usage) leaves the usage unreported,
 //! and the reservation's `unreported` units are charged.
 
+use std::cell::Cell;
+
 use sluice_protocol::{Settlement, UsageReservation, UsageSource};
+
+thread_local! {
+    /// Meters of this VM (one per Envoy worker) that read a response body.
+    static BODY_METERS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Whether any request of this VM reads its response body for usage: while none does, the
+/// host's body callbacks answer at once, and a route without usage rules costs what it did
+/// before they existed.
+pub fn any_body_meter() -> bool {
+    BODY_METERS.with(Cell::get) > 0
+}
 
 /// Most bytes of a JSON response body kept to read usage from.
 pub const MAX_JSON_BODY_BYTES: usize = 256 * 1024;
@@ -51,6 +65,16 @@ pub struct Meter {
     /// Per reservation, the figure read (the last one, for an event stream).
     used: Vec<Option<u64>>,
     body: Body,
+    /// Counted in [`BODY_METERS`] until dropped.
+    counted: bool,
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        if self.counted {
+            BODY_METERS.with(|meters| meters.set(meters.get().saturating_sub(1)));
+        }
+    }
 }
 
 impl Meter {
@@ -62,6 +86,9 @@ impl Meter {
         let reads_body = reservations
             .iter()
             .any(|r| matches!(r.from, UsageSource::JsonPointer(_)));
+        if reads_body {
+            BODY_METERS.with(|meters| meters.set(meters.get() + 1));
+        }
         Some(Meter {
             used: vec![None; reservations.len()],
             reservations,
@@ -70,6 +97,7 @@ impl Meter {
             } else {
                 Body::Unread
             },
+            counted: reads_body,
         })
     }
 
@@ -226,10 +254,11 @@ impl Meter {
 
     /// What to settle each reservation with, now that the response is over (or cut off):
     /// the figure read, clamped to the reservation's `max`, or its `unreported` units.
-    pub fn settlements(self) -> Vec<Settlement> {
-        self.reservations
+    pub fn settlements(mut self) -> Vec<Settlement> {
+        let used = std::mem::take(&mut self.used);
+        std::mem::take(&mut self.reservations)
             .into_iter()
-            .zip(self.used)
+            .zip(used)
             .map(|(reservation, used)| Settlement {
                 used: used.map_or(reservation.unreported, |used| used.min(reservation.max)),
                 reservation: reservation.token,
@@ -481,6 +510,25 @@ mod tests {
         meter.body_unreadable();
         assert!(!meter.reads_body());
         assert_eq!(used(meter), [100, 3]);
+    }
+
+    #[test]
+    fn body_callbacks_are_wanted_only_while_a_meter_reads_a_body() {
+        let before = any_body_meter();
+        assert!(!before, "no meter yet on this test's thread");
+        let header_only = Meter::new(vec![reservation(
+            UsageSource::ResponseHeader("x-used".into()),
+            "h",
+        )]);
+        assert!(!any_body_meter(), "a header source reads no body");
+        let body = Meter::new(vec![pointer("/n", "b")]).unwrap();
+        let other = Meter::new(vec![pointer("/n", "c")]).unwrap();
+        assert!(any_body_meter());
+        assert_eq!(body.settlements().len(), 1);
+        assert!(any_body_meter(), "one still reads");
+        drop(other);
+        drop(header_only);
+        assert!(!any_body_meter());
     }
 
     #[test]
