@@ -185,6 +185,9 @@ fn main() {
     if matches!(part.as_str(), "all" | "leases") {
         report.push_str(&lease_scenario(&settings));
     }
+    if matches!(part.as_str(), "all" | "usage") {
+        report.push_str(&usage_scenario(&settings));
+    }
     if matches!(part.as_str(), "all" | "strategies") {
         report.push_str(&strategy_scenarios(&settings));
     }
@@ -193,7 +196,7 @@ fn main() {
     }
     assert!(
         !report.is_empty(),
-        "unknown part {part:?}: use envoy, attack, filter, rules, leases, strategies, cluster or all"
+        "unknown part {part:?}: use envoy, attack, filter, rules, leases, usage, strategies, cluster or all"
     );
     println!("{report}");
     let out = sluice_e2e::repo_root().join("target/bench");
@@ -724,6 +727,96 @@ fn rules_through_envoy(settings: &Settings) -> String {
     );
     let mut report = table(
         "The check path by the number of rules in force, one worker, saturated (ratio to (a))",
+        &configurations,
+        &runs,
+    );
+    report.push_str(&cost_table(&configurations, &costs));
+    report
+}
+
+/// Usage rules on the check path, one worker saturated: a plain route while no usage rule
+/// is in force and while a token rule is in force on another route (the plain route must
+/// cost the same: a request that holds no reservation reads no body), and streamed replies
+/// of the fake model server (`POST /v1/chat/completions`, ten events each, usage in the
+/// last) without a limiter and with the token rule reserving and settling each one.
+fn usage_scenario(settings: &Settings) -> String {
+    let plain = "[[rules]]\nname = \"plain\"\nlimit = 1000000000000\nwindow = \"1h\"\nmatch = { path = \"/plain\" }\n";
+    let with_tokens = format!(
+        "{plain}\n[[rules]]\nname = \"tokens\"\nlimit = 1000000000000\nwindow = \"1h\"\nmatch = {{ path = \"/v1/chat/completions\" }}\nusage = {{ json_pointer = \"/usage/total_tokens\", reserve = 1000 }}\n"
+    );
+    let upstream = Upstream::start();
+    // One Redis each: a controller takes the configuration the store already holds.
+    let plain_redis = RedisServer::start();
+    let tokens_redis = RedisServer::start();
+    let plain_controller = Controller::start_logging(plain, Some(&plain_redis.url()), "warn");
+    let tokens_controller =
+        Controller::start_logging(&with_tokens, Some(&tokens_redis.url()), "warn");
+    let sluice = || {
+        Filter::sluice_with(&with_fields(
+            sluice_plugin_config("deny", 1_000),
+            serde_json::json!({
+                "identity": { "client_header": "x-client", "order": ["header", "ip"] }
+            }),
+        ))
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let plain_script = dir.path().join("plain.lua");
+    std::fs::write(
+        &plain_script,
+        "request = function()\n  return wrk.format(nil, \"/plain\", { [\"x-client\"] = \"client-\" .. math.random(1, 5000) })\nend\n",
+    )
+    .expect("write wrk script");
+    let streamed_script = dir.path().join("streamed.lua");
+    std::fs::write(
+        &streamed_script,
+        r#"local body = '{"messages":[{"role":"user","content":"bench"}],"max_tokens":10,"stream":true,"stream_options":{"include_usage":true}}'
+request = function()
+  return wrk.format("POST", "/v1/chat/completions", { ["x-client"] = "client-" .. math.random(1, 5000), ["content-type"] = "application/json" }, body)
+end
+"#,
+    )
+    .expect("write wrk script");
+    let configurations: Vec<(&str, Envoy)> = vec![
+        (
+            "(a) Envoy, no limiter, plain route",
+            one_worker_envoy(Filter::None, &upstream, None, false),
+        ),
+        (
+            "Sluice, plain route, no usage rule in force",
+            one_worker_envoy(sluice(), &upstream, Some(&plain_controller), false),
+        ),
+        (
+            "Sluice, plain route, a token rule in force on another route",
+            one_worker_envoy(sluice(), &upstream, Some(&tokens_controller), false),
+        ),
+        (
+            "Envoy, no limiter, streamed replies",
+            one_worker_envoy(Filter::None, &upstream, None, false),
+        ),
+        (
+            "Sluice, streamed replies, a token rule reserving and settling each",
+            one_worker_envoy(sluice(), &upstream, Some(&tokens_controller), false),
+        ),
+    ];
+    let (runs, costs) = costed_scripted_rounds(
+        settings,
+        "usage",
+        &configurations,
+        |index| match index {
+            1 => [Some(plain_controller.pid()), Some(plain_redis.pid())],
+            2 | 4 => [Some(tokens_controller.pid()), Some(tokens_redis.pid())],
+            _ => [None, None],
+        },
+        |index| {
+            Some(if index < 3 {
+                plain_script.as_path()
+            } else {
+                streamed_script.as_path()
+            })
+        },
+    );
+    let mut report = table(
+        "Usage rules, one worker, saturated (ratio to (a); the streamed rows compare with each other)",
         &configurations,
         &runs,
     );
