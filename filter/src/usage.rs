@@ -170,20 +170,38 @@ impl Meter {
                 }
             }
             Body::EventStream { .. } => {
-                for &byte in chunk {
-                    self.event_stream_byte(byte);
+                let mut rest = chunk;
+                while let Some(at) = rest.iter().position(|&b| b == b'\n') {
+                    let (text, after) = rest.split_at(at);
+                    self.event_stream_text(text);
+                    self.event_stream_line_end();
+                    rest = after.get(1..).unwrap_or_default();
                 }
+                self.event_stream_text(rest);
                 if end {
                     // A last event without its blank line still counts.
-                    self.event_stream_byte(b'\n');
-                    self.event_stream_byte(b'\n');
+                    self.event_stream_line_end();
+                    self.event_stream_line_end();
                 }
             }
             Body::Unread | Body::Unknown => {}
         }
     }
 
-    fn event_stream_byte(&mut self, byte: u8) {
+    /// Bytes of a line (no `\n` among them) join the line being read, within the bound.
+    fn event_stream_text(&mut self, text: &[u8]) {
+        let Body::EventStream { line, overlong, .. } = &mut self.body else {
+            return;
+        };
+        if line.len() + text.len() <= MAX_EVENT_BYTES {
+            line.extend_from_slice(text);
+        } else {
+            *overlong = true;
+        }
+    }
+
+    /// A line of the event stream ends: a `data` line joins the event, a blank line ends it.
+    fn event_stream_line_end(&mut self) {
         let Body::EventStream {
             line,
             data,
@@ -192,14 +210,6 @@ impl Meter {
         else {
             return;
         };
-        if byte != b'\n' {
-            if line.len() < MAX_EVENT_BYTES {
-                line.push(byte);
-            } else {
-                *overlong = true;
-            }
-            return;
-        }
         let mut text = std::mem::take(line);
         if text.last() == Some(&b'\r') {
             text.pop();
@@ -208,7 +218,7 @@ impl Meter {
             // The event is complete.
             let event = std::mem::take(data);
             let skipped = std::mem::replace(overlong, false);
-            if !skipped && !event.is_empty() {
+            if !skipped && !event.is_empty() && self.may_say(&event) {
                 self.read_json(&event);
             }
             return;
@@ -235,6 +245,26 @@ impl Meter {
                 *used = None;
             }
         }
+    }
+
+    /// Whether an event may hold a figure: the last part of some pointer appears in it as a
+    /// key (`"total_tokens"`). Most events of a stream carry content and no usage; they are
+    /// not parsed. A pointer ending in an array index, or in a part with an escape, is
+    /// always looked for.
+    fn may_say(&self, event: &[u8]) -> bool {
+        self.reservations.iter().any(|reservation| {
+            let UsageSource::JsonPointer(pointer) = &reservation.from else {
+                return false;
+            };
+            let last = pointer.rsplit('/').next().unwrap_or_default();
+            if last.is_empty() || last.contains('~') || last.bytes().all(|b| b.is_ascii_digit()) {
+                return true;
+            }
+            let key = format!("\"{last}\"");
+            event
+                .windows(key.len())
+                .any(|window| window == key.as_bytes())
+        })
     }
 
     /// Reads every pointer source from one JSON document (a body, or an event's data);
