@@ -714,16 +714,39 @@ fn rules_through_envoy(settings: &Settings) -> String {
             ),
         ));
     }
+    // The largest size again, its controller without stats (on the same Redis): what the
+    // per-rule stats cost as rules grow.
+    let largest = SIZES.len() - 1;
+    let without_stats = Controller::start_with(&ControllerOptions {
+        log_filter: "warn",
+        extra_args: vec!["--stats".into(), "false".into()],
+        ..ControllerOptions::new(&rules_text(SIZES[largest]), Some(&stores[largest].url()))
+    });
+    configurations.push((
+        "Sluice batched, 10000 rules in force, controller --stats false",
+        one_worker_envoy(
+            sluice(serde_json::json!({})),
+            &upstream,
+            Some(&without_stats),
+            false,
+        ),
+    ));
     let (runs, costs) = costed_scripted_rounds(
         settings,
         "rules",
         &configurations,
         |index| match index.checked_sub(2) {
-            Some(size) => [Some(controllers[size].pid()), Some(stores[size].pid())],
+            Some(size) if size < SIZES.len() => {
+                [Some(controllers[size].pid()), Some(stores[size].pid())]
+            }
+            Some(_) => [Some(without_stats.pid()), Some(stores[largest].pid())],
             None => [None, None],
         },
-        // The first two take the largest size's requests.
-        |index| Some(scripts[index.checked_sub(2).unwrap_or(SIZES.len() - 1)].as_path()),
+        // The first two (and the last) take the largest size's requests.
+        |index| {
+            let size = index.checked_sub(2).unwrap_or(largest).min(largest);
+            Some(scripts[size].as_path())
+        },
     );
     let mut report = table(
         "The check path by the number of rules in force, one worker, saturated (ratio to (a))",
