@@ -41,7 +41,7 @@ $(VENV)/.envoy-$(ENVOY_VERSION):
 OLDER_ENVOY_VERSIONS := 1.36.2 1.37.0
 # The suites `make e2e` runs again on the oldest of them, whole.
 OLDEST_ENVOY := $(firstword $(OLDER_ENVOY_VERSIONS))
-OLDEST_ENVOY_SUITES := envoy_strategies envoy_identity envoy_hostile_bytes live_config envoy_modes envoy_grpc
+OLDEST_ENVOY_SUITES := envoy_strategies envoy_identity envoy_hostile_bytes live_config envoy_modes envoy_grpc usage
 
 older-envoys: $(foreach v,$(OLDER_ENVOY_VERSIONS),$(VENV)/envoy-$(v)/.installed)
 

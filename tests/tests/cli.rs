@@ -887,12 +887,16 @@ fn config_validate_refuses_every_invalid_fixture_with_the_controllers_error() {
     assert_eq!(
         said,
         format!(
-            "{}: valid (3 rules, 3 tiers, 3 API keys, 0 safelist entries, 0 denylist entries)\n",
+            "{}: valid (4 rules, 3 tiers, 3 API keys, 0 safelist entries, 0 denylist entries)\n",
             demo.display()
         )
     );
     let examples = repo_root().join("examples/rules");
-    for name in ["api-tiers.yaml", "public-api.toml"] {
+    for name in [
+        "api-tiers.yaml",
+        "public-api.toml",
+        "llm-token-budgets.toml",
+    ] {
         offline(&["config", "validate", text(&examples.join(name))]).ok();
     }
     // One rule is not a configuration: refused, with a hint.

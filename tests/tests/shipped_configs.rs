@@ -230,6 +230,50 @@ fn the_demo_configuration_limits_as_the_readme_says() {
     assert_five_then_limited(&responses, "per-client");
 }
 
+/// The README's quick start on the demo's fake model: each reply's `RateLimit` shows the
+/// token budget left after its own reservation of 500, the replies before it settled at
+/// what they used (301 tokens: a prompt of 1, `max_tokens` 300).
+#[test]
+fn the_demo_counts_the_tokens_replies_report_as_the_readme_says() {
+    let (_controller, _upstream, envoy) = demo();
+    let ask = || {
+        http::request(
+            "POST",
+            &envoy.url("/v1/chat/completions"),
+            &[("x-api-key", "demo-pro-key")],
+            Some(r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":300}"#.to_owned()),
+        )
+        .expect("through envoy")
+    };
+    let tokens_left = |reply: &http::Response| {
+        let fields = reply.header("ratelimit").unwrap_or_default().to_owned();
+        fields
+            .split(',')
+            .find_map(|field| field.trim().strip_prefix("\"llm-tokens\";r="))
+            .and_then(|rest| rest.split(';').next())
+            .and_then(|r| r.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no llm-tokens field: {fields:?}"))
+    };
+    // The budget is a minute's: the three replies in one minute.
+    let seen = in_one_window(60_000, || {
+        (0..3)
+            .map(|i| {
+                if i > 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(1_500));
+                }
+                let reply = ask();
+                assert_eq!(reply.status, 200, "{reply:?}");
+                assert_eq!(reply.json()["usage"]["total_tokens"], 301);
+                tokens_left(&reply)
+            })
+            .collect::<Vec<u64>>()
+    });
+    assert_eq!(
+        seen,
+        [2_000 - 500, 2_000 - 301 - 500, 2_000 - 2 * 301 - 500]
+    );
+}
+
 /// The README's worked example: the demo's free key bursts to 20 and gets 2 when DEGRADED,
 /// pro's limit stays 100 (150 with its burst when NORMAL), an unknown key gets 401.
 #[test]
