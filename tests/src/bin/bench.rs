@@ -805,12 +805,12 @@ end
             one_worker_envoy(Filter::None, &upstream, None, false),
         ),
         (
-            "Sluice, plain route, no usage rule in force",
-            one_worker_envoy(sluice(), &upstream, Some(&plain_controller), false),
-        ),
-        (
             "Sluice, plain route, a token rule in force on another route",
             one_worker_envoy(sluice(), &upstream, Some(&tokens_controller), false),
+        ),
+        (
+            "Sluice, plain route, no usage rule in force",
+            one_worker_envoy(sluice(), &upstream, Some(&plain_controller), false),
         ),
         (
             "Envoy, no limiter, streamed replies",
@@ -826,8 +826,8 @@ end
         "usage",
         &configurations,
         |index| match index {
-            1 => [Some(plain_controller.pid()), Some(plain_redis.pid())],
-            2 | 4 => [Some(tokens_controller.pid()), Some(tokens_redis.pid())],
+            2 => [Some(plain_controller.pid()), Some(plain_redis.pid())],
+            1 | 4 => [Some(tokens_controller.pid()), Some(tokens_redis.pid())],
             _ => [None, None],
         },
         |index| {
