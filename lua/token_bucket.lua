@@ -20,9 +20,11 @@ function S.token_bucket.peek(key, now, cost, limit, window, burst)
   local need = cost * window
   local ok = units >= need
   local after = ok and units - need or units
+  -- A bucket in debt (charged beyond what it held) refills only from `last`, ahead of now.
+  local ahead = last - now
   return { ok = ok, remaining = U.floor_div(after, window),
-           reset = U.ceil_div(capacity - after, limit),
-           retry = ok and 0 or U.ceil_div(need - units, limit), delay = 0,
+           reset = U.ceil_div(capacity - after, limit) + ahead,
+           retry = ok and 0 or U.ceil_div(need - units, limit) + ahead, delay = 0,
            units = after, last = last }
 end
 
@@ -43,8 +45,9 @@ function S.token_bucket.refund(key, now, units, limit, window, burst)
   local held = math.min(capacity, tonumber(stored[1]) + math.max(0, now - stored_last) * limit)
   local back = math.min(units * window, capacity - held)
   local after = held + back
-  redis.call('HSET', key, 'u', after, 't', math.max(stored_last, now))
-  U.expire(key, U.ceil_div(capacity - after, limit))
+  local last = math.max(stored_last, now)
+  redis.call('HSET', key, 'u', after, 't', last)
+  U.expire(key, U.ceil_div(capacity - after, limit) + (last - now))
   return U.floor_div(back, window)
 end
 

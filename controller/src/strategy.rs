@@ -370,8 +370,14 @@ fn token_bucket(
     let need = u128::from(cost) * w;
     let ok = units >= need;
     let after = if ok { units - need } else { units };
-    let reset = ceil_div(capacity - after, rate);
-    let retry = if ok { 0 } else { ceil_div(need - units, rate) };
+    // A bucket in debt (charged beyond what it held) refills only from `last`, ahead of now.
+    let ahead = last.saturating_sub(now);
+    let reset = ceil_div(capacity - after, rate).saturating_add(ahead);
+    let retry = if ok {
+        0
+    } else {
+        ceil_div(need - units, rate).saturating_add(ahead)
+    };
     Peeked {
         verdict: verdict(ok, floor_div(after, w), reset, retry),
         commit: Some((
@@ -692,7 +698,7 @@ pub fn refund(
                     units: sat(after),
                     last,
                 },
-                ttl_ms: ceil_div(capacity - after, rate),
+                ttl_ms: ceil_div(capacity - after, rate).saturating_add(last.saturating_sub(now)),
                 given: floor_div(back, w),
             })
         }

@@ -471,6 +471,20 @@ pub extern "C" fn proxy_on_response_body(context_id: u32, body_size: usize, end:
     })
 }
 
+/// Trailers end a body whose last piece did not say it was the last.
+#[no_mangle]
+pub extern "C" fn proxy_on_response_trailers(context_id: u32, _num_trailers: usize) -> u32 {
+    if crate::usage::any_body_meter() {
+        dispatch(
+            Event::ResponseTrailers { context_id },
+            0,
+            |dispatcher, event| dispatcher.stream_event(event) as u32,
+        )
+    } else {
+        0
+    }
+}
+
 #[no_mangle]
 pub extern "C" fn proxy_on_http_call_response(
     context_id: u32,
@@ -506,11 +520,6 @@ pub extern "C" fn proxy_on_request_body(_context_id: u32, _body_size: usize, _en
 
 #[no_mangle]
 pub extern "C" fn proxy_on_request_trailers(_context_id: u32, _num_trailers: usize) -> u32 {
-    0
-}
-
-#[no_mangle]
-pub extern "C" fn proxy_on_response_trailers(_context_id: u32, _num_trailers: usize) -> u32 {
     0
 }
 

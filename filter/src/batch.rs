@@ -39,9 +39,9 @@ pub const MAX_CHECKS_BYTES: usize = MAX_CALL_BODY_BYTES - ENVELOPE_BYTES;
 /// The call body of a batch: the checks, each as it was encoded when it registered, inside
 /// the envelope [`sluice_protocol::CheckRequest`] is written with (`hold_delays` false: a
 /// batching filter holds a leaky bucket's delay itself; `lease_holder` when the worker takes
-/// leases; `settles`: the filter settles usage reservations). A test holds it to what
-/// `serde_json` writes for the same request.
-pub fn call_body(checks: &[Vec<u8>], lease_holder: Option<&str>) -> Vec<u8> {
+/// leases; `settles` when a usage rule is in force). A test holds it to what `serde_json`
+/// writes for the same request.
+pub fn call_body(checks: &[Vec<u8>], lease_holder: Option<&str>, settles: bool) -> Vec<u8> {
     let checks_bytes: usize = checks.iter().map(|check| check.len() + 1).sum();
     let mut body = Vec::with_capacity(checks_bytes + ENVELOPE_BYTES);
     body.extend_from_slice(br#"{"checks":["#);
@@ -56,7 +56,10 @@ pub fn call_body(checks: &[Vec<u8>], lease_holder: Option<&str>) -> Vec<u8> {
         body.extend_from_slice(br#","lease_holder":"#);
         body.extend_from_slice(serde_json::Value::from(holder).to_string().as_bytes());
     }
-    body.extend_from_slice(br#","settles":true}"#);
+    if settles {
+        body.extend_from_slice(br#","settles":true"#);
+    }
+    body.push(b'}');
     body
 }
 
@@ -220,9 +223,9 @@ impl Batcher {
 
     /// The root was woken (or a reply came in): the next batch to send, if one may leave
     /// (see [`Batcher::may_send`]), its body naming `lease_holder` if the worker takes
-    /// leases. The caller sends it and reports with [`Batcher::sent`] (or, if it could not,
+    /// leases and saying whether it `settles` usage. The caller sends it and reports with [`Batcher::sent`] (or, if it could not,
     /// gives its members the failure mode), and asks again until there is none.
-    pub fn next_batch(&mut self, lease_holder: Option<&str>) -> Option<Outgoing> {
+    pub fn next_batch(&mut self, lease_holder: Option<&str>, settles: bool) -> Option<Outgoing> {
         self.wake_requested = false;
         let may_send = self.may_send();
         self.reply_in = false;
@@ -247,7 +250,7 @@ impl Batcher {
             .unzip();
         Some(Outgoing {
             members,
-            body: call_body(&checks, lease_holder),
+            body: call_body(&checks, lease_holder, settles),
         })
     }
 
@@ -371,7 +374,7 @@ mod tests {
     fn a_lone_request_wakes_the_root_and_goes_alone() {
         let mut batcher = one_at_a_time(10, 100);
         assert_eq!(batcher.register(member(1), &check(1)), Registered::WakeRoot);
-        let Outgoing { members, body } = batcher.next_batch(None).unwrap();
+        let Outgoing { members, body } = batcher.next_batch(None, false).unwrap();
         assert_eq!(ids(&members), [1]);
         let request: CheckRequest = serde_json::from_slice(&body).unwrap();
         assert_eq!(request.checks, [check(1)]);
@@ -386,17 +389,17 @@ mod tests {
     fn requests_gather_while_a_batch_is_out_and_leave_together_in_order() {
         let mut batcher = one_at_a_time(10, 100);
         batcher.register(member(1), &check(1));
-        let Outgoing { members, body: _ } = batcher.next_batch(None).unwrap();
+        let Outgoing { members, body: _ } = batcher.next_batch(None, false).unwrap();
         batcher.sent(77, members, 0);
         for n in 2..=4 {
             assert_eq!(batcher.register(member(n), &check(n)), Registered::Wait);
         }
         assert!(
-            batcher.next_batch(None).is_none(),
+            batcher.next_batch(None, false).is_none(),
             "only one batch out at a time"
         );
         assert_eq!(ids(&batcher.complete(77).unwrap()), [1]);
-        let Outgoing { members, body } = batcher.next_batch(None).unwrap();
+        let Outgoing { members, body } = batcher.next_batch(None, false).unwrap();
         assert_eq!(ids(&members), [2, 3, 4]);
         assert_eq!(checks_in(&body), [check(2), check(3), check(4)]);
     }
@@ -410,14 +413,14 @@ mod tests {
         let Outgoing {
             members: first,
             body: _,
-        } = batcher.next_batch(None).unwrap();
+        } = batcher.next_batch(None, false).unwrap();
         assert_eq!(ids(&first), [1, 2]);
         batcher.sent(1, first, 0);
         batcher.complete(1);
         let Outgoing {
             members: second,
             body: _,
-        } = batcher.next_batch(None).unwrap();
+        } = batcher.next_batch(None, false).unwrap();
         assert_eq!(ids(&second), [3, 4]);
         assert_eq!(batcher.waiting(), 1);
     }
@@ -427,11 +430,11 @@ mod tests {
         let mut batcher = one_at_a_time(10, 100);
         assert_eq!(batcher.register(member(1), &check(1)), Registered::WakeRoot);
         assert_eq!(batcher.register(member(2), &check(2)), Registered::Wait);
-        let Outgoing { members, body: _ } = batcher.next_batch(None).unwrap();
+        let Outgoing { members, body: _ } = batcher.next_batch(None, false).unwrap();
         assert_eq!(ids(&members), [1, 2]);
         batcher.sent(5, members, 0);
         batcher.complete(5);
-        assert!(batcher.next_batch(None).is_none());
+        assert!(batcher.next_batch(None, false).is_none());
         assert_eq!(batcher.register(member(3), &check(3)), Registered::WakeRoot);
     }
 
@@ -441,7 +444,7 @@ mod tests {
         batcher.register(member(1), &check(1));
         batcher.register(member(2), &check(2));
         batcher.cancel(1);
-        let Outgoing { members, body } = batcher.next_batch(None).unwrap();
+        let Outgoing { members, body } = batcher.next_batch(None, false).unwrap();
         assert_eq!(ids(&members), [2]);
         assert_eq!(checks_in(&body), [check(2)]);
     }
@@ -450,7 +453,7 @@ mod tests {
     fn replies_for_other_tokens_are_not_the_batch() {
         let mut batcher = one_at_a_time(10, 100);
         batcher.register(member(1), &check(1));
-        let Outgoing { members, body: _ } = batcher.next_batch(None).unwrap();
+        let Outgoing { members, body: _ } = batcher.next_batch(None, false).unwrap();
         batcher.sent(9, members, 0);
         assert!(batcher.complete(8).is_none());
         assert_eq!(batcher.in_flight(), 1);
@@ -461,7 +464,7 @@ mod tests {
     fn a_batch_that_was_not_sent_frees_the_way() {
         let mut batcher = one_at_a_time(10, 100);
         batcher.register(member(1), &check(1));
-        let _ = batcher.next_batch(None).unwrap();
+        let _ = batcher.next_batch(None, false).unwrap();
         assert_eq!(batcher.register(member(2), &check(2)), Registered::WakeRoot);
     }
 
@@ -472,11 +475,11 @@ mod tests {
         let Outgoing {
             members: first,
             body: _,
-        } = batcher.next_batch(None).unwrap();
+        } = batcher.next_batch(None, false).unwrap();
         batcher.sent(1, first, 0);
         assert_eq!(batcher.register(member(2), &check(2)), Registered::Wait);
         assert!(
-            batcher.next_batch(None).is_none(),
+            batcher.next_batch(None, false).is_none(),
             "half a batch waits for a reply"
         );
         assert_eq!(
@@ -487,18 +490,21 @@ mod tests {
         let Outgoing {
             members: second,
             body: _,
-        } = batcher.next_batch(None).unwrap();
+        } = batcher.next_batch(None, false).unwrap();
         assert_eq!(ids(&second), [2, 3]);
         batcher.sent(2, second, 0);
         batcher.register(member(4), &check(4));
         assert_eq!(batcher.register(member(5), &check(5)), Registered::Wait);
-        assert!(batcher.next_batch(None).is_none(), "two are out already");
+        assert!(
+            batcher.next_batch(None, false).is_none(),
+            "two are out already"
+        );
         assert_eq!(batcher.in_flight(), 2);
         assert_eq!(ids(&batcher.complete(2).unwrap()), [2, 3]);
         let Outgoing {
             members: third,
             body: _,
-        } = batcher.next_batch(None).unwrap();
+        } = batcher.next_batch(None, false).unwrap();
         assert_eq!(ids(&third), [4, 5]);
         batcher.sent(3, third, 0);
         assert_eq!(ids(&batcher.complete(1).unwrap()), [1]);
@@ -513,7 +519,7 @@ mod tests {
         let Outgoing {
             members: first,
             body: _,
-        } = batcher.next_batch(None).unwrap();
+        } = batcher.next_batch(None, false).unwrap();
         batcher.sent(1, first, 0);
         batcher.register(member(2), &check(2));
         // A full batch of 10 leaves early and stays out.
@@ -523,21 +529,21 @@ mod tests {
         let Outgoing {
             members: full,
             body: _,
-        } = batcher.next_batch(None).unwrap();
+        } = batcher.next_batch(None, false).unwrap();
         assert_eq!(ids(&full), (2..=11).collect::<Vec<_>>());
         batcher.sent(2, full, 0);
         batcher.register(member(13), &check(13));
-        assert!(batcher.next_batch(None).is_none());
+        assert!(batcher.next_batch(None, false).is_none());
         batcher.complete(1);
         let Outgoing {
             members: next,
             body: _,
-        } = batcher.next_batch(None).unwrap();
+        } = batcher.next_batch(None, false).unwrap();
         assert_eq!(ids(&next), [12, 13], "the reply lets them go");
         batcher.sent(3, next, 0);
         batcher.register(member(14), &check(14));
         assert!(
-            batcher.next_batch(None).is_none(),
+            batcher.next_batch(None, false).is_none(),
             "one unfilled batch per reply, and two are out"
         );
     }
@@ -547,7 +553,7 @@ mod tests {
         let mut batcher = several_at_once(1, 3);
         for (n, sent_at) in [(1, 0), (2, 500), (3, 2_000)] {
             batcher.register(member(n), &check(n));
-            let Outgoing { members, body: _ } = batcher.next_batch(None).unwrap();
+            let Outgoing { members, body: _ } = batcher.next_batch(None, false).unwrap();
             batcher.sent(n, members, sent_at);
         }
         assert_eq!(ids(&batcher.overdue(2_001, 1_000)), [1, 2]);
@@ -559,7 +565,7 @@ mod tests {
     fn overdue_batches_are_given_up_and_the_queue_is_bounded() {
         let mut batcher = one_at_a_time(10, 2);
         batcher.register(member(1), &check(1));
-        let Outgoing { members, body: _ } = batcher.next_batch(None).unwrap();
+        let Outgoing { members, body: _ } = batcher.next_batch(None, false).unwrap();
         batcher.sent(3, members, 1_000);
         assert!(batcher.overdue(1_500, 1_000).is_empty());
         assert_eq!(ids(&batcher.overdue(2_001, 1_000)), [1]);
@@ -597,15 +603,19 @@ mod tests {
                 .iter()
                 .map(|check| serde_json::to_vec(check).unwrap())
                 .collect();
-            for holder in [None, Some(HOLDER), Some("a \"quoted\" holder\n")] {
+            for (holder, settles) in [
+                (None, false),
+                (Some(HOLDER), true),
+                (Some("a \"quoted\" holder\n"), false),
+            ] {
                 let request = CheckRequest {
                     checks: checks.clone(),
                     hold_delays: false,
                     lease_holder: holder.map(str::to_owned),
-                    settles: true,
+                    settles,
                 };
                 assert_eq!(
-                    String::from_utf8(call_body(&encoded, holder)).unwrap(),
+                    String::from_utf8(call_body(&encoded, holder, settles)).unwrap(),
                     serde_json::to_string(&request).unwrap(),
                     "{count} checks, holder {holder:?}"
                 );
@@ -621,7 +631,7 @@ mod tests {
             for n in 0..count {
                 batcher.register(member(n), &check(n));
             }
-            let Outgoing { members, body } = batcher.next_batch(Some(HOLDER)).unwrap();
+            let Outgoing { members, body } = batcher.next_batch(Some(HOLDER), true).unwrap();
             assert_eq!(members.len(), count as usize);
             let whole = body.len();
             assert!(
@@ -643,13 +653,13 @@ mod tests {
         let Outgoing {
             members: first,
             body,
-        } = batcher.next_batch(None).unwrap();
+        } = batcher.next_batch(None, false).unwrap();
         assert_eq!(ids(&first), [1, 2, 3], "three fit, the fourth waits");
         assert!(body.len() <= 3 * size + 10 + ENVELOPE_BYTES);
         batcher.sent(1, first, 0);
         batcher.register(member(5), &long_check(5, 1_000));
         assert!(
-            batcher.next_batch(None).is_none(),
+            batcher.next_batch(None, false).is_none(),
             "two do not fill a batch"
         );
         assert_eq!(
@@ -661,7 +671,7 @@ mod tests {
         let Outgoing {
             members: full,
             body: _,
-        } = batcher.next_batch(None).unwrap();
+        } = batcher.next_batch(None, false).unwrap();
         assert_eq!(
             ids(&full),
             [4, 5, 6],
@@ -685,7 +695,7 @@ mod tests {
             batcher.register(member(2), &huge),
             Registered::TooLarge { bytes }
         );
-        let Outgoing { members, body: _ } = batcher.next_batch(None).unwrap();
+        let Outgoing { members, body: _ } = batcher.next_batch(None, false).unwrap();
         assert_eq!(ids(&members), [1], "the others go on as ever");
     }
 
@@ -700,7 +710,7 @@ mod tests {
         }
         let mut sent = 0;
         let mut calls = 0;
-        while let Some(Outgoing { members, body }) = batcher.next_batch(Some(HOLDER)) {
+        while let Some(Outgoing { members, body }) = batcher.next_batch(Some(HOLDER), true) {
             assert!(body.len() <= MAX_CALL_BODY_BYTES);
             sent += members.len();
             calls += 1;

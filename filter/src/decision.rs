@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use sluice_protocol::headers::{self, HeaderStyle, RETRY_AFTER};
 use sluice_protocol::rules::MAX_MATCH_PATH;
 use sluice_protocol::{
-    Check, CheckResponse, Decision, LeaseReturn, PolicyStatus, Refusal, ReleaseRequest, Settlement,
+    Check, CheckResponse, Decision, LeaseReturn, PolicyStatus, Refusal, Settlement,
     UsageReservation, MAX_REQUEST_FIELD_BYTES,
 };
 
@@ -390,11 +390,20 @@ pub fn bounded_path(path: &str) -> Cow<'_, str> {
 /// The body of the release call for concurrency slots (`leases`), leases' unused quota
 /// (`returns`) and usage reservations (`settlements`).
 pub fn release_request(
-    leases: Vec<String>,
-    returns: Vec<LeaseReturn>,
-    settlements: Vec<Settlement>,
+    leases: &[String],
+    returns: &[LeaseReturn],
+    settlements: &[Settlement],
 ) -> Vec<u8> {
-    serde_json::to_vec(&ReleaseRequest {
+    /// [`sluice_protocol::ReleaseRequest`] as written, borrowed.
+    #[derive(serde::Serialize)]
+    struct Release<'a> {
+        leases: &'a [String],
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        returns: &'a [LeaseReturn],
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        settlements: &'a [Settlement],
+    }
+    serde_json::to_vec(&Release {
         leases,
         returns,
         settlements,
@@ -612,7 +621,7 @@ pub fn verdict_for_failure(mode: FailureMode) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_protocol::{ClientId, Strategy};
+    use sluice_protocol::{ClientId, ReleaseRequest, Strategy};
 
     fn config(extra: &str) -> FilterConfig {
         FilterConfig::parse(format!(r#"{{"controller":{{"cluster":"c"}}{extra}}}"#).as_bytes())
@@ -850,7 +859,7 @@ mod tests {
         };
         assert_eq!(leases, ["lease-a"]);
         let release: ReleaseRequest =
-            serde_json::from_slice(&release_request(leases, Vec::new(), Vec::new())).unwrap();
+            serde_json::from_slice(&release_request(&leases, &[], &[])).unwrap();
         assert_eq!(release.leases, ["lease-a"]);
     }
 

@@ -41,6 +41,9 @@ pub enum Event {
         body_size: usize,
         end_of_stream: bool,
     },
+    ResponseTrailers {
+        context_id: u32,
+    },
     CallResponse {
         context_id: u32,
         token: u32,
@@ -100,6 +103,12 @@ impl Dispatcher {
                 .map_or(Action::Continue, |stream| {
                     stream.on_response_body(host, body_size, end_of_stream)
                 }),
+            Event::ResponseTrailers { context_id } => {
+                if let Some(stream) = self.streams.get_mut(&context_id) {
+                    stream.on_response_trailers();
+                }
+                Action::Continue
+            }
             other => {
                 self.handle(other);
                 Action::Continue
@@ -175,6 +184,12 @@ impl Dispatcher {
             Event::Delete { context_id } => {
                 if self.streams.remove(&context_id).is_none() {
                     self.roots.remove(&context_id);
+                }
+            }
+            // The body ended while the filter was busy: as if it ended now.
+            Event::ResponseTrailers { context_id } => {
+                if let Some(stream) = self.streams.get_mut(&context_id) {
+                    stream.on_response_trailers();
                 }
             }
             // That piece of the body has passed unread: what the body says is unknown.

@@ -11,7 +11,7 @@ use sluice_protocol::rule_index::RuleIndex;
 use sluice_protocol::rules::{failure_mode_for, matched_headers};
 use sluice_protocol::FilterView;
 use sluice_protocol::{
-    Check, Decision, LeaseReturn, Rule, Settlement, CHECK_PATH, CONFIG_PATH,
+    Check, Decision, LeaseReturn, Rule, Settlement, CHECK_PATH, CONFIG_PATH, MAX_CALL_BODY_BYTES,
     MAX_SETTLEMENTS_PER_CALL, RELEASE_PATH, REPORTER_HEADER, REPORT_PATH,
 };
 
@@ -146,6 +146,9 @@ pub struct Worker {
     pub batcher: RefCell<Batcher>,
     /// The shared queue a request pokes to wake the root (batching only).
     pub wake_queue: Option<u32>,
+    /// The worker's root context: a callout made for many requests belongs to it (one a
+    /// request's context makes may go with that context).
+    root_context_id: u32,
     pub metrics: Metrics,
     /// The controller's configuration as last read.
     pub view: RefCell<ControllerView>,
@@ -521,7 +524,13 @@ impl Worker {
     /// once in Envoy; from the root's next tick where a callout from `on_log` traps. Its
     /// usage settlements wait for the next release call: the tick's, or Envoy's at once when
     /// [`SETTLEMENTS_BATCH`] wait.
-    pub fn release_at_end(&self, host: &dyn Host, leases: Vec<String>, settled: Vec<Settlement>) {
+    pub fn release_at_end(
+        &self,
+        host: &dyn Host,
+        context_id: u32,
+        leases: Vec<String>,
+        settled: Vec<Settlement>,
+    ) {
         let settlements = {
             let mut pending = self.pending_settlements.borrow_mut();
             pending.extend(settled);
@@ -543,7 +552,16 @@ impl Worker {
             }
         };
         match host.flavour() {
-            Flavour::Envoy => self.release(host, leases, Vec::new(), settlements),
+            Flavour::Envoy => {
+                self.release(host, leases, Vec::new(), Vec::new());
+                // Other requests' settlements too: sent as the root's, then back to this one.
+                if !settlements.is_empty()
+                    && host.set_effective_context(self.root_context_id).is_ok()
+                {
+                    self.release(host, Vec::new(), Vec::new(), settlements);
+                    let _ = host.set_effective_context(context_id);
+                }
+            }
             Flavour::Ngx => self.pending_releases.borrow_mut().extend(leases),
         }
     }
@@ -567,8 +585,15 @@ impl Worker {
         if leases.is_empty() && returns.is_empty() && settlements.is_empty() {
             return;
         }
+        let mut settlements = settlements;
+        let mut body = decision::release_request(&leases, &returns, &settlements);
+        // Within what the controller reads: the rest waits for the next call.
+        while body.len() > MAX_CALL_BODY_BYTES && settlements.len() > 1 {
+            let later = settlements.split_off(settlements.len() / 2);
+            self.pending_settlements.borrow_mut().splice(0..0, later);
+            body = decision::release_request(&leases, &returns, &settlements);
+        }
         let settling = settlements.len();
-        let body = decision::release_request(leases, returns, settlements);
         if let Err(status) = self.call_controller(host, RELEASE_PATH, Some(&body), &[]) {
             log(
                 host,
@@ -604,6 +629,9 @@ pub struct ControllerView {
     /// Whether a rule in force is leased: checks then name this worker as a lease holder,
     /// and requests look for a lease first.
     pub leased: bool,
+    /// Whether a rule in force counts usage: checks then say the worker settles (never to a
+    /// controller that has no usage rules: a 0.1.0 controller refuses the field).
+    pub settles: bool,
     /// The entity tag of the view held: the version, and protection's blocks when there
     /// are any (they change the lists, not the version).
     pub entity_tag: Option<String>,
@@ -625,6 +653,7 @@ impl From<FilterView> for ControllerView {
             .rules
             .iter()
             .any(|rule| rule.leased.is_some() && !rule.shadow);
+        let settles = view.rules.iter().any(|rule| rule.usage.is_some());
         let failure_rules: Vec<Rule> = view
             .rules
             .iter()
@@ -643,6 +672,7 @@ impl From<FilterView> for ControllerView {
             enforce: view.enforce,
             limited_log_sample: view.limited_log_sample,
             leased,
+            settles,
             entity_tag: None,
         }
     }
@@ -838,6 +868,7 @@ impl Root {
             config,
             batcher: RefCell::new(batcher),
             wake_queue,
+            root_context_id: self.context_id,
             metrics,
             view: RefCell::new(ControllerView::default()),
             tally: RefCell::new(Tally::default()),
@@ -1005,10 +1036,16 @@ impl Root {
     /// outlives any one request.
     fn send_next_batch(&mut self, host: &dyn Host, worker: &Worker) {
         worker.count_leased(host);
-        let leased = worker.view.borrow().leased;
+        let (leased, settles) = {
+            let view = worker.view.borrow();
+            (view.leased, view.settles)
+        };
         let lease_holder = leased.then_some(worker.lease_holder.as_str());
         loop {
-            let next = worker.batcher.borrow_mut().next_batch(lease_holder);
+            let next = worker
+                .batcher
+                .borrow_mut()
+                .next_batch(lease_holder, settles);
             let Some(Outgoing { members, body }) = next else {
                 return;
             };

@@ -545,7 +545,7 @@ impl Stream {
             hold_delays: true,
             // Leases are for batching workers (a lease's life starts when its batch left).
             lease_holder: None,
-            settles: true,
+            settles: self.worker.view.borrow().settles,
         };
         let body = match serde_json::to_vec(&request) {
             Ok(body) if body.len() > MAX_CALL_BODY_BYTES => {
@@ -677,6 +677,18 @@ impl Stream {
         Action::Continue
     }
 
+    /// The response's trailers: its body has ended, whatever its last piece said.
+    pub fn on_response_trailers(&mut self) {
+        if let State::Admitted {
+            meter: Some(meter), ..
+        } = &mut self.state
+        {
+            if meter.reads_body() {
+                meter.on_body(&[], true);
+            }
+        }
+    }
+
     /// A piece of the response body passed while the filter could not read it.
     pub fn body_missed(&mut self) {
         if let State::Admitted {
@@ -726,7 +738,8 @@ impl Stream {
             State::Admitted { leases, meter, .. } => {
                 let leases = std::mem::take(leases);
                 let settlements = meter.take().map(Meter::settlements).unwrap_or_default();
-                self.worker.release_at_end(host, leases, settlements);
+                self.worker
+                    .release_at_end(host, self.context_id, leases, settlements);
             }
             _ => {}
         }

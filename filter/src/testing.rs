@@ -601,6 +601,13 @@ impl MockEnvoy {
         })
     }
 
+    /// A request's response trailers pass the filter.
+    pub fn respond_trailers(&mut self, context_id: u32) -> Action {
+        self.enter(context_id);
+        self.dispatcher
+            .stream_event(Event::ResponseTrailers { context_id })
+    }
+
     /// The request ends (completed, or the client left): `on_log`, then the context goes.
     pub fn finish(&mut self, context_id: u32) {
         self.enter(context_id);

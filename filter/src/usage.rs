@@ -109,6 +109,12 @@ impl Meter {
                 *used = header(name).and_then(|value| whole_number(value.trim()));
             }
         }
+        // A compressed body (the client asked for it) cannot be read here: unreported.
+        let encoded = header("content-encoding")
+            .is_some_and(|coding| !coding.trim().eq_ignore_ascii_case("identity"));
+        if encoded && matches!(self.body, Body::Unknown) {
+            self.body = Body::Unread;
+        }
         if matches!(self.body, Body::Unknown) {
             let content_type = header("content-type").unwrap_or_default();
             let media_type = content_type
@@ -436,6 +442,14 @@ mod tests {
 
     #[test]
     fn a_body_that_is_not_json_or_too_large_or_cut_off_is_unreported() {
+        let mut gzip = Meter::new(vec![pointer("/n", "t")]).unwrap();
+        gzip.on_response_headers(headers(&[
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+        ]));
+        assert!(!gzip.reads_body(), "a compressed body is not read");
+        assert_eq!(used(gzip), [100]);
+
         let mut html = Meter::new(vec![pointer("/n", "t")]).unwrap();
         html.on_response_headers(headers(&[("content-type", "text/html")]));
         assert!(!html.reads_body());

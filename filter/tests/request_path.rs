@@ -422,7 +422,11 @@ fn a_stream_gives_its_concurrency_leases_back_when_it_ends() {
 #[test]
 fn a_response_settles_its_usage_reservations_with_what_it_says_at_the_next_tick() {
     use sluice_protocol::{ReleaseRequest, Settlement, UsageReservation, UsageSource};
-    let (mut envoy, _) = MockEnvoy::start(&plugin(serde_json::json!({})));
+    let mut envoy = started_with_view(
+        &plugin(serde_json::json!({})),
+        serde_json::json!({ "version": 1, "rules": [{ "name": "tokens", "limit": 100000, "window": "1h",
+            "usage": { "json_pointer": "/usage/total_tokens", "reserve": 500 } }] }),
+    );
     let reserved = |token: &str, from: UsageSource| UsageReservation {
         rule: "tokens".into(),
         reserved: 500,
@@ -511,6 +515,73 @@ fn a_response_settles_its_usage_reservations_with_what_it_says_at_the_next_tick(
     );
     envoy.tick(1_000);
     assert_eq!(settled(&envoy).len(), 4, "each settles once");
+}
+
+#[test]
+fn a_filter_says_it_settles_only_while_a_usage_rule_is_in_force() {
+    // A controller without usage rules may be one of 0.1.0, which refuses the field.
+    let (mut envoy, _) = MockEnvoy::start(&plugin(serde_json::json!({})));
+    envoy.request(get(b"/", &[]), &[(PEER, b"192.0.2.1:1")]);
+    envoy.run_queues();
+    let batch = envoy.calls().pop().expect("a batch");
+    assert!(
+        !String::from_utf8_lossy(&batch.body).contains("settles"),
+        "{:?}",
+        batch.body
+    );
+}
+
+#[test]
+fn a_body_ended_by_trailers_is_read() {
+    use sluice_protocol::{ReleaseRequest, UsageReservation, UsageSource};
+    let mut envoy = started_with_view(
+        &plugin(serde_json::json!({})),
+        serde_json::json!({ "version": 1, "rules": [{ "name": "tokens", "limit": 100000, "window": "1h",
+            "usage": { "json_pointer": "/usage/total_tokens", "reserve": 500 } }] }),
+    );
+    let (stream, _) = envoy.request(get(b"/v1/chat/completions", &[]), &[(PEER, b"192.0.2.1:1")]);
+    envoy.run_queues();
+    let batch = envoy.calls().pop().expect("a batch");
+    let decision = Decision {
+        usage: vec![UsageReservation {
+            rule: "tokens".into(),
+            reserved: 500,
+            from: UsageSource::JsonPointer("/usage/total_tokens".into()),
+            max: 100_000,
+            unreported: 500,
+            token: "t".into(),
+        }],
+        ..Decision::unlimited()
+    };
+    let reply = CheckResponse {
+        decisions: vec![decision],
+    };
+    envoy.answer_with(
+        batch.token,
+        "200",
+        &serde_json::to_vec(&reply).expect("encode"),
+    );
+    envoy.host.state.borrow_mut().response_headers.insert(
+        stream,
+        vec![("content-type".into(), "application/json".into())],
+    );
+    envoy.respond(stream);
+    envoy.respond_body(stream, br#"{"usage":{"total_tokens":77}}"#, false);
+    envoy.respond_trailers(stream);
+    envoy.finish(stream);
+    envoy.tick(1_000);
+    let settled: Vec<u64> = envoy
+        .calls()
+        .iter()
+        .filter(|c| path_of(c) == "/v1/release")
+        .flat_map(|c| {
+            serde_json::from_slice::<ReleaseRequest>(&c.body)
+                .expect("a release")
+                .settlements
+        })
+        .map(|s| s.used)
+        .collect();
+    assert_eq!(settled, [77]);
 }
 
 #[test]

@@ -456,6 +456,20 @@ pub const MAX_LOG_LIMIT: u64 = 100_000;
 pub const MAX_EXACT: u64 = 1 << 53;
 
 impl Rule {
+    /// The most one response may count under a usage rule: its `max`, or else what the
+    /// strategy counts exactly with the rule's window (a bucket or GCRA counts in units of
+    /// `1/window`: `max × window` stays below 2^52, room left for debt), at most 10^12.
+    pub fn usage_max(&self) -> Option<u64> {
+        let usage = self.usage.as_ref()?;
+        let exact = match self.strategy {
+            Strategy::TokenBucket | Strategy::Gcra => {
+                (MAX_EXACT / 2 / self.window_ms().max(1)).saturating_sub(1)
+            }
+            _ => crate::MAX_USAGE,
+        };
+        Some(usage.max_or(exact.min(crate::MAX_USAGE)))
+    }
+
     /// The rule as it counts a client of `tier` (see [`Rule::tier_limits`]).
     pub fn with_tier_limits(&self, tier: &crate::config::TierLimits) -> Rule {
         let takes_burst = matches!(self.strategy, Strategy::TokenBucket | Strategy::Gcra);
@@ -685,7 +699,23 @@ impl Rule {
                     ),
                 ));
             }
-            usage.validate()?;
+            let max = self.usage_max().unwrap_or(crate::MAX_USAGE);
+            if usage.max.is_some()
+                && matches!(self.strategy, Strategy::TokenBucket | Strategy::Gcra)
+            {
+                let product = u128::from(max) * u128::from(self.window_ms());
+                if product >= u128::from(MAX_EXACT / 2) {
+                    return Err((
+                        "usage.max",
+                        format!(
+                            "too large for exact arithmetic with this window: usage.max × the \
+                             window must stay below 2^52 (at most {})",
+                            MAX_EXACT / 2 / self.window_ms().max(1) - 1
+                        ),
+                    ));
+                }
+            }
+            usage.validate(max)?;
             if usage.reserve > self.capacity() {
                 return Err((
                     "usage.reserve",
@@ -1193,6 +1223,10 @@ mod tests {
             (
                 r#"{"name":"a","limit":5,"window":"1s","usage":{"json_pointer":"t","reserve":1}}"#,
                 "rules[0].usage.json_pointer",
+            ),
+            (
+                r#"{"name":"a","strategy":"gcra","limit":5,"window":"1d","usage":{"json_pointer":"/t","reserve":1,"max":1000000000000}}"#,
+                "rules[0].usage.max",
             ),
             (r#"{"name":"a","limit":5}"#, "rules[0].window"),
             (

@@ -49,16 +49,18 @@ impl Usage {
         }
     }
 
-    pub fn max(&self) -> u64 {
-        self.max.unwrap_or(MAX_USAGE)
+    /// The most one response may count, `max` or else `default_max` (what the rule's
+    /// strategy and window can count exactly: see `Rule::usage_max`).
+    pub fn max_or(&self, default_max: u64) -> u64 {
+        self.max.unwrap_or(default_max)
     }
 
     pub fn unreported(&self) -> u64 {
         self.unreported.unwrap_or(self.reserve)
     }
 
-    /// The first field that is wrong, and why.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    /// The first field that is wrong, and why, with `max` as the rule makes it.
+    pub fn validate(&self, max: u64) -> Result<(), (&'static str, String)> {
         match (&self.response_header, &self.json_pointer) {
             (Some(_), Some(_)) | (None, None) => {
                 return Err((
@@ -96,19 +98,19 @@ impl Usage {
                 }
             }
         }
-        if self.max() > MAX_USAGE || self.max() == 0 {
+        if max > MAX_USAGE || max == 0 {
             return Err(("usage.max", format!("must be from 1 to {MAX_USAGE}")));
         }
-        if self.reserve == 0 || self.reserve > self.max() {
+        if self.reserve == 0 || self.reserve > max {
             return Err((
                 "usage.reserve",
-                format!("must be from 1 to usage.max ({})", self.max()),
+                format!("must be from 1 to usage.max ({max})"),
             ));
         }
-        if self.unreported() > self.max() {
+        if self.unreported() > max {
             return Err((
                 "usage.unreported",
-                format!("must be at most usage.max ({})", self.max()),
+                format!("must be at most usage.max ({max})"),
             ));
         }
         Ok(())
@@ -171,21 +173,24 @@ mod tests {
 
     #[test]
     fn exactly_one_source_is_named() {
-        assert_eq!(usage(None, None, 1).validate().unwrap_err().0, "usage");
+        assert_eq!(
+            usage(None, None, 1).validate(MAX_USAGE).unwrap_err().0,
+            "usage"
+        );
         assert_eq!(
             usage(Some("x-tokens"), Some("/usage/total_tokens"), 1)
-                .validate()
+                .validate(MAX_USAGE)
                 .unwrap_err()
                 .0,
             "usage"
         );
-        assert!(usage(Some("X-Tokens"), None, 1).validate().is_ok());
+        assert!(usage(Some("X-Tokens"), None, 1).validate(MAX_USAGE).is_ok());
         assert_eq!(
             usage(Some("X-Tokens"), None, 1).source(),
             Some(UsageSource::ResponseHeader("x-tokens".into()))
         );
         assert!(usage(None, Some("/usage/total_tokens"), 1)
-            .validate()
+            .validate(MAX_USAGE)
             .is_ok());
     }
 
@@ -226,9 +231,12 @@ mod tests {
             ),
         ];
         for (usage, field) in cases {
-            assert_eq!(usage.validate().unwrap_err().0, field, "{usage:?}");
+            let max = usage.max_or(MAX_USAGE);
+            assert_eq!(usage.validate(max).unwrap_err().0, field, "{usage:?}");
         }
-        assert!(usage(None, Some("/a~0b/c~1d"), 5).validate().is_ok());
+        assert!(usage(None, Some("/a~0b/c~1d"), 5)
+            .validate(MAX_USAGE)
+            .is_ok());
     }
 
     #[test]

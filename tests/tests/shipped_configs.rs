@@ -236,6 +236,8 @@ fn the_demo_configuration_limits_as_the_readme_says() {
 #[test]
 fn the_demo_counts_the_tokens_replies_report_as_the_readme_says() {
     let (_controller, _upstream, envoy) = demo();
+    // A worker settles once it knows a usage rule is in force: from its first read.
+    envoy.wait_until_vms_read_the_configuration(1);
     let ask = || {
         http::request(
             "POST",

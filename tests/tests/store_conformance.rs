@@ -1180,6 +1180,12 @@ async fn usage_beyond_a_reservation_puts_a_bucket_in_debt(s: Subject) {
         0,
         "5 left, 10 more used: 5 owed"
     );
+    let owing = s.one(&costing(bucket.clone(), 1)).await;
+    assert!(!owing.ok);
+    assert_eq!(
+        owing.retry_after_ms, 600,
+        "the 5 owed, then one token, at 10 a second"
+    );
     s.advance(599);
     assert!(
         !s.one(&costing(bucket.clone(), 1)).await.ok,
@@ -1206,6 +1212,28 @@ async fn usage_beyond_a_reservation_puts_a_bucket_in_debt(s: Subject) {
         s.charge(&[charge_of(&gcra, 8, "c1")]).await,
         [0],
         "a replay"
+    );
+}
+
+async fn a_bucket_in_debt_stays_in_debt_whatever_is_given_back_meanwhile(s: Subject) {
+    let bucket = limit(TokenBucket, 10, 1_000, 20);
+    assert!(s.check(&[costing(bucket.clone(), 15)]).await.allowed());
+    assert_eq!(s.charge(&[charge_of(&bucket, 100, "d1")]).await, [100]);
+    // 95 tokens owed: 9.5 s at 10 a second. Another request gives back 1 meanwhile.
+    assert_eq!(s.refund(&[refund_of(&bucket, 1, 0, "d2", "")]).await, [1]);
+    assert!(
+        s.one(&costing(bucket.clone(), 1)).await.ok,
+        "the one given back"
+    );
+    s.advance(3_000);
+    assert!(
+        !s.one(&costing(bucket.clone(), 1)).await.ok,
+        "still in debt: the state outlives the refund's own refill time"
+    );
+    s.advance(6_600);
+    assert!(
+        s.one(&costing(bucket.clone(), 1)).await.ok,
+        "paid off, one refilled"
     );
 }
 
@@ -1239,6 +1267,7 @@ macro_rules! every_store {
 }
 
 every_store!(
+    a_bucket_in_debt_stays_in_debt_whatever_is_given_back_meanwhile,
     usage_beyond_a_reservation_is_charged_in_full_once_in_the_current_window,
     usage_beyond_a_reservation_puts_a_bucket_in_debt,
     fixed_window_counts_down_and_denies_until_the_boundary,

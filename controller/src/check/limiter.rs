@@ -254,11 +254,13 @@ impl Limiter {
                     .unwrap_or(Outcome {
                         denied_by: None,
                         verdicts: Vec::new(),
+                        in_fallback: false,
                     });
                     let shadow: Vec<Outcome> = outcomes.by_ref().take(asked.shadow.len()).collect();
                     let mut decision = decide(asked, &enforced, &shadow);
-                    // Counted: every enforced limit took its reservation.
-                    if request.settles && enforced.denied_by.is_none() {
+                    // Counted: every enforced limit took its reservation. A fallback's
+                    // answer took nothing from the store: nothing to settle there.
+                    if request.settles && enforced.allowed() && !enforced.in_fallback {
                         decision.usage = self.usage_reservations(asked, &enforced);
                     }
                     decision
@@ -470,7 +472,7 @@ impl Limiter {
                     rule: rule.name.clone(),
                     reserved: spec.cost,
                     from,
-                    max: usage.max(),
+                    max: rule.usage_max().unwrap_or(MAX_USAGE),
                     unreported: usage.unreported(),
                     token: self.grant_signer.sign(token.encode()),
                 })

@@ -295,12 +295,19 @@ impl GuardedStore {
         };
         self.metrics
             .fallback_checks(self.settings.fallback, checks.len() as u64);
-        Ok(answered)
+        Ok(answered
+            .into_iter()
+            .map(|outcome| Outcome {
+                in_fallback: true,
+                ..outcome
+            })
+            .collect())
     }
 }
 
 fn admitted(check: &CheckSpec<'_>) -> Outcome {
     Outcome {
+        in_fallback: true,
         denied_by: None,
         verdicts: check
             .limits
@@ -319,6 +326,7 @@ fn admitted(check: &CheckSpec<'_>) -> Outcome {
 
 fn refused(check: &CheckSpec<'_>, retry_after_ms: u64) -> Outcome {
     Outcome {
+        in_fallback: true,
         denied_by: (!check.limits.is_empty()).then_some(0),
         verdicts: check
             .limits

@@ -109,6 +109,22 @@ struct Reservations {
     next_sweep_at: u64,
 }
 
+impl Reservations {
+    /// Forgets ended reservations and settlements past their memory, at most every
+    /// [`SWEEP_EVERY_MS`]: every call that adds to them sweeps.
+    fn sweep(&mut self, now: u64) {
+        if now < self.next_sweep_at {
+            return;
+        }
+        self.by_key.retain(|_, held| {
+            held.retain(|_, held| held.ends > now);
+            !held.is_empty()
+        });
+        self.refunded.retain(|_, until| *until > now);
+        self.next_sweep_at = now.saturating_add(SWEEP_EVERY_MS);
+    }
+}
+
 impl MemoryStore {
     pub fn new(clock: Arc<dyn Clock>) -> Self {
         MemoryStore {
@@ -244,6 +260,7 @@ impl MemoryStore {
         Outcome {
             denied_by,
             verdicts,
+            in_fallback: false,
         }
     }
 }
@@ -279,14 +296,7 @@ impl Store for MemoryStore {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let reservations = &mut *reservations;
-        if now >= reservations.next_sweep_at {
-            reservations.by_key.retain(|_, held| {
-                held.retain(|_, held| held.ends > now);
-                !held.is_empty()
-            });
-            reservations.refunded.retain(|_, until| *until > now);
-            reservations.next_sweep_at = now.saturating_add(SWEEP_EVERY_MS);
-        }
+        reservations.sweep(now);
         Ok(asked
             .iter()
             .map(|reservation| {
@@ -330,6 +340,7 @@ impl Store for MemoryStore {
             .reservations
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        reservations.sweep(now);
         Ok(charges
             .iter()
             .map(|charge| {
@@ -373,6 +384,7 @@ impl Store for MemoryStore {
             .reservations
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        reservations.sweep(now);
         Ok(refunds
             .iter()
             .map(|refund| {

@@ -90,6 +90,9 @@ pub struct Outcome {
     pub denied_by: Option<usize>,
     /// One verdict per checked limit, in order.
     pub verdicts: Vec<Verdict>,
+    /// Answered by the breaker's fallback, not by the store: nothing the store holds was
+    /// taken (so nothing may later be given back to it).
+    pub in_fallback: bool,
 }
 
 impl Outcome {

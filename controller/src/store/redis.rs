@@ -253,6 +253,7 @@ impl RedisStore {
             .map(|check| Outcome {
                 denied_by: None,
                 verdicts: vec![Verdict::default(); check.limits.len()],
+                in_fallback: false,
             })
             .collect();
         for (((_, parts), specs), reply) in by_slot.iter().zip(&specs).zip(replies) {
@@ -565,6 +566,7 @@ fn decode_check(reply: &[i64], checks: &[CheckSpec<'_>]) -> Result<Vec<Outcome>,
         outcomes.push(Outcome {
             denied_by,
             verdicts,
+            in_fallback: false,
         });
     }
     Ok(outcomes)

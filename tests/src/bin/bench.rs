@@ -1277,7 +1277,7 @@ impl FilterCore {
             };
             batcher.register(member, check);
         }
-        batcher.next_batch(None).expect("a batch").body
+        batcher.next_batch(None, false).expect("a batch").body
     }
 
     fn decode(&self) -> Vec<sluice_protocol::Decision> {
