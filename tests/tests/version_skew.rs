@@ -100,10 +100,24 @@ fn filter_config_reads(controller: &Controller, release: &str) -> u64 {
         .map_or(0, |value| value.trim().parse().expect("a count"))
 }
 
+/// `RULES` and a usage rule over every request, which the previous release does not know:
+/// it reads the view all the same, and is charged each request's reservation.
+fn rules_with_usage() -> String {
+    format!(
+        r#"{RULES}
+[[rules]]
+name = "usage-budget"
+limit = 1000000
+window = "1h"
+usage = {{ response_header = "x-usage", reserve = 1 }}
+"#
+    )
+}
+
 #[test]
 fn the_previous_releases_filter_is_limited_exactly_by_this_controller() {
     let wasm = previous_release("SLUICE_PREVIOUS_WASM", "filter");
-    let controller = Controller::start(RULES, None);
+    let controller = Controller::start(&rules_with_usage(), None);
     let upstream = Upstream::start();
     let envoy = envoy(controller.port, &upstream, Some(&wasm));
     limited_exactly(&envoy);

@@ -271,11 +271,11 @@ pub fn etag(version: u64) -> String {
 /// caches and leases are keyed by. The filter asks with the tag it holds (`If-None-Match`):
 /// unchanged, it gets `304`.
 async fn filter_view(State(state): State<CheckState>, headers: HeaderMap) -> Response {
-    state.metrics.filter_config_read(
-        headers
-            .get(header::USER_AGENT)
-            .and_then(|agent| agent.to_str().ok()),
-    );
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|agent| agent.to_str().ok());
+    state.metrics.filter_config_read(user_agent);
+    let legacy = crate::metrics::filter_release(user_agent) == "unknown";
     let snapshot = state.limiter.config().snapshot();
     let blocks = state.guard.blocks();
     let tag = view_tag(snapshot.version, blocks.tag);
@@ -286,10 +286,14 @@ async fn filter_view(State(state): State<CheckState>, headers: HeaderMap) -> Res
     if unchanged {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response();
     }
+    let (base, legacy) = match &snapshot.legacy_filter_view {
+        Some(view) if legacy => (view, true),
+        _ => (&snapshot.filter_view, false),
+    };
     let body = if blocks.items.is_empty() {
-        snapshot.filter_view.clone()
+        base.clone()
     } else {
-        state.views.with_blocks(&snapshot, &blocks)
+        state.views.with_blocks(&snapshot, (base, legacy), &blocks)
     };
     (
         [
@@ -309,26 +313,37 @@ fn view_tag(version: u64, blocks: u64) -> String {
     }
 }
 
-/// The filter's view with protection's blocks, built once per version and set of blocks.
+/// The filter's view with protection's blocks, built once per version, set of blocks and
+/// form of the view (this release's, or the one for a filter that names none).
 #[derive(Default)]
 pub struct ViewsWithBlocks {
-    built: arc_swap::ArcSwapOption<(u64, u64, Vec<u8>)>,
+    built: arc_swap::ArcSwapOption<(u64, u64, bool, Vec<u8>)>,
 }
 
 impl ViewsWithBlocks {
-    fn with_blocks(&self, snapshot: &crate::config::Snapshot, blocks: &BlockSet) -> Vec<u8> {
+    fn with_blocks(
+        &self,
+        snapshot: &crate::config::Snapshot,
+        (base, legacy): (&[u8], bool),
+        blocks: &BlockSet,
+    ) -> Vec<u8> {
         if let Some(built) = self.built.load().as_ref() {
-            if built.0 == snapshot.version && built.1 == blocks.tag {
-                return built.2.clone();
+            let (version, tag, built_legacy, body) = &**built;
+            if *version == snapshot.version && *tag == blocks.tag && *built_legacy == legacy {
+                return body.clone();
             }
         }
-        let Ok(mut view) = serde_json::from_slice::<FilterView>(&snapshot.filter_view) else {
-            return snapshot.filter_view.clone();
+        let Ok(mut view) = serde_json::from_slice::<FilterView>(base) else {
+            return base.to_vec();
         };
         view.denylist.extend(blocks.items.iter().cloned());
-        let body = serde_json::to_vec(&view).unwrap_or_else(|_| snapshot.filter_view.clone());
-        self.built
-            .store(Some(Arc::new((snapshot.version, blocks.tag, body.clone()))));
+        let body = serde_json::to_vec(&view).unwrap_or_else(|_| base.to_vec());
+        self.built.store(Some(Arc::new((
+            snapshot.version,
+            blocks.tag,
+            legacy,
+            body.clone(),
+        ))));
         body
     }
 }

@@ -40,6 +40,10 @@ pub struct Snapshot {
     pub api_keys: HashMap<String, KeyGrant>,
     /// `GET /v1/config`'s body, built once per version.
     pub filter_view: Vec<u8>,
+    /// The body for a filter that names no release (0.1.0, which refuses a rule with a
+    /// field it does not know): the rules without `usage`. Its checks do not settle, so
+    /// each of its requests is charged its reservation. `None` while no rule counts usage.
+    pub legacy_filter_view: Option<Vec<u8>>,
     /// Whether any rule in force is leased: only then are leases considered.
     pub leases: bool,
 }
@@ -106,6 +110,13 @@ impl Snapshot {
             limited_log_sample: document.limited_log_sample(),
         };
         let filter_view = serde_json::to_vec(&view).unwrap_or_default();
+        let legacy_filter_view = view.rules.iter().any(|rule| rule.usage.is_some()).then(|| {
+            let mut legacy = view.clone();
+            for rule in &mut legacy.rules {
+                rule.usage = None;
+            }
+            serde_json::to_vec(&legacy).unwrap_or_default()
+        });
         let leases = effective
             .iter()
             .any(|rule| rule.leased.is_some() && !rule.shadow);
@@ -120,6 +131,7 @@ impl Snapshot {
             by_tier,
             api_keys,
             filter_view,
+            legacy_filter_view,
         })
     }
 
@@ -135,6 +147,7 @@ impl Snapshot {
             by_tier: Vec::new(),
             api_keys: HashMap::new(),
             filter_view: serde_json::to_vec(&FilterView::default()).unwrap_or_default(),
+            legacy_filter_view: None,
             leases: false,
         }
     }
@@ -234,5 +247,57 @@ mod tests {
         let view: FilterView = serde_json::from_slice(&snapshot.filter_view).unwrap();
         assert_eq!(view.version, 3);
         assert_eq!(view.rules.len(), 1);
+    }
+
+    #[test]
+    fn a_filter_that_names_no_release_reads_the_rules_without_usage() {
+        let rules =
+            |toml_text: &str| Snapshot::build(1, document(toml_text), Operations::default());
+        let plain = rules(
+            r#"
+            [[rules]]
+            name = "per-client"
+            limit = 10
+            window = "1m"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(plain.legacy_filter_view, None, "nothing to hide");
+        let with_usage = rules(
+            r#"
+            [[rules]]
+            name = "per-client"
+            limit = 10
+            window = "1m"
+
+            [[rules]]
+            name = "tokens"
+            limit = 10000
+            window = "1m"
+            usage = { json_pointer = "/usage/total_tokens", reserve = 100 }
+            "#,
+        )
+        .unwrap();
+        let view: FilterView = serde_json::from_slice(&with_usage.filter_view).unwrap();
+        assert!(view.rules[1].usage.is_some());
+        let legacy: FilterView =
+            serde_json::from_slice(with_usage.legacy_filter_view.as_deref().unwrap()).unwrap();
+        assert_eq!(legacy.rules.len(), 2);
+        assert!(legacy.rules.iter().all(|rule| rule.usage.is_none()));
+        assert_eq!(
+            FilterView {
+                rules: view
+                    .rules
+                    .into_iter()
+                    .map(|rule| Rule {
+                        usage: None,
+                        ..rule
+                    })
+                    .collect(),
+                ..view
+            },
+            legacy,
+            "nothing else differs"
+        );
     }
 }
