@@ -86,10 +86,49 @@ pub fn stats_table(stats: &StatsBody) -> String {
         &["TIER", "ALLOWED", "LIMITED", "SHADOW", "REFUSED"],
         &tiers,
     ));
+    let usage: Vec<Vec<String>> = stats
+        .rules
+        .iter()
+        .filter_map(|r| Some((format!("rule {}", r.rule), r.usage.as_ref()?)))
+        .chain(
+            stats
+                .tiers
+                .iter()
+                .filter_map(|t| Some((format!("tier {}", t.tier), t.usage.as_ref()?))),
+        )
+        .map(|(name, u)| {
+            vec![
+                name,
+                u.reserved.to_string(),
+                u.settlements.to_string(),
+                u.returned.to_string(),
+                u.overshoot.to_string(),
+                u.charged.to_string(),
+            ]
+        })
+        .collect();
+    if !usage.is_empty() {
+        text.push('\n');
+        text.push_str(&render(
+            &[
+                "USAGE",
+                "RESERVED",
+                "SETTLED",
+                "RETURNED",
+                "OVERSHOOT",
+                "CHARGED",
+            ],
+            &usage,
+        ));
+    }
     text.push('\n');
     text.push_str(&clients("TOP LIMITED", &stats.top_limited));
     text.push('\n');
     text.push_str(&clients("TOP REQUESTING", &stats.top_requesting));
+    if !stats.top_usage.is_empty() {
+        text.push('\n');
+        text.push_str(&clients("TOP USAGE", &stats.top_usage));
+    }
     if stats.top_error_bound > 0 {
         text.push_str(&format!(
             "(top counts are at most {} over the truth)\n",
@@ -230,4 +269,87 @@ pub fn hints(context: &Context<'_>, window: &str) -> Result<Done, Failure> {
             render(&["RULE", "KIND", "HINT"], &rows)
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_protocol::admin::{RuleStats, TierStats, UsageStats};
+    use sluice_protocol::ClientId;
+
+    fn rule(name: &str, usage: Option<UsageStats>) -> RuleStats {
+        RuleStats {
+            rule: name.to_owned(),
+            allowed: 3,
+            limited: 0,
+            shadow_limited: 0,
+            near_limit: 0,
+            near_limit_ratio: 0.0,
+            max_used_ratio: 0.0,
+            clients: 1,
+            limited_clients: 0,
+            usage,
+        }
+    }
+
+    #[test]
+    fn usage_shows_only_when_a_usage_rule_reserved_or_settled() {
+        let usage = UsageStats {
+            reserved: 3000,
+            settlements: 3,
+            returned: 1700,
+            overshoot: 500,
+            charged: 1800,
+        };
+        let mut stats = StatsBody {
+            window: "1m".to_owned(),
+            from: String::new(),
+            to: String::new(),
+            controllers: 1,
+            decisions: 3,
+            rules: vec![rule("requests", None), rule("tokens", Some(usage.clone()))],
+            tiers: vec![TierStats {
+                tier: "gold".to_owned(),
+                allowed: 3,
+                limited: 0,
+                shadow_limited: 0,
+                refused: 0,
+                usage: Some(usage),
+            }],
+            top_limited: Vec::new(),
+            top_requesting: Vec::new(),
+            top_error_bound: 0,
+            top_usage: vec![TopClient {
+                client: ClientId {
+                    kind: "ip".to_owned(),
+                    value: "10.0.0.1".to_owned(),
+                },
+                count: 1800,
+                error: 0,
+            }],
+        };
+        let text = stats_table(&stats);
+        let line = |start: &str| {
+            text.lines()
+                .find(|line| line.starts_with(start))
+                .map(|line| line.split_whitespace().collect::<Vec<_>>())
+                .unwrap_or_else(|| panic!("no line {start} in\n{text}"))
+        };
+        assert_eq!(
+            line("rule tokens"),
+            ["rule", "tokens", "3000", "3", "1700", "500", "1800"]
+        );
+        assert_eq!(line("tier gold")[2..], ["3000", "3", "1700", "500", "1800"]);
+        assert_eq!(line("ip 10.0.0.1"), ["ip", "10.0.0.1", "1800"]);
+        assert!(!text.contains("rule requests"), "{text}");
+
+        stats.rules.truncate(1);
+        stats.tiers[0].usage = None;
+        stats.top_usage.clear();
+        let text = stats_table(&stats);
+        assert!(
+            !text.contains("USAGE") && !text.contains("TOP USAGE"),
+            "{text}"
+        );
+    }
 }

@@ -523,8 +523,9 @@ function onStats(event) {
     chart.dataset[`count${key}`] = String(session.history.reduce((sum, p) => sum + p.raw[field], 0));
   }
   showRules(event);
-  showTop(event.stats.top_limited);
+  showTop($("#top-limited"), event.stats.top_limited);
   showTiers(event.stats.tiers);
+  showUsage(event.stats);
   showState(event.state);
   showHints(event.hints);
   if (session.version !== null && event.version !== session.version) {
@@ -590,8 +591,8 @@ function showRules(event) {
   fillBody($("#rules-live"), rows);
 }
 
-function showTop(top) {
-  $("#top-limited").replaceChildren(
+function showTop(list, top) {
+  list.replaceChildren(
     ...top.map((hit) =>
       el(
         "li",
@@ -619,6 +620,32 @@ function showTiers(tiers) {
       );
     }),
   );
+}
+
+/// Usage rules' units, per rule and per tier, and the clients that used most; the panel
+/// shows only while some usage rule reserved or settled in the window.
+function showUsage(stats) {
+  const rows = [
+    ...stats.rules.filter((r) => r.usage).map((r) => ["rule", r.rule, r.usage]),
+    ...stats.tiers.filter((t) => t.usage).map((t) => ["tier", t.tier, t.usage]),
+  ];
+  $("#usage-panel").hidden = rows.length === 0;
+  fillBody(
+    $("#usage-live"),
+    rows.map(([kind, name, usage]) =>
+      el(
+        "tr",
+        { [`data-${kind}`]: name },
+        el("td", { text: `${kind} ${name}` }),
+        num(usage.reserved),
+        num(usage.settlements),
+        num(usage.returned),
+        num(usage.overshoot),
+        num(usage.charged),
+      ),
+    ),
+  );
+  showTop($("#top-usage"), stats.top_usage || []);
 }
 
 function showState(state) {

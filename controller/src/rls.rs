@@ -917,6 +917,7 @@ mod tests {
             window_ms,
             delay_ms: 0,
             reason: None,
+            usage: false,
         }
     }
 

@@ -23,7 +23,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sluice_protocol::admin::{Hint, HintsBody, RuleStats, StatsBody, TierStats, TopClient};
+use sluice_protocol::admin::{
+    Hint, HintsBody, RuleStats, StatsBody, TierStats, TopClient, UsageStats,
+};
 use sluice_protocol::{
     CachedDenials, Check, ClientId, ClientKind, Decision, LeasedAdmissions, Strategy,
 };
@@ -61,10 +63,74 @@ pub struct RuleCounts {
     pub max_used_permille: u64,
     pub requesting: DistinctCount,
     pub limited_clients: DistinctCount,
+    #[serde(default)]
+    pub usage: UsageCounts,
+}
+
+/// A usage rule's units (or a tier's, over its usage rules) in one bucket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageCounts {
+    pub reserved: u64,
+    pub settlements: u64,
+    pub returned: u64,
+    pub overshoot: u64,
+    pub charged: u64,
+}
+
+impl UsageCounts {
+    fn merge(&mut self, other: &UsageCounts) {
+        self.reserved += other.reserved;
+        self.settlements += other.settlements;
+        self.returned += other.returned;
+        self.overshoot += other.overshoot;
+        self.charged += other.charged;
+    }
+
+    fn settle(&mut self, settled: &UsageSettled<'_>) {
+        self.settlements += 1;
+        self.returned += settled.returned;
+        self.overshoot += settled.charged;
+        self.charged += settled.cost();
+    }
+
+    fn stats(&self) -> Option<UsageStats> {
+        (*self != UsageCounts::default()).then_some(UsageStats {
+            reserved: self.reserved,
+            settlements: self.settlements,
+            returned: self.returned,
+            overshoot: self.overshoot,
+            charged: self.charged,
+        })
+    }
+}
+
+/// One reservation settled, as its signed token named it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageSettled<'a> {
+    pub rule: &'a str,
+    /// The tier's label, and the client's `kind:value`; empty in a token signed before
+    /// they were carried.
+    pub tier: &'a str,
+    pub client: &'a str,
+    pub reserved: u64,
+    /// Given back to the limit.
+    pub returned: u64,
+    /// Charged beyond the reservation.
+    pub charged: u64,
+}
+
+impl UsageSettled<'_> {
+    /// What the request cost its limit in the end.
+    fn cost(&self) -> u64 {
+        self.reserved
+            .saturating_sub(self.returned)
+            .saturating_add(self.charged)
+    }
 }
 
 impl RuleCounts {
     fn merge(&mut self, other: &RuleCounts) {
+        self.usage.merge(&other.usage);
         self.allowed += other.allowed;
         self.limited += other.limited;
         self.shadow_limited += other.shadow_limited;
@@ -81,10 +147,13 @@ pub struct TierCounts {
     pub limited: u64,
     pub shadow_limited: u64,
     pub refused: u64,
+    #[serde(default)]
+    pub usage: UsageCounts,
 }
 
 impl TierCounts {
     fn merge(&mut self, other: &TierCounts) {
+        self.usage.merge(&other.usage);
         self.allowed += other.allowed;
         self.limited += other.limited;
         self.shadow_limited += other.shadow_limited;
@@ -102,6 +171,14 @@ pub struct Bucket {
     pub tiers: BTreeMap<String, TierCounts>,
     pub top_requesting: SpaceSaving,
     pub top_limited: SpaceSaving,
+    /// Clients by the units their settled usage cost (buckets published before it was
+    /// kept have an empty one).
+    #[serde(default = "top_summary")]
+    pub top_usage: SpaceSaving,
+}
+
+fn top_summary() -> SpaceSaving {
+    SpaceSaving::new(TOP_CAPACITY)
 }
 
 impl Bucket {
@@ -112,8 +189,9 @@ impl Bucket {
             decisions: 0,
             rules: BTreeMap::new(),
             tiers: BTreeMap::new(),
-            top_requesting: SpaceSaving::new(TOP_CAPACITY),
-            top_limited: SpaceSaving::new(TOP_CAPACITY),
+            top_requesting: top_summary(),
+            top_limited: top_summary(),
+            top_usage: top_summary(),
         }
     }
 
@@ -127,6 +205,7 @@ impl Bucket {
         }
         self.top_requesting.merge(&other.top_requesting);
         self.top_limited.merge(&other.top_limited);
+        self.top_usage.merge(&other.top_usage);
     }
 }
 
@@ -215,7 +294,7 @@ fn client_label(client: &ClientId, into: &mut String) {
     let _ = write!(into, "{}:{}", client.kind, client.value);
 }
 
-fn tier_label<'a>(snapshot: &'a Snapshot, tier: Option<&'a str>) -> &'a str {
+pub fn tier_label<'a>(snapshot: &'a Snapshot, tier: Option<&'a str>) -> &'a str {
     match tier {
         None => "default",
         Some(tier) if snapshot.document.tiers.iter().any(|t| t.name == tier) => tier,
@@ -307,6 +386,9 @@ impl Recorder {
                 Outcome::ShadowLimited => tier_counts.shadow_limited += 1,
                 Outcome::Refused | Outcome::Failure => tier_counts.refused += 1,
             }
+            for reservation in &decision.usage {
+                tier_counts.usage.reserved += reservation.reserved;
+            }
             let mut counted_rules = 0;
             for (index, policy) in decision.policies().enumerate() {
                 let speaking = index == 0;
@@ -323,6 +405,9 @@ impl Recorder {
                     None => bucket.rules.entry(policy.rule.clone()).or_default(),
                 };
                 counts.requesting.add(&client);
+                if let Some(reservation) = decision.usage.iter().find(|r| r.rule == policy.rule) {
+                    counts.usage.reserved += reservation.reserved;
+                }
                 match rule_outcome {
                     Outcome::Limited => {
                         counts.limited += 1;
@@ -515,6 +600,45 @@ impl Recorder {
                 .or_default()[Outcome::Allowed as usize] += count;
         }
         inner.client = client;
+    }
+
+    /// Usage reservations settled: their units by rule, tier and client.
+    pub fn settled(&self, settled: &[UsageSettled<'_>]) {
+        if settled.is_empty() {
+            return;
+        }
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        self.roll(inner, now_ms());
+        let Some(bucket) = inner.fine.current() else {
+            return;
+        };
+        for one in settled {
+            match bucket.rules.get_mut(one.rule) {
+                Some(counts) => counts.usage.settle(one),
+                None => bucket
+                    .rules
+                    .entry(one.rule.to_owned())
+                    .or_default()
+                    .usage
+                    .settle(one),
+            }
+            if one.tier.is_empty() {
+                continue;
+            }
+            match bucket.tiers.get_mut(one.tier) {
+                Some(counts) => counts.usage.settle(one),
+                None => bucket
+                    .tiers
+                    .entry(one.tier.to_owned())
+                    .or_default()
+                    .usage
+                    .settle(one),
+            }
+            if !one.client.is_empty() && one.cost() > 0 {
+                bucket.top_usage.add(one.client, one.cost());
+            }
+        }
     }
 
     /// Leases given back.
@@ -933,6 +1057,7 @@ fn body(
                 max_used_ratio: counts.max_used_permille as f64 / 1_000.0,
                 clients: counts.requesting.estimate(),
                 limited_clients: counts.limited_clients.estimate(),
+                usage: counts.usage.stats(),
             })
             .collect(),
         tiers: merged
@@ -944,6 +1069,7 @@ fn body(
                 limited: counts.limited,
                 shadow_limited: counts.shadow_limited,
                 refused: counts.refused,
+                usage: counts.usage.stats(),
             })
             .collect(),
         top_limited: top_clients(&merged.top_limited, top),
@@ -952,6 +1078,7 @@ fn body(
             .top_requesting
             .max_unmonitored_count()
             .max(merged.top_limited.max_unmonitored_count()),
+        top_usage: top_clients(&merged.top_usage, top),
     }
 }
 

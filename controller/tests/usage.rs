@@ -131,7 +131,27 @@ async fn an_asker_that_does_not_settle_gets_no_reservation_and_pays_the_estimate
         decisions.iter().all(|d| d.get("usage").is_none()),
         "{decisions:?}"
     );
-    assert_eq!(tokens_left(&world.check).await, 10_000 - 2_000);
+    // Nor a policy marked as counting usage, which a 0.1.0 filter would refuse.
+    let policies = |decision: &Value| {
+        let mut all = vec![decision["policy"].clone()];
+        all.extend(decision["others"].as_array().cloned().unwrap_or_default());
+        all
+    };
+    assert!(
+        decisions
+            .iter()
+            .flat_map(policies)
+            .all(|policy| policy.get("usage").is_none()),
+        "{decisions:?}"
+    );
+    let settling = decide(&world.check, completion_checks(true, 1)).await;
+    assert!(
+        policies(&settling[0])
+            .iter()
+            .any(|policy| policy["rule"] == "tokens" && policy["usage"] == true),
+        "{settling:?}"
+    );
+    assert_eq!(tokens_left(&world.check).await, 10_000 - 3_000);
 }
 
 #[tokio::test]
@@ -200,4 +220,59 @@ async fn the_release_call_bounds_its_settlements_naming_the_field() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{field}: {reply}");
         assert_eq!(reply["field"], field, "{reply}");
     }
+}
+
+#[tokio::test]
+async fn the_stats_show_usage_by_rule_tier_and_client() {
+    let world = world(RULES).await;
+    let checks = |client: &str, count: usize| {
+        let check = json!({
+            "client": { "kind": "ip", "value": client },
+            "path": "/v1/chat/completions",
+        });
+        json!({ "checks": vec![check; count], "settles": true })
+    };
+    let heavy = decide(&world.check, checks("10.0.0.1", 2)).await;
+    let light = decide(&world.check, checks("10.0.0.2", 1)).await;
+    let token = |decision: &Value| decision["usage"][0]["token"].clone();
+    settle(
+        &world.check,
+        json!([
+            { "reservation": token(&heavy[0]), "used": 300 },
+            { "reservation": token(&heavy[1]), "used": 1500 },
+            { "reservation": token(&light[0]), "used": 0 },
+        ]),
+    )
+    .await;
+
+    let stats = support::call(
+        &world.admin,
+        "GET",
+        "/v1/admin/stats?window=1m",
+        Some(support::ADMIN_TOKEN),
+        &[],
+        None,
+    )
+    .await
+    .json();
+    let usage = json!({
+        "reserved": 3000, "settlements": 3, "returned": 1700, "overshoot": 500, "charged": 1800,
+    });
+    let rule = |name: &str| {
+        stats["rules"]
+            .as_array()
+            .and_then(|rules| rules.iter().find(|r| r["rule"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("rule {name} in {stats}"))
+    };
+    assert_eq!(rule("tokens")["usage"], usage, "{stats}");
+    assert!(rule("requests").get("usage").is_none(), "{stats}");
+    assert_eq!(stats["tiers"][0]["tier"], "default", "{stats}");
+    assert_eq!(stats["tiers"][0]["usage"], usage, "{stats}");
+    // The client that used nothing cost nothing, and is not among the top.
+    assert_eq!(
+        stats["top_usage"],
+        json!([{ "client": { "kind": "ip", "value": "10.0.0.1" }, "count": 1800, "error": 0 }]),
+        "{stats}"
+    );
 }

@@ -639,6 +639,7 @@ mod tests {
             window_ms: 2_000,
             delay_ms: 0,
             reason: None,
+            usage: false,
         }
     }
 

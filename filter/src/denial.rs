@@ -120,6 +120,7 @@ mod tests {
                 window_ms: 1_000,
                 delay_ms: 0,
                 reason: None,
+                usage: false,
             }),
             ..Decision::unlimited()
         }

@@ -210,6 +210,7 @@ mod tests {
                 window_ms: 10_000,
                 delay_ms: 0,
                 reason: None,
+                usage: false,
             }),
             grant: Some(Grant {
                 units,

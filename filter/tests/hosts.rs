@@ -62,6 +62,7 @@ fn decision(allowed: bool, leases: &[&str]) -> Vec<u8> {
         window_ms: 10_000,
         delay_ms: 0,
         reason: None,
+        usage: false,
     };
     let decision = Decision {
         allowed,

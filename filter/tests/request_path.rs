@@ -52,6 +52,7 @@ fn status(allowed: bool) -> PolicyStatus {
         window_ms: 10_000,
         delay_ms: 0,
         reason: None,
+        usage: false,
     }
 }
 

@@ -304,6 +304,29 @@ pub struct StatsBody {
     /// How far any top count may be over the truth (the summaries' smallest count); a
     /// client not listed asked at most this many times.
     pub top_error_bound: u64,
+    /// Clients whose settled usage was largest (units charged by usage rules: reserved,
+    /// less what was returned, plus what was charged beyond the reservation), most first.
+    /// Each count is at most its `error` over the truth.
+    #[serde(default)]
+    pub top_usage: Vec<TopClient>,
+}
+
+/// Units of a usage rule (or of every usage rule of a tier) in the window. A request's
+/// reservation counts when it is admitted and its settlement when its response ends, so a
+/// window's figures may hold one without the other.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UsageStats {
+    /// Reserved by requests admitted.
+    pub reserved: u64,
+    /// Reservations settled.
+    pub settlements: u64,
+    /// Given back by settlements: reserved and not used.
+    pub returned: u64,
+    /// Charged by settlements beyond their reservation (the overshoot the README bounds).
+    pub overshoot: u64,
+    /// What settled requests cost: their reservations, less returned, plus overshoot.
+    pub charged: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -325,6 +348,9 @@ pub struct RuleStats {
     pub clients: u64,
     /// Distinct clients this rule limited (estimate).
     pub limited_clients: u64,
+    /// A usage rule's units; absent for other rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageStats>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -338,6 +364,10 @@ pub struct TierStats {
     pub shadow_limited: u64,
     /// Refused for who the client is (an unknown API key).
     pub refused: u64,
+    /// The units of every usage rule, for this tier's clients; absent when none settled or
+    /// reserved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageStats>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

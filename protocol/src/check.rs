@@ -285,6 +285,13 @@ pub enum Refusal {
 }
 
 impl Decision {
+    /// Marks no policy as counting usage: for an asker that does not settle.
+    pub fn forget_usage(&mut self) {
+        for policy in self.policy.iter_mut().chain(self.others.iter_mut()) {
+            policy.usage = false;
+        }
+    }
+
     /// No rule matched: the request goes on and carries no rate-limit headers.
     pub fn unlimited() -> Self {
         Decision {
@@ -433,6 +440,9 @@ pub struct PolicyStatus {
     pub delay_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<DenyReason>,
+    /// The limit counts usage that responses report (a usage rule), not requests.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub usage: bool,
 }
 
 fn is_zero(value: &u64) -> bool {

@@ -154,6 +154,9 @@ pub struct DeniedBody<'a> {
     pub error: &'static str,
     pub message: String,
     pub policy: &'a str,
+    /// What `limit` and `remaining` count: `requests`, or `usage` (the units responses
+    /// report, such as an LLM's tokens).
+    pub unit: &'static str,
     pub limit: u64,
     pub remaining: u64,
     pub reset: u64,
@@ -165,27 +168,37 @@ pub struct DeniedBody<'a> {
 
 pub fn denied_body<'a>(policy: &'a PolicyStatus, request_id: Option<&'a str>) -> DeniedBody<'a> {
     let retry_after = retry_after_seconds(policy);
+    let rule = &policy.rule;
+    let limit = policy.limit;
+    let message = match (policy.reason, policy.usage) {
+        (None, false) => {
+            format!("Rate limit `{rule}` exceeded: {limit} requests allowed; retry in {retry_after} s.")
+        }
+        (None, true) => format!(
+            "Usage budget `{rule}` is spent: {limit} units per {} s, as responses report them, \
+             with each request in flight holding its reservation; retry in {retry_after} s.",
+            ceil_seconds(policy.window_ms).max(1)
+        ),
+        (Some(DenyReason::LimitZero), _) => {
+            format!("Rate limit `{rule}` admits no requests at the moment.")
+        }
+        (Some(DenyReason::CostExceedsCapacity), false) => format!(
+            "This request costs more than rate limit `{rule}` can ever admit ({limit}); it will not pass."
+        ),
+        (Some(DenyReason::CostExceedsCapacity), true) => format!(
+            "This request reserves more than usage budget `{rule}` can ever hold ({limit} units); \
+             it will not pass."
+        ),
+        (Some(DenyReason::CoolDown), _) => format!(
+            "Rate limit `{rule}` was exceeded again and again: this client is cooling down; \
+             retry in {retry_after} s."
+        ),
+    };
     DeniedBody {
         error: "rate_limited",
-        message: match policy.reason {
-            None => format!(
-                "Rate limit `{}` exceeded: {} requests allowed; retry in {retry_after} s.",
-                policy.rule, policy.limit
-            ),
-            Some(DenyReason::LimitZero) => {
-                format!("Rate limit `{}` admits no requests at the moment.", policy.rule)
-            }
-            Some(DenyReason::CostExceedsCapacity) => format!(
-                "This request costs more than rate limit `{}` can ever admit ({}); it will not pass.",
-                policy.rule, policy.limit
-            ),
-            Some(DenyReason::CoolDown) => format!(
-                "Rate limit `{}` was exceeded again and again: this client is cooling down; \
-                 retry in {retry_after} s.",
-                policy.rule
-            ),
-        },
+        message,
         policy: &policy.rule,
+        unit: if policy.usage { "usage" } else { "requests" },
         limit: policy.limit,
         remaining: policy.remaining,
         reset: ceil_seconds(policy.reset_ms),
@@ -210,6 +223,7 @@ mod tests {
             window_ms: 60_000,
             delay_ms: 0,
             reason: None,
+            usage: false,
         }
     }
 
@@ -246,6 +260,41 @@ mod tests {
         assert!(body["message"].as_str().unwrap().contains("per-ip"));
         let body = serde_json::to_value(denied_body(&policy(0, 1, 1), None)).unwrap();
         assert!(body.get("request_id").is_none());
+        assert_eq!(body["unit"], "requests");
+        assert!(body["message"]
+            .as_str()
+            .unwrap()
+            .contains("10 requests allowed"));
+    }
+
+    #[test]
+    fn a_spent_usage_budget_is_told_in_units_not_requests() {
+        let spent = PolicyStatus {
+            usage: true,
+            limit: 100_000,
+            remaining: 120,
+            ..policy(120, 30_000, 30_000)
+        };
+        let body = serde_json::to_value(denied_body(&spent, None)).unwrap();
+        assert_eq!(body["unit"], "usage");
+        assert_eq!(body["remaining"], 120);
+        assert_eq!(
+            body["message"],
+            "Usage budget `per-ip` is spent: 100000 units per 60 s, as responses report them, \
+             with each request in flight holding its reservation; retry in 30 s."
+        );
+        let too_big = PolicyStatus {
+            reason: Some(DenyReason::CostExceedsCapacity),
+            ..spent
+        };
+        let body = serde_json::to_value(denied_body(&too_big, None)).unwrap();
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("reserves more than usage budget"),
+            "{body}"
+        );
     }
 
     fn named(

@@ -619,3 +619,58 @@ fn an_open_stream_ends_when_the_controller_stops() {
     });
     controller.stop();
 }
+
+#[test]
+fn settled_usage_shows_per_rule_tier_and_client_once_there_is_some() {
+    let _turn = browser::one_at_a_time();
+    let controller = Controller::start(
+        r#"
+[[rules]]
+name = "llm-tokens"
+limit = 100000
+window = "1h"
+usage = { json_pointer = "/usage/total_tokens", reserve = 1000 }
+"#,
+        None,
+    );
+    let browser = Browser::start();
+    let page = open(&browser, &controller, ADMIN_TOKEN);
+    page.wait_for(
+        "the first stats event",
+        WAIT,
+        "Number(document.querySelector('#chart-overall').dataset.points) >= 1",
+    );
+    assert_eq!(
+        page.eval("document.querySelector('#usage-panel').hidden"),
+        json!(true),
+        "no usage yet: the panel is hidden"
+    );
+
+    let body = json!({
+        "checks": [{ "client": { "kind": "ip", "value": "192.0.2.9" }, "path": "/" }],
+        "settles": true,
+    });
+    let decision = http::post_check(&controller.url("/v1/check"), &body)
+        .expect("check answer")
+        .json();
+    let token = decision["decisions"][0]["usage"][0]["token"].clone();
+    assert!(token.is_string(), "a reservation: {decision}");
+    let settled = http::post_check(
+        &controller.url("/v1/release"),
+        &json!({ "settlements": [{ "reservation": token, "used": 1234 }] }),
+    )
+    .expect("release answer");
+    assert_eq!(settled.status, 200, "{}", settled.body);
+
+    page.wait_for(
+        "the rule's and the tier's usage, and the client that used it",
+        WAIT,
+        "(() => { const row = document.querySelector('#usage-live tr[data-rule=\"llm-tokens\"]'); \
+           const tier = document.querySelector('#usage-live tr[data-tier=\"default\"]'); \
+           const client = document.querySelector('#top-usage li[data-client=\"ip:192.0.2.9\"]'); \
+           return row && tier && client && !document.querySelector('#usage-panel').hidden \
+             && row.cells[1].textContent === '1000' && row.cells[4].textContent === '234' \
+             && row.cells[5].textContent === '1234' && client.textContent.includes('1234'); })()",
+    );
+    assert_stayed_home(&page, &controller, ADMIN_TOKEN);
+}

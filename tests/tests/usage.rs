@@ -205,6 +205,55 @@ fn json_and_streamed_replies_charge_exactly_what_they_report_each_rule_its_own_s
             ("llm-credits", 3_500),
         ],
     );
+    // The stats read usage per rule and per client, as settled.
+    let stats = s
+        .controller
+        .admin("GET", "/v1/admin/stats?window=1h", None)
+        .json();
+    let tokens = stats["rules"]
+        .as_array()
+        .and_then(|rules| rules.iter().find(|r| r["rule"] == "llm-tokens"))
+        .map(|rule| rule["usage"].clone())
+        .unwrap_or_default();
+    assert_eq!(
+        (
+            &tokens["settlements"],
+            &tokens["charged"],
+            &tokens["reserved"]
+        ),
+        (
+            &json!(3),
+            &json!(42 + 140 + 3_500),
+            &json!(3 * TOKENS_RESERVE)
+        ),
+        "{stats}"
+    );
+    let top: Vec<(String, u64)> = stats["top_usage"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|top| {
+            let client = &top["client"];
+            (
+                format!(
+                    "{}:{}",
+                    client["kind"].as_str().unwrap_or(""),
+                    client["value"].as_str().unwrap_or("")
+                ),
+                top["count"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    // Each client's usage over its three rules, most first.
+    assert_eq!(
+        top,
+        [
+            ("header:big".to_owned(), 3_500 + 1_500 + 3_500),
+            ("header:stream".to_owned(), 140 + 40 + CREDITS_RESERVE),
+            ("header:json".to_owned(), 42 + 12 + 42),
+        ],
+        "{stats}"
+    );
     // The next response's headers count tokens: what is left after this one's reservation.
     let next = s
         .chat("big", false, false, &[("x-fake-usage", "1,1")])
@@ -301,6 +350,22 @@ fn a_request_that_cannot_fit_its_reservation_is_refused_before_the_upstream() {
     assert_eq!(refused.status, 429, "{refused:?}");
     let body = refused.json();
     assert_eq!(body["policy"], "small-budget", "{body}");
+    // It says the budget is one of usage, and what is left of it.
+    assert_eq!(
+        (&body["unit"], &body["limit"], &body["remaining"]),
+        (
+            &json!("usage"),
+            &json!(SMALL_BUDGET),
+            &json!(SMALL_BUDGET - 250)
+        ),
+        "{body}"
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("Usage budget `small-budget` is spent: 500 units")),
+        "{body}"
+    );
     assert!(
         !refused.body.contains("chatcmpl"),
         "the 429 is the filter's own: the upstream never saw it"

@@ -57,6 +57,15 @@ pub struct GrantedLimit<'a> {
     pub counted_in: u64,
 }
 
+/// Whom a usage reservation was taken for, carried to its settlement for the stats: the
+/// tier's label and the client's (`kind:value`). Empty for leases and for reservations
+/// signed before it was carried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Taker<'a> {
+    pub tier: &'a str,
+    pub client: &'a str,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GrantToken<'a> {
     pub kind: TokenKind,
@@ -67,7 +76,9 @@ pub struct GrantToken<'a> {
     pub rule: &'a str,
     pub units: u64,
     pub limits: Vec<GrantedLimit<'a>>,
+    /// A lease's holder; a reservation has none.
     pub holder: &'a str,
+    pub taker: Taker<'a>,
 }
 
 impl GrantToken<'_> {
@@ -89,6 +100,13 @@ impl GrantToken<'_> {
                 )
             })
             .collect();
+        // The last field runs to the end, so it may hold anything: a lease's holder, or a
+        // reservation's tier (a name, never with `|`) and client.
+        let last = match self.kind {
+            TokenKind::Lease => self.holder.to_owned(),
+            TokenKind::Reservation if self.taker == Taker::default() => String::new(),
+            TokenKind::Reservation => format!("{}|{}", self.taker.tier, self.taker.client),
+        };
         format!(
             "{}|{}|{}|{}|{}|{}|{}",
             self.kind.prefix(),
@@ -97,7 +115,7 @@ impl GrantToken<'_> {
             self.rule,
             self.units,
             limits.join(";"),
-            self.holder
+            last
         )
     }
 
@@ -118,7 +136,15 @@ impl GrantToken<'_> {
             .split(';')
             .map(parse_limit)
             .collect::<Option<Vec<_>>>()?;
-        let holder = parts.next()?;
+        let last = parts.next()?;
+        let (holder, taker) = match kind {
+            TokenKind::Lease => (last, Taker::default()),
+            TokenKind::Reservation => match last.split_once('|') {
+                Some((tier, client)) => ("", Taker { tier, client }),
+                None if last.is_empty() => ("", Taker::default()),
+                None => return None,
+            },
+        };
         let well_formed = id.len() == 32
             && id.bytes().all(|b| b.is_ascii_hexdigit())
             && (1..=kind.most_units()).contains(&units)
@@ -131,6 +157,7 @@ impl GrantToken<'_> {
             units,
             limits,
             holder,
+            taker,
         })
     }
 
@@ -237,6 +264,7 @@ mod tests {
                 },
             ],
             holder,
+            taker: Taker::default(),
         }
     }
 
@@ -248,14 +276,27 @@ mod tests {
             let text = written.encode();
             assert_eq!(GrantToken::parse(&text), Some(written), "{text}");
         }
-        let reservation = GrantToken {
+        for client in ["", "api_key:a|b;c,d|", "ip:10.0.0.1"] {
+            let reservation = GrantToken {
+                kind: TokenKind::Reservation,
+                units: MAX_USAGE,
+                taker: Taker {
+                    tier: if client.is_empty() { "" } else { "gold" },
+                    client,
+                },
+                ..token(&keys, "")
+            };
+            let text = reservation.encode();
+            assert!(text.starts_with("r|"));
+            assert_eq!(GrantToken::parse(&text), Some(reservation), "{text}");
+        }
+        // A reservation signed before its taker was carried still reads.
+        let before = GrantToken {
             kind: TokenKind::Reservation,
-            units: MAX_USAGE,
             ..token(&keys, "")
         };
-        let text = reservation.encode();
-        assert!(text.starts_with("r|"));
-        assert_eq!(GrantToken::parse(&text), Some(reservation));
+        assert_eq!(before.encode().rsplit('|').next(), Some(""));
+        assert_eq!(GrantToken::parse(&before.encode()), Some(before));
     }
 
     #[test]

@@ -12,12 +12,12 @@ use sluice_protocol::{
 };
 
 use super::credential::{CheckTokens, LeaseSigner};
-use super::grant::{self, GrantToken, GrantedLimit, TokenKind};
+use super::grant::{self, GrantToken, GrantedLimit, Taker, TokenKind};
 use crate::config::{LiveConfig, Snapshot};
 use crate::keys;
 use crate::metrics::Metrics;
 use crate::protection::Guard;
-use crate::stats::Recorder;
+use crate::stats::{self, Recorder, UsageSettled};
 use crate::store::{Charge, CheckSpec, LimitSpec, Outcome, Reservation, Store, StoreError};
 use crate::strategy::{Params, Verdict};
 
@@ -240,7 +240,8 @@ impl Limiter {
         let mut outcomes = outcomes.into_iter();
         let mut decisions: Vec<Decision> = plans
             .iter_mut()
-            .map(|plan| match plan {
+            .zip(&checks)
+            .map(|(plan, check)| match plan {
                 // Taken out, not copied: only the asked plans are needed after this.
                 Plan::Decided(decision) => std::mem::replace(decision, Decision::unlimited()),
                 Plan::Ask(asked) => {
@@ -261,7 +262,14 @@ impl Limiter {
                     // Counted: every enforced limit took its reservation. A fallback's
                     // answer took nothing from the store: nothing to settle there.
                     if request.settles && enforced.allowed() && !enforced.in_fallback {
-                        decision.usage = self.usage_reservations(asked, &enforced);
+                        decision.usage =
+                            self.usage_reservations(&snapshot, check, asked, &enforced);
+                    } else if !request.settles
+                        && asked.enforced.iter().any(|rule| rule.usage.is_some())
+                    {
+                        // An asker that does not settle may be a 0.1.0 filter, which
+                        // refuses a policy with fields it does not know.
+                        decision.forget_usage();
                     }
                     decision
                 }
@@ -432,13 +440,29 @@ impl Limiter {
             units,
             limits,
             holder: leaseholder,
+            taker: Taker::default(),
         };
         self.grant_signer.sign(token.encode())
     }
 
     /// The reservations an admitted check holds of its enforced usage rules, each with the
-    /// signed token its settlement presents.
-    fn usage_reservations(&self, asked: &Asked<'_>, enforced: &Outcome) -> Vec<UsageReservation> {
+    /// signed token its settlement presents (which names the tier and client, for the stats).
+    fn usage_reservations(
+        &self,
+        snapshot: &Snapshot,
+        check: &Check,
+        asked: &Asked<'_>,
+        enforced: &Outcome,
+    ) -> Vec<UsageReservation> {
+        if !asked.enforced.iter().any(|rule| rule.usage.is_some()) {
+            return Vec::new();
+        }
+        let store_now = self.store.now_ms();
+        let client = format!("{}:{}", check.client.kind, check.client.value);
+        let taker = Taker {
+            tier: stats::tier_label(snapshot, check.tier.as_deref()),
+            client: &client,
+        };
         asked
             .enforced
             .iter()
@@ -447,7 +471,6 @@ impl Limiter {
             .filter_map(|((rule, spec), verdict)| {
                 let usage = rule.usage.as_ref()?;
                 let from = usage.source()?;
-                let store_now = self.store.now_ms();
                 let id = new_lease_id();
                 let token = GrantToken {
                     kind: TokenKind::Reservation,
@@ -466,6 +489,7 @@ impl Limiter {
                         },
                     }],
                     holder: "",
+                    taker,
                 };
                 self.metrics.usage(&rule.name, "reserved", spec.cost);
                 Some(UsageReservation {
@@ -488,8 +512,8 @@ impl Limiter {
         let now_ms = self.store.now_ms();
         let mut refunds = Vec::new();
         let mut charges = Vec::new();
-        // Per settlement: the rule, and where its refund or charge is.
-        let mut taken: Vec<(usize, String, Result<usize, usize>)> = Vec::new();
+        // Per settlement: its token, and where its refund or charge is.
+        let mut taken: Vec<(usize, GrantToken<'_>, Result<usize, usize>)> = Vec::new();
         for (index, settlement) in settlements.iter().enumerate() {
             let Some(token) = self
                 .grant_signer
@@ -521,7 +545,7 @@ impl Limiter {
                 refunds.extend(token.refunds(token.units - used, now_ms));
                 Ok(refunds.len() - 1)
             };
-            taken.push((index, token.rule.to_owned(), at));
+            taken.push((index, token, at));
         }
         let mut settled = Settled {
             returned: vec![0; settlements.len()],
@@ -539,19 +563,32 @@ impl Limiter {
             self.timed("usage_charge", self.store.charge(&charges))
                 .await?
         };
-        for (index, rule, at) in taken {
+        let mut seen = Vec::with_capacity(taken.len());
+        for (index, token, at) in taken {
+            let mut counted = UsageSettled {
+                rule: token.rule,
+                tier: token.taker.tier,
+                client: token.taker.client,
+                reserved: token.units,
+                returned: 0,
+                charged: 0,
+            };
             match at {
                 Ok(at) => {
-                    let units = returned.get(at).copied().unwrap_or(0);
-                    settled.returned[index] = units;
-                    self.metrics.usage(&rule, "returned", units);
+                    counted.returned = returned.get(at).copied().unwrap_or(0);
+                    settled.returned[index] = counted.returned;
+                    self.metrics.usage(token.rule, "returned", counted.returned);
                 }
                 Err(at) => {
-                    let units = charged.get(at).copied().unwrap_or(0);
-                    settled.charged[index] = units;
-                    self.metrics.usage(&rule, "charged", units);
+                    counted.charged = charged.get(at).copied().unwrap_or(0);
+                    settled.charged[index] = counted.charged;
+                    self.metrics.usage(token.rule, "charged", counted.charged);
                 }
             }
+            seen.push(counted);
+        }
+        if let Some(recorder) = &self.recorder {
+            recorder.settled(&seen);
         }
         Ok(settled)
     }
@@ -985,6 +1022,7 @@ fn policy(rule: &Rule, verdict: &Verdict) -> PolicyStatus {
         window_ms: Params::of(rule).period_ms,
         delay_ms: verdict.delay_ms,
         reason: verdict.cooling.then_some(DenyReason::CoolDown),
+        usage: rule.usage.is_some(),
     }
 }
 
