@@ -276,3 +276,61 @@ async fn the_stats_show_usage_by_rule_tier_and_client() {
         "{stats}"
     );
 }
+
+#[tokio::test]
+async fn a_request_reserves_what_its_body_says_within_bounds() {
+    let world = world(
+        r#"
+[[rules]]
+name = "output"
+limit = 10000
+window = "1h"
+usage = { json_pointer = "/usage/completion_tokens", reserve = 1000, reserve_from = "/max_tokens", max = 4000 }
+"#,
+    )
+    .await;
+    let reserved = |figures: Value| {
+        let check = json!({
+            "client": { "kind": "ip", "value": "10.0.0.9" },
+            "path": "/v1/chat/completions",
+            "request_figures": figures,
+        });
+        let router = world.check.clone();
+        async move {
+            let decisions = decide(&router, json!({ "checks": [check], "settles": true })).await;
+            decisions[0]["usage"][0]["reserved"].clone()
+        }
+    };
+    assert_eq!(reserved(json!({ "/max_tokens": 250 })).await, 250);
+    assert_eq!(reserved(json!({})).await, 1000, "not said: `reserve`");
+    assert_eq!(reserved(json!({ "/other": 250 })).await, 1000);
+    assert_eq!(reserved(json!({ "/max_tokens": 0 })).await, 1, "at least 1");
+    assert_eq!(
+        reserved(json!({ "/max_tokens": 9999 })).await,
+        4000,
+        "at most max"
+    );
+
+    let too_many: serde_json::Map<String, Value> =
+        (0..9).map(|i| (format!("/f{i}"), json!(1))).collect();
+    let cases = [
+        (json!(too_many), "checks[0].request_figures"),
+        (
+            json!({ format!("/{}", "a".repeat(300)): 1 }),
+            "checks[0].request_figures",
+        ),
+        (
+            json!({ "/max_tokens": 1_000_000_000_001u64 }),
+            "checks[0].request_figures./max_tokens",
+        ),
+    ];
+    for (figures, field) in cases {
+        let check = json!({
+            "client": { "kind": "ip", "value": "10.0.0.9" },
+            "request_figures": figures,
+        });
+        let (status, reply) = post(&world.check, "/v1/check", json!({ "checks": [check] })).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{reply}");
+        assert_eq!(reply["field"], field, "{reply}");
+    }
+}

@@ -510,18 +510,39 @@ pub extern "C" fn proxy_on_delete(context_id: u32) {
     handle(Event::Delete { context_id });
 }
 
+/// Only a request waiting for its body (see `usage::BodyWait`) has anything to do here:
+/// any other answers at once. If the filter is busy (Envoy called back into it), a waiting
+/// request holds its body (1, stop and buffer) and is checked when the filter is free.
+#[no_mangle]
+pub extern "C" fn proxy_on_request_body(context_id: u32, body_size: usize, end: u32) -> u32 {
+    if !crate::usage::waits_for_body(context_id) {
+        return 0;
+    }
+    let event = Event::RequestBody {
+        context_id,
+        body_size,
+        end_of_stream: flag(end),
+    };
+    dispatch(event, 1, |dispatcher, event| {
+        dispatcher.stream_event(event) as u32
+    })
+}
+
+/// Trailers end a body whose last piece did not say it was the last.
+#[no_mangle]
+pub extern "C" fn proxy_on_request_trailers(context_id: u32, _num_trailers: usize) -> u32 {
+    if !crate::usage::waits_for_body(context_id) {
+        return 0;
+    }
+    dispatch(
+        Event::RequestTrailers { context_id },
+        1,
+        |dispatcher, event| dispatcher.stream_event(event) as u32,
+    )
+}
+
 // Callbacks the filter has nothing to do in, exported because a host may call them
-// unchecked (see the module's notes). Each answers at once: Continue, or "done".
-
-#[no_mangle]
-pub extern "C" fn proxy_on_request_body(_context_id: u32, _body_size: usize, _end: u32) -> u32 {
-    0
-}
-
-#[no_mangle]
-pub extern "C" fn proxy_on_request_trailers(_context_id: u32, _num_trailers: usize) -> u32 {
-    0
-}
+// unchecked (see the module's notes). Each answers at once.
 
 /// 1: the context is done now (with 0 Envoy would hold it until `proxy_done`).
 #[no_mangle]

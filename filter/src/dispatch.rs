@@ -32,6 +32,14 @@ pub enum Event {
         context_id: u32,
         end_of_stream: bool,
     },
+    RequestBody {
+        context_id: u32,
+        body_size: usize,
+        end_of_stream: bool,
+    },
+    RequestTrailers {
+        context_id: u32,
+    },
     ResponseHeaders {
         context_id: u32,
         end_of_stream: bool,
@@ -85,10 +93,29 @@ impl Dispatcher {
     pub fn stream_event(&mut self, event: Event) -> Action {
         let host = self.host.as_ref();
         match event {
-            Event::RequestHeaders { context_id, .. } => self
+            Event::RequestHeaders {
+                context_id,
+                end_of_stream,
+            } => self
                 .streams
                 .get_mut(&context_id)
-                .map_or(Action::Continue, |stream| stream.on_request_headers(host)),
+                .map_or(Action::Continue, |stream| {
+                    stream.on_request_headers(host, end_of_stream)
+                }),
+            Event::RequestBody {
+                context_id,
+                body_size,
+                end_of_stream,
+            } => self
+                .streams
+                .get_mut(&context_id)
+                .and_then(|stream| stream.on_request_body(host, Some(body_size), end_of_stream))
+                .unwrap_or(Action::Continue),
+            Event::RequestTrailers { context_id } => self
+                .streams
+                .get_mut(&context_id)
+                .and_then(|stream| stream.on_request_body(host, None, true))
+                .unwrap_or(Action::Continue),
             Event::ResponseHeaders { context_id, .. } => self
                 .streams
                 .get_mut(&context_id)
@@ -190,6 +217,18 @@ impl Dispatcher {
             Event::ResponseTrailers { context_id } => {
                 if let Some(stream) = self.streams.get_mut(&context_id) {
                     stream.on_response_trailers();
+                }
+            }
+            // A request's body came while the filter was busy (its piece was held): it is
+            // checked now, without the body, and resumed by its answer (or now, when it is
+            // admitted at once).
+            Event::RequestBody { context_id, .. } | Event::RequestTrailers { context_id } => {
+                if let Some(stream) = self.streams.get_mut(&context_id) {
+                    if host.set_effective_context(context_id).is_ok()
+                        && stream.on_request_body(host, None, true) == Some(Action::Continue)
+                    {
+                        let _ = host.resume_request();
+                    }
                 }
             }
             // That piece of the body has passed unread: what the body says is unknown.

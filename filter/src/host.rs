@@ -87,6 +87,7 @@ pub enum MapType {
 /// The buffers the filter reads (proxy-wasm `BufferType`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BufferType {
+    HttpRequestBody = 0,
     HttpResponseBody = 1,
     CallResponseBody = 4,
     PluginConfiguration = 7,

@@ -12,7 +12,7 @@ use sluice_protocol::rules::{failure_mode_for, matched_headers};
 use sluice_protocol::FilterView;
 use sluice_protocol::{
     Check, Decision, LeaseReturn, Rule, Settlement, CHECK_PATH, CONFIG_PATH, MAX_CALL_BODY_BYTES,
-    MAX_SETTLEMENTS_PER_CALL, RELEASE_PATH, REPORTER_HEADER, REPORT_PATH,
+    MAX_REQUEST_FIGURES, MAX_SETTLEMENTS_PER_CALL, RELEASE_PATH, REPORTER_HEADER, REPORT_PATH,
 };
 
 /// This build's release (the workspace's semantic version), as its log and callouts name it.
@@ -632,6 +632,10 @@ pub struct ControllerView {
     /// Whether a rule in force counts usage: checks then say the worker settles (never to a
     /// controller that has no usage rules: a 0.1.0 controller refuses the field).
     pub settles: bool,
+    /// The usage rules that reserve what the request body says (`reserve_from`), and their
+    /// index: a request they may apply to is checked once its body is in.
+    reserve_rules: Vec<Rule>,
+    reserve_index: RuleIndex,
     /// The entity tag of the view held: the version, and protection's blocks when there
     /// are any (they change the lists, not the version).
     pub entity_tag: Option<String>,
@@ -654,6 +658,18 @@ impl From<FilterView> for ControllerView {
             .iter()
             .any(|rule| rule.leased.is_some() && !rule.shadow);
         let settles = view.rules.iter().any(|rule| rule.usage.is_some());
+        let reserve_rules: Vec<Rule> = view
+            .rules
+            .iter()
+            .filter(|rule| {
+                !rule.shadow
+                    && rule
+                        .usage
+                        .as_ref()
+                        .is_some_and(|usage| usage.reserve_from.is_some())
+            })
+            .cloned()
+            .collect();
         let failure_rules: Vec<Rule> = view
             .rules
             .iter()
@@ -673,8 +689,41 @@ impl From<FilterView> for ControllerView {
             limited_log_sample: view.limited_log_sample,
             leased,
             settles,
+            reserve_index: RuleIndex::new(reserve_rules.iter().map(|rule| &rule.matcher)),
+            reserve_rules,
             entity_tag: None,
         }
+    }
+}
+
+impl ControllerView {
+    /// The request-body pointers of the `reserve_from` rules that may apply to `check`
+    /// (distinct, at most [`MAX_REQUEST_FIGURES`]). A rule matched by tier counts when the
+    /// check names no tier: an API key's tier is known only to the controller.
+    pub fn request_pointers(&self, check: &Check) -> Vec<String> {
+        if self.reserve_rules.is_empty() {
+            return Vec::new();
+        }
+        let mut pointers: Vec<String> = Vec::new();
+        for position in self.reserve_index.candidates(check) {
+            let Some(rule) = self.reserve_rules.get(position as usize) else {
+                continue;
+            };
+            let untiered = || {
+                let mut any_tier = check.clone();
+                any_tier.tier = rule.matcher.tiers.first().cloned();
+                rule.applies_to(&any_tier)
+            };
+            let applies = rule.applies_to(check)
+                || (check.tier.is_none() && !rule.matcher.tiers.is_empty() && untiered());
+            let pointer = rule.usage.as_ref().and_then(|u| u.reserve_from.as_ref());
+            if let (true, Some(pointer)) = (applies, pointer) {
+                if !pointers.contains(pointer) && pointers.len() < MAX_REQUEST_FIGURES {
+                    pointers.push(pointer.clone());
+                }
+            }
+        }
+        pointers
     }
 }
 

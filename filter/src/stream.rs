@@ -32,13 +32,21 @@ use crate::identity::{self, Facts, Identity, Known};
 use crate::jwt::Claims;
 use crate::lists::{self, Listing};
 use crate::root::{log, Metric, Worker, MAX_WAITING};
-use crate::usage::{Meter, MAX_BODY_CHUNK_BYTES};
+use crate::usage::{self, BodyWait, Meter, MAX_BODY_CHUNK_BYTES, MAX_REQUEST_BODY_BYTES};
 
 /// Longest `x-request-id` echoed in a local reply's body.
 const MAX_REQUEST_ID_BYTES: usize = 128;
 
 enum State {
     New,
+    /// Waiting for its body: a usage rule that may apply reserves what the body says
+    /// (`reserve_from`). Its headers went on to the next filter (a proxy-wasm filter that
+    /// holds the headers gets no body until it lets them go); its body is held here until
+    /// the check is answered. Nothing is asked yet.
+    AwaitingBody {
+        check: Box<Check>,
+        pointers: Vec<String>,
+    },
     /// One callout of its own is out (batching off).
     AwaitingDecision {
         fingerprint: u64,
@@ -62,6 +70,10 @@ pub struct Stream {
     state: State,
     /// What happens if the controller cannot answer (the filter's, or its rules').
     failure_mode: FailureMode,
+    /// Set while the filter holds the request's body: from its headers (it waits for the
+    /// body) until its check is answered. A body callback that let a piece go before then
+    /// would send the request on unchecked.
+    body_held: Option<BodyWait>,
 }
 
 /// What the filter decided about a request before asking anyone.
@@ -176,6 +188,7 @@ impl Stream {
             worker,
             state: State::New,
             failure_mode,
+            body_held: None,
         }
     }
 
@@ -594,7 +607,7 @@ impl Stream {
         };
     }
 
-    pub fn on_request_headers(&mut self, host: &dyn Host) -> Action {
+    pub fn on_request_headers(&mut self, host: &dyn Host, end_of_stream: bool) -> Action {
         if !matches!(self.state, State::New) {
             return Action::Continue;
         }
@@ -603,13 +616,101 @@ impl Stream {
             Triage::Answer(verdict) => self.apply(host, verdict),
             Triage::Fail(failure) => self.fail(host, &failure),
             Triage::Ask { check, fingerprint } => {
-                if self.worker.config.batching {
-                    self.join_batch(host, *check, fingerprint)
-                } else {
-                    self.ask_alone(host, *check, fingerprint)
+                if !end_of_stream {
+                    let pointers = self.body_pointers(host, &check);
+                    if !pointers.is_empty() {
+                        let mut check = check;
+                        // Its figures are part of what it is decided on: its denial is
+                        // kept under a fingerprint that has them, and it asks for no lease.
+                        if check.lease {
+                            self.worker.leases.borrow_mut().answered(fingerprint);
+                            check.lease = false;
+                        }
+                        self.state = State::AwaitingBody { check, pointers };
+                        self.body_held = Some(BodyWait::new(self.context_id));
+                        return Action::Continue;
+                    }
+                }
+                self.ask(host, *check, fingerprint)
+            }
+        }
+    }
+
+    fn ask(&mut self, host: &dyn Host, check: Check, fingerprint: u64) -> Action {
+        if self.worker.config.batching {
+            self.join_batch(host, check, fingerprint)
+        } else {
+            self.ask_alone(host, check, fingerprint)
+        }
+    }
+
+    /// The request-body pointers the request's check waits for: those of the
+    /// `reserve_from` rules that may apply, unless the body is compressed (it is not read)
+    /// or the host is not Envoy (whose body callbacks are the ones tested).
+    fn body_pointers(&self, host: &dyn Host, check: &Check) -> Vec<String> {
+        if host.flavour() != Flavour::Envoy {
+            return Vec::new();
+        }
+        let pointers = self.worker.view.borrow().request_pointers(check);
+        let compressed = || {
+            host.header(MapType::RequestHeaders, "content-encoding")
+                .ok()
+                .flatten()
+                .is_some_and(|value| !value.eq_ignore_ascii_case(b"identity"))
+        };
+        if pointers.is_empty() || compressed() {
+            return Vec::new();
+        }
+        pointers
+    }
+
+    /// A piece of the request body is in (`body_size`: all the filter holds of it; `None`
+    /// when the body cannot be measured, as at the trailers), or the body ended. A request
+    /// waiting for its body is checked once the body is whole or longer than the filter
+    /// reads, with the figures its rules reserve from, and its body is held until the
+    /// answer; `None` when the request was not waiting (the callback lets the piece go).
+    pub fn on_request_body(
+        &mut self,
+        host: &dyn Host,
+        body_size: Option<usize>,
+        end: bool,
+    ) -> Option<Action> {
+        self.settle_batched();
+        match &self.state {
+            State::AwaitingBody { .. } => {}
+            // Asked, not yet answered: its answer resumes it with the body held.
+            State::Batched(_) | State::AwaitingDecision { .. } if self.body_held.is_some() => {
+                return Some(Action::Pause);
+            }
+            _ => {
+                self.body_held = None;
+                return None;
+            }
+        }
+        let too_long = body_size.is_some_and(|size| size > MAX_REQUEST_BODY_BYTES);
+        if !end && !too_long {
+            // Envoy holds the pieces until the request is resumed.
+            return Some(Action::Pause);
+        }
+        let State::AwaitingBody {
+            mut check,
+            pointers,
+            ..
+        } = std::mem::replace(&mut self.state, State::New)
+        else {
+            return None;
+        };
+        if !too_long {
+            let read = body_size.unwrap_or(MAX_REQUEST_BODY_BYTES + 1);
+            if let Ok(Some(body)) = host.buffer(BufferType::HttpRequestBody, read) {
+                if body.len() <= MAX_REQUEST_BODY_BYTES {
+                    check.request_figures = usage::request_figures(&body, &pointers);
                 }
             }
         }
+        let version = self.worker.view.borrow().version.unwrap_or(0);
+        let fingerprint = denial::fingerprint(&check, version);
+        Some(self.ask(host, *check, fingerprint))
     }
 
     /// The reply to this request's own callout (batching off).

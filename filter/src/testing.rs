@@ -96,6 +96,9 @@ pub struct MockState {
     pub call_response: (Vec<u8>, Vec<u8>),
     /// The piece of a response body passing now.
     pub response_body: Vec<u8>,
+    /// The request body Envoy holds for the current request (it buffers while the filter
+    /// pauses).
+    pub request_body: Vec<u8>,
     pub shared_data: HashMap<String, Vec<u8>>,
     /// Each shared-data key's CAS (a key written by a test directly has none: 0).
     pub shared_cas: HashMap<String, u32>,
@@ -174,6 +177,7 @@ impl Host for MockHost {
             BufferType::PluginConfiguration => &state.plugin_configuration,
             BufferType::CallResponseBody => &state.call_response.1,
             BufferType::HttpResponseBody => &state.response_body,
+            BufferType::HttpRequestBody => &state.request_body,
         };
         Ok(Some(bytes.iter().take(max_size).copied().collect()))
     }
@@ -499,6 +503,50 @@ impl MockEnvoy {
             end_of_stream: true,
         });
         (context_id, action)
+    }
+
+    /// A new request whose body is still to come (see [`MockEnvoy::send_body`]).
+    pub fn request_with_body(
+        &mut self,
+        headers: Vec<u8>,
+        properties: &[(&[&str], &[u8])],
+    ) -> (u32, Action) {
+        let context_id = self.next_context;
+        self.next_context += 1;
+        {
+            let mut state = self.host.state.borrow_mut();
+            state.request_headers.insert(context_id, headers);
+            state.request_body.clear();
+            let props = state.properties.entry(context_id).or_default();
+            for (path, value) in properties {
+                props.insert(crate::host::property_path(path), value.to_vec());
+            }
+        }
+        self.enter(context_id);
+        self.dispatcher.handle(Event::Create {
+            context_id,
+            root_context_id: self.root,
+        });
+        let action = self.dispatcher.stream_event(Event::RequestHeaders {
+            context_id,
+            end_of_stream: false,
+        });
+        (context_id, action)
+    }
+
+    /// A piece of the request body arrives; Envoy hands the filter all it holds so far.
+    pub fn send_body(&mut self, context_id: u32, piece: &[u8], end_of_stream: bool) -> Action {
+        self.enter(context_id);
+        let body_size = {
+            let mut state = self.host.state.borrow_mut();
+            state.request_body.extend_from_slice(piece);
+            state.request_body.len()
+        };
+        self.dispatcher.stream_event(Event::RequestBody {
+            context_id,
+            body_size,
+            end_of_stream,
+        })
     }
 
     /// Runs `on_queue_ready` for every queue with items waiting.

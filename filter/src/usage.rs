@@ -12,13 +12,16 @@
 //! is not JSON, an error page, a stream cut before its usage) leaves the usage unreported,
 //! and the reservation's `unreported` units are charged.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 
-use sluice_protocol::{Settlement, UsageReservation, UsageSource};
+use sluice_protocol::{Settlement, UsageReservation, UsageSource, MAX_USAGE};
 
 thread_local! {
     /// Meters of this VM (one per Envoy worker) that read a response body.
     static BODY_METERS: Cell<usize> = const { Cell::new(0) };
+    /// Requests of this VM (by context) whose check waits for their body.
+    static REQUEST_BODY_WAITS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Whether any request of this VM reads its response body for usage: while none does, the
@@ -26,6 +29,61 @@ thread_local! {
 /// before they existed.
 pub fn any_body_meter() -> bool {
     BODY_METERS.with(Cell::get) > 0
+}
+
+/// Most bytes of a request body read for the figures usage rules reserve from: a larger
+/// body is checked without them (each rule then reserves its fixed `reserve`).
+pub const MAX_REQUEST_BODY_BYTES: usize = 64 * 1024;
+
+/// Whether request `context_id` waits for its body before it is checked: while none does,
+/// the host's request body callbacks answer at once.
+pub fn waits_for_body(context_id: u32) -> bool {
+    REQUEST_BODY_WAITS.with(|waits| {
+        waits
+            .try_borrow()
+            .is_ok_and(|waits| waits.contains(&context_id))
+    })
+}
+
+/// A request waiting for its body, known by [`waits_for_body`] while it lives.
+#[derive(Debug)]
+pub struct BodyWait(u32);
+
+impl BodyWait {
+    pub fn new(context_id: u32) -> BodyWait {
+        REQUEST_BODY_WAITS.with(|waits| {
+            if let Ok(mut waits) = waits.try_borrow_mut() {
+                waits.push(context_id);
+            }
+        });
+        BodyWait(context_id)
+    }
+}
+
+impl Drop for BodyWait {
+    fn drop(&mut self) {
+        REQUEST_BODY_WAITS.with(|waits| {
+            if let Ok(mut waits) = waits.try_borrow_mut() {
+                waits.retain(|id| *id != self.0);
+            }
+        });
+    }
+}
+
+/// The figures a JSON request body holds at `pointers`: whole numbers (a fraction rounded
+/// up, at most [`MAX_USAGE`]); a pointer with anything else there, or a body that is not
+/// JSON, gives none.
+pub fn request_figures(body: &[u8], pointers: &[String]) -> BTreeMap<String, u64> {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return BTreeMap::new();
+    };
+    pointers
+        .iter()
+        .filter_map(|pointer| {
+            let figure = value.pointer(pointer).and_then(json_figure)?;
+            Some((pointer.clone(), figure.min(MAX_USAGE)))
+        })
+        .collect()
 }
 
 /// Most bytes of a JSON response body kept to read usage from.
@@ -331,6 +389,35 @@ fn json_figure(value: &serde_json::Value) -> Option<u64> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_request_body_gives_the_whole_numbers_at_its_pointers_and_nothing_else() {
+        let pointers = vec!["/max_tokens".to_owned(), "/n".to_owned(), "/a/b".to_owned()];
+        let figures = request_figures(
+            br#"{"max_tokens": 300.2, "n": "7", "a": {"b": 12}, "other": 1}"#,
+            &pointers,
+        );
+        assert_eq!(
+            figures.into_iter().collect::<Vec<_>>(),
+            [("/a/b".to_owned(), 12), ("/max_tokens".to_owned(), 301)]
+        );
+        for body in [&b"not json"[..], b"", br#"{"max_tokens": -3}"#, b"[1,2]"] {
+            assert!(request_figures(body, &pointers).is_empty(), "{body:?}");
+        }
+        let huge = request_figures(br#"{"max_tokens": 1e300}"#, &pointers);
+        assert_eq!(huge.get("/max_tokens"), Some(&MAX_USAGE));
+    }
+
+    #[test]
+    fn body_waits_are_known_while_they_live() {
+        let wait = BodyWait::new(7);
+        let other = BodyWait::new(8);
+        assert!(waits_for_body(7) && waits_for_body(8) && !waits_for_body(9));
+        drop(wait);
+        assert!(!waits_for_body(7) && waits_for_body(8));
+        drop(other);
+        assert!(!waits_for_body(8));
+    }
 
     fn reservation(from: UsageSource, token: &str) -> UsageReservation {
         UsageReservation {

@@ -1785,3 +1785,118 @@ fn denials_answered_from_the_cache_before_the_first_configuration_read_are_repor
     let body: serde_json::Value = serde_json::from_slice(&report.body).expect("JSON");
     assert_eq!(body["cached_denials"][0]["count"], 1, "{body}");
 }
+
+fn post_chat(extra: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut pairs: Vec<(&[u8], &[u8])> = vec![
+        (b":method", b"POST"),
+        (b":path", b"/v1/chat/completions"),
+        (b":authority", b"api.example.com"),
+        (b"content-type", b"application/json"),
+    ];
+    pairs.extend_from_slice(extra);
+    headers(&pairs)
+}
+
+fn checks_sent(envoy: &MockEnvoy) -> Vec<sluice_protocol::Check> {
+    envoy
+        .calls()
+        .iter()
+        .filter(|c| path_of(c) == "/v1/check")
+        .flat_map(|c| {
+            serde_json::from_slice::<CheckRequest>(&c.body)
+                .expect("a check call")
+                .checks
+        })
+        .collect()
+}
+
+#[test]
+fn a_request_that_reserves_from_its_body_is_checked_once_the_body_is_in() {
+    use sluice_filter::usage::{waits_for_body, MAX_REQUEST_BODY_BYTES};
+    let mut envoy = started_with_view(
+        &plugin(serde_json::json!({})),
+        serde_json::json!({ "version": 1, "rules": [{ "name": "output", "limit": 100000,
+            "window": "1h", "match": { "path": "/v1/chat/completions" },
+            "usage": { "json_pointer": "/usage/completion_tokens", "reserve": 500,
+                       "reserve_from": "/max_tokens" } }] }),
+    );
+    let peer: &[(&[&str], &[u8])] = &[(PEER, b"192.0.2.1:1")];
+
+    // Its headers go on (a proxy-wasm filter that holds them gets no body); its body is
+    // held, and checked with the figure once it ends.
+    let (stream, action) = envoy.request_with_body(post_chat(&[]), peer);
+    assert_eq!(action, Action::Continue);
+    assert!(waits_for_body(stream));
+    assert_eq!(
+        envoy.send_body(stream, br#"{"model":"m","max_tok"#, false),
+        Action::Pause
+    );
+    envoy.run_queues();
+    assert!(
+        checks_sent(&envoy).is_empty(),
+        "nothing asked before the body"
+    );
+    assert_eq!(
+        envoy.send_body(stream, br#"ens":77.5}"#, true),
+        Action::Pause
+    );
+    assert!(waits_for_body(stream), "its body is held until the answer");
+    envoy.run_queues();
+    let batch = envoy.calls().pop().expect("a batch");
+    let check = &checks_sent(&envoy)[0];
+    assert_eq!(
+        check.request_figures.get("/max_tokens"),
+        Some(&78),
+        "{check:?}"
+    );
+    envoy.answer_with(batch.token, "200", &decisions_for(&batch.body, |_| true));
+    assert!(envoy.host.state.borrow().resumed.contains(&stream));
+
+    // Another route, a request without a body, a compressed body: asked at once.
+    let before = checks_sent(&envoy).len();
+    let (embeddings, action) = envoy.request_with_body(
+        headers(&[
+            (b":method", b"POST"),
+            (b":path", b"/v1/embeddings"),
+            (b":authority", b"api.example.com"),
+        ]),
+        peer,
+    );
+    assert_eq!(action, Action::Pause);
+    assert!(!waits_for_body(embeddings));
+    envoy.request(post_chat(&[]), peer);
+    let (gzip, action) =
+        envoy.request_with_body(post_chat(&[(b"content-encoding", b"gzip")]), peer);
+    assert_eq!(action, Action::Pause);
+    assert!(!waits_for_body(gzip));
+    envoy.run_queues();
+    let asked = checks_sent(&envoy);
+    assert_eq!(asked.len(), before + 3);
+    assert!(asked[before..].iter().all(|c| c.request_figures.is_empty()));
+    let batch = envoy.calls().pop().expect("their batch");
+    envoy.answer_with(batch.token, "200", &decisions_for(&batch.body, |_| true));
+
+    // Longer than the filter reads: asked without the figure as soon as it is known.
+    let (long, _) = envoy.request_with_body(post_chat(&[]), peer);
+    let piece = vec![b' '; MAX_REQUEST_BODY_BYTES + 1];
+    assert_eq!(envoy.send_body(long, &piece, false), Action::Pause);
+    envoy.run_queues();
+    let last = checks_sent(&envoy).pop().expect("its check");
+    assert!(last.request_figures.is_empty());
+    // The rest of its body is held until the answer: a piece let go would send it on.
+    assert_eq!(envoy.send_body(long, b"more", false), Action::Pause);
+    let batch = envoy.calls().pop().expect("its batch");
+    envoy.answer_with(batch.token, "200", &decisions_for(&batch.body, |_| true));
+    assert!(envoy.host.state.borrow().resumed.contains(&long));
+    assert_eq!(envoy.send_body(long, b"rest", true), Action::Continue);
+    assert!(!waits_for_body(long));
+
+    // Gone before its body: nothing asked, nothing left waiting.
+    let before = checks_sent(&envoy).len();
+    let (gone, _) = envoy.request_with_body(post_chat(&[]), peer);
+    assert!(waits_for_body(gone));
+    envoy.finish(gone);
+    assert!(!waits_for_body(gone));
+    envoy.run_queues();
+    assert_eq!(checks_sent(&envoy).len(), before);
+}

@@ -111,6 +111,11 @@ pub struct Check {
     /// Envoy's `x-request-id`, sent with a `sampled` check for the log line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// Whole numbers the request body holds at the JSON pointers usage rules reserve from
+    /// (`"/max_tokens": 300`), read by the filter only while such a rule may apply (see
+    /// [`crate::Usage::reserve_from`]); at most [`crate::MAX_REQUEST_FIGURES`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub request_figures: BTreeMap<String, u64>,
 }
 
 /// Whether the `seen`-th item (counting from 1) of a sequence is one of the `share` (0–1)
@@ -150,6 +155,7 @@ impl Check {
         self.api_key.hash(&mut hasher);
         self.tier.hash(&mut hasher);
         self.headers.hash(&mut hasher);
+        self.request_figures.hash(&mut hasher);
         hasher.finish()
     }
 
@@ -169,6 +175,7 @@ impl Check {
             lease: false,
             sampled: false,
             request_id: None,
+            request_figures: BTreeMap::new(),
         }
     }
 }

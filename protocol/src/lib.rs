@@ -27,5 +27,6 @@ pub use rules::{
     USAGE_STRATEGIES,
 };
 pub use usage::{
-    Settlement, Usage, UsageReservation, UsageSource, MAX_SETTLEMENTS_PER_CALL, MAX_USAGE,
+    Settlement, Usage, UsageReservation, UsageSource, MAX_REQUEST_FIGURES,
+    MAX_SETTLEMENTS_PER_CALL, MAX_USAGE,
 };

@@ -12,6 +12,9 @@ pub const MAX_USAGE: u64 = 1_000_000_000_000;
 pub const MAX_POINTER_BYTES: usize = 256;
 /// Most settlements one release call carries.
 pub const MAX_SETTLEMENTS_PER_CALL: usize = 1_024;
+/// Most figures one check carries from its request body (distinct `reserve_from` pointers
+/// of the rules that may apply).
+pub const MAX_REQUEST_FIGURES: usize = 8;
 
 /// Where a response says what its request used, and what is reserved until it does.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -27,8 +30,15 @@ pub struct Usage {
     /// counting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub json_pointer: Option<String>,
-    /// Units reserved when a request is admitted, taken from the limit like a cost.
+    /// Units reserved when a request is admitted, taken from the limit like a cost; with
+    /// `reserve_from`, only when the request does not say.
     pub reserve: u64,
+    /// An RFC 6901 pointer into the JSON request body (`/max_tokens`): a whole number there
+    /// is the reservation (at least 1, at most `max`). The filter reads a request body of at
+    /// most 64 KiB for it; without a figure (no body, not JSON, larger, compressed, no such
+    /// field, not a whole number) the reservation is `reserve`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserve_from: Option<String>,
     /// The most one response may report: larger figures count as this (default and at
     /// most 10^12).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -59,6 +69,15 @@ impl Usage {
         self.unreported.unwrap_or(self.reserve)
     }
 
+    /// What a request reserves: the figure its body holds at `reserve_from` (among
+    /// `figures`, by pointer), clamped to 1..=`max`, or else `reserve`.
+    pub fn reservation(&self, figures: &std::collections::BTreeMap<String, u64>, max: u64) -> u64 {
+        self.reserve_from
+            .as_ref()
+            .and_then(|pointer| figures.get(pointer))
+            .map_or(self.reserve, |figure| (*figure).clamp(1, max.max(1)))
+    }
+
     /// The first field that is wrong, and why, with `max` as the rule makes it.
     pub fn validate(&self, max: u64) -> Result<(), (&'static str, String)> {
         match (&self.response_header, &self.json_pointer) {
@@ -80,23 +99,10 @@ impl Usage {
                     ));
                 }
             }
-            (None, Some(pointer)) => {
-                if !pointer.starts_with('/') || pointer.len() > MAX_POINTER_BYTES {
-                    return Err((
-                        "usage.json_pointer",
-                        format!(
-                            "`{pointer}` must start with `/` and be at most \
-                             {MAX_POINTER_BYTES} bytes"
-                        ),
-                    ));
-                }
-                if !valid_escapes(pointer) {
-                    return Err((
-                        "usage.json_pointer",
-                        format!("`{pointer}`: `~` must be followed by 0 or 1 (RFC 6901)"),
-                    ));
-                }
-            }
+            (None, Some(pointer)) => check_pointer("usage.json_pointer", pointer)?,
+        }
+        if let Some(pointer) = &self.reserve_from {
+            check_pointer("usage.reserve_from", pointer)?;
         }
         if max > MAX_USAGE || max == 0 {
             return Err(("usage.max", format!("must be from 1 to {MAX_USAGE}")));
@@ -115,6 +121,23 @@ impl Usage {
         }
         Ok(())
     }
+}
+
+/// An RFC 6901 pointer a rule may name: from the root, bounded, with valid escapes.
+pub fn check_pointer(field: &'static str, pointer: &str) -> Result<(), (&'static str, String)> {
+    if !pointer.starts_with('/') || pointer.len() > MAX_POINTER_BYTES {
+        return Err((
+            field,
+            format!("`{pointer}` must start with `/` and be at most {MAX_POINTER_BYTES} bytes"),
+        ));
+    }
+    if !valid_escapes(pointer) {
+        return Err((
+            field,
+            format!("`{pointer}`: `~` must be followed by 0 or 1 (RFC 6901)"),
+        ));
+    }
+    Ok(())
 }
 
 fn valid_escapes(pointer: &str) -> bool {
@@ -166,6 +189,7 @@ mod tests {
             response_header: header.map(str::to_owned),
             json_pointer: pointer.map(str::to_owned),
             reserve,
+            reserve_from: None,
             max: None,
             unreported: None,
         }
@@ -209,6 +233,20 @@ mod tests {
             (usage(None, Some("/t"), 0), "usage.reserve"),
             (
                 Usage {
+                    reserve_from: Some("max_tokens".into()),
+                    ..usage(None, Some("/t"), 1)
+                },
+                "usage.reserve_from",
+            ),
+            (
+                Usage {
+                    reserve_from: Some("/a~".into()),
+                    ..usage(None, Some("/t"), 1)
+                },
+                "usage.reserve_from",
+            ),
+            (
+                Usage {
                     max: Some(10),
                     ..usage(None, Some("/t"), 11)
                 },
@@ -250,5 +288,44 @@ mod tests {
             .unreported(),
             0
         );
+    }
+
+    #[test]
+    fn a_request_reserves_what_its_body_says_within_one_and_max() {
+        let with_pointer = Usage {
+            reserve_from: Some("/max_tokens".into()),
+            ..usage(None, Some("/usage/completion_tokens"), 300)
+        };
+        let figures = |pairs: &[(&str, u64)]| {
+            pairs
+                .iter()
+                .map(|(pointer, figure)| ((*pointer).to_owned(), *figure))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        assert_eq!(
+            with_pointer.reservation(&figures(&[("/max_tokens", 77)]), 1_000),
+            77
+        );
+        assert_eq!(
+            with_pointer.reservation(&figures(&[("/max_tokens", 0)]), 1_000),
+            1
+        );
+        assert_eq!(
+            with_pointer.reservation(&figures(&[("/max_tokens", 5_000)]), 1_000),
+            1_000
+        );
+        // Not said, or said at another pointer: the fixed reservation.
+        assert_eq!(with_pointer.reservation(&figures(&[]), 1_000), 300);
+        assert_eq!(
+            with_pointer.reservation(&figures(&[("/n", 77)]), 1_000),
+            300
+        );
+        // A rule without `reserve_from` ignores what the body says.
+        let fixed = usage(None, Some("/usage/completion_tokens"), 300);
+        assert_eq!(
+            fixed.reservation(&figures(&[("/max_tokens", 77)]), 1_000),
+            300
+        );
+        assert!(with_pointer.validate(1_000).is_ok());
     }
 }

@@ -168,6 +168,10 @@ pub enum Filter {
         jwks: String,
         then: Box<Filter>,
     },
+    /// `first`, then Envoy's `buffer` filter: a request goes on only once its whole body is
+    /// in (up to 1 MiB), so what `first` lets go before its body reaches no upstream
+    /// early (see the README on `reserve_from`).
+    ThenBuffer { first: Box<Filter> },
     /// Envoy's own `envoy.filters.http.ratelimit`, asking the `sluice_controller` cluster
     /// over gRPC (give it the controllers' gRPC ports, and `controller_http2`), with these
     /// `rate_limits` (YAML, a list of `{ actions: [...] }` at the filter's indentation).
@@ -276,6 +280,14 @@ fn http_filter_yaml(filter: &Filter) -> String {
             failure_mode_deny,
             rate_limits,
         } => native_ratelimit_yaml(*failure_mode_deny, rate_limits),
+        Filter::ThenBuffer { first } => format!(
+            r#"{}
+          - name: envoy.filters.http.buffer
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer
+              max_request_bytes: 1048576"#,
+            http_filter_yaml(first)
+        ),
         Filter::JwtAuthnThen { issuer, jwks, then } => format!(
             r#"
           - name: envoy.filters.http.jwt_authn

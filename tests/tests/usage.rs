@@ -22,6 +22,7 @@ const OUTPUT_UNREPORTED: u64 = 250;
 const CREDITS_RESERVE: u64 = 500;
 const SMALL_BUDGET: u64 = 500;
 const SMALL_RESERVE: u64 = 300;
+const CAP_RESERVE: u64 = 100;
 
 fn rules() -> String {
     format!(
@@ -56,6 +57,13 @@ limit = {SMALL_BUDGET}
 window = "10000h"
 match = {{ path = "/v1/chat/completions", headers = [{{ name = "x-small" }}] }}
 usage = {{ json_pointer = "/usage/total_tokens", reserve = {SMALL_RESERVE} }}
+
+[[rules]]
+name = "output-cap"
+limit = {SMALL_BUDGET}
+window = "10000h"
+match = {{ path = "/v1/chat/completions", headers = [{{ name = "x-cap" }}] }}
+usage = {{ json_pointer = "/usage/completion_tokens", reserve = {CAP_RESERVE}, reserve_from = "/max_tokens" }}
 "#
     )
 }
@@ -76,7 +84,11 @@ fn setup() -> Setup {
         json!({ "identity": { "client_header": "x-client", "order": ["header", "ip"] } }),
     );
     let envoy = Envoy::start(&EnvoyOptions {
-        filter: Filter::sluice_with(&plugin),
+        // With `reserve_from` rules, the filter lets a request's headers go before its body
+        // (see the README): the buffer filter holds them from the upstream until then.
+        filter: Filter::ThenBuffer {
+            first: Box::new(Filter::sluice_with(&plugin)),
+        },
         upstream_port: upstream.port(),
         controller_ports: vec![controller.port],
         concurrency: 2,
@@ -497,4 +509,69 @@ usage = {{ json_pointer = "/usage/total_tokens", reserve = {reserve}, max = {res
             );
         }
     }
+}
+
+/// `reserve_from`: the request's `/max_tokens` is its reservation. One that can never fit
+/// is refused before the upstream; one that fits holds what it asked for until it
+/// settles; a body longer than the filter reads reserves the rule's fixed `reserve`.
+#[test]
+fn a_request_reserves_the_max_tokens_its_body_asks_for() {
+    let s = setup();
+    let ask = |max_tokens: u64, padding: usize, usage: &str| {
+        let body = json!({
+            "model": "fake",
+            "messages": [{ "role": "user", "content": "x".repeat(padding) }],
+            "max_tokens": max_tokens,
+        });
+        http::request(
+            "POST",
+            &s.envoy.url("/v1/chat/completions"),
+            &[
+                ("x-client", "capped"),
+                ("x-cap", "1"),
+                ("x-fake-usage", usage),
+            ],
+            Some(body.to_string()),
+        )
+        .expect("an answer")
+    };
+    let upstream_before = s.envoy.stat("cluster.upstream.upstream_rq_total");
+
+    let never = ask(SMALL_BUDGET + 100, 0, "1,1");
+    assert_eq!(never.status, 429, "{never:?}");
+    let body = never.json();
+    assert_eq!(body["policy"], "output-cap", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("reserves more than usage budget")),
+        "{body}"
+    );
+    assert_eq!(
+        s.envoy.stat("cluster.upstream.upstream_rq_total"),
+        upstream_before,
+        "refused before the upstream"
+    );
+
+    let fits = ask(400, 0, "10,5");
+    assert_eq!(fits.status, 200, "{fits:?}");
+    let left = fits.header("ratelimit").unwrap_or_default().to_owned();
+    assert!(
+        left.contains(&format!("\"output-cap\";r={}", SMALL_BUDGET - 400)),
+        "it holds the 400 it asked for: {left}"
+    );
+    s.settles_to("capped", &[("output-cap", 5)]);
+
+    // Past the 64 KiB the filter reads: the fixed reservation.
+    let long = ask(400, 70 * 1024, "10,5");
+    assert_eq!(long.status, 200, "{long:?}");
+    let left = long.header("ratelimit").unwrap_or_default().to_owned();
+    assert!(
+        left.contains(&format!(
+            "\"output-cap\";r={}",
+            SMALL_BUDGET - 5 - CAP_RESERVE
+        )),
+        "{left}"
+    );
+    s.settles_to("capped", &[("output-cap", 10)]);
 }

@@ -863,7 +863,10 @@ fn plan<'r>(snapshot: &'r Snapshot, check: &'r Check) -> Plan<'r> {
     let spec = |rule: &Rule, identity: &Option<ClientId>| {
         // A usage rule takes its reservation now; the response settles the rest.
         let cost = match &rule.usage {
-            Some(usage) => usage.reserve,
+            Some(usage) => usage.reservation(
+                &check.request_figures,
+                rule.usage_max().unwrap_or(MAX_USAGE),
+            ),
             None => rule.cost.unwrap_or(check.cost),
         };
         LimitSpec {

@@ -14,11 +14,12 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use sluice_protocol::usage::MAX_POINTER_BYTES;
 use sluice_protocol::{
     CheckRequest, CheckResponse, FilterView, ReleaseRequest, CHECK_PATH, CONFIG_PATH,
     MAX_CALL_BODY_BYTES, MAX_CHECK_HEADERS, MAX_GRANT_TOKEN_BYTES, MAX_HEADER_NAME_BYTES,
-    MAX_IDENTITY_BYTES, MAX_METHOD_BYTES, MAX_REQUEST_FIELD_BYTES, MAX_SETTLEMENTS_PER_CALL,
-    MAX_USAGE, RELEASE_PATH, REPORT_PATH,
+    MAX_IDENTITY_BYTES, MAX_METHOD_BYTES, MAX_REQUEST_FIELD_BYTES, MAX_REQUEST_FIGURES,
+    MAX_SETTLEMENTS_PER_CALL, MAX_USAGE, RELEASE_PATH, REPORT_PATH,
 };
 
 use crate::automatic::Signals;
@@ -245,6 +246,21 @@ fn bounded(request: &CheckRequest) -> Result<(), ApiError> {
                 value,
                 MAX_REQUEST_FIELD_BYTES,
             )?;
+        }
+        if check.request_figures.len() > MAX_REQUEST_FIGURES {
+            return Err(ApiError::invalid(
+                field("request_figures"),
+                format!("at most {MAX_REQUEST_FIGURES} figures"),
+            ));
+        }
+        for (pointer, figure) in &check.request_figures {
+            longest(&field("request_figures"), pointer, MAX_POINTER_BYTES)?;
+            if *figure > MAX_USAGE {
+                return Err(ApiError::invalid(
+                    field(&format!("request_figures.{pointer}")),
+                    format!("at most {MAX_USAGE}"),
+                ));
+            }
         }
     }
     Ok(())
