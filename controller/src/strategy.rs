@@ -945,4 +945,97 @@ mod tests {
         assert_eq!(release(&mut state, "b", 2, 31_000), 2);
         assert_eq!(take(&mut state, 5, 31_000, 0, "").remaining, 5);
     }
+
+    /// What the settlement arithmetic owes the model: with the clock still (one instant,
+    /// one window), every limit holds, in units, what the settled requests used plus what
+    /// the unsettled ones reserved — whatever was admitted, in whatever order requests
+    /// settle, under or over their reservations.
+    mod settlement {
+        use super::*;
+        use proptest::prelude::{any, prop, prop_assert, prop_assert_eq, proptest};
+
+        const NOW: u64 = 7_250;
+
+        /// The units a limit's state holds taken, scaled by the window (as it stores them),
+        /// and how far below the truth it may be (a bucket's debt is kept as time, rounded
+        /// up to whole milliseconds of refill: at most `rate` under per charge into debt).
+        fn held_taken(params: &Params, state: &Option<State>) -> u128 {
+            let w = u128::from(params.period_ms);
+            let rate = u128::from(params.limit);
+            match (params.strategy, state) {
+                (_, None) => 0,
+                (Strategy::FixedWindow, Some(State::Window { count, .. })) => {
+                    u128::from(*count) * w
+                }
+                (Strategy::Gcra, Some(State::Debt { debt, .. })) => u128::from(*debt),
+                (Strategy::TokenBucket, Some(State::Bucket { units, last })) => {
+                    let capacity = u128::from(params.extra) * w;
+                    let owed = u128::from(last.saturating_sub(NOW)) * rate;
+                    capacity + owed - u128::from(*units)
+                }
+                (strategy, other) => panic!("{strategy:?} holds {other:?}"),
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn a_limit_holds_what_was_used_plus_what_is_still_reserved(
+                strategy in prop::sample::select(vec![
+                    Strategy::FixedWindow, Strategy::TokenBucket, Strategy::Gcra,
+                ]),
+                ops in prop::collection::vec((any::<bool>(), 0u64..1_000, 0u64..150), 1..40),
+            ) {
+                let params = usage_limit(strategy);
+                let w = u128::from(params.period_ms);
+                let window_start = NOW - NOW % params.period_ms;
+                let mut state: Option<State> = None;
+                let mut outstanding: Vec<u64> = Vec::new();
+                let (mut settled_used, mut debt_charges) = (0u128, 0u128);
+                for (settle, a, used) in ops {
+                    if settle && !outstanding.is_empty() {
+                        let reserved = outstanding.swap_remove(a as usize % outstanding.len());
+                        if used < reserved {
+                            if let Some(given) =
+                                refund(&params, state.as_ref(), NOW, reserved - used, window_start)
+                            {
+                                prop_assert_eq!(given.given, reserved - used);
+                                state = Some(given.state);
+                            } else {
+                                prop_assert!(false, "a refund within its window gives");
+                            }
+                        } else if used > reserved {
+                            let before = held_taken(&params, &state);
+                            let charged = charge(&params, state.as_ref(), NOW, used - reserved);
+                            prop_assert!(charged.is_some());
+                            if let Some(charged) = charged {
+                                state = Some(charged.state);
+                            }
+                            let capacity = u128::from(params.extra) * w;
+                            if strategy == Strategy::TokenBucket
+                                && before + u128::from(used - reserved) * w > capacity
+                            {
+                                debt_charges += 1;
+                            }
+                        }
+                        settled_used += u128::from(used);
+                    } else {
+                        let reserve = 1 + a % 60;
+                        if admit(&params, &mut state, NOW, reserve) {
+                            outstanding.push(reserve);
+                        }
+                    }
+                    let model = (settled_used
+                        + outstanding.iter().map(|r| u128::from(*r)).sum::<u128>())
+                        * w;
+                    let held = held_taken(&params, &state);
+                    let slack = debt_charges * u128::from(params.limit);
+                    prop_assert!(
+                        held <= model + slack && held >= model,
+                        "{:?}: holds {} taken, the model {} (slack {})",
+                        strategy, held, model, slack
+                    );
+                }
+            }
+        }
+    }
 }

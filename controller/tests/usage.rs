@@ -298,7 +298,10 @@ usage = { json_pointer = "/usage/completion_tokens", reserve = 1000, reserve_fro
         let router = world.check.clone();
         async move {
             let decisions = decide(&router, json!({ "checks": [check], "settles": true })).await;
-            decisions[0]["usage"][0]["reserved"].clone()
+            let reservation = &decisions[0]["usage"][0];
+            // A reply that does not say is charged what this request reserved.
+            assert_eq!(reservation["unreported"], reservation["reserved"]);
+            reservation["reserved"].clone()
         }
     };
     assert_eq!(reserved(json!({ "/max_tokens": 250 })).await, 250);

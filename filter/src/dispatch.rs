@@ -220,8 +220,8 @@ impl Dispatcher {
                 }
             }
             // A request's body came while the filter was busy (its piece was held): it is
-            // checked now, without the body, and resumed by its answer (or now, when it is
-            // admitted at once).
+            // checked now, without the body, and resumed by its answer, or now when it is
+            // admitted at once or was answered already.
             Event::RequestBody { context_id, .. } | Event::RequestTrailers { context_id } => {
                 if let Some(stream) = self.streams.get_mut(&context_id) {
                     if host.set_effective_context(context_id).is_ok()

@@ -84,6 +84,12 @@ enum Triage {
     Answer(Verdict),
     /// The controller decides this check.
     Ask { check: Box<Check>, fingerprint: u64 },
+    /// The controller decides this check once the body is in (`reserve_from`): the
+    /// request-body pointers its figures are read at.
+    AwaitBody {
+        check: Box<Check>,
+        pointers: Vec<String>,
+    },
     /// No decision can be had (Envoy would not hand over the request's headers, or the
     /// controller would refuse its check): the failure mode, for this request alone.
     Fail(Failure),
@@ -316,7 +322,7 @@ impl Stream {
                 .contains(&known.identity(), path, host.now_ms())
     }
 
-    fn triage(&mut self, host: &dyn Host) -> Triage {
+    fn triage(&mut self, host: &dyn Host, end_of_stream: bool) -> Triage {
         let config = &self.worker.config;
         let metrics = &self.worker.metrics;
         let headers = match host.header_map(MapType::RequestHeaders) {
@@ -425,6 +431,21 @@ impl Stream {
             }
             log(host, LogLevel::Warn, &format!("{why}: failure mode for it"));
             return Triage::Fail(Failure::Dispatch(why));
+        }
+        if !end_of_stream {
+            let pointers = self.body_pointers(host, &headers, &check);
+            if !pointers.is_empty() {
+                // Its figures are part of what it is decided on: its denials are kept and
+                // looked up under a fingerprint that has them, and it asks for no lease.
+                if check.lease {
+                    self.worker.leases.borrow_mut().answered(fingerprint);
+                    check.lease = false;
+                }
+                return Triage::AwaitBody {
+                    check: Box::new(check),
+                    pointers,
+                };
+            }
         }
         if let Some(verdict) = self
             .worker
@@ -611,27 +632,17 @@ impl Stream {
         if !matches!(self.state, State::New) {
             return Action::Continue;
         }
-        match self.triage(host) {
+        match self.triage(host, end_of_stream) {
             Triage::Pass => Action::Continue,
             Triage::Answer(verdict) => self.apply(host, verdict),
             Triage::Fail(failure) => self.fail(host, &failure),
-            Triage::Ask { check, fingerprint } => {
-                if !end_of_stream {
-                    let pointers = self.body_pointers(host, &check);
-                    if !pointers.is_empty() {
-                        let mut check = check;
-                        // Its figures are part of what it is decided on: its denial is
-                        // kept under a fingerprint that has them, and it asks for no lease.
-                        if check.lease {
-                            self.worker.leases.borrow_mut().answered(fingerprint);
-                            check.lease = false;
-                        }
-                        self.state = State::AwaitingBody { check, pointers };
-                        self.body_held = Some(BodyWait::new(self.context_id));
-                        return Action::Continue;
-                    }
-                }
-                self.ask(host, *check, fingerprint)
+            Triage::Ask { check, fingerprint } => self.ask(host, *check, fingerprint),
+            // Its headers go on (a proxy-wasm host gives a filter that holds them no
+            // body); its body is held from the first piece.
+            Triage::AwaitBody { check, pointers } => {
+                self.state = State::AwaitingBody { check, pointers };
+                self.body_held = Some(BodyWait::new(self.context_id));
+                Action::Continue
             }
         }
     }
@@ -645,23 +656,43 @@ impl Stream {
     }
 
     /// The request-body pointers the request's check waits for: those of the
-    /// `reserve_from` rules that may apply, unless the body is compressed (it is not read)
-    /// or the host is not Envoy (whose body callbacks are the ones tested).
-    fn body_pointers(&self, host: &dyn Host, check: &Check) -> Vec<String> {
+    /// `reserve_from` rules that may apply to it, when its body is one the filter reads
+    /// whole: JSON, not compressed, no longer than it reads (by `content-length`), and not
+    /// a stream (an upgrade, `CONNECT`) whose data would stall while held. Only in Envoy,
+    /// whose body callbacks are the ones tested.
+    fn body_pointers(&self, host: &dyn Host, headers: &HeaderMap, check: &Check) -> Vec<String> {
         if host.flavour() != Flavour::Envoy {
             return Vec::new();
         }
         let pointers = self.worker.view.borrow().request_pointers(check);
-        let compressed = || {
-            host.header(MapType::RequestHeaders, "content-encoding")
-                .ok()
-                .flatten()
-                .is_some_and(|value| !value.eq_ignore_ascii_case(b"identity"))
-        };
-        if pointers.is_empty() || compressed() {
-            return Vec::new();
+        if pointers.is_empty() {
+            return pointers;
         }
-        pointers
+        let json = headers.get_lossy("content-type").is_some_and(|value| {
+            let media = value
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase();
+            media == "application/json" || media.ends_with("+json")
+        });
+        let compressed = headers
+            .get_lossy("content-encoding")
+            .is_some_and(|value| !value.trim().eq_ignore_ascii_case("identity"));
+        let too_long = headers
+            .get_lossy("content-length")
+            .and_then(|value| value.trim().parse::<usize>().ok())
+            .is_some_and(|length| length > MAX_REQUEST_BODY_BYTES);
+        let streaming = headers.get("upgrade").is_some()
+            || headers
+                .get_lossy(":method")
+                .is_some_and(|method| method.eq_ignore_ascii_case("CONNECT"));
+        if json && !compressed && !too_long && !streaming {
+            pointers
+        } else {
+            Vec::new()
+        }
     }
 
     /// A piece of the request body is in (`body_size`: all the filter holds of it; `None`
@@ -682,9 +713,12 @@ impl Stream {
             State::Batched(_) | State::AwaitingDecision { .. } if self.body_held.is_some() => {
                 return Some(Action::Pause);
             }
+            // Answered: the body goes on. Continue when it was held (a callback deferred
+            // while the filter was busy then resumes it), nothing to say otherwise.
             _ => {
-                self.body_held = None;
-                return None;
+                let held = self.body_held.take().is_some();
+                return (held && matches!(self.state, State::Admitted { .. }))
+                    .then_some(Action::Continue);
             }
         }
         let too_long = body_size.is_some_and(|size| size > MAX_REQUEST_BODY_BYTES);
@@ -708,8 +742,18 @@ impl Stream {
                 }
             }
         }
+        if end {
+            // No piece comes after the last: nothing more to hold.
+            self.body_held = None;
+        }
         let version = self.worker.view.borrow().version.unwrap_or(0);
         let fingerprint = denial::fingerprint(&check, version);
+        if let Some(verdict) = self
+            .worker
+            .cached_denial(host, &check, fingerprint, || request_id(host))
+        {
+            return Some(self.apply(host, verdict));
+        }
         Some(self.ask(host, *check, fingerprint))
     }
 

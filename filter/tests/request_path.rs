@@ -1840,7 +1840,7 @@ fn a_request_that_reserves_from_its_body_is_checked_once_the_body_is_in() {
         envoy.send_body(stream, br#"ens":77.5}"#, true),
         Action::Pause
     );
-    assert!(waits_for_body(stream), "its body is held until the answer");
+    assert!(!waits_for_body(stream), "no piece comes after the last");
     envoy.run_queues();
     let batch = envoy.calls().pop().expect("a batch");
     let check = &checks_sent(&envoy)[0];
@@ -1899,4 +1899,66 @@ fn a_request_that_reserves_from_its_body_is_checked_once_the_body_is_in() {
     assert!(!waits_for_body(gone));
     envoy.run_queues();
     assert_eq!(checks_sent(&envoy).len(), before);
+}
+
+#[test]
+fn a_body_read_request_is_held_only_when_its_body_can_be_read_and_cached_by_its_figures() {
+    use sluice_filter::usage::waits_for_body;
+    let mut envoy = started_with_view(
+        &plugin(serde_json::json!({})),
+        serde_json::json!({ "version": 1, "rules": [{ "name": "output", "limit": 100000,
+            "window": "1h", "match": { "path": "/v1/chat/completions" },
+            "usage": { "json_pointer": "/usage/completion_tokens", "reserve": 500,
+                       "reserve_from": "/max_tokens" } }] }),
+    );
+    let peer: &[(&[&str], &[u8])] = &[(PEER, b"192.0.2.1:1")];
+    // Bodies it would not read whole, and streams whose data would stall: asked at once.
+    for extra in [
+        &[(&b"content-type"[..], &b"text/plain"[..])][..],
+        &[(b"content-length", b"70000")],
+        &[(b"upgrade", b"websocket")],
+    ] {
+        let mut pairs: Vec<(&[u8], &[u8])> = vec![
+            (b":method", b"POST"),
+            (b":path", b"/v1/chat/completions"),
+            (b":authority", b"api.example.com"),
+        ];
+        if !extra.iter().any(|(name, _)| *name == b"content-type") {
+            pairs.push((b"content-type", b"application/json; charset=utf-8"));
+        }
+        pairs.extend_from_slice(extra);
+        let (stream, action) = envoy.request_with_body(headers(&pairs), peer);
+        assert_eq!(action, Action::Pause, "{extra:?}");
+        assert!(!waits_for_body(stream), "{extra:?}");
+    }
+    envoy.run_queues();
+    let batch = envoy.calls().pop().expect("their batch");
+    envoy.answer_with(batch.token, "200", &decisions_for(&batch.body, |_| true));
+
+    // A denial is kept under the figures it was decided on.
+    let ask = |envoy: &mut MockEnvoy, max_tokens: u64| {
+        let (stream, action) = envoy.request_with_body(post_chat(&[]), peer);
+        assert_eq!(action, Action::Continue);
+        let body = format!(r#"{{"max_tokens":{max_tokens}}}"#);
+        (stream, envoy.send_body(stream, body.as_bytes(), true))
+    };
+    let (denied, _) = ask(&mut envoy, 600);
+    envoy.run_queues();
+    let batch = envoy.calls().pop().expect("a batch");
+    envoy.answer_with(batch.token, "200", &decisions_for(&batch.body, |_| false));
+    assert_eq!(envoy.reply(denied).map(|r| r.status), Some(429));
+    let calls = envoy.calls().len();
+    let (again, action) = ask(&mut envoy, 600);
+    assert_eq!(
+        envoy.reply(again).map(|r| r.status),
+        Some(429),
+        "from the cache"
+    );
+    assert_eq!(action, Action::Pause);
+    envoy.run_queues();
+    assert_eq!(envoy.calls().len(), calls, "asked nobody");
+    let (_, action) = ask(&mut envoy, 10);
+    assert_eq!(action, Action::Pause);
+    envoy.run_queues();
+    assert_eq!(envoy.calls().len(), calls + 1, "asking for less is asked");
 }

@@ -497,7 +497,9 @@ impl Limiter {
                     reserved: spec.cost,
                     from,
                     max: rule.usage_max().unwrap_or(MAX_USAGE),
-                    unreported: usage.unreported(),
+                    // What this request reserved, not the rule's fixed `reserve`: with
+                    // `reserve_from` they differ.
+                    unreported: usage.unreported.unwrap_or(spec.cost),
                     token: self.grant_signer.sign(token.encode()),
                 })
             })
