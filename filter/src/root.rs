@@ -1245,6 +1245,10 @@ impl Root {
             if *due > now {
                 return true;
             }
+            // Due: the verdict no longer waits (a request whose body is held reads that).
+            if let Some(Verdict::Continue { delay_ms, .. }) = slot.borrow_mut().as_mut() {
+                *delay_ms = 0;
+            }
             if still_here(slot) && host.set_effective_context(*context_id).is_ok() {
                 let _ = host.resume_request();
             }

@@ -706,6 +706,17 @@ impl Stream {
         body_size: Option<usize>,
         end: bool,
     ) -> Option<Action> {
+        // A verdict the root holds back for a leaky bucket's slot is not yet an answer.
+        let delayed = match &self.state {
+            State::Batched(slot) => matches!(
+                &*slot.borrow(),
+                Some(Verdict::Continue { delay_ms, .. }) if *delay_ms > 0
+            ),
+            _ => false,
+        };
+        if delayed && self.body_held.is_some() {
+            return Some(Action::Pause);
+        }
         self.settle_batched();
         match &self.state {
             State::AwaitingBody { .. } => {}

@@ -1962,3 +1962,46 @@ fn a_body_read_request_is_held_only_when_its_body_can_be_read_and_cached_by_its_
     envoy.run_queues();
     assert_eq!(envoy.calls().len(), calls + 1, "asking for less is asked");
 }
+
+#[test]
+fn a_held_body_waits_out_a_leaky_buckets_delay() {
+    let mut envoy = started_with_view(
+        &plugin(serde_json::json!({})),
+        serde_json::json!({ "version": 1, "rules": [{ "name": "output", "limit": 100000,
+            "window": "1h", "match": { "path": "/v1/chat/completions" },
+            "usage": { "json_pointer": "/usage/completion_tokens", "reserve": 500,
+                       "reserve_from": "/max_tokens" } }] }),
+    );
+    let peer: &[(&[&str], &[u8])] = &[(PEER, b"192.0.2.1:1")];
+    let (stream, _) = envoy.request_with_body(post_chat(&[]), peer);
+    let piece = vec![b' '; sluice_filter::usage::MAX_REQUEST_BODY_BYTES + 1];
+    assert_eq!(envoy.send_body(stream, &piece, false), Action::Pause);
+    envoy.run_queues();
+    let batch = envoy.calls().pop().expect("its batch");
+    let decision = Decision {
+        allowed: true,
+        policy: Some(PolicyStatus {
+            strategy: Algorithm::LeakyBucket,
+            delay_ms: 500,
+            ..status(true)
+        }),
+        ..Decision::unlimited()
+    };
+    let reply = CheckResponse {
+        decisions: vec![decision],
+    };
+    envoy.answer_with(
+        batch.token,
+        "200",
+        &serde_json::to_vec(&reply).expect("encode"),
+    );
+    assert!(!envoy.host.state.borrow().resumed.contains(&stream));
+    assert_eq!(
+        envoy.send_body(stream, b"more", false),
+        Action::Pause,
+        "its slot is not due"
+    );
+    envoy.tick(600);
+    assert!(envoy.host.state.borrow().resumed.contains(&stream));
+    assert_eq!(envoy.send_body(stream, b"rest", true), Action::Continue);
+}
